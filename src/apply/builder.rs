@@ -1,0 +1,491 @@
+//! Builds Arrow record batches of raw change-log rows, one table at a time.
+//!
+//! A [`RawBatchBuilder`] holds one typed Arrow builder per source column plus the metadata
+//! columns (`_op`, `_commit_lsn`, `_lsn`, `_commit_ts`, `_xid`, `_seq`, `_before`,
+//! `_unchanged_toast`, `_fallback`). Values arrive in Postgres text form and are parsed
+//! once, straight into the builder; values with no exact typed form go to `_fallback`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use deltalake::arrow::array::{
+    ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Decimal128Builder, Float32Builder,
+    Float64Builder, Int16Builder, Int32Builder, Int64Builder, ListArray, ListBuilder,
+    NullBufferBuilder, StringBuilder, TimestampMicrosecondBuilder,
+};
+use deltalake::arrow::buffer::OffsetBuffer;
+use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use deltalake::arrow::error::ArrowError;
+use deltalake::arrow::record_batch::RecordBatch;
+
+use crate::pg_types::{ColumnKind, Value, parse_value};
+use crate::source::pgoutput::{OldTuple, Tuple, TupleValue};
+
+/// The change-kind tags of the `_op` column.
+pub mod op {
+    pub const INSERT: &str = "c";
+    pub const UPDATE: &str = "u";
+    pub const DELETE: &str = "d";
+    pub const TRUNCATE: &str = "t";
+    /// Reserved for snapshot reads.
+    pub const READ: &str = "r";
+}
+
+/// Names of the metadata columns every raw table carries after the source columns.
+pub const METADATA_COLUMNS: [&str; 9] = [
+    "_op",
+    "_commit_lsn",
+    "_lsn",
+    "_commit_ts",
+    "_xid",
+    "_seq",
+    "_before",
+    "_unchanged_toast",
+    "_fallback",
+];
+
+/// A source column as the lake stores it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ColumnSpec {
+    pub name: String,
+    pub kind: ColumnKind,
+    pub type_oid: u32,
+    pub type_modifier: i32,
+}
+
+/// The Arrow schema of a raw table with these source columns.
+pub fn raw_schema(columns: &[ColumnSpec]) -> SchemaRef {
+    let utc = || DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+    let mut fields: Vec<Field> = columns
+        .iter()
+        .map(|c| Field::new(&c.name, c.kind.arrow_type(), true))
+        .collect();
+    fields.extend([
+        Field::new("_op", DataType::Utf8, false),
+        Field::new("_commit_lsn", DataType::Int64, false),
+        Field::new("_lsn", DataType::Int64, false),
+        Field::new("_commit_ts", utc(), false),
+        Field::new("_xid", DataType::Int64, false),
+        Field::new("_seq", DataType::Int64, false),
+        Field::new("_before", DataType::Utf8, true),
+        Field::new(
+            "_unchanged_toast",
+            DataType::List(Arc::new(Field::new("element", DataType::Utf8, true))),
+            true,
+        ),
+        Field::new("_fallback", DataType::Utf8, true),
+    ]);
+    Arc::new(Schema::new(fields))
+}
+
+/// A typed Arrow builder for one column.
+enum ColumnBuilder {
+    Bool(BooleanBuilder),
+    Int16(Int16Builder),
+    Int32(Int32Builder),
+    Int64(Int64Builder),
+    Float32(Float32Builder),
+    Float64(Float64Builder),
+    Decimal(Decimal128Builder, u8, i8),
+    Text(StringBuilder),
+    Date(Date32Builder),
+    Timestamp(TimestampMicrosecondBuilder, bool),
+    Bytes(BinaryBuilder),
+    List {
+        field: Arc<Field>,
+        values: Box<ColumnBuilder>,
+        offsets: Vec<i32>,
+        validity: NullBufferBuilder,
+    },
+}
+
+impl ColumnBuilder {
+    fn new(kind: &ColumnKind) -> ColumnBuilder {
+        match kind {
+            ColumnKind::Bool => ColumnBuilder::Bool(BooleanBuilder::new()),
+            ColumnKind::Int16 => ColumnBuilder::Int16(Int16Builder::new()),
+            ColumnKind::Int32 => ColumnBuilder::Int32(Int32Builder::new()),
+            ColumnKind::Int64 => ColumnBuilder::Int64(Int64Builder::new()),
+            ColumnKind::Float32 => ColumnBuilder::Float32(Float32Builder::new()),
+            ColumnKind::Float64 => ColumnBuilder::Float64(Float64Builder::new()),
+            ColumnKind::Decimal { precision, scale } => {
+                ColumnBuilder::Decimal(Decimal128Builder::new(), *precision, *scale)
+            }
+            ColumnKind::Text => ColumnBuilder::Text(StringBuilder::new()),
+            ColumnKind::Date => ColumnBuilder::Date(Date32Builder::new()),
+            ColumnKind::Timestamp => {
+                ColumnBuilder::Timestamp(TimestampMicrosecondBuilder::new(), false)
+            }
+            ColumnKind::TimestampTz => {
+                ColumnBuilder::Timestamp(TimestampMicrosecondBuilder::new(), true)
+            }
+            ColumnKind::Bytea => ColumnBuilder::Bytes(BinaryBuilder::new()),
+            ColumnKind::List(elem) => ColumnBuilder::List {
+                field: Arc::new(Field::new("element", elem.arrow_type(), true)),
+                values: Box::new(ColumnBuilder::new(elem)),
+                offsets: vec![0],
+                validity: NullBufferBuilder::new(0),
+            },
+        }
+    }
+
+    fn append_null(&mut self) {
+        match self {
+            ColumnBuilder::Bool(b) => b.append_null(),
+            ColumnBuilder::Int16(b) => b.append_null(),
+            ColumnBuilder::Int32(b) => b.append_null(),
+            ColumnBuilder::Int64(b) => b.append_null(),
+            ColumnBuilder::Float32(b) => b.append_null(),
+            ColumnBuilder::Float64(b) => b.append_null(),
+            ColumnBuilder::Decimal(b, ..) => b.append_null(),
+            ColumnBuilder::Text(b) => b.append_null(),
+            ColumnBuilder::Date(b) => b.append_null(),
+            ColumnBuilder::Timestamp(b, _) => b.append_null(),
+            ColumnBuilder::Bytes(b) => b.append_null(),
+            ColumnBuilder::List {
+                offsets, validity, ..
+            } => {
+                offsets.push(*offsets.last().unwrap_or(&0));
+                validity.append_null();
+            }
+        }
+    }
+
+    /// Appends a parsed value. The value always matches the builder: both come from the
+    /// same `ColumnKind`; a mismatch (a bug) appends NULL rather than panicking.
+    fn append_value(&mut self, value: Value) {
+        match (self, value) {
+            (ColumnBuilder::Bool(b), Value::Bool(v)) => b.append_value(v),
+            (ColumnBuilder::Int16(b), Value::Int16(v)) => b.append_value(v),
+            (ColumnBuilder::Int32(b), Value::Int32(v)) => b.append_value(v),
+            (ColumnBuilder::Int64(b), Value::Int64(v)) => b.append_value(v),
+            (ColumnBuilder::Float32(b), Value::Float32(v)) => b.append_value(v),
+            (ColumnBuilder::Float64(b), Value::Float64(v)) => b.append_value(v),
+            (ColumnBuilder::Decimal(b, ..), Value::Decimal(v)) => b.append_value(v),
+            (ColumnBuilder::Text(b), Value::Text(v)) => b.append_value(v),
+            (ColumnBuilder::Date(b), Value::Date(v)) => b.append_value(v),
+            (ColumnBuilder::Timestamp(b, _), Value::Micros(v)) => b.append_value(v),
+            (ColumnBuilder::Bytes(b), Value::Bytes(v)) => b.append_value(v),
+            (
+                ColumnBuilder::List {
+                    values,
+                    offsets,
+                    validity,
+                    ..
+                },
+                Value::List(items),
+            ) => {
+                let len = i32::try_from(items.len()).unwrap_or(i32::MAX);
+                for item in items {
+                    match item {
+                        Some(v) => values.append_value(v),
+                        None => values.append_null(),
+                    }
+                }
+                offsets.push(offsets.last().unwrap_or(&0).saturating_add(len));
+                validity.append_non_null();
+            }
+            (b, _) => b.append_null(),
+        }
+    }
+
+    fn finish(&mut self) -> Result<ArrayRef, ArrowError> {
+        Ok(match self {
+            ColumnBuilder::Bool(b) => Arc::new(b.finish()),
+            ColumnBuilder::Int16(b) => Arc::new(b.finish()),
+            ColumnBuilder::Int32(b) => Arc::new(b.finish()),
+            ColumnBuilder::Int64(b) => Arc::new(b.finish()),
+            ColumnBuilder::Float32(b) => Arc::new(b.finish()),
+            ColumnBuilder::Float64(b) => Arc::new(b.finish()),
+            ColumnBuilder::Decimal(b, p, s) => {
+                Arc::new(b.finish().with_precision_and_scale(*p, *s)?)
+            }
+            ColumnBuilder::Text(b) => Arc::new(b.finish()),
+            ColumnBuilder::Date(b) => Arc::new(b.finish()),
+            ColumnBuilder::Timestamp(b, tz) => {
+                let a = b.finish();
+                Arc::new(if *tz { a.with_timezone("UTC") } else { a })
+            }
+            ColumnBuilder::Bytes(b) => Arc::new(b.finish()),
+            ColumnBuilder::List {
+                field,
+                values,
+                offsets,
+                validity,
+            } => {
+                let offsets = OffsetBuffer::new(std::mem::replace(offsets, vec![0]).into());
+                let nulls = validity.finish();
+                Arc::new(ListArray::try_new(
+                    field.clone(),
+                    offsets,
+                    values.finish()?,
+                    nulls,
+                )?)
+            }
+        })
+    }
+}
+
+/// Where one change sits in the source stream.
+#[derive(Debug, Clone, Copy)]
+pub struct ChangeMeta {
+    pub commit_lsn: i64,
+    pub lsn: i64,
+    /// Commit time, microseconds since the Unix epoch.
+    pub commit_ts: i64,
+    pub xid: i64,
+    pub seq: i64,
+}
+
+/// Accumulates raw change rows for one table.
+pub struct RawBatchBuilder {
+    schema: SchemaRef,
+    columns: Vec<ColumnSpec>,
+    builders: Vec<ColumnBuilder>,
+    op: StringBuilder,
+    commit_lsn: Int64Builder,
+    lsn: Int64Builder,
+    commit_ts: TimestampMicrosecondBuilder,
+    xid: Int64Builder,
+    seq: Int64Builder,
+    before: StringBuilder,
+    unchanged: ListBuilder<StringBuilder>,
+    fallback: StringBuilder,
+    rows: usize,
+    bytes: usize,
+}
+
+impl RawBatchBuilder {
+    pub fn new(columns: Vec<ColumnSpec>) -> RawBatchBuilder {
+        RawBatchBuilder {
+            schema: raw_schema(&columns),
+            builders: columns
+                .iter()
+                .map(|c| ColumnBuilder::new(&c.kind))
+                .collect(),
+            columns,
+            op: StringBuilder::new(),
+            commit_lsn: Int64Builder::new(),
+            lsn: Int64Builder::new(),
+            commit_ts: TimestampMicrosecondBuilder::new(),
+            xid: Int64Builder::new(),
+            seq: Int64Builder::new(),
+            before: StringBuilder::new(),
+            unchanged: ListBuilder::new(StringBuilder::new()).with_field(Arc::new(Field::new(
+                "element",
+                DataType::Utf8,
+                true,
+            ))),
+            fallback: StringBuilder::new(),
+            rows: 0,
+            bytes: 0,
+        }
+    }
+
+    pub fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    pub fn columns(&self) -> &[ColumnSpec] {
+        &self.columns
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Approximate bytes of change data buffered.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Appends one change. `row` maps each lake column to its value in the tuple
+    /// (`positions[i]` is the tuple index of lake column `i`, `None` when the stream's
+    /// relation does not have it). Returns the number of values kept in `_fallback`.
+    pub fn append(
+        &mut self,
+        op: &str,
+        meta: ChangeMeta,
+        row: Option<&Tuple>,
+        positions: &[Option<usize>],
+        before: Option<&OldTuple>,
+    ) -> usize {
+        let mut unchanged: Vec<&str> = Vec::new();
+        let mut fallback: BTreeMap<&str, String> = BTreeMap::new();
+        for (i, builder) in self.builders.iter_mut().enumerate() {
+            let value =
+                row.and_then(|t| positions.get(i).copied().flatten().and_then(|p| t.0.get(p)));
+            match value {
+                None | Some(TupleValue::Null) => builder.append_null(),
+                Some(TupleValue::UnchangedToast) => {
+                    builder.append_null();
+                    unchanged.push(&self.columns[i].name);
+                }
+                Some(TupleValue::Text(bytes)) => {
+                    self.bytes += bytes.len();
+                    let text = String::from_utf8_lossy(bytes);
+                    match parse_value(&self.columns[i].kind, &text) {
+                        Some(v) => builder.append_value(v),
+                        None => {
+                            builder.append_null();
+                            fallback.insert(&self.columns[i].name, text.into_owned());
+                        }
+                    }
+                }
+            }
+        }
+        self.op.append_value(op);
+        self.commit_lsn.append_value(meta.commit_lsn);
+        self.lsn.append_value(meta.lsn);
+        self.commit_ts.append_value(meta.commit_ts);
+        self.xid.append_value(meta.xid);
+        self.seq.append_value(meta.seq);
+        match before {
+            Some(old) => {
+                let image = old_image(&self.columns, positions, old.tuple());
+                self.bytes += image.len();
+                self.before.append_value(image);
+            }
+            None => self.before.append_null(),
+        }
+        if unchanged.is_empty() {
+            self.unchanged.append_null();
+        } else {
+            for name in &unchanged {
+                self.unchanged.values().append_value(name);
+            }
+            self.unchanged.append(true);
+        }
+        let fallback_count = fallback.len();
+        if fallback.is_empty() {
+            self.fallback.append_null();
+        } else {
+            let json = serde_json::to_string(&fallback).unwrap_or_default();
+            self.bytes += json.len();
+            self.fallback.append_value(json);
+        }
+        self.rows += 1;
+        self.bytes += 64;
+        fallback_count
+    }
+
+    /// Takes the buffered rows as a record batch and starts empty again.
+    pub fn finish(&mut self) -> Result<RecordBatch, ArrowError> {
+        let mut arrays = Vec::with_capacity(self.builders.len() + METADATA_COLUMNS.len());
+        for b in &mut self.builders {
+            arrays.push(b.finish()?);
+        }
+        arrays.push(Arc::new(self.op.finish()));
+        arrays.push(Arc::new(self.commit_lsn.finish()));
+        arrays.push(Arc::new(self.lsn.finish()));
+        arrays.push(Arc::new(self.commit_ts.finish().with_timezone("UTC")));
+        arrays.push(Arc::new(self.xid.finish()));
+        arrays.push(Arc::new(self.seq.finish()));
+        arrays.push(Arc::new(self.before.finish()));
+        arrays.push(Arc::new(self.unchanged.finish()));
+        arrays.push(Arc::new(self.fallback.finish()));
+        self.rows = 0;
+        self.bytes = 0;
+        RecordBatch::try_new(self.schema.clone(), arrays)
+    }
+}
+
+/// The old row image as a JSON object of column name → text value (or null).
+fn old_image(columns: &[ColumnSpec], positions: &[Option<usize>], old: &Tuple) -> String {
+    let mut map = serde_json::Map::new();
+    for (i, col) in columns.iter().enumerate() {
+        let Some(v) = positions
+            .get(i)
+            .copied()
+            .flatten()
+            .and_then(|p| old.0.get(p))
+        else {
+            continue;
+        };
+        match v {
+            TupleValue::Text(b) => {
+                map.insert(
+                    col.name.clone(),
+                    serde_json::Value::String(String::from_utf8_lossy(b).into_owned()),
+                );
+            }
+            TupleValue::Null => {}
+            TupleValue::UnchangedToast => {}
+        }
+    }
+    serde_json::Value::Object(map).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[test]
+    fn builds_typed_batch_with_fallback_and_toast_markers() {
+        let cols = vec![
+            ColumnSpec {
+                name: "id".into(),
+                kind: ColumnKind::Int64,
+                type_oid: 20,
+                type_modifier: -1,
+            },
+            ColumnSpec {
+                name: "d".into(),
+                kind: ColumnKind::Date,
+                type_oid: 1082,
+                type_modifier: -1,
+            },
+            ColumnSpec {
+                name: "big".into(),
+                kind: ColumnKind::Text,
+                type_oid: 25,
+                type_modifier: -1,
+            },
+            ColumnSpec {
+                name: "tags".into(),
+                kind: ColumnKind::List(Box::new(ColumnKind::Int32)),
+                type_oid: 1007,
+                type_modifier: -1,
+            },
+        ];
+        let mut b = RawBatchBuilder::new(cols);
+        let t = |s: &'static str| TupleValue::Text(Bytes::from_static(s.as_bytes()));
+        let meta = ChangeMeta {
+            commit_lsn: 10,
+            lsn: 5,
+            commit_ts: 0,
+            xid: 7,
+            seq: 0,
+        };
+        let positions = [Some(0), Some(1), Some(2), Some(3)];
+        b.append(
+            op::INSERT,
+            meta,
+            Some(&Tuple(vec![t("1"), t("2024-01-05"), t("x"), t("{1,NULL}")])),
+            &positions,
+            None,
+        );
+        let n = b.append(
+            op::UPDATE,
+            meta,
+            Some(&Tuple(vec![
+                t("1"),
+                t("infinity"),
+                TupleValue::UnchangedToast,
+                TupleValue::Null,
+            ])),
+            &positions,
+            None,
+        );
+        assert_eq!(n, 1);
+        let batch = b.finish().unwrap();
+        assert_eq!(batch.num_rows(), 2);
+        assert_eq!(batch.schema().fields().len(), 4 + METADATA_COLUMNS.len());
+        let fallback = batch.column_by_name("_fallback").unwrap();
+        assert!(fallback.is_null(0) && !fallback.is_null(1));
+        assert!(batch.column_by_name("d").unwrap().is_null(1));
+        assert!(!batch.column_by_name("_unchanged_toast").unwrap().is_null(1));
+        assert_eq!(b.rows(), 0);
+    }
+}

@@ -1,0 +1,475 @@
+//! Apply: turns the ordered stream of pgoutput messages into Delta commits.
+//!
+//! Changes are appended to per-table Arrow builders as they arrive; large tables spill
+//! finished chunks into uncommitted Parquet files, so memory stays bounded whatever the
+//! transaction size. A batch is committed only at a transaction boundary, when a row, byte
+//! or age limit is reached: first every touched raw table (each commit carrying its source
+//! position), then the global checkpoint. Only then does the durable LSN, the one reported
+//! to Postgres, move forward.
+//!
+//! Exactly-once on restart: a transaction is skipped for a table whose recorded position
+//! is at or past the transaction's commit LSN (see `lake::checkpoint` for the design).
+
+pub mod builder;
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Instant;
+
+use tokio::sync::{mpsc, watch};
+
+use self::builder::{ChangeMeta, ColumnSpec, RawBatchBuilder, op};
+use crate::config::ApplyConfig;
+use crate::lake::checkpoint::Checkpoint;
+use crate::lake::table::DeltaSink;
+use crate::lake::{Lake, LakeError};
+use crate::lsn::Lsn;
+use crate::source::pgoutput::{OldTuple, PgOutputMessage, Relation, Tuple};
+use crate::source::replication::PG_EPOCH_OFFSET_MICROS;
+use crate::table_name::TableName;
+
+/// What the source stage hands to apply, in stream order.
+#[derive(Debug)]
+pub enum SourceEvent {
+    /// A decoded pgoutput message and the WAL position it was sent at.
+    Message {
+        wal_start: Lsn,
+        message: PgOutputMessage,
+    },
+    /// A server keepalive: everything before `wal_end` has been sent.
+    Keepalive { wal_end: Lsn },
+}
+
+/// Apply failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Lake(#[from] LakeError),
+    #[error("the replication stream broke its own rules: {0}")]
+    Stream(String),
+    #[error(
+        "table {table}: the source now sends column {column} as type {new_type} (typmod {new_mod}), \
+         but the lake stores it as type {old_type} (typmod {old_mod}); schema changes are not \
+         applied yet: revert the change, or move the raw table aside and restart"
+    )]
+    TypeChanged {
+        table: String,
+        column: String,
+        old_type: u32,
+        old_mod: i32,
+        new_type: u32,
+        new_mod: i32,
+    },
+    #[error(
+        "table {table}: the source added column {column}, which the lake does not have; schema \
+         changes are not applied yet: move the raw table aside and restart"
+    )]
+    ColumnAdded { table: String, column: String },
+}
+
+impl ApplyError {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ApplyError::Lake(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+}
+
+struct TableState {
+    sink: DeltaSink,
+    builder: RawBatchBuilder,
+}
+
+/// How the stream's relation maps onto a lake table.
+struct RelationMap {
+    table: Option<TableName>,
+    /// For each lake column, its index in the relation's tuples.
+    positions: Vec<Option<usize>>,
+}
+
+struct OpenTxn {
+    commit_lsn: Lsn,
+    commit_ts: i64,
+    xid: u32,
+    seq: i64,
+}
+
+#[derive(Default)]
+struct Batch {
+    started: Option<Instant>,
+    rows: usize,
+    bytes: usize,
+    last_commit_lsn: Lsn,
+    last_end_lsn: Lsn,
+    touched: BTreeSet<TableName>,
+}
+
+/// The apply stage's state for one replication session.
+pub struct Applier {
+    config: ApplyConfig,
+    tables: HashMap<TableName, TableState>,
+    relations: HashMap<u32, RelationMap>,
+    checkpoint: Checkpoint,
+    txn: Option<OpenTxn>,
+    batch: Batch,
+    durable: watch::Sender<Lsn>,
+}
+
+/// The raw tables' application-transaction id.
+pub fn raw_app_id(slot: &str, table: &TableName) -> String {
+    format!("wal2delta:{slot}:{table}")
+}
+
+impl Applier {
+    /// Opens every raw table and the checkpoint, reading back their positions.
+    pub async fn open(
+        lake: &Lake,
+        slot: &str,
+        tables: &[(TableName, Vec<ColumnSpec>)],
+        config: ApplyConfig,
+        durable: watch::Sender<Lsn>,
+    ) -> Result<Applier, ApplyError> {
+        let mut states = HashMap::new();
+        for (name, columns) in tables {
+            let builder = RawBatchBuilder::new(columns.clone());
+            let label = format!("raw.{name}");
+            let sink = DeltaSink::open(
+                &lake.raw_table_url(name),
+                &label,
+                builder.schema(),
+                raw_app_id(slot, name),
+            )
+            .await?;
+            states.insert(name.clone(), TableState { sink, builder });
+        }
+        let checkpoint = Checkpoint::open(lake, slot).await?;
+        // Everything before the checkpoint is durable in every table.
+        durable.send_replace(checkpoint.position().unwrap_or(Lsn::ZERO));
+        Ok(Applier {
+            config,
+            tables: states,
+            relations: HashMap::new(),
+            checkpoint,
+            txn: None,
+            batch: Batch::default(),
+            durable,
+        })
+    }
+
+    /// Where streaming should restart: the global checkpoint.
+    pub fn restart_position(&self) -> Lsn {
+        self.checkpoint.position().unwrap_or(Lsn::ZERO)
+    }
+
+    /// Positions per table, for logs.
+    pub fn table_positions(&self) -> Vec<(String, Option<Lsn>)> {
+        self.tables
+            .values()
+            .map(|t| (t.sink.label().to_string(), t.sink.applied()))
+            .collect()
+    }
+
+    /// Runs until the channel closes (source stopped), then commits what is complete.
+    pub async fn run(mut self, mut events: mpsc::Receiver<SourceEvent>) -> Result<(), ApplyError> {
+        loop {
+            let deadline = self
+                .batch
+                .started
+                .filter(|_| self.txn.is_none())
+                .map(|s| s + std::time::Duration::from_millis(self.config.max_batch_age_ms));
+            let event = tokio::select! {
+                biased;
+                // A full batch waiting only for time goes first, so a busy stream cannot
+                // starve the commit.
+                _ = sleep_until(deadline) => {
+                    self.flush().await?;
+                    continue;
+                }
+                event = events.recv() => event,
+            };
+            match event {
+                Some(SourceEvent::Message { wal_start, message }) => {
+                    self.handle(wal_start, message).await?
+                }
+                Some(SourceEvent::Keepalive { wal_end }) => self.keepalive(wal_end),
+                None => break,
+            }
+        }
+        // The source stopped: commit complete transactions, drop a partial one.
+        if self.batch.rows > 0 || !self.batch.touched.is_empty() {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    fn keepalive(&mut self, wal_end: Lsn) {
+        // Nothing received is waiting to be committed, so everything the server sent
+        // before this keepalive is durable: the slot may advance (an idle publication
+        // must not pin WAL).
+        if self.txn.is_none() && self.batch.touched.is_empty() {
+            self.advance(wal_end);
+        }
+    }
+
+    /// Declares everything before `lsn` durable (it is already in the lake, or the slot
+    /// confirmed it earlier).
+    pub fn advance_to(&self, lsn: Lsn) {
+        self.advance(lsn);
+    }
+
+    fn advance(&self, lsn: Lsn) {
+        self.durable.send_if_modified(|d| {
+            if lsn > *d {
+                *d = lsn;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    async fn handle(&mut self, wal_start: Lsn, message: PgOutputMessage) -> Result<(), ApplyError> {
+        match message {
+            PgOutputMessage::Begin {
+                final_lsn,
+                commit_ts,
+                xid,
+            } => {
+                if self.txn.is_some() {
+                    return Err(ApplyError::Stream(
+                        "Begin inside an open transaction".into(),
+                    ));
+                }
+                self.txn = Some(OpenTxn {
+                    commit_lsn: final_lsn,
+                    commit_ts: commit_ts.saturating_add(PG_EPOCH_OFFSET_MICROS),
+                    xid,
+                    seq: 0,
+                });
+            }
+            PgOutputMessage::Commit {
+                commit_lsn,
+                end_lsn,
+                ..
+            } => {
+                let txn = self
+                    .txn
+                    .take()
+                    .ok_or_else(|| ApplyError::Stream("Commit without Begin".into()))?;
+                if txn.commit_lsn != commit_lsn {
+                    return Err(ApplyError::Stream(format!(
+                        "Commit LSN {commit_lsn} does not match Begin's {}",
+                        txn.commit_lsn
+                    )));
+                }
+                self.batch.last_commit_lsn = commit_lsn;
+                self.batch.last_end_lsn = end_lsn;
+                if self.batch.touched.is_empty() {
+                    // Nothing of this transaction needs writing (no configured table, or
+                    // every table already holds it): it is durable as it is.
+                    self.batch = Batch::default();
+                    self.advance(end_lsn);
+                } else if self.batch_full() {
+                    self.flush().await?;
+                }
+            }
+            PgOutputMessage::Relation(rel) => self.relation(rel)?,
+            PgOutputMessage::Insert { relid, new } => {
+                self.change(relid, wal_start, op::INSERT, Some(&new), None)
+                    .await?
+            }
+            PgOutputMessage::Update { relid, old, new } => {
+                self.change(relid, wal_start, op::UPDATE, Some(&new), old.as_ref())
+                    .await?
+            }
+            PgOutputMessage::Delete { relid, old } => {
+                let row = old.tuple().clone();
+                self.change(relid, wal_start, op::DELETE, Some(&row), None)
+                    .await?
+            }
+            PgOutputMessage::Truncate { relids, .. } => {
+                for relid in relids {
+                    self.change(relid, wal_start, op::TRUNCATE, None, None)
+                        .await?;
+                }
+            }
+            PgOutputMessage::Origin { .. } | PgOutputMessage::Type { .. } => {}
+            PgOutputMessage::Message { prefix, .. } => {
+                tracing::debug!(%prefix, "logical decoding message ignored");
+            }
+        }
+        Ok(())
+    }
+
+    fn relation(&mut self, rel: Relation) -> Result<(), ApplyError> {
+        let name = TableName::new(rel.namespace.clone(), rel.name.clone());
+        let Some(state) = self.tables.get(&name) else {
+            tracing::debug!(table = %name, "relation not configured; its changes are ignored");
+            self.relations.insert(
+                rel.relid,
+                RelationMap {
+                    table: None,
+                    positions: vec![],
+                },
+            );
+            return Ok(());
+        };
+        let lake_columns = state.builder.columns();
+        for col in &rel.columns {
+            match lake_columns.iter().find(|c| c.name == col.name) {
+                None => {
+                    return Err(ApplyError::ColumnAdded {
+                        table: name.to_string(),
+                        column: col.name.clone(),
+                    });
+                }
+                Some(lc)
+                    if lc.type_oid != col.type_oid || lc.type_modifier != col.type_modifier =>
+                {
+                    return Err(ApplyError::TypeChanged {
+                        table: name.to_string(),
+                        column: col.name.clone(),
+                        old_type: lc.type_oid,
+                        old_mod: lc.type_modifier,
+                        new_type: col.type_oid,
+                        new_mod: col.type_modifier,
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+        let positions = lake_columns
+            .iter()
+            .map(|lc| rel.columns.iter().position(|c| c.name == lc.name))
+            .collect();
+        self.relations.insert(
+            rel.relid,
+            RelationMap {
+                table: Some(name),
+                positions,
+            },
+        );
+        Ok(())
+    }
+
+    async fn change(
+        &mut self,
+        relid: u32,
+        wal_start: Lsn,
+        op: &str,
+        row: Option<&Tuple>,
+        before: Option<&OldTuple>,
+    ) -> Result<(), ApplyError> {
+        let txn = self
+            .txn
+            .as_mut()
+            .ok_or_else(|| ApplyError::Stream("change outside a transaction".into()))?;
+        let seq = txn.seq;
+        txn.seq += 1;
+        let map = self.relations.get(&relid).ok_or_else(|| {
+            ApplyError::Stream(format!(
+                "change for relation {relid} before its Relation message"
+            ))
+        })?;
+        let Some(name) = &map.table else {
+            return Ok(());
+        };
+        let Some(state) = self.tables.get_mut(name) else {
+            return Ok(());
+        };
+        if state
+            .sink
+            .applied()
+            .is_some_and(|applied| txn.commit_lsn <= applied)
+        {
+            return Ok(()); // already durable in this table
+        }
+        let meta = ChangeMeta {
+            commit_lsn: txn.commit_lsn.as_i64(),
+            lsn: wal_start.as_i64(),
+            commit_ts: txn.commit_ts,
+            xid: i64::from(txn.xid),
+            seq,
+        };
+        let bytes_before = state.builder.bytes();
+        let fallbacks = state.builder.append(op, meta, row, &map.positions, before);
+        if fallbacks > 0 {
+            tracing::debug!(table = %name, count = fallbacks, "values kept as text in _fallback");
+        }
+        self.batch.rows += 1;
+        self.batch.bytes += state.builder.bytes().saturating_sub(bytes_before);
+        self.batch.started.get_or_insert_with(Instant::now);
+        if !self.batch.touched.contains(name) {
+            self.batch.touched.insert(name.clone());
+        }
+        if state.builder.rows() >= self.config.spill_rows {
+            let batch = state.builder.finish().map_err(|source| LakeError::Arrow {
+                table: name.to_string(),
+                source,
+            })?;
+            state.sink.write(batch).await?;
+        }
+        Ok(())
+    }
+
+    fn batch_full(&self) -> bool {
+        self.batch.rows >= self.config.max_batch_rows
+            || self.batch.bytes >= self.config.max_batch_bytes
+            || self.batch.started.is_some_and(|s| {
+                s.elapsed() >= std::time::Duration::from_millis(self.config.max_batch_age_ms)
+            })
+    }
+
+    /// Commits the batch: each touched table, then the checkpoint, then the durable LSN.
+    async fn flush(&mut self) -> Result<(), ApplyError> {
+        if self.txn.is_some() {
+            return Err(ApplyError::Stream(
+                "flush inside an open transaction".into(),
+            ));
+        }
+        let through = self.batch.last_commit_lsn;
+        let end = self.batch.last_end_lsn;
+        let started = Instant::now();
+        let rows = self.batch.rows;
+        let touched = std::mem::take(&mut self.batch.touched);
+        let mut commits = Vec::new();
+        for (name, state) in self.tables.iter_mut() {
+            if !touched.contains(name) {
+                continue;
+            }
+            commits.push(async move {
+                if state.builder.rows() > 0 {
+                    let batch = state.builder.finish().map_err(|source| LakeError::Arrow {
+                        table: name.to_string(),
+                        source,
+                    })?;
+                    state.sink.write(batch).await?;
+                }
+                let metadata = HashMap::from([(
+                    "wal2delta.commit_lsn".to_string(),
+                    serde_json::json!(through.to_string()),
+                )]);
+                state.sink.commit(through, metadata).await?;
+                Ok::<_, LakeError>(())
+            });
+        }
+        futures::future::try_join_all(commits).await?;
+        let versions: HashMap<String, u64> = self
+            .tables
+            .iter()
+            .filter_map(|(n, s)| s.sink.version().map(|v| (n.to_string(), v)))
+            .collect();
+        self.checkpoint.record(end, &versions).await?;
+        self.batch = Batch::default();
+        self.advance(end);
+        tracing::debug!(rows, tables = touched.len(), through = %end, elapsed_ms = started.elapsed().as_millis() as u64, "batch committed");
+        Ok(())
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,304 @@
+//! The TOML configuration file: structure, documented defaults and validation.
+//!
+//! Every key is listed in the README's configuration reference. Unknown keys are errors
+//! (a typo must not silently fall back to a default), and [`Config::validate`] names the
+//! field and the rule it breaks.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::secret::Secret;
+use crate::source::dsn::ConnParams;
+use crate::table_name::TableName;
+
+/// The whole configuration file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub source: SourceConfig,
+    pub lake: LakeConfig,
+    #[serde(default)]
+    pub apply: ApplyConfig,
+}
+
+/// `[source]`: the Postgres database to replicate.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// libpq-style URL or key=value string.
+    pub dsn: String,
+    /// File holding the password (first line; trailing newline ignored).
+    pub password_file: Option<PathBuf>,
+    /// Name of an environment variable holding the password.
+    pub password_env: Option<String>,
+    /// Logical replication slot name.
+    pub slot: String,
+    /// Publication name.
+    pub publication: String,
+    /// Tables to replicate, as `schema.table` (unquoted names fold to lower case, as in SQL).
+    pub tables: Vec<String>,
+    /// Create the slot when it does not exist.
+    #[serde(default = "yes")]
+    pub create_slot: bool,
+    /// Create the publication (for exactly `tables`) when it does not exist.
+    #[serde(default = "yes")]
+    pub create_publication: bool,
+    /// Seconds between standby status updates sent to Postgres.
+    #[serde(default = "default_status_interval")]
+    pub status_interval_secs: u64,
+}
+
+/// `[lake]`: where the Delta tables live.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LakeConfig {
+    /// A local directory (created if missing) or an object-store URL.
+    pub path: String,
+}
+
+/// `[apply]`: batching limits. A batch always holds whole source transactions; it is
+/// committed when any limit is reached at a transaction boundary.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyConfig {
+    /// Rows across all tables that trigger a commit.
+    #[serde(default = "default_max_rows")]
+    pub max_batch_rows: usize,
+    /// Approximate bytes of change data that trigger a commit.
+    #[serde(default = "default_max_bytes")]
+    pub max_batch_bytes: usize,
+    /// Milliseconds after the first change of a batch before it is committed.
+    #[serde(default = "default_max_age_ms")]
+    pub max_batch_age_ms: u64,
+    /// Rows buffered in memory per table before they are streamed into a Parquet file
+    /// (still uncommitted). Bounds memory for huge transactions.
+    #[serde(default = "default_spill_rows")]
+    pub spill_rows: usize,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_status_interval() -> u64 {
+    10
+}
+fn default_max_rows() -> usize {
+    100_000
+}
+fn default_max_bytes() -> usize {
+    64 * 1024 * 1024
+}
+fn default_max_age_ms() -> u64 {
+    1000
+}
+fn default_spill_rows() -> usize {
+    16_384
+}
+
+impl Default for ApplyConfig {
+    fn default() -> Self {
+        ApplyConfig {
+            max_batch_rows: default_max_rows(),
+            max_batch_bytes: default_max_bytes(),
+            max_batch_age_ms: default_max_age_ms(),
+            spill_rows: default_spill_rows(),
+        }
+    }
+}
+
+/// The configuration could not be read or breaks a rule. The message names the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the configuration file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("configuration problems:\n{}", .0.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<String>),
+}
+
+/// A validated configuration with the pieces other modules need already parsed.
+#[derive(Debug)]
+pub struct Settings {
+    pub source: ConnParams,
+    pub slot: String,
+    pub publication: String,
+    pub tables: Vec<TableName>,
+    pub create_slot: bool,
+    pub create_publication: bool,
+    pub status_interval: std::time::Duration,
+    pub lake_path: String,
+    pub apply: ApplyConfig,
+}
+
+impl Config {
+    /// Reads and parses a TOML file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Reads, parses and validates a configuration file.
+    pub fn load_settings(path: &Path) -> Result<Settings, ConfigError> {
+        Config::load(path)?.validate()
+    }
+
+    /// Checks every rule and collects every problem, each naming its field.
+    pub fn validate(self) -> Result<Settings, ConfigError> {
+        let mut problems = Vec::new();
+        let mut source = match ConnParams::parse(&self.source.dsn) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                problems.push(format!("source.dsn: {e}"));
+                None
+            }
+        };
+        let password = match (&self.source.password_file, &self.source.password_env) {
+            (Some(_), Some(_)) => {
+                problems.push(
+                    "source.password_file and source.password_env are both set; keep one".into(),
+                );
+                None
+            }
+            (Some(file), None) => match std::fs::read_to_string(file) {
+                Ok(text) => Some(Secret::new(text.lines().next().unwrap_or("").to_string())),
+                Err(e) => {
+                    problems.push(format!(
+                        "source.password_file: cannot read {}: {e}",
+                        file.display()
+                    ));
+                    None
+                }
+            },
+            (None, Some(var)) => match std::env::var(var) {
+                Ok(v) => Some(Secret::new(v)),
+                Err(_) => {
+                    problems.push(format!(
+                        "source.password_env: the environment variable `{var}` is not set"
+                    ));
+                    None
+                }
+            },
+            (None, None) => None,
+        };
+        if let (Some(src), Some(pw)) = (source.as_mut(), password) {
+            src.password = Some(pw);
+        }
+        for (field, value) in [("source.slot", &self.source.slot)] {
+            let valid = !value.is_empty()
+                && value.len() <= 63
+                && value
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            if !valid {
+                problems.push(format!(
+                    "{field}: `{value}` is not a valid slot name (1 to 63 characters: lower-case letters, digits, underscore)"
+                ));
+            }
+        }
+        if self.source.publication.is_empty() || self.source.publication.len() > 63 {
+            problems.push("source.publication: must be 1 to 63 characters long".into());
+        }
+        let mut tables = Vec::new();
+        if self.source.tables.is_empty() {
+            problems.push("source.tables: list at least one table, as \"schema.table\"".into());
+        }
+        for t in &self.source.tables {
+            match TableName::parse(t) {
+                Ok(name) if tables.contains(&name) => {
+                    problems.push(format!("source.tables: `{t}` is listed twice"))
+                }
+                Ok(name) => tables.push(name),
+                Err(e) => problems.push(format!("source.tables: {e}")),
+            }
+        }
+        if self.source.status_interval_secs == 0 || self.source.status_interval_secs > 3600 {
+            problems.push("source.status_interval_secs: must be from 1 to 3600".into());
+        }
+        if self.lake.path.trim().is_empty() {
+            problems.push("lake.path: must name a directory or an object-store URL".into());
+        }
+        let a = &self.apply;
+        if a.max_batch_rows == 0 {
+            problems.push("apply.max_batch_rows: must be at least 1".into());
+        }
+        if a.max_batch_bytes < 1024 {
+            problems.push("apply.max_batch_bytes: must be at least 1024".into());
+        }
+        if a.max_batch_age_ms == 0 {
+            problems.push("apply.max_batch_age_ms: must be at least 1".into());
+        }
+        if a.spill_rows == 0 {
+            problems.push("apply.spill_rows: must be at least 1".into());
+        }
+        match (problems.is_empty(), source) {
+            (true, Some(source)) => Ok(Settings {
+                source,
+                slot: self.source.slot,
+                publication: self.source.publication,
+                tables,
+                create_slot: self.source.create_slot,
+                create_publication: self.source.create_publication,
+                status_interval: std::time::Duration::from_secs(self.source.status_interval_secs),
+                lake_path: self.lake.path,
+                apply: self.apply,
+            }),
+            _ => Err(ConfigError::Invalid(problems)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Settings, String> {
+        let cfg: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        cfg.validate().map_err(|e| e.to_string())
+    }
+
+    const GOOD: &str = r#"
+        [source]
+        dsn = "host=127.0.0.1 user=rep dbname=app"
+        slot = "w2d"
+        publication = "w2d_pub"
+        tables = ["public.a", "sales.\"Big Table\""]
+        [lake]
+        path = "/tmp/lake"
+    "#;
+
+    #[test]
+    fn accepts_minimal_config_with_defaults() {
+        let s = parse(GOOD).unwrap();
+        assert_eq!(s.tables.len(), 2);
+        assert_eq!(s.tables[1].name, "Big Table");
+        assert_eq!(s.apply.max_batch_rows, 100_000);
+        assert!(s.create_slot);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = parse(&GOOD.replace("[lake]", "[lake]\nsurprise = 1")).unwrap_err();
+        assert!(err.contains("surprise"), "{err}");
+    }
+
+    #[test]
+    fn rules_name_their_field() {
+        let err = parse(&GOOD.replace("\"w2d\"", "\"Bad-Slot\"")).unwrap_err();
+        assert!(err.contains("source.slot"), "{err}");
+        let err =
+            parse(&GOOD.replace("[lake]", "[apply]\nmax_batch_rows = 0\n[lake]")).unwrap_err();
+        assert!(err.contains("apply.max_batch_rows"), "{err}");
+    }
+}

@@ -1,0 +1,112 @@
+//! The lake: where the Delta tables live and how they are laid out.
+//!
+//! ```text
+//! <lake>/raw/<schema>/<table>/        raw change log of one source table (append-only)
+//! <lake>/_wal2delta/checkpoint/       global replication checkpoint (see `checkpoint`)
+//! ```
+//! Schema and table names are path segments with every byte outside `[A-Za-z0-9_-]`
+//! written as `~XX`, so two schemas may hold tables of the same name and no name escapes
+//! its directory. Every table is a standard Delta table: any Delta reader can open it.
+
+pub mod checkpoint;
+pub mod table;
+
+use std::path::Path;
+
+use deltalake::DeltaTableError;
+use url::Url;
+
+use crate::table_name::TableName;
+
+/// Lake storage failed. Disk-full and I/O errors are transient: the daemon keeps the slot,
+/// confirms nothing new, and retries.
+#[derive(Debug, thiserror::Error)]
+pub enum LakeError {
+    #[error("the lake location `{location}` is not usable: {message}")]
+    Location { location: String, message: String },
+    #[error("Delta table {table}: {source}")]
+    Delta {
+        table: String,
+        #[source]
+        source: DeltaTableError,
+    },
+    #[error("building Arrow data for {table}: {source}")]
+    Arrow {
+        table: String,
+        #[source]
+        source: deltalake::arrow::error::ArrowError,
+    },
+    #[error(
+        "the raw table {table} has columns {existing:?} but the source now sends {incoming:?}; \
+         schema changes are not applied yet: stop writes to the table, or move the raw table \
+         aside and restart to begin a new history"
+    )]
+    SchemaChanged {
+        table: String,
+        existing: Vec<String>,
+        incoming: Vec<String>,
+    },
+}
+
+impl LakeError {
+    /// Whether retrying later may succeed (storage trouble) or an operator must act.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            LakeError::Delta { source, .. } => !matches!(
+                source,
+                DeltaTableError::InvalidTableLocation(_) | DeltaTableError::Generic(_)
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// The lake root and the locations of its tables.
+#[derive(Debug, Clone)]
+pub struct Lake {
+    root: Url,
+}
+
+impl Lake {
+    /// Opens the lake at a local directory (created if missing) or an object-store URL.
+    pub fn open(location: &str) -> Result<Lake, LakeError> {
+        let err = |message: String| LakeError::Location {
+            location: location.to_string(),
+            message,
+        };
+        let root = if location.contains("://") {
+            let mut url = Url::parse(location).map_err(|e| err(e.to_string()))?;
+            if !url.path().ends_with('/') {
+                url.set_path(&format!("{}/", url.path()));
+            }
+            url
+        } else {
+            let path = Path::new(location);
+            std::fs::create_dir_all(path).map_err(|e| err(format!("cannot create it: {e}")))?;
+            let path = path
+                .canonicalize()
+                .map_err(|e| err(format!("cannot resolve it: {e}")))?;
+            Url::from_directory_path(&path).map_err(|_| err("not an absolute path".into()))?
+        };
+        Ok(Lake { root })
+    }
+
+    pub fn root(&self) -> &Url {
+        &self.root
+    }
+
+    fn join(&self, rel: &str) -> Url {
+        // `rel` is built from escaped segments, so joining cannot fail or escape the root.
+        self.root.join(rel).unwrap_or_else(|_| self.root.clone())
+    }
+
+    /// The raw change-log table of a source table.
+    pub fn raw_table_url(&self, table: &TableName) -> Url {
+        self.join(&format!("raw/{}/", table.path_segments()))
+    }
+
+    /// The global checkpoint table.
+    pub fn checkpoint_url(&self) -> Url {
+        self.join("_wal2delta/checkpoint/")
+    }
+}

@@ -1,0 +1,213 @@
+//! `DeltaSink`: one Delta table we append to, each commit carrying its source position.
+//!
+//! Rows are streamed into Parquet files as they arrive (bounded memory, whatever the
+//! transaction size); the files become visible only when [`DeltaSink::commit`] writes a
+//! Delta commit that adds them *and* records, in the same commit, an application
+//! transaction (`txn` action) `wal2delta:<slot>:<table>` whose version is the commit LSN of
+//! the last source transaction included. Files written but never committed (a crash
+//! mid-batch) are unreferenced and invisible to readers; vacuum removes them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use deltalake::arrow::datatypes::SchemaRef;
+use deltalake::arrow::record_batch::RecordBatch;
+use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake::kernel::{Action, StructType, Transaction};
+use deltalake::parquet::basic::Compression;
+use deltalake::parquet::file::properties::WriterProperties;
+use deltalake::protocol::{DeltaOperation, SaveMode};
+use deltalake::writer::{DeltaWriter, RecordBatchWriter};
+use deltalake::{DeltaTable, DeltaTableError};
+use url::Url;
+
+use super::LakeError;
+use crate::lsn::Lsn;
+
+/// Target size of one data file.
+const TARGET_FILE_SIZE: u64 = 128 * 1024 * 1024;
+
+/// An open Delta table that receives appends.
+pub struct DeltaSink {
+    label: String,
+    table: DeltaTable,
+    writer: RecordBatchWriter,
+    app_id: String,
+    /// Commit LSN of the last source transaction durably in this table.
+    applied: Option<Lsn>,
+    /// Rows written to files since the last commit.
+    pending_rows: usize,
+}
+
+/// Opens a Delta table, or creates it with `schema` when it does not exist yet.
+pub async fn open_or_create(
+    url: &Url,
+    label: &str,
+    schema: &SchemaRef,
+) -> Result<DeltaTable, LakeError> {
+    let delta_err = |source| LakeError::Delta {
+        table: label.to_string(),
+        source,
+    };
+    let table = DeltaTable::try_from_url(url.clone())
+        .await
+        .map_err(delta_err)?;
+    if table.version().is_some() {
+        return Ok(table);
+    }
+    let kernel: StructType = schema
+        .as_ref()
+        .try_into_kernel()
+        .map_err(|e| delta_err(DeltaTableError::from(e)))?;
+    table
+        .create()
+        .with_columns(kernel.fields().cloned())
+        .with_table_name(label)
+        .with_save_mode(SaveMode::Ignore)
+        .await
+        .map_err(delta_err)
+}
+
+impl DeltaSink {
+    /// Opens (or creates) the table and reads back the source position it holds.
+    pub async fn open(
+        url: &Url,
+        label: &str,
+        schema: &SchemaRef,
+        app_id: String,
+    ) -> Result<DeltaSink, LakeError> {
+        let table = open_or_create(url, label, schema).await?;
+        let delta_err = |source| LakeError::Delta {
+            table: label.to_string(),
+            source,
+        };
+        let existing: Vec<String> = {
+            let snapshot = table.snapshot().map_err(delta_err)?;
+            snapshot
+                .schema()
+                .fields()
+                .map(|f| f.name().clone())
+                .collect()
+        };
+        let incoming: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+        if existing != incoming {
+            return Err(LakeError::SchemaChanged {
+                table: label.to_string(),
+                existing,
+                incoming,
+            });
+        }
+        let applied = applied_position(&table, &app_id).await.map_err(delta_err)?;
+        let writer = RecordBatchWriter::for_table(&table)
+            .map_err(delta_err)?
+            .with_target_file_size(TARGET_FILE_SIZE)
+            .with_writer_properties(
+                WriterProperties::builder()
+                    .set_compression(Compression::SNAPPY)
+                    .set_max_row_group_row_count(Some(64 * 1024))
+                    .build(),
+            );
+        Ok(DeltaSink {
+            label: label.to_string(),
+            table,
+            writer,
+            app_id,
+            applied,
+            pending_rows: 0,
+        })
+    }
+
+    /// Commit LSN of the last source transaction this table holds, if any.
+    pub fn applied(&self) -> Option<Lsn> {
+        self.applied
+    }
+
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// The table's current Delta version.
+    pub fn version(&self) -> Option<u64> {
+        self.table.version()
+    }
+
+    pub fn pending_rows(&self) -> usize {
+        self.pending_rows
+    }
+
+    /// Streams rows into the table's uncommitted data files.
+    pub async fn write(&mut self, batch: RecordBatch) -> Result<(), LakeError> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        self.pending_rows += batch.num_rows();
+        self.writer
+            .write(batch)
+            .await
+            .map_err(|source| LakeError::Delta {
+                table: self.label.clone(),
+                source,
+            })
+    }
+
+    /// Commits everything written since the last commit, together with the source
+    /// position `through` (the commit LSN of the last transaction included).
+    /// Returns the new Delta version.
+    pub async fn commit(
+        &mut self,
+        through: Lsn,
+        metadata: HashMap<String, serde_json::Value>,
+    ) -> Result<u64, LakeError> {
+        let delta_err = |source| LakeError::Delta {
+            table: self.label.clone(),
+            source,
+        };
+        let adds: Vec<Action> = self
+            .writer
+            .flush()
+            .await
+            .map_err(delta_err)?
+            .into_iter()
+            .map(Action::Add)
+            .collect();
+        let properties = CommitProperties::default()
+            .with_application_transaction(Transaction::new_with_last_update(
+                &self.app_id,
+                through.as_i64(),
+                Some(chrono::Utc::now().timestamp_millis()),
+            ))
+            .with_metadata(metadata);
+        let operation = DeltaOperation::Write {
+            mode: SaveMode::Append,
+            partition_by: None,
+            predicate: None,
+        };
+        let snapshot = self.table.snapshot().map_err(delta_err)?;
+        let finalized = CommitBuilder::from(properties)
+            .with_actions(adds)
+            .build(Some(snapshot), self.table.log_store(), operation)
+            .await
+            .map_err(|e| delta_err(e.into()))?;
+        let version = finalized.version();
+        self.table.state = Some(finalized.snapshot());
+        self.applied = Some(through);
+        self.pending_rows = 0;
+        Ok(version)
+    }
+}
+
+/// Reads the `txn` version for `app_id` from a table's log.
+pub async fn applied_position(
+    table: &DeltaTable,
+    app_id: &str,
+) -> Result<Option<Lsn>, DeltaTableError> {
+    let snapshot = table.snapshot()?;
+    let version = snapshot
+        .transaction_version(table.log_store().as_ref(), app_id)
+        .await?;
+    Ok(version.map(Lsn::from_i64))
+}
+
+/// Shared handle type for tables read by other tasks.
+pub type SharedTable = Arc<DeltaTable>;

@@ -1,0 +1,16 @@
+//! wal2delta: Postgres change-data-capture into Delta Lake tables, exactly once.
+//!
+//! The pipeline stages are modules: [`source`] (Postgres: control and replication
+//! connections, pgoutput decoding), [`apply`] (transaction-aligned batches into Arrow),
+//! [`lake`] (Delta tables, positions, checkpoint), wired together by [`pipeline`].
+//! `main.rs` only parses the command line.
+
+pub mod apply;
+pub mod config;
+pub mod lake;
+pub mod lsn;
+pub mod pg_types;
+pub mod pipeline;
+pub mod secret;
+pub mod source;
+pub mod table_name;

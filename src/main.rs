@@ -1,0 +1,140 @@
+//! The `wal2delta` command line: parses arguments, sets up logging and signals, and calls
+//! into the library. Nothing else lives here.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use wal2delta::config::Config;
+use wal2delta::lake::Lake;
+use wal2delta::source::catalog;
+
+#[derive(Parser)]
+#[command(
+    name = "wal2delta",
+    version,
+    about = "Postgres logical replication into Delta Lake tables, exactly once"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon: replicate the configured tables into the lake until stopped.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check the configuration, the source database and the lake without changing anything.
+    Validate {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("WAL2DELTA_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run { config } => run(config).await,
+            Command::Validate { config } => validate(config).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: PathBuf) -> anyhow::Result<ExitCode> {
+    let settings = Config::load_settings(&config)?;
+    let cancel = CancellationToken::new();
+    let on_signal = cancel.clone();
+    tokio::spawn(async move {
+        wait_for_shutdown_signal().await;
+        tracing::info!("shutdown requested: committing complete transactions");
+        on_signal.cancel();
+    });
+    wal2delta::pipeline::run(settings, cancel).await?;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the daemon");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+async fn validate(config: PathBuf) -> anyhow::Result<ExitCode> {
+    let settings = match Config::load_settings(&config) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("{e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let mut problems = Vec::new();
+    let mut notes = Vec::new();
+    match Lake::open(&settings.lake_path) {
+        Ok(lake) => notes.push(format!("lake: {}", lake.root())),
+        Err(e) => problems.push(e.to_string()),
+    }
+    match catalog::connect(&settings.source).await {
+        Err(e) => problems.push(e.to_string()),
+        Ok(client) => match catalog::check(&client, &settings).await {
+            Ok(report) => {
+                problems.extend(report.problems);
+                notes.extend(report.notes);
+            }
+            Err(e) => problems.push(e.to_string()),
+        },
+    }
+    for note in &notes {
+        println!("ok: {note}");
+    }
+    if problems.is_empty() {
+        println!("configuration and source are ready for replication");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("{} problem(s) found:", problems.len());
+        for p in &problems {
+            println!("  - {p}");
+        }
+        Ok(ExitCode::FAILURE)
+    }
+}

@@ -1,0 +1,471 @@
+//! Postgres types → Arrow/Delta types, and parsing of pgoutput's text values.
+//!
+//! The mapping is lossless: a type gets a typed Arrow column only when every value it can
+//! hold has an exact typed form, or when the few that do not (NaN in `numeric(p,s)`,
+//! `infinity` dates and timestamps, years outside Arrow's range) can be kept as text in the
+//! row's `_fallback` column. Types Delta cannot represent (time, interval, uuid, json, …)
+//! are stored as their canonical Postgres text. See the README's type table.
+
+use std::sync::Arc;
+
+use deltalake::arrow::datatypes::{DataType, Field, TimeUnit};
+
+/// Text-form value of an unchanged-but-unknown type is stored as-is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ColumnKind {
+    Bool,
+    Int16,
+    Int32,
+    Int64,
+    Float32,
+    Float64,
+    Decimal {
+        precision: u8,
+        scale: i8,
+    },
+    Text,
+    Date,
+    /// `timestamp without time zone`.
+    Timestamp,
+    /// `timestamp with time zone`, stored as UTC.
+    TimestampTz,
+    Bytea,
+    /// A one-dimensional array of the element kind.
+    List(Box<ColumnKind>),
+}
+
+/// Well-known type OIDs (from `pg_type.dat`; stable across Postgres versions).
+pub mod oid {
+    pub const BOOL: u32 = 16;
+    pub const BYTEA: u32 = 17;
+    pub const INT8: u32 = 20;
+    pub const INT2: u32 = 21;
+    pub const INT4: u32 = 23;
+    pub const OID: u32 = 26;
+    pub const FLOAT4: u32 = 700;
+    pub const FLOAT8: u32 = 701;
+    pub const DATE: u32 = 1082;
+    pub const TIMESTAMP: u32 = 1114;
+    pub const TIMESTAMPTZ: u32 = 1184;
+    pub const NUMERIC: u32 = 1700;
+}
+
+/// Element type of a built-in array type, if it is one we map to a typed list.
+fn array_element(array_oid: u32) -> Option<u32> {
+    Some(match array_oid {
+        1000 => oid::BOOL,
+        1001 => oid::BYTEA,
+        1005 => oid::INT2,
+        1007 => oid::INT4,
+        1016 => oid::INT8,
+        1028 => oid::OID,
+        1021 => oid::FLOAT4,
+        1022 => oid::FLOAT8,
+        1182 => oid::DATE,
+        1115 => oid::TIMESTAMP,
+        1185 => oid::TIMESTAMPTZ,
+        1231 => oid::NUMERIC,
+        // Text-like element types: text, varchar, bpchar, name, uuid, json, jsonb, char,
+        // time, timetz, interval. Their elements stay text.
+        1009 | 1015 | 1014 | 1003 | 2951 | 199 | 3807 | 1002 | 1183 | 1270 | 1187 => 25,
+        _ => return None,
+    })
+}
+
+impl ColumnKind {
+    /// The column kind for a Postgres type OID and type modifier (`atttypmod`).
+    pub fn from_pg(type_oid: u32, typmod: i32) -> ColumnKind {
+        match type_oid {
+            oid::BOOL => ColumnKind::Bool,
+            oid::INT2 => ColumnKind::Int16,
+            oid::INT4 => ColumnKind::Int32,
+            oid::INT8 | oid::OID => ColumnKind::Int64,
+            oid::FLOAT4 => ColumnKind::Float32,
+            oid::FLOAT8 => ColumnKind::Float64,
+            oid::NUMERIC => numeric_kind(typmod),
+            oid::DATE => ColumnKind::Date,
+            oid::TIMESTAMP => ColumnKind::Timestamp,
+            oid::TIMESTAMPTZ => ColumnKind::TimestampTz,
+            oid::BYTEA => ColumnKind::Bytea,
+            other => match array_element(other) {
+                Some(elem) => ColumnKind::List(Box::new(ColumnKind::from_pg(elem, typmod))),
+                // text, varchar, char, name, uuid, json(b), time(tz), interval, money,
+                // inet, enums, domains, user and unknown types: their text form.
+                None => ColumnKind::Text,
+            },
+        }
+    }
+
+    /// The Arrow type of the column (always representable in Delta).
+    pub fn arrow_type(&self) -> DataType {
+        match self {
+            ColumnKind::Bool => DataType::Boolean,
+            ColumnKind::Int16 => DataType::Int16,
+            ColumnKind::Int32 => DataType::Int32,
+            ColumnKind::Int64 => DataType::Int64,
+            ColumnKind::Float32 => DataType::Float32,
+            ColumnKind::Float64 => DataType::Float64,
+            ColumnKind::Decimal { precision, scale } => DataType::Decimal128(*precision, *scale),
+            ColumnKind::Text => DataType::Utf8,
+            ColumnKind::Date => DataType::Date32,
+            ColumnKind::Timestamp => DataType::Timestamp(TimeUnit::Microsecond, None),
+            ColumnKind::TimestampTz => {
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+            }
+            ColumnKind::Bytea => DataType::Binary,
+            ColumnKind::List(elem) => {
+                DataType::List(Arc::new(Field::new("element", elem.arrow_type(), true)))
+            }
+        }
+    }
+}
+
+/// `numeric(p,s)` with 1 ≤ p ≤ 38 and 0 ≤ s ≤ p maps to Decimal128; anything else
+/// (unconstrained numeric, larger precision, negative scale) to text.
+fn numeric_kind(typmod: i32) -> ColumnKind {
+    if typmod < 4 {
+        return ColumnKind::Text;
+    }
+    let t = typmod - 4;
+    let precision = (t >> 16) & 0xFFFF;
+    // The scale is an 11-bit signed field since Postgres 15.
+    let scale = ((t & 0x7FF) ^ 1024) - 1024;
+    if (1..=38).contains(&precision) && (0..=precision).contains(&scale) {
+        ColumnKind::Decimal {
+            precision: precision as u8,
+            scale: scale as i8,
+        }
+    } else {
+        ColumnKind::Text
+    }
+}
+
+/// A parsed value, ready for a typed builder.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Bool(bool),
+    Int16(i16),
+    Int32(i32),
+    Int64(i64),
+    Float32(f32),
+    Float64(f64),
+    Decimal(i128),
+    Text(String),
+    Date(i32),
+    Micros(i64),
+    Bytes(Vec<u8>),
+    List(Vec<Option<Value>>),
+}
+
+/// Parses a text-form value into `kind`. `None` means the value has no exact typed form
+/// (e.g. `NaN` for `numeric(10,2)`, `infinity` for a date): the caller keeps its text.
+pub fn parse_value(kind: &ColumnKind, text: &str) -> Option<Value> {
+    Some(match kind {
+        ColumnKind::Bool => match text {
+            "t" => Value::Bool(true),
+            "f" => Value::Bool(false),
+            _ => return None,
+        },
+        ColumnKind::Int16 => Value::Int16(text.parse().ok()?),
+        ColumnKind::Int32 => Value::Int32(text.parse().ok()?),
+        ColumnKind::Int64 => Value::Int64(text.parse().ok()?),
+        ColumnKind::Float32 => Value::Float32(text.parse().ok()?),
+        ColumnKind::Float64 => Value::Float64(text.parse().ok()?),
+        ColumnKind::Decimal { precision, scale } => {
+            Value::Decimal(parse_decimal(text, *precision, *scale)?)
+        }
+        ColumnKind::Text => Value::Text(text.to_string()),
+        ColumnKind::Date => Value::Date(parse_date(text)?),
+        ColumnKind::Timestamp => Value::Micros(parse_timestamp(text, false)?),
+        ColumnKind::TimestampTz => Value::Micros(parse_timestamp(text, true)?),
+        ColumnKind::Bytea => Value::Bytes(parse_bytea_hex(text)?),
+        ColumnKind::List(elem) => {
+            let items = parse_array(text)?;
+            let mut out = Vec::with_capacity(items.len());
+            for item in items {
+                out.push(match item {
+                    None => None,
+                    Some(s) => Some(parse_value(elem, &s)?),
+                });
+            }
+            Value::List(out)
+        }
+    })
+}
+
+/// Parses `-123.45` into an integer scaled by 10^scale, checking the precision.
+pub fn parse_decimal(text: &str, precision: u8, scale: i8) -> Option<i128> {
+    let (neg, body) = match text.as_bytes().first()? {
+        b'-' => (true, &text[1..]),
+        b'+' => (false, &text[1..]),
+        _ => (false, text),
+    };
+    let (int_part, frac_part) = body.split_once('.').unwrap_or((body, ""));
+    if int_part.is_empty() && frac_part.is_empty() {
+        return None;
+    }
+    let scale = usize::try_from(scale).ok()?;
+    if !int_part
+        .bytes()
+        .chain(frac_part.bytes())
+        .all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    // Extra fractional digits are allowed only when they are zeros (no rounding, ever).
+    let (kept, dropped) = frac_part.split_at(frac_part.len().min(scale));
+    if dropped.bytes().any(|b| b != b'0') {
+        return None;
+    }
+    let int_digits = int_part.trim_start_matches('0');
+    if int_digits.len() + scale > precision as usize {
+        return None;
+    }
+    let mut v: i128 = 0;
+    for b in int_digits.bytes().chain(kept.bytes()) {
+        v = v.checked_mul(10)?.checked_add(i128::from(b - b'0'))?;
+    }
+    for _ in kept.len()..scale {
+        v = v.checked_mul(10)?;
+    }
+    Some(if neg { -v } else { v })
+}
+
+/// Days since 1970-01-01 for `YYYY-MM-DD[ BC]`; `None` for infinity or out of range.
+pub fn parse_date(text: &str) -> Option<i32> {
+    let (body, bc) = match text.strip_suffix(" BC") {
+        Some(b) => (b, true),
+        None => (text, false),
+    };
+    let date = ymd(body, bc)?;
+    let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1)?;
+    i32::try_from(date.signed_duration_since(epoch).num_days()).ok()
+}
+
+fn ymd(text: &str, bc: bool) -> Option<chrono::NaiveDate> {
+    let mut parts = text.splitn(3, '-');
+    let y: i32 = parts.next()?.parse().ok()?;
+    let m: u32 = parts.next()?.parse().ok()?;
+    let d: u32 = parts.next()?.parse().ok()?;
+    // 1 BC is year 0 in the proleptic Gregorian calendar chrono uses.
+    let y = if bc { 1 - y } else { y };
+    chrono::NaiveDate::from_ymd_opt(y, m, d)
+}
+
+/// Microseconds since the Unix epoch for Postgres's ISO output
+/// (`2024-01-05 13:00:00.123456+00`, with ` BC` possibly appended).
+pub fn parse_timestamp(text: &str, with_tz: bool) -> Option<i64> {
+    let (body, bc) = match text.strip_suffix(" BC") {
+        Some(b) => (b, true),
+        None => (text, false),
+    };
+    let (date_part, rest) = body.split_once(' ')?;
+    let date = ymd(date_part, bc)?;
+    // Split off a UTC offset: the last '+' or '-' in the time part.
+    let (time_part, offset_secs) = if with_tz {
+        let idx = rest.rfind(['+', '-'])?;
+        let (t, off) = rest.split_at(idx);
+        (t, parse_offset(off)?)
+    } else {
+        (rest, 0)
+    };
+    let (hms, frac) = time_part.split_once('.').unwrap_or((time_part, ""));
+    let mut hms_parts = hms.split(':');
+    let h: i64 = hms_parts.next()?.parse().ok()?;
+    let mi: i64 = hms_parts.next()?.parse().ok()?;
+    let s: i64 = hms_parts.next()?.parse().ok()?;
+    if hms_parts.next().is_some() || h > 24 || mi > 59 || s > 60 || frac.len() > 6 {
+        return None;
+    }
+    if !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let mut micros: i64 = if frac.is_empty() {
+        0
+    } else {
+        frac.parse().ok()?
+    };
+    for _ in frac.len()..6 {
+        micros *= 10;
+    }
+    let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1)?;
+    let days = date.signed_duration_since(epoch).num_days();
+    let secs = days
+        .checked_mul(86_400)?
+        .checked_add(h * 3600 + mi * 60 + s)?
+        .checked_sub(offset_secs)?;
+    secs.checked_mul(1_000_000)?.checked_add(micros)
+}
+
+fn parse_offset(text: &str) -> Option<i64> {
+    let sign = match text.as_bytes().first()? {
+        b'+' => 1,
+        b'-' => -1,
+        _ => return None,
+    };
+    let mut parts = text[1..].split(':');
+    let h: i64 = parts.next()?.parse().ok()?;
+    let m: i64 = parts.next().map(str::parse).transpose().ok()?.unwrap_or(0);
+    let s: i64 = parts.next().map(str::parse).transpose().ok()?.unwrap_or(0);
+    Some(sign * (h * 3600 + m * 60 + s))
+}
+
+/// `\x0a0b…` (bytea_output = hex).
+pub fn parse_bytea_hex(text: &str) -> Option<Vec<u8>> {
+    let hex = text.strip_prefix("\\x")?.as_bytes();
+    if hex.len() % 2 != 0 {
+        return None;
+    }
+    let nibble = |b: u8| -> Option<u8> {
+        match b {
+            b'0'..=b'9' => Some(b - b'0'),
+            b'a'..=b'f' => Some(b - b'a' + 10),
+            b'A'..=b'F' => Some(b - b'A' + 10),
+            _ => None,
+        }
+    };
+    hex.chunks_exact(2)
+        .map(|p| Some(nibble(p[0])? << 4 | nibble(p[1])?))
+        .collect()
+}
+
+/// Elements of a one-dimensional array literal (`{1,NULL,"a \"b\""}`). `None` for
+/// multi-dimensional arrays, explicit bounds (`[0:1]={…}`) or malformed text.
+pub fn parse_array(text: &str) -> Option<Vec<Option<String>>> {
+    let inner = text.strip_prefix('{')?.strip_suffix('}')?;
+    let mut items = Vec::new();
+    if inner.is_empty() {
+        return Some(items);
+    }
+    let mut chars = inner.chars().peekable();
+    loop {
+        let mut item = String::new();
+        let mut quoted = false;
+        if chars.peek() == Some(&'"') {
+            quoted = true;
+            chars.next();
+            loop {
+                match chars.next()? {
+                    '\\' => item.push(chars.next()?),
+                    '"' => break,
+                    c => item.push(c),
+                }
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c == ',' {
+                    break;
+                }
+                if c == '{' || c == '}' || c == '"' {
+                    return None;
+                }
+                if c == '\\' {
+                    chars.next();
+                    item.push(chars.next()?);
+                    continue;
+                }
+                item.push(c);
+                chars.next();
+            }
+        }
+        if !quoted && item.eq_ignore_ascii_case("NULL") {
+            items.push(None);
+        } else {
+            items.push(Some(item));
+        }
+        match chars.next() {
+            None => return Some(items),
+            Some(',') => continue,
+            Some(_) => return None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_types() {
+        assert_eq!(
+            ColumnKind::from_pg(oid::NUMERIC, ((12 << 16) | 2) + 4),
+            ColumnKind::Decimal {
+                precision: 12,
+                scale: 2
+            }
+        );
+        assert_eq!(ColumnKind::from_pg(oid::NUMERIC, -1), ColumnKind::Text);
+        assert_eq!(
+            ColumnKind::from_pg(1007, -1),
+            ColumnKind::List(Box::new(ColumnKind::Int32))
+        );
+        assert_eq!(ColumnKind::from_pg(2950, -1), ColumnKind::Text);
+        assert_eq!(ColumnKind::from_pg(99999, -1), ColumnKind::Text);
+    }
+
+    #[test]
+    fn decimals_are_exact_or_refused() {
+        assert_eq!(parse_decimal("1234.56", 10, 2), Some(123456));
+        assert_eq!(parse_decimal("-0.5", 10, 2), Some(-50));
+        assert_eq!(parse_decimal("12", 4, 2), Some(1200));
+        assert_eq!(parse_decimal("123", 4, 2), None);
+        assert_eq!(parse_decimal("1.005", 10, 2), None);
+        assert_eq!(parse_decimal("NaN", 10, 2), None);
+        assert_eq!(
+            parse_decimal("99999999999999999999999999999999999999", 38, 0),
+            Some(99999999999999999999999999999999999999)
+        );
+    }
+
+    #[test]
+    fn dates_and_timestamps() {
+        assert_eq!(parse_date("1970-01-02"), Some(1));
+        assert_eq!(parse_date("1969-12-31"), Some(-1));
+        assert_eq!(parse_date("infinity"), None);
+        assert_eq!(parse_date("0001-01-01 BC"), parse_date("0000-01-01"));
+        assert_eq!(
+            parse_timestamp("1970-01-01 00:00:01.5", false),
+            Some(1_500_000)
+        );
+        assert_eq!(
+            parse_timestamp("2024-01-05 13:00:00+00", true),
+            Some(1_704_459_600_000_000)
+        );
+        assert_eq!(
+            parse_timestamp("2024-01-05 10:00:00-03", true),
+            Some(1_704_459_600_000_000)
+        );
+        assert_eq!(
+            parse_timestamp("2024-01-05 10:00:00-03:30", true),
+            Some(1_704_461_400_000_000)
+        );
+        assert_eq!(parse_timestamp("infinity", true), None);
+        assert_eq!(parse_timestamp("-infinity", false), None);
+    }
+
+    #[test]
+    fn bytea_and_arrays() {
+        assert_eq!(parse_bytea_hex("\\x00ff10"), Some(vec![0, 255, 16]));
+        assert_eq!(parse_bytea_hex("\\x0"), None);
+        assert_eq!(
+            parse_array(r#"{1,NULL,"a \"b\"",""}"#),
+            Some(vec![
+                Some("1".into()),
+                None,
+                Some("a \"b\"".into()),
+                Some("".into())
+            ])
+        );
+        assert_eq!(parse_array("{}"), Some(vec![]));
+        assert_eq!(parse_array("{{1,2},{3,4}}"), None);
+        assert_eq!(parse_array("[0:1]={1,2}"), None);
+        assert_eq!(
+            parse_value(&ColumnKind::List(Box::new(ColumnKind::Int32)), "{1,2,NULL}"),
+            Some(Value::List(vec![
+                Some(Value::Int32(1)),
+                Some(Value::Int32(2)),
+                None
+            ]))
+        );
+    }
+}

@@ -1,0 +1,219 @@
+//! The pipeline: prepares the source and the lake, then runs replication sessions.
+//!
+//! A session is one replication connection plus one apply stage, both started from the
+//! positions durable in the lake. Transient failures (connection lost, Postgres
+//! restarting, lake storage errors) end the session; a new one starts after a backoff,
+//! again from what is durable, so nothing received-but-uncommitted can be lost or doubled.
+//! Definite failures (permissions, missing slot or publication, schema conflicts) stop the
+//! daemon with a message saying what to do.
+
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::apply::builder::ColumnSpec;
+use crate::apply::{Applier, ApplyError};
+use crate::config::Settings;
+use crate::lake::{Lake, LakeError};
+use crate::lsn::Lsn;
+use crate::source::catalog::{self, CatalogError};
+use crate::source::replication::{ReplicationConnection, ReplicationError};
+use crate::source::stream;
+use crate::table_name::TableName;
+
+const SLOT_LOST_ACTION: &str = "the changes Postgres no longer keeps for it cannot be \
+     recovered from this slot; create the slot again (wal2delta does so on start when \
+     source.create_slot is true) and accept that the lake misses the changes in between";
+
+/// Events buffered between the source and apply tasks.
+const CHANNEL_CAPACITY: usize = 4096;
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Why the daemon stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    #[error(transparent)]
+    Lake(#[from] LakeError),
+    #[error(
+        "replication slot {slot} does not exist and source.create_slot is false; create it with \
+         SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput'); or set create_slot = true"
+    )]
+    SlotMissing { slot: String },
+    #[error("the replication slot {slot} is gone or unusable: {detail}; {action}")]
+    SlotLost {
+        slot: String,
+        detail: String,
+        action: String,
+    },
+    #[error("a pipeline task failed: {0}")]
+    Task(String),
+}
+
+impl PipelineError {
+    fn is_transient(&self) -> bool {
+        match self {
+            PipelineError::Replication(e) => e.is_transient(),
+            PipelineError::Apply(e) => e.is_transient(),
+            PipelineError::Lake(e) => e.is_transient(),
+            PipelineError::Catalog(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+}
+
+/// Checks the source, creates what is missing and allowed, and returns the table shapes.
+async fn prepare(settings: &Settings) -> Result<Vec<(TableName, Vec<ColumnSpec>)>, PipelineError> {
+    let client = catalog::connect(&settings.source).await?;
+    let report = catalog::check(&client, settings).await?;
+    if !report.problems.is_empty() {
+        return Err(CatalogError::NotReady(report.problems).into());
+    }
+    if catalog::publication_tables(&client, &settings.publication)
+        .await?
+        .is_none()
+    {
+        catalog::create_publication(&client, settings).await?;
+        tracing::info!(publication = %settings.publication, "publication created");
+    }
+    if catalog::slot_info(&client, &settings.slot).await?.is_none() {
+        if !settings.create_slot {
+            return Err(PipelineError::SlotMissing {
+                slot: settings.slot.clone(),
+            });
+        }
+        let mut conn = ReplicationConnection::connect(&settings.source).await?;
+        let point = conn.create_slot(&settings.slot).await?;
+        conn.close().await;
+        tracing::info!(slot = %settings.slot, consistent_point = %point, "replication slot created");
+    }
+    Ok(report
+        .tables
+        .into_iter()
+        .map(|t| (t.name, t.columns))
+        .collect())
+}
+
+/// Runs the daemon until `cancel` fires (clean exit) or a definite error.
+pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), PipelineError> {
+    let lake = Lake::open(&settings.lake_path)?;
+    let tables = prepare(&settings).await?;
+    tracing::info!(source = %settings.source, lake = %lake.root(), tables = tables.len(), "source ready");
+    let mut attempt: u32 = 0;
+    loop {
+        let started = std::time::Instant::now();
+        match session(&settings, &lake, &tables, cancel.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_transient() && !cancel.is_cancelled() => {
+                if started.elapsed() > Duration::from_secs(60) {
+                    attempt = 0;
+                }
+                let backoff =
+                    Duration::from_millis(250 * 2u64.pow(attempt.min(7))).min(MAX_BACKOFF);
+                attempt += 1;
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, attempt, "replication interrupted; reconnecting");
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+            }
+            Err(e) => return Err(classify_slot_error(e, &settings.slot)),
+        }
+    }
+}
+
+/// Turns "slot does not exist / was invalidated" into an error that says what to do.
+fn classify_slot_error(e: PipelineError, slot: &str) -> PipelineError {
+    if let PipelineError::Replication(ReplicationError::Server(server)) = &e {
+        let gone = server.code == "42704" && server.message.contains("replication slot");
+        let invalidated = server.code == "55000" && server.message.contains("replication slot");
+        if gone || invalidated {
+            return PipelineError::SlotLost {
+                slot: slot.to_string(),
+                detail: server.to_string(),
+                action: SLOT_LOST_ACTION.into(),
+            };
+        }
+    }
+    e
+}
+
+/// One replication session: open positions, connect, stream and apply until stopped.
+async fn session(
+    settings: &Settings,
+    lake: &Lake,
+    tables: &[(TableName, Vec<ColumnSpec>)],
+    cancel: CancellationToken,
+) -> Result<(), PipelineError> {
+    // The slot's confirmed position is durable too (we only ever confirm durable
+    // positions), and Postgres 15 lets a lower confirmation move it backwards: start from
+    // the later of the two. Looking the slot up here also catches a dropped or
+    // invalidated slot with a clear message.
+    let client = catalog::connect(&settings.source).await?;
+    let slot = catalog::slot_info(&client, &settings.slot).await?;
+    drop(client);
+    let confirmed = match slot {
+        None => {
+            return Err(PipelineError::SlotLost {
+                slot: settings.slot.clone(),
+                detail: "it no longer exists".into(),
+                action: SLOT_LOST_ACTION.into(),
+            });
+        }
+        Some(s) if s.wal_status.as_deref() == Some("lost") => {
+            return Err(PipelineError::SlotLost {
+                slot: settings.slot.clone(),
+                detail: "it was invalidated (wal_status = lost): the WAL it needed was removed"
+                    .into(),
+                action: SLOT_LOST_ACTION.into(),
+            });
+        }
+        Some(s) => s.confirmed_flush.unwrap_or(Lsn::ZERO),
+    };
+    let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);
+    let applier = Applier::open(
+        lake,
+        &settings.slot,
+        tables,
+        settings.apply.clone(),
+        durable_tx,
+    )
+    .await?;
+    let start = applier.restart_position().max(confirmed);
+    applier.advance_to(start);
+    for (table, pos) in applier.table_positions() {
+        tracing::debug!(%table, position = ?pos.map(|p| p.to_string()), "table position");
+    }
+    let mut conn = ReplicationConnection::connect(&settings.source).await?;
+    let identity = conn.identify_system().await?;
+    conn.start_replication(&settings.slot, start, &settings.publication)
+        .await?;
+    tracing::info!(slot = %settings.slot, from = %start, checkpoint = %applier.restart_position(), server_wal = %identity.xlogpos, "streaming");
+    let (events_tx, events_rx) = mpsc::channel(CHANNEL_CAPACITY);
+    let source = tokio::spawn(stream::run(
+        conn,
+        events_tx,
+        durable_rx,
+        cancel.clone(),
+        settings.status_interval,
+    ));
+    let apply_result = applier.run(events_rx).await;
+    if apply_result.is_err() {
+        // Nothing more can be applied in this session: drop the replication connection.
+        source.abort();
+    }
+    let source_result = source.await;
+    apply_result?;
+    match source_result {
+        Ok(result) => result?,
+        Err(e) if e.is_cancelled() => {}
+        Err(e) => return Err(PipelineError::Task(format!("source task: {e}"))),
+    }
+    Ok(())
+}

@@ -1,0 +1,389 @@
+//! The control connection (tokio-postgres): catalog lookups, checks and set-up SQL.
+//!
+//! Used by `validate` to list everything that would stop replication, each with the fix,
+//! and by `run` to read table shapes and create the publication when allowed. Identifiers
+//! are always passed as parameters or quoted with [`quote_ident`], never pasted raw.
+
+use tokio_postgres::{Client, NoTls};
+
+use super::dsn::{ConnParams, Host, SslMode};
+use super::tls;
+use crate::apply::builder::{ColumnSpec, METADATA_COLUMNS};
+use crate::config::Settings;
+use crate::lsn::Lsn;
+use crate::pg_types::ColumnKind;
+use crate::table_name::{TableName, quote_ident};
+
+/// The control connection failed or a catalog check failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("cannot connect to the source {target}: {message}")]
+    Connect { target: String, message: String },
+    #[error("catalog query failed: {0}")]
+    Query(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("the source is not ready for replication:\n{}", .0.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    NotReady(Vec<String>),
+}
+
+impl CatalogError {
+    /// Connection trouble is transient once the daemon has started; the rest is not.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            CatalogError::Connect { .. } => true,
+            CatalogError::Query(e) => match e.as_db_error() {
+                Some(db) => super::replication::sqlstate_is_transient(db.code().code()),
+                None => true,
+            },
+            _ => false,
+        }
+    }
+}
+
+/// Formats a tokio-postgres error with its SQLSTATE and detail, never the DSN.
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+            if let Some(d) = db.detail() {
+                s.push_str(&format!("; {d}"));
+            }
+            if let Some(h) = db.hint() {
+                s.push_str(&format!("; hint: {h}"));
+            }
+            s
+        }
+        None => {
+            let mut s = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(inner) = source {
+                s.push_str(&format!(": {inner}"));
+                source = inner.source();
+            }
+            s
+        }
+    }
+}
+
+/// Opens the control connection with the same TLS rules as the replication connection.
+pub async fn connect(params: &ConnParams) -> Result<Client, CatalogError> {
+    let mut config = tokio_postgres::Config::new();
+    match &params.host {
+        Host::Tcp(h) => config.host(h),
+        Host::Unix(dir) => config.host_path(dir),
+    };
+    config
+        .port(params.port)
+        .user(&params.user)
+        .dbname(&params.dbname)
+        .application_name(&format!("{} control", params.application_name))
+        .connect_timeout(std::time::Duration::from_secs(
+            params.connect_timeout_secs.max(1),
+        ))
+        .options("-c TimeZone=UTC -c DateStyle=ISO");
+    if let Some(pw) = &params.password {
+        config.password(pw.expose());
+    }
+    let connect_err = |e: tokio_postgres::Error| CatalogError::Connect {
+        target: params.to_string(),
+        message: describe(&e),
+    };
+    let tls_config = match params.host {
+        Host::Unix(_) => None,
+        Host::Tcp(_) => tls::client_config(params)?,
+    };
+    match tls_config {
+        None => {
+            config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+            let (client, conn) = config.connect(NoTls).await.map_err(connect_err)?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "control connection closed");
+                }
+            });
+            Ok(client)
+        }
+        Some(tls_config) => {
+            config.ssl_mode(match params.sslmode {
+                SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+                _ => tokio_postgres::config::SslMode::Require,
+            });
+            let connector = tokio_postgres_rustls::MakeRustlsConnect::new((*tls_config).clone());
+            let (client, conn) = config.connect(connector).await.map_err(connect_err)?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "control connection closed");
+                }
+            });
+            Ok(client)
+        }
+    }
+}
+
+/// A table's catalog facts.
+#[derive(Debug, Clone)]
+pub struct TableInfo {
+    pub name: TableName,
+    pub columns: Vec<ColumnSpec>,
+    pub key_columns: Vec<String>,
+    /// `d`, `n`, `f` or `i`.
+    pub replica_identity: char,
+    pub can_select: bool,
+}
+
+/// Looks a table up; `None` when it does not exist.
+pub async fn table_info(
+    client: &Client,
+    table: &TableName,
+) -> Result<Option<TableInfo>, CatalogError> {
+    let row = client
+        .query_opt(
+            "SELECT c.oid, c.relreplident::text, has_table_privilege(c.oid, 'SELECT') \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+            &[&table.schema, &table.name],
+        )
+        .await?;
+    let Some(row) = row else { return Ok(None) };
+    let oid: u32 = row.get(0);
+    let ident: String = row.get(1);
+    let can_select: bool = row.get(2);
+    let cols = client
+        .query(
+            "SELECT a.attname::text, a.atttypid, a.atttypmod FROM pg_attribute a \
+             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+            &[&oid],
+        )
+        .await?;
+    let columns = cols
+        .iter()
+        .map(|r| {
+            let type_oid: u32 = r.get(1);
+            let typmod: i32 = r.get(2);
+            ColumnSpec {
+                name: r.get(0),
+                kind: ColumnKind::from_pg(type_oid, typmod),
+                type_oid,
+                type_modifier: typmod,
+            }
+        })
+        .collect();
+    let keys = client
+        .query(
+            "SELECT a.attname::text FROM pg_index i \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+             WHERE i.indrelid = $1 AND i.indisprimary ORDER BY array_position(i.indkey, a.attnum)",
+            &[&oid],
+        )
+        .await?;
+    Ok(Some(TableInfo {
+        name: table.clone(),
+        columns,
+        key_columns: keys.iter().map(|r| r.get(0)).collect(),
+        replica_identity: ident.chars().next().unwrap_or('d'),
+        can_select,
+    }))
+}
+
+/// The slot as `pg_replication_slots` shows it.
+#[derive(Debug, Clone)]
+pub struct SlotInfo {
+    pub plugin: Option<String>,
+    pub database: Option<String>,
+    pub active: bool,
+    pub confirmed_flush: Option<Lsn>,
+    pub wal_status: Option<String>,
+}
+
+pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, CatalogError> {
+    let row = client
+        .query_opt(
+            "SELECT plugin::text, database::text, active, confirmed_flush_lsn::text, wal_status \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    Ok(row.map(|r| SlotInfo {
+        plugin: r.get(0),
+        database: r.get(1),
+        active: r.get(2),
+        confirmed_flush: r.get::<_, Option<String>>(3).and_then(|s| s.parse().ok()),
+        wal_status: r.get(4),
+    }))
+}
+
+/// Tables the publication publishes, or `None` when the publication does not exist.
+pub async fn publication_tables(
+    client: &Client,
+    publication: &str,
+) -> Result<Option<Vec<TableName>>, CatalogError> {
+    let exists = client
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await?;
+    if exists.is_none() {
+        return Ok(None);
+    }
+    let rows = client
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+            &[&publication],
+        )
+        .await?;
+    Ok(Some(
+        rows.iter()
+            .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+            .collect(),
+    ))
+}
+
+/// What `validate` found: problems (each with its fix) and notes on what `run` will do.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub problems: Vec<String>,
+    pub notes: Vec<String>,
+    pub tables: Vec<TableInfo>,
+}
+
+/// Checks everything replication needs, changing nothing.
+pub async fn check(client: &Client, settings: &Settings) -> Result<Report, CatalogError> {
+    let mut report = Report::default();
+    let wal_level: String = client.query_one("SHOW wal_level", &[]).await?.get(0);
+    if wal_level != "logical" {
+        report.problems.push(format!(
+            "wal_level is `{wal_level}`; run ALTER SYSTEM SET wal_level = logical; and restart Postgres"
+        ));
+    }
+    let role = client
+        .query_one(
+            "SELECT current_user::text, rolreplication, rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await?;
+    let user: String = role.get(0);
+    let (replication, superuser): (bool, bool) = (role.get(1), role.get(2));
+    if !replication && !superuser {
+        report.problems.push(format!(
+            "role {user} lacks the REPLICATION attribute; run ALTER ROLE {} REPLICATION;",
+            quote_ident(&user)
+        ));
+    }
+    let published = publication_tables(client, &settings.publication).await?;
+    let pub_sql = quote_ident(&settings.publication);
+    for table in &settings.tables {
+        let Some(info) = table_info(client, table).await? else {
+            report.problems.push(format!(
+                "table {table} does not exist (or is not a plain table); create it or remove it from source.tables"
+            ));
+            continue;
+        };
+        if !info.can_select {
+            report.problems.push(format!(
+                "role {user} cannot SELECT from {table}; run GRANT SELECT ON {} TO {};",
+                table.quoted(),
+                quote_ident(&user)
+            ));
+        }
+        match info.replica_identity {
+            'n' => report.problems.push(format!(
+                "table {table} has REPLICA IDENTITY NOTHING, so updates and deletes cannot be replicated; run ALTER TABLE {} REPLICA IDENTITY FULL; (or DEFAULT with a primary key)",
+                table.quoted()
+            )),
+            'd' if info.key_columns.is_empty() => report.problems.push(format!(
+                "table {table} has no primary key, so its updates and deletes cannot be identified; add a primary key or run ALTER TABLE {} REPLICA IDENTITY FULL;",
+                table.quoted()
+            )),
+            _ => {}
+        }
+        for col in &info.columns {
+            if METADATA_COLUMNS.contains(&col.name.as_str()) {
+                report.problems.push(format!(
+                    "table {table} has a column named {} which clashes with a wal2delta metadata column; rename it",
+                    col.name
+                ));
+            }
+        }
+        match &published {
+            Some(list) if !list.contains(table) => report.problems.push(format!(
+                "publication {} does not include {table}; run ALTER PUBLICATION {pub_sql} ADD TABLE {};",
+                settings.publication,
+                table.quoted()
+            )),
+            _ => {}
+        }
+        report.tables.push(info);
+    }
+    if published.is_none() {
+        if settings.create_publication {
+            report.notes.push(format!(
+                "publication {} does not exist; run will create it for the configured tables",
+                settings.publication
+            ));
+        } else {
+            let list: Vec<String> = settings.tables.iter().map(|t| t.quoted()).collect();
+            report.problems.push(format!(
+                "publication {} does not exist; run CREATE PUBLICATION {pub_sql} FOR TABLE {};",
+                settings.publication,
+                list.join(", ")
+            ));
+        }
+    }
+    let db: String = client
+        .query_one("SELECT current_database()::text", &[])
+        .await?
+        .get(0);
+    match slot_info(client, &settings.slot).await? {
+        None if settings.create_slot => report.notes.push(format!(
+            "replication slot {} does not exist; run will create it",
+            settings.slot
+        )),
+        None => report.problems.push(format!(
+            "replication slot {} does not exist and source.create_slot is false; run SELECT pg_create_logical_replication_slot('{}', 'pgoutput');",
+            settings.slot, settings.slot
+        )),
+        Some(slot) => {
+            if slot.plugin.as_deref() != Some("pgoutput") {
+                report.problems.push(format!(
+                    "replication slot {} uses plugin {:?}, not pgoutput; pick another slot name or drop it with SELECT pg_drop_replication_slot('{}');",
+                    settings.slot,
+                    slot.plugin.unwrap_or_default(),
+                    settings.slot
+                ));
+            }
+            if slot.database.as_deref() != Some(db.as_str()) {
+                report.problems.push(format!(
+                    "replication slot {} belongs to database {:?}, not {db}; pick another slot name",
+                    settings.slot,
+                    slot.database.unwrap_or_default()
+                ));
+            }
+            if slot.wal_status.as_deref() == Some("lost") {
+                report.problems.push(format!(
+                    "replication slot {} was invalidated (wal_status = lost): the WAL it needed is gone; drop it with SELECT pg_drop_replication_slot('{}'); and start again",
+                    settings.slot, settings.slot
+                ));
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Creates the publication for exactly the configured tables.
+pub async fn create_publication(client: &Client, settings: &Settings) -> Result<(), CatalogError> {
+    let list: Vec<String> = settings.tables.iter().map(|t| t.quoted()).collect();
+    let sql = format!(
+        "CREATE PUBLICATION {} FOR TABLE {}",
+        quote_ident(&settings.publication),
+        list.join(", ")
+    );
+    client.batch_execute(&sql).await.map_err(|e| {
+        CatalogError::NotReady(vec![format!(
+            "could not create publication {}: {}; create it as the table owner with: {sql};",
+            settings.publication,
+            describe(&e)
+        )])
+    })
+}

@@ -1,0 +1,456 @@
+//! Decoder for pgoutput, Postgres's logical replication output plugin (protocol version 1).
+//!
+//! Each XLogData payload is one message: Begin, Commit, Origin, Relation, Type, Insert,
+//! Update, Delete, Truncate or a logical decoding Message. Column values arrive in text
+//! form and are kept as byte slices of the payload (no copy); an unchanged TOASTed value
+//! is its own variant, never confused with NULL. Any malformed input is an error, never a
+//! panic: the property tests at the bottom feed random and truncated bytes.
+
+use bytes::Bytes;
+
+use super::cursor::{Cursor, Malformed};
+use crate::lsn::Lsn;
+
+/// One decoded pgoutput message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PgOutputMessage {
+    Begin {
+        final_lsn: Lsn,
+        /// Commit time, microseconds since 2000-01-01 UTC.
+        commit_ts: i64,
+        xid: u32,
+    },
+    Commit {
+        flags: u8,
+        commit_lsn: Lsn,
+        end_lsn: Lsn,
+        commit_ts: i64,
+    },
+    Origin {
+        lsn: Lsn,
+        name: String,
+    },
+    Relation(Relation),
+    Type {
+        oid: u32,
+        namespace: String,
+        name: String,
+    },
+    Insert {
+        relid: u32,
+        new: Tuple,
+    },
+    Update {
+        relid: u32,
+        old: Option<OldTuple>,
+        new: Tuple,
+    },
+    Delete {
+        relid: u32,
+        old: OldTuple,
+    },
+    Truncate {
+        options: u8,
+        relids: Vec<u32>,
+    },
+    Message {
+        transactional: bool,
+        lsn: Lsn,
+        prefix: String,
+        content: Bytes,
+    },
+}
+
+/// A Relation message: the shape of a table as the stream will send it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Relation {
+    pub relid: u32,
+    pub namespace: String,
+    pub name: String,
+    /// `d` default (primary key), `n` nothing, `f` full, `i` index.
+    pub replica_identity: u8,
+    pub columns: Vec<RelationColumn>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RelationColumn {
+    /// Part of the replica identity (the key).
+    pub is_key: bool,
+    pub name: String,
+    pub type_oid: u32,
+    pub type_modifier: i32,
+}
+
+/// One column value in a tuple.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TupleValue {
+    Null,
+    /// A TOASTed value that did not change; its value is not in the stream.
+    UnchangedToast,
+    /// The value in Postgres's text output format.
+    Text(Bytes),
+}
+
+/// All column values of a row, in relation column order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tuple(pub Vec<TupleValue>);
+
+/// The old row image sent with updates and deletes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OldTuple {
+    /// Replica identity columns only (other columns are Null).
+    Key(Tuple),
+    /// The whole old row (REPLICA IDENTITY FULL).
+    Full(Tuple),
+}
+
+impl OldTuple {
+    pub fn tuple(&self) -> &Tuple {
+        match self {
+            OldTuple::Key(t) | OldTuple::Full(t) => t,
+        }
+    }
+}
+
+/// Decodes one pgoutput message.
+pub fn decode(data: &Bytes) -> Result<PgOutputMessage, Malformed> {
+    let mut c = Cursor::new(data);
+    let tag = c.u8("message type")?;
+    let msg = match tag {
+        b'B' => PgOutputMessage::Begin {
+            final_lsn: Lsn(c.u64("Begin final LSN")?),
+            commit_ts: c.i64("Begin timestamp")?,
+            xid: c.u32("Begin xid")?,
+        },
+        b'C' => PgOutputMessage::Commit {
+            flags: c.u8("Commit flags")?,
+            commit_lsn: Lsn(c.u64("Commit LSN")?),
+            end_lsn: Lsn(c.u64("Commit end LSN")?),
+            commit_ts: c.i64("Commit timestamp")?,
+        },
+        b'O' => PgOutputMessage::Origin {
+            lsn: Lsn(c.u64("Origin LSN")?),
+            name: c.cstr("Origin name")?.to_string(),
+        },
+        b'R' => {
+            let relid = c.u32("Relation id")?;
+            let namespace = c.cstr("Relation namespace")?.to_string();
+            let name = c.cstr("Relation name")?.to_string();
+            let replica_identity = c.u8("Relation replica identity")?;
+            let ncols = c.i16("Relation column count")?;
+            if ncols < 0 {
+                return Err(Malformed(format!(
+                    "Relation column count {ncols} is negative"
+                )));
+            }
+            let mut columns = Vec::with_capacity((ncols as usize).min(c.remaining()));
+            for _ in 0..ncols {
+                let flags = c.u8("column flags")?;
+                columns.push(RelationColumn {
+                    is_key: flags & 1 == 1,
+                    name: c.cstr("column name")?.to_string(),
+                    type_oid: c.u32("column type")?,
+                    type_modifier: c.i32("column type modifier")?,
+                });
+            }
+            PgOutputMessage::Relation(Relation {
+                relid,
+                namespace,
+                name,
+                replica_identity,
+                columns,
+            })
+        }
+        b'Y' => PgOutputMessage::Type {
+            oid: c.u32("Type oid")?,
+            namespace: c.cstr("Type namespace")?.to_string(),
+            name: c.cstr("Type name")?.to_string(),
+        },
+        b'I' => {
+            let relid = c.u32("Insert relation id")?;
+            expect(&mut c, b'N', "Insert new tuple marker")?;
+            PgOutputMessage::Insert {
+                relid,
+                new: tuple(&mut c, data)?,
+            }
+        }
+        b'U' => {
+            let relid = c.u32("Update relation id")?;
+            let old = match c.u8("Update tuple marker")? {
+                b'K' => {
+                    let t = OldTuple::Key(tuple(&mut c, data)?);
+                    expect(&mut c, b'N', "Update new tuple marker")?;
+                    Some(t)
+                }
+                b'O' => {
+                    let t = OldTuple::Full(tuple(&mut c, data)?);
+                    expect(&mut c, b'N', "Update new tuple marker")?;
+                    Some(t)
+                }
+                b'N' => None,
+                other => return Err(Malformed(format!("Update tuple marker {other:#x}"))),
+            };
+            PgOutputMessage::Update {
+                relid,
+                old,
+                new: tuple(&mut c, data)?,
+            }
+        }
+        b'D' => {
+            let relid = c.u32("Delete relation id")?;
+            let old = match c.u8("Delete tuple marker")? {
+                b'K' => OldTuple::Key(tuple(&mut c, data)?),
+                b'O' => OldTuple::Full(tuple(&mut c, data)?),
+                other => return Err(Malformed(format!("Delete tuple marker {other:#x}"))),
+            };
+            PgOutputMessage::Delete { relid, old }
+        }
+        b'T' => {
+            let n = c.i32("Truncate relation count")?;
+            if n < 0 {
+                return Err(Malformed(format!(
+                    "Truncate relation count {n} is negative"
+                )));
+            }
+            let options = c.u8("Truncate options")?;
+            let mut relids = Vec::with_capacity((n as usize).min(c.remaining() / 4));
+            for _ in 0..n {
+                relids.push(c.u32("Truncate relation id")?);
+            }
+            PgOutputMessage::Truncate { options, relids }
+        }
+        b'M' => {
+            let flags = c.u8("Message flags")?;
+            let lsn = Lsn(c.u64("Message LSN")?);
+            let prefix = c.cstr("Message prefix")?.to_string();
+            let len = c.i32("Message length")?;
+            if len < 0 {
+                return Err(Malformed(format!("Message length {len} is negative")));
+            }
+            let start = c.position();
+            c.take(len as usize, "Message content")?;
+            PgOutputMessage::Message {
+                transactional: flags & 1 == 1,
+                lsn,
+                prefix,
+                content: data.slice(start..start + len as usize),
+            }
+        }
+        other => {
+            return Err(Malformed(format!(
+                "unknown pgoutput message type {other:#x}"
+            )));
+        }
+    };
+    c.finish("pgoutput message")?;
+    Ok(msg)
+}
+
+fn expect(c: &mut Cursor<'_>, want: u8, what: &str) -> Result<(), Malformed> {
+    let got = c.u8(what)?;
+    if got == want {
+        Ok(())
+    } else {
+        Err(Malformed(format!(
+            "{what}: expected {:?}, got {got:#x}",
+            want as char
+        )))
+    }
+}
+
+fn tuple(c: &mut Cursor<'_>, data: &Bytes) -> Result<Tuple, Malformed> {
+    let n = c.i16("tuple column count")?;
+    if n < 0 {
+        return Err(Malformed(format!("tuple column count {n} is negative")));
+    }
+    let mut values = Vec::with_capacity((n as usize).min(c.remaining()));
+    for _ in 0..n {
+        values.push(match c.u8("tuple value kind")? {
+            b'n' => TupleValue::Null,
+            b'u' => TupleValue::UnchangedToast,
+            b't' => {
+                let len = c.i32("tuple value length")?;
+                if len < 0 {
+                    return Err(Malformed(format!("tuple value length {len} is negative")));
+                }
+                let start = c.position();
+                c.take(len as usize, "tuple value")?;
+                TupleValue::Text(data.slice(start..start + len as usize))
+            }
+            other => {
+                return Err(Malformed(format!(
+                    "tuple value kind {other:#x} (binary values are not requested)"
+                )));
+            }
+        });
+    }
+    Ok(Tuple(values))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Encodes messages the way Postgres does, to test the decoder against.
+    pub fn encode_relation(r: &Relation) -> Vec<u8> {
+        let mut b = vec![b'R'];
+        b.extend(r.relid.to_be_bytes());
+        for s in [&r.namespace, &r.name] {
+            b.extend(s.as_bytes());
+            b.push(0);
+        }
+        b.push(r.replica_identity);
+        b.extend((r.columns.len() as i16).to_be_bytes());
+        for col in &r.columns {
+            b.push(u8::from(col.is_key));
+            b.extend(col.name.as_bytes());
+            b.push(0);
+            b.extend(col.type_oid.to_be_bytes());
+            b.extend(col.type_modifier.to_be_bytes());
+        }
+        b
+    }
+
+    pub fn encode_tuple(b: &mut Vec<u8>, t: &Tuple) {
+        b.extend((t.0.len() as i16).to_be_bytes());
+        for v in &t.0 {
+            match v {
+                TupleValue::Null => b.push(b'n'),
+                TupleValue::UnchangedToast => b.push(b'u'),
+                TupleValue::Text(x) => {
+                    b.push(b't');
+                    b.extend((x.len() as i32).to_be_bytes());
+                    b.extend(x.iter());
+                }
+            }
+        }
+    }
+
+    fn sample_messages() -> Vec<Vec<u8>> {
+        let rel = Relation {
+            relid: 16384,
+            namespace: "public".into(),
+            name: "Ocorrências".into(),
+            replica_identity: b'd',
+            columns: vec![
+                RelationColumn {
+                    is_key: true,
+                    name: "id".into(),
+                    type_oid: 20,
+                    type_modifier: -1,
+                },
+                RelationColumn {
+                    is_key: false,
+                    name: "body".into(),
+                    type_oid: 25,
+                    type_modifier: -1,
+                },
+            ],
+        };
+        let new = Tuple(vec![
+            TupleValue::Text(Bytes::from_static(b"42")),
+            TupleValue::UnchangedToast,
+        ]);
+        let mut insert = vec![b'I'];
+        insert.extend(16384u32.to_be_bytes());
+        insert.push(b'N');
+        encode_tuple(&mut insert, &new);
+        let mut update = vec![b'U'];
+        update.extend(16384u32.to_be_bytes());
+        update.push(b'K');
+        encode_tuple(
+            &mut update,
+            &Tuple(vec![
+                TupleValue::Text(Bytes::from_static(b"41")),
+                TupleValue::Null,
+            ]),
+        );
+        update.push(b'N');
+        encode_tuple(&mut update, &new);
+        let mut begin = vec![b'B'];
+        begin.extend(0x1_0000_0100u64.to_be_bytes());
+        begin.extend(757_000_000_000_000i64.to_be_bytes());
+        begin.extend(777u32.to_be_bytes());
+        let mut truncate = vec![b'T'];
+        truncate.extend(2i32.to_be_bytes());
+        truncate.push(0);
+        truncate.extend(1u32.to_be_bytes());
+        truncate.extend(2u32.to_be_bytes());
+        vec![encode_relation(&rel), insert, update, begin, truncate]
+    }
+
+    #[test]
+    fn decodes_relation_insert_update_with_toast_marker() {
+        let msgs = sample_messages();
+        let rel = decode(&Bytes::from(msgs[0].clone())).unwrap();
+        let PgOutputMessage::Relation(rel) = rel else {
+            panic!("not a relation")
+        };
+        assert_eq!(rel.name, "Ocorrências");
+        assert!(rel.columns[0].is_key && !rel.columns[1].is_key);
+        let PgOutputMessage::Insert { relid, new } = decode(&Bytes::from(msgs[1].clone())).unwrap()
+        else {
+            panic!("not an insert")
+        };
+        assert_eq!(relid, 16384);
+        assert_eq!(new.0[1], TupleValue::UnchangedToast);
+        let PgOutputMessage::Update {
+            old: Some(OldTuple::Key(old)),
+            ..
+        } = decode(&Bytes::from(msgs[2].clone())).unwrap()
+        else {
+            panic!("not an update with old key")
+        };
+        assert_eq!(old.0[0], TupleValue::Text(Bytes::from_static(b"41")));
+        let PgOutputMessage::Begin { final_lsn, xid, .. } =
+            decode(&Bytes::from(msgs[3].clone())).unwrap()
+        else {
+            panic!("not a begin")
+        };
+        assert_eq!((final_lsn, xid), (Lsn(0x1_0000_0100), 777));
+        let PgOutputMessage::Truncate { relids, .. } =
+            decode(&Bytes::from(msgs[4].clone())).unwrap()
+        else {
+            panic!("not a truncate")
+        };
+        assert_eq!(relids, vec![1, 2]);
+    }
+
+    #[test]
+    fn every_truncation_of_a_valid_message_is_an_error() {
+        for msg in sample_messages() {
+            for cut in 0..msg.len() {
+                let r = decode(&Bytes::from(msg[..cut].to_vec()));
+                assert!(r.is_err(), "prefix of {cut} bytes decoded: {r:?}");
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4096))]
+
+        #[test]
+        fn random_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode(&Bytes::from(data));
+        }
+
+        #[test]
+        fn valid_type_byte_with_random_tail_never_panics(
+            tag in prop::sample::select(b"BCORYIUDTM".to_vec()),
+            tail in proptest::collection::vec(any::<u8>(), 0..128),
+        ) {
+            let mut data = vec![tag];
+            data.extend(tail);
+            let _ = decode(&Bytes::from(data));
+        }
+
+        #[test]
+        fn corrupted_valid_messages_never_panic(idx in 0usize..5, pos in any::<usize>(), byte in any::<u8>()) {
+            let mut msg = sample_messages()[idx].clone();
+            let p = pos % msg.len();
+            msg[p] = byte;
+            let _ = decode(&Bytes::from(msg));
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! The source task: reads the replication stream, decodes pgoutput, hands events to apply.
+//!
+//! It owns the replication connection. Besides forwarding events through a bounded
+//! channel (backpressure: when apply is busy committing, we stop reading, and Postgres
+//! buffers), it answers keepalives and sends standby status updates carrying only the
+//! *durable* LSN that apply publishes, never what was merely received.
+
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::pgoutput;
+use super::replication::{ReplicationConnection, ReplicationError, StreamMessage};
+use crate::apply::SourceEvent;
+use crate::lsn::Lsn;
+
+/// Streams until cancelled, the apply side goes away, or an error occurs.
+pub async fn run(
+    mut conn: ReplicationConnection,
+    events: mpsc::Sender<SourceEvent>,
+    mut durable: watch::Receiver<Lsn>,
+    cancel: CancellationToken,
+    status_interval: Duration,
+) -> Result<(), ReplicationError> {
+    let mut ticker = tokio::time::interval(status_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pending: Option<SourceEvent> = None;
+    let mut events = Some(events);
+    let mut last_sent = Lsn::ZERO;
+    loop {
+        // The reserve future owns its own sender clone, so stopping (events = None) closes
+        // the channel as soon as this iteration's futures are dropped.
+        let sender = events.clone();
+        // Branch order is priority order: stop, tell the server our durable position,
+        // hand over what we hold, and only then read more.
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled(), if events.is_some() => {
+                // Stop reading; closing the channel tells apply to commit what is complete.
+                events = None;
+                pending = None;
+            }
+            changed = durable.changed() => {
+                if changed.is_err() {
+                    // Apply has finished: report the final durable position and leave.
+                    let lsn = *durable.borrow();
+                    conn.send_status(lsn, false).await?;
+                    tracing::info!(flushed = %lsn, "final position reported to the source");
+                    conn.close().await;
+                    return Ok(());
+                }
+                let lsn = *durable.borrow_and_update();
+                if lsn > last_sent {
+                    conn.send_status(lsn, false).await?;
+                    last_sent = lsn;
+                }
+            }
+            _ = ticker.tick() => {
+                let lsn = *durable.borrow();
+                conn.send_status(lsn, false).await?;
+                last_sent = lsn;
+            }
+            permit = async move { sender?.reserve_owned().await.ok() }, if pending.is_some() => {
+                match permit {
+                    Some(permit) => {
+                        if let Some(event) = pending.take() {
+                            permit.send(event);
+                        }
+                    }
+                    None => {
+                        // Apply is gone (it failed); the pipeline reports its error.
+                        return Ok(());
+                    }
+                }
+            }
+            message = conn.recv(), if pending.is_none() && events.is_some() => {
+                match message? {
+                    StreamMessage::XLogData { wal_start, data, .. } => {
+                        let message = pgoutput::decode(&data)?;
+                        pending = Some(SourceEvent::Message { wal_start, message });
+                    }
+                    StreamMessage::Keepalive { wal_end, reply_requested } => {
+                        if reply_requested {
+                            let lsn = *durable.borrow();
+                            conn.send_status(lsn, false).await?;
+                            last_sent = lsn;
+                        }
+                        pending = Some(SourceEvent::Keepalive { wal_end });
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Quickstart: a disposable Postgres loaded from sql/, and wal2delta replicating it into a
+# local lake, in one command:
+#
+#   bash testcontainers/quickstart.sh
+#
+# It builds wal2delta, starts Postgres in .tmp/quickstart/pg, creates the schema, the
+# least-privilege role and the publication (sql/setup.sql), starts the daemon, then loads
+# the sample data (sql/sample_data.sql) so the changes stream into .tmp/quickstart/lake.
+# The daemon keeps running in the foreground; Ctrl-C stops it and the disposable Postgres.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+work="$root/.tmp/quickstart"
+pgdir="$work/pg"
+mkdir -p "$work"
+
+echo "==> building wal2delta (release)"
+cargo build --release --locked --quiet
+bin="${CARGO_TARGET_DIR:-$root/target}/release/wal2delta"
+
+echo "==> starting a disposable PostgreSQL"
+eval "$(bash testcontainers/pg.sh start "$pgdir" | grep '^PG')"
+cleanup() { bash testcontainers/pg.sh stop "$pgdir" fast || true; }
+trap cleanup EXIT
+psql_() { bash testcontainers/pg.sh psql "$pgdir" -q -v ON_ERROR_STOP=1 "$@"; }
+psql_ -f sql/schema.sql
+psql_ -v password=quickstart -f sql/setup.sql
+
+cat > "$work/wal2delta.toml" <<TOML
+[source]
+dsn = "host=127.0.0.1 port=$PGPORT user=wal2delta dbname=postgres sslmode=disable"
+password_env = "WAL2DELTA_PASSWORD"
+slot = "wal2delta"
+publication = "wal2delta"
+tables = ["public.condominios", "public.imoveis", "public.moradores", "public.transacoes"]
+
+[lake]
+path = "$work/lake"
+TOML
+
+export WAL2DELTA_PASSWORD=quickstart
+"$bin" validate --config "$work/wal2delta.toml"
+echo "==> starting wal2delta; loading sample data once it streams"
+"$bin" run --config "$work/wal2delta.toml" &
+daemon=$!
+trap 'kill -TERM $daemon 2>/dev/null; wait $daemon 2>/dev/null; cleanup' EXIT INT TERM
+for _ in $(seq 1 100); do
+  active=$(psql_ -At -c "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'wal2delta' AND active")
+  [ "$active" = 1 ] && break
+  sleep 0.2
+done
+psql_ -f sql/sample_data.sql
+echo "==> sample data committed; raw change logs are in $work/lake/raw/public/"
+echo "    config: $work/wal2delta.toml   (Ctrl-C to stop)"
+wait $daemon

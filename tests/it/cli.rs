@@ -1,0 +1,134 @@
+//! The command line: configuration errors, an unreachable source and an unprepared source
+//! give clear messages and a non-zero exit; passwords never show.
+
+use std::process::Command;
+use std::time::Duration;
+
+use crate::harness::{Env, binary};
+
+fn run(args: &[&str]) -> (bool, String) {
+    let out = Command::new(binary())
+        .args(args)
+        .output()
+        .expect("run wal2delta");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn bad_config_names_the_key_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        "[source]\ndsn = \"host=127.0.0.1\"\nslot = \"s\"\npublication = \"p\"\ntables = [\"a\"]\nsurprise_key = 1\n[lake]\npath = \"/tmp/x\"\n",
+    )
+    .unwrap();
+    for cmd in ["validate", "run"] {
+        let (ok, out) = run(&[cmd, "--config", cfg.to_str().unwrap()]);
+        assert!(!ok, "{cmd} accepted a bad config");
+        assert!(
+            out.contains("surprise_key"),
+            "{cmd} output does not name the key: {out}"
+        );
+    }
+    std::fs::write(
+        &cfg,
+        "[source]\ndsn = \"host=127.0.0.1\"\nslot = \"Bad-Slot\"\npublication = \"p\"\ntables = []\n[lake]\npath = \"/tmp/x\"\n",
+    )
+    .unwrap();
+    let (ok, out) = run(&["validate", "--config", cfg.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        out.contains("source.slot") && out.contains("source.tables"),
+        "{out}"
+    );
+    let (ok, out) = run(&[
+        "validate",
+        "--config",
+        dir.path().join("missing.toml").to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(out.contains("missing.toml"), "{out}");
+}
+
+#[test]
+fn unreachable_source_fails_clearly_without_leaking_the_password() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[source]\ndsn = \"postgresql://rep:hunter2secret@127.0.0.1:{port}/app?connect_timeout=3\"\nslot = \"s\"\npublication = \"p\"\ntables = [\"a\"]\n[lake]\npath = {:?}\n",
+            dir.path().join("lake").to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    for cmd in ["run", "validate"] {
+        let (ok, out) = run(&[cmd, "--config", cfg.to_str().unwrap()]);
+        assert!(!ok, "{cmd} succeeded against nothing");
+        assert!(out.contains("cannot connect"), "{cmd}: {out}");
+        assert!(
+            !out.contains("hunter2secret"),
+            "{cmd} leaked the password: {out}"
+        );
+    }
+    assert!(started.elapsed() < Duration::from_secs(60));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validate_lists_what_to_fix_on_an_unprepared_source() {
+    let env = Env::new(
+        r#"
+        CREATE TABLE no_key (a int, b text);
+        CREATE TABLE nothing_ident (id int PRIMARY KEY);
+        ALTER TABLE nothing_ident REPLICA IDENTITY NOTHING;
+        CREATE TABLE ok_table (id int PRIMARY KEY);
+        CREATE ROLE plain LOGIN;
+        GRANT SELECT ON no_key, nothing_ident TO plain;
+        CREATE PUBLICATION w2d_pub FOR TABLE no_key;
+        SELECT pg_create_logical_replication_slot('w2d_test', 'test_decoding');
+        "#,
+    )
+    .await;
+    env.write_config(
+        "plain",
+        &[
+            "public.no_key",
+            "public.nothing_ident",
+            "public.ok_table",
+            "public.missing",
+        ],
+        "create_publication = false",
+    );
+    let (ok, out) = run(&["validate", "--config", env.config.to_str().unwrap()]);
+    assert!(!ok, "validate passed an unprepared source:\n{out}");
+    for expected in [
+        "ALTER ROLE \"plain\" REPLICATION",
+        "ALTER TABLE \"public\".\"no_key\" REPLICA IDENTITY FULL",
+        "ALTER TABLE \"public\".\"nothing_ident\" REPLICA IDENTITY FULL",
+        "GRANT SELECT ON \"public\".\"ok_table\" TO \"plain\"",
+        "table public.missing does not exist",
+        "ALTER PUBLICATION \"w2d_pub\" ADD TABLE \"public\".\"ok_table\"",
+        "uses plugin \"test_decoding\", not pgoutput",
+    ] {
+        assert!(
+            out.contains(expected),
+            "validate output lacks `{expected}`:\n{out}"
+        );
+    }
+    // run refuses with the same list and changes nothing.
+    let (ok, out) = run(&["run", "--config", env.config.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(out.contains("not ready for replication"), "{out}");
+}

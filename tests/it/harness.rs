@@ -1,0 +1,374 @@
+//! Test harness: disposable PostgreSQL clusters (via testcontainers/pg.sh), the daemon as a
+//! real child process, a Delta reader, and waiting on conditions with clear failures.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use deltalake::arrow::array::Array;
+use deltalake::arrow::util::display::{ArrayFormatter, FormatOptions};
+use deltalake::datafusion::prelude::SessionContext;
+
+const PG_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/testcontainers/pg.sh");
+
+/// A PostgreSQL cluster in a temporary directory, stopped and removed on drop.
+pub struct PgCluster {
+    dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+fn run_script(args: &[&str]) -> String {
+    let out = Command::new("bash")
+        .arg(PG_SCRIPT)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {PG_SCRIPT}: {e}; bash is required"));
+    if !out.status.success() {
+        panic!(
+            "testcontainers/pg.sh {args:?} failed: {}{}\nInstall the PostgreSQL server binaries \
+             (apt-get install -y postgresql) or set PG_BINDIR.",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl PgCluster {
+    pub fn start() -> PgCluster {
+        let dir = tempfile::Builder::new()
+            .prefix("w2d-pg-")
+            .tempdir()
+            .expect("temp dir");
+        let out = run_script(&["start", dir.path().to_str().expect("utf8 path")]);
+        let port = out
+            .lines()
+            .find_map(|l| l.strip_prefix("PGPORT="))
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("pg.sh start printed no PGPORT: {out}"));
+        PgCluster { dir, port }
+    }
+
+    /// A key=value DSN for `user` on database `postgres`.
+    pub fn dsn(&self, user: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={user} dbname=postgres sslmode=disable connect_timeout=5",
+            self.port
+        )
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.dsn("postgres"), tokio_postgres::NoTls)
+            .await
+            .expect("connect to the test cluster");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        client
+    }
+
+    pub fn restart(&self, mode: &str) {
+        run_script(&[
+            "restart",
+            self.dir.path().to_str().unwrap_or_default(),
+            mode,
+        ]);
+    }
+
+    pub fn server_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(PG_SCRIPT)
+            .args([
+                "stop",
+                self.dir.path().to_str().unwrap_or_default(),
+                "immediate",
+            ])
+            .output();
+    }
+}
+
+/// A test environment: a cluster, a lake directory and a config file.
+pub struct Env {
+    pub pg: PgCluster,
+    pub dir: tempfile::TempDir,
+    pub lake: PathBuf,
+    pub config: PathBuf,
+    pub slot: String,
+}
+
+impl Env {
+    /// Starts a cluster and runs `setup_sql` in it.
+    pub async fn new(setup_sql: &str) -> Env {
+        let pg = PgCluster::start();
+        pg.client()
+            .await
+            .batch_execute(setup_sql)
+            .await
+            .expect("setup SQL");
+        let dir = tempfile::Builder::new()
+            .prefix("w2d-env-")
+            .tempdir()
+            .expect("temp dir");
+        let lake = dir.path().join("lake");
+        let config = dir.path().join("wal2delta.toml");
+        Env {
+            pg,
+            dir,
+            lake,
+            config,
+            slot: "w2d_test".into(),
+        }
+    }
+
+    /// Writes the config file for `tables`, connecting as `user`; `extra` is appended.
+    pub fn write_config(&self, user: &str, tables: &[&str], extra: &str) {
+        let tables: Vec<String> = tables.iter().map(|t| format!("{t:?}")).collect();
+        let text = format!(
+            "[source]\ndsn = {dsn:?}\nslot = {slot:?}\npublication = \"w2d_pub\"\ntables = [{tables}]\n\
+             status_interval_secs = 1\n{extra}\n[lake]\npath = {lake:?}\n[apply]\nmax_batch_age_ms = 200\n",
+            dsn = self.pg.dsn(user),
+            slot = self.slot,
+            tables = tables.join(", "),
+            lake = self.lake.to_str().unwrap_or_default(),
+        );
+        std::fs::write(&self.config, text).expect("write config");
+    }
+
+    pub fn daemon(&self) -> Daemon {
+        Daemon::start(&self.config, &self.dir.path().join("daemon.log"), &[])
+    }
+
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Waits until the slot exists and is streaming (a daemon is attached).
+    pub async fn wait_streaming(&self) {
+        let client = self.pg.client().await;
+        let slot = self.slot.clone();
+        wait_for(
+            "the daemon to attach to the slot",
+            Duration::from_secs(60),
+            || {
+                let client = &client;
+                let slot = slot.clone();
+                async move {
+                    client
+                        .query_opt(
+                            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                            &[&slot],
+                        )
+                        .await
+                        .map(|r| r.is_some())
+                        .unwrap_or(false)
+                }
+            },
+            || self.daemon_log(),
+        )
+        .await;
+    }
+
+    /// Waits until the slot's confirmed flush position reaches the current WAL position,
+    /// i.e. everything written so far is durable in the lake.
+    pub async fn wait_caught_up(&self, timeout: Duration) {
+        let client = self.pg.client().await;
+        let target: String = client
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .expect("current wal lsn")
+            .get(0);
+        let slot = self.slot.clone();
+        wait_for(&format!("the slot to confirm {target}"), timeout, || {
+            let client = &client;
+            let (slot, target) = (slot.clone(), target.clone());
+            async move {
+                client
+                    .query_opt(
+                        "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND confirmed_flush_lsn >= $2::text::pg_lsn",
+                        &[&slot, &target],
+                    )
+                    .await
+                    .map(|r| r.is_some())
+                    .unwrap_or(false)
+            }
+        }, || self.daemon_log())
+        .await;
+    }
+
+    pub fn raw_path(&self, schema: &str, table: &str) -> PathBuf {
+        self.lake.join("raw").join(schema).join(table)
+    }
+}
+
+/// The daemon as a child process; killed on drop.
+pub struct Daemon {
+    child: Option<Child>,
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_wal2delta")
+}
+
+impl Daemon {
+    pub fn start(config: &Path, log: &Path, env: &[(&str, &str)]) -> Daemon {
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("daemon log file");
+        let child = Command::new(binary())
+            .args(["run", "--config", config.to_str().unwrap_or_default()])
+            .env("WAL2DELTA_LOG", "info,wal2delta=debug")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("log clone"))
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn wal2delta");
+        Daemon { child: Some(child) }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        let mut c = self.child.take().expect("daemon running");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        wait_exit(&mut c, timeout)
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let mut c = self.child.take().expect("daemon running");
+        wait_exit(&mut c, timeout)
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+}
+
+fn wait_exit(c: &mut Child, timeout: Duration) -> ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = c.try_wait() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = c.kill();
+            panic!("the daemon did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Polls `cond` until it holds; on timeout panics with `what` and the `context()` text.
+pub async fn wait_for<F, Fut, C>(what: &str, timeout: Duration, mut cond: F, context: C)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+    C: Fn() -> String,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return;
+        }
+        if Instant::now() > deadline {
+            let ctx = context();
+            let tail: String = ctx
+                .lines()
+                .rev()
+                .take(40)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n");
+            panic!("timed out after {timeout:?} waiting for {what}\n--- context ---\n{tail}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs `sql` over the Delta table at `path` (registered as `t`) and returns the rows as
+/// text (`None` for NULL). Returns no rows when the table does not exist yet.
+pub async fn query_delta(path: &Path, sql: &str) -> Vec<Vec<Option<String>>> {
+    if !path.join("_delta_log").exists() {
+        return vec![];
+    }
+    let url = url::Url::from_directory_path(path).expect("absolute path");
+    let table = deltalake::open_table(url).await.expect("open Delta table");
+    let ctx = SessionContext::new();
+    table
+        .update_datafusion_session(&ctx.state())
+        .expect("register store");
+    let provider = table.table_provider().await.expect("table provider");
+    ctx.register_table("t", provider).expect("register table");
+    let batches = ctx
+        .sql(sql)
+        .await
+        .expect("plan")
+        .collect()
+        .await
+        .expect("execute");
+    let options = FormatOptions::default();
+    let mut rows = Vec::new();
+    for batch in batches {
+        let formatters: Vec<_> = batch
+            .columns()
+            .iter()
+            .map(|c| ArrayFormatter::try_new(c.as_ref(), &options).expect("formatter"))
+            .collect();
+        for r in 0..batch.num_rows() {
+            rows.push(
+                batch
+                    .columns()
+                    .iter()
+                    .zip(&formatters)
+                    .map(|(c, f)| (!c.is_null(r)).then(|| f.value(r).to_string()))
+                    .collect(),
+            );
+        }
+    }
+    rows
+}
+
+/// Convenience: `SELECT count(*)` over a Delta table (0 when it does not exist).
+pub async fn count_delta(path: &Path) -> i64 {
+    query_delta(path, "SELECT count(*) FROM t")
+        .await
+        .first()
+        .and_then(|r| r[0].as_ref())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}

@@ -1,0 +1,9 @@
+//! Integration tests: the real daemon binary against real PostgreSQL clusters started by
+//! `testcontainers/pg.sh`, reading back real Delta tables. One test binary, so linking
+//! happens once.
+
+mod cli;
+mod faults;
+mod harness;
+mod progress;
+mod raw_changes;

@@ -1,0 +1,76 @@
+//! Progress: the slot's confirmed_flush_lsn keeps advancing while only unpublished tables
+//! are written, so an idle publication never pins WAL. Connects with an MD5 password role.
+
+use std::time::Duration;
+
+use crate::harness::{Env, count_delta, wait_for};
+
+const SETUP: &str = r#"
+CREATE TABLE published (id int PRIMARY KEY, v text);
+CREATE TABLE noise (id bigserial PRIMARY KEY, payload text);
+SET password_encryption = 'md5';
+CREATE ROLE repl_md5 LOGIN REPLICATION PASSWORD 'md5-pass' IN ROLE w2d_md5;
+GRANT SELECT ON published TO repl_md5;
+CREATE PUBLICATION w2d_pub FOR TABLE published;
+"#;
+
+async fn confirmed_flush(env: &Env) -> String {
+    env.pg
+        .client()
+        .await
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&env.slot],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_publication_keeps_confirmed_flush_advancing() {
+    let env = Env::new(SETUP).await;
+    let pw_file = env.dir.path().join("pw");
+    std::fs::write(&pw_file, "md5-pass\n").unwrap();
+    env.write_config(
+        "repl_md5",
+        &["public.published"],
+        &format!("password_file = {:?}", pw_file.to_str().unwrap()),
+    );
+    let mut daemon = env.daemon();
+    env.wait_streaming().await;
+    let pg = env.pg.client().await;
+    pg.batch_execute("INSERT INTO published VALUES (1, 'one')")
+        .await
+        .unwrap();
+    let raw = env.raw_path("public", "published");
+    wait_for(
+        "the published row",
+        Duration::from_secs(60),
+        || async { count_delta(&raw).await == 1 },
+        || env.daemon_log(),
+    )
+    .await;
+    env.wait_caught_up(Duration::from_secs(60)).await;
+    let start = confirmed_flush(&env).await;
+    for _ in 0..3 {
+        for _ in 0..50 {
+            pg.batch_execute(
+                "INSERT INTO noise (payload) SELECT repeat('n', 1000) FROM generate_series(1, 20)",
+            )
+            .await
+            .unwrap();
+        }
+        // Only unpublished writes: the slot must still confirm the new WAL end.
+        env.wait_caught_up(Duration::from_secs(60)).await;
+    }
+    let end = confirmed_flush(&env).await;
+    println!("figure: idle slot confirmed_flush_lsn advanced from {start} to {end}");
+    assert_ne!(start, end);
+    assert_eq!(
+        count_delta(&raw).await,
+        1,
+        "unpublished writes must not reach the lake"
+    );
+    assert!(daemon.terminate(Duration::from_secs(30)).success());
+}
