@@ -10,6 +10,10 @@ use wal2delta::config::Config;
 use wal2delta::lake::Lake;
 use wal2delta::source::catalog;
 
+/// Our own logs at info; the Delta kernel's per-snapshot chatter is off: its errors come
+/// back to us as results and are reported with context.
+const DEFAULT_LOG_FILTER: &str = "info,buoyant_kernel=off,deltalake_core=warn,datafusion=warn";
+
 #[derive(Parser)]
 #[command(
     name = "wal2delta",
@@ -40,8 +44,9 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("WAL2DELTA_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER)),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -63,8 +68,9 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("error: {e:#}");
+            // Our error types print their causes themselves; the chain would repeat them.
+            tracing::error!("{e}");
+            eprintln!("error: {e}");
             ExitCode::FAILURE
         }
     }

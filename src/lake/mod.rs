@@ -52,9 +52,14 @@ impl LakeError {
     /// Whether retrying later may succeed (storage trouble) or an operator must act.
     pub fn is_transient(&self) -> bool {
         match self {
-            LakeError::Delta { source, .. } => !matches!(
+            // Storage trouble (disk full, I/O errors, an object store unreachable) may pass;
+            // a broken table or location needs an operator.
+            LakeError::Delta { source, .. } => matches!(
                 source,
-                DeltaTableError::InvalidTableLocation(_) | DeltaTableError::Generic(_)
+                DeltaTableError::ObjectStore { .. }
+                    | DeltaTableError::Io { .. }
+                    | DeltaTableError::Parquet { .. }
+                    | DeltaTableError::Transaction { .. }
             ),
             _ => false,
         }

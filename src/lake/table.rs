@@ -50,6 +50,14 @@ pub async fn open_or_create(
         table: label.to_string(),
         source,
     };
+    if url.scheme() == "file" {
+        // The Delta kernel refuses local paths that do not exist yet.
+        let path = url
+            .to_file_path()
+            .map_err(|_| delta_err(DeltaTableError::InvalidTableLocation(url.to_string())))?;
+        std::fs::create_dir_all(&path)
+            .map_err(|source| delta_err(DeltaTableError::Io { source }))?;
+    }
     let table = DeltaTable::try_from_url(url.clone())
         .await
         .map_err(delta_err)?;

@@ -546,7 +546,9 @@ impl ReplicationConnection {
                 }
                 b'N' => {}
                 b'E' => return Err(ReplicationError::Server(parse_error(&body)?)),
-                b'c' => {
+                // CopyDone, CommandComplete, ReadyForQuery: the server ended the stream
+                // (it is shutting down); reconnecting is the answer.
+                b'c' | b'C' | b'Z' => {
                     return Err(ReplicationError::Io(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
                         "the server ended the replication stream",

@@ -97,10 +97,16 @@ async fn validate_lists_what_to_fix_on_an_unprepared_source() {
         CREATE ROLE plain LOGIN;
         GRANT SELECT ON no_key, nothing_ident TO plain;
         CREATE PUBLICATION w2d_pub FOR TABLE no_key;
-        SELECT pg_create_logical_replication_slot('w2d_test', 'test_decoding');
         "#,
     )
     .await;
+    // Slot creation must not share a transaction with writes.
+    env.pg
+        .client()
+        .await
+        .batch_execute("SELECT pg_create_logical_replication_slot('w2d_test', 'test_decoding')")
+        .await
+        .unwrap();
     env.write_config(
         "plain",
         &[

@@ -225,7 +225,10 @@ impl Daemon {
             .expect("daemon log file");
         let child = Command::new(binary())
             .args(["run", "--config", config.to_str().unwrap_or_default()])
-            .env("WAL2DELTA_LOG", "info,wal2delta=debug")
+            .env(
+                "WAL2DELTA_LOG",
+                "info,wal2delta=debug,buoyant_kernel=off,deltalake_core=warn",
+            )
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("log clone"))
