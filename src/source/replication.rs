@@ -564,16 +564,22 @@ impl ReplicationConnection {
         }
     }
 
-    /// Sends a standby status update. `flushed` must be durable in the lake.
-    pub async fn send_status(&mut self, flushed: Lsn, reply: bool) -> Result<(), ReplicationError> {
+    /// Sends a standby status update: `received` is what we have read off the stream
+    /// (shown as `write_lsn`), `flushed` what is durable in the lake (`flush_lsn`, the
+    /// position the slot may advance to).
+    pub async fn send_status(
+        &mut self,
+        received: Lsn,
+        flushed: Lsn,
+    ) -> Result<(), ReplicationError> {
         let now_pg = chrono::Utc::now().timestamp_micros() - PG_EPOCH_OFFSET_MICROS;
         let mut payload = Vec::with_capacity(34);
         payload.push(b'r');
-        payload.extend_from_slice(&flushed.0.to_be_bytes()); // written
+        payload.extend_from_slice(&received.max(flushed).0.to_be_bytes()); // written
         payload.extend_from_slice(&flushed.0.to_be_bytes()); // flushed
         payload.extend_from_slice(&flushed.0.to_be_bytes()); // applied
         payload.extend_from_slice(&now_pg.to_be_bytes());
-        payload.push(u8::from(reply));
+        payload.push(0); // no reply requested
         frontend::CopyData::new(&payload[..])?.write(&mut self.write_buf);
         self.flush().await
     }

@@ -28,6 +28,8 @@ pub async fn run(
     let mut pending: Option<SourceEvent> = None;
     let mut events = Some(events);
     let mut last_sent = Lsn::ZERO;
+    // What we have read: commit end LSNs and keepalive positions.
+    let mut received = Lsn::ZERO;
     loop {
         // The reserve future owns its own sender clone, so stopping (events = None) closes
         // the channel as soon as this iteration's futures are dropped.
@@ -37,28 +39,32 @@ pub async fn run(
         tokio::select! {
             biased;
             _ = cancel.cancelled(), if events.is_some() => {
-                // Stop reading; closing the channel tells apply to commit what is complete.
+                // Stop reading. Hand over what was already read (it may be the Commit that
+                // completes a transaction), then close the channel: apply commits what is
+                // complete and drops a partial transaction.
+                if let (Some(event), Some(tx)) = (pending.take(), events.as_ref()) {
+                    let _ = tx.send(event).await;
+                }
                 events = None;
-                pending = None;
             }
             changed = durable.changed() => {
                 if changed.is_err() {
                     // Apply has finished: report the final durable position and leave.
                     let lsn = *durable.borrow();
-                    conn.send_status(lsn, false).await?;
+                    conn.send_status(received, lsn).await?;
                     tracing::info!(flushed = %lsn, "final position reported to the source");
                     conn.close().await;
                     return Ok(());
                 }
                 let lsn = *durable.borrow_and_update();
                 if lsn > last_sent {
-                    conn.send_status(lsn, false).await?;
+                    conn.send_status(received, lsn).await?;
                     last_sent = lsn;
                 }
             }
             _ = ticker.tick() => {
                 let lsn = *durable.borrow();
-                conn.send_status(lsn, false).await?;
+                conn.send_status(received, lsn).await?;
                 last_sent = lsn;
             }
             permit = async move { sender?.reserve_owned().await.ok() }, if pending.is_some() => {
@@ -78,12 +84,16 @@ pub async fn run(
                 match message? {
                     StreamMessage::XLogData { wal_start, data, .. } => {
                         let message = pgoutput::decode(&data)?;
+                        if let pgoutput::PgOutputMessage::Commit { end_lsn, .. } = &message {
+                            received = received.max(*end_lsn);
+                        }
                         pending = Some(SourceEvent::Message { wal_start, message });
                     }
                     StreamMessage::Keepalive { wal_end, reply_requested } => {
+                        received = received.max(wal_end);
                         if reply_requested {
                             let lsn = *durable.borrow();
-                            conn.send_status(lsn, false).await?;
+                            conn.send_status(received, lsn).await?;
                             last_sent = lsn;
                         }
                         pending = Some(SourceEvent::Keepalive { wal_end });

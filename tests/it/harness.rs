@@ -68,6 +68,11 @@ impl PgCluster {
         client
     }
 
+    /// The cluster's directory (owned by the server's user).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     pub fn restart(&self, mode: &str) {
         run_script(&[
             "restart",

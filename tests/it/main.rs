@@ -7,3 +7,4 @@ mod faults;
 mod harness;
 mod progress;
 mod raw_changes;
+mod tls;

@@ -74,3 +74,78 @@ async fn idle_publication_keeps_confirmed_flush_advancing() {
     );
     assert!(daemon.terminate(Duration::from_secs(30)).success());
 }
+
+/// SIGTERM right after a write: the daemon commits the complete transaction, reports the
+/// final position to Postgres and exits 0, so nothing is re-sent on the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_commits_complete_transactions_and_reports_the_final_position() {
+    let env = Env::new(SETUP).await;
+    env.write_config("postgres", &["public.published"], "");
+    // A ten-minute batch age: only the shutdown path can commit this write in time.
+    let config = std::fs::read_to_string(&env.config)
+        .unwrap()
+        .replace("max_batch_age_ms = 200", "max_batch_age_ms = 600000");
+    std::fs::write(&env.config, config).unwrap();
+    let mut daemon = env.daemon();
+    env.wait_streaming().await;
+    let pg = env.pg.client().await;
+    pg.batch_execute("INSERT INTO published SELECT g, 'row ' || g FROM generate_series(1, 1000) g")
+        .await
+        .unwrap();
+    let written: String = pg
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let slot = env.slot.clone();
+    wait_for(
+        "the daemon to receive the write (write_lsn)",
+        Duration::from_secs(30),
+        || {
+            let (pg, slot, written) = (&pg, slot.clone(), written.clone());
+            async move {
+                pg.query_opt(
+                    "SELECT 1 FROM pg_stat_replication r JOIN pg_replication_slots s ON s.active_pid = r.pid \
+                     WHERE s.slot_name = $1 AND r.write_lsn >= $2::text::pg_lsn",
+                    &[&slot, &written],
+                )
+                .await
+                .map(|r| r.is_some())
+                .unwrap_or(false)
+            }
+        },
+        || env.daemon_log(),
+    )
+    .await;
+    let raw = env.raw_path("public", "published");
+    assert_eq!(
+        count_delta(&raw).await,
+        0,
+        "the batch must not be committed before the stop"
+    );
+    let status = daemon.terminate(Duration::from_secs(30));
+    assert!(
+        status.success(),
+        "exit status {status:?}\n{}",
+        env.daemon_log()
+    );
+    assert_eq!(
+        count_delta(&raw).await,
+        1000,
+        "the complete transaction is committed on stop"
+    );
+    let confirmed = confirmed_flush(&env).await;
+    let reached: bool = pg
+        .query_one(
+            "SELECT $1::text::pg_lsn >= $2::text::pg_lsn",
+            &[&confirmed, &written],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        reached,
+        "final position {confirmed} not reported (write ended at {written})\n{}",
+        env.daemon_log()
+    );
+}
