@@ -52,6 +52,23 @@ pub enum PipelineError {
         detail: String,
         action: String,
     },
+    #[error(
+        "the publication {publication} is gone or unusable: {detail}; Postgres cannot decode \
+         changes made before a new publication existed, so recreate the publication \
+         (wal2delta does so on start when source.create_publication is true) and drop the slot \
+         (SELECT pg_drop_replication_slot('{slot}');) so a new one is created, accepting that \
+         the lake misses the changes in between"
+    )]
+    PublicationLost {
+        publication: String,
+        slot: String,
+        detail: String,
+    },
+    #[error(
+        "permission denied: {detail}; grant the role REPLICATION and SELECT on the tables \
+         (see sql/setup.sql), then start again"
+    )]
+    PermissionDenied { detail: String },
     #[error("a pipeline task failed: {0}")]
     Task(String),
 }
@@ -123,23 +140,35 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pi
                     _ = tokio::time::sleep(backoff) => {}
                 }
             }
-            Err(e) => return Err(classify_slot_error(e, &settings.slot)),
+            Err(e) => return Err(explain(e, &settings)),
         }
     }
 }
 
-/// Turns "slot does not exist / was invalidated" into an error that says what to do.
-fn classify_slot_error(e: PipelineError, slot: &str) -> PipelineError {
-    if let PipelineError::Replication(ReplicationError::Server(server)) = &e {
-        let gone = server.code == "42704" && server.message.contains("replication slot");
-        let invalidated = server.code == "55000" && server.message.contains("replication slot");
-        if gone || invalidated {
-            return PipelineError::SlotLost {
-                slot: slot.to_string(),
-                detail: server.to_string(),
-                action: SLOT_LOST_ACTION.into(),
-            };
-        }
+/// Turns server errors an operator must act on into messages that say what to do.
+fn explain(e: PipelineError, settings: &Settings) -> PipelineError {
+    let PipelineError::Replication(ReplicationError::Server(server)) = &e else {
+        return e;
+    };
+    let about_slot = server.message.contains("replication slot");
+    if about_slot && (server.code == "42704" || server.code == "55000") {
+        return PipelineError::SlotLost {
+            slot: settings.slot.clone(),
+            detail: server.to_string(),
+            action: SLOT_LOST_ACTION.into(),
+        };
+    }
+    if server.code == "42704" && server.message.contains("publication") {
+        return PipelineError::PublicationLost {
+            publication: settings.publication.clone(),
+            slot: settings.slot.clone(),
+            detail: server.to_string(),
+        };
+    }
+    if server.code == "42501" {
+        return PipelineError::PermissionDenied {
+            detail: server.to_string(),
+        };
     }
     e
 }

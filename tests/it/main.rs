@@ -7,4 +7,5 @@ mod faults;
 mod harness;
 mod progress;
 mod raw_changes;
+mod stops;
 mod tls;
