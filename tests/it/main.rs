@@ -5,6 +5,7 @@
 mod cli;
 mod faults;
 mod harness;
+mod memory;
 mod progress;
 mod raw_changes;
 mod stops;

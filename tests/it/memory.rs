@@ -1,0 +1,67 @@
+//! Bounded memory: one source transaction far larger than any buffer streams through the
+//! daemon into uncommitted Parquet files and lands whole, while the daemon's peak resident
+//! memory stays a fraction of the transaction's size.
+
+use std::time::Duration;
+
+use crate::harness::{Env, count_delta, wait_for};
+
+const ROWS: i64 = 1_000_000;
+
+const SETUP: &str = r#"
+CREATE TABLE big (id bigint PRIMARY KEY, payload text NOT NULL);
+CREATE PUBLICATION w2d_pub FOR TABLE big;
+"#;
+
+/// Peak resident set size of a process, in bytes (`VmHWM` in /proc).
+fn peak_rss(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_transaction_streams_with_bounded_memory() {
+    let env = Env::new(SETUP).await;
+    env.write_config("postgres", &["public.big"], "");
+    let mut daemon = env.daemon();
+    env.wait_streaming().await;
+    let pg = env.pg.client().await;
+    // About 200 MB of row data in one transaction.
+    pg.batch_execute(&format!(
+        "INSERT INTO big SELECT g, repeat(md5(g::text), 6) FROM generate_series(1, {ROWS}) g"
+    ))
+    .await
+    .unwrap();
+    let data_bytes: i64 = pg
+        .query_one("SELECT sum(length(payload) + 8)::bigint FROM big", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let raw = env.raw_path("public", "big");
+    wait_for(
+        "the whole transaction in the lake",
+        Duration::from_secs(600),
+        || async { count_delta(&raw).await > 0 },
+        || env.daemon_log(),
+    )
+    .await;
+    // The transaction is committed in one Delta commit: all rows or none.
+    assert_eq!(count_delta(&raw).await, ROWS);
+    let peak = peak_rss(daemon.pid());
+    println!(
+        "figure: one transaction of {ROWS} rows ({} MB of row data): daemon peak RSS {} MB",
+        data_bytes / 1_000_000,
+        peak / 1_000_000
+    );
+    assert!(peak > 0, "could not read the daemon's peak RSS");
+    assert!(
+        (peak as i64) < data_bytes,
+        "peak RSS {peak} is not below the transaction's {data_bytes} bytes: memory grows with transaction size"
+    );
+    assert!(daemon.terminate(Duration::from_secs(60)).success());
+}
