@@ -2,7 +2,7 @@
 -- payments (about 4,800 rows in transacoes), including the legacy text columns.
 -- Deterministic: the same script always produces the same rows.
 
-SELECT setseed(0.42);
+SELECT setseed(0.42) \gset
 
 INSERT INTO condominios (nome, cnpj, endereco, fundado_em, taxa_base)
 SELECT 'Condomínio ' || (ARRAY['Jardim das Flores', 'Residencial Aurora', 'Edifício Atlântico',

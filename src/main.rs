@@ -12,7 +12,7 @@ use wal2delta::source::catalog;
 
 /// Our own logs at info; the Delta kernel's per-snapshot chatter is off: its errors come
 /// back to us as results and are reported with context.
-const DEFAULT_LOG_FILTER: &str = "info,buoyant_kernel=off,deltalake_core=warn,datafusion=warn";
+const DEFAULT_LOG_FILTER: &str = "info,buoyant_kernel=off,deltalake_core=warn,deltalake_core::writer::stats=error,datafusion=warn";
 
 #[derive(Parser)]
 #[command(

@@ -4,7 +4,7 @@
 #
 #   bash testcontainers/quickstart.sh
 #
-# It builds wal2delta, starts Postgres in .tmp/quickstart/pg, creates the schema, the
+# It builds wal2delta (first build: several minutes), starts Postgres in .tmp/quickstart/pg, creates the schema, the
 # least-privilege role and the publication (sql/setup.sql), starts the daemon, then loads
 # the sample data (sql/sample_data.sql) so the changes stream into .tmp/quickstart/lake.
 # The daemon keeps running in the foreground; Ctrl-C stops it and the disposable Postgres.
@@ -15,9 +15,11 @@ work="$root/.tmp/quickstart"
 pgdir="$work/pg"
 mkdir -p "$work"
 
-echo "==> building wal2delta (release)"
-cargo build --release --locked --quiet
-bin="${CARGO_TARGET_DIR:-$root/target}/release/wal2delta"
+# The dev profile (dependencies optimised, see Cargo.toml) shares the test suite's build;
+# a release build of the DataFusion stack takes far longer on small machines.
+echo "==> building wal2delta"
+cargo build --locked --quiet
+bin="${CARGO_TARGET_DIR:-$root/target}/debug/wal2delta"
 
 echo "==> starting a disposable PostgreSQL"
 eval "$(bash testcontainers/pg.sh start "$pgdir" | grep '^PG')"

@@ -8,7 +8,6 @@
 //! mid-batch) are unreferenced and invisible to readers; vacuum removes them.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use deltalake::arrow::datatypes::SchemaRef;
 use deltalake::arrow::record_batch::RecordBatch;
@@ -36,8 +35,6 @@ pub struct DeltaSink {
     app_id: String,
     /// Commit LSN of the last source transaction durably in this table.
     applied: Option<Lsn>,
-    /// Rows written to files since the last commit.
-    pending_rows: usize,
 }
 
 /// Opens a Delta table, or creates it with `schema` when it does not exist yet.
@@ -122,7 +119,6 @@ impl DeltaSink {
             writer,
             app_id,
             applied,
-            pending_rows: 0,
         })
     }
 
@@ -140,16 +136,11 @@ impl DeltaSink {
         self.table.version()
     }
 
-    pub fn pending_rows(&self) -> usize {
-        self.pending_rows
-    }
-
     /// Streams rows into the table's uncommitted data files.
     pub async fn write(&mut self, batch: RecordBatch) -> Result<(), LakeError> {
         if batch.num_rows() == 0 {
             return Ok(());
         }
-        self.pending_rows += batch.num_rows();
         self.writer
             .write(batch)
             .await
@@ -200,7 +191,6 @@ impl DeltaSink {
         let version = finalized.version();
         self.table.state = Some(finalized.snapshot());
         self.applied = Some(through);
-        self.pending_rows = 0;
         Ok(version)
     }
 }
@@ -216,6 +206,3 @@ pub async fn applied_position(
         .await?;
     Ok(version.map(Lsn::from_i64))
 }
-
-/// Shared handle type for tables read by other tasks.
-pub type SharedTable = Arc<DeltaTable>;

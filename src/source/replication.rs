@@ -97,14 +97,6 @@ impl ReplicationError {
             _ => false,
         }
     }
-
-    /// The SQLSTATE, when the server sent one.
-    pub fn sqlstate(&self) -> Option<&str> {
-        match self {
-            ReplicationError::Server(e) => Some(&e.code),
-            _ => None,
-        }
-    }
 }
 
 /// SQLSTATE classes that go away by themselves: connection trouble, shutdown/restart in

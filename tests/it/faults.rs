@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use rand::Rng;
 
-use crate::harness::{Env, count_delta, query_delta, wait_for};
+use crate::harness::{Env, count_delta, query_delta};
 
 const SETUP: &str = r#"
 CREATE TABLE acct (id int PRIMARY KEY, v bigint NOT NULL, note text);
@@ -29,6 +29,35 @@ CREATE TRIGGER acct_audit AFTER INSERT OR UPDATE OR DELETE ON acct FOR EACH ROW 
 CREATE TRIGGER item_audit AFTER INSERT OR UPDATE OR DELETE ON item FOR EACH ROW EXECUTE FUNCTION audit_row();
 CREATE PUBLICATION w2d_pub FOR TABLE acct, item;
 "#;
+
+/// Random transactions written until stopped, reconnecting after errors (Postgres restarts).
+struct Workload {
+    stop: Arc<AtomicBool>,
+    committed: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Workload {
+    fn start(dsn: String) -> Workload {
+        let stop = Arc::new(AtomicBool::new(false));
+        let committed = Arc::new(AtomicU64::new(0));
+        let task = spawn_workload(dsn, stop.clone(), committed.clone());
+        Workload {
+            stop,
+            committed,
+            task,
+        }
+    }
+
+    fn committed(&self) -> u64 {
+        self.committed.load(Ordering::Relaxed)
+    }
+
+    async fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap();
+    }
+}
 
 /// Writes random transactions until stopped, reconnecting after errors (Postgres restarts).
 fn spawn_workload(
@@ -156,15 +185,18 @@ fn compare(truth: &Multiset, lake: &Multiset, label: &str, faults: usize) {
     );
 }
 
+/// Waits until everything written is durable, then compares lake and audit log.
+async fn verify_exactly_once(env: &Env, label: &str, faults: usize, timeout: Duration) {
+    env.wait_caught_up(timeout).await;
+    let truth = ground_truth(env).await;
+    let lake = lake_changes(env).await;
+    compare(&truth, &lake, label, faults);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
-    let env = Env::new(SETUP).await;
-    env.write_config("postgres", &["public.acct", "public.item"], "");
-    let stop = Arc::new(AtomicBool::new(false));
-    let committed = Arc::new(AtomicU64::new(0));
-    let mut daemon = env.daemon();
-    env.wait_streaming().await;
-    let workload = spawn_workload(env.pg.dsn("postgres"), stop.clone(), committed.clone());
+    let (env, mut daemon) = Env::streaming(SETUP, &["public.acct", "public.item"]).await;
+    let workload = Workload::start(env.pg.dsn("postgres"));
     let kills = 12;
     for i in 0..kills {
         // A random moment: the fault's timing is the point, not a wait for a condition.
@@ -173,16 +205,12 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         daemon.kill9();
         println!(
             "kill {i}: after {pause} ms, {} source transactions so far",
-            committed.load(Ordering::Relaxed)
+            workload.committed()
         );
         daemon = env.daemon();
     }
-    stop.store(true, Ordering::Relaxed);
-    workload.await.unwrap();
-    env.wait_caught_up(Duration::from_secs(180)).await;
-    let truth = ground_truth(&env).await;
-    let lake = lake_changes(&env).await;
-    compare(&truth, &lake, "sigkill", kills);
+    workload.stop().await;
+    verify_exactly_once(&env, "sigkill", kills, Duration::from_secs(180)).await;
     // A clean stop after all that exits 0.
     let status = daemon.terminate(Duration::from_secs(30));
     assert!(
@@ -194,43 +222,24 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restart_mid_stream_loses_nothing() {
-    let env = Env::new(SETUP).await;
-    env.write_config("postgres", &["public.acct", "public.item"], "");
-    let stop = Arc::new(AtomicBool::new(false));
-    let committed = Arc::new(AtomicU64::new(0));
-    let mut daemon = env.daemon();
-    env.wait_streaming().await;
-    let workload = spawn_workload(env.pg.dsn("postgres"), stop.clone(), committed.clone());
+    let (env, mut daemon) = Env::streaming(SETUP, &["public.acct", "public.item"]).await;
+    let workload = Workload::start(env.pg.dsn("postgres"));
+    let raw = env.raw_path("public", "acct");
     for mode in ["fast", "immediate"] {
-        let raw = env.raw_path("public", "acct");
         let before = count_delta(&raw).await;
-        wait_for(
-            "changes to flow before the restart",
-            Duration::from_secs(60),
-            || async { count_delta(&raw).await > before },
-            || env.daemon_log(),
-        )
-        .await;
+        env.wait_raw_rows("public", "acct", before + 1, Duration::from_secs(60))
+            .await;
         env.pg.restart(mode);
         println!(
             "postgres restarted ({mode}) after {} source transactions",
-            committed.load(Ordering::Relaxed)
+            workload.committed()
         );
         let after = count_delta(&raw).await;
-        wait_for(
-            "changes to flow after the restart",
-            Duration::from_secs(90),
-            || async { count_delta(&raw).await > after },
-            || env.daemon_log(),
-        )
-        .await;
+        env.wait_raw_rows("public", "acct", after + 1, Duration::from_secs(90))
+            .await;
     }
-    stop.store(true, Ordering::Relaxed);
-    workload.await.unwrap();
-    env.wait_caught_up(Duration::from_secs(120)).await;
-    let truth = ground_truth(&env).await;
-    let lake = lake_changes(&env).await;
-    compare(&truth, &lake, "postgres restart", 2);
+    workload.stop().await;
+    verify_exactly_once(&env, "postgres restart", 2, Duration::from_secs(120)).await;
     assert!(
         daemon.is_running(),
         "the daemon must survive Postgres restarts\n{}",

@@ -132,6 +132,15 @@ impl Env {
         }
     }
 
+    /// A cluster prepared with `setup_sql` and a daemon streaming `tables` as superuser.
+    pub async fn streaming(setup_sql: &str, tables: &[&str]) -> (Env, Daemon) {
+        let env = Env::new(setup_sql).await;
+        env.write_config("postgres", tables, "");
+        let daemon = env.daemon();
+        env.wait_streaming().await;
+        (env, daemon)
+    }
+
     /// Writes the config file for `tables`, connecting as `user`; `extra` is appended.
     pub fn write_config(&self, user: &str, tables: &[&str], extra: &str) {
         let tables: Vec<String> = tables.iter().map(|t| format!("{t:?}")).collect();
@@ -154,28 +163,32 @@ impl Env {
         std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
     }
 
-    /// Waits until the slot exists and is streaming (a daemon is attached).
-    pub async fn wait_streaming(&self) {
+    /// Waits until `sql` (with text parameters) returns a row.
+    pub async fn wait_sql(&self, what: &str, timeout: Duration, sql: &str, params: &[&str]) {
         let client = self.pg.client().await;
-        let slot = self.slot.clone();
+        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+            .iter()
+            .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
+            .collect();
         wait_for(
-            "the daemon to attach to the slot",
-            Duration::from_secs(60),
+            what,
+            timeout,
             || {
-                let client = &client;
-                let slot = slot.clone();
-                async move {
-                    client
-                        .query_opt(
-                            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
-                            &[&slot],
-                        )
-                        .await
-                        .map(|r| r.is_some())
-                        .unwrap_or(false)
-                }
+                let (client, params) = (&client, &params);
+                async move { matches!(client.query_opt(sql, params).await, Ok(Some(_))) }
             },
             || self.daemon_log(),
+        )
+        .await;
+    }
+
+    /// Waits until the slot exists and is streaming (a daemon is attached).
+    pub async fn wait_streaming(&self) {
+        self.wait_sql(
+            "the daemon to attach to the slot",
+            Duration::from_secs(60),
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
+            &[&self.slot],
         )
         .await;
     }
@@ -183,27 +196,35 @@ impl Env {
     /// Waits until the slot's confirmed flush position reaches the current WAL position,
     /// i.e. everything written so far is durable in the lake.
     pub async fn wait_caught_up(&self, timeout: Duration) {
-        let client = self.pg.client().await;
-        let target: String = client
+        let target = self.current_wal_lsn().await;
+        self.wait_sql(
+            &format!("the slot to confirm {target}"),
+            timeout,
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND confirmed_flush_lsn >= $2::text::pg_lsn",
+            &[&self.slot, &target],
+        )
+        .await;
+    }
+
+    pub async fn current_wal_lsn(&self) -> String {
+        self.pg
+            .client()
+            .await
             .query_one("SELECT pg_current_wal_lsn()::text", &[])
             .await
             .expect("current wal lsn")
-            .get(0);
-        let slot = self.slot.clone();
-        wait_for(&format!("the slot to confirm {target}"), timeout, || {
-            let client = &client;
-            let (slot, target) = (slot.clone(), target.clone());
-            async move {
-                client
-                    .query_opt(
-                        "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND confirmed_flush_lsn >= $2::text::pg_lsn",
-                        &[&slot, &target],
-                    )
-                    .await
-                    .map(|r| r.is_some())
-                    .unwrap_or(false)
-            }
-        }, || self.daemon_log())
+            .get(0)
+    }
+
+    /// Waits until the raw table of `schema.table` holds at least `rows` rows.
+    pub async fn wait_raw_rows(&self, schema: &str, table: &str, rows: i64, timeout: Duration) {
+        let raw = self.raw_path(schema, table);
+        wait_for(
+            &format!("{rows} rows in raw.{schema}.{table}"),
+            timeout,
+            || async { count_delta(&raw).await >= rows },
+            || self.daemon_log(),
+        )
         .await;
     }
 
@@ -232,7 +253,7 @@ impl Daemon {
             .args(["run", "--config", config.to_str().unwrap_or_default()])
             .env(
                 "WAL2DELTA_LOG",
-                "info,wal2delta=debug,buoyant_kernel=off,deltalake_core=warn",
+                "info,wal2delta=debug,buoyant_kernel=off,deltalake_core=warn,deltalake_core::writer::stats=error",
             )
             .envs(env.iter().copied())
             .stdin(Stdio::null())

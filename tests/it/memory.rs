@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::harness::{Env, count_delta, wait_for};
+use crate::harness::{Env, count_delta};
 
 const ROWS: i64 = 1_000_000;
 
@@ -26,10 +26,7 @@ fn peak_rss(pid: i32) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_huge_transaction_streams_with_bounded_memory() {
-    let env = Env::new(SETUP).await;
-    env.write_config("postgres", &["public.big"], "");
-    let mut daemon = env.daemon();
-    env.wait_streaming().await;
+    let (env, mut daemon) = Env::streaming(SETUP, &["public.big"]).await;
     let pg = env.pg.client().await;
     // About 200 MB of row data in one transaction.
     pg.batch_execute(&format!(
@@ -43,13 +40,8 @@ async fn a_huge_transaction_streams_with_bounded_memory() {
         .unwrap()
         .get(0);
     let raw = env.raw_path("public", "big");
-    wait_for(
-        "the whole transaction in the lake",
-        Duration::from_secs(600),
-        || async { count_delta(&raw).await > 0 },
-        || env.daemon_log(),
-    )
-    .await;
+    env.wait_raw_rows("public", "big", 1, Duration::from_secs(600))
+        .await;
     // The transaction is committed in one Delta commit: all rows or none.
     assert_eq!(count_delta(&raw).await, ROWS);
     let peak = peak_rss(daemon.pid());

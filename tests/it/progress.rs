@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::harness::{Env, count_delta, wait_for};
+use crate::harness::{Env, count_delta};
 
 const SETUP: &str = r#"
 CREATE TABLE published (id int PRIMARY KEY, v text);
@@ -44,13 +44,8 @@ async fn idle_publication_keeps_confirmed_flush_advancing() {
         .await
         .unwrap();
     let raw = env.raw_path("public", "published");
-    wait_for(
-        "the published row",
-        Duration::from_secs(60),
-        || async { count_delta(&raw).await == 1 },
-        || env.daemon_log(),
-    )
-    .await;
+    env.wait_raw_rows("public", "published", 1, Duration::from_secs(60))
+        .await;
     env.wait_caught_up(Duration::from_secs(60)).await;
     let start = confirmed_flush(&env).await;
     for _ in 0..3 {
@@ -92,29 +87,13 @@ async fn sigterm_commits_complete_transactions_and_reports_the_final_position() 
     pg.batch_execute("INSERT INTO published SELECT g, 'row ' || g FROM generate_series(1, 1000) g")
         .await
         .unwrap();
-    let written: String = pg
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let slot = env.slot.clone();
-    wait_for(
+    let written = env.current_wal_lsn().await;
+    env.wait_sql(
         "the daemon to receive the write (write_lsn)",
         Duration::from_secs(30),
-        || {
-            let (pg, slot, written) = (&pg, slot.clone(), written.clone());
-            async move {
-                pg.query_opt(
-                    "SELECT 1 FROM pg_stat_replication r JOIN pg_replication_slots s ON s.active_pid = r.pid \
-                     WHERE s.slot_name = $1 AND r.write_lsn >= $2::text::pg_lsn",
-                    &[&slot, &written],
-                )
-                .await
-                .map(|r| r.is_some())
-                .unwrap_or(false)
-            }
-        },
-        || env.daemon_log(),
+        "SELECT 1 FROM pg_stat_replication r JOIN pg_replication_slots s ON s.active_pid = r.pid \
+         WHERE s.slot_name = $1 AND r.write_lsn >= $2::text::pg_lsn",
+        &[&env.slot, &written],
     )
     .await;
     let raw = env.raw_path("public", "published");

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use crate::harness::{Env, count_delta, query_delta, wait_for};
+use crate::harness::{Env, count_delta, query_delta};
 
 const SETUP: &str = r#"
 CREATE TABLE typed (
@@ -76,13 +76,8 @@ async fn each_operation_and_type_lands_in_the_raw_log() {
     pg.batch_execute("TRUNCATE typed").await.unwrap();
 
     let raw = env.raw_path("public", "typed");
-    wait_for(
-        "6 rows in raw.typed",
-        Duration::from_secs(60),
-        || async { count_delta(&raw).await >= 6 },
-        || env.daemon_log(),
-    )
-    .await;
+    env.wait_raw_rows("public", "typed", 6, Duration::from_secs(60))
+        .await;
     assert_eq!(count_delta(&raw).await, 6, "each change exactly once");
 
     let ops = query_delta(&raw, "SELECT _op, id, i2, _before, _unchanged_toast, length(big) FROM t ORDER BY _commit_lsn, _seq").await;
@@ -155,4 +150,93 @@ async fn each_operation_and_type_lands_in_the_raw_log() {
         Some("true"),
     ];
     assert_eq!(row, expected);
+}
+
+/// Values with no exact typed form keep their exact text in `_fallback`; odd identifiers,
+/// a composite key, enums and domains, empty strings versus NULLs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_values_keep_their_exact_text() {
+    let setup = r#"
+        CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+        CREATE DOMAIN positive_int AS int CHECK (VALUE > 0);
+        CREATE TABLE "Ocorrências" (
+            "Chave Um" int,
+            k2 text,
+            m mood,
+            p positive_int,
+            n numeric(10,2),
+            tstz timestamptz,
+            ts timestamp,
+            grid int[],
+            s text,
+            empty_arr int[],
+            PRIMARY KEY ("Chave Um", k2)
+        );
+        CREATE PUBLICATION w2d_pub FOR TABLE "Ocorrências";
+    "#;
+    let (env, _daemon) = Env::streaming(setup, &["public.\"Ocorrências\""]).await;
+    env.pg
+        .client()
+        .await
+        .batch_execute(
+            r#"INSERT INTO "Ocorrências" VALUES
+                 (1, '', 'happy', 5, 'NaN', '-infinity', 'infinity', '{{1,2},{3,4}}', '', '{}'),
+                 (2, 'b', NULL, NULL, -0.5, NULL, NULL, NULL, NULL, NULL);
+               UPDATE "Ocorrências" SET k2 = 'c' WHERE "Chave Um" = 2;"#,
+        )
+        .await
+        .unwrap();
+    env.wait_raw_rows("public", "Ocorr~C3~AAncias", 3, Duration::from_secs(60))
+        .await;
+    let rows = query_delta(
+        &env.raw_path("public", "Ocorr~C3~AAncias"),
+        r#"SELECT _op, "Chave Um", k2, m, p, n, tstz, ts, grid, s, empty_arr, _fallback, _before, _seq
+           FROM t ORDER BY _commit_lsn, _seq"#,
+    )
+    .await;
+    let rows: Vec<Vec<Option<&str>>> = rows
+        .iter()
+        .map(|r| r.iter().map(|v| v.as_deref()).collect())
+        .collect();
+    assert_eq!(
+        rows[0],
+        vec![
+            Some("c"),
+            Some("1"),
+            Some(""),
+            Some("happy"),
+            Some("5"),
+            None,
+            None,
+            None,
+            None,
+            Some(""),
+            Some("[]"),
+            Some(r#"{"grid":"{{1,2},{3,4}}","n":"NaN","ts":"infinity","tstz":"-infinity"}"#),
+            None,
+            Some("0"),
+        ]
+    );
+    assert_eq!(
+        rows[1],
+        vec![
+            Some("c"),
+            Some("2"),
+            Some("b"),
+            None,
+            None,
+            Some("-0.50"),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            Some("1")
+        ]
+    );
+    // Changing part of a composite key keeps the whole old key.
+    assert_eq!(rows[2][0..3], [Some("u"), Some("2"), Some("c")]);
+    assert_eq!(rows[2][12], Some(r#"{"Chave Um":"2","k2":"b"}"#));
 }

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::harness::{Env, count_delta, wait_for};
+use crate::harness::Env;
 
 const SETUP: &str = r#"
 CREATE TABLE t1 (id int PRIMARY KEY, v text);
@@ -12,22 +12,15 @@ CREATE PUBLICATION w2d_pub FOR TABLE t1;
 "#;
 
 async fn streaming_env() -> (Env, crate::harness::Daemon) {
-    let env = Env::new(SETUP).await;
-    env.write_config("postgres", &["public.t1"], "");
-    let daemon = env.daemon();
-    env.wait_streaming().await;
-    let pg = env.pg.client().await;
-    pg.batch_execute("INSERT INTO t1 VALUES (1, 'before')")
+    let (env, daemon) = Env::streaming(SETUP, &["public.t1"]).await;
+    env.pg
+        .client()
+        .await
+        .batch_execute("INSERT INTO t1 VALUES (1, 'before')")
         .await
         .unwrap();
-    let raw = env.raw_path("public", "t1");
-    wait_for(
-        "the first row",
-        Duration::from_secs(60),
-        || async { count_delta(&raw).await == 1 },
-        || env.daemon_log(),
-    )
-    .await;
+    env.wait_raw_rows("public", "t1", 1, Duration::from_secs(60))
+        .await;
     (env, daemon)
 }
 

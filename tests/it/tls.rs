@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 
-use crate::harness::{Env, count_delta, wait_for};
+use crate::harness::{Env, wait_for};
 
 const SETUP: &str = r#"
 CREATE TABLE secret_stuff (id int PRIMARY KEY, v text);
@@ -157,13 +157,7 @@ async fn tls_is_enforced_and_never_downgraded() {
     pg.batch_execute("INSERT INTO secret_stuff VALUES (1, 'over tls')")
         .await
         .unwrap();
-    let raw = env.raw_path("public", "secret_stuff");
-    wait_for(
-        "the row to arrive over TLS",
-        Duration::from_secs(60),
-        || async { count_delta(&raw).await == 1 },
-        || env.daemon_log(),
-    )
-    .await;
+    env.wait_raw_rows("public", "secret_stuff", 1, Duration::from_secs(60))
+        .await;
     assert!(daemon.terminate(Duration::from_secs(30)).success());
 }
