@@ -151,22 +151,29 @@ pub async fn table_info(
     let can_select: bool = row.get(2);
     let cols = client
         .query(
-            "SELECT a.attname::text, a.atttypid, a.atttypmod FROM pg_attribute a \
-             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+            // Domains (possibly nested) are typed by their base type; the stream still
+            // sends the domain's own OID, which is what change detection compares.
+            "WITH RECURSIVE cols AS ( \
+                 SELECT a.attnum, a.attname::text AS name, a.atttypid AS sent_oid, \
+                        a.atttypmod AS sent_mod, a.atttypid AS oid, a.atttypmod AS mod \
+                 FROM pg_attribute a \
+                 WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
+               UNION ALL \
+                 SELECT c.attnum, c.name, c.sent_oid, c.sent_mod, t.typbasetype, t.typtypmod \
+                 FROM cols c JOIN pg_type t ON t.oid = c.oid WHERE t.typtype = 'd') \
+             SELECT c.name, c.sent_oid, c.sent_mod, c.oid, c.mod \
+             FROM cols c JOIN pg_type t ON t.oid = c.oid \
+             WHERE t.typtype <> 'd' ORDER BY c.attnum",
             &[&oid],
         )
         .await?;
     let columns = cols
         .iter()
-        .map(|r| {
-            let type_oid: u32 = r.get(1);
-            let typmod: i32 = r.get(2);
-            ColumnSpec {
-                name: r.get(0),
-                kind: ColumnKind::from_pg(type_oid, typmod),
-                type_oid,
-                type_modifier: typmod,
-            }
+        .map(|r| ColumnSpec {
+            name: r.get(0),
+            type_oid: r.get(1),
+            type_modifier: r.get(2),
+            kind: ColumnKind::from_pg(r.get(3), r.get(4)),
         })
         .collect();
     let keys = client

@@ -188,8 +188,15 @@ async fn edge_values_keep_their_exact_text() {
         .unwrap();
     env.wait_raw_rows("public", "Ocorr~C3~AAncias", 3, Duration::from_secs(60))
         .await;
+    let raw = env.raw_path("public", "Ocorr~C3~AAncias");
+    let types = query_delta(&raw, "SELECT arrow_typeof(p) FROM t LIMIT 1").await;
+    assert_eq!(
+        types[0][0].as_deref(),
+        Some("Int32"),
+        "a domain over int is typed as int"
+    );
     let rows = query_delta(
-        &env.raw_path("public", "Ocorr~C3~AAncias"),
+        &raw,
         r#"SELECT _op, "Chave Um", k2, m, p, n, tstz, ts, grid, s, empty_arr, _fallback, _before, _seq
            FROM t ORDER BY _commit_lsn, _seq"#,
     )
