@@ -271,9 +271,10 @@ pub fn parse_timestamp(text: &str, with_tz: bool) -> Option<i64> {
     };
     let (hms, frac) = time_part.split_once('.').unwrap_or((time_part, ""));
     let mut hms_parts = hms.split(':');
-    let h: i64 = hms_parts.next()?.parse().ok()?;
-    let mi: i64 = hms_parts.next()?.parse().ok()?;
-    let s: i64 = hms_parts.next()?.parse().ok()?;
+    // Unsigned parsing: a sign or an absurd number is not a time (no overflow below).
+    let h = i64::from(hms_parts.next()?.parse::<u8>().ok()?);
+    let mi = i64::from(hms_parts.next()?.parse::<u8>().ok()?);
+    let s = i64::from(hms_parts.next()?.parse::<u8>().ok()?);
     if hms_parts.next().is_some() || h > 24 || mi > 59 || s > 60 || frac.len() > 6 {
         return None;
     }
@@ -304,9 +305,16 @@ fn parse_offset(text: &str) -> Option<i64> {
         _ => return None,
     };
     let mut parts = text[1..].split(':');
-    let h: i64 = parts.next()?.parse().ok()?;
-    let m: i64 = parts.next().map(str::parse).transpose().ok()?.unwrap_or(0);
-    let s: i64 = parts.next().map(str::parse).transpose().ok()?.unwrap_or(0);
+    let mut field = || -> Option<i64> {
+        match parts.next() {
+            None => Some(0),
+            Some(p) => p.parse::<u8>().ok().map(i64::from).filter(|v| *v < 60),
+        }
+    };
+    let (h, m, s) = (field()?, field()?, field()?);
+    if parts.next().is_some() {
+        return None;
+    }
     Some(sign * (h * 3600 + m * 60 + s))
 }
 
@@ -441,6 +449,19 @@ mod tests {
         );
         assert_eq!(parse_timestamp("infinity", true), None);
         assert_eq!(parse_timestamp("-infinity", false), None);
+        // Hostile text never overflows: it is simply not a timestamp.
+        assert_eq!(
+            parse_timestamp("2024-01-05 -9223372036854775808:00:00", false),
+            None
+        );
+        assert_eq!(
+            parse_timestamp("2024-01-05 10:00:00+99999999999999", true),
+            None
+        );
+        assert_eq!(
+            parse_timestamp("9999-12-31 23:59:59.999999+00", true),
+            Some(253_402_300_799_999_999)
+        );
     }
 
     #[test]

@@ -195,8 +195,16 @@ impl Applier {
                 None => break,
             }
         }
-        // The source stopped: commit complete transactions, drop a partial one.
-        if self.batch.rows > 0 || !self.batch.touched.is_empty() {
+        // The source stopped. With no transaction open, the batch holds complete
+        // transactions only: commit them. With one open, its rows sit in the same builders
+        // and files as the complete ones and cannot be told apart, so commit nothing: the
+        // next session reads all of it again from the durable position.
+        if let Some(txn) = &self.txn {
+            tracing::info!(
+                open_commit_lsn = %txn.commit_lsn,
+                "stream ended inside a transaction; the uncommitted batch will be read again"
+            );
+        } else if !self.batch.touched.is_empty() {
             self.flush().await?;
         }
         Ok(())
@@ -239,6 +247,10 @@ impl Applier {
                     return Err(ApplyError::Stream(
                         "Begin inside an open transaction".into(),
                     ));
+                }
+                // A full batch must not wait behind a long transaction.
+                if !self.batch.touched.is_empty() && self.batch_full() {
+                    self.flush().await?;
                 }
                 self.txn = Some(OpenTxn {
                     commit_lsn: final_lsn,

@@ -52,17 +52,31 @@ impl LakeError {
     /// Whether retrying later may succeed (storage trouble) or an operator must act.
     pub fn is_transient(&self) -> bool {
         match self {
-            // Storage trouble (disk full, I/O errors, an object store unreachable) may pass;
-            // a broken table or location needs an operator.
-            LakeError::Delta { source, .. } => matches!(
-                source,
-                DeltaTableError::ObjectStore { .. }
-                    | DeltaTableError::Io { .. }
-                    | DeltaTableError::Parquet { .. }
-                    | DeltaTableError::Transaction { .. }
-            ),
+            LakeError::Delta { source, .. } => storage_trouble(source),
             _ => false,
         }
+    }
+}
+
+/// Disk full, I/O errors, an object store out of reach: worth retrying. A broken table, a
+/// missing feature, a second writer's conflicting commit: an operator must look.
+fn storage_trouble(error: &DeltaTableError) -> bool {
+    use deltalake::kernel::transaction::TransactionError;
+    match error {
+        DeltaTableError::ObjectStore { .. }
+        | DeltaTableError::Io { .. }
+        | DeltaTableError::Parquet { .. } => true,
+        DeltaTableError::KernelError(kernel) => matches!(
+            kernel,
+            delta_kernel::Error::ObjectStore(_)
+                | delta_kernel::Error::IOError(_)
+                | delta_kernel::Error::Parquet(_)
+        ),
+        DeltaTableError::Transaction { source } => matches!(
+            source,
+            TransactionError::ObjectStore { .. } | TransactionError::LogStoreError { .. }
+        ),
+        _ => false,
     }
 }
 

@@ -26,8 +26,8 @@ use super::tls::{self, TlsError};
 use crate::lsn::Lsn;
 use crate::table_name::{quote_ident, quote_literal};
 
-/// Largest backend message accepted; Postgres values are at most 1 GB.
-const MAX_MESSAGE_LEN: usize = 1 << 31;
+/// Largest backend message accepted: Postgres cannot build a message over 1 GB.
+const MAX_MESSAGE_LEN: usize = 1 << 30;
 
 /// Microseconds between the Unix epoch and the Postgres epoch (2000-01-01).
 pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
@@ -186,10 +186,14 @@ impl ReplicationConnection {
                                 let tls = connector
                                     .connect(tls::server_name(host)?, tcp)
                                     .await
-                                    .map_err(|e| {
-                                        ReplicationError::TlsRefused(format!(
-                                            "the TLS handshake with {target} failed: {e}"
-                                        ))
+                                    .map_err(|e| match e.kind() {
+                                        // rustls reports certificate and protocol
+                                        // rejections as InvalidData: an operator must act.
+                                        io::ErrorKind::InvalidData => ReplicationError::TlsRefused(
+                                            format!("the TLS handshake with {target} failed: {e}"),
+                                        ),
+                                        // A reset or EOF mid-handshake (server restarting).
+                                        _ => ReplicationError::Io(e),
                                     })?;
                                 Box::pin(tls)
                             }

@@ -15,6 +15,9 @@ use super::replication::{ReplicationConnection, ReplicationError, StreamMessage}
 use crate::apply::SourceEvent;
 use crate::lsn::Lsn;
 
+/// How long a stop request waits for the transaction being read to complete.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// Streams until cancelled, the apply side goes away, or an error occurs.
 pub async fn run(
     mut conn: ReplicationConnection,
@@ -30,7 +33,19 @@ pub async fn run(
     let mut last_sent = Lsn::ZERO;
     // What we have read: commit end LSNs and keepalive positions.
     let mut received = Lsn::ZERO;
+    // Between a Begin and its Commit.
+    let mut in_transaction = false;
+    // Set once a stop was requested: read on until the current transaction is complete
+    // (so it can be committed), at most until this instant.
+    let mut stop_by: Option<tokio::time::Instant> = None;
     loop {
+        if let Some(deadline) = stop_by {
+            let finished = !in_transaction || tokio::time::Instant::now() >= deadline;
+            if events.is_some() && pending.is_none() && finished {
+                // Closing the channel tells apply to commit what is complete.
+                events = None;
+            }
+        }
         // The reserve future owns its own sender clone, so stopping (events = None) closes
         // the channel as soon as this iteration's futures are dropped.
         let sender = events.clone();
@@ -38,13 +53,13 @@ pub async fn run(
         // hand over what we hold, and only then read more.
         tokio::select! {
             biased;
-            _ = cancel.cancelled(), if events.is_some() => {
-                // Stop reading. Hand over what was already read (it may be the Commit that
-                // completes a transaction), then close the channel: apply commits what is
-                // complete and drops a partial transaction.
-                if let (Some(event), Some(tx)) = (pending.take(), events.as_ref()) {
-                    let _ = tx.send(event).await;
-                }
+            _ = cancel.cancelled(), if stop_by.is_none() => {
+                stop_by = Some(tokio::time::Instant::now() + SHUTDOWN_GRACE);
+            }
+            _ = sleep_until(stop_by), if events.is_some() => {
+                // The grace period is over in the middle of a transaction: stop anyway;
+                // apply commits nothing of the partial batch and it is read again later.
+                pending = None;
                 events = None;
             }
             changed = durable.changed() => {
@@ -84,8 +99,13 @@ pub async fn run(
                 match message? {
                     StreamMessage::XLogData { wal_start, data, .. } => {
                         let message = pgoutput::decode(&data)?;
-                        if let pgoutput::PgOutputMessage::Commit { end_lsn, .. } = &message {
-                            received = received.max(*end_lsn);
+                        match &message {
+                            pgoutput::PgOutputMessage::Begin { .. } => in_transaction = true,
+                            pgoutput::PgOutputMessage::Commit { end_lsn, .. } => {
+                                in_transaction = false;
+                                received = received.max(*end_lsn);
+                            }
+                            _ => {}
                         }
                         pending = Some(SourceEvent::Message { wal_start, message });
                     }
@@ -101,5 +121,12 @@ pub async fn run(
                 }
             }
         }
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
     }
 }
