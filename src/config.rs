@@ -75,6 +75,10 @@ pub struct ApplyConfig {
     /// (still uncommitted). Bounds memory for huge transactions.
     #[serde(default = "default_spill_rows")]
     pub spill_rows: usize,
+    /// Bytes of change data buffered in memory per table before they are streamed into a
+    /// Parquet file (bounds memory for huge values).
+    #[serde(default = "default_spill_bytes")]
+    pub spill_bytes: usize,
 }
 
 fn yes() -> bool {
@@ -95,6 +99,9 @@ fn default_max_age_ms() -> u64 {
 fn default_spill_rows() -> usize {
     16_384
 }
+fn default_spill_bytes() -> usize {
+    32 * 1024 * 1024
+}
 
 impl Default for ApplyConfig {
     fn default() -> Self {
@@ -103,6 +110,7 @@ impl Default for ApplyConfig {
             max_batch_bytes: default_max_bytes(),
             max_batch_age_ms: default_max_age_ms(),
             spill_rows: default_spill_rows(),
+            spill_bytes: default_spill_bytes(),
         }
     }
 }
@@ -241,6 +249,9 @@ impl Config {
         }
         if a.spill_rows == 0 {
             problems.push("apply.spill_rows: must be at least 1".into());
+        }
+        if a.spill_bytes < 1024 {
+            problems.push("apply.spill_bytes: must be at least 1024".into());
         }
         match (problems.is_empty(), source) {
             (true, Some(source)) => Ok(Settings {

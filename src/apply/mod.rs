@@ -30,10 +30,12 @@ use crate::table_name::TableName;
 /// What the source stage hands to apply, in stream order.
 #[derive(Debug)]
 pub enum SourceEvent {
-    /// A decoded pgoutput message and the WAL position it was sent at.
+    /// A decoded pgoutput message and the WAL position it was sent at. `budget` holds the
+    /// message's share of the in-flight byte budget until apply drops the event.
     Message {
         wal_start: Lsn,
         message: PgOutputMessage,
+        budget: Option<tokio::sync::OwnedSemaphorePermit>,
     },
     /// A server keepalive: everything before `wal_end` has been sent.
     Keepalive { wal_end: Lsn },
@@ -188,9 +190,9 @@ impl Applier {
                 event = events.recv() => event,
             };
             match event {
-                Some(SourceEvent::Message { wal_start, message }) => {
-                    self.handle(wal_start, message).await?
-                }
+                Some(SourceEvent::Message {
+                    wal_start, message, ..
+                }) => self.handle(wal_start, message).await?,
                 Some(SourceEvent::Keepalive { wal_end }) => self.keepalive(wal_end),
                 None => break,
             }
@@ -414,7 +416,9 @@ impl Applier {
         if !self.batch.touched.contains(name) {
             self.batch.touched.insert(name.clone());
         }
-        if state.builder.rows() >= self.config.spill_rows {
+        if state.builder.rows() >= self.config.spill_rows
+            || state.builder.bytes() >= self.config.spill_bytes
+        {
             let batch = state.builder.finish().map_err(|source| LakeError::Arrow {
                 table: name.to_string(),
                 source,

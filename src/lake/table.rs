@@ -26,6 +26,8 @@ use crate::lsn::Lsn;
 
 /// Target size of one data file.
 const TARGET_FILE_SIZE: u64 = 128 * 1024 * 1024;
+/// Largest row group buffered in memory before it is written out.
+const ROW_GROUP_BYTES: usize = 32 * 1024 * 1024;
 
 /// An open Delta table that receives appends.
 pub struct DeltaSink {
@@ -111,6 +113,9 @@ impl DeltaSink {
                 WriterProperties::builder()
                     .set_compression(Compression::SNAPPY)
                     .set_max_row_group_row_count(Some(64 * 1024))
+                    // Row groups are buffered until flushed: cap them by size too, so rows
+                    // with huge values do not pile up in memory.
+                    .set_max_row_group_bytes(Some(ROW_GROUP_BYTES))
                     .build(),
             );
         Ok(DeltaSink {

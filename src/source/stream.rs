@@ -15,6 +15,10 @@ use super::replication::{ReplicationConnection, ReplicationError, StreamMessage}
 use crate::apply::SourceEvent;
 use crate::lsn::Lsn;
 
+/// Bytes of decoded-but-unapplied messages in flight between source and apply. The
+/// channel also caps the number of events; this caps their size (large TOAST values).
+const IN_FLIGHT_BYTES: usize = 64 * 1024 * 1024;
+
 /// How long a stop request waits for the transaction being read to complete.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -38,6 +42,9 @@ pub async fn run(
     // Set once a stop was requested: read on until the current transaction is complete
     // (so it can be committed), at most until this instant.
     let mut stop_by: Option<tokio::time::Instant> = None;
+    let budget = std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_BYTES));
+    // Bytes the pending message needs from the budget (a huge one takes all of it).
+    let mut pending_bytes = 0usize;
     loop {
         if let Some(deadline) = stop_by {
             let finished = !in_transaction || tokio::time::Instant::now() >= deadline;
@@ -49,6 +56,7 @@ pub async fn run(
         // The reserve future owns its own sender clone, so stopping (events = None) closes
         // the channel as soon as this iteration's futures are dropped.
         let sender = events.clone();
+        let budget_for_send = budget.clone();
         // Branch order is priority order: stop, tell the server our durable position,
         // hand over what we hold, and only then read more.
         tokio::select! {
@@ -82,10 +90,17 @@ pub async fn run(
                 conn.send_status(received, lsn).await?;
                 last_sent = lsn;
             }
-            permit = async move { sender?.reserve_owned().await.ok() }, if pending.is_some() => {
-                match permit {
-                    Some(permit) => {
-                        if let Some(event) = pending.take() {
+            slot = async move {
+                let bytes = budget_for_send.acquire_many_owned(pending_bytes as u32).await.ok()?;
+                let permit = sender?.reserve_owned().await.ok()?;
+                Some((bytes, permit))
+            }, if pending.is_some() => {
+                match slot {
+                    Some((bytes, permit)) => {
+                        if let Some(mut event) = pending.take() {
+                            if let SourceEvent::Message { budget, .. } = &mut event {
+                                *budget = Some(bytes);
+                            }
                             permit.send(event);
                         }
                     }
@@ -107,7 +122,8 @@ pub async fn run(
                             }
                             _ => {}
                         }
-                        pending = Some(SourceEvent::Message { wal_start, message });
+                        pending_bytes = data.len().clamp(1, IN_FLIGHT_BYTES);
+                        pending = Some(SourceEvent::Message { wal_start, message, budget: None });
                     }
                     StreamMessage::Keepalive { wal_end, reply_requested } => {
                         received = received.max(wal_end);
@@ -116,6 +132,7 @@ pub async fn run(
                             conn.send_status(received, lsn).await?;
                             last_sent = lsn;
                         }
+                        pending_bytes = 0;
                         pending = Some(SourceEvent::Keepalive { wal_end });
                     }
                 }

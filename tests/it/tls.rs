@@ -134,7 +134,10 @@ async fn tls_is_enforced_and_never_downgraded() {
     // verify-ca checks the chain too.
     std::fs::write(&env.config, with_mode("verify-ca", &other_ca_file)).unwrap();
     let (ok, out) = run(&env.config);
-    assert!(!ok, "verify-ca accepted a certificate from an untrusted CA:\n{out}");
+    assert!(
+        !ok,
+        "verify-ca accepted a certificate from an untrusted CA:\n{out}"
+    );
 
     // An unreadable root certificate stops start-up.
     std::fs::write(
