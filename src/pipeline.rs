@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::apply::builder::ColumnSpec;
 use crate::apply::{Applier, ApplyError};
 use crate::config::Settings;
+use crate::lake::lock::LakeLock;
 use crate::lake::{Lake, LakeError};
 use crate::lsn::Lsn;
 use crate::source::catalog::{self, CatalogError};
@@ -120,6 +121,7 @@ async fn prepare(settings: &Settings) -> Result<Vec<(TableName, Vec<ColumnSpec>)
 /// Runs the daemon until `cancel` fires (clean exit) or a definite error.
 pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), PipelineError> {
     let lake = Lake::open(&settings.lake_path)?;
+    let _lock = LakeLock::acquire(&lake)?;
     let tables = prepare(&settings).await?;
     tracing::info!(source = %settings.source, lake = %lake.root(), tables = tables.len(), "source ready");
     let mut attempt: u32 = 0;

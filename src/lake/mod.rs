@@ -3,12 +3,14 @@
 //! ```text
 //! <lake>/raw/<schema>/<table>/        raw change log of one source table (append-only)
 //! <lake>/_wal2delta/checkpoint/       global replication checkpoint (see `checkpoint`)
+//! <lake>/_wal2delta/daemon.lock       held by the running daemon (see `lock`)
 //! ```
 //! Schema and table names are path segments with every byte outside `[A-Za-z0-9_-]`
 //! written as `~XX`, so two schemas may hold tables of the same name and no name escapes
 //! its directory. Every table is a standard Delta table: any Delta reader can open it.
 
 pub mod checkpoint;
+pub mod lock;
 pub mod table;
 
 use std::path::Path;
@@ -36,6 +38,11 @@ pub enum LakeError {
         #[source]
         source: deltalake::arrow::error::ArrowError,
     },
+    #[error(
+        "another wal2delta daemon is running on this lake ({owner}, lock file {path}); stop it \
+         first, or give this one its own lake.path"
+    )]
+    Locked { path: String, owner: String },
     #[error(
         "the raw table {table} has columns {existing:?} but the source now sends {incoming:?}; \
          schema changes are not applied yet: stop writes to the table, or move the raw table \

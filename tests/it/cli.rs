@@ -138,3 +138,22 @@ async fn validate_lists_what_to_fix_on_an_unprepared_source() {
     assert!(!ok);
     assert!(out.contains("not ready for replication"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_daemon_on_the_same_lake_is_refused() {
+    let setup =
+        "CREATE TABLE solo (id int PRIMARY KEY); CREATE PUBLICATION w2d_pub FOR TABLE solo;";
+    let (env, mut first) = Env::streaming(setup, &["public.solo"]).await;
+    let (ok, out) = run(&["run", "--config", env.config.to_str().unwrap()]);
+    assert!(!ok, "a second daemon started on the same lake:\n{out}");
+    assert!(
+        out.contains("another wal2delta daemon is running on this lake (pid "),
+        "{out}"
+    );
+    assert!(first.is_running());
+    // SIGKILL releases the lock: a new daemon starts right away.
+    first.kill9();
+    let mut second = env.daemon();
+    env.wait_streaming().await;
+    assert!(second.terminate(Duration::from_secs(30)).success());
+}
