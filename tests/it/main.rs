@@ -8,5 +8,6 @@ mod harness;
 mod memory;
 mod progress;
 mod raw_changes;
+mod readers;
 mod stops;
 mod tls;
