@@ -7,6 +7,7 @@
 #   testcontainers/pg.sh restart DIR [MODE]   stop and start again on the same port
 #   testcontainers/pg.sh psql DIR [ARGS…]     psql as the superuser `postgres`
 #
+# PG_WAL_LEVEL overrides wal_level (default logical; tests use replica to see it refused).
 # Server binaries: $PG_BINDIR if set, else the directory of `initdb` on PATH, else the newest
 # /usr/lib/postgresql/*/bin. Run as root, the server runs as the `postgres` user (or `nobody`),
 # because PostgreSQL refuses to run as root.
@@ -57,7 +58,7 @@ write_conf() {
 listen_addresses = '127.0.0.1'
 port = $port
 unix_socket_directories = '$dir'
-wal_level = logical
+wal_level = ${PG_WAL_LEVEL:-logical}
 max_replication_slots = 20
 max_wal_senders = 20
 max_connections = 100

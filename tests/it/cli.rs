@@ -157,3 +157,33 @@ async fn a_second_daemon_on_the_same_lake_is_refused() {
     env.wait_streaming().await;
     assert!(second.terminate(Duration::from_secs(30)).success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validate_refuses_a_source_without_logical_wal() {
+    let pg = crate::harness::PgCluster::start_with(&[("PG_WAL_LEVEL", "replica")]);
+    pg.client()
+        .await
+        .batch_execute(
+            "CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION w2d_pub FOR TABLE t;",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[source]\ndsn = {:?}\nslot = \"s\"\npublication = \"w2d_pub\"\ntables = [\"t\"]\n[lake]\npath = {:?}\n",
+            pg.dsn("postgres"),
+            dir.path().join("lake").to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let (ok, out) = run(&["validate", "--config", cfg.to_str().unwrap()]);
+    assert!(!ok, "validate accepted wal_level = replica:\n{out}");
+    assert!(
+        out.contains("wal_level is `replica`")
+            && out.contains("ALTER SYSTEM SET wal_level = logical"),
+        "{out}"
+    );
+}

@@ -19,9 +19,14 @@ pub struct PgCluster {
 }
 
 fn run_script(args: &[&str]) -> String {
+    run_script_with(args, &[])
+}
+
+fn run_script_with(args: &[&str], env: &[(&str, &str)]) -> String {
     let out = Command::new("bash")
         .arg(PG_SCRIPT)
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .unwrap_or_else(|e| panic!("cannot run {PG_SCRIPT}: {e}; bash is required"));
     if !out.status.success() {
@@ -37,11 +42,16 @@ fn run_script(args: &[&str]) -> String {
 
 impl PgCluster {
     pub fn start() -> PgCluster {
+        PgCluster::start_with(&[])
+    }
+
+    /// Starts a cluster with environment overrides for pg.sh (e.g. `PG_WAL_LEVEL`).
+    pub fn start_with(env: &[(&str, &str)]) -> PgCluster {
         let dir = tempfile::Builder::new()
             .prefix("w2d-pg-")
             .tempdir()
             .expect("temp dir");
-        let out = run_script(&["start", dir.path().to_str().expect("utf8 path")]);
+        let out = run_script_with(&["start", dir.path().to_str().expect("utf8 path")], env);
         let port = out
             .lines()
             .find_map(|l| l.strip_prefix("PGPORT="))
