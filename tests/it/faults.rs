@@ -260,7 +260,7 @@ async fn connection_cut_inside_a_transaction_reconnects_and_loses_nothing() {
     let per_txn: i64 = 200_000;
     let mut cuts = 0;
     let mut inserted = 0;
-    for attempt in 0..5 {
+    for attempt in 0..8u64 {
         pg.batch_execute(&format!(
             "INSERT INTO wide SELECT g, repeat(md5(g::text), 4) FROM generate_series({}, {}) g",
             inserted + 1,
@@ -269,8 +269,9 @@ async fn connection_cut_inside_a_transaction_reconnects_and_loses_nothing() {
         .await
         .unwrap();
         inserted += per_txn;
-        // Give the walsender a moment to start sending the transaction, then cut it.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Give the walsender a moment to start sending the transaction, then cut it. The
+        // delay grows per attempt so that machines of any pace land inside the window.
+        tokio::time::sleep(Duration::from_millis(200 + 200 * attempt)).await;
         pg.batch_execute(
             "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = 'w2d_test' AND active",
         )
