@@ -93,14 +93,11 @@ async fn prepare(settings: &Settings) -> Result<Vec<(TableName, Vec<ColumnSpec>)
     if !report.problems.is_empty() {
         return Err(CatalogError::NotReady(report.problems).into());
     }
-    if catalog::publication_tables(&client, &settings.publication)
-        .await?
-        .is_none()
-    {
+    if report.publication_missing {
         catalog::create_publication(&client, settings).await?;
         tracing::info!(publication = %settings.publication, "publication created");
     }
-    if catalog::slot_info(&client, &settings.slot).await?.is_none() {
+    if report.slot_missing {
         if !settings.create_slot {
             return Err(PipelineError::SlotMissing {
                 slot: settings.slot.clone(),
@@ -217,7 +214,7 @@ async fn session(
     )
     .await?;
     let start = applier.restart_position().max(confirmed);
-    applier.advance_to(start);
+    applier.advance(start);
     for (table, pos) in applier.table_positions() {
         tracing::debug!(%table, position = ?pos.map(|p| p.to_string()), "table position");
     }

@@ -145,8 +145,6 @@ impl Applier {
             states.insert(name.clone(), TableState { sink, builder });
         }
         let checkpoint = Checkpoint::open(lake, slot).await?;
-        // Everything before the checkpoint is durable in every table.
-        durable.send_replace(checkpoint.position().unwrap_or(Lsn::ZERO));
         Ok(Applier {
             config,
             tables: states,
@@ -183,7 +181,7 @@ impl Applier {
                 biased;
                 // A full batch waiting only for time goes first, so a busy stream cannot
                 // starve the commit.
-                _ = sleep_until(deadline) => {
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into()), if deadline.is_some() => {
                     self.flush().await?;
                     continue;
                 }
@@ -221,13 +219,9 @@ impl Applier {
         }
     }
 
-    /// Declares everything before `lsn` durable (it is already in the lake, or the slot
-    /// confirmed it earlier).
-    pub fn advance_to(&self, lsn: Lsn) {
-        self.advance(lsn);
-    }
-
-    fn advance(&self, lsn: Lsn) {
+    /// Declares everything before `lsn` durable (committed to the lake, or confirmed by the
+    /// slot earlier). The durable position only moves forward.
+    pub fn advance(&self, lsn: Lsn) {
         self.durable.send_if_modified(|d| {
             if lsn > *d {
                 *d = lsn;
@@ -480,12 +474,5 @@ impl Applier {
         self.advance(end);
         tracing::debug!(rows, tables = touched.len(), through = %end, elapsed_ms = started.elapsed().as_millis() as u64, "batch committed");
         Ok(())
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d.into()).await,
-        None => std::future::pending().await,
     }
 }

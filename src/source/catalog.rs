@@ -253,6 +253,10 @@ pub struct Report {
     pub problems: Vec<String>,
     pub notes: Vec<String>,
     pub tables: Vec<TableInfo>,
+    /// The publication does not exist (yet).
+    pub publication_missing: bool,
+    /// The slot does not exist (yet).
+    pub slot_missing: bool,
 }
 
 /// Checks everything replication needs, changing nothing.
@@ -323,6 +327,7 @@ pub async fn check(client: &Client, settings: &Settings) -> Result<Report, Catal
         }
         report.tables.push(info);
     }
+    report.publication_missing = published.is_none();
     if published.is_none() {
         if settings.create_publication {
             report.notes.push(format!(
@@ -342,7 +347,9 @@ pub async fn check(client: &Client, settings: &Settings) -> Result<Report, Catal
         .query_one("SELECT current_database()::text", &[])
         .await?
         .get(0);
-    match slot_info(client, &settings.slot).await? {
+    let slot = slot_info(client, &settings.slot).await?;
+    report.slot_missing = slot.is_none();
+    match slot {
         None if settings.create_slot => report.notes.push(format!(
             "replication slot {} does not exist; run will create it",
             settings.slot

@@ -64,7 +64,7 @@ pub async fn run(
             _ = cancel.cancelled(), if stop_by.is_none() => {
                 stop_by = Some(tokio::time::Instant::now() + SHUTDOWN_GRACE);
             }
-            _ = sleep_until(stop_by), if events.is_some() => {
+            _ = tokio::time::sleep_until(stop_by.unwrap_or_else(tokio::time::Instant::now)), if stop_by.is_some() && events.is_some() => {
                 // The grace period is over in the middle of a transaction: stop anyway;
                 // apply commits nothing of the partial batch and it is read again later.
                 pending = None;
@@ -138,12 +138,5 @@ pub async fn run(
                 }
             }
         }
-    }
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
