@@ -20,6 +20,8 @@ pub struct Config {
     pub lake: LakeConfig,
     #[serde(default)]
     pub apply: ApplyConfig,
+    #[serde(default)]
+    pub transform: TransformConfig,
 }
 
 /// `[source]`: the Postgres database to replicate.
@@ -47,6 +49,94 @@ pub struct SourceConfig {
     /// Seconds between standby status updates sent to Postgres.
     #[serde(default = "default_status_interval")]
     pub status_interval_secs: u64,
+    /// `initial`: copy every table's existing rows when a table has no snapshot yet (the
+    /// first start, a new slot, a newly configured table); `never`: only stream changes.
+    #[serde(default = "default_snapshot")]
+    pub snapshot: String,
+    /// Connections copying a snapshot in parallel.
+    #[serde(default = "default_snapshot_workers")]
+    pub snapshot_workers: usize,
+    /// Size of the table ranges (in MiB of heap) the snapshot copies as one unit.
+    #[serde(default = "default_snapshot_chunk_mb")]
+    pub snapshot_chunk_mb: u64,
+}
+
+/// `[transform]`: normalization rules for the curated tables.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransformConfig {
+    /// Tried in order; the first rule whose pattern matches a text column applies.
+    #[serde(default = "default_rules")]
+    pub rules: Vec<RuleConfig>,
+}
+
+impl Default for TransformConfig {
+    fn default() -> Self {
+        TransformConfig {
+            rules: default_rules(),
+        }
+    }
+}
+
+/// One `[[transform.rules]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// Column-name pattern; `*` matches any run of characters, case-insensitive.
+    pub column: String,
+    /// `date`, `timestamp` (UTC) or `decimal(p,s)`.
+    pub target: String,
+    /// strftime formats (dates, timestamps) or `1234.56` / `1.234,56` (decimals), in order.
+    pub formats: Vec<String>,
+    /// Prefixes removed before parsing (currency symbols).
+    #[serde(default)]
+    pub strip: Vec<String>,
+}
+
+/// The built-in rules: `*data*` text columns hold dates or timestamps, `*valor*` text
+/// columns hold amounts.
+pub fn default_rules() -> Vec<RuleConfig> {
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    vec![
+        RuleConfig {
+            column: "*data*".into(),
+            target: "timestamp".into(),
+            formats: s(&[
+                "%Y-%m-%d",
+                "%d/%m/%Y",
+                "%Y-%m-%d %H:%M:%S%#z",
+                "%Y-%m-%dT%H:%M:%S%#z",
+                "%Y-%m-%dT%H:%M:%SZ",
+                "%Y-%m-%d %H:%M:%S",
+                "%Y-%m-%dT%H:%M:%S",
+                "%d/%m/%Y %H:%M:%S",
+            ]),
+            strip: vec![],
+        },
+        RuleConfig {
+            column: "*valor*".into(),
+            target: "decimal(18,2)".into(),
+            formats: s(&["1234.56", "1.234,56"]),
+            strip: s(&["R$", "$"]),
+        },
+    ]
+}
+
+/// Whether a missing snapshot is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotMode {
+    Initial,
+    Never,
+}
+
+fn default_snapshot() -> String {
+    "initial".into()
+}
+fn default_snapshot_workers() -> usize {
+    4
+}
+fn default_snapshot_chunk_mb() -> u64 {
+    64
 }
 
 /// `[lake]`: where the Delta tables live.
@@ -142,6 +232,10 @@ pub struct Settings {
     pub status_interval: std::time::Duration,
     pub lake_path: String,
     pub apply: ApplyConfig,
+    pub snapshot: SnapshotMode,
+    pub snapshot_workers: usize,
+    pub snapshot_chunk_bytes: i64,
+    pub normalization: crate::curated::transform::Normalization,
 }
 
 impl Config {
@@ -234,6 +328,29 @@ impl Config {
         if self.source.status_interval_secs == 0 || self.source.status_interval_secs > 3600 {
             problems.push("source.status_interval_secs: must be from 1 to 3600".into());
         }
+        let snapshot = match self.source.snapshot.as_str() {
+            "initial" => SnapshotMode::Initial,
+            "never" => SnapshotMode::Never,
+            other => {
+                problems.push(format!(
+                    "source.snapshot: `{other}` is not a snapshot mode; use \"initial\" or \"never\""
+                ));
+                SnapshotMode::Initial
+            }
+        };
+        if !(1..=64).contains(&self.source.snapshot_workers) {
+            problems.push("source.snapshot_workers: must be from 1 to 64".into());
+        }
+        if !(1..=65536).contains(&self.source.snapshot_chunk_mb) {
+            problems.push("source.snapshot_chunk_mb: must be from 1 to 65536".into());
+        }
+        let mut rules = Vec::new();
+        for (i, rule) in self.transform.rules.iter().enumerate() {
+            match crate::curated::transform::Rule::from_config(rule) {
+                Ok(r) => rules.push(r),
+                Err(e) => problems.push(format!("transform.rules[{i}]: {e}")),
+            }
+        }
         if self.lake.path.trim().is_empty() {
             problems.push("lake.path: must name a directory or an object-store URL".into());
         }
@@ -264,6 +381,13 @@ impl Config {
                 status_interval: std::time::Duration::from_secs(self.source.status_interval_secs),
                 lake_path: self.lake.path,
                 apply: self.apply,
+                snapshot,
+                snapshot_workers: self.source.snapshot_workers,
+                snapshot_chunk_bytes: (self.source.snapshot_chunk_mb * 1024 * 1024) as i64,
+                normalization: crate::curated::transform::Normalization {
+                    rules,
+                    failures: Default::default(),
+                },
             }),
             _ => Err(ConfigError::Invalid(problems)),
         }

@@ -2,11 +2,13 @@
 //!
 //! The pipeline stages are modules: [`source`] (Postgres: control and replication
 //! connections, pgoutput decoding), [`apply`] (transaction-aligned batches into Arrow),
-//! [`lake`] (Delta tables, positions, checkpoint), wired together by [`pipeline`].
+//! [`lake`] (Delta tables, positions, checkpoint), [`curated`] (current-state tables kept
+//! by merging, and their normalization rules), wired together by [`pipeline`].
 //! `main.rs` only parses the command line.
 
 pub mod apply;
 pub mod config;
+pub mod curated;
 pub mod lake;
 pub mod lsn;
 pub mod pg_types;

@@ -12,16 +12,15 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::apply::builder::ColumnSpec;
 use crate::apply::{Applier, ApplyError};
-use crate::config::Settings;
+use crate::config::{Settings, SnapshotMode};
 use crate::lake::lock::LakeLock;
 use crate::lake::{Lake, LakeError};
 use crate::lsn::Lsn;
-use crate::source::catalog::{self, CatalogError};
+use crate::source::catalog::{self, CatalogError, TableInfo};
 use crate::source::replication::{ReplicationConnection, ReplicationError};
+use crate::source::snapshot::{SnapshotError, SnapshotReader};
 use crate::source::stream;
-use crate::table_name::TableName;
 
 const SLOT_LOST_ACTION: &str = "the changes Postgres no longer keeps for it cannot be \
      recovered from this slot; create the slot again (wal2delta does so on start when \
@@ -42,6 +41,8 @@ pub enum PipelineError {
     Apply(#[from] ApplyError),
     #[error(transparent)]
     Lake(#[from] LakeError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     #[error(
         "replication slot {slot} does not exist and source.create_slot is false; create it with \
          SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput'); or set create_slot = true"
@@ -81,13 +82,23 @@ impl PipelineError {
             PipelineError::Apply(e) => e.is_transient(),
             PipelineError::Lake(e) => e.is_transient(),
             PipelineError::Catalog(e) => e.is_transient(),
+            PipelineError::Snapshot(e) => e.is_transient(),
             _ => false,
         }
     }
 }
 
-/// Checks the source, creates what is missing and allowed, and returns the table shapes.
-async fn prepare(settings: &Settings) -> Result<Vec<(TableName, Vec<ColumnSpec>)>, PipelineError> {
+/// A slot this start created.
+struct CreatedSlot {
+    point: Lsn,
+    /// The connection holding the slot's exported snapshot open, and the snapshot's name.
+    export: Option<(ReplicationConnection, String)>,
+}
+
+/// Checks the source, creates what is missing and allowed, and returns the tables.
+async fn prepare(
+    settings: &Settings,
+) -> Result<(Vec<TableInfo>, Option<CreatedSlot>), PipelineError> {
     let client = catalog::connect(&settings.source).await?;
     let report = catalog::check(&client, settings).await?;
     if !report.problems.is_empty() {
@@ -97,6 +108,7 @@ async fn prepare(settings: &Settings) -> Result<Vec<(TableName, Vec<ColumnSpec>)
         catalog::create_publication(&client, settings).await?;
         tracing::info!(publication = %settings.publication, "publication created");
     }
+    let mut created = None;
     if report.slot_missing {
         if !settings.create_slot {
             return Err(PipelineError::SlotMissing {
@@ -104,23 +116,122 @@ async fn prepare(settings: &Settings) -> Result<Vec<(TableName, Vec<ColumnSpec>)
             });
         }
         let mut conn = ReplicationConnection::connect(&settings.source).await?;
-        let point = conn.create_slot(&settings.slot).await?;
-        conn.close().await;
-        tracing::info!(slot = %settings.slot, consistent_point = %point, "replication slot created");
+        if settings.snapshot == SnapshotMode::Initial {
+            let (point, name) = conn.create_slot_exporting(&settings.slot, false).await?;
+            tracing::info!(slot = %settings.slot, consistent_point = %point, "replication slot created with an exported snapshot");
+            created = Some(CreatedSlot {
+                point,
+                export: Some((conn, name)),
+            });
+        } else {
+            let point = conn.create_slot(&settings.slot).await?;
+            conn.close().await;
+            tracing::info!(slot = %settings.slot, consistent_point = %point, "replication slot created");
+            created = Some(CreatedSlot {
+                point,
+                export: None,
+            });
+        }
     }
-    Ok(report
-        .tables
-        .into_iter()
-        .map(|t| (t.name, t.columns))
-        .collect())
+    Ok((report.tables, created))
+}
+
+/// Copies every table that has no complete snapshot from this slot (all of them after the
+/// slot was created; one added to the configuration later; one whose copy a crash
+/// interrupted). A table is copied as of one exported snapshot — the new slot's own, or a
+/// temporary slot's — and marked with that snapshot's consistent point, so streaming skips
+/// exactly the transactions the copy already holds.
+async fn snapshot_missing(
+    settings: &Settings,
+    lake: &Lake,
+    tables: &[TableInfo],
+    created: Option<CreatedSlot>,
+) -> Result<(), PipelineError> {
+    let (durable_tx, _durable_rx) = watch::channel(Lsn::ZERO);
+    let mut applier = Applier::open(
+        lake,
+        &settings.slot,
+        tables,
+        &settings.normalization,
+        settings.apply.clone(),
+        durable_tx,
+    )
+    .await?;
+    let (created_point, export) = match created {
+        Some(c) => {
+            applier.record_slot_created(c.point).await?;
+            (Some(c.point), c.export)
+        }
+        None => (None, None),
+    };
+    if settings.snapshot == SnapshotMode::Never {
+        return Ok(());
+    }
+    let slot_born = applier.slot_created_at();
+    let missing: Vec<&TableInfo> = tables
+        .iter()
+        .filter(|t| match applier.snapshot_position(&t.name) {
+            None => true,
+            Some(at) => slot_born.is_some_and(|born| at < born),
+        })
+        .collect();
+    if missing.is_empty() {
+        if let Some((conn, _)) = export {
+            conn.close().await;
+        }
+        return Ok(());
+    }
+    let (conn, point, name) = match (export, created_point) {
+        (Some((conn, name)), Some(point)) => (conn, point, name),
+        _ => {
+            // The slot is older than these tables' snapshots: take a fresh snapshot from a
+            // temporary slot (gone when its connection closes).
+            let mut conn = ReplicationConnection::connect(&settings.source).await?;
+            let temp = format!("wal2delta_snapshot_{}", std::process::id());
+            let (point, name) = conn.create_slot_exporting(&temp, true).await?;
+            (conn, point, name)
+        }
+    };
+    let reader = SnapshotReader::open(
+        &settings.source,
+        &name,
+        settings.snapshot_workers,
+        settings.snapshot_chunk_bytes,
+    )
+    .await?;
+    tracing::info!(tables = missing.len(), at = %point, workers = settings.snapshot_workers, "initial snapshot started");
+    for info in missing {
+        let started = std::time::Instant::now();
+        let (tx, rx) = mpsc::channel(2 * settings.snapshot_workers);
+        let (copied, written) = tokio::join!(
+            reader.copy_table(info, point, tx),
+            applier.write_snapshot(&info.name, rx)
+        );
+        let rows = copied?;
+        written?;
+        applier
+            .commit_snapshot(&settings.slot, &info.name, point)
+            .await?;
+        tracing::info!(table = %info.name, rows, elapsed_ms = started.elapsed().as_millis() as u64, "table snapshot committed");
+    }
+    reader.close().await;
+    conn.close().await;
+    Ok(())
 }
 
 /// Runs the daemon until `cancel` fires (clean exit) or a definite error.
 pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), PipelineError> {
     let lake = Lake::open(&settings.lake_path)?;
     let _lock = LakeLock::acquire(&lake)?;
-    let tables = prepare(&settings).await?;
+    let (tables, created) = prepare(&settings).await?;
     tracing::info!(source = %settings.source, lake = %lake.root(), tables = tables.len(), "source ready");
+    tokio::select! {
+        result = snapshot_missing(&settings, &lake, &tables, created) => result?,
+        _ = cancel.cancelled() => {
+            tracing::info!("stopped during the initial snapshot; unfinished tables are copied again on the next start");
+            return Ok(());
+        }
+    }
     let mut attempt: u32 = 0;
     loop {
         let started = std::time::Instant::now();
@@ -176,7 +287,7 @@ fn explain(e: PipelineError, settings: &Settings) -> PipelineError {
 async fn session(
     settings: &Settings,
     lake: &Lake,
-    tables: &[(TableName, Vec<ColumnSpec>)],
+    tables: &[TableInfo],
     cancel: CancellationToken,
 ) -> Result<(), PipelineError> {
     // The slot's confirmed position is durable too (we only ever confirm durable
@@ -209,6 +320,7 @@ async fn session(
         lake,
         &settings.slot,
         tables,
+        &settings.normalization,
         settings.apply.clone(),
         durable_tx,
     )

@@ -226,6 +226,19 @@ impl ColumnBuilder {
     }
 }
 
+/// Parses text values of one column into an Arrow array (NULL where a value has no typed
+/// form).
+pub fn parse_column(kind: &ColumnKind, values: &[Option<&str>]) -> Result<ArrayRef, ArrowError> {
+    let mut builder = ColumnBuilder::new(kind);
+    for value in values {
+        match value.and_then(|text| parse_value(kind, text)) {
+            Some(v) => builder.append_value(v),
+            None => builder.append_null(),
+        }
+    }
+    builder.finish()
+}
+
 /// Where one change sits in the source stream.
 #[derive(Debug, Clone, Copy)]
 pub struct ChangeMeta {

@@ -17,12 +17,21 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, watch};
 
-use self::builder::{ChangeMeta, ColumnSpec, RawBatchBuilder, op};
+use deltalake::arrow::array::{Array, Int64Array};
+use deltalake::arrow::compute::filter_record_batch;
+use deltalake::arrow::compute::kernels::cmp::gt;
+use deltalake::arrow::record_batch::RecordBatch;
+use deltalake::kernel::Transaction;
+
+use self::builder::{ChangeMeta, RawBatchBuilder, op};
 use crate::config::ApplyConfig;
+use crate::curated::CuratedTable;
+use crate::curated::transform::Normalization;
 use crate::lake::checkpoint::Checkpoint;
 use crate::lake::table::DeltaSink;
 use crate::lake::{Lake, LakeError};
 use crate::lsn::Lsn;
+use crate::source::catalog::TableInfo;
 use crate::source::pgoutput::{OldTuple, PgOutputMessage, Relation, Tuple};
 use crate::source::replication::PG_EPOCH_OFFSET_MICROS;
 use crate::table_name::TableName;
@@ -79,7 +88,53 @@ impl ApplyError {
 
 struct TableState {
     sink: DeltaSink,
+    curated: CuratedTable,
     builder: RawBatchBuilder,
+    /// Where the table's snapshot was taken, if it has one.
+    snapshot_at: Option<Lsn>,
+}
+
+impl TableState {
+    /// The position both the raw and the curated table hold.
+    fn held(&self) -> Option<Lsn> {
+        match (self.sink.applied(), self.curated.applied()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            _ => None,
+        }
+    }
+
+    /// Hands a chunk of change rows to the raw and curated tables, each taking only the
+    /// transactions it does not hold yet.
+    async fn write_chunk(&mut self, batch: RecordBatch) -> Result<(), LakeError> {
+        let raw = after(&batch, self.sink.applied(), self.sink.label())?;
+        self.sink.write(raw).await?;
+        let curated = after(&batch, self.curated.applied(), self.curated.label())?;
+        self.curated.merge(&curated).await
+    }
+}
+
+/// The rows of `batch` from transactions committed after `applied`.
+fn after(batch: &RecordBatch, applied: Option<Lsn>, label: &str) -> Result<RecordBatch, LakeError> {
+    let Some(applied) = applied else {
+        return Ok(batch.clone());
+    };
+    let arrow_err = |source| LakeError::Arrow {
+        table: label.to_string(),
+        source,
+    };
+    let lsns = batch
+        .column_by_name("_commit_lsn")
+        .and_then(|a| a.as_any().downcast_ref::<Int64Array>())
+        .ok_or_else(|| {
+            arrow_err(deltalake::arrow::error::ArrowError::SchemaError(
+                "no _commit_lsn column".into(),
+            ))
+        })?;
+    if lsns.is_empty() || lsns.values().iter().all(|v| *v > applied.as_i64()) {
+        return Ok(batch.clone());
+    }
+    let keep = gt(lsns, &Int64Array::new_scalar(applied.as_i64())).map_err(arrow_err)?;
+    filter_record_batch(batch, &keep).map_err(arrow_err)
 }
 
 /// How the stream's relation maps onto a lake table.
@@ -122,18 +177,25 @@ pub fn raw_app_id(slot: &str, table: &TableName) -> String {
     format!("wal2delta:{slot}:{table}")
 }
 
+/// The application-transaction id marking a raw table's completed snapshot.
+pub fn snapshot_app_id(slot: &str, table: &TableName) -> String {
+    format!("wal2delta:{slot}:snapshot:{table}")
+}
+
 impl Applier {
-    /// Opens every raw table and the checkpoint, reading back their positions.
+    /// Opens every raw and curated table and the checkpoint, reading back their positions.
     pub async fn open(
         lake: &Lake,
         slot: &str,
-        tables: &[(TableName, Vec<ColumnSpec>)],
+        tables: &[TableInfo],
+        normalization: &Normalization,
         config: ApplyConfig,
         durable: watch::Sender<Lsn>,
     ) -> Result<Applier, ApplyError> {
         let mut states = HashMap::new();
-        for (name, columns) in tables {
-            let builder = RawBatchBuilder::new(columns.clone());
+        for info in tables {
+            let name = &info.name;
+            let builder = RawBatchBuilder::new(info.columns.clone());
             let label = format!("raw.{name}");
             let sink = DeltaSink::open(
                 &lake.raw_table_url(name),
@@ -142,7 +204,25 @@ impl Applier {
                 raw_app_id(slot, name),
             )
             .await?;
-            states.insert(name.clone(), TableState { sink, builder });
+            let snapshot_at =
+                crate::lake::table::applied_position(sink.table(), &snapshot_app_id(slot, name))
+                    .await
+                    .map_err(|source| LakeError::Delta {
+                        table: label.clone(),
+                        source,
+                    })?;
+            let curated =
+                CuratedTable::open(lake, slot, name, &info.columns, &info.key_columns, normalization)
+                    .await?;
+            states.insert(
+                name.clone(),
+                TableState {
+                    sink,
+                    curated,
+                    builder,
+                    snapshot_at,
+                },
+            );
         }
         let checkpoint = Checkpoint::open(lake, slot).await?;
         Ok(Applier {
@@ -165,8 +245,78 @@ impl Applier {
     pub fn table_positions(&self) -> Vec<(String, Option<Lsn>)> {
         self.tables
             .values()
-            .map(|t| (t.sink.label().to_string(), t.sink.applied()))
+            .flat_map(|t| {
+                [
+                    (t.sink.label().to_string(), t.sink.applied()),
+                    (t.curated.label().to_string(), t.curated.applied()),
+                ]
+            })
             .collect()
+    }
+
+    /// Where `table`'s snapshot was taken, if it has a complete one.
+    pub fn snapshot_position(&self, table: &TableName) -> Option<Lsn> {
+        self.tables.get(table).and_then(|t| t.snapshot_at)
+    }
+
+    /// The slot's creation point as recorded in the checkpoint table.
+    pub fn slot_created_at(&self) -> Option<Lsn> {
+        self.checkpoint.slot_created_at()
+    }
+
+    /// Records that the slot was created with consistent point `lsn`: every snapshot taken
+    /// before it belongs to an older slot.
+    pub async fn record_slot_created(&mut self, lsn: Lsn) -> Result<(), ApplyError> {
+        Ok(self.checkpoint.record_slot_created(lsn).await?)
+    }
+
+    /// Writes a table's snapshot rows (raw-shaped, op `r`) as they arrive, replacing the
+    /// curated table's contents. Nothing is visible until [`Applier::commit_snapshot`].
+    pub async fn write_snapshot(
+        &mut self,
+        table: &TableName,
+        mut batches: mpsc::Receiver<RecordBatch>,
+    ) -> Result<u64, ApplyError> {
+        let state = self
+            .tables
+            .get_mut(table)
+            .ok_or_else(|| ApplyError::Stream(format!("snapshot of unknown table {table}")))?;
+        state.curated.begin_replace();
+        let mut rows = 0u64;
+        while let Some(batch) = batches.recv().await {
+            rows += batch.num_rows() as u64;
+            state.sink.write(batch.clone()).await?;
+            state.curated.append(&batch).await?;
+        }
+        Ok(rows)
+    }
+
+    /// Commits a completely copied snapshot taken at `point`: the curated table first,
+    /// then the raw table with the snapshot marker (the last step, so a table whose raw
+    /// table has the marker is complete in both).
+    pub async fn commit_snapshot(
+        &mut self,
+        slot: &str,
+        table: &TableName,
+        point: Lsn,
+    ) -> Result<(), ApplyError> {
+        let state = self
+            .tables
+            .get_mut(table)
+            .ok_or_else(|| ApplyError::Stream(format!("snapshot of unknown table {table}")))?;
+        let metadata = HashMap::from([(
+            "wal2delta.snapshot_lsn".to_string(),
+            serde_json::json!(point.to_string()),
+        )]);
+        state.curated.commit(point, metadata.clone()).await?;
+        let marker = Transaction::new_with_last_update(
+            snapshot_app_id(slot, table),
+            point.as_i64(),
+            Some(chrono::Utc::now().timestamp_millis()),
+        );
+        state.sink.commit_with(point, metadata, vec![marker]).await?;
+        state.snapshot_at = Some(point);
+        Ok(())
     }
 
     /// Runs until the channel closes (source stopped), then commits what is complete.
@@ -385,11 +535,7 @@ impl Applier {
         let Some(state) = self.tables.get_mut(name) else {
             return Ok(());
         };
-        if state
-            .sink
-            .applied()
-            .is_some_and(|applied| txn.commit_lsn <= applied)
-        {
+        if state.held().is_some_and(|held| txn.commit_lsn <= held) {
             return Ok(()); // already durable in this table
         }
         let meta = ChangeMeta {
@@ -417,9 +563,24 @@ impl Applier {
                 table: name.to_string(),
                 source,
             })?;
-            state.sink.write(batch).await?;
+            state.write_chunk(batch).await?;
         }
         Ok(())
+    }
+
+    /// Every table's Delta version: `{"raw": {table: version}, "curated": {…}}`.
+    fn versions(&self) -> serde_json::Value {
+        let mut raw = serde_json::Map::new();
+        let mut curated = serde_json::Map::new();
+        for (name, state) in &self.tables {
+            if let Some(v) = state.sink.version() {
+                raw.insert(name.to_string(), v.into());
+            }
+            if let Some(v) = state.curated.version() {
+                curated.insert(name.to_string(), v.into());
+            }
+        }
+        serde_json::json!({ "raw": raw, "curated": curated })
     }
 
     fn batch_full(&self) -> bool {
@@ -453,23 +614,25 @@ impl Applier {
                         table: name.to_string(),
                         source,
                     })?;
-                    state.sink.write(batch).await?;
+                    state.write_chunk(batch).await?;
                 }
                 let metadata = HashMap::from([(
                     "wal2delta.commit_lsn".to_string(),
                     serde_json::json!(through.to_string()),
                 )]);
-                state.sink.commit(through, metadata).await?;
+                // A table never moves its position back (after a crash between the two
+                // commits, one of them may already hold the batch).
+                if state.sink.applied().is_none_or(|a| a < through) {
+                    state.sink.commit(through, metadata.clone()).await?;
+                }
+                if state.curated.applied().is_none_or(|a| a < through) {
+                    state.curated.commit(through, metadata).await?;
+                }
                 Ok::<_, LakeError>(())
             });
         }
         futures::future::try_join_all(commits).await?;
-        let versions: HashMap<String, u64> = self
-            .tables
-            .iter()
-            .filter_map(|(n, s)| s.sink.version().map(|v| (n.to_string(), v)))
-            .collect();
-        self.checkpoint.record(end, &versions).await?;
+        self.checkpoint.record(end, &self.versions()).await?;
         self.batch = Batch::default();
         self.advance(end);
         tracing::debug!(rows, tables = touched.len(), through = %end, elapsed_ms = started.elapsed().as_millis() as u64, "batch committed");

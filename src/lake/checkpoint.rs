@@ -43,6 +43,8 @@ pub struct Checkpoint {
     table: DeltaTable,
     app_id: String,
     position: Option<Lsn>,
+    created_app_id: String,
+    slot_created_at: Option<Lsn>,
 }
 
 impl Checkpoint {
@@ -50,17 +52,21 @@ impl Checkpoint {
         let schema = Arc::new(Schema::new(vec![Field::new("lsn", DataType::Int64, true)]));
         let table = open_or_create(&lake.checkpoint_url(), LABEL, &schema).await?;
         let app_id = format!("wal2delta:{slot}");
-        let position =
-            applied_position(&table, &app_id)
-                .await
-                .map_err(|source| LakeError::Delta {
-                    table: LABEL.into(),
-                    source,
-                })?;
+        let created_app_id = format!("wal2delta:{slot}:slot-created");
+        let delta_err = |source| LakeError::Delta {
+            table: LABEL.into(),
+            source,
+        };
+        let position = applied_position(&table, &app_id).await.map_err(delta_err)?;
+        let slot_created_at = applied_position(&table, &created_app_id)
+            .await
+            .map_err(delta_err)?;
         Ok(Checkpoint {
             table,
             app_id,
             position,
+            created_app_id,
+            slot_created_at,
         })
     }
 
@@ -69,33 +75,42 @@ impl Checkpoint {
         self.position
     }
 
-    /// Records that every table is durable through `end_lsn`; `versions` maps each table
-    /// to its Delta version at this point (for consistent reads).
-    pub async fn record(
+    /// The consistent point of the slot when this daemon created it, if it did.
+    pub fn slot_created_at(&self) -> Option<Lsn> {
+        self.slot_created_at
+    }
+
+    /// Records the consistent point of a slot this daemon just created. Snapshots taken
+    /// before it belong to an older slot of the same name and are redone.
+    pub async fn record_slot_created(&mut self, lsn: Lsn) -> Result<(), LakeError> {
+        self.commit(
+            Transaction::new_with_last_update(
+                &self.created_app_id,
+                lsn.as_i64(),
+                Some(chrono::Utc::now().timestamp_millis()),
+            ),
+            HashMap::from([(
+                "wal2delta.slot_created_at".to_string(),
+                serde_json::json!(lsn.to_string()),
+            )]),
+        )
+        .await?;
+        self.slot_created_at = Some(lsn);
+        Ok(())
+    }
+
+    async fn commit(
         &mut self,
-        end_lsn: Lsn,
-        versions: &HashMap<String, u64>,
+        txn: Transaction,
+        metadata: HashMap<String, serde_json::Value>,
     ) -> Result<(), LakeError> {
         let delta_err = |source| LakeError::Delta {
             table: LABEL.into(),
             source,
         };
         let properties = CommitProperties::default()
-            .with_application_transaction(Transaction::new_with_last_update(
-                &self.app_id,
-                end_lsn.as_i64(),
-                Some(chrono::Utc::now().timestamp_millis()),
-            ))
-            .with_metadata([
-                (
-                    "wal2delta.end_lsn".to_string(),
-                    serde_json::json!(end_lsn.to_string()),
-                ),
-                (
-                    "wal2delta.table_versions".to_string(),
-                    serde_json::json!(versions),
-                ),
-            ]);
+            .with_application_transaction(txn)
+            .with_metadata(metadata);
         let snapshot = self.table.snapshot().map_err(delta_err)?;
         let finalized = CommitBuilder::from(properties)
             .with_actions(vec![])
@@ -107,6 +122,32 @@ impl Checkpoint {
             .await
             .map_err(|e| delta_err(e.into()))?;
         self.table.state = Some(finalized.snapshot());
+        Ok(())
+    }
+
+    /// Records that every table is durable through `end_lsn`; `versions` gives each
+    /// table's Delta version at this point (for consistent reads).
+    pub async fn record(
+        &mut self,
+        end_lsn: Lsn,
+        versions: &serde_json::Value,
+    ) -> Result<(), LakeError> {
+        let txn = Transaction::new_with_last_update(
+            &self.app_id,
+            end_lsn.as_i64(),
+            Some(chrono::Utc::now().timestamp_millis()),
+        );
+        self.commit(
+            txn,
+            HashMap::from([
+                (
+                    "wal2delta.end_lsn".to_string(),
+                    serde_json::json!(end_lsn.to_string()),
+                ),
+                ("wal2delta.table_versions".to_string(), versions.clone()),
+            ]),
+        )
+        .await?;
         self.position = Some(end_lsn);
         Ok(())
     }

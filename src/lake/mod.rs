@@ -44,6 +44,11 @@ pub enum LakeError {
     )]
     Locked { path: String, owner: String },
     #[error(
+        "table {table} has no key wal2delta can use for its curated table: give it a primary \
+         key, or ALTER TABLE ... REPLICA IDENTITY FULL (or USING INDEX a unique index)"
+    )]
+    NoKey { table: String },
+    #[error(
         "the raw table {table} has columns {existing:?} but the source now sends {incoming:?}; \
          schema changes are not applied yet: stop writes to the table, or move the raw table \
          aside and restart to begin a new history"
@@ -129,6 +134,11 @@ impl Lake {
     /// The raw change-log table of a source table.
     pub fn raw_table_url(&self, table: &TableName) -> Url {
         self.join(&format!("raw/{}/", table.path_segments()))
+    }
+
+    /// The curated (current-state mirror) table of a source table.
+    pub fn curated_table_url(&self, table: &TableName) -> Url {
+        self.join(&format!("curated/{}/", table.path_segments()))
     }
 
     /// The global checkpoint table.

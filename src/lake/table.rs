@@ -136,6 +136,10 @@ impl DeltaSink {
         &self.label
     }
 
+    pub fn table(&self) -> &DeltaTable {
+        &self.table
+    }
+
     /// The table's current Delta version.
     pub fn version(&self) -> Option<u64> {
         self.table.version()
@@ -163,6 +167,17 @@ impl DeltaSink {
         through: Lsn,
         metadata: HashMap<String, serde_json::Value>,
     ) -> Result<u64, LakeError> {
+        self.commit_with(through, metadata, vec![]).await
+    }
+
+    /// [`DeltaSink::commit`], recording further application transactions in the same
+    /// commit (the snapshot marker).
+    pub async fn commit_with(
+        &mut self,
+        through: Lsn,
+        metadata: HashMap<String, serde_json::Value>,
+        extra: Vec<Transaction>,
+    ) -> Result<u64, LakeError> {
         let delta_err = |source| LakeError::Delta {
             table: self.label.clone(),
             source,
@@ -175,12 +190,14 @@ impl DeltaSink {
             .into_iter()
             .map(Action::Add)
             .collect();
+        let mut txns = vec![Transaction::new_with_last_update(
+            &self.app_id,
+            through.as_i64(),
+            Some(chrono::Utc::now().timestamp_millis()),
+        )];
+        txns.extend(extra);
         let properties = CommitProperties::default()
-            .with_application_transaction(Transaction::new_with_last_update(
-                &self.app_id,
-                through.as_i64(),
-                Some(chrono::Utc::now().timestamp_millis()),
-            ))
+            .with_application_transactions(txns)
             .with_metadata(metadata);
         let operation = DeltaOperation::Write {
             mode: SaveMode::Append,

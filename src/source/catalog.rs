@@ -167,7 +167,7 @@ pub async fn table_info(
             &[&oid],
         )
         .await?;
-    let columns = cols
+    let columns: Vec<ColumnSpec> = cols
         .iter()
         .map(|r| ColumnSpec {
             name: r.get(0),
@@ -180,14 +180,21 @@ pub async fn table_info(
         .query(
             "SELECT a.attname::text FROM pg_index i \
              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
-             WHERE i.indrelid = $1 AND i.indisprimary ORDER BY array_position(i.indkey, a.attnum)",
-            &[&oid],
+             WHERE i.indrelid = $1 \
+               AND CASE WHEN $2 = 'i' THEN i.indisreplident ELSE i.indisprimary END \
+             ORDER BY array_position(i.indkey, a.attnum)",
+            &[&oid, &ident],
         )
         .await?;
+    let mut key_columns: Vec<String> = keys.iter().map(|r| r.get(0)).collect();
+    if key_columns.is_empty() && ident == "f" {
+        // REPLICA IDENTITY FULL without a primary key: the whole row identifies it.
+        key_columns = columns.iter().map(|c: &ColumnSpec| c.name.clone()).collect();
+    }
     Ok(Some(TableInfo {
         name: table.clone(),
         columns,
-        key_columns: keys.iter().map(|r| r.get(0)).collect(),
+        key_columns,
         replica_identity: ident.chars().next().unwrap_or('d'),
         can_select,
     }))

@@ -454,19 +454,49 @@ impl ReplicationConnection {
 
     /// `CREATE_REPLICATION_SLOT … LOGICAL pgoutput`; returns the slot's consistent point.
     pub async fn create_slot(&mut self, slot: &str) -> Result<Lsn, ReplicationError> {
+        Ok(self.create_slot_with(slot, false, false).await?.0)
+    }
+
+    /// Creates a slot that exports a snapshot: returns the consistent point and the
+    /// snapshot name, which other sessions may import (`SET TRANSACTION SNAPSHOT`) until
+    /// this connection runs another command or closes. A `temporary` slot disappears with
+    /// the connection.
+    pub async fn create_slot_exporting(
+        &mut self,
+        slot: &str,
+        temporary: bool,
+    ) -> Result<(Lsn, String), ReplicationError> {
+        let (lsn, name) = self.create_slot_with(slot, temporary, true).await?;
+        let name = name.ok_or_else(|| {
+            ReplicationError::Protocol("CREATE_REPLICATION_SLOT exported no snapshot".into())
+        })?;
+        Ok((lsn, name))
+    }
+
+    async fn create_slot_with(
+        &mut self,
+        slot: &str,
+        temporary: bool,
+        export: bool,
+    ) -> Result<(Lsn, Option<String>), ReplicationError> {
         let sql = format!(
-            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
-            quote_ident(slot)
+            "CREATE_REPLICATION_SLOT {}{} LOGICAL pgoutput {}",
+            quote_ident(slot),
+            if temporary { " TEMPORARY" } else { "" },
+            if export { "EXPORT_SNAPSHOT" } else { "NOEXPORT_SNAPSHOT" }
         );
         let rows = self.simple_query(&sql).await?;
-        let lsn = rows
-            .first()
+        let row = rows.first();
+        let lsn = row
             .and_then(|r| r.get(1).cloned().flatten())
             .ok_or_else(|| {
                 ReplicationError::Protocol("CREATE_REPLICATION_SLOT returned no LSN".into())
             })?;
-        lsn.parse()
-            .map_err(|e| ReplicationError::Protocol(format!("CREATE_REPLICATION_SLOT: {e}")))
+        let snapshot = row.and_then(|r| r.get(2).cloned().flatten());
+        let lsn = lsn
+            .parse()
+            .map_err(|e| ReplicationError::Protocol(format!("CREATE_REPLICATION_SLOT: {e}")))?;
+        Ok((lsn, snapshot))
     }
 
     /// `START_REPLICATION SLOT … LOGICAL start (proto_version '1', publication_names …)`.

@@ -3,6 +3,7 @@
 //! happens once.
 
 mod cli;
+mod curated;
 mod faults;
 mod harness;
 mod memory;
