@@ -21,7 +21,7 @@ CREATE PUBLICATION w2d_pub FOR TABLE mixed;
 "#;
 
 const READER: &str = r#"
-import json, sys
+import json, os, sys
 from deltalake import DeltaTable
 raw = DeltaTable(sys.argv[1]).to_pyarrow_table().to_pylist()
 raw.sort(key=lambda r: (r["_commit_lsn"], r["_seq"]))
@@ -34,6 +34,10 @@ print(json.dumps({
              for r in raw],
     "checkpoint_version": checkpoint.version(),
 }))
+sys.stdout.flush()
+# Skip interpreter teardown: the native reader's background threads can abort it
+# ("terminate called without an active exception") after the work is done.
+os._exit(0)
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
