@@ -14,8 +14,6 @@ use deltalake::arrow::datatypes::{DataType, Field, TimeUnit};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ColumnKind {
     Bool,
-    Int16,
-    Int32,
     Int64,
     Float32,
     Float64,
@@ -73,13 +71,36 @@ fn array_element(array_oid: u32) -> Option<u32> {
 }
 
 impl ColumnKind {
+    /// The kind whose Arrow type is `ty` (for columns the lake has but the source dropped).
+    pub fn from_arrow(ty: &DataType) -> Option<ColumnKind> {
+        Some(match ty {
+            DataType::Boolean => ColumnKind::Bool,
+            DataType::Int64 => ColumnKind::Int64,
+            DataType::Float32 => ColumnKind::Float32,
+            DataType::Float64 => ColumnKind::Float64,
+            DataType::Decimal128(precision, scale) => ColumnKind::Decimal {
+                precision: *precision,
+                scale: *scale,
+            },
+            DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8 => ColumnKind::Text,
+            DataType::Date32 => ColumnKind::Date,
+            DataType::Timestamp(TimeUnit::Microsecond, None) => ColumnKind::Timestamp,
+            DataType::Timestamp(TimeUnit::Microsecond, Some(_)) => ColumnKind::TimestampTz,
+            DataType::Binary | DataType::BinaryView | DataType::LargeBinary => ColumnKind::Bytea,
+            DataType::List(f) | DataType::LargeList(f) => {
+                ColumnKind::List(Box::new(ColumnKind::from_arrow(f.data_type())?))
+            }
+            _ => return None,
+        })
+    }
+
     /// The column kind for a Postgres type OID and type modifier (`atttypmod`).
     pub fn from_pg(type_oid: u32, typmod: i32) -> ColumnKind {
         match type_oid {
             oid::BOOL => ColumnKind::Bool,
-            oid::INT2 => ColumnKind::Int16,
-            oid::INT4 => ColumnKind::Int32,
-            oid::INT8 | oid::OID => ColumnKind::Int64,
+            // Every integer is stored as a 64-bit integer, so widening a column (smallint →
+            // integer → bigint) never changes its Delta type.
+            oid::INT2 | oid::INT4 | oid::INT8 | oid::OID => ColumnKind::Int64,
             oid::FLOAT4 => ColumnKind::Float32,
             oid::FLOAT8 => ColumnKind::Float64,
             oid::NUMERIC => numeric_kind(typmod),
@@ -100,8 +121,6 @@ impl ColumnKind {
     pub fn arrow_type(&self) -> DataType {
         match self {
             ColumnKind::Bool => DataType::Boolean,
-            ColumnKind::Int16 => DataType::Int16,
-            ColumnKind::Int32 => DataType::Int32,
             ColumnKind::Int64 => DataType::Int64,
             ColumnKind::Float32 => DataType::Float32,
             ColumnKind::Float64 => DataType::Float64,
@@ -120,8 +139,9 @@ impl ColumnKind {
     }
 }
 
-/// `numeric(p,s)` with 1 ≤ p ≤ 38 and 0 ≤ s ≤ p maps to Decimal128; anything else
-/// (unconstrained numeric, larger precision, negative scale) to text.
+/// `numeric(p,s)` with 1 ≤ p ≤ 38 and 0 ≤ s ≤ p maps to Decimal128(38, s) — the widest
+/// precision, so growing the column's precision never changes its Delta type; anything
+/// else (unconstrained numeric, larger precision, negative scale) to text.
 fn numeric_kind(typmod: i32) -> ColumnKind {
     if typmod < 4 {
         return ColumnKind::Text;
@@ -132,7 +152,7 @@ fn numeric_kind(typmod: i32) -> ColumnKind {
     let scale = ((t & 0x7FF) ^ 1024) - 1024;
     if (1..=38).contains(&precision) && (0..=precision).contains(&scale) {
         ColumnKind::Decimal {
-            precision: precision as u8,
+            precision: 38,
             scale: scale as i8,
         }
     } else {
@@ -144,8 +164,6 @@ fn numeric_kind(typmod: i32) -> ColumnKind {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
     Bool(bool),
-    Int16(i16),
-    Int32(i32),
     Int64(i64),
     Float32(f32),
     Float64(f64),
@@ -166,8 +184,6 @@ pub fn parse_value(kind: &ColumnKind, text: &str) -> Option<Value> {
             "f" => Value::Bool(false),
             _ => return None,
         },
-        ColumnKind::Int16 => Value::Int16(text.parse().ok()?),
-        ColumnKind::Int32 => Value::Int32(text.parse().ok()?),
         ColumnKind::Int64 => Value::Int64(text.parse().ok()?),
         ColumnKind::Float32 => Value::Float32(text.parse().ok()?),
         ColumnKind::Float64 => Value::Float64(text.parse().ok()?),
@@ -398,14 +414,14 @@ mod tests {
         assert_eq!(
             ColumnKind::from_pg(oid::NUMERIC, ((12 << 16) | 2) + 4),
             ColumnKind::Decimal {
-                precision: 12,
+                precision: 38,
                 scale: 2
             }
         );
         assert_eq!(ColumnKind::from_pg(oid::NUMERIC, -1), ColumnKind::Text);
         assert_eq!(
             ColumnKind::from_pg(1007, -1),
-            ColumnKind::List(Box::new(ColumnKind::Int32))
+            ColumnKind::List(Box::new(ColumnKind::Int64))
         );
         assert_eq!(ColumnKind::from_pg(2950, -1), ColumnKind::Text);
         assert_eq!(ColumnKind::from_pg(99999, -1), ColumnKind::Text);
@@ -481,10 +497,10 @@ mod tests {
         assert_eq!(parse_array("{{1,2},{3,4}}"), None);
         assert_eq!(parse_array("[0:1]={1,2}"), None);
         assert_eq!(
-            parse_value(&ColumnKind::List(Box::new(ColumnKind::Int32)), "{1,2,NULL}"),
+            parse_value(&ColumnKind::List(Box::new(ColumnKind::Int64)), "{1,2,NULL}"),
             Some(Value::List(vec![
-                Some(Value::Int32(1)),
-                Some(Value::Int32(2)),
+                Some(Value::Int64(1)),
+                Some(Value::Int64(2)),
                 None
             ]))
         );

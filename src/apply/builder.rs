@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use deltalake::arrow::array::{
     ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Decimal128Builder, Float32Builder,
-    Float64Builder, Int16Builder, Int32Builder, Int64Builder, ListArray, ListBuilder,
+    Float64Builder, Int64Builder, ListArray, ListBuilder,
     NullBufferBuilder, StringBuilder, TimestampMicrosecondBuilder,
 };
 use deltalake::arrow::buffer::OffsetBuffer;
@@ -81,8 +81,6 @@ pub fn raw_schema(columns: &[ColumnSpec]) -> SchemaRef {
 /// A typed Arrow builder for one column.
 enum ColumnBuilder {
     Bool(BooleanBuilder),
-    Int16(Int16Builder),
-    Int32(Int32Builder),
     Int64(Int64Builder),
     Float32(Float32Builder),
     Float64(Float64Builder),
@@ -103,8 +101,6 @@ impl ColumnBuilder {
     fn new(kind: &ColumnKind) -> ColumnBuilder {
         match kind {
             ColumnKind::Bool => ColumnBuilder::Bool(BooleanBuilder::new()),
-            ColumnKind::Int16 => ColumnBuilder::Int16(Int16Builder::new()),
-            ColumnKind::Int32 => ColumnBuilder::Int32(Int32Builder::new()),
             ColumnKind::Int64 => ColumnBuilder::Int64(Int64Builder::new()),
             ColumnKind::Float32 => ColumnBuilder::Float32(Float32Builder::new()),
             ColumnKind::Float64 => ColumnBuilder::Float64(Float64Builder::new()),
@@ -132,8 +128,6 @@ impl ColumnBuilder {
     fn append_null(&mut self) {
         match self {
             ColumnBuilder::Bool(b) => b.append_null(),
-            ColumnBuilder::Int16(b) => b.append_null(),
-            ColumnBuilder::Int32(b) => b.append_null(),
             ColumnBuilder::Int64(b) => b.append_null(),
             ColumnBuilder::Float32(b) => b.append_null(),
             ColumnBuilder::Float64(b) => b.append_null(),
@@ -156,8 +150,6 @@ impl ColumnBuilder {
     fn append_value(&mut self, value: Value) {
         match (self, value) {
             (ColumnBuilder::Bool(b), Value::Bool(v)) => b.append_value(v),
-            (ColumnBuilder::Int16(b), Value::Int16(v)) => b.append_value(v),
-            (ColumnBuilder::Int32(b), Value::Int32(v)) => b.append_value(v),
             (ColumnBuilder::Int64(b), Value::Int64(v)) => b.append_value(v),
             (ColumnBuilder::Float32(b), Value::Float32(v)) => b.append_value(v),
             (ColumnBuilder::Float64(b), Value::Float64(v)) => b.append_value(v),
@@ -192,8 +184,6 @@ impl ColumnBuilder {
     fn finish(&mut self) -> Result<ArrayRef, ArrowError> {
         Ok(match self {
             ColumnBuilder::Bool(b) => Arc::new(b.finish()),
-            ColumnBuilder::Int16(b) => Arc::new(b.finish()),
-            ColumnBuilder::Int32(b) => Arc::new(b.finish()),
             ColumnBuilder::Int64(b) => Arc::new(b.finish()),
             ColumnBuilder::Float32(b) => Arc::new(b.finish()),
             ColumnBuilder::Float64(b) => Arc::new(b.finish()),
@@ -305,6 +295,19 @@ impl RawBatchBuilder {
 
     pub fn rows(&self) -> usize {
         self.rows
+    }
+
+    /// Takes new source types for columns whose storage does not change (checked by
+    /// `apply::schema::retype`); anything else is ignored.
+    pub fn retype(&mut self, columns: Vec<ColumnSpec>) {
+        let same_storage = columns.len() == self.columns.len()
+            && columns
+                .iter()
+                .zip(&self.columns)
+                .all(|(a, b)| a.name == b.name && a.kind == b.kind);
+        if same_storage {
+            self.columns = columns;
+        }
     }
 
     /// Approximate bytes of change data buffered.
@@ -457,7 +460,7 @@ mod tests {
             },
             ColumnSpec {
                 name: "tags".into(),
-                kind: ColumnKind::List(Box::new(ColumnKind::Int32)),
+                kind: ColumnKind::List(Box::new(ColumnKind::Int64)),
                 type_oid: 1007,
                 type_modifier: -1,
             },

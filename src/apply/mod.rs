@@ -11,6 +11,7 @@
 //! is at or past the transaction's commit LSN (see `lake::checkpoint` for the design).
 
 pub mod builder;
+pub mod schema;
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Instant;
@@ -23,7 +24,7 @@ use deltalake::arrow::compute::kernels::cmp::gt;
 use deltalake::arrow::record_batch::RecordBatch;
 use deltalake::kernel::Transaction;
 
-use self::builder::{ChangeMeta, RawBatchBuilder, op};
+use self::builder::{ChangeMeta, ColumnSpec, RawBatchBuilder, op};
 use crate::config::ApplyConfig;
 use crate::curated::CuratedTable;
 use crate::curated::transform::Normalization;
@@ -57,24 +58,8 @@ pub enum ApplyError {
     Lake(#[from] LakeError),
     #[error("the replication stream broke its own rules: {0}")]
     Stream(String),
-    #[error(
-        "table {table}: the source now sends column {column} as type {new_type} (typmod {new_mod}), \
-         but the lake stores it as type {old_type} (typmod {old_mod}); schema changes are not \
-         applied yet: revert the change, or move the raw table aside and restart"
-    )]
-    TypeChanged {
-        table: String,
-        column: String,
-        old_type: u32,
-        old_mod: i32,
-        new_type: u32,
-        new_mod: i32,
-    },
-    #[error(
-        "table {table}: the source added column {column}, which the lake does not have; schema \
-         changes are not applied yet: move the raw table aside and restart"
-    )]
-    ColumnAdded { table: String, column: String },
+    #[error(transparent)]
+    TypeChanged(#[from] schema::TypeChanged),
 }
 
 impl ApplyError {
@@ -101,6 +86,21 @@ impl TableState {
             (Some(a), Some(b)) => Some(a.min(b)),
             _ => None,
         }
+    }
+
+    /// Applies a schema change: what is buffered goes out under the old schema, later rows
+    /// under the new one; the next commit records the new schema with the data.
+    async fn evolve(&mut self, columns: Vec<ColumnSpec>) -> Result<(), LakeError> {
+        if self.builder.rows() > 0 {
+            let batch = self.builder.finish().map_err(|source| LakeError::Arrow {
+                table: self.sink.label().to_string(),
+                source,
+            })?;
+            self.write_chunk(batch).await?;
+        }
+        self.builder = RawBatchBuilder::new(columns.clone());
+        self.sink.evolve(self.builder.schema().clone()).await?;
+        self.curated.evolve(&columns)
     }
 
     /// Hands a chunk of change rows to the raw and curated tables, each taking only the
@@ -195,7 +195,13 @@ impl Applier {
         let mut states = HashMap::new();
         for info in tables {
             let name = &info.name;
-            let builder = RawBatchBuilder::new(info.columns.clone());
+            let existing = crate::lake::table::existing_schema(
+                &lake.raw_table_url(name),
+                &format!("raw.{name}"),
+            )
+            .await?;
+            let columns = schema::reconcile(&name.to_string(), existing.as_deref(), &info.columns)?;
+            let builder = RawBatchBuilder::new(columns.clone());
             let label = format!("raw.{name}");
             let sink = DeltaSink::open(
                 &lake.raw_table_url(name),
@@ -212,7 +218,7 @@ impl Applier {
                         source,
                     })?;
             let curated =
-                CuratedTable::open(lake, slot, name, &info.columns, &info.key_columns, normalization)
+                CuratedTable::open(lake, slot, name, &columns, &info.key_columns, normalization)
                     .await?;
             states.insert(
                 name.clone(),
@@ -431,7 +437,7 @@ impl Applier {
                     self.flush().await?;
                 }
             }
-            PgOutputMessage::Relation(rel) => self.relation(rel)?,
+            PgOutputMessage::Relation(rel) => self.relation(rel).await?,
             PgOutputMessage::Insert { relid, new } => {
                 self.change(relid, wal_start, op::INSERT, Some(&new), None)
                     .await?
@@ -459,9 +465,9 @@ impl Applier {
         Ok(())
     }
 
-    fn relation(&mut self, rel: Relation) -> Result<(), ApplyError> {
+    async fn relation(&mut self, rel: Relation) -> Result<(), ApplyError> {
         let name = TableName::new(rel.namespace.clone(), rel.name.clone());
-        let Some(state) = self.tables.get(&name) else {
+        let Some(state) = self.tables.get_mut(&name) else {
             tracing::debug!(table = %name, "relation not configured; its changes are ignored");
             self.relations.insert(
                 rel.relid,
@@ -472,30 +478,38 @@ impl Applier {
             );
             return Ok(());
         };
-        let lake_columns = state.builder.columns();
+        let mut next: Vec<ColumnSpec> = state.builder.columns().to_vec();
+        let mut added = Vec::new();
         for col in &rel.columns {
-            match lake_columns.iter().find(|c| c.name == col.name) {
+            match next.iter_mut().find(|c| c.name == col.name) {
                 None => {
-                    return Err(ApplyError::ColumnAdded {
-                        table: name.to_string(),
-                        column: col.name.clone(),
+                    added.push(col.name.clone());
+                    next.push(ColumnSpec {
+                        name: col.name.clone(),
+                        kind: crate::pg_types::ColumnKind::from_pg(
+                            col.type_oid,
+                            col.type_modifier,
+                        ),
+                        type_oid: col.type_oid,
+                        type_modifier: col.type_modifier,
                     });
                 }
                 Some(lc)
                     if lc.type_oid != col.type_oid || lc.type_modifier != col.type_modifier =>
                 {
-                    return Err(ApplyError::TypeChanged {
-                        table: name.to_string(),
-                        column: col.name.clone(),
-                        old_type: lc.type_oid,
-                        old_mod: lc.type_modifier,
-                        new_type: col.type_oid,
-                        new_mod: col.type_modifier,
-                    });
+                    *lc = schema::retype(&name.to_string(), lc, col.type_oid, col.type_modifier)?;
                 }
                 Some(_) => {}
             }
         }
+        if !added.is_empty() {
+            tracing::info!(table = %name, columns = ?added, "columns added at the source; the raw and curated schemas grow with the next commit");
+            state.evolve(next).await?;
+        } else {
+            // Same storage, possibly new source types (e.g. integer → bigint).
+            state.builder.retype(next);
+        }
+        let lake_columns = state.builder.columns();
         let positions = lake_columns
             .iter()
             .map(|lc| rel.columns.iter().position(|c| c.name == lc.name))

@@ -57,14 +57,12 @@ use deltalake::{DeltaTable, DeltaTableError};
 use self::reduce::{Cell, Change, Final, Reduced, reduce};
 use self::transform::{Normalization, Normalizer};
 use crate::apply::builder::{ColumnSpec, op, parse_column};
-use crate::lake::table::{applied_position, open_or_create};
+use crate::lake::table::{applied_position, open_or_create, schema_action, writer_for};
 use crate::lake::{Lake, LakeError};
 use crate::lsn::Lsn;
 use crate::pg_types::ColumnKind;
 use crate::table_name::TableName;
 
-/// Target size of one data file.
-const TARGET_FILE_SIZE: u64 = 128 * 1024 * 1024;
 /// Columns after the source columns.
 pub const CURATED_METADATA: [&str; 3] = ["_commit_lsn", "_commit_ts", "_fallback"];
 /// Postgres text types the normalization rules may apply to.
@@ -113,6 +111,50 @@ pub struct CuratedTable {
     removes: Vec<Remove>,
     /// Rows appended by a snapshot, flushed at commit.
     bulk: Option<RecordBatchWriter>,
+    normalization: Normalization,
+    /// The schema has columns the table's log does not record yet.
+    schema_grew: bool,
+}
+
+/// The normalizer and the curated schema for `columns`.
+fn shape(
+    label: &str,
+    columns: &[ColumnSpec],
+    key: &[usize],
+    normalization: &Normalization,
+) -> (Normalizer, SchemaRef) {
+    let eligible: Vec<(String, bool)> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            (
+                c.name.clone(),
+                TEXT_TYPES.contains(&c.type_oid) && !key.contains(&i),
+            )
+        })
+        .collect();
+    let normalizer = Normalizer::new(label, &eligible, normalization);
+    let mut fields: Vec<Field> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let ty = match normalizer.rule(i) {
+                Some(rule) => rule.target.arrow_type(),
+                None => c.kind.arrow_type(),
+            };
+            Field::new(&c.name, ty, true)
+        })
+        .collect();
+    fields.extend([
+        Field::new("_commit_lsn", DataType::Int64, false),
+        Field::new(
+            "_commit_ts",
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            false,
+        ),
+        Field::new("_fallback", DataType::Utf8, true),
+    ]);
+    (normalizer, Arc::new(Schema::new(fields)))
 }
 
 fn writer_properties() -> WriterProperties {
@@ -146,38 +188,7 @@ impl CuratedTable {
                 table: name.to_string(),
             });
         }
-        let eligible: Vec<(String, bool)> = columns
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                (
-                    c.name.clone(),
-                    TEXT_TYPES.contains(&c.type_oid) && !key.contains(&i),
-                )
-            })
-            .collect();
-        let normalizer = Normalizer::new(&label, &eligible, normalization);
-        let mut fields: Vec<Field> = columns
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let ty = match normalizer.rule(i) {
-                    Some(rule) => rule.target.arrow_type(),
-                    None => c.kind.arrow_type(),
-                };
-                Field::new(&c.name, ty, true)
-            })
-            .collect();
-        fields.extend([
-            Field::new("_commit_lsn", DataType::Int64, false),
-            Field::new(
-                "_commit_ts",
-                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-                false,
-            ),
-            Field::new("_fallback", DataType::Utf8, true),
-        ]);
-        let schema = Arc::new(Schema::new(fields));
+        let (normalizer, schema) = shape(&label, columns, &key, normalization);
         let table = open_or_create(&lake.curated_table_url(name), &label, &schema).await?;
         let delta_err = |source| LakeError::Delta {
             table: label.clone(),
@@ -191,13 +202,14 @@ impl CuratedTable {
             .map(|f| f.name().clone())
             .collect();
         let incoming: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
-        if existing != incoming {
+        if existing.iter().any(|e| !incoming.contains(e)) {
             return Err(LakeError::SchemaChanged {
                 table: label,
                 existing,
                 incoming,
             });
         }
+        let schema_grew = existing != incoming;
         let app_id = curated_app_id(slot, name);
         let applied = applied_position(&table, &app_id)
             .await
@@ -220,13 +232,19 @@ impl CuratedTable {
             columns: columns.to_vec(),
             key,
             normalizer,
+            normalization: normalization.clone(),
             converter,
             files: Vec::new(),
             removes: Vec::new(),
             bulk: None,
+            schema_grew,
         };
         curated.load_files()?;
         Ok(curated)
+    }
+
+    fn writer(&self) -> Result<RecordBatchWriter, LakeError> {
+        writer_for(&self.table, &self.schema, writer_properties()).map_err(self.delta_err())
     }
 
     fn delta_err(&self) -> impl Fn(DeltaTableError) -> LakeError + '_ {
@@ -264,7 +282,7 @@ impl CuratedTable {
         let get = |side: &str| -> Option<KeyScalar> {
             let v = stats.get(side)?.get(&col.name)?;
             match col.kind {
-                ColumnKind::Int16 | ColumnKind::Int32 | ColumnKind::Int64 => {
+                ColumnKind::Int64 => {
                     v.as_i64().map(KeyScalar::Int)
                 }
                 ColumnKind::Text => v.as_str().map(|s| KeyScalar::Str(s.to_string())),
@@ -306,6 +324,31 @@ impl CuratedTable {
         RecordBatch::try_new(self.schema.clone(), arrays)
     }
 
+    /// Switches to grown source columns (added at the source, same order otherwise); the
+    /// next commit records the new schema. Files written before keep the old one and read
+    /// back with NULL in the new columns.
+    pub fn evolve(&mut self, columns: &[ColumnSpec]) -> Result<(), LakeError> {
+        let (normalizer, schema) = shape(&self.label, columns, &self.key, &self.normalization);
+        // A rule may only apply to a column from the start: a column keeps its type.
+        for old in self.schema.fields() {
+            let kept = schema
+                .field_with_name(old.name())
+                .is_ok_and(|new| new.data_type() == old.data_type());
+            if !kept {
+                return Err(LakeError::SchemaChanged {
+                    table: self.label.clone(),
+                    existing: self.schema.fields().iter().map(|f| f.name().clone()).collect(),
+                    incoming: schema.fields().iter().map(|f| f.name().clone()).collect(),
+                });
+            }
+        }
+        self.columns = columns.to_vec();
+        self.normalizer = normalizer;
+        self.schema = schema;
+        self.schema_grew = true;
+        Ok(())
+    }
+
     /// Starts replacing the whole table (a snapshot): every current file goes at commit.
     pub fn begin_replace(&mut self) {
         for file in self.files.drain(..) {
@@ -319,10 +362,7 @@ impl CuratedTable {
     pub async fn append(&mut self, raw: &RecordBatch) -> Result<(), LakeError> {
         let rows = self.project(raw).map_err(self.arrow_err())?;
         if self.bulk.is_none() {
-            let writer = RecordBatchWriter::for_table(&self.table)
-                .map_err(self.delta_err())?
-                .with_target_file_size(TARGET_FILE_SIZE)
-                .with_writer_properties(writer_properties());
+            let writer = self.writer()?;
             self.bulk = Some(writer);
         }
         let label = self.label.clone();
@@ -484,10 +524,7 @@ impl CuratedTable {
             let batch = self
                 .build_upserts(rows, &upserts, &captured, &captured_at)
                 .map_err(self.arrow_err())?;
-            let mut writer = RecordBatchWriter::for_table(&self.table)
-                .map_err(self.delta_err())?
-                .with_target_file_size(TARGET_FILE_SIZE)
-                .with_writer_properties(writer_properties());
+            let mut writer = self.writer()?;
             writer.write(batch).await.map_err(self.delta_err())?;
             new_files.extend(writer.flush().await.map_err(self.delta_err())?);
         }
@@ -512,7 +549,7 @@ impl CuratedTable {
         let kind = &self.columns[self.key[0]].kind;
         if !matches!(
             kind,
-            ColumnKind::Int16 | ColumnKind::Int32 | ColumnKind::Int64 | ColumnKind::Text
+            ColumnKind::Int64 | ColumnKind::Text
         ) || reduced.keys.is_empty()
         {
             return Ok(None);
@@ -609,10 +646,7 @@ impl CuratedTable {
         let reader = ParquetRecordBatchReaderBuilder::try_new(data)
             .and_then(|b| b.build())
             .map_err(|e| (self.delta_err())(DeltaTableError::from(e)))?;
-        let mut writer = RecordBatchWriter::for_table(&self.table)
-            .map_err(self.delta_err())?
-            .with_target_file_size(TARGET_FILE_SIZE)
-            .with_writer_properties(writer_properties());
+        let mut writer = self.writer()?;
         for batch in reader {
             let batch = batch.map_err(self.arrow_err())?;
             let batch = align(&batch, &self.schema).map_err(self.arrow_err())?;
@@ -749,7 +783,11 @@ impl CuratedTable {
                 });
             }
         }
-        let mut actions: Vec<Action> = self.removes.drain(..).map(Action::Remove).collect();
+        let mut actions: Vec<Action> = Vec::new();
+        if self.schema_grew {
+            actions.push(schema_action(&self.table, &self.schema).map_err(self.delta_err())?);
+        }
+        actions.extend(self.removes.drain(..).map(Action::Remove));
         let new_paths: HashSet<String> = self
             .files
             .iter()
@@ -785,6 +823,7 @@ impl CuratedTable {
         let version = finalized.version();
         self.table.state = Some(finalized.snapshot());
         self.applied = Some(through);
+        self.schema_grew = false;
         for file in &mut self.files {
             if let FileState::New(add) = &file.state
                 && new_paths.contains(&add.path)

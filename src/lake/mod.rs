@@ -49,9 +49,10 @@ pub enum LakeError {
     )]
     NoKey { table: String },
     #[error(
-        "the raw table {table} has columns {existing:?} but the source now sends {incoming:?}; \
-         schema changes are not applied yet: stop writes to the table, or move the raw table \
-         aside and restart to begin a new history"
+        "the Delta table {table} has columns {existing:?}, which the columns wal2delta would \
+         write ({incoming:?}) do not include; it was written by another configuration or \
+         version: move the table aside and start again (it is re-created and, with \
+         source.snapshot = \"initial\", copied afresh)"
     )]
     SchemaChanged {
         table: String,

@@ -37,6 +37,71 @@ pub struct DeltaSink {
     app_id: String,
     /// Commit LSN of the last source transaction durably in this table.
     applied: Option<Lsn>,
+    /// A grown schema the next commit records (columns added at the source).
+    new_schema: Option<SchemaRef>,
+    /// Files written under the previous schema, waiting for the next commit.
+    pending: Vec<deltalake::kernel::Add>,
+}
+
+/// A writer producing files of `schema` for `table` (which may still have an older
+/// schema: the commit that adds the files records the new one).
+pub fn writer_for(
+    table: &DeltaTable,
+    schema: &SchemaRef,
+    properties: WriterProperties,
+) -> Result<RecordBatchWriter, DeltaTableError> {
+    Ok(
+        RecordBatchWriter::try_new(table.table_url().as_str(), schema.clone(), None, None)?
+            .with_target_file_size(TARGET_FILE_SIZE)
+            .with_writer_properties(properties),
+    )
+}
+
+/// The Arrow schema of an existing table; `None` when the table does not exist yet.
+pub async fn existing_schema(url: &Url, label: &str) -> Result<Option<SchemaRef>, LakeError> {
+    use deltalake::kernel::engine::arrow_conversion::TryIntoArrow;
+    let delta_err = |source| LakeError::Delta {
+        table: label.to_string(),
+        source,
+    };
+    if url.scheme() == "file"
+        && url
+            .to_file_path()
+            .map(|p| !p.join("_delta_log").exists())
+            .unwrap_or(true)
+    {
+        return Ok(None);
+    }
+    let table = DeltaTable::try_from_url(url.clone())
+        .await
+        .map_err(delta_err)?;
+    if table.version().is_none() {
+        return Ok(None);
+    }
+    let kernel = table.snapshot().map_err(delta_err)?.schema();
+    let arrow: deltalake::arrow::datatypes::Schema = kernel
+        .as_ref()
+        .try_into_arrow()
+        .map_err(|e| delta_err(DeltaTableError::from(e)))?;
+    Ok(Some(std::sync::Arc::new(arrow)))
+}
+
+/// The Metadata action that records `schema` as the table's new schema.
+pub fn schema_action(table: &DeltaTable, schema: &SchemaRef) -> Result<Action, DeltaTableError> {
+    use deltalake::kernel::MetadataExt;
+    let kernel: StructType = schema.as_ref().try_into_kernel()?;
+    let metadata = table.snapshot()?.metadata().clone().with_schema(&kernel)?;
+    Ok(Action::Metadata(metadata))
+}
+
+fn raw_writer_properties() -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_max_row_group_row_count(Some(64 * 1024))
+        // Row groups are buffered until flushed: cap them by size too, so rows with huge
+        // values do not pile up in memory.
+        .set_max_row_group_bytes(Some(ROW_GROUP_BYTES))
+        .build()
 }
 
 /// Opens a Delta table, or creates it with `schema` when it does not exist yet.
@@ -98,33 +163,41 @@ impl DeltaSink {
                 .collect()
         };
         let incoming: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
-        if existing != incoming {
+        // The lake may lack columns the source added (they are added with the next
+        // commit); it must not have columns the caller does not know.
+        if existing.iter().any(|e| !incoming.contains(e)) {
             return Err(LakeError::SchemaChanged {
                 table: label.to_string(),
                 existing,
                 incoming,
             });
         }
+        let new_schema = (existing != incoming).then(|| schema.clone());
         let applied = applied_position(&table, &app_id).await.map_err(delta_err)?;
-        let writer = RecordBatchWriter::for_table(&table)
-            .map_err(delta_err)?
-            .with_target_file_size(TARGET_FILE_SIZE)
-            .with_writer_properties(
-                WriterProperties::builder()
-                    .set_compression(Compression::SNAPPY)
-                    .set_max_row_group_row_count(Some(64 * 1024))
-                    // Row groups are buffered until flushed: cap them by size too, so rows
-                    // with huge values do not pile up in memory.
-                    .set_max_row_group_bytes(Some(ROW_GROUP_BYTES))
-                    .build(),
-            );
+        let writer = writer_for(&table, schema, raw_writer_properties()).map_err(delta_err)?;
         Ok(DeltaSink {
             label: label.to_string(),
             table,
             writer,
             app_id,
             applied,
+            new_schema,
+            pending: Vec::new(),
         })
+    }
+
+    /// Switches to a grown schema: files written so far keep the old one, later rows use
+    /// the new one, and the next commit records it.
+    pub async fn evolve(&mut self, schema: SchemaRef) -> Result<(), LakeError> {
+        let delta_err = |source| LakeError::Delta {
+            table: self.label.clone(),
+            source,
+        };
+        let written = self.writer.flush().await.map_err(delta_err)?;
+        self.pending.extend(written);
+        self.writer = writer_for(&self.table, &schema, raw_writer_properties()).map_err(delta_err)?;
+        self.new_schema = Some(schema);
+        Ok(())
     }
 
     /// Commit LSN of the last source transaction this table holds, if any.
@@ -182,14 +255,12 @@ impl DeltaSink {
             table: self.label.clone(),
             source,
         };
-        let adds: Vec<Action> = self
-            .writer
-            .flush()
-            .await
-            .map_err(delta_err)?
-            .into_iter()
-            .map(Action::Add)
-            .collect();
+        let mut adds: Vec<Action> = Vec::new();
+        if let Some(schema) = &self.new_schema {
+            adds.push(schema_action(&self.table, schema).map_err(delta_err)?);
+        }
+        let written = self.writer.flush().await.map_err(delta_err)?;
+        adds.extend(self.pending.drain(..).chain(written).map(Action::Add));
         let mut txns = vec![Transaction::new_with_last_update(
             &self.app_id,
             through.as_i64(),
@@ -213,6 +284,7 @@ impl DeltaSink {
         let version = finalized.version();
         self.table.state = Some(finalized.snapshot());
         self.applied = Some(through);
+        self.new_schema = None;
         Ok(version)
     }
 }

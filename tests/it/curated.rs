@@ -489,3 +489,62 @@ async fn legacy_text_dates_and_amounts_are_normalized_in_curated_only() {
     assert_eq!(log.matches("matches none of the column's normalization formats").count(), 2, "{log}");
     assert!(log.contains("ontem") && log.contains("muito"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_changes_apply_without_restart_or_stop_with_the_options() {
+    let setup = r#"
+        CREATE TABLE evo (id int PRIMARY KEY, qty int, name varchar(10), amount numeric(10,2), legacy text);
+        INSERT INTO evo VALUES (1, 1, 'um', 1.50, 'old');
+        CREATE PUBLICATION w2d_pub FOR TABLE evo;
+    "#;
+    let (env, mut daemon) = Env::streaming(setup, &["public.evo"]).await;
+    let client = env.pg.client().await;
+    let steps = [
+        "INSERT INTO evo VALUES (2, 2, 'dois', 2.50, 'old2')",
+        // A new column appears mid-stream, inside a transaction that also uses it.
+        "BEGIN; ALTER TABLE evo ADD COLUMN note text; INSERT INTO evo VALUES (3, 3, 'três', 3.50, NULL, 'n3'); UPDATE evo SET note = 'n1' WHERE id = 1; COMMIT",
+        // Widening type changes.
+        "ALTER TABLE evo ALTER COLUMN qty TYPE bigint, ALTER COLUMN name TYPE text, ALTER COLUMN amount TYPE numeric(14,2); \
+         INSERT INTO evo VALUES (4, 5000000000, 'a name much longer than ten', 123456789012.34, 'x', 'n4')",
+        // A dropped column stops being filled.
+        "ALTER TABLE evo DROP COLUMN legacy; INSERT INTO evo VALUES (5, 5, 'cinco', 5.00, 'n5'); UPDATE evo SET qty = 20 WHERE id = 2",
+    ];
+    for sql in steps {
+        client.batch_execute(sql).await.unwrap();
+        env.wait_caught_up(Duration::from_secs(60)).await;
+        assert!(daemon.is_running(), "the daemon stopped\n{}", env.daemon_log());
+    }
+    assert_mirror(&env, "public.evo").await;
+    // Raw history keeps the dropped column's old values and has the new column.
+    let raw = query_delta(
+        &env.raw_path("public", "evo"),
+        "SELECT count(*) FILTER (WHERE legacy IS NOT NULL), count(*) FILTER (WHERE note IS NOT NULL), max(qty) FROM t",
+    )
+    .await;
+    assert_eq!(raw[0], vec![Some("4".into()), Some("4".into()), Some("5000000000".into())], "{raw:?}");
+
+    // A column added while the daemon is stopped is picked up at start.
+    assert!(daemon.terminate(Duration::from_secs(30)).success());
+    client
+        .batch_execute("ALTER TABLE evo ADD COLUMN later date; INSERT INTO evo VALUES (6, 6, 'seis', 6.00, 'n6', '2024-02-29')")
+        .await
+        .unwrap();
+    let mut daemon = env.daemon();
+    env.wait_streaming().await;
+    env.wait_caught_up(Duration::from_secs(60)).await;
+    assert_mirror(&env, "public.evo").await;
+
+    // A change the lake cannot hold losslessly stops the daemon with the options.
+    client
+        .batch_execute("ALTER TABLE evo ALTER COLUMN amount TYPE numeric(16,3); INSERT INTO evo VALUES (7, 7, 'sete', 7.125, 'n7', NULL)")
+        .await
+        .unwrap();
+    let status = daemon.wait(Duration::from_secs(60));
+    assert!(!status.success());
+    let log = env.daemon_log();
+    assert!(
+        log.contains("table public.evo: column amount changed from numeric(14,2) to numeric(16,3)")
+            && log.contains("revert the change"),
+        "{log}"
+    );
+}

@@ -192,8 +192,8 @@ async fn edge_values_keep_their_exact_text() {
     let types = query_delta(&raw, "SELECT arrow_typeof(p) FROM t LIMIT 1").await;
     assert_eq!(
         types[0][0].as_deref(),
-        Some("Int32"),
-        "a domain over int is typed as int"
+        Some("Int64"),
+        "a domain over int is typed as an integer (all integers are stored as 64-bit)"
     );
     let rows = query_delta(
         &raw,
