@@ -16,6 +16,9 @@ use deltalake::arrow::datatypes::Schema;
 use super::builder::{ColumnSpec, METADATA_COLUMNS};
 use crate::pg_types::{ColumnKind, oid};
 
+/// OIDs from here on belong to user-defined types (`FirstNormalObjectId`).
+const FIRST_USER_OID: u32 = 16384;
+
 /// A column's type changed in a way the lake cannot store losslessly.
 #[derive(Debug, thiserror::Error)]
 #[error(
@@ -109,6 +112,14 @@ pub fn reconcile(
         let kind = ColumnKind::from_arrow(field.data_type());
         match (source.iter().find(|c| c.name == *field.name()), kind) {
             (Some(col), Some(kind)) if col.kind == kind => out.push(col.clone()),
+            // A user-defined type (a domain) added while streaming was stored as text —
+            // the stream does not say a domain's base type — and stays text.
+            (Some(col), Some(ColumnKind::Text)) if col.type_oid >= FIRST_USER_OID => {
+                out.push(ColumnSpec {
+                    kind: ColumnKind::Text,
+                    ..col.clone()
+                })
+            }
             (Some(col), lake_kind) => {
                 return Err(TypeChanged {
                     table: table.to_string(),
