@@ -225,11 +225,29 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pi
     let _lock = LakeLock::acquire(&lake)?;
     let (tables, created) = prepare(&settings).await?;
     tracing::info!(source = %settings.source, lake = %lake.root(), tables = tables.len(), "source ready");
-    tokio::select! {
-        result = snapshot_missing(&settings, &lake, &tables, created) => result?,
-        _ = cancel.cancelled() => {
-            tracing::info!("stopped during the initial snapshot; unfinished tables are copied again on the next start");
-            return Ok(());
+    let mut created = created;
+    let mut attempt: u32 = 0;
+    loop {
+        let result = tokio::select! {
+            result = snapshot_missing(&settings, &lake, &tables, created.take()) => result,
+            _ = cancel.cancelled() => {
+                tracing::info!("stopped during the initial snapshot; unfinished tables are copied again on the next start");
+                return Ok(());
+            }
+        };
+        match result {
+            Ok(()) => break,
+            Err(e) if e.is_transient() => {
+                let backoff =
+                    Duration::from_millis(250 * 2u64.pow(attempt.min(7))).min(MAX_BACKOFF);
+                attempt += 1;
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, attempt, "initial snapshot interrupted; unfinished tables are copied again");
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+            }
+            Err(e) => return Err(explain(e, &settings)),
         }
     }
     let mut attempt: u32 = 0;

@@ -58,7 +58,7 @@ async fn a_huge_transaction_streams_with_bounded_memory() {
     assert!(daemon.terminate(Duration::from_secs(60)).success());
 }
 
-/// Large TOASTed values (10 MB each, 400 MB in one transaction) pass through a byte-bounded
+/// Large TOASTed values (10 MB each, 800 MB in one transaction) pass through a byte-bounded
 /// pipeline: the peak RSS stays below the transaction's size and every value arrives intact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_toasted_values_stream_with_bounded_memory() {
@@ -67,7 +67,7 @@ async fn large_toasted_values_stream_with_bounded_memory() {
                  CREATE PUBLICATION w2d_pub FOR TABLE docs;";
     let (env, mut daemon) = Env::streaming(setup, &["public.docs"]).await;
     let pg = env.pg.client().await;
-    let values = 40;
+    let values = 80;
     let size = 10_000_000;
     pg.batch_execute(&format!(
         "INSERT INTO docs SELECT g, repeat(chr(65 + g % 26), {size}) FROM generate_series(1, {values}) g"
