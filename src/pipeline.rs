@@ -203,12 +203,17 @@ async fn snapshot_missing(
     for info in missing {
         let started = std::time::Instant::now();
         let (tx, rx) = mpsc::channel(2 * settings.snapshot_workers);
+        let columns = applier
+            .lake_columns(&info.name)
+            .unwrap_or_else(|| info.columns.clone());
         let (copied, written) = tokio::join!(
-            reader.copy_table(info, point, tx),
+            reader.copy_table(info, &columns, point, tx),
             applier.write_snapshot(&info.name, rx)
         );
-        let rows = copied?;
+        // A failed write closes the channel, which the copy reports too: the write's
+        // error is the cause.
         written?;
+        let rows = copied?;
         applier
             .commit_snapshot(&settings.slot, &info.name, point)
             .await?;
@@ -226,7 +231,7 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pi
     let (tables, created) = prepare(&settings).await?;
     tracing::info!(source = %settings.source, lake = %lake.root(), tables = tables.len(), "source ready");
     let mut created = created;
-    let mut attempt: u32 = 0;
+    let mut backoff = Backoff::default();
     loop {
         let result = tokio::select! {
             result = snapshot_missing(&settings, &lake, &tables, created.take()) => result,
@@ -238,37 +243,47 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pi
         match result {
             Ok(()) => break,
             Err(e) if e.is_transient() => {
-                let backoff =
-                    Duration::from_millis(250 * 2u64.pow(attempt.min(7))).min(MAX_BACKOFF);
-                attempt += 1;
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, attempt, "initial snapshot interrupted; unfinished tables are copied again");
-                tokio::select! {
-                    _ = cancel.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(backoff) => {}
+                let what = "initial snapshot interrupted; unfinished tables are copied again";
+                if !backoff.pause(&e, what, &cancel).await {
+                    return Ok(());
                 }
             }
             Err(e) => return Err(explain(e, &settings)),
         }
     }
-    let mut attempt: u32 = 0;
+    let mut backoff = Backoff::default();
     loop {
         let started = std::time::Instant::now();
         match session(&settings, &lake, &tables, cancel.clone()).await {
             Ok(()) => return Ok(()),
             Err(e) if e.is_transient() && !cancel.is_cancelled() => {
                 if started.elapsed() > Duration::from_secs(60) {
-                    attempt = 0;
+                    backoff = Backoff::default();
                 }
-                let backoff =
-                    Duration::from_millis(250 * 2u64.pow(attempt.min(7))).min(MAX_BACKOFF);
-                attempt += 1;
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, attempt, "replication interrupted; reconnecting");
-                tokio::select! {
-                    _ = cancel.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(backoff) => {}
+                if !backoff.pause(&e, "replication interrupted; reconnecting", &cancel).await {
+                    return Ok(());
                 }
             }
             Err(e) => return Err(explain(e, &settings)),
+        }
+    }
+}
+
+/// Growing pauses between retries: 250 ms, doubling up to 30 s.
+#[derive(Default)]
+struct Backoff {
+    attempt: u32,
+}
+
+impl Backoff {
+    /// Logs `what` with the error, then waits; false when a stop was requested meanwhile.
+    async fn pause(&mut self, error: &PipelineError, what: &str, cancel: &CancellationToken) -> bool {
+        let delay = Duration::from_millis(250 * 2u64.pow(self.attempt.min(7))).min(MAX_BACKOFF);
+        self.attempt += 1;
+        tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, attempt = self.attempt, "{what}");
+        tokio::select! {
+            _ = cancel.cancelled() => false,
+            _ = tokio::time::sleep(delay) => true,
         }
     }
 }

@@ -260,6 +260,11 @@ impl Applier {
             .collect()
     }
 
+    /// The columns `table` is stored with (the source's, plus any it dropped).
+    pub fn lake_columns(&self, table: &TableName) -> Option<Vec<ColumnSpec>> {
+        self.tables.get(table).map(|t| t.builder.columns().to_vec())
+    }
+
     /// Where `table`'s snapshot was taken, if it has a complete one.
     pub fn snapshot_position(&self, table: &TableName) -> Option<Lsn> {
         self.tables.get(table).and_then(|t| t.snapshot_at)
@@ -314,13 +319,17 @@ impl Applier {
             "wal2delta.snapshot_lsn".to_string(),
             serde_json::json!(point.to_string()),
         )]);
-        state.curated.commit(point, metadata.clone()).await?;
+        // The snapshot holds the transactions whose commit record starts *before* the
+        // consistent point; one starting exactly at it is streamed, so the tables hold
+        // everything up to the point minus one.
+        let held = Lsn::from_i64(point.as_i64().saturating_sub(1));
+        state.curated.commit(held, metadata.clone()).await?;
         let marker = Transaction::new_with_last_update(
             snapshot_app_id(slot, table),
             point.as_i64(),
             Some(chrono::Utc::now().timestamp_millis()),
         );
-        state.sink.commit_with(point, metadata, vec![marker]).await?;
+        state.sink.commit_with(held, metadata, vec![marker]).await?;
         state.snapshot_at = Some(point);
         Ok(())
     }

@@ -57,7 +57,9 @@ use deltalake::{DeltaTable, DeltaTableError};
 use self::reduce::{Cell, Change, Final, Reduced, reduce};
 use self::transform::{Normalization, Normalizer};
 use crate::apply::builder::{ColumnSpec, op, parse_column};
-use crate::lake::table::{applied_position, open_or_create, schema_action, writer_for};
+use crate::lake::table::{
+    applied_position, existing_schema, open_or_create, schema_action, writer_for,
+};
 use crate::lake::{Lake, LakeError};
 use crate::lsn::Lsn;
 use crate::pg_types::ColumnKind;
@@ -65,6 +67,8 @@ use crate::table_name::TableName;
 
 /// Columns after the source columns.
 pub const CURATED_METADATA: [&str; 3] = ["_commit_lsn", "_commit_ts", "_fallback"];
+/// The type OID of a column the source dropped (see `apply::schema::reconcile`).
+const DROPPED: u32 = 0;
 /// Postgres text types the normalization rules may apply to.
 const TEXT_TYPES: [u32; 3] = [25, 1043, 1042];
 
@@ -122,6 +126,7 @@ fn shape(
     columns: &[ColumnSpec],
     key: &[usize],
     normalization: &Normalization,
+    existing: Option<&Schema>,
 ) -> (Normalizer, SchemaRef) {
     let eligible: Vec<(String, bool)> = columns
         .iter()
@@ -130,6 +135,7 @@ fn shape(
             (
                 c.name.clone(),
                 TEXT_TYPES.contains(&c.type_oid) && !key.contains(&i),
+                // (a dropped column has type OID 0: never eligible)
             )
         })
         .collect();
@@ -138,9 +144,14 @@ fn shape(
         .iter()
         .enumerate()
         .map(|(i, c)| {
-            let ty = match normalizer.rule(i) {
-                Some(rule) => rule.target.arrow_type(),
-                None => c.kind.arrow_type(),
+            let kept = existing
+                .and_then(|e| e.field_with_name(&c.name).ok())
+                .map(|f| f.data_type().clone());
+            let ty = match (normalizer.rule(i), kept) {
+                // A column the source dropped keeps the type it has.
+                (_, Some(kept)) if c.type_oid == DROPPED => kept,
+                (Some(rule), _) => rule.target.arrow_type(),
+                (None, _) => c.kind.arrow_type(),
             };
             Field::new(&c.name, ty, true)
         })
@@ -188,7 +199,22 @@ impl CuratedTable {
                 table: name.to_string(),
             });
         }
-        let (normalizer, schema) = shape(&label, columns, &key, normalization);
+        let existing = existing_schema(&lake.curated_table_url(name), &label).await?;
+        let (normalizer, schema) = shape(&label, columns, &key, normalization, existing.as_deref());
+        if let Some(existing) = &existing {
+            for old in existing.fields() {
+                if let Ok(new) = schema.field_with_name(old.name())
+                    && !new.data_type().equals_datatype(old.data_type())
+                {
+                    return Err(LakeError::TypeMismatch {
+                        table: label,
+                        column: old.name().clone(),
+                        existing: old.data_type().to_string(),
+                        incoming: new.data_type().to_string(),
+                    });
+                }
+            }
+        }
         let table = open_or_create(&lake.curated_table_url(name), &label, &schema).await?;
         let delta_err = |source| LakeError::Delta {
             table: label.clone(),
@@ -313,7 +339,21 @@ impl CuratedTable {
     fn project(&mut self, raw: &RecordBatch) -> Result<RecordBatch, ArrowError> {
         let mut arrays = Vec::with_capacity(self.schema.fields().len());
         for (i, col) in self.columns.iter().enumerate() {
-            arrays.push(self.normalizer.convert(i, &col.name, raw.column(i))?);
+            let array = self.normalizer.convert(i, &col.name, raw.column(i))?;
+            let field = self.schema.field(i);
+            if array.data_type() == field.data_type() {
+                arrays.push(array);
+            } else if col.type_oid == DROPPED {
+                // Never filled any more; it keeps its curated type.
+                arrays.push(new_null_array(field.data_type(), raw.num_rows()));
+            } else {
+                return Err(ArrowError::SchemaError(format!(
+                    "column {} is {} but the curated table stores {}",
+                    col.name,
+                    array.data_type(),
+                    field.data_type()
+                )));
+            }
         }
         for name in CURATED_METADATA {
             let array = raw
@@ -328,7 +368,13 @@ impl CuratedTable {
     /// next commit records the new schema. Files written before keep the old one and read
     /// back with NULL in the new columns.
     pub fn evolve(&mut self, columns: &[ColumnSpec]) -> Result<(), LakeError> {
-        let (normalizer, schema) = shape(&self.label, columns, &self.key, &self.normalization);
+        let (normalizer, schema) = shape(
+            &self.label,
+            columns,
+            &self.key,
+            &self.normalization,
+            Some(&self.schema),
+        );
         // A rule may only apply to a column from the start: a column keeps its type.
         for old in self.schema.fields() {
             let kept = schema
@@ -381,14 +427,34 @@ impl CuratedTable {
             return Ok(());
         }
         let rows = self.project(raw).map_err(self.arrow_err())?;
-        let key_arrays: Vec<ArrayRef> = self.key.iter().map(|&i| rows.column(i).clone()).collect();
+        let ops = string_column(raw, "_op").map_err(self.arrow_err())?;
+        let (old_keys, old_arrays) = self.old_keys(raw).map_err(self.arrow_err())?;
+        let old_rows = self
+            .converter
+            .convert_columns(&old_arrays)
+            .map_err(self.arrow_err())?;
+        let unchanged = self.unchanged_columns(raw);
+        let mut key_arrays: Vec<ArrayRef> =
+            self.key.iter().map(|&i| rows.column(i).clone()).collect();
+        // A key column an update left as unchanged TOAST (possible when the key is the
+        // whole row, REPLICA IDENTITY FULL without a primary key) keeps its old value,
+        // which the old row image carries.
+        for (k, &col) in self.key.iter().enumerate() {
+            let sources: Vec<(usize, usize)> = (0..raw.num_rows())
+                .map(|i| match old_keys[i] {
+                    Some(o) if unchanged[i].contains(&col) => (1, o),
+                    _ => (0, i),
+                })
+                .collect();
+            if sources.iter().any(|(a, _)| *a == 1) {
+                key_arrays[k] = interleave(&[key_arrays[k].as_ref(), old_arrays[k].as_ref()], &sources)
+                    .map_err(self.arrow_err())?;
+            }
+        }
         let new_keys = self
             .converter
             .convert_columns(&key_arrays)
             .map_err(self.arrow_err())?;
-        let ops = string_column(raw, "_op").map_err(self.arrow_err())?;
-        let (old_keys, old_rows) = self.old_keys(raw).map_err(self.arrow_err())?;
-        let unchanged = self.unchanged_columns(raw);
         let changes = (0..raw.num_rows()).map(|i| {
             match ops.value(i) {
                 op::DELETE => Change::Delete { key: slice(&new_keys, i) },
@@ -407,9 +473,9 @@ impl CuratedTable {
         self.apply(&rows, reduced).await
     }
 
-    /// For updates that carry an old key (`_before`), its key in row format: per row the
-    /// index into the returned rows.
-    fn old_keys(&self, raw: &RecordBatch) -> Result<(Vec<Option<usize>>, Rows), ArrowError> {
+    /// For updates that carry an old key (`_before`), its key columns: per row the index
+    /// into the returned arrays.
+    fn old_keys(&self, raw: &RecordBatch) -> Result<(Vec<Option<usize>>, Vec<ArrayRef>), ArrowError> {
         let before = string_column(raw, "_before")?;
         let mut which = vec![None; raw.num_rows()];
         let mut texts: Vec<Vec<Option<String>>> = vec![Vec::new(); self.key.len()];
@@ -450,7 +516,7 @@ impl CuratedTable {
                 parse_column(&self.columns[k].kind, &refs)
             })
             .collect::<Result<_, _>>()?;
-        Ok((which, self.converter.convert_columns(&arrays)?))
+        Ok((which, arrays))
     }
 
     /// Per row, the indices of the source columns sent as unchanged TOAST.
@@ -748,14 +814,19 @@ impl CuratedTable {
                     .and_then(|s| serde_json::from_str(s).ok())
                     .unwrap_or_default();
                 for (c, cell) in cells.iter().enumerate() {
-                    let Cell::Target(id) = cell else { continue };
-                    let Some((b, r)) = captured_at.get(id) else { continue };
-                    let col = captured[*b].column(ncols + 2).as_string::<i32>();
-                    if col.is_null(*r) {
+                    let (col, r) = match cell {
+                        Cell::Target(id) => match captured_at.get(id) {
+                            Some((b, r)) => (captured[*b].column(ncols + 2).as_string::<i32>(), *r),
+                            None => continue,
+                        },
+                        Cell::Row(r) if r != row => (fallback, *r),
+                        _ => continue,
+                    };
+                    if col.is_null(r) {
                         continue;
                     }
                     let theirs: serde_json::Map<String, serde_json::Value> =
-                        serde_json::from_str(col.value(*r)).unwrap_or_default();
+                        serde_json::from_str(col.value(r)).unwrap_or_default();
                     let name = &self.columns[c].name;
                     if let Some(v) = theirs.get(name) {
                         map.insert(name.clone(), v.clone());

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime};
 use deltalake::arrow::array::{
-    Array, ArrayRef, Date32Builder, Decimal128Builder, StringArray, TimestampMicrosecondBuilder,
+    Array, ArrayRef, Date32Array, Decimal128Array, StringArray, TimestampMicrosecondArray,
 };
 use deltalake::arrow::datatypes::{DataType, TimeUnit};
 use deltalake::arrow::error::ArrowError;
@@ -320,37 +320,26 @@ impl Normalizer {
             }
             parsed
         });
+        let values: Vec<Option<TypedValue>> = values.collect();
         let out: ArrayRef = match &rule.target {
-            Target::Date => {
-                let mut b = Date32Builder::with_capacity(text.len());
-                for v in values.collect::<Vec<_>>() {
-                    b.append_option(match v {
-                        Some(TypedValue::Date(d)) => Some(d),
-                        _ => None,
-                    });
-                }
-                Arc::new(b.finish())
-            }
-            Target::Timestamp => {
-                let mut b = TimestampMicrosecondBuilder::with_capacity(text.len());
-                for v in values.collect::<Vec<_>>() {
-                    b.append_option(match v {
-                        Some(TypedValue::Micros(m)) => Some(m),
-                        _ => None,
-                    });
-                }
-                Arc::new(b.finish().with_timezone("UTC"))
-            }
-            Target::Decimal { precision, scale } => {
-                let mut b = Decimal128Builder::with_capacity(text.len());
-                for v in values.collect::<Vec<_>>() {
-                    b.append_option(match v {
-                        Some(TypedValue::Decimal(d)) => Some(d),
-                        _ => None,
-                    });
-                }
-                Arc::new(b.finish().with_precision_and_scale(*precision, *scale)?)
-            }
+            Target::Date => Arc::new(Date32Array::from_iter(values.iter().map(|v| match v {
+                Some(TypedValue::Date(d)) => Some(*d),
+                _ => None,
+            }))),
+            Target::Timestamp => Arc::new(
+                TimestampMicrosecondArray::from_iter(values.iter().map(|v| match v {
+                    Some(TypedValue::Micros(m)) => Some(*m),
+                    _ => None,
+                }))
+                .with_timezone("UTC"),
+            ),
+            Target::Decimal { precision, scale } => Arc::new(
+                Decimal128Array::from_iter(values.iter().map(|v| match v {
+                    Some(TypedValue::Decimal(d)) => Some(*d),
+                    _ => None,
+                }))
+                .with_precision_and_scale(*precision, *scale)?,
+            ),
         };
         if failed > 0 && self.failures.add(format!("{}.{column}", self.table), failed) {
             {

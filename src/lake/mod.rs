@@ -59,6 +59,18 @@ pub enum LakeError {
         existing: Vec<String>,
         incoming: Vec<String>,
     },
+    #[error(
+        "the Delta table {table} stores column {column} as {existing}, but wal2delta would now \
+         write {incoming} (was a normalization rule added, removed or changed for it?); \
+         restore the rule, or move the table aside and start again (it is re-created and, \
+         with source.snapshot = \"initial\", copied afresh)"
+    )]
+    TypeMismatch {
+        table: String,
+        column: String,
+        existing: String,
+        incoming: String,
+    },
 }
 
 impl LakeError {

@@ -130,6 +130,8 @@ pub struct TableInfo {
     /// `d`, `n`, `f` or `i`.
     pub replica_identity: char,
     pub can_select: bool,
+    /// A partitioned table (its rows live in its partitions).
+    pub partitioned: bool,
 }
 
 /// Looks a table up; `None` when it does not exist.
@@ -139,7 +141,8 @@ pub async fn table_info(
 ) -> Result<Option<TableInfo>, CatalogError> {
     let row = client
         .query_opt(
-            "SELECT c.oid, c.relreplident::text, has_table_privilege(c.oid, 'SELECT') \
+            "SELECT c.oid, c.relreplident::text, has_table_privilege(c.oid, 'SELECT'), \
+                    c.relkind = 'p' \
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
              WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
             &[&table.schema, &table.name],
@@ -149,6 +152,7 @@ pub async fn table_info(
     let oid: u32 = row.get(0);
     let ident: String = row.get(1);
     let can_select: bool = row.get(2);
+    let partitioned: bool = row.get(3);
     let cols = client
         .query(
             // Domains (possibly nested) are typed by their base type; the stream still
@@ -197,6 +201,7 @@ pub async fn table_info(
         key_columns,
         replica_identity: ident.chars().next().unwrap_or('d'),
         can_select,
+        partitioned,
     }))
 }
 

@@ -27,7 +27,7 @@ use tokio_postgres::Client;
 use super::catalog::{self, CatalogError, TableInfo};
 use super::dsn::ConnParams;
 use super::pgoutput::{Tuple, TupleValue};
-use crate::apply::builder::{ChangeMeta, RawBatchBuilder, op};
+use crate::apply::builder::{ChangeMeta, ColumnSpec, RawBatchBuilder, op};
 use crate::lsn::Lsn;
 
 /// Rows and bytes per Arrow batch handed over.
@@ -92,11 +92,13 @@ impl SnapshotReader {
         })
     }
 
-    /// Copies `table`, sending raw-shaped batches of op `r` rows stamped with `point`.
+    /// Copies `table` into batches shaped by the lake's `columns` (matched by name; a
+    /// column the source no longer has is NULL), op `r` rows stamped with `point`.
     /// Returns the number of rows copied.
     pub async fn copy_table(
         &self,
         table: &TableInfo,
+        lake_columns: &[ColumnSpec],
         point: Lsn,
         out: mpsc::Sender<RecordBatch>,
     ) -> Result<u64, SnapshotError> {
@@ -128,12 +130,28 @@ impl SnapshotReader {
         }
         let chunk_count = chunks.len();
         let queue = Arc::new(Mutex::new(chunks));
-        let columns: Vec<String> = table
-            .columns
+        // Copy the lake's columns the source still has, in the lake's order.
+        let copied: Vec<&ColumnSpec> = lake_columns
+            .iter()
+            .filter(|c| table.columns.iter().any(|s| s.name == c.name))
+            .collect();
+        let select_list: Vec<String> = copied
             .iter()
             .map(|c| crate::table_name::quote_ident(&c.name))
             .collect();
-        let select = format!("SELECT {} FROM {}", columns.join(", "), table.name.quoted());
+        let positions: Vec<Option<usize>> = lake_columns
+            .iter()
+            .map(|c| copied.iter().position(|s| s.name == c.name))
+            .collect();
+        let field_count = copied.len();
+        // ONLY: rows of inheritance children are published (and copied) as their own
+        // tables; a partitioned table's rows live in its partitions.
+        let only = if table.partitioned { "" } else { "ONLY " };
+        let select = format!(
+            "SELECT {} FROM {only}{}",
+            select_list.join(", "),
+            table.name.quoted()
+        );
         let snapshot_ts = chrono::Utc::now().timestamp_micros();
         let mut tasks = Vec::new();
         for client in self.clients.iter().take(chunk_count) {
@@ -141,7 +159,8 @@ impl SnapshotReader {
             let queue = queue.clone();
             let out = out.clone();
             let select = select.clone();
-            let columns = table.columns.clone();
+            let columns = lake_columns.to_vec();
+            let positions = positions.clone();
             let name = table.name.to_string();
             tasks.push(tokio::spawn(async move {
                 let mut rows = 0u64;
@@ -162,7 +181,6 @@ impl SnapshotReader {
                         .map_err(CatalogError::from)?;
                     let mut stream = std::pin::pin!(stream);
                     let mut builder = RawBatchBuilder::new(columns.clone());
-                    let positions: Vec<Option<usize>> = (0..columns.len()).map(Some).collect();
                     let mut lines = LineSplitter::default();
                     let meta = |seq| ChangeMeta {
                         commit_lsn: point.as_i64(),
@@ -174,7 +192,7 @@ impl SnapshotReader {
                     while let Some(chunk) = stream.next().await {
                         let chunk = chunk.map_err(CatalogError::from)?;
                         for line in lines.push(&chunk) {
-                            let tuple = parse_copy_line(&line, columns.len()).ok_or_else(|| {
+                            let tuple = parse_copy_line(&line, field_count).ok_or_else(|| {
                                 SnapshotError::Copy {
                                     table: name.clone(),
                                     message: "COPY sent a row with the wrong number of fields"

@@ -11,7 +11,7 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::harness::{Env, query_delta};
+use crate::harness::{Env, query_delta, require_python_deltalake};
 
 const FOUR_TABLES: [&str; 4] = [
     "public.condominios",
@@ -248,14 +248,7 @@ os._exit(0)
 "#;
 
 async fn assert_python_reader_agrees(env: &Env) {
-    let probe = std::process::Command::new("python3")
-        .args(["-c", "import deltalake, pyarrow"])
-        .output();
-    assert!(
-        matches!(&probe, Ok(o) if o.status.success()),
-        "this test needs Python with the deltalake and pyarrow packages: \
-         python3 -m pip install deltalake pyarrow ({probe:?})"
-    );
+    require_python_deltalake();
     let names = ["condominios", "imoveis", "moradores", "transacoes"];
     let root = env.lake.join("curated").join("public");
     let mut args = vec!["-c".to_string(), PY_CURATED.to_string(), root.display().to_string()];
@@ -357,6 +350,9 @@ async fn unchanged_toast_keeps_its_value_under_default_and_full_identity() {
         "UPDATE doc_default SET n = 1 WHERE id = 1; UPDATE doc_full SET n = 1 WHERE id = 1; UPDATE doc_nokey SET a = 10 WHERE a = 1",
         "UPDATE doc_default SET id = 11 WHERE id = 2; UPDATE doc_full SET id = 11 WHERE id = 2; UPDATE doc_nokey SET b = 'x' WHERE a = 2",
         "BEGIN; UPDATE doc_default SET n = 2 WHERE id = 3; UPDATE doc_default SET id = 13 WHERE id = 3; UPDATE doc_default SET n = 3 WHERE id = 13; COMMIT",
+        // Keyed by the whole row (FULL, no primary key): two updates of one row in one
+        // batch, the TOASTed column part of the key and unchanged.
+        "BEGIN; UPDATE doc_nokey SET a = 20 WHERE a = 10; UPDATE doc_nokey SET a = 30 WHERE a = 20; COMMIT",
         "DELETE FROM doc_default WHERE id = 4; DELETE FROM doc_full WHERE id = 4; DELETE FROM doc_nokey WHERE a = 4",
     ] {
         client.batch_execute(sql).await.unwrap();
@@ -493,21 +489,21 @@ async fn legacy_text_dates_and_amounts_are_normalized_in_curated_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schema_changes_apply_without_restart_or_stop_with_the_options() {
     let setup = r#"
-        CREATE TABLE evo (id int PRIMARY KEY, qty int, name varchar(10), amount numeric(10,2), legacy text);
-        INSERT INTO evo VALUES (1, 1, 'um', 1.50, 'old');
+        CREATE TABLE evo (id int PRIMARY KEY, qty int, name varchar(10), amount numeric(10,2), data_antiga text);
+        INSERT INTO evo VALUES (1, 1, 'um', 1.50, '2024-01-05');
         CREATE PUBLICATION w2d_pub FOR TABLE evo;
     "#;
     let (env, mut daemon) = Env::streaming(setup, &["public.evo"]).await;
     let client = env.pg.client().await;
     let steps = [
-        "INSERT INTO evo VALUES (2, 2, 'dois', 2.50, 'old2')",
+        "INSERT INTO evo VALUES (2, 2, 'dois', 2.50, '06/01/2024')",
         // A new column appears mid-stream, inside a transaction that also uses it.
         "BEGIN; ALTER TABLE evo ADD COLUMN note text; INSERT INTO evo VALUES (3, 3, 'três', 3.50, NULL, 'n3'); UPDATE evo SET note = 'n1' WHERE id = 1; COMMIT",
         // Widening type changes.
         "ALTER TABLE evo ALTER COLUMN qty TYPE bigint, ALTER COLUMN name TYPE text, ALTER COLUMN amount TYPE numeric(14,2); \
-         INSERT INTO evo VALUES (4, 5000000000, 'a name much longer than ten', 123456789012.34, 'x', 'n4')",
-        // A dropped column stops being filled.
-        "ALTER TABLE evo DROP COLUMN legacy; INSERT INTO evo VALUES (5, 5, 'cinco', 5.00, 'n5'); UPDATE evo SET qty = 20 WHERE id = 2",
+         INSERT INTO evo VALUES (4, 5000000000, 'a name much longer than ten', 123456789012.34, '2024-01-07', 'n4')",
+        // A dropped (normalized) column stops being filled.
+        "ALTER TABLE evo DROP COLUMN data_antiga; INSERT INTO evo VALUES (5, 5, 'cinco', 5.00, 'n5'); UPDATE evo SET qty = 20 WHERE id = 2",
     ];
     for sql in steps {
         client.batch_execute(sql).await.unwrap();
@@ -518,12 +514,20 @@ async fn schema_changes_apply_without_restart_or_stop_with_the_options() {
     // Raw history keeps the dropped column's old values and has the new column.
     let raw = query_delta(
         &env.raw_path("public", "evo"),
-        "SELECT count(*) FILTER (WHERE legacy IS NOT NULL), count(*) FILTER (WHERE note IS NOT NULL), max(qty) FROM t",
+        "SELECT count(*) FILTER (WHERE data_antiga IS NOT NULL), count(*) FILTER (WHERE note IS NOT NULL), max(qty) FROM t",
     )
     .await;
     assert_eq!(raw[0], vec![Some("4".into()), Some("4".into()), Some("5000000000".into())], "{raw:?}");
 
-    // A column added while the daemon is stopped is picked up at start.
+    let curated = query_delta(
+        &env.lake.join("curated/public/evo"),
+        "SELECT count(data_antiga), arrow_typeof(data_antiga) FROM t GROUP BY 2",
+    )
+    .await;
+    // Rows 1 and 4 keep their value; row 2 was written after the drop, so it is NULL.
+    assert_eq!(curated[0][0].as_deref(), Some("2"), "{curated:?}");
+    // A column added while the daemon is stopped is picked up at start (and the dropped,
+    // normalized column keeps its curated type).
     assert!(daemon.terminate(Duration::from_secs(30)).success());
     client
         .batch_execute("ALTER TABLE evo ADD COLUMN later date; INSERT INTO evo VALUES (6, 6, 'seis', 6.00, 'n6', '2024-02-29')")

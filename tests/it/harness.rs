@@ -402,6 +402,18 @@ pub async fn query_delta(path: &Path, sql: &str) -> Vec<Vec<Option<String>>> {
     rows
 }
 
+/// Fails the test, saying what to install, when Python's `deltalake` reader is missing.
+pub fn require_python_deltalake() {
+    let probe = Command::new("python3")
+        .args(["-c", "import deltalake, pyarrow"])
+        .output();
+    assert!(
+        matches!(&probe, Ok(o) if o.status.success()),
+        "this test needs Python with the deltalake and pyarrow packages: \
+         python3 -m pip install deltalake pyarrow ({probe:?})"
+    );
+}
+
 /// Convenience: `SELECT count(*)` over a Delta table (0 when it does not exist).
 pub async fn count_delta(path: &Path) -> i64 {
     query_delta(path, "SELECT count(*) FROM t")

@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use crate::harness::{Env, query_delta};
+use crate::harness::{Env, query_delta, require_python_deltalake};
 
 const SETUP: &str = r#"
 CREATE TABLE mixed (
@@ -42,14 +42,7 @@ os._exit(0)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_independent_delta_reader_sees_the_same_rows() {
-    let probe = Command::new("python3")
-        .args(["-c", "import deltalake, pyarrow"])
-        .output();
-    assert!(
-        matches!(&probe, Ok(o) if o.status.success()),
-        "this test needs Python with the deltalake and pyarrow packages: \
-         python3 -m pip install deltalake pyarrow ({probe:?})"
-    );
+    require_python_deltalake();
     let (env, mut daemon) = Env::streaming(SETUP, &["public.mixed"]).await;
     env.pg
         .client()
