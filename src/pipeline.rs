@@ -172,7 +172,9 @@ async fn snapshot_missing(
         .iter()
         .filter(|t| match applier.snapshot_position(&t.name) {
             None => true,
-            Some(at) => slot_born.is_some_and(|born| at < born),
+            // A snapshot from an older slot of the same name, or a table that was left
+            // out of the configuration for a while (it missed changes).
+            Some(at) => slot_born.is_some_and(|born| at < born) || !applier.was_tracked(&t.name),
         })
         .collect();
     if missing.is_empty() {

@@ -270,6 +270,16 @@ impl Applier {
         self.tables.get(table).and_then(|t| t.snapshot_at)
     }
 
+    /// Whether the latest checkpoint covered `table` (`true` when no checkpoint says): a
+    /// table left out of the configuration for a while missed changes.
+    pub fn was_tracked(&self, table: &TableName) -> bool {
+        self.checkpoint.position().is_none()
+            || self
+                .checkpoint
+                .tracked()
+                .is_none_or(|t| t.contains(&table.to_string()))
+    }
+
     /// The slot's creation point as recorded in the checkpoint table.
     pub fn slot_created_at(&self) -> Option<Lsn> {
         self.checkpoint.slot_created_at()

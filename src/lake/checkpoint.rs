@@ -45,6 +45,7 @@ pub struct Checkpoint {
     position: Option<Lsn>,
     created_app_id: String,
     slot_created_at: Option<Lsn>,
+    tracked: Option<std::collections::HashSet<String>>,
 }
 
 impl Checkpoint {
@@ -61,18 +62,25 @@ impl Checkpoint {
         let slot_created_at = applied_position(&table, &created_app_id)
             .await
             .map_err(delta_err)?;
+        let tracked = tracked_tables(&table).await;
         Ok(Checkpoint {
             table,
             app_id,
             position,
             created_app_id,
             slot_created_at,
+            tracked,
         })
     }
 
     /// The LSN durable in every table, if any batch was ever committed.
     pub fn position(&self) -> Option<Lsn> {
         self.position
+    }
+
+    /// The tables the latest checkpoint covered (`None` when no checkpoint says).
+    pub fn tracked(&self) -> Option<&std::collections::HashSet<String>> {
+        self.tracked.as_ref()
     }
 
     /// The consistent point of the slot when this daemon created it, if it did.
@@ -151,4 +159,19 @@ impl Checkpoint {
         self.position = Some(end_lsn);
         Ok(())
     }
+}
+
+/// The raw tables named in the most recent checkpoint commit that lists table versions.
+async fn tracked_tables(table: &DeltaTable) -> Option<std::collections::HashSet<String>> {
+    use futures::StreamExt;
+    let mut history = table.history(Some(50));
+    while let Some(Ok(commit)) = history.next().await {
+        if let Some(versions) = commit.info.get("wal2delta.table_versions") {
+            return versions
+                .get("raw")
+                .and_then(|raw| raw.as_object())
+                .map(|raw| raw.keys().cloned().collect());
+        }
+    }
+    None
 }

@@ -552,3 +552,33 @@ async fn schema_changes_apply_without_restart_or_stop_with_the_options() {
         "{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_left_out_of_the_configuration_for_a_while_is_copied_again() {
+    let setup = r#"
+        CREATE TABLE kept (id int PRIMARY KEY, v text);
+        CREATE TABLE paused (id int PRIMARY KEY, v text);
+        INSERT INTO paused VALUES (1, 'a'), (2, 'b');
+        CREATE PUBLICATION w2d_pub FOR TABLE kept, paused;
+    "#;
+    let (env, mut daemon) = Env::streaming(setup, &["public.kept", "public.paused"]).await;
+    let client = env.pg.client().await;
+    client.batch_execute("INSERT INTO kept VALUES (1, 'x'); UPDATE paused SET v = 'c' WHERE id = 1").await.unwrap();
+    env.wait_caught_up(Duration::from_secs(60)).await;
+    assert!(daemon.terminate(Duration::from_secs(30)).success());
+    // Without `paused` for a while: its changes are not followed.
+    env.write_config("postgres", &["public.kept"], "");
+    let mut daemon = env.daemon();
+    env.wait_streaming().await;
+    client.batch_execute("INSERT INTO kept VALUES (2, 'y'); DELETE FROM paused WHERE id = 2; INSERT INTO paused VALUES (3, 'd')").await.unwrap();
+    env.wait_caught_up(Duration::from_secs(60)).await;
+    assert!(daemon.terminate(Duration::from_secs(30)).success());
+    // Back in the configuration: copied again, then followed.
+    env.write_config("postgres", &["public.kept", "public.paused"], "");
+    let _daemon = env.daemon();
+    env.wait_streaming().await;
+    client.batch_execute("UPDATE paused SET v = 'e' WHERE id = 3").await.unwrap();
+    env.wait_caught_up(Duration::from_secs(60)).await;
+    assert_mirror(&env, "public.paused").await;
+    assert_mirror(&env, "public.kept").await;
+}
