@@ -262,7 +262,10 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pi
                 if started.elapsed() > Duration::from_secs(60) {
                     backoff = Backoff::default();
                 }
-                if !backoff.pause(&e, "replication interrupted; reconnecting", &cancel).await {
+                if !backoff
+                    .pause(&e, "replication interrupted; reconnecting", &cancel)
+                    .await
+                {
                     return Ok(());
                 }
             }
@@ -279,7 +282,12 @@ struct Backoff {
 
 impl Backoff {
     /// Logs `what` with the error, then waits; false when a stop was requested meanwhile.
-    async fn pause(&mut self, error: &PipelineError, what: &str, cancel: &CancellationToken) -> bool {
+    async fn pause(
+        &mut self,
+        error: &PipelineError,
+        what: &str,
+        cancel: &CancellationToken,
+    ) -> bool {
         let delay = Duration::from_millis(250 * 2u64.pow(self.attempt.min(7))).min(MAX_BACKOFF);
         self.attempt += 1;
         tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, attempt = self.attempt, "{what}");

@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use deltalake::arrow::array::{
     ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Decimal128Builder, Float32Builder,
-    Float64Builder, Int64Builder, ListArray, ListBuilder,
-    NullBufferBuilder, StringBuilder, TimestampMicrosecondBuilder,
+    Float64Builder, Int64Builder, ListArray, ListBuilder, NullBufferBuilder, StringBuilder,
+    TimestampMicrosecondBuilder,
 };
 use deltalake::arrow::buffer::OffsetBuffer;
 use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};

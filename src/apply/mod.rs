@@ -505,10 +505,7 @@ impl Applier {
                     added.push(col.name.clone());
                     next.push(ColumnSpec {
                         name: col.name.clone(),
-                        kind: crate::pg_types::ColumnKind::from_pg(
-                            col.type_oid,
-                            col.type_modifier,
-                        ),
+                        kind: crate::pg_types::ColumnKind::from_pg(col.type_oid, col.type_modifier),
                         type_oid: col.type_oid,
                         type_modifier: col.type_modifier,
                     });

@@ -54,7 +54,11 @@ pub fn pg_type_name(type_oid: u32, typmod: i32) -> String {
         oid::TIMESTAMPTZ => "timestamptz".into(),
         oid::NUMERIC if typmod >= 4 => {
             let t = typmod - 4;
-            format!("numeric({},{})", (t >> 16) & 0xFFFF, ((t & 0x7FF) ^ 1024) - 1024)
+            format!(
+                "numeric({},{})",
+                (t >> 16) & 0xFFFF,
+                ((t & 0x7FF) ^ 1024) - 1024
+            )
         }
         oid::NUMERIC => "numeric".into(),
         0 => "a dropped column".into(),
@@ -64,7 +68,12 @@ pub fn pg_type_name(type_oid: u32, typmod: i32) -> String {
 
 /// Checks a column whose type the source now reports differently; returns the updated
 /// column when the lake's type still holds every value.
-pub fn retype(table: &str, lake: &ColumnSpec, type_oid: u32, typmod: i32) -> Result<ColumnSpec, TypeChanged> {
+pub fn retype(
+    table: &str,
+    lake: &ColumnSpec,
+    type_oid: u32,
+    typmod: i32,
+) -> Result<ColumnSpec, TypeChanged> {
     let kind = ColumnKind::from_pg(type_oid, typmod);
     if kind != lake.kind && lake.type_oid != 0 {
         return Err(TypeChanged {
@@ -172,16 +181,31 @@ mod tests {
 
     #[test]
     fn added_dropped_and_widened_columns_reconcile() {
-        let old = raw_schema(&[col("id", 23, -1), col("gone", 25, -1), col("amount", 1700, (10 << 16 | 2) + 4)]);
-        let now = [col("id", 20, -1), col("amount", 1700, (14 << 16 | 2) + 4), col("added", 1082, -1)];
+        let old = raw_schema(&[
+            col("id", 23, -1),
+            col("gone", 25, -1),
+            col("amount", 1700, (10 << 16 | 2) + 4),
+        ]);
+        let now = [
+            col("id", 20, -1),
+            col("amount", 1700, (14 << 16 | 2) + 4),
+            col("added", 1082, -1),
+        ];
         let cols = reconcile("t", Some(&old), &now).unwrap();
         let names: Vec<&str> = cols.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["id", "gone", "amount", "added"]);
         assert_eq!(cols[1].type_oid, 0);
-        let err = reconcile("t", Some(&old), &[col("amount", 1700, (10 << 16 | 3) + 4)]).unwrap_err();
-        assert!(err.to_string().contains("amount") && err.to_string().contains("numeric(10,3)"), "{err}");
+        let err =
+            reconcile("t", Some(&old), &[col("amount", 1700, (10 << 16 | 3) + 4)]).unwrap_err();
+        assert!(
+            err.to_string().contains("amount") && err.to_string().contains("numeric(10,3)"),
+            "{err}"
+        );
         assert!(retype("t", &cols[0], 21, -1).is_ok());
         let err = retype("t", &cols[0], 25, -1).unwrap_err().to_string();
-        assert!(err.contains("column id changed from bigint to text"), "{err}");
+        assert!(
+            err.contains("column id changed from bigint to text"),
+            "{err}"
+        );
     }
 }

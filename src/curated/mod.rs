@@ -34,9 +34,9 @@ pub mod transform;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use deltalake::arrow::array::{
-    Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch, StringArray,
-    new_null_array,
+    Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch, StringArray, new_null_array,
 };
 use deltalake::arrow::compute::{cast, filter_record_batch, interleave};
 use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
@@ -44,8 +44,6 @@ use deltalake::arrow::error::ArrowError;
 use deltalake::arrow::row::{RowConverter, Rows, SortField};
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::kernel::{Action, Add, Remove, Transaction};
-use bytes::Bytes;
-use object_store::ObjectStoreExt;
 use deltalake::parquet::arrow::ProjectionMask;
 use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use deltalake::parquet::basic::Compression;
@@ -53,6 +51,7 @@ use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::protocol::DeltaOperation;
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::{DeltaTable, DeltaTableError};
+use object_store::ObjectStoreExt;
 
 use self::reduce::{Cell, Change, Final, Reduced, reduce};
 use self::transform::{Normalization, Normalizer};
@@ -237,9 +236,7 @@ impl CuratedTable {
         }
         let schema_grew = existing != incoming;
         let app_id = curated_app_id(slot, name);
-        let applied = applied_position(&table, &app_id)
-            .await
-            .map_err(delta_err)?;
+        let applied = applied_position(&table, &app_id).await.map_err(delta_err)?;
         let converter = RowConverter::new(
             key.iter()
                 .map(|&i| SortField::new(schema.field(i).data_type().clone()))
@@ -308,9 +305,7 @@ impl CuratedTable {
         let get = |side: &str| -> Option<KeyScalar> {
             let v = stats.get(side)?.get(&col.name)?;
             match col.kind {
-                ColumnKind::Int64 => {
-                    v.as_i64().map(KeyScalar::Int)
-                }
+                ColumnKind::Int64 => v.as_i64().map(KeyScalar::Int),
                 ColumnKind::Text => v.as_str().map(|s| KeyScalar::Str(s.to_string())),
                 _ => None,
             }
@@ -383,7 +378,12 @@ impl CuratedTable {
             if !kept {
                 return Err(LakeError::SchemaChanged {
                     table: self.label.clone(),
-                    existing: self.schema.fields().iter().map(|f| f.name().clone()).collect(),
+                    existing: self
+                        .schema
+                        .fields()
+                        .iter()
+                        .map(|f| f.name().clone())
+                        .collect(),
                     incoming: schema.fields().iter().map(|f| f.name().clone()).collect(),
                 });
             }
@@ -416,7 +416,10 @@ impl CuratedTable {
             writer
                 .write(rows)
                 .await
-                .map_err(|source| LakeError::Delta { table: label, source })?;
+                .map_err(|source| LakeError::Delta {
+                    table: label,
+                    source,
+                })?;
         }
         Ok(())
     }
@@ -447,8 +450,9 @@ impl CuratedTable {
                 })
                 .collect();
             if sources.iter().any(|(a, _)| *a == 1) {
-                key_arrays[k] = interleave(&[key_arrays[k].as_ref(), old_arrays[k].as_ref()], &sources)
-                    .map_err(self.arrow_err())?;
+                key_arrays[k] =
+                    interleave(&[key_arrays[k].as_ref(), old_arrays[k].as_ref()], &sources)
+                        .map_err(self.arrow_err())?;
             }
         }
         let new_keys = self
@@ -457,7 +461,9 @@ impl CuratedTable {
             .map_err(self.arrow_err())?;
         let changes = (0..raw.num_rows()).map(|i| {
             match ops.value(i) {
-                op::DELETE => Change::Delete { key: slice(&new_keys, i) },
+                op::DELETE => Change::Delete {
+                    key: slice(&new_keys, i),
+                },
                 op::TRUNCATE => Change::Truncate,
                 op::UPDATE => Change::Update {
                     key: slice(&new_keys, i),
@@ -465,7 +471,9 @@ impl CuratedTable {
                     unchanged: &unchanged[i],
                 },
                 // Inserts and snapshot reads.
-                _ => Change::Insert { key: slice(&new_keys, i) },
+                _ => Change::Insert {
+                    key: slice(&new_keys, i),
+                },
             }
         });
         let reduced = reduce(changes, self.columns.len());
@@ -475,7 +483,10 @@ impl CuratedTable {
 
     /// For updates that carry an old key (`_before`), its key columns: per row the index
     /// into the returned arrays.
-    fn old_keys(&self, raw: &RecordBatch) -> Result<(Vec<Option<usize>>, Vec<ArrayRef>), ArrowError> {
+    fn old_keys(
+        &self,
+        raw: &RecordBatch,
+    ) -> Result<(Vec<Option<usize>>, Vec<ArrayRef>), ArrowError> {
         let before = string_column(raw, "_before")?;
         let mut which = vec![None; raw.num_rows()];
         let mut texts: Vec<Vec<Option<String>>> = vec![Vec::new(); self.key.len()];
@@ -484,8 +495,7 @@ impl CuratedTable {
             if before.is_null(i) {
                 continue;
             }
-            let Ok(serde_json::Value::Object(image)) = serde_json::from_str(before.value(i))
-            else {
+            let Ok(serde_json::Value::Object(image)) = serde_json::from_str(before.value(i)) else {
                 continue;
             };
             let values: Vec<Option<String>> = self
@@ -613,11 +623,7 @@ impl CuratedTable {
     /// The first key column of every affected key, sorted, when pruning can use it.
     fn key_scalars(&self, reduced: &Reduced) -> Result<Option<Vec<KeyScalar>>, ArrowError> {
         let kind = &self.columns[self.key[0]].kind;
-        if !matches!(
-            kind,
-            ColumnKind::Int64 | ColumnKind::Text
-        ) || reduced.keys.is_empty()
-        {
+        if !matches!(kind, ColumnKind::Int64 | ColumnKind::Text) || reduced.keys.is_empty() {
             return Ok(None);
         }
         let parser = self.converter.parser();
@@ -628,7 +634,12 @@ impl CuratedTable {
         let mut values: Vec<KeyScalar> = match kind {
             ColumnKind::Text => arrays[0]
                 .as_string_opt::<i32>()
-                .map(|a| a.iter().flatten().map(|s| KeyScalar::Str(s.to_string())).collect())
+                .map(|a| {
+                    a.iter()
+                        .flatten()
+                        .map(|s| KeyScalar::Str(s.to_string()))
+                        .collect()
+                })
                 .unwrap_or_default(),
             _ => first
                 .as_ref()
@@ -657,7 +668,8 @@ impl CuratedTable {
         let parquet_err = |e: deltalake::parquet::errors::ParquetError| {
             (self.delta_err())(DeltaTableError::from(e))
         };
-        let builder = ParquetRecordBatchReaderBuilder::try_new(data.clone()).map_err(parquet_err)?;
+        let builder =
+            ParquetRecordBatchReaderBuilder::try_new(data.clone()).map_err(parquet_err)?;
         let names: Vec<&str> = self
             .key
             .iter()

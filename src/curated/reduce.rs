@@ -36,9 +36,17 @@ pub enum Final {
 /// One change as the reducer sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change<'a> {
-    Insert { key: &'a [u8] },
-    Update { key: &'a [u8], old_key: Option<&'a [u8]>, unchanged: &'a [usize] },
-    Delete { key: &'a [u8] },
+    Insert {
+        key: &'a [u8],
+    },
+    Update {
+        key: &'a [u8],
+        old_key: Option<&'a [u8]>,
+        unchanged: &'a [usize],
+    },
+    Delete {
+        key: &'a [u8],
+    },
     Truncate,
 }
 
@@ -166,13 +174,23 @@ mod tests {
         let r = reduce(
             [
                 Change::Insert { key: b"1" },
-                Change::Update { key: b"1", old_key: None, unchanged: &[] },
+                Change::Update {
+                    key: b"1",
+                    old_key: None,
+                    unchanged: &[],
+                },
                 Change::Insert { key: b"2" },
                 Change::Delete { key: b"2" },
             ],
             3,
         );
-        assert_eq!(r.finals[r.index[b"1".as_slice()] as usize].clone(), Final::Upsert { row: 1, cells: None });
+        assert_eq!(
+            r.finals[r.index[b"1".as_slice()] as usize].clone(),
+            Final::Upsert {
+                row: 1,
+                cells: None
+            }
+        );
         assert_eq!(r.finals[r.index[b"2".as_slice()] as usize], Final::Delete);
     }
 
@@ -180,14 +198,21 @@ mod tests {
     fn key_change_deletes_old_key_and_carries_toast() {
         // 1 → 2 with column 1 unchanged: the value is the curated row of key 1.
         let r = reduce(
-            [Change::Update { key: b"2", old_key: Some(b"1"), unchanged: &[1] }],
+            [Change::Update {
+                key: b"2",
+                old_key: Some(b"1"),
+                unchanged: &[1],
+            }],
             3,
         );
         let one = r.index[b"1".as_slice()];
         assert_eq!(r.finals[one as usize], Final::Delete);
         assert_eq!(
             r.finals[r.index[b"2".as_slice()] as usize],
-            Final::Upsert { row: 0, cells: Some(vec![Cell::Row(0), Cell::Target(one), Cell::Row(0)]) }
+            Final::Upsert {
+                row: 0,
+                cells: Some(vec![Cell::Row(0), Cell::Target(one), Cell::Row(0)])
+            }
         );
         assert!(r.needs_target.contains(&one));
     }
@@ -197,15 +222,26 @@ mod tests {
         let r = reduce(
             [
                 Change::Insert { key: b"1" },
-                Change::Update { key: b"1", old_key: None, unchanged: &[2] },
-                Change::Update { key: b"3", old_key: Some(b"1"), unchanged: &[2] },
+                Change::Update {
+                    key: b"1",
+                    old_key: None,
+                    unchanged: &[2],
+                },
+                Change::Update {
+                    key: b"3",
+                    old_key: Some(b"1"),
+                    unchanged: &[2],
+                },
             ],
             3,
         );
         assert!(r.needs_target.is_empty());
         assert_eq!(
             r.finals[r.index[b"3".as_slice()] as usize],
-            Final::Upsert { row: 2, cells: Some(vec![Cell::Row(2), Cell::Row(2), Cell::Row(0)]) }
+            Final::Upsert {
+                row: 2,
+                cells: Some(vec![Cell::Row(2), Cell::Row(2), Cell::Row(0)])
+            }
         );
         assert_eq!(r.finals[r.index[b"1".as_slice()] as usize], Final::Delete);
     }
@@ -213,11 +249,21 @@ mod tests {
     #[test]
     fn truncate_forgets_what_came_before() {
         let r = reduce(
-            [Change::Insert { key: b"1" }, Change::Truncate, Change::Insert { key: b"2" }],
+            [
+                Change::Insert { key: b"1" },
+                Change::Truncate,
+                Change::Insert { key: b"2" },
+            ],
             1,
         );
         assert!(r.truncated);
         assert_eq!(r.keys.len(), 1);
-        assert_eq!(r.finals[0], Final::Upsert { row: 2, cells: None });
+        assert_eq!(
+            r.finals[0],
+            Final::Upsert {
+                row: 2,
+                cells: None
+            }
+        );
     }
 }

@@ -29,7 +29,10 @@ pub enum Target {
     Date,
     /// A UTC timestamp; values without an offset are taken as UTC.
     Timestamp,
-    Decimal { precision: u8, scale: i8 },
+    Decimal {
+        precision: u8,
+        scale: i8,
+    },
 }
 
 impl Target {
@@ -49,8 +52,14 @@ impl Target {
         let (p, s) = inner
             .split_once(',')
             .ok_or_else(|| format!("`{text}`: write decimal(precision,scale)"))?;
-        let precision: u8 = p.trim().parse().map_err(|_| format!("`{text}`: bad precision"))?;
-        let scale: i8 = s.trim().parse().map_err(|_| format!("`{text}`: bad scale"))?;
+        let precision: u8 = p
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{text}`: bad precision"))?;
+        let scale: i8 = s
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{text}`: bad scale"))?;
         if !(1..=38).contains(&precision) || scale < 0 || scale as u8 > precision {
             return Err(format!(
                 "`{text}`: precision must be 1 to 38 and scale 0 to precision"
@@ -278,7 +287,11 @@ pub struct Normalizer {
 impl Normalizer {
     /// Picks, for each column, the first rule whose pattern matches, for text columns
     /// outside the key only.
-    pub fn new(table: &str, columns: &[(String, bool)], normalization: &Normalization) -> Normalizer {
+    pub fn new(
+        table: &str,
+        columns: &[(String, bool)],
+        normalization: &Normalization,
+    ) -> Normalizer {
         let rules = &normalization.rules;
         Normalizer {
             table: table.to_string(),
@@ -301,7 +314,12 @@ impl Normalizer {
     }
 
     /// Converts a text column with `rule`.
-    pub fn convert(&mut self, i: usize, column: &str, array: &ArrayRef) -> Result<ArrayRef, ArrowError> {
+    pub fn convert(
+        &mut self,
+        i: usize,
+        column: &str,
+        array: &ArrayRef,
+    ) -> Result<ArrayRef, ArrowError> {
         let Some(rule) = self.rule(i).cloned() else {
             return Ok(array.clone());
         };
@@ -341,7 +359,11 @@ impl Normalizer {
                 .with_precision_and_scale(*precision, *scale)?,
             ),
         };
-        if failed > 0 && self.failures.add(format!("{}.{column}", self.table), failed) {
+        if failed > 0
+            && self
+                .failures
+                .add(format!("{}.{column}", self.table), failed)
+        {
             {
                 tracing::warn!(
                     table = %self.table,
@@ -386,8 +408,14 @@ mod tests {
         let midnight = 1_704_412_800_000_000; // 2024-01-05T00:00:00Z
         assert_eq!(ts("2024-01-05"), Some(midnight));
         assert_eq!(ts("05/01/2024"), Some(midnight));
-        assert_eq!(ts("2024-01-05 10:00:00-03"), Some(midnight + 13 * 3_600_000_000));
-        assert_eq!(ts("2024-01-05T13:00:00Z"), Some(midnight + 13 * 3_600_000_000));
+        assert_eq!(
+            ts("2024-01-05 10:00:00-03"),
+            Some(midnight + 13 * 3_600_000_000)
+        );
+        assert_eq!(
+            ts("2024-01-05T13:00:00Z"),
+            Some(midnight + 13 * 3_600_000_000)
+        );
         assert_eq!(ts("ontem"), None);
         assert_eq!(ts("31/02/2024"), None);
         let dec = |s| match amounts.parse(s) {

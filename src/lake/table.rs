@@ -195,7 +195,8 @@ impl DeltaSink {
         };
         let written = self.writer.flush().await.map_err(delta_err)?;
         self.pending.extend(written);
-        self.writer = writer_for(&self.table, &schema, raw_writer_properties()).map_err(delta_err)?;
+        self.writer =
+            writer_for(&self.table, &schema, raw_writer_properties()).map_err(delta_err)?;
         self.new_schema = Some(schema);
         Ok(())
     }

@@ -193,7 +193,10 @@ pub async fn table_info(
     let mut key_columns: Vec<String> = keys.iter().map(|r| r.get(0)).collect();
     if key_columns.is_empty() && ident == "f" {
         // REPLICA IDENTITY FULL without a primary key: the whole row identifies it.
-        key_columns = columns.iter().map(|c: &ColumnSpec| c.name.clone()).collect();
+        key_columns = columns
+            .iter()
+            .map(|c: &ColumnSpec| c.name.clone())
+            .collect();
     }
     Ok(Some(TableInfo {
         name: table.clone(),

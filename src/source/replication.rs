@@ -483,7 +483,11 @@ impl ReplicationConnection {
             "CREATE_REPLICATION_SLOT {}{} LOGICAL pgoutput {}",
             quote_ident(slot),
             if temporary { " TEMPORARY" } else { "" },
-            if export { "EXPORT_SNAPSHOT" } else { "NOEXPORT_SNAPSHOT" }
+            if export {
+                "EXPORT_SNAPSHOT"
+            } else {
+                "NOEXPORT_SNAPSHOT"
+            }
         );
         let rows = self.simple_query(&sql).await?;
         let row = rows.first();

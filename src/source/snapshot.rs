@@ -199,7 +199,13 @@ impl SnapshotReader {
                                         .into(),
                                 }
                             })?;
-                            builder.append(op::READ, meta(rows as i64), Some(&tuple), &positions, None);
+                            builder.append(
+                                op::READ,
+                                meta(rows as i64),
+                                Some(&tuple),
+                                &positions,
+                                None,
+                            );
                             rows += 1;
                             if builder.rows() >= BATCH_ROWS || builder.bytes() >= BATCH_BYTES {
                                 send(&mut builder, &out, &name).await?;
@@ -351,7 +357,11 @@ mod tests {
     #[test]
     fn copy_lines_split_and_unescape() {
         let mut s = LineSplitter::default();
-        assert!(s.push(&Bytes::from_static(b"1\ta\\tb\\\\c\t\\N\n2\t")).len() == 1);
+        assert!(
+            s.push(&Bytes::from_static(b"1\ta\\tb\\\\c\t\\N\n2\t"))
+                .len()
+                == 1
+        );
         let lines = s.push(&Bytes::from_static(b"x\\101\\x41\t\n"));
         assert_eq!(lines.len(), 1);
         assert!(s.is_empty());

@@ -82,11 +82,12 @@ async fn source_rows(env: &Env, table: &str) -> (Vec<String>, Vec<String>) {
         .collect();
     let (schema, name) = table.split_once('.').unwrap();
     let df_sql = format!("SELECT concat_ws(' | ', {}) FROM t", df_exprs.join(", "));
-    let curated: Vec<String> = query_delta(&env.lake.join("curated").join(schema).join(name), &df_sql)
-        .await
-        .into_iter()
-        .map(|r| r[0].clone().unwrap_or_default())
-        .collect();
+    let curated: Vec<String> =
+        query_delta(&env.lake.join("curated").join(schema).join(name), &df_sql)
+            .await
+            .into_iter()
+            .map(|r| r[0].clone().unwrap_or_default())
+            .collect();
     (source, curated)
 }
 
@@ -103,7 +104,12 @@ async fn assert_mirror(env: &Env, table: &str) {
          not in source {extra:#?}\n--- daemon log ---\n{}",
         source.len(),
         curated.len(),
-        env.daemon_log().lines().rev().take(30).collect::<Vec<_>>().join("\n")
+        env.daemon_log()
+            .lines()
+            .rev()
+            .take(30)
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 }
 
@@ -130,15 +136,22 @@ fn spawn_workload(dsn: String, seed: u64, stop: Arc<AtomicBool>) -> tokio::task:
                     "INSERT INTO condominios (nome, cnpj, taxa_base) VALUES ('Novo {n}', 'X{}', {n}.25)",
                     rng.random::<u64>()
                 ),
-                1 => format!("UPDATE condominios SET taxa_base = taxa_base + 1, endereco = '{{\"n\": {n}}}' WHERE id = 1 + {n} % 10"),
-                2 => format!("UPDATE imoveis SET ocupado = NOT ocupado, area_m2 = {n}.5 WHERE id = 1 + {n} % 400"),
+                1 => format!(
+                    "UPDATE condominios SET taxa_base = taxa_base + 1, endereco = '{{\"n\": {n}}}' WHERE id = 1 + {n} % 10"
+                ),
+                2 => format!(
+                    "UPDATE imoveis SET ocupado = NOT ocupado, area_m2 = {n}.5 WHERE id = 1 + {n} % 400"
+                ),
                 3 => format!(
                     "INSERT INTO moradores (imovel_id, nome, tipo, tags, foto, observacoes) \
                      VALUES (1 + {n} % 400, 'M{n}', 'inquilino', ARRAY['t{n}'], '\\x{:08x}', '{big}')",
                     rng.random::<u32>()
                 ),
                 // TOAST-only: the big observacoes column is not sent, only marked unchanged.
-                4 => format!("UPDATE moradores SET telefone = '{n}' WHERE id IN (SELECT id FROM moradores WHERE observacoes IS NOT NULL ORDER BY id OFFSET {} LIMIT 3)", n % 50),
+                4 => format!(
+                    "UPDATE moradores SET telefone = '{n}' WHERE id IN (SELECT id FROM moradores WHERE observacoes IS NOT NULL ORDER BY id OFFSET {} LIMIT 3)",
+                    n % 50
+                ),
                 // Key change of an unreferenced resident (with its TOASTed value unchanged).
                 5 => format!(
                     "UPDATE moradores SET id = id + 100000, email = 'k{n}' WHERE id = (SELECT m.id FROM moradores m \
@@ -146,7 +159,10 @@ fn spawn_workload(dsn: String, seed: u64, stop: Arc<AtomicBool>) -> tokio::task:
                      (SELECT 1 FROM transacoes t WHERE t.morador_id = m.id) ORDER BY m.id OFFSET {} LIMIT 1)",
                     n % 20
                 ),
-                6 => format!("DELETE FROM moradores m WHERE id = (SELECT m2.id FROM moradores m2 WHERE NOT EXISTS (SELECT 1 FROM transacoes t WHERE t.morador_id = m2.id) ORDER BY m2.id DESC OFFSET {} LIMIT 1)", n % 30),
+                6 => format!(
+                    "DELETE FROM moradores m WHERE id = (SELECT m2.id FROM moradores m2 WHERE NOT EXISTS (SELECT 1 FROM transacoes t WHERE t.morador_id = m2.id) ORDER BY m2.id DESC OFFSET {} LIMIT 1)",
+                    n % 30
+                ),
                 7 | 8 => format!(
                     "INSERT INTO transacoes (imovel_id, tipo, status, valor, competencia, vencimento, \
                      data_pagamento_informada, valor_informado) \
@@ -154,8 +170,14 @@ fn spawn_workload(dsn: String, seed: u64, stop: Arc<AtomicBool>) -> tokio::task:
                      FROM generate_series(1, {}) g",
                     rng.random_range(1..50)
                 ),
-                9 => format!("UPDATE transacoes SET status = 'paga', pago_em = now(), valor_informado = '{n},99' WHERE id % 97 = {}", n % 97),
-                10 => format!("UPDATE transacoes SET id = id + 10000000 WHERE id = (SELECT max(id) FROM transacoes WHERE id < 10000000) - {}", n % 10),
+                9 => format!(
+                    "UPDATE transacoes SET status = 'paga', pago_em = now(), valor_informado = '{n},99' WHERE id % 97 = {}",
+                    n % 97
+                ),
+                10 => format!(
+                    "UPDATE transacoes SET id = id + 10000000 WHERE id = (SELECT max(id) FROM transacoes WHERE id < 10000000) - {}",
+                    n % 10
+                ),
                 11 => format!("DELETE FROM transacoes WHERE id % 211 = {}", n % 211),
                 12 => format!(
                     "BEGIN; INSERT INTO condominios (nome, cnpj) VALUES ('T{n}', 'Y{}'); \
@@ -166,7 +188,10 @@ fn spawn_workload(dsn: String, seed: u64, stop: Arc<AtomicBool>) -> tokio::task:
                     truncated = true;
                     "TRUNCATE transacoes".to_string()
                 }
-                _ => format!("UPDATE moradores SET ativo = NOT ativo WHERE id % 13 = {}", n % 13),
+                _ => format!(
+                    "UPDATE moradores SET ativo = NOT ativo WHERE id % 13 = {}",
+                    n % 13
+                ),
             };
             if client.batch_execute(&sql).await.is_ok() {
                 done += 1;
@@ -224,7 +249,11 @@ async fn curated_tables_mirror_a_random_workload_during_and_after_the_snapshot()
         (&transacoes, "_op = 't'"),
     ] {
         let n = query_delta(path, &format!("SELECT count(*) FROM t WHERE {filter}")).await;
-        assert_ne!(n[0][0].as_deref(), Some("0"), "no change with {filter} in {path:?}");
+        assert_ne!(
+            n[0][0].as_deref(),
+            Some("0"),
+            "no change with {filter} in {path:?}"
+        );
     }
 }
 
@@ -251,10 +280,21 @@ async fn assert_python_reader_agrees(env: &Env) {
     require_python_deltalake();
     let names = ["condominios", "imoveis", "moradores", "transacoes"];
     let root = env.lake.join("curated").join("public");
-    let mut args = vec!["-c".to_string(), PY_CURATED.to_string(), root.display().to_string()];
+    let mut args = vec![
+        "-c".to_string(),
+        PY_CURATED.to_string(),
+        root.display().to_string(),
+    ];
     args.extend(names.iter().map(|n| n.to_string()));
-    let out = std::process::Command::new("python3").args(&args).output().expect("run python3");
-    assert!(out.status.success(), "python reader: {}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new("python3")
+        .args(&args)
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "python reader: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let theirs: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     for name in names {
         let text = if name == "moradores" {
@@ -263,17 +303,39 @@ async fn assert_python_reader_agrees(env: &Env) {
             "coalesce(length(nome), 0)"
         };
         let has_nome = name != "imoveis" && name != "transacoes";
-        let text = if has_nome || name == "moradores" { text } else { "0" };
-        let valor = if name == "transacoes" { "CAST(sum(valor) AS VARCHAR)" } else { "NULL" };
+        let text = if has_nome || name == "moradores" {
+            text
+        } else {
+            "0"
+        };
+        let valor = if name == "transacoes" {
+            "CAST(sum(valor) AS VARCHAR)"
+        } else {
+            "NULL"
+        };
         let ours = query_delta(
             &root.join(name),
-            &format!("SELECT count(*), coalesce(sum(id), 0), coalesce(sum({text}), 0), {valor} FROM t"),
+            &format!(
+                "SELECT count(*), coalesce(sum(id), 0), coalesce(sum({text}), 0), {valor} FROM t"
+            ),
         )
         .await;
         let t = &theirs[name];
-        assert_eq!(ours[0][0].as_deref(), Some(t["count"].to_string().as_str()), "{name}: {t}");
-        assert_eq!(ours[0][1].as_deref(), Some(t["ids"].to_string().as_str()), "{name}: {t}");
-        assert_eq!(ours[0][2].as_deref(), Some(t["text"].to_string().as_str()), "{name}: {t}");
+        assert_eq!(
+            ours[0][0].as_deref(),
+            Some(t["count"].to_string().as_str()),
+            "{name}: {t}"
+        );
+        assert_eq!(
+            ours[0][1].as_deref(),
+            Some(t["ids"].to_string().as_str()),
+            "{name}: {t}"
+        );
+        assert_eq!(
+            ours[0][2].as_deref(),
+            Some(t["text"].to_string().as_str()),
+            "{name}: {t}"
+        );
         if name == "transacoes" {
             assert_eq!(ours[0][3].as_deref(), t["valor"].as_str(), "{name}: {t}");
         }
@@ -366,7 +428,11 @@ async fn unchanged_toast_keeps_its_value_under_default_and_full_identity() {
         "SELECT count(*) FROM t WHERE _unchanged_toast IS NOT NULL",
     )
     .await;
-    assert_ne!(raw_toast[0][0].as_deref(), Some("0"), "the test made no TOAST-only update");
+    assert_ne!(
+        raw_toast[0][0].as_deref(),
+        Some("0"),
+        "the test made no TOAST-only update"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -405,7 +471,8 @@ async fn a_one_row_update_rewrites_at_most_one_file() {
     let mut removed = 0;
     let mut added = 0;
     for v in before_version + 1..=after_version {
-        let log = std::fs::read_to_string(curated.join(format!("_delta_log/{v:020}.json"))).unwrap();
+        let log =
+            std::fs::read_to_string(curated.join(format!("_delta_log/{v:020}.json"))).unwrap();
         removed += log.matches("\"remove\"").count();
         added += log.matches("\"add\"").count();
     }
@@ -469,7 +536,10 @@ async fn legacy_text_dates_and_amounts_are_normalized_in_curated_only() {
         "{rows:?}"
     );
     let ts_type = rows[0][3].clone().unwrap_or_default();
-    assert!(ts_type.starts_with("Timestamp") && ts_type.contains("UTC"), "{rows:?}");
+    assert!(
+        ts_type.starts_with("Timestamp") && ts_type.contains("UTC"),
+        "{rows:?}"
+    );
     assert_eq!(rows[0][4].as_deref(), Some("Decimal128(18, 2)"));
     // Typed columns pass through unchanged.
     assert_eq!(rows[6][5].as_deref(), Some("2024-12-31"));
@@ -482,7 +552,12 @@ async fn legacy_text_dates_and_amounts_are_normalized_in_curated_only() {
     assert_eq!(raw[0], vec![s("ontem"), s("muito")]);
     // Failures are logged once per column, with an example.
     let log = env.daemon_log();
-    assert_eq!(log.matches("matches none of the column's normalization formats").count(), 2, "{log}");
+    assert_eq!(
+        log.matches("matches none of the column's normalization formats")
+            .count(),
+        2,
+        "{log}"
+    );
     assert!(log.contains("ontem") && log.contains("muito"), "{log}");
 }
 
@@ -508,7 +583,11 @@ async fn schema_changes_apply_without_restart_or_stop_with_the_options() {
     for sql in steps {
         client.batch_execute(sql).await.unwrap();
         env.wait_caught_up(Duration::from_secs(60)).await;
-        assert!(daemon.is_running(), "the daemon stopped\n{}", env.daemon_log());
+        assert!(
+            daemon.is_running(),
+            "the daemon stopped\n{}",
+            env.daemon_log()
+        );
     }
     assert_mirror(&env, "public.evo").await;
     // Raw history keeps the dropped column's old values and has the new column.
@@ -517,7 +596,15 @@ async fn schema_changes_apply_without_restart_or_stop_with_the_options() {
         "SELECT count(*) FILTER (WHERE data_antiga IS NOT NULL), count(*) FILTER (WHERE note IS NOT NULL), max(qty) FROM t",
     )
     .await;
-    assert_eq!(raw[0], vec![Some("4".into()), Some("4".into()), Some("5000000000".into())], "{raw:?}");
+    assert_eq!(
+        raw[0],
+        vec![
+            Some("4".into()),
+            Some("4".into()),
+            Some("5000000000".into())
+        ],
+        "{raw:?}"
+    );
 
     let curated = query_delta(
         &env.lake.join("curated/public/evo"),
@@ -563,7 +650,10 @@ async fn a_table_left_out_of_the_configuration_for_a_while_is_copied_again() {
     "#;
     let (env, mut daemon) = Env::streaming(setup, &["public.kept", "public.paused"]).await;
     let client = env.pg.client().await;
-    client.batch_execute("INSERT INTO kept VALUES (1, 'x'); UPDATE paused SET v = 'c' WHERE id = 1").await.unwrap();
+    client
+        .batch_execute("INSERT INTO kept VALUES (1, 'x'); UPDATE paused SET v = 'c' WHERE id = 1")
+        .await
+        .unwrap();
     env.wait_caught_up(Duration::from_secs(60)).await;
     assert!(daemon.terminate(Duration::from_secs(30)).success());
     // Without `paused` for a while: its changes are not followed.
@@ -577,7 +667,10 @@ async fn a_table_left_out_of_the_configuration_for_a_while_is_copied_again() {
     env.write_config("postgres", &["public.kept", "public.paused"], "");
     let _daemon = env.daemon();
     env.wait_streaming().await;
-    client.batch_execute("UPDATE paused SET v = 'e' WHERE id = 3").await.unwrap();
+    client
+        .batch_execute("UPDATE paused SET v = 'e' WHERE id = 3")
+        .await
+        .unwrap();
     env.wait_caught_up(Duration::from_secs(60)).await;
     assert_mirror(&env, "public.paused").await;
     assert_mirror(&env, "public.kept").await;
