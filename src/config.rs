@@ -297,7 +297,9 @@ impl Config {
         if let (Some(src), Some(pw)) = (source.as_mut(), password) {
             src.password = Some(pw);
         }
-        for (field, value) in [("source.slot", &self.source.slot)] {
+        {
+            let (field, value) = ("source.slot", &self.source.slot);
+            // Slot names: what pg_create_logical_replication_slot accepts.
             let valid = !value.is_empty()
                 && value.len() <= 63
                 && value

@@ -912,7 +912,7 @@ impl CuratedTable {
             .with_actions(actions)
             .build(Some(snapshot), self.table.log_store(), operation)
             .await
-            .map_err(|e| (self.delta_err())(e.into()))?;
+            .map_err(|e| (self.delta_err())(e))?;
         let version = finalized.version();
         self.table.state = Some(finalized.snapshot());
         self.applied = Some(through);

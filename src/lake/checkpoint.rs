@@ -128,7 +128,7 @@ impl Checkpoint {
                 DeltaOperation::Update { predicate: None },
             )
             .await
-            .map_err(|e| delta_err(e.into()))?;
+            .map_err(delta_err)?;
         self.table.state = Some(finalized.snapshot());
         Ok(())
     }

@@ -281,7 +281,7 @@ impl DeltaSink {
             .with_actions(adds)
             .build(Some(snapshot), self.table.log_store(), operation)
             .await
-            .map_err(|e| delta_err(e.into()))?;
+            .map_err(delta_err)?;
         let version = finalized.version();
         self.table.state = Some(finalized.snapshot());
         self.applied = Some(through);

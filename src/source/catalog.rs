@@ -77,7 +77,7 @@ pub async fn connect(params: &ConnParams) -> Result<Client, CatalogError> {
         .port(params.port)
         .user(&params.user)
         .dbname(&params.dbname)
-        .application_name(&format!("{} control", params.application_name))
+        .application_name(format!("{} control", params.application_name))
         .connect_timeout(std::time::Duration::from_secs(
             params.connect_timeout_secs.max(1),
         ))
