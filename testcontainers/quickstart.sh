@@ -53,6 +53,6 @@ for _ in $(seq 1 100); do
   sleep 0.2
 done
 psql_ -f sql/sample_data.sql
-echo "==> sample data committed; raw change logs are in $work/lake/raw/public/"
+echo "==> sample data committed; change logs in $work/lake/raw/public/, current rows in $work/lake/curated/public/"
 echo "    config: $work/wal2delta.toml   (Ctrl-C to stop)"
 wait $daemon
