@@ -11,9 +11,11 @@
 //! directly) that several connections copy in parallel with `COPY (SELECT …) TO STDOUT`.
 //! COPY's text format carries the same output-function text as pgoutput, so the values go
 //! through the same parser as streamed changes (one code path, identical types and
-//! fallbacks); the binary format would need a second decoder per type for a gain the
-//! benchmark did not show at these sizes. Rows are handed over in bounded Arrow batches
-//! (no table goes through memory whole).
+//! fallbacks). The binary format would need a second decoder per type, and on the server
+//! side it does not pay: 1M `transacoes` rows take 1.16–1.19 s as text and 0.96–1.72 s as
+//! binary (`COPY … TO '/dev/null'`, same cluster); the snapshot's cost is on our side
+//! (Arrow building and Parquet writing). Rows are handed over in bounded Arrow batches (no
+//! table goes through memory whole).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
