@@ -15,4 +15,5 @@ pub mod pg_types;
 pub mod pipeline;
 pub mod secret;
 pub mod source;
+pub mod status;
 pub mod table_name;

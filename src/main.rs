@@ -37,6 +37,15 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Show the slot, whether a daemon runs on the lake, and every table's durable
+    /// position, version, files and rows. Changes nothing.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -63,6 +72,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run { config } => run(config).await,
             Command::Validate { config } => validate(config).await,
+            Command::Status { config, json } => status(config, json).await,
         }
     });
     match result {
@@ -74,6 +84,17 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn status(config: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
+    let settings = Config::load_settings(&config)?;
+    let report = wal2delta::status::gather(&settings).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", wal2delta::status::render(&report));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn run(config: PathBuf) -> anyhow::Result<ExitCode> {

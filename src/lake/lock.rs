@@ -61,4 +61,27 @@ impl LakeLock {
         let _ = write!(file, "pid {}", std::process::id());
         Ok(LakeLock { _file: file })
     }
+
+    /// Who holds the lock, if anyone, without taking it for longer than the check.
+    pub fn holder(lake: &Lake) -> Result<Option<String>, LakeError> {
+        let Ok(root) = lake.root().to_file_path() else {
+            return Ok(None);
+        };
+        let path = root.join("_wal2delta").join("daemon.lock");
+        let Ok(mut file) = OpenOptions::new().read(true).write(true).open(&path) else {
+            return Ok(None); // never locked
+        };
+        match file.try_lock() {
+            Ok(()) => Ok(None), // released when `file` drops
+            Err(TryLockError::WouldBlock) => {
+                let mut owner = String::new();
+                let _ = file.read_to_string(&mut owner);
+                Ok(Some(owner.trim().to_string()))
+            }
+            Err(TryLockError::Error(e)) => Err(LakeError::Location {
+                location: lake.root().to_string(),
+                message: format!("cannot check the lock {}: {e}", path.display()),
+            }),
+        }
+    }
 }

@@ -216,12 +216,18 @@ pub struct SlotInfo {
     pub active: bool,
     pub confirmed_flush: Option<Lsn>,
     pub wal_status: Option<String>,
+    pub restart_lsn: Option<Lsn>,
+    /// WAL the slot keeps from being recycled: current WAL position minus `restart_lsn`.
+    pub retained_bytes: Option<i64>,
 }
 
 pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, CatalogError> {
     let row = client
         .query_opt(
-            "SELECT plugin::text, database::text, active, confirmed_flush_lsn::text, wal_status \
+            "SELECT plugin::text, database::text, active, confirmed_flush_lsn::text, wal_status, \
+                    restart_lsn::text, \
+                    CASE WHEN pg_is_in_recovery() THEN NULL \
+                         ELSE pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint END \
              FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
@@ -232,6 +238,8 @@ pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, 
         active: r.get(2),
         confirmed_flush: r.get::<_, Option<String>>(3).and_then(|s| s.parse().ok()),
         wal_status: r.get(4),
+        restart_lsn: r.get::<_, Option<String>>(5).and_then(|s| s.parse().ok()),
+        retained_bytes: r.get(6),
     }))
 }
 

@@ -187,3 +187,54 @@ async fn validate_refuses_a_source_without_logical_wal() {
         "{out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_the_slot_the_daemon_and_every_tables_position() {
+    let setup = "CREATE TABLE ledger (id int PRIMARY KEY, v text);
+                 INSERT INTO ledger SELECT g, 'v' FROM generate_series(1, 5) g;
+                 CREATE PUBLICATION w2d_pub FOR TABLE ledger;";
+    let (env, mut daemon) = Env::streaming(setup, &["public.ledger"]).await;
+    env.pg
+        .client()
+        .await
+        .batch_execute("INSERT INTO ledger VALUES (6, 'w'); DELETE FROM ledger WHERE id = 1;")
+        .await
+        .unwrap();
+    env.wait_caught_up(Duration::from_secs(60)).await;
+    let config = env.config.to_str().unwrap();
+    let status_json = || {
+        let out = Command::new(binary())
+            .args(["status", "--config", config, "--json"])
+            .output()
+            .expect("run status");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("JSON")
+    };
+    let s = status_json();
+    assert_eq!(s["daemon_running"], true, "{s}");
+    assert_eq!(s["slot"]["exists"], true, "{s}");
+    assert_eq!(s["slot"]["active"], true, "{s}");
+    assert_eq!(s["slot"]["plugin"], "pgoutput", "{s}");
+    assert!(s["slot"]["retained_wal_bytes"].as_i64().is_some(), "{s}");
+    let t = &s["tables"][0];
+    assert_eq!(t["table"], "public.ledger", "{s}");
+    // 5 snapshot reads + an insert + a delete in raw; 5 current rows in curated.
+    assert_eq!(t["raw"]["rows"], 7, "{s}");
+    assert_eq!(t["curated"]["rows"], 5, "{s}");
+    assert!(t["snapshot_lsn"].is_string(), "{s}");
+    assert!(t["curated"]["position_lsn"].is_string(), "{s}");
+    let (ok, text) = run(&["status", "--config", config]);
+    println!("{text}");
+    assert!(
+        ok && text.contains("daemon: running") && text.contains("public.ledger"),
+        "{text}"
+    );
+    assert!(daemon.terminate(Duration::from_secs(30)).success());
+    let s = status_json();
+    assert_eq!(s["daemon_running"], false, "{s}");
+    assert_eq!(s["slot"]["active"], false, "{s}");
+}
