@@ -223,6 +223,8 @@ pub enum ConfigError {
 /// A validated configuration with the pieces other modules need already parsed.
 #[derive(Debug)]
 pub struct Settings {
+    /// The file these settings came from (for messages naming commands to run).
+    pub config_path: Option<PathBuf>,
     pub source: ConnParams,
     pub slot: String,
     pub publication: String,
@@ -253,7 +255,9 @@ impl Config {
 
     /// Reads, parses and validates a configuration file.
     pub fn load_settings(path: &Path) -> Result<Settings, ConfigError> {
-        Config::load(path)?.validate()
+        let mut settings = Config::load(path)?.validate()?;
+        settings.config_path = Some(path.to_path_buf());
+        Ok(settings)
     }
 
     /// Checks every rule and collects every problem, each naming its field.
@@ -374,6 +378,7 @@ impl Config {
         }
         match (problems.is_empty(), source) {
             (true, Some(source)) => Ok(Settings {
+                config_path: None,
                 source,
                 slot: self.source.slot,
                 publication: self.source.publication,

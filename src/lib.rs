@@ -11,6 +11,7 @@ pub mod config;
 pub mod curated;
 pub mod lake;
 pub mod lsn;
+pub mod ops;
 pub mod pg_types;
 pub mod pipeline;
 pub mod secret;

@@ -46,6 +46,40 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Reset the replication position: skip ahead, copy tables again, or re-create a lost
+    /// slot. Refuses while a daemon runs on the lake; acts only with --yes.
+    #[command(group(clap::ArgGroup::new("what").required(true).args(["to_lsn", "resnapshot", "recreate_slot"])))]
+    ResetCheckpoint {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Move the position forward to this LSN (e.g. 0/1A2B3C4D), skipping every change
+        /// in between: a data gap.
+        #[arg(long, value_name = "LSN")]
+        to_lsn: Option<String>,
+        /// Copy tables again from a fresh snapshot at the next start (curated rebuilt, raw
+        /// history kept).
+        #[arg(long)]
+        resnapshot: bool,
+        /// With --resnapshot: only this table (schema.table); repeatable. Default: all.
+        #[arg(long, requires = "resnapshot")]
+        table: Vec<String>,
+        /// Drop the slot if it still exists and create it again; the next start copies
+        /// every table afresh.
+        #[arg(long)]
+        recreate_slot: bool,
+        /// Do it (without: only show what would be done).
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Drop the replication slot, and the publication if wal2delta created it, so an
+    /// uninstalled wal2delta leaves no WAL pinned. The lake is kept.
+    Teardown {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Do it (without: only show what would be done).
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -73,6 +107,15 @@ fn main() -> ExitCode {
             Command::Run { config } => run(config).await,
             Command::Validate { config } => validate(config).await,
             Command::Status { config, json } => status(config, json).await,
+            Command::ResetCheckpoint {
+                config,
+                to_lsn,
+                resnapshot,
+                table,
+                recreate_slot,
+                yes,
+            } => reset_checkpoint(config, to_lsn, resnapshot, table, recreate_slot, yes).await,
+            Command::Teardown { config, yes } => teardown(config, yes).await,
         }
     });
     match result {
@@ -95,6 +138,52 @@ async fn status(config: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
         print!("{}", wal2delta::status::render(&report));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn reset_checkpoint(
+    config: PathBuf,
+    to_lsn: Option<String>,
+    resnapshot: bool,
+    tables: Vec<String>,
+    recreate_slot: bool,
+    yes: bool,
+) -> anyhow::Result<ExitCode> {
+    use wal2delta::ops::Reset;
+    let settings = Config::load_settings(&config)?;
+    let reset = match (to_lsn, resnapshot, recreate_slot) {
+        (Some(lsn), _, _) => Reset::ToLsn(lsn.parse().map_err(|e| {
+            anyhow::anyhow!("--to-lsn {lsn}: {e}; write it as Postgres does, e.g. 0/1A2B3C4D")
+        })?),
+        (None, true, _) => Reset::Resnapshot(
+            tables
+                .iter()
+                .map(|t| {
+                    wal2delta::table_name::TableName::parse(t)
+                        .map_err(|e| anyhow::anyhow!("--table: {e}"))
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+        _ => Reset::RecreateSlot,
+    };
+    println!(
+        "{}",
+        wal2delta::ops::reset_checkpoint(&settings, reset, yes).await?
+    );
+    Ok(if yes {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
+
+async fn teardown(config: PathBuf, yes: bool) -> anyhow::Result<ExitCode> {
+    let settings = Config::load_settings(&config)?;
+    println!("{}", wal2delta::ops::teardown(&settings, yes).await?);
+    Ok(if yes {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
 }
 
 async fn run(config: PathBuf) -> anyhow::Result<ExitCode> {

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::apply::{Applier, ApplyError};
 use crate::config::{Settings, SnapshotMode};
+use crate::lake::checkpoint::Checkpoint;
 use crate::lake::lock::LakeLock;
 use crate::lake::{Lake, LakeError};
 use crate::lsn::Lsn;
@@ -22,9 +23,20 @@ use crate::source::replication::{ReplicationConnection, ReplicationError};
 use crate::source::snapshot::{SnapshotError, SnapshotReader};
 use crate::source::stream;
 
-const SLOT_LOST_ACTION: &str = "the changes Postgres no longer keeps for it cannot be \
-     recovered from this slot; create the slot again (wal2delta does so on start when \
-     source.create_slot is true) and accept that the lake misses the changes in between";
+/// What to do about a lost slot, naming the command with this daemon's configuration.
+fn slot_lost_action(settings: &Settings) -> String {
+    format!(
+        "the changes Postgres no longer keeps for it cannot be recovered from this slot; run \
+         `wal2delta reset-checkpoint --config {} --recreate-slot --yes`, then start wal2delta \
+         again: it copies every table afresh (the raw tables miss the individual changes in \
+         between)",
+        settings
+            .config_path
+            .as_deref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "<config file>".into())
+    )
+}
 
 /// Events buffered between the source and apply tasks.
 const CHANNEL_CAPACITY: usize = 4096;
@@ -98,7 +110,7 @@ struct CreatedSlot {
 /// Checks the source, creates what is missing and allowed, and returns the tables.
 async fn prepare(
     settings: &Settings,
-) -> Result<(Vec<TableInfo>, Option<CreatedSlot>), PipelineError> {
+) -> Result<(Vec<TableInfo>, Option<CreatedSlot>, bool), PipelineError> {
     let client = catalog::connect(&settings.source).await?;
     let report = catalog::check(&client, settings).await?;
     if !report.problems.is_empty() {
@@ -108,6 +120,7 @@ async fn prepare(
         catalog::create_publication(&client, settings).await?;
         tracing::info!(publication = %settings.publication, "publication created");
     }
+    let created_publication = report.publication_missing;
     let mut created = None;
     if report.slot_missing {
         if !settings.create_slot {
@@ -133,7 +146,7 @@ async fn prepare(
             });
         }
     }
-    Ok((report.tables, created))
+    Ok((report.tables, created, created_publication))
 }
 
 /// Copies every table that has no complete snapshot from this slot (all of them after the
@@ -164,19 +177,28 @@ async fn snapshot_missing(
         }
         None => (None, None),
     };
-    if settings.snapshot == SnapshotMode::Never {
-        return Ok(());
-    }
     let slot_born = applier.slot_created_at();
-    let missing: Vec<&TableInfo> = tables
-        .iter()
-        .filter(|t| match applier.snapshot_position(&t.name) {
+    let mut missing: Vec<&TableInfo> = Vec::new();
+    for t in tables {
+        let requested = applier.resnapshot_requested(&t.name).await?;
+        let needed = match applier.snapshot_position(&t.name) {
+            // An operator's request is honoured even with snapshot = "never".
+            _ if settings.snapshot == SnapshotMode::Never => requested
+                .is_some_and(|r| applier.snapshot_position(&t.name).is_none_or(|at| at < r)),
             None => true,
-            // A snapshot from an older slot of the same name, or a table that was left
-            // out of the configuration for a while (it missed changes).
-            Some(at) => slot_born.is_some_and(|born| at < born) || !applier.was_tracked(&t.name),
-        })
-        .collect();
+            // A snapshot from an older slot of the same name, a table that was left out
+            // of the configuration for a while (it missed changes), or an operator's
+            // `reset-checkpoint --resnapshot`.
+            Some(at) => {
+                slot_born.is_some_and(|born| at < born)
+                    || !applier.was_tracked(&t.name)
+                    || requested.is_some_and(|r| at < r)
+            }
+        };
+        if needed {
+            missing.push(t);
+        }
+    }
     if missing.is_empty() {
         if let Some((conn, _)) = export {
             conn.close().await;
@@ -230,7 +252,14 @@ async fn snapshot_missing(
 pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), PipelineError> {
     let lake = Lake::open(&settings.lake_path)?;
     let _lock = LakeLock::acquire(&lake)?;
-    let (tables, created) = prepare(&settings).await?;
+    let (tables, created, created_publication) = prepare(&settings).await?;
+    if created_publication {
+        // So that `teardown` knows it may drop it.
+        Checkpoint::open(&lake, &settings.slot)
+            .await?
+            .record_publication(true)
+            .await?;
+    }
     tracing::info!(source = %settings.source, lake = %lake.root(), tables = tables.len(), "source ready");
     let mut created = created;
     let mut backoff = Backoff::default();
@@ -308,7 +337,7 @@ fn explain(e: PipelineError, settings: &Settings) -> PipelineError {
         return PipelineError::SlotLost {
             slot: settings.slot.clone(),
             detail: server.to_string(),
-            action: SLOT_LOST_ACTION.into(),
+            action: slot_lost_action(settings),
         };
     }
     if server.code == "42704" && server.message.contains("publication") {
@@ -345,7 +374,7 @@ async fn session(
             return Err(PipelineError::SlotLost {
                 slot: settings.slot.clone(),
                 detail: "it no longer exists".into(),
-                action: SLOT_LOST_ACTION.into(),
+                action: slot_lost_action(settings),
             });
         }
         Some(s) if s.wal_status.as_deref() == Some("lost") => {
@@ -353,7 +382,7 @@ async fn session(
                 slot: settings.slot.clone(),
                 detail: "it was invalidated (wal_status = lost): the WAL it needed was removed"
                     .into(),
-                action: SLOT_LOST_ACTION.into(),
+                action: slot_lost_action(settings),
             });
         }
         Some(s) => s.confirmed_flush.unwrap_or(Lsn::ZERO),

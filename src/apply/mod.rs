@@ -280,6 +280,11 @@ impl Applier {
                 .is_none_or(|t| t.contains(&table.to_string()))
     }
 
+    /// When an operator asked for `table` to be copied again, if ever.
+    pub async fn resnapshot_requested(&self, table: &TableName) -> Result<Option<Lsn>, ApplyError> {
+        Ok(self.checkpoint.resnapshot_requested(table).await?)
+    }
+
     /// The slot's creation point as recorded in the checkpoint table.
     pub fn slot_created_at(&self) -> Option<Lsn> {
         self.checkpoint.slot_created_at()

@@ -35,6 +35,7 @@ use std::sync::Arc;
 use super::table::{applied_position, open_or_create};
 use super::{Lake, LakeError};
 use crate::lsn::Lsn;
+use crate::table_name::TableName;
 
 const LABEL: &str = "_wal2delta.checkpoint";
 
@@ -46,6 +47,11 @@ pub struct Checkpoint {
     created_app_id: String,
     slot_created_at: Option<Lsn>,
     tracked: Option<std::collections::HashSet<String>>,
+    publication_created: bool,
+}
+
+fn resnapshot_app_id(base: &str, table: &TableName) -> String {
+    format!("{base}:resnapshot:{table}")
 }
 
 impl Checkpoint {
@@ -63,6 +69,13 @@ impl Checkpoint {
             .await
             .map_err(delta_err)?;
         let tracked = tracked_tables(&table).await;
+        let created = applied_position(&table, &format!("{app_id}:publication-created"))
+            .await
+            .map_err(delta_err)?;
+        let dropped = applied_position(&table, &format!("{app_id}:publication-dropped"))
+            .await
+            .map_err(delta_err)?;
+        let publication_created = created > dropped;
         Ok(Checkpoint {
             table,
             app_id,
@@ -70,12 +83,87 @@ impl Checkpoint {
             created_app_id,
             slot_created_at,
             tracked,
+            publication_created,
         })
     }
 
     /// The LSN durable in every table, if any batch was ever committed.
     pub fn position(&self) -> Option<Lsn> {
         self.position
+    }
+
+    /// Whether this daemon created the publication (then `teardown` may drop it).
+    pub fn publication_created(&self) -> bool {
+        self.publication_created
+    }
+
+    /// Records that the daemon created the publication (`true`) or that `teardown`
+    /// dropped it (`false`). Two markers holding times, as `txn` versions only grow.
+    pub async fn record_publication(&mut self, created: bool) -> Result<(), LakeError> {
+        let marker = if created {
+            "publication-created"
+        } else {
+            "publication-dropped"
+        };
+        self.commit(
+            vec![self.txn(
+                &format!("{}:{marker}", self.app_id),
+                chrono::Utc::now().timestamp_micros(),
+            )],
+            HashMap::new(),
+        )
+        .await?;
+        self.publication_created = created;
+        Ok(())
+    }
+
+    /// When an operator asked for `table` to be copied again (`reset-checkpoint
+    /// --resnapshot`): the WAL position at that moment.
+    pub async fn resnapshot_requested(&self, table: &TableName) -> Result<Option<Lsn>, LakeError> {
+        applied_position(&self.table, &resnapshot_app_id(&self.app_id, table))
+            .await
+            .map_err(|source| LakeError::Delta {
+                table: LABEL.into(),
+                source,
+            })
+    }
+
+    /// Records an operator's reset in one commit: a new position (`--to-lsn`), tables to
+    /// copy again, and `wal2delta.reset` (what and why) in the commit info.
+    pub async fn record_reset(
+        &mut self,
+        position: Option<Lsn>,
+        resnapshot: &[(TableName, Lsn)],
+        record: serde_json::Value,
+    ) -> Result<(), LakeError> {
+        let mut txns = Vec::new();
+        if let Some(lsn) = position {
+            txns.push(self.txn(&self.app_id, lsn.as_i64()));
+        }
+        for (table, lsn) in resnapshot {
+            txns.push(self.txn(&resnapshot_app_id(&self.app_id, table), lsn.as_i64()));
+        }
+        txns.push(self.txn(
+            &format!("{}:resets", self.app_id),
+            chrono::Utc::now().timestamp_millis(),
+        ));
+        self.commit(
+            txns,
+            HashMap::from([("wal2delta.reset".to_string(), record)]),
+        )
+        .await?;
+        if position.is_some() {
+            self.position = position;
+        }
+        Ok(())
+    }
+
+    fn txn(&self, app_id: &str, version: i64) -> Transaction {
+        Transaction::new_with_last_update(
+            app_id,
+            version,
+            Some(chrono::Utc::now().timestamp_millis()),
+        )
     }
 
     /// The tables the latest checkpoint covered (`None` when no checkpoint says).
@@ -92,11 +180,7 @@ impl Checkpoint {
     /// before it belong to an older slot of the same name and are redone.
     pub async fn record_slot_created(&mut self, lsn: Lsn) -> Result<(), LakeError> {
         self.commit(
-            Transaction::new_with_last_update(
-                &self.created_app_id,
-                lsn.as_i64(),
-                Some(chrono::Utc::now().timestamp_millis()),
-            ),
+            vec![self.txn(&self.created_app_id, lsn.as_i64())],
             HashMap::from([(
                 "wal2delta.slot_created_at".to_string(),
                 serde_json::json!(lsn.to_string()),
@@ -109,7 +193,7 @@ impl Checkpoint {
 
     async fn commit(
         &mut self,
-        txn: Transaction,
+        txns: Vec<Transaction>,
         metadata: HashMap<String, serde_json::Value>,
     ) -> Result<(), LakeError> {
         let delta_err = |source| LakeError::Delta {
@@ -117,7 +201,7 @@ impl Checkpoint {
             source,
         };
         let properties = CommitProperties::default()
-            .with_application_transaction(txn)
+            .with_application_transactions(txns)
             .with_metadata(metadata);
         let snapshot = self.table.snapshot().map_err(delta_err)?;
         let finalized = CommitBuilder::from(properties)
@@ -146,7 +230,7 @@ impl Checkpoint {
             Some(chrono::Utc::now().timestamp_millis()),
         );
         self.commit(
-            txn,
+            vec![txn],
             HashMap::from([
                 (
                     "wal2delta.end_lsn".to_string(),

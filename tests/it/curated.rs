@@ -92,7 +92,7 @@ async fn source_rows(env: &Env, table: &str) -> (Vec<String>, Vec<String>) {
 }
 
 /// Asserts the curated table holds exactly the source table's rows.
-async fn assert_mirror(env: &Env, table: &str) {
+pub async fn assert_mirror(env: &Env, table: &str) {
     let (source, curated) = source_rows(env, table).await;
     let s: BTreeSet<&String> = source.iter().collect();
     let c: BTreeSet<&String> = curated.iter().collect();

@@ -7,6 +7,7 @@ mod curated;
 mod faults;
 mod harness;
 mod memory;
+mod ops;
 mod progress;
 mod raw_changes;
 mod readers;

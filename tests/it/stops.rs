@@ -75,5 +75,8 @@ async fn dropped_slot_stops_with_what_to_do() {
     );
     let log = env.daemon_log();
     assert!(log.contains("replication slot w2d_test is gone"), "{log}");
-    assert!(log.contains("create the slot again"), "{log}");
+    assert!(
+        log.contains("reset-checkpoint --config") && log.contains("--recreate-slot --yes"),
+        "{log}"
+    );
 }

@@ -1,0 +1,260 @@
+//! Operator commands that change replication state: `reset-checkpoint` and `teardown`.
+//!
+//! Each takes the lake lock first, so it refuses while a daemon runs on the lake and no
+//! daemon can start while it works. Each prints its plan and acts only with `--yes`, and
+//! every reset is recorded durably: a commit to the checkpoint table whose commit info
+//! holds `wal2delta.reset` (what, why, when), plus a log line.
+//!
+//! - `--to-lsn LSN` moves the replication position forward: the slot is advanced and the
+//!   checkpoint records LSN, so the changes in between never reach the lake (a data gap).
+//! - `--resnapshot [--table T]…` asks the next start to copy those tables again from a
+//!   fresh snapshot: the curated tables are rebuilt, the raw tables keep their history and
+//!   get the snapshot's `r` rows.
+//! - `--recreate-slot` drops the slot (if it still exists) and creates it again; the next
+//!   start copies every table afresh (with `source.snapshot = "initial"`).
+
+use tokio_postgres::Client;
+
+use crate::config::{Settings, SnapshotMode};
+use crate::lake::checkpoint::Checkpoint;
+use crate::lake::lock::LakeLock;
+use crate::lake::{Lake, LakeError};
+use crate::lsn::Lsn;
+use crate::source::catalog::{self, CatalogError};
+use crate::table_name::{TableName, quote_ident};
+
+/// What `reset-checkpoint` should do.
+#[derive(Debug, Clone)]
+pub enum Reset {
+    ToLsn(Lsn),
+    Resnapshot(Vec<TableName>),
+    RecreateSlot,
+}
+
+/// An operator command failed; the message says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    #[error(transparent)]
+    Lake(#[from] LakeError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error("{0}")]
+    Refused(String),
+}
+
+fn sql_err(what: &str) -> impl Fn(tokio_postgres::Error) -> OpsError + '_ {
+    move |e| OpsError::Refused(format!("{what}: {}", catalog::describe(&e)))
+}
+
+/// Runs `reset-checkpoint`. Returns what was (or, without `yes`, would be) done.
+pub async fn reset_checkpoint(
+    settings: &Settings,
+    reset: Reset,
+    yes: bool,
+) -> Result<String, OpsError> {
+    let lake = Lake::open(&settings.lake_path)?;
+    let _lock = LakeLock::acquire(&lake)?;
+    let client = catalog::connect(&settings.source).await?;
+    let slot = catalog::slot_info(&client, &settings.slot).await?;
+    let mut checkpoint = Checkpoint::open(&lake, &settings.slot).await?;
+    let plan = match &reset {
+        Reset::ToLsn(lsn) => {
+            let Some(slot) = &slot else {
+                return Err(OpsError::Refused(format!(
+                    "replication slot {} does not exist; use --recreate-slot",
+                    settings.slot
+                )));
+            };
+            let from = slot
+                .confirmed_flush
+                .unwrap_or(Lsn::ZERO)
+                .max(checkpoint.position().unwrap_or(Lsn::ZERO));
+            if *lsn <= from {
+                return Err(OpsError::Refused(format!(
+                    "{lsn} is not after the current position {from}: --to-lsn only moves forward"
+                )));
+            }
+            format!(
+                "move the replication position of slot {} from {from} to {lsn}. Every change \
+                 committed in between is skipped and never reaches the lake: a data gap \
+                 (use --resnapshot afterwards to make the curated tables exact again)",
+                settings.slot
+            )
+        }
+        Reset::Resnapshot(tables) => {
+            let tables = if tables.is_empty() {
+                settings.tables.clone()
+            } else {
+                tables.clone()
+            };
+            if let Some(t) = tables.iter().find(|t| !settings.tables.contains(t)) {
+                return Err(OpsError::Refused(format!(
+                    "table {t} is not in source.tables; list one of: {}",
+                    settings
+                        .tables
+                        .iter()
+                        .map(|t| t.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            format!(
+                "copy {} again from a fresh snapshot at the next start: the curated table{} \
+                 rebuilt, the raw history kept (the copy adds `r` rows)",
+                tables
+                    .iter()
+                    .map(|t| t.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if tables.len() == 1 { " is" } else { "s are" }
+            )
+        }
+        Reset::RecreateSlot => {
+            let state = match &slot {
+                None => "does not exist".to_string(),
+                Some(s) => format!(
+                    "exists (wal_status {})",
+                    s.wal_status.as_deref().unwrap_or("unknown")
+                ),
+            };
+            let copy = if settings.snapshot == SnapshotMode::Initial {
+                "the next start copies every table afresh, so the curated tables are exact again; \
+                 the raw tables miss the individual changes in between"
+            } else {
+                "source.snapshot is \"never\": the lake misses every change in between"
+            };
+            format!(
+                "drop replication slot {} (it {state}) and create it again; {copy}",
+                settings.slot
+            )
+        }
+    };
+    if !yes {
+        return Ok(format!(
+            "would {plan}.\nNothing was changed; run again with --yes to do it."
+        ));
+    }
+    let record = serde_json::json!({
+        "action": match &reset {
+            Reset::ToLsn(_) => "to-lsn",
+            Reset::Resnapshot(_) => "resnapshot",
+            Reset::RecreateSlot => "recreate-slot",
+        },
+        "plan": plan,
+        "at": chrono::Utc::now().to_rfc3339(),
+    });
+    match reset {
+        Reset::ToLsn(lsn) => {
+            client
+                .execute(
+                    "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
+                    &[&settings.slot, &lsn.to_string()],
+                )
+                .await
+                .map_err(sql_err("advancing the slot"))?;
+            checkpoint
+                .record_reset(Some(lsn), &[], record.clone())
+                .await?;
+        }
+        Reset::Resnapshot(tables) => {
+            let tables = if tables.is_empty() {
+                settings.tables.clone()
+            } else {
+                tables
+            };
+            let now = current_wal_lsn(&client).await?;
+            checkpoint
+                .record_reset(
+                    None,
+                    &tables.iter().map(|t| (t.clone(), now)).collect::<Vec<_>>(),
+                    record.clone(),
+                )
+                .await?;
+        }
+        Reset::RecreateSlot => {
+            if slot.is_some() {
+                client
+                    .execute("SELECT pg_drop_replication_slot($1)", &[&settings.slot])
+                    .await
+                    .map_err(sql_err("dropping the slot"))?;
+            }
+            let row = client
+                .query_one(
+                    "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+                    &[&settings.slot],
+                )
+                .await
+                .map_err(sql_err("creating the slot"))?;
+            let lsn: Lsn = row
+                .get::<_, String>(0)
+                .parse()
+                .map_err(|e| OpsError::Refused(format!("the new slot's position: {e}")))?;
+            checkpoint.record_slot_created(lsn).await?;
+            checkpoint.record_reset(None, &[], record.clone()).await?;
+        }
+    }
+    tracing::warn!(reset = %record, "replication checkpoint reset");
+    Ok(format!("done: {plan}."))
+}
+
+async fn current_wal_lsn(client: &Client) -> Result<Lsn, OpsError> {
+    let row = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(sql_err("reading the WAL position"))?;
+    row.get::<_, String>(0)
+        .parse()
+        .map_err(|e| OpsError::Refused(format!("the WAL position: {e}")))
+}
+
+/// Runs `teardown`: drops the slot, and the publication when wal2delta created it.
+pub async fn teardown(settings: &Settings, yes: bool) -> Result<String, OpsError> {
+    let lake = Lake::open(&settings.lake_path)?;
+    let _lock = LakeLock::acquire(&lake)?;
+    let client = catalog::connect(&settings.source).await?;
+    let slot = catalog::slot_info(&client, &settings.slot).await?;
+    let mut checkpoint = Checkpoint::open(&lake, &settings.slot).await?;
+    let created_publication = checkpoint.publication_created();
+    let published = catalog::publication_tables(&client, &settings.publication)
+        .await?
+        .is_some();
+    let mut steps = Vec::new();
+    if slot.is_some() {
+        steps.push(format!("drop replication slot {}", settings.slot));
+    }
+    match (published, created_publication) {
+        (true, true) => steps.push(format!("drop publication {}", settings.publication)),
+        (true, false) => steps.push(format!(
+            "keep publication {} (wal2delta did not create it)",
+            settings.publication
+        )),
+        _ => {}
+    }
+    if steps.is_empty() {
+        return Ok("nothing to do: the slot and the publication are gone".into());
+    }
+    let plan = steps.join("; ");
+    if !yes {
+        return Ok(format!(
+            "would {plan}. The lake is kept.\nNothing was changed; run again with --yes to do it."
+        ));
+    }
+    if slot.is_some() {
+        client
+            .execute("SELECT pg_drop_replication_slot($1)", &[&settings.slot])
+            .await
+            .map_err(sql_err("dropping the slot"))?;
+    }
+    if published && created_publication {
+        client
+            .batch_execute(&format!(
+                "DROP PUBLICATION {}",
+                quote_ident(&settings.publication)
+            ))
+            .await
+            .map_err(sql_err("dropping the publication"))?;
+        checkpoint.record_publication(false).await?;
+    }
+    tracing::warn!(%plan, "teardown");
+    Ok(format!("done: {plan}. The lake is kept."))
+}
