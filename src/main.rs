@@ -193,6 +193,7 @@ async fn run(config: PathBuf) -> anyhow::Result<ExitCode> {
     tokio::spawn(async move {
         wait_for_shutdown_signal().await;
         tracing::info!("shutdown requested: committing complete transactions");
+        wal2delta::service::stopping();
         on_signal.cancel();
     });
     wal2delta::pipeline::run(settings, cancel).await?;

@@ -224,6 +224,10 @@ async fn snapshot_missing(
     )
     .await?;
     tracing::info!(tables = missing.len(), at = %point, workers = settings.snapshot_workers, "initial snapshot started");
+    crate::service::status(&format!(
+        "copying the initial snapshot of {} tables",
+        missing.len()
+    ));
     for info in missing {
         let started = std::time::Instant::now();
         let (tx, rx) = mpsc::channel(2 * settings.snapshot_workers);
@@ -252,6 +256,7 @@ async fn snapshot_missing(
 pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), PipelineError> {
     let lake = Lake::open(&settings.lake_path)?;
     let _lock = LakeLock::acquire(&lake)?;
+    crate::service::spawn_watchdog();
     let (tables, created, created_publication) = prepare(&settings).await?;
     if created_publication {
         // So that `teardown` knows it may drop it.
@@ -317,13 +322,18 @@ impl Backoff {
         what: &str,
         cancel: &CancellationToken,
     ) -> bool {
+        // Retrying is healthy: a restart by the watchdog would not help.
+        crate::service::beat();
+        crate::service::status(what);
         let delay = Duration::from_millis(250 * 2u64.pow(self.attempt.min(7))).min(MAX_BACKOFF);
         self.attempt += 1;
         tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, attempt = self.attempt, "{what}");
-        tokio::select! {
+        let resumed = tokio::select! {
             _ = cancel.cancelled() => false,
             _ = tokio::time::sleep(delay) => true,
-        }
+        };
+        crate::service::beat();
+        resumed
     }
 }
 
@@ -407,6 +417,7 @@ async fn session(
     conn.start_replication(&settings.slot, start, &settings.publication)
         .await?;
     tracing::info!(slot = %settings.slot, from = %start, checkpoint = %applier.restart_position(), server_wal = %identity.xlogpos, "streaming");
+    crate::service::ready(&format!("streaming slot {} from {start}", settings.slot));
     let (events_tx, events_rx) = mpsc::channel(CHANNEL_CAPACITY);
     let source = tokio::spawn(stream::run(
         conn,

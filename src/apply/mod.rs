@@ -310,6 +310,7 @@ impl Applier {
         state.curated.begin_replace();
         let mut rows = 0u64;
         while let Some(batch) = batches.recv().await {
+            crate::service::beat();
             rows += batch.num_rows() as u64;
             state.sink.write(batch.clone()).await?;
             state.curated.append(&batch).await?;
@@ -357,6 +358,7 @@ impl Applier {
                 .started
                 .filter(|_| self.txn.is_none())
                 .map(|s| s + std::time::Duration::from_millis(self.config.max_batch_age_ms));
+            crate::service::beat();
             let event = tokio::select! {
                 biased;
                 // A full batch waiting only for time goes first, so a busy stream cannot
@@ -366,6 +368,8 @@ impl Applier {
                     continue;
                 }
                 event = events.recv() => event,
+                // Idle but responsive (also when the server sends no keepalives).
+                _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => continue,
             };
             match event {
                 Some(SourceEvent::Message {

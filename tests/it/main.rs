@@ -11,5 +11,6 @@ mod ops;
 mod progress;
 mod raw_changes;
 mod readers;
+mod service;
 mod stops;
 mod tls;
