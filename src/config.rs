@@ -22,6 +22,18 @@ pub struct Config {
     pub apply: ApplyConfig,
     #[serde(default)]
     pub transform: TransformConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: the Prometheus endpoint.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `host:port` serving `/metrics` (e.g. `127.0.0.1:9734`); unset: no endpoint.
+    pub listen: Option<String>,
+    /// Log a warning when the slot retains more WAL than this (MiB).
+    pub retained_wal_warn_mb: Option<u64>,
 }
 
 /// `[source]`: the Postgres database to replicate.
@@ -237,6 +249,8 @@ pub struct Settings {
     pub snapshot: SnapshotMode,
     pub snapshot_workers: usize,
     pub snapshot_chunk_bytes: i64,
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    pub retained_wal_warn_bytes: Option<i64>,
     pub normalization: crate::curated::transform::Normalization,
 }
 
@@ -350,6 +364,17 @@ impl Config {
         if !(1..=65536).contains(&self.source.snapshot_chunk_mb) {
             problems.push("source.snapshot_chunk_mb: must be from 1 to 65536".into());
         }
+        let metrics_listen = match self.metrics.listen.as_deref().map(str::parse) {
+            None => None,
+            Some(Ok(addr)) => Some(addr),
+            Some(Err(e)) => {
+                problems.push(format!(
+                    "metrics.listen: `{}` is not a host:port address ({e}); e.g. \"127.0.0.1:9734\"",
+                    self.metrics.listen.as_deref().unwrap_or_default()
+                ));
+                None
+            }
+        };
         let mut rules = Vec::new();
         for (i, rule) in self.transform.rules.iter().enumerate() {
             match crate::curated::transform::Rule::from_config(rule) {
@@ -391,6 +416,11 @@ impl Config {
                 snapshot,
                 snapshot_workers: self.source.snapshot_workers,
                 snapshot_chunk_bytes: (self.source.snapshot_chunk_mb * 1024 * 1024) as i64,
+                metrics_listen,
+                retained_wal_warn_bytes: self
+                    .metrics
+                    .retained_wal_warn_mb
+                    .map(|mb| (mb.min(1 << 40) * 1024 * 1024) as i64),
                 normalization: crate::curated::transform::Normalization {
                     rules,
                     failures: Default::default(),

@@ -19,3 +19,4 @@ pub mod service;
 pub mod source;
 pub mod status;
 pub mod table_name;
+pub mod telemetry;

@@ -83,11 +83,25 @@ pub enum PipelineError {
          (see sql/setup.sql), then start again"
     )]
     PermissionDenied { detail: String },
+    #[error("{0}; pick another [metrics] listen address, or remove it")]
+    Metrics(String),
     #[error("a pipeline task failed: {0}")]
     Task(String),
 }
 
 impl PipelineError {
+    /// The error's kind, for the metrics.
+    fn kind(&self) -> &'static str {
+        match self {
+            PipelineError::Catalog(_) => "catalog",
+            PipelineError::Replication(_) => "replication",
+            PipelineError::Apply(_) => "apply",
+            PipelineError::Lake(_) => "lake",
+            PipelineError::Snapshot(_) => "snapshot",
+            _ => "other",
+        }
+    }
+
     fn is_transient(&self) -> bool {
         match self {
             PipelineError::Replication(e) => e.is_transient(),
@@ -245,6 +259,7 @@ async fn snapshot_missing(
         applier
             .commit_snapshot(&settings.slot, &info.name, point)
             .await?;
+        crate::telemetry::change(&info.name.to_string(), "r", rows);
         tracing::info!(table = %info.name, rows, elapsed_ms = started.elapsed().as_millis() as u64, "table snapshot committed");
     }
     reader.close().await;
@@ -257,20 +272,92 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pi
     let lake = Lake::open(&settings.lake_path)?;
     let _lock = LakeLock::acquire(&lake)?;
     crate::service::spawn_watchdog();
-    let (tables, created, created_publication) = prepare(&settings).await?;
+    if let Some(listen) = settings.metrics_listen {
+        crate::telemetry::install(listen).map_err(PipelineError::Metrics)?;
+        tracing::info!(%listen, "serving Prometheus metrics at /metrics");
+    }
+    let watch = tokio::spawn(watch_slot(settings.clone_for_watch(), cancel.clone()));
+    let result = replicate(&settings, &lake, cancel).await;
+    watch.abort();
+    result
+}
+
+/// What the slot watcher needs.
+pub struct SlotWatch {
+    source: crate::source::dsn::ConnParams,
+    slot: String,
+    every: Duration,
+    warn_bytes: Option<i64>,
+}
+
+impl Settings {
+    fn clone_for_watch(&self) -> SlotWatch {
+        SlotWatch {
+            source: self.source.clone(),
+            slot: self.slot.clone(),
+            every: (self.status_interval * 3)
+                .clamp(Duration::from_secs(3), Duration::from_secs(60)),
+            warn_bytes: self.retained_wal_warn_bytes,
+        }
+    }
+}
+
+/// Reads the WAL the slot retains now and then: the metric, and a warning when it passes
+/// `[metrics] retained_wal_warn_mb` (once per crossing).
+async fn watch_slot(watch: SlotWatch, cancel: CancellationToken) {
+    let mut warned = false;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(watch.every) => {}
+        }
+        let Ok(client) = catalog::connect(&watch.source).await else {
+            continue;
+        };
+        let Ok(Some(slot)) = catalog::slot_info(&client, &watch.slot).await else {
+            continue;
+        };
+        let Some(bytes) = slot.retained_bytes else {
+            continue;
+        };
+        crate::telemetry::retained_wal(bytes);
+        match watch.warn_bytes {
+            Some(limit) if bytes > limit && !warned => {
+                tracing::warn!(
+                    slot = %watch.slot,
+                    retained_mb = bytes / (1024 * 1024),
+                    limit_mb = limit / (1024 * 1024),
+                    "the replication slot retains more WAL than metrics.retained_wal_warn_mb; \
+                     check that wal2delta keeps up (wal2delta status) and the disk of pg_wal"
+                );
+                warned = true;
+            }
+            Some(limit) if bytes <= limit => warned = false,
+            _ => {}
+        }
+    }
+}
+
+/// The snapshot phase, then replication sessions until stopped.
+async fn replicate(
+    settings: &Settings,
+    lake: &Lake,
+    cancel: CancellationToken,
+) -> Result<(), PipelineError> {
+    let (tables, created, created_publication) = prepare(settings).await?;
     if created_publication {
         // So that `teardown` knows it may drop it.
-        Checkpoint::open(&lake, &settings.slot)
+        Checkpoint::open(lake, &settings.slot)
             .await?
             .record_publication(true)
             .await?;
     }
     tracing::info!(source = %settings.source, lake = %lake.root(), tables = tables.len(), "source ready");
     let mut created = created;
-    let mut backoff = Backoff::default();
+    let mut backoff = Backoff::new("snapshot");
     loop {
         let result = tokio::select! {
-            result = snapshot_missing(&settings, &lake, &tables, created.take()) => result,
+            result = snapshot_missing(settings, lake, &tables, created.take()) => result,
             _ = cancel.cancelled() => {
                 tracing::info!("stopped during the initial snapshot; unfinished tables are copied again on the next start");
                 return Ok(());
@@ -284,17 +371,17 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pi
                     return Ok(());
                 }
             }
-            Err(e) => return Err(explain(e, &settings)),
+            Err(e) => return Err(explain(e, settings)),
         }
     }
-    let mut backoff = Backoff::default();
+    let mut backoff = Backoff::new("replication");
     loop {
         let started = std::time::Instant::now();
-        match session(&settings, &lake, &tables, cancel.clone()).await {
+        match session(settings, lake, &tables, cancel.clone()).await {
             Ok(()) => return Ok(()),
             Err(e) if e.is_transient() && !cancel.is_cancelled() => {
                 if started.elapsed() > Duration::from_secs(60) {
-                    backoff = Backoff::default();
+                    backoff = Backoff::new("replication");
                 }
                 if !backoff
                     .pause(&e, "replication interrupted; reconnecting", &cancel)
@@ -303,15 +390,22 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pi
                     return Ok(());
                 }
             }
-            Err(e) => return Err(explain(e, &settings)),
+            Err(e) => return Err(explain(e, settings)),
         }
     }
 }
 
 /// Growing pauses between retries: 250 ms, doubling up to 30 s.
-#[derive(Default)]
 struct Backoff {
     attempt: u32,
+    /// `snapshot` or `replication`, for the metrics.
+    phase: &'static str,
+}
+
+impl Backoff {
+    fn new(phase: &'static str) -> Backoff {
+        Backoff { attempt: 0, phase }
+    }
 }
 
 impl Backoff {
@@ -324,6 +418,8 @@ impl Backoff {
     ) -> bool {
         // Retrying is healthy: a restart by the watchdog would not help.
         crate::service::beat();
+        crate::telemetry::reconnect(self.phase);
+        crate::telemetry::error(error.kind());
         crate::service::status(what);
         let delay = Duration::from_millis(250 * 2u64.pow(self.attempt.min(7))).min(MAX_BACKOFF);
         self.attempt += 1;

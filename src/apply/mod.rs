@@ -158,7 +158,12 @@ struct Batch {
     bytes: usize,
     last_commit_lsn: Lsn,
     last_end_lsn: Lsn,
+    /// Commit time (µs since the Unix epoch) of the batch's last transaction.
+    last_commit_ts: i64,
+    transactions: u64,
     touched: BTreeSet<TableName>,
+    /// Changes per table and op, for the metrics.
+    changes: HashMap<(TableName, &'static str), u64>,
 }
 
 /// The apply stage's state for one replication session.
@@ -309,9 +314,11 @@ impl Applier {
             .ok_or_else(|| ApplyError::Stream(format!("snapshot of unknown table {table}")))?;
         state.curated.begin_replace();
         let mut rows = 0u64;
+        let label = table.to_string();
         while let Some(batch) = batches.recv().await {
             crate::service::beat();
             rows += batch.num_rows() as u64;
+            crate::telemetry::snapshot_progress(&label, rows, None);
             state.sink.write(batch.clone()).await?;
             state.curated.append(&batch).await?;
         }
@@ -400,6 +407,7 @@ impl Applier {
         // must not pin WAL).
         if self.txn.is_none() && self.batch.touched.is_empty() {
             self.advance(wal_end);
+            crate::telemetry::caught_up(wal_end.as_i64());
         }
     }
 
@@ -456,6 +464,8 @@ impl Applier {
                 }
                 self.batch.last_commit_lsn = commit_lsn;
                 self.batch.last_end_lsn = end_lsn;
+                self.batch.last_commit_ts = txn.commit_ts;
+                self.batch.transactions += 1;
                 if self.batch.touched.is_empty() {
                     // Nothing of this transaction needs writing (no configured table, or
                     // every table already holds it): it is durable as it is.
@@ -553,7 +563,7 @@ impl Applier {
         &mut self,
         relid: u32,
         wal_start: Lsn,
-        op: &str,
+        op: &'static str,
         row: Option<&Tuple>,
         before: Option<&OldTuple>,
     ) -> Result<(), ApplyError> {
@@ -590,6 +600,7 @@ impl Applier {
             tracing::debug!(table = %name, count = fallbacks, "values kept as text in _fallback");
         }
         self.batch.rows += 1;
+        *self.batch.changes.entry((name.clone(), op)).or_insert(0) += 1;
         self.batch.bytes += state.builder.bytes().saturating_sub(bytes_before);
         self.batch.started.get_or_insert_with(Instant::now);
         if !self.batch.touched.contains(name) {
@@ -661,17 +672,31 @@ impl Applier {
                 )]);
                 // A table never moves its position back (after a crash between the two
                 // commits, one of them may already hold the batch).
+                let label = name.to_string();
                 if state.sink.applied().is_none_or(|a| a < through) {
+                    let started = Instant::now();
                     state.sink.commit(through, metadata.clone()).await?;
+                    crate::telemetry::commit_duration(&label, "raw", started.elapsed());
                 }
                 if state.curated.applied().is_none_or(|a| a < through) {
+                    let started = Instant::now();
                     state.curated.commit(through, metadata).await?;
+                    crate::telemetry::commit_duration(&label, "curated", started.elapsed());
                 }
                 Ok::<_, LakeError>(())
             });
         }
         futures::future::try_join_all(commits).await?;
         self.checkpoint.record(end, &self.versions()).await?;
+        for ((table, op), n) in &self.batch.changes {
+            crate::telemetry::change(&table.to_string(), op, *n);
+        }
+        crate::telemetry::batch_committed(
+            rows,
+            self.batch.transactions,
+            self.batch.last_commit_ts,
+            end.as_i64(),
+        );
         self.batch = Batch::default();
         self.advance(end);
         tracing::debug!(rows, tables = touched.len(), through = %end, elapsed_ms = started.elapsed().as_millis() as u64, "batch committed");

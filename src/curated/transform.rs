@@ -359,6 +359,13 @@ impl Normalizer {
                 .with_precision_and_scale(*precision, *scale)?,
             ),
         };
+        if failed > 0 {
+            crate::telemetry::normalization_failures(
+                self.table.strip_prefix("curated.").unwrap_or(&self.table),
+                column,
+                failed,
+            );
+        }
         if failed > 0
             && self
                 .failures

@@ -117,6 +117,19 @@ impl SnapshotReader {
             .await
             .map_err(CatalogError::from)?;
         let (pages, chunk_pages): (i64, i64) = (row.get(0), row.get(1));
+        let estimate: Option<f32> = self.clients[0]
+            .query_one(
+                "SELECT reltuples FROM pg_class WHERE oid = to_regclass($1)",
+                &[&table.name.quoted()],
+            )
+            .await
+            .map_err(CatalogError::from)?
+            .get(0);
+        crate::telemetry::snapshot_progress(
+            &table.name.to_string(),
+            0,
+            estimate.filter(|e| *e >= 0.0).map(f64::from),
+        );
         let mut chunks = VecDeque::new();
         if pages <= chunk_pages {
             chunks.push_back((None, None));

@@ -119,6 +119,7 @@ pub async fn run(
                             pgoutput::PgOutputMessage::Commit { end_lsn, .. } => {
                                 in_transaction = false;
                                 received = received.max(*end_lsn);
+                                crate::telemetry::lag_bytes(received.as_i64(), durable.borrow().as_i64());
                             }
                             _ => {}
                         }
@@ -127,6 +128,7 @@ pub async fn run(
                     }
                     StreamMessage::Keepalive { wal_end, reply_requested } => {
                         received = received.max(wal_end);
+                        crate::telemetry::lag_bytes(received.as_i64(), durable.borrow().as_i64());
                         if reply_requested {
                             let lsn = *durable.borrow();
                             conn.send_status(received, lsn).await?;

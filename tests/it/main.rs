@@ -13,4 +13,5 @@ mod raw_changes;
 mod readers;
 mod service;
 mod stops;
+mod telemetry;
 mod tls;

@@ -1,0 +1,167 @@
+//! Prometheus metrics: every metric's name, unit and help text, and the `/metrics`
+//! listener (`[metrics] listen`).
+//!
+//! Metrics are recorded where things happen (apply, source, snapshot, pipeline) through
+//! the functions below, so names and labels live in one place; the README lists them.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+
+pub const CHANGES: &str = "wal2delta_changes_total";
+pub const TRANSACTIONS: &str = "wal2delta_transactions_total";
+pub const LAG_BYTES: &str = "wal2delta_replication_lag_bytes";
+pub const LAG_SECONDS: &str = "wal2delta_replication_lag_seconds";
+pub const FLUSHED_LSN: &str = "wal2delta_flushed_lsn";
+pub const RETAINED_WAL: &str = "wal2delta_slot_retained_wal_bytes";
+pub const COMMIT_SECONDS: &str = "wal2delta_delta_commit_duration_seconds";
+pub const BATCH_ROWS: &str = "wal2delta_batch_rows";
+pub const SNAPSHOT_COPIED: &str = "wal2delta_snapshot_rows_copied";
+pub const SNAPSHOT_ESTIMATED: &str = "wal2delta_snapshot_rows_estimated";
+pub const NORMALIZATION_FAILURES: &str = "wal2delta_normalization_failures_total";
+pub const RECONNECTS: &str = "wal2delta_reconnects_total";
+pub const ERRORS: &str = "wal2delta_errors_total";
+pub const BUILD_INFO: &str = "wal2delta_build_info";
+
+/// Starts the `/metrics` listener and describes every metric.
+pub fn install(listen: SocketAddr) -> Result<(), String> {
+    PrometheusBuilder::new()
+        .with_http_listener(listen)
+        .set_buckets_for_metric(
+            Matcher::Full(COMMIT_SECONDS.into()),
+            &[
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ],
+        )
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(BATCH_ROWS.into()),
+                &[1.0, 10.0, 100.0, 1_000.0, 10_000.0, 100_000.0, 1_000_000.0],
+            )
+        })
+        .map_err(|e| e.to_string())?
+        .install()
+        .map_err(|e| format!("cannot serve metrics on {listen}: {e}"))?;
+    describe_counter!(
+        CHANGES,
+        Unit::Count,
+        "Source changes written to the raw tables, by table and op (c, u, d, t, r)."
+    );
+    describe_counter!(
+        TRANSACTIONS,
+        Unit::Count,
+        "Source transactions committed to the lake."
+    );
+    describe_gauge!(
+        LAG_BYTES,
+        Unit::Bytes,
+        "Server WAL end seen on the stream minus the durable (flushed) position."
+    );
+    describe_gauge!(
+        LAG_SECONDS,
+        Unit::Seconds,
+        "Now minus the commit time of the last applied transaction; 0 when caught up."
+    );
+    describe_gauge!(
+        FLUSHED_LSN,
+        "The durable source position confirmed to Postgres, as a number."
+    );
+    describe_gauge!(
+        RETAINED_WAL,
+        Unit::Bytes,
+        "WAL the slot keeps from recycling (pg_current_wal_lsn - restart_lsn)."
+    );
+    describe_histogram!(
+        COMMIT_SECONDS,
+        Unit::Seconds,
+        "Duration of Delta commits, by table and layer (raw, curated)."
+    );
+    describe_histogram!(BATCH_ROWS, Unit::Count, "Rows per committed batch.");
+    describe_gauge!(
+        SNAPSHOT_COPIED,
+        Unit::Count,
+        "Rows copied by the running snapshot, by table."
+    );
+    describe_gauge!(
+        SNAPSHOT_ESTIMATED,
+        Unit::Count,
+        "Rows the snapshot expects to copy (planner estimate), by table."
+    );
+    describe_counter!(
+        NORMALIZATION_FAILURES,
+        Unit::Count,
+        "Values no normalization format accepted (NULL in curated), by table and column."
+    );
+    describe_counter!(
+        RECONNECTS,
+        Unit::Count,
+        "Replication sessions or snapshots restarted after a transient error, by phase."
+    );
+    describe_counter!(
+        ERRORS,
+        Unit::Count,
+        "Errors, by kind (replication, lake, catalog, snapshot, apply)."
+    );
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the version label says which build runs."
+    );
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    Ok(())
+}
+
+pub fn change(table: &str, op: &str, n: u64) {
+    counter!(CHANGES, "table" => table.to_string(), "op" => op.to_string()).increment(n);
+}
+
+pub fn batch_committed(rows: usize, transactions: u64, last_commit_ts_micros: i64, flushed: i64) {
+    counter!(TRANSACTIONS).increment(transactions);
+    histogram!(BATCH_ROWS).record(rows as f64);
+    let now = chrono::Utc::now().timestamp_micros();
+    gauge!(LAG_SECONDS).set((now - last_commit_ts_micros).max(0) as f64 / 1e6);
+    gauge!(FLUSHED_LSN).set(flushed as f64);
+}
+
+/// Nothing pending and everything sent is durable.
+pub fn caught_up(flushed: i64) {
+    gauge!(LAG_SECONDS).set(0.0);
+    gauge!(LAG_BYTES).set(0.0);
+    gauge!(FLUSHED_LSN).set(flushed as f64);
+}
+
+pub fn lag_bytes(server_end: i64, flushed: i64) {
+    gauge!(LAG_BYTES).set((server_end - flushed).max(0) as f64);
+}
+
+pub fn commit_duration(table: &str, layer: &'static str, took: Duration) {
+    histogram!(COMMIT_SECONDS, "table" => table.to_string(), "layer" => layer)
+        .record(took.as_secs_f64());
+}
+
+pub fn retained_wal(bytes: i64) {
+    gauge!(RETAINED_WAL).set(bytes as f64);
+}
+
+pub fn snapshot_progress(table: &str, copied: u64, estimated: Option<f64>) {
+    gauge!(SNAPSHOT_COPIED, "table" => table.to_string()).set(copied as f64);
+    if let Some(estimated) = estimated {
+        gauge!(SNAPSHOT_ESTIMATED, "table" => table.to_string()).set(estimated);
+    }
+}
+
+pub fn normalization_failures(table: &str, column: &str, n: u64) {
+    counter!(NORMALIZATION_FAILURES, "table" => table.to_string(), "column" => column.to_string())
+        .increment(n);
+}
+
+pub fn reconnect(phase: &'static str) {
+    counter!(RECONNECTS, "phase" => phase).increment(1);
+}
+
+pub fn error(kind: &'static str) {
+    counter!(ERRORS, "kind" => kind).increment(1);
+}
