@@ -48,6 +48,7 @@ async fn idle_publication_keeps_confirmed_flush_advancing() {
         .await;
     env.wait_caught_up(Duration::from_secs(60)).await;
     let start = confirmed_flush(&env).await;
+    let wal_start = env.current_wal_lsn().await;
     for _ in 0..3 {
         for _ in 0..50 {
             pg.batch_execute(
@@ -62,6 +63,40 @@ async fn idle_publication_keeps_confirmed_flush_advancing() {
     let end = confirmed_flush(&env).await;
     println!("figure: idle slot confirmed_flush_lsn advanced from {start} to {end}");
     assert_ne!(start, end);
+    // And the WAL the slot retains stays bounded: once Postgres logs a new restart point
+    // (at a checkpoint) the slot lets go of everything the noise wrote.
+    let written: i64 = pg
+        .query_one(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::bigint",
+            &[&wal_start],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let retained = || async {
+        pg.batch_execute("CHECKPOINT; INSERT INTO noise (payload) VALUES ('tick')")
+            .await
+            .unwrap();
+        pg.query_one(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&env.slot],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+    };
+    crate::harness::wait_for(
+        &format!("the slot to retain less than half of the {written} bytes of WAL written"),
+        Duration::from_secs(60),
+        || async { retained().await < written / 2 },
+        || env.daemon_log(),
+    )
+    .await;
+    println!(
+        "figure: {written} bytes of unpublished WAL written; the slot retains {} bytes",
+        retained().await
+    );
     assert_eq!(
         count_delta(&raw).await,
         1,
