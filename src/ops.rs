@@ -52,6 +52,13 @@ pub async fn reset_checkpoint(
     reset: Reset,
     yes: bool,
 ) -> Result<String, OpsError> {
+    // No table named: all of them.
+    let reset = match reset {
+        Reset::Resnapshot(tables) if tables.is_empty() => {
+            Reset::Resnapshot(settings.tables.clone())
+        }
+        other => other,
+    };
     let lake = Lake::open(&settings.lake_path)?;
     let _lock = LakeLock::acquire(&lake)?;
     let client = catalog::connect(&settings.source).await?;
@@ -82,11 +89,6 @@ pub async fn reset_checkpoint(
             )
         }
         Reset::Resnapshot(tables) => {
-            let tables = if tables.is_empty() {
-                settings.tables.clone()
-            } else {
-                tables.clone()
-            };
             if let Some(t) = tables.iter().find(|t| !settings.tables.contains(t)) {
                 return Err(OpsError::Refused(format!(
                     "table {t} is not in source.tables; list one of: {}",
@@ -157,11 +159,6 @@ pub async fn reset_checkpoint(
                 .await?;
         }
         Reset::Resnapshot(tables) => {
-            let tables = if tables.is_empty() {
-                settings.tables.clone()
-            } else {
-                tables
-            };
             let now = current_wal_lsn(&client).await?;
             checkpoint
                 .record_reset(

@@ -143,13 +143,9 @@ impl ColumnKind {
 /// precision, so growing the column's precision never changes its Delta type; anything
 /// else (unconstrained numeric, larger precision, negative scale) to text.
 fn numeric_kind(typmod: i32) -> ColumnKind {
-    if typmod < 4 {
+    let Some((precision, scale)) = numeric_typmod(typmod) else {
         return ColumnKind::Text;
-    }
-    let t = typmod - 4;
-    let precision = (t >> 16) & 0xFFFF;
-    // The scale is an 11-bit signed field since Postgres 15.
-    let scale = ((t & 0x7FF) ^ 1024) - 1024;
+    };
     if (1..=38).contains(&precision) && (0..=precision).contains(&scale) {
         ColumnKind::Decimal {
             precision: 38,
@@ -158,6 +154,16 @@ fn numeric_kind(typmod: i32) -> ColumnKind {
     } else {
         ColumnKind::Text
     }
+}
+
+/// `(precision, scale)` of a `numeric` type modifier; `None` when unconstrained.
+pub fn numeric_typmod(typmod: i32) -> Option<(i32, i32)> {
+    if typmod < 4 {
+        return None;
+    }
+    let t = typmod - 4;
+    // The scale is an 11-bit signed field since Postgres 15.
+    Some(((t >> 16) & 0xFFFF, ((t & 0x7FF) ^ 1024) - 1024))
 }
 
 /// A parsed value, ready for a typed builder.

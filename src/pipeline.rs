@@ -174,16 +174,7 @@ async fn snapshot_missing(
     tables: &[TableInfo],
     created: Option<CreatedSlot>,
 ) -> Result<(), PipelineError> {
-    let (durable_tx, _durable_rx) = watch::channel(Lsn::ZERO);
-    let mut applier = Applier::open(
-        lake,
-        &settings.slot,
-        tables,
-        &settings.normalization,
-        settings.apply.clone(),
-        durable_tx,
-    )
-    .await?;
+    let (mut applier, _durable) = open_applier(settings, lake, tables).await?;
     let (created_point, export) = match created {
         Some(c) => {
             applier.record_slot_created(c.point).await?;
@@ -192,6 +183,12 @@ async fn snapshot_missing(
         None => (None, None),
     };
     let slot_born = applier.slot_created_at();
+    let tracked = applier.tracked_tables().await;
+    let was_tracked = |t: &TableInfo| {
+        tracked
+            .as_ref()
+            .is_none_or(|set| set.contains(&t.name.to_string()))
+    };
     let mut missing: Vec<&TableInfo> = Vec::new();
     for t in tables {
         let requested = applier.resnapshot_requested(&t.name).await?;
@@ -205,7 +202,7 @@ async fn snapshot_missing(
             // `reset-checkpoint --resnapshot`.
             Some(at) => {
                 slot_born.is_some_and(|born| at < born)
-                    || !applier.was_tracked(&t.name)
+                    || !was_tracked(t)
                     || requested.is_some_and(|r| at < r)
             }
         };
@@ -433,6 +430,26 @@ impl Backoff {
     }
 }
 
+/// Opens the apply stage (every table's positions read back) and the watch it publishes
+/// the durable position on.
+async fn open_applier(
+    settings: &Settings,
+    lake: &Lake,
+    tables: &[TableInfo],
+) -> Result<(Applier, watch::Receiver<Lsn>), PipelineError> {
+    let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);
+    let applier = Applier::open(
+        lake,
+        &settings.slot,
+        tables,
+        &settings.normalization,
+        settings.apply.clone(),
+        durable_tx,
+    )
+    .await?;
+    Ok((applier, durable_rx))
+}
+
 /// Turns server errors an operator must act on into messages that say what to do.
 fn explain(e: PipelineError, settings: &Settings) -> PipelineError {
     let PipelineError::Replication(ReplicationError::Server(server)) = &e else {
@@ -493,16 +510,7 @@ async fn session(
         }
         Some(s) => s.confirmed_flush.unwrap_or(Lsn::ZERO),
     };
-    let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);
-    let applier = Applier::open(
-        lake,
-        &settings.slot,
-        tables,
-        &settings.normalization,
-        settings.apply.clone(),
-        durable_tx,
-    )
-    .await?;
+    let (applier, durable_rx) = open_applier(settings, lake, tables).await?;
     let start = applier.restart_position().max(confirmed);
     applier.advance(start);
     for (table, pos) in applier.table_positions() {

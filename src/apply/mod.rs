@@ -163,7 +163,7 @@ struct Batch {
     transactions: u64,
     touched: BTreeSet<TableName>,
     /// Changes per table and op, for the metrics.
-    changes: HashMap<(TableName, &'static str), u64>,
+    changes: HashMap<TableName, HashMap<&'static str, u64>>,
 }
 
 /// The apply stage's state for one replication session.
@@ -275,14 +275,10 @@ impl Applier {
         self.tables.get(table).and_then(|t| t.snapshot_at)
     }
 
-    /// Whether the latest checkpoint covered `table` (`true` when no checkpoint says): a
-    /// table left out of the configuration for a while missed changes.
-    pub fn was_tracked(&self, table: &TableName) -> bool {
-        self.checkpoint.position().is_none()
-            || self
-                .checkpoint
-                .tracked()
-                .is_none_or(|t| t.contains(&table.to_string()))
+    /// The tables the latest checkpoint covered (`None` when no checkpoint says): one left
+    /// out of the configuration for a while missed changes.
+    pub async fn tracked_tables(&self) -> Option<std::collections::HashSet<String>> {
+        self.checkpoint.tracked_tables().await
     }
 
     /// When an operator asked for `table` to be copied again, if ever.
@@ -359,6 +355,10 @@ impl Applier {
 
     /// Runs until the channel closes (source stopped), then commits what is complete.
     pub async fn run(mut self, mut events: mpsc::Receiver<SourceEvent>) -> Result<(), ApplyError> {
+        // One timer for the whole run (not one per event): an idle but responsive loop
+        // still feeds the watchdog, also when the server sends no keepalives.
+        let mut idle = tokio::time::interval(std::time::Duration::from_secs(5));
+        idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let deadline = self
                 .batch
@@ -375,8 +375,7 @@ impl Applier {
                     continue;
                 }
                 event = events.recv() => event,
-                // Idle but responsive (also when the server sends no keepalives).
-                _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => continue,
+                _ = idle.tick() => continue,
             };
             match event {
                 Some(SourceEvent::Message {
@@ -600,7 +599,15 @@ impl Applier {
             tracing::debug!(table = %name, count = fallbacks, "values kept as text in _fallback");
         }
         self.batch.rows += 1;
-        *self.batch.changes.entry((name.clone(), op)).or_insert(0) += 1;
+        // Counted per table and op for the metrics (the name is cloned once per batch).
+        match self.batch.changes.get_mut(name) {
+            Some(ops) => *ops.entry(op).or_insert(0) += 1,
+            None => {
+                self.batch
+                    .changes
+                    .insert(name.clone(), HashMap::from([(op, 1)]));
+            }
+        }
         self.batch.bytes += state.builder.bytes().saturating_sub(bytes_before);
         self.batch.started.get_or_insert_with(Instant::now);
         if !self.batch.touched.contains(name) {
@@ -688,8 +695,11 @@ impl Applier {
         }
         futures::future::try_join_all(commits).await?;
         self.checkpoint.record(end, &self.versions()).await?;
-        for ((table, op), n) in &self.batch.changes {
-            crate::telemetry::change(&table.to_string(), op, *n);
+        for (table, ops) in &self.batch.changes {
+            let table = table.to_string();
+            for (op, n) in ops {
+                crate::telemetry::change(&table, op, *n);
+            }
         }
         crate::telemetry::batch_committed(
             rows,

@@ -14,7 +14,7 @@
 use deltalake::arrow::datatypes::Schema;
 
 use super::builder::{ColumnSpec, METADATA_COLUMNS};
-use crate::pg_types::{ColumnKind, oid};
+use crate::pg_types::{ColumnKind, numeric_typmod, oid};
 
 /// OIDs from here on belong to user-defined types (`FirstNormalObjectId`).
 const FIRST_USER_OID: u32 = 16384;
@@ -52,15 +52,10 @@ pub fn pg_type_name(type_oid: u32, typmod: i32) -> String {
         oid::DATE => "date".into(),
         oid::TIMESTAMP => "timestamp".into(),
         oid::TIMESTAMPTZ => "timestamptz".into(),
-        oid::NUMERIC if typmod >= 4 => {
-            let t = typmod - 4;
-            format!(
-                "numeric({},{})",
-                (t >> 16) & 0xFFFF,
-                ((t & 0x7FF) ^ 1024) - 1024
-            )
-        }
-        oid::NUMERIC => "numeric".into(),
+        oid::NUMERIC => match numeric_typmod(typmod) {
+            Some((p, s)) => format!("numeric({p},{s})"),
+            None => "numeric".into(),
+        },
         0 => "a dropped column".into(),
         other => format!("the type with OID {other}"),
     }

@@ -46,8 +46,6 @@ use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::kernel::{Action, Add, Remove, Transaction};
 use deltalake::parquet::arrow::ProjectionMask;
 use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use deltalake::parquet::basic::Compression;
-use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::protocol::DeltaOperation;
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::{DeltaTable, DeltaTableError};
@@ -167,17 +165,6 @@ fn shape(
     (normalizer, Arc::new(Schema::new(fields)))
 }
 
-fn writer_properties() -> WriterProperties {
-    WriterProperties::builder()
-        .set_compression(Compression::SNAPPY)
-        .set_max_row_group_row_count(Some(64 * 1024))
-        .set_max_row_group_bytes(Some(32 * 1024 * 1024))
-        // Statistics stay truncated (64 bytes): a truncated string minimum is a prefix and
-        // parquet increments a truncated maximum, so both remain valid bounds for pruning,
-        // and huge values never bloat the Delta log.
-        .build()
-}
-
 impl CuratedTable {
     /// Opens (or creates) the curated table of `name` and reads back its position and files.
     pub async fn open(
@@ -267,7 +254,7 @@ impl CuratedTable {
     }
 
     fn writer(&self) -> Result<RecordBatchWriter, LakeError> {
-        writer_for(&self.table, &self.schema, writer_properties()).map_err(self.delta_err())
+        writer_for(&self.table, &self.schema).map_err(self.delta_err())
     }
 
     fn delta_err(&self) -> impl Fn(DeltaTableError) -> LakeError + '_ {

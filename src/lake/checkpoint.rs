@@ -46,7 +46,6 @@ pub struct Checkpoint {
     position: Option<Lsn>,
     created_app_id: String,
     slot_created_at: Option<Lsn>,
-    tracked: Option<std::collections::HashSet<String>>,
     publication_created: bool,
 }
 
@@ -68,7 +67,6 @@ impl Checkpoint {
         let slot_created_at = applied_position(&table, &created_app_id)
             .await
             .map_err(delta_err)?;
-        let tracked = tracked_tables(&table).await;
         let created = applied_position(&table, &format!("{app_id}:publication-created"))
             .await
             .map_err(delta_err)?;
@@ -82,7 +80,6 @@ impl Checkpoint {
             position,
             created_app_id,
             slot_created_at,
-            tracked,
             publication_created,
         })
     }
@@ -166,9 +163,13 @@ impl Checkpoint {
         )
     }
 
-    /// The tables the latest checkpoint covered (`None` when no checkpoint says).
-    pub fn tracked(&self) -> Option<&std::collections::HashSet<String>> {
-        self.tracked.as_ref()
+    /// The tables the latest checkpoint covered (`None` when no checkpoint says). Reads
+    /// the table's recent history: call it when deciding snapshots, not per session.
+    pub async fn tracked_tables(&self) -> Option<std::collections::HashSet<String>> {
+        if self.position.is_none() {
+            return None;
+        }
+        tracked_tables(&self.table).await
     }
 
     /// The consistent point of the slot when this daemon created it, if it did.

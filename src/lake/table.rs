@@ -48,12 +48,11 @@ pub struct DeltaSink {
 pub fn writer_for(
     table: &DeltaTable,
     schema: &SchemaRef,
-    properties: WriterProperties,
 ) -> Result<RecordBatchWriter, DeltaTableError> {
     Ok(
         RecordBatchWriter::try_new(table.table_url().as_str(), schema.clone(), None, None)?
             .with_target_file_size(TARGET_FILE_SIZE)
-            .with_writer_properties(properties),
+            .with_writer_properties(writer_properties()),
     )
 }
 
@@ -94,13 +93,17 @@ pub fn schema_action(table: &DeltaTable, schema: &SchemaRef) -> Result<Action, D
     Ok(Action::Metadata(metadata))
 }
 
-fn raw_writer_properties() -> WriterProperties {
+/// Parquet settings for every data file wal2delta writes (raw and curated).
+fn writer_properties() -> WriterProperties {
     WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
         .set_max_row_group_row_count(Some(64 * 1024))
         // Row groups are buffered until flushed: cap them by size too, so rows with huge
         // values do not pile up in memory.
         .set_max_row_group_bytes(Some(ROW_GROUP_BYTES))
+        // Statistics stay truncated (64 bytes): a truncated string minimum is a prefix and
+        // parquet increments a truncated maximum, so both remain valid bounds for the
+        // curated merge's pruning, and huge values never bloat the Delta log.
         .build()
 }
 
@@ -174,7 +177,7 @@ impl DeltaSink {
         }
         let new_schema = (existing != incoming).then(|| schema.clone());
         let applied = applied_position(&table, &app_id).await.map_err(delta_err)?;
-        let writer = writer_for(&table, schema, raw_writer_properties()).map_err(delta_err)?;
+        let writer = writer_for(&table, schema).map_err(delta_err)?;
         Ok(DeltaSink {
             label: label.to_string(),
             table,
@@ -195,8 +198,7 @@ impl DeltaSink {
         };
         let written = self.writer.flush().await.map_err(delta_err)?;
         self.pending.extend(written);
-        self.writer =
-            writer_for(&self.table, &schema, raw_writer_properties()).map_err(delta_err)?;
+        self.writer = writer_for(&self.table, &schema).map_err(delta_err)?;
         self.new_schema = Some(schema);
         Ok(())
     }

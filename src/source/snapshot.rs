@@ -110,21 +110,15 @@ impl SnapshotReader {
         };
         let row = self.clients[0]
             .query_one(
-                "SELECT coalesce(pg_relation_size(to_regclass($1)) / b, 0), greatest($2 / b, 1) \
+                "SELECT coalesce(pg_relation_size(to_regclass($1)) / b, 0), greatest($2 / b, 1), \
+                        (SELECT reltuples FROM pg_class WHERE oid = to_regclass($1)) \
                  FROM (SELECT current_setting('block_size')::bigint AS b) s",
                 &[&table.name.quoted(), &self.chunk_bytes],
             )
             .await
             .map_err(CatalogError::from)?;
         let (pages, chunk_pages): (i64, i64) = (row.get(0), row.get(1));
-        let estimate: Option<f32> = self.clients[0]
-            .query_one(
-                "SELECT reltuples FROM pg_class WHERE oid = to_regclass($1)",
-                &[&table.name.quoted()],
-            )
-            .await
-            .map_err(CatalogError::from)?
-            .get(0);
+        let estimate: Option<f32> = row.get(2);
         crate::telemetry::snapshot_progress(
             &table.name.to_string(),
             0,
