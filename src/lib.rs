@@ -15,6 +15,7 @@ pub mod ops;
 pub mod pg_types;
 pub mod pipeline;
 pub mod secret;
+pub mod serve;
 pub mod service;
 pub mod source;
 pub mod status;

@@ -71,6 +71,15 @@ enum Command {
         #[arg(long)]
         yes: bool,
     },
+    /// Serve an existing lake over the Postgres protocol, read-only, without replicating
+    /// (e.g. on a second host reading the same lake).
+    Serve {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Print the SCRAM-SHA-256 verifier of a password, for `[[serve.users]] scram = "…"`.
+    /// Reads the password from the terminal (not echoed) or one line from stdin.
+    HashPassword,
     /// Drop the replication slot, and the publication if wal2delta created it, so an
     /// uninstalled wal2delta leaves no WAL pinned. The lake is kept.
     Teardown {
@@ -116,6 +125,8 @@ fn main() -> ExitCode {
                 yes,
             } => reset_checkpoint(config, to_lsn, resnapshot, table, recreate_slot, yes).await,
             Command::Teardown { config, yes } => teardown(config, yes).await,
+            Command::Serve { config } => serve(config).await,
+            Command::HashPassword => hash_password(),
         }
     });
     match result {
@@ -198,6 +209,49 @@ async fn run(config: PathBuf) -> anyhow::Result<ExitCode> {
     });
     wal2delta::pipeline::run(settings, cancel).await?;
     tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve(config: PathBuf) -> anyhow::Result<ExitCode> {
+    let settings = Config::load_settings(&config)?;
+    let Some(serve) = settings.serve.as_ref() else {
+        anyhow::bail!(
+            "serve.listen is \"off\" in {}: set it to an address (e.g. \"{}\") to serve",
+            config.display(),
+            wal2delta::config::DEFAULT_SERVE_LISTEN
+        );
+    };
+    let lake = Lake::open(&settings.lake_path)?;
+    let cancel = CancellationToken::new();
+    let on_signal = cancel.clone();
+    tokio::spawn(async move {
+        wait_for_shutdown_signal().await;
+        wal2delta::service::stopping();
+        on_signal.cancel();
+    });
+    wal2delta::serve::serve_only(serve, lake, cancel).await?;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn hash_password() -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal;
+    let password = if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password("password: ")?;
+        let again = rpassword::prompt_password("again: ")?;
+        if first != again {
+            anyhow::bail!("the two passwords differ; nothing printed");
+        }
+        first
+    } else {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        line.trim_end_matches(['\n', '\r']).to_string()
+    };
+    if password.is_empty() {
+        anyhow::bail!("the password is empty; nothing printed");
+    }
+    println!("{}", wal2delta::serve::auth::verifier_for(&password));
     Ok(ExitCode::SUCCESS)
 }
 

@@ -85,6 +85,8 @@ pub enum PipelineError {
     PermissionDenied { detail: String },
     #[error("{0}; pick another [metrics] listen address, or remove it")]
     Metrics(String),
+    #[error("the SQL endpoint cannot start: {0}")]
+    Serve(#[from] crate::serve::ServeError),
     #[error("a pipeline task failed: {0}")]
     Task(String),
 }
@@ -273,9 +275,16 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pi
         crate::telemetry::install(listen).map_err(PipelineError::Metrics)?;
         tracing::info!(%listen, "serving Prometheus metrics at /metrics");
     }
+    let endpoint = match &settings.serve {
+        Some(serve) => Some(crate::serve::start(serve, lake.clone(), cancel.clone()).await?),
+        None => None,
+    };
     let watch = tokio::spawn(watch_slot(settings.clone_for_watch(), cancel.clone()));
     let result = replicate(&settings, &lake, cancel).await;
     watch.abort();
+    if let Some(endpoint) = endpoint {
+        endpoint.abort();
+    }
     result
 }
 

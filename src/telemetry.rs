@@ -26,6 +26,9 @@ pub const NORMALIZATION_FAILURES: &str = "wal2delta_normalization_failures_total
 pub const RECONNECTS: &str = "wal2delta_reconnects_total";
 pub const ERRORS: &str = "wal2delta_errors_total";
 pub const BUILD_INFO: &str = "wal2delta_build_info";
+pub const SQL_CONNECTIONS: &str = "wal2delta_sql_connections";
+pub const SQL_REFUSED: &str = "wal2delta_sql_connections_refused_total";
+pub const SQL_STATEMENTS: &str = "wal2delta_sql_statements_total";
 
 /// Starts the `/metrics` listener and describes every metric.
 pub fn install(listen: SocketAddr) -> Result<(), String> {
@@ -110,8 +113,48 @@ pub fn install(listen: SocketAddr) -> Result<(), String> {
         BUILD_INFO,
         "Always 1; the version label says which build runs."
     );
+    describe_gauge!(
+        SQL_CONNECTIONS,
+        Unit::Count,
+        "Open connections to the SQL endpoint."
+    );
+    describe_counter!(
+        SQL_REFUSED,
+        Unit::Count,
+        "SQL connections refused because serve.max_connections were open."
+    );
+    describe_counter!(
+        SQL_STATEMENTS,
+        Unit::Count,
+        "Statements the SQL endpoint ran, by outcome (ok, or the SQLSTATE class of the error)."
+    );
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     Ok(())
+}
+
+/// Counts an open SQL connection for as long as it lives.
+pub struct SqlConnection(());
+
+impl SqlConnection {
+    pub fn open() -> SqlConnection {
+        gauge!(SQL_CONNECTIONS).increment(1.0);
+        SqlConnection(())
+    }
+}
+
+impl Drop for SqlConnection {
+    fn drop(&mut self) {
+        gauge!(SQL_CONNECTIONS).decrement(1.0);
+    }
+}
+
+pub fn sql_connection_refused() {
+    counter!(SQL_REFUSED).increment(1);
+}
+
+/// A statement ended: `outcome` is "ok" or the SQLSTATE's class ("42", "57"…).
+pub fn sql_statement(outcome: &str) {
+    counter!(SQL_STATEMENTS, "outcome" => outcome.to_string()).increment(1);
 }
 
 pub fn change(table: &str, op: &str, n: u64) {

@@ -350,6 +350,10 @@ impl Applier {
         );
         state.sink.commit_with(held, metadata, vec![marker]).await?;
         state.snapshot_at = Some(point);
+        // A checkpoint record with the new versions makes the copy visible to the SQL
+        // endpoint now, not at the next change. The replication position does not move.
+        let versions = self.versions();
+        self.checkpoint.record_versions(held, &versions).await?;
         Ok(())
     }
 
@@ -694,7 +698,9 @@ impl Applier {
             });
         }
         futures::future::try_join_all(commits).await?;
-        self.checkpoint.record(end, &self.versions()).await?;
+        self.checkpoint
+            .record(end, Some(self.batch.last_commit_ts), &self.versions())
+            .await?;
         for (table, ops) in &self.batch.changes {
             let table = table.to_string();
             for (op, n) in ops {

@@ -218,11 +218,37 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// Records new table versions after a snapshot copy without moving the replication
+    /// position: readers (the SQL endpoint) see the copy now. `shown` is the source
+    /// position the copy stands for.
+    pub async fn record_versions(
+        &mut self,
+        shown: Lsn,
+        versions: &serde_json::Value,
+    ) -> Result<(), LakeError> {
+        self.commit(
+            vec![],
+            HashMap::from([
+                (
+                    "wal2delta.end_lsn".to_string(),
+                    serde_json::json!(shown.max(self.position.unwrap_or(Lsn::ZERO)).to_string()),
+                ),
+                ("wal2delta.table_versions".to_string(), versions.clone()),
+            ]),
+        )
+        .await?;
+        crate::serve::lake_advanced();
+        Ok(())
+    }
+
     /// Records that every table is durable through `end_lsn`; `versions` gives each
-    /// table's Delta version at this point (for consistent reads).
+    /// table's Delta version at this point and `commit_ts` (Unix microseconds) the commit
+    /// time of the batch's last source transaction: the SQL endpoint reads these records
+    /// to serve every table at one source position.
     pub async fn record(
         &mut self,
         end_lsn: Lsn,
+        commit_ts: Option<i64>,
         versions: &serde_json::Value,
     ) -> Result<(), LakeError> {
         let txn = Transaction::new_with_last_update(
@@ -238,10 +264,15 @@ impl Checkpoint {
                     serde_json::json!(end_lsn.to_string()),
                 ),
                 ("wal2delta.table_versions".to_string(), versions.clone()),
+                (
+                    "wal2delta.commit_ts".to_string(),
+                    serde_json::json!(commit_ts),
+                ),
             ]),
         )
         .await?;
         self.position = Some(end_lsn);
+        crate::serve::lake_advanced();
         Ok(())
     }
 }

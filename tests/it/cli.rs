@@ -68,7 +68,7 @@ fn unreachable_source_fails_clearly_without_leaking_the_password() {
     std::fs::write(
         &cfg,
         format!(
-            "[source]\ndsn = \"postgresql://rep:hunter2secret@127.0.0.1:{port}/app?connect_timeout=3\"\nslot = \"s\"\npublication = \"p\"\ntables = [\"a\"]\n[lake]\npath = {:?}\n",
+            "[source]\ndsn = \"postgresql://rep:hunter2secret@127.0.0.1:{port}/app?connect_timeout=3\"\nslot = \"s\"\npublication = \"p\"\ntables = [\"a\"]\n[lake]\npath = {:?}\n[serve]\nlisten = \"off\"\n",
             dir.path().join("lake").to_str().unwrap()
         ),
     )

@@ -116,6 +116,36 @@ pub struct Env {
     pub lake: PathBuf,
     pub config: PathBuf,
     pub slot: String,
+    /// The port of the daemon's SQL endpoint (`[serve] listen`, loopback).
+    pub serve_port: u16,
+}
+
+/// A free loopback port (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// The `psql` client: next to the server binaries, on PATH, or under /usr/lib/postgresql.
+pub fn psql_binary() -> PathBuf {
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Ok(dir) = std::env::var("PG_BINDIR") {
+        candidates.push(Path::new(&dir).join("psql"));
+    }
+    if let Ok(path) = std::env::var("PATH") {
+        candidates.extend(std::env::split_paths(&path).map(|d| d.join("psql")));
+    }
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path().join("bin/psql")).collect())
+        .unwrap_or_default();
+    versions.sort();
+    candidates.extend(versions.into_iter().rev());
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .expect("psql is needed for the SQL endpoint tests: apt-get install -y postgresql-client (or set PG_BINDIR)")
 }
 
 impl Env {
@@ -139,6 +169,7 @@ impl Env {
             lake,
             config,
             slot: "w2d_test".into(),
+            serve_port: free_port(),
         }
     }
 
@@ -153,10 +184,19 @@ impl Env {
 
     /// Writes the config file for `tables`, connecting as `user`; `extra` is appended.
     pub fn write_config(&self, user: &str, tables: &[&str], extra: &str) {
+        self.write_config_serving(user, tables, extra, "");
+    }
+
+    /// Like `write_config`, with `serve_extra` added to the `[serve]` section (which
+    /// listens on `serve_port` and serves the repository's refined views).
+    pub fn write_config_serving(&self, user: &str, tables: &[&str], extra: &str, serve_extra: &str) {
         let tables: Vec<String> = tables.iter().map(|t| format!("{t:?}")).collect();
         let text = format!(
             "[source]\ndsn = {dsn:?}\nslot = {slot:?}\npublication = \"w2d_pub\"\ntables = [{tables}]\n\
-             status_interval_secs = 1\n{extra}\n[lake]\npath = {lake:?}\n[apply]\nmax_batch_age_ms = 200\n",
+             status_interval_secs = 1\n{extra}\n[lake]\npath = {lake:?}\n[apply]\nmax_batch_age_ms = 200\n\
+             [serve]\nlisten = \"127.0.0.1:{port}\"\nrefined_dir = {refined:?}\npoll_interval_ms = 200\n{serve_extra}\n",
+            port = self.serve_port,
+            refined = concat!(env!("CARGO_MANIFEST_DIR"), "/sql/refined"),
             dsn = self.pg.dsn(user),
             slot = self.slot,
             tables = tables.join(", "),

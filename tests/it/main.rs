@@ -12,6 +12,7 @@ mod progress;
 mod raw_changes;
 mod readers;
 mod service;
+mod sql;
 mod stops;
 mod telemetry;
 mod tls;

@@ -66,7 +66,7 @@ async fn the_daemon_speaks_the_systemd_notify_protocol() {
         ],
     );
     let mut seen = Vec::<String>::new();
-    let mut read_until = |want: &str, seen: &mut Vec<String>, timeout: Duration| {
+    let read_until = |want: &str, seen: &mut Vec<String>, timeout: Duration| {
         let deadline = Instant::now() + timeout;
         let mut buf = [0u8; 4096];
         while Instant::now() < deadline {

@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""SQL endpoint benchmark: wal2delta's endpoint against the source Postgres, side by side.
+
+Starts a disposable Postgres (testcontainers/pg.sh), loads the demo schema plus N
+`transacoes` rows (default 1,000,000), runs the wal2delta daemon until its initial snapshot
+is served, then measures with psycopg 3 on both servers in the same run:
+
+  * primary-key point lookups (`SELECT … FROM transacoes WHERE id = %s`, server-side
+    parameters, random ids): p50 / p95 / p99 over --lookups queries;
+  * a grouped aggregate over all rows (per condominium, type and status): median of
+    --repeats runs after one warm-up.
+
+Usage: python3 bench/sql_endpoint.py [--rows N] [--binary target/release/wal2delta]
+Needs: PostgreSQL server binaries, psycopg 3 (pip install 'psycopg[binary]'), a built
+wal2delta (cargo build --release, or the debug binary).
+"""
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import psycopg
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AGGREGATE = """
+SELECT i.condominio_id, t.tipo, t.status, count(*) AS n, sum(t.valor) AS total, avg(t.valor) AS media
+FROM transacoes t JOIN imoveis i ON i.id = t.imovel_id
+GROUP BY i.condominio_id, t.tipo, t.status
+ORDER BY 1, 2, 3
+"""
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pg(cmd, d, *args):
+    out = subprocess.run(["bash", f"{ROOT}/testcontainers/pg.sh", cmd, d, *args],
+                         check=True, capture_output=True, text=True)
+    return out.stdout
+
+
+def timed(conn, sql, params=None, prepare=None):
+    start = time.perf_counter()
+    with conn.cursor() as cur:
+        cur.execute(sql, params, prepare=prepare)
+        cur.fetchall()
+    return time.perf_counter() - start
+
+
+def pct(values, p):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * p))]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--lookups", type=int, default=2000)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--binary", default=os.path.join(
+        os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release", "wal2delta"))
+    args = ap.parse_args()
+    if not os.path.exists(args.binary):
+        sys.exit(f"no wal2delta binary at {args.binary}; build it (cargo build --release) or pass --binary")
+
+    work = tempfile.mkdtemp(prefix="w2d-bench-")
+    pgdir = os.path.join(work, "pg")
+    os.makedirs(pgdir)
+    daemon = None
+    try:
+        port = int([l for l in pg("start", pgdir).splitlines() if l.startswith("PGPORT=")][0][7:])
+        src_dsn = f"host=127.0.0.1 port={port} user=postgres dbname=postgres"
+        with psycopg.connect(src_dsn, autocommit=True) as c:
+            c.execute(open(f"{ROOT}/sql/schema.sql").read())
+            c.execute(open(f"{ROOT}/sql/sample_data.sql").read().replace("\\gset", ";"))
+            c.execute(f"""
+                INSERT INTO transacoes (imovel_id, morador_id, tipo, status, valor, competencia, vencimento)
+                SELECT 1 + g % 400, NULL,
+                       (ARRAY['taxa_condominial','multa','fundo_reserva','acordo','pagamento'])[1 + g % 5],
+                       (ARRAY['aberta','paga','atrasada','cancelada'])[1 + g % 4],
+                       (g % 100000) / 100.0 + 1, '2025-' || lpad((1 + g % 12)::text, 2, '0'),
+                       date '2025-01-10' + (g % 365)
+                FROM generate_series(1, {args.rows}) g""")
+            c.execute("VACUUM ANALYZE")
+            c.execute("CREATE PUBLICATION w2d_pub FOR TABLE condominios, imoveis, moradores, transacoes")
+            total = c.execute("SELECT count(*) FROM transacoes").fetchone()[0]
+        serve_port = free_port()
+        config = os.path.join(work, "wal2delta.toml")
+        with open(config, "w") as f:
+            f.write(f"""[source]
+dsn = "{src_dsn} sslmode=disable"
+slot = "w2d_bench"
+publication = "w2d_pub"
+tables = ["public.condominios", "public.imoveis", "public.moradores", "public.transacoes"]
+[lake]
+path = "{work}/lake"
+[serve]
+listen = "127.0.0.1:{serve_port}"
+refined_dir = "{ROOT}/sql/refined"
+""")
+        log = open(os.path.join(work, "daemon.log"), "w")
+        started = time.time()
+        daemon = subprocess.Popen([args.binary, "run", "--config", config], stdout=log, stderr=log)
+        lake_dsn = f"host=127.0.0.1 port={serve_port} user=bench dbname=wal2delta"
+        while True:
+            if daemon.poll() is not None:
+                sys.exit(f"the daemon exited; see {work}/daemon.log")
+            try:
+                with psycopg.connect(lake_dsn, autocommit=True) as c:
+                    if c.execute("SELECT count(*) FROM transacoes").fetchone()[0] == total:
+                        break
+            except psycopg.Error:
+                pass
+            time.sleep(0.5)
+        snapshot_secs = time.time() - started
+
+        results = {"rows": total, "snapshot_served_after_s": round(snapshot_secs, 1)}
+        ids = [random.randint(1, total) for _ in range(args.lookups)]
+        lookup = "SELECT id, imovel_id, tipo, status, valor, vencimento FROM transacoes WHERE id = %s"
+        for name, dsn in (("postgres", src_dsn), ("wal2delta", lake_dsn)):
+            with psycopg.connect(dsn, autocommit=True) as c:
+                for i in ids[:50]:
+                    timed(c, lookup, (i,), prepare=True)
+                lat = [timed(c, lookup, (i,), prepare=True) for i in ids]
+                timed(c, AGGREGATE)
+                agg = [timed(c, AGGREGATE) for _ in range(args.repeats)]
+            results[name] = {
+                "point_lookup_ms": {"p50": round(pct(lat, 0.50) * 1e3, 2),
+                                    "p95": round(pct(lat, 0.95) * 1e3, 2),
+                                    "p99": round(pct(lat, 0.99) * 1e3, 2)},
+                "aggregate_ms_median": round(statistics.median(agg) * 1e3, 1),
+            }
+        results["aggregate_speedup_vs_postgres"] = round(
+            results["postgres"]["aggregate_ms_median"] / results["wal2delta"]["aggregate_ms_median"], 2)
+        print(json.dumps(results, indent=2))
+    finally:
+        if daemon is not None:
+            daemon.send_signal(signal.SIGTERM)
+            try:
+                daemon.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+        try:
+            pg("stop", pgdir)
+        except Exception:
+            pass
+        if not os.environ.get("KEEP"):
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+//! The SQL endpoint: the lake over the Postgres wire protocol, for `psql`, drivers and BI
+//! tools.
+//!
+//! # Design
+//! - Our own listener, TLS and authentication (`auth`); pgwire runs the protocol and
+//!   datafusion-postgres the queries (`session`). TLS is configured or absent: a certificate
+//!   that cannot be loaded stops the start instead of falling back to plaintext.
+//! - Every statement reads one consistent lake position (`view`). The positions come from
+//!   the checkpoint table: [`follow`] re-reads it every `serve.poll_interval_ms`, and at once
+//!   when the applier in this process records a batch ([`lake_advanced`]), so new data is
+//!   visible within the batch cycle that committed it.
+//! - `run` serves next to replication; `wal2delta serve` serves a lake read-only (another
+//!   host can serve the same lake); both use this module.
+//! - Read-only is decided on the parsed statement (`read_only`).
+
+pub mod auth;
+pub mod read_only;
+pub mod session;
+pub mod view;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use datafusion_postgres::pgwire;
+use pgwire::api::PgWireServerHandlers;
+use tokio::sync::{Notify, Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ServeSettings;
+use crate::lake::Lake;
+use auth::{Policy, Refusal, Startup};
+use session::{Session, Shared};
+use view::{Position, Views};
+
+static ADVANCED: Notify = Notify::const_new();
+
+/// Called after each checkpoint record: the endpoint in this process looks at once.
+pub fn lake_advanced() {
+    ADVANCED.notify_one();
+}
+
+/// The endpoint could not start. Each names the setting to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(
+        "cannot use the TLS {what} {path}: {message}; fix the file, or remove serve.tls_cert and serve.tls_key to serve without TLS"
+    )]
+    Tls {
+        what: &'static str,
+        path: String,
+        message: String,
+    },
+    #[error(
+        "cannot listen on {addr} (serve.listen): {source}; another process may hold the port: pick another address, or set serve.listen = \"off\""
+    )]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}; fix or remove the file (serve.refined_dir)")]
+    Refined(#[from] view::RefinedError),
+    #[error("cannot read the lake's checkpoint: {0}")]
+    Lake(String),
+}
+
+/// Loads the certificate chain and key; any problem is an error (never plaintext).
+fn tls_acceptor(cert: &Path, key: &Path) -> Result<pgwire::tokio::TlsAcceptor, ServeError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let cert_err = |message: String| ServeError::Tls {
+        what: "certificate",
+        path: cert.display().to_string(),
+        message,
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| cert_err(e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| cert_err(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(cert_err("the file holds no PEM certificate".into()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| ServeError::Tls {
+        what: "key",
+        path: key.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| cert_err(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| cert_err(format!("certificate and key do not form a usable pair: {e}")))?;
+    config.alpn_protocols = vec![b"postgresql".to_vec()];
+    Ok(pgwire::tokio::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// One connection's handlers.
+struct Connection {
+    session: Arc<Session>,
+    startup: Arc<Startup>,
+}
+
+impl PgWireServerHandlers for Connection {
+    fn simple_query_handler(&self) -> Arc<impl pgwire::api::query::SimpleQueryHandler> {
+        self.session.clone()
+    }
+
+    fn extended_query_handler(&self) -> Arc<impl pgwire::api::query::ExtendedQueryHandler> {
+        self.session.clone()
+    }
+
+    fn startup_handler(&self) -> Arc<impl pgwire::api::auth::StartupHandler> {
+        self.startup.clone()
+    }
+}
+
+/// Keeps `latest` at the newest checkpoint record until `cancel`.
+pub async fn follow(
+    views: Arc<Views>,
+    latest: watch::Sender<Option<Position>>,
+    every: Duration,
+    cancel: CancellationToken,
+) {
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = ADVANCED.notified() => {}
+            _ = tokio::time::sleep(every) => {}
+        }
+        match views.latest_position().await {
+            Ok(p) => {
+                failing = false;
+                latest.send_if_modified(|current| {
+                    if *current != p {
+                        *current = p;
+                        true
+                    } else {
+                        false
+                    }
+                });
+            }
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(error = %e, "the SQL endpoint cannot read the lake's checkpoint; serving the last position it read");
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Starts the endpoint and serves until `cancel`. TLS, the refined views and the address
+/// are checked before this returns, so a bad setting stops the start.
+pub async fn start(
+    settings: &ServeSettings,
+    lake: Lake,
+    cancel: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, ServeError> {
+    let tls = match &settings.tls {
+        Some((cert, key)) => Some(tls_acceptor(cert, key)?),
+        None => None,
+    };
+    let refined = view::load_refined(&settings.refined_dir)?;
+    let refined_count = refined.len();
+    let views = Arc::new(Views::new(lake, refined));
+    let first = views
+        .latest_position()
+        .await
+        .map_err(|e| ServeError::Lake(e.to_string()))?;
+    let (latest, latest_rx) = watch::channel(first);
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: settings.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().unwrap_or(settings.listen);
+    tracing::info!(
+        %addr,
+        tls = tls.is_some(),
+        require_tls = settings.require_tls,
+        users = settings.users.len(),
+        refined_views = refined_count,
+        "SQL endpoint listening (psql \"host={} port={} dbname={}\")",
+        addr.ip(),
+        addr.port(),
+        view::DATABASE
+    );
+    tokio::spawn(follow(
+        views.clone(),
+        latest,
+        settings.poll_interval,
+        cancel.clone(),
+    ));
+    let shared = Arc::new(Shared::new(
+        views,
+        latest_rx,
+        settings.query_timeout,
+        settings.query_memory_bytes,
+    ));
+    let policy = Arc::new(Policy {
+        users: settings.users.clone(),
+        require_tls: settings.require_tls,
+    });
+    let max = settings.max_connections;
+    let slots = Arc::new(Semaphore::new(max));
+    Ok(tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = cancel.cancelled() => return,
+                a = listener.accept() => a,
+            };
+            let (socket, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "SQL endpoint: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let permit = slots.clone().try_acquire_owned().ok();
+            let refusal = permit.is_none().then(|| {
+                crate::telemetry::sql_connection_refused();
+                Refusal {
+                    code: "53300",
+                    message: format!(
+                        "sorry, too many clients already (serve.max_connections = {max})"
+                    ),
+                }
+            });
+            let handlers = Connection {
+                session: Arc::new(Session::new(shared.clone())),
+                startup: Arc::new(Startup::new(policy.clone(), refusal)),
+            };
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let _connected = permit.map(|p| (p, crate::telemetry::SqlConnection::open()));
+                if let Err(e) = pgwire::tokio::process_socket(socket, tls, handlers).await {
+                    tracing::debug!(%peer, error = %e, "SQL connection ended with an error");
+                }
+            });
+        }
+    }))
+}
+
+/// `wal2delta serve`: the endpoint alone, reading the lake, until `cancel`.
+pub async fn serve_only(
+    settings: &ServeSettings,
+    lake: Lake,
+    cancel: CancellationToken,
+) -> Result<(), ServeError> {
+    let handle = start(settings, lake, cancel.clone()).await?;
+    crate::service::ready("serving the lake read-only");
+    cancel.cancelled().await;
+    handle.abort();
+    Ok(())
+}

@@ -1,0 +1,647 @@
+//! One client session: parse, refuse writes, answer the `wal2delta.*` settings, and run
+//! everything else on one lake view with the statement limits.
+//!
+//! # Design
+//! Query execution, the Postgres type mapping and the `SET`/`SHOW`/transaction/cursor
+//! emulation come from datafusion-postgres (`DfSessionService`). What it does not do is
+//! done here, around it:
+//! - every statement gets a fresh `SessionContext` over the view it reads, so one
+//!   statement sees one source position from planning to its last row, and a session's
+//!   `SET` cannot change another session's state;
+//! - that context has its own memory pool (`serve.query_memory_mb`) and the statement a
+//!   deadline (`serve.query_timeout_secs`) that also covers streaming the rows;
+//! - a prepared statement is planned again on the current view at each execution, so a
+//!   client that prepares once and executes for hours still sees new data;
+//! - writes are refused from the parsed statement (`read_only`);
+//! - DataFusion errors become Postgres SQLSTATEs (42601, 42P01, 42703, 53200, 57014…).
+
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use datafusion_postgres::DfSessionService;
+use datafusion_postgres::arrow_pg::datatypes::df::encode_dataframe;
+use datafusion_postgres::datafusion_pg_catalog::sql::PostgresCompatibilityParser;
+use datafusion_postgres::pgwire;
+use deltalake::datafusion::common::DataFusionError;
+use deltalake::datafusion::execution::SessionStateBuilder;
+use deltalake::datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use deltalake::datafusion::execution::memory_pool::{GreedyMemoryPool, TrackConsumersPool};
+use deltalake::datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use deltalake::datafusion::logical_expr::LogicalPlan;
+use deltalake::datafusion::prelude::SessionContext;
+use deltalake::datafusion::sql::sqlparser::ast::{Reset, Set, Statement};
+use futures::{Sink, StreamExt};
+use pgwire::api::portal::{Format, Portal};
+use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
+use pgwire::api::results::{FieldInfo, QueryResponse, Response, Tag};
+use pgwire::api::stmt::{QueryParser, StoredStatement};
+use pgwire::api::store::PortalStore;
+use pgwire::api::{ClientInfo, ClientPortalStore, Type};
+use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use pgwire::messages::PgWireBackendMessage;
+use tokio::sync::watch;
+
+use super::read_only;
+use super::view::{Position, Target, View, Views};
+
+/// A parsed statement as datafusion-postgres stores it (its cursor hook needs this type).
+pub type DfStatement = (String, Option<(Statement, LogicalPlan)>);
+
+/// What every session shares.
+pub struct Shared {
+    pub views: Arc<Views>,
+    /// The newest checkpoint record known (updated by `super::follow`).
+    pub latest: watch::Receiver<Option<Position>>,
+    pub timeout: Option<Duration>,
+    pub memory_bytes: usize,
+    /// Answers describe requests, which only look at a plan.
+    describer: Arc<DfSessionService>,
+}
+
+impl Shared {
+    pub fn new(
+        views: Arc<Views>,
+        latest: watch::Receiver<Option<Position>>,
+        timeout: Option<Duration>,
+        memory_bytes: usize,
+    ) -> Shared {
+        Shared {
+            views,
+            latest,
+            timeout,
+            memory_bytes,
+            describer: Arc::new(DfSessionService::new(Arc::new(SessionContext::new()))),
+        }
+    }
+}
+
+/// `SET wal2delta.as_of`: what the user wrote and the position it resolved to.
+#[derive(Clone)]
+struct AsOf {
+    text: String,
+    position: Position,
+}
+
+/// The per-connection query handler (simple and extended protocol).
+pub struct Session {
+    shared: Arc<Shared>,
+    as_of: Arc<std::sync::Mutex<Option<AsOf>>>,
+    parser: Arc<SessionParser>,
+}
+
+impl Session {
+    pub fn new(shared: Arc<Shared>) -> Session {
+        let as_of = Arc::new(std::sync::Mutex::new(None));
+        Session {
+            parser: Arc::new(SessionParser {
+                shared: shared.clone(),
+                as_of: as_of.clone(),
+            }),
+            shared,
+            as_of,
+        }
+    }
+}
+
+pub fn user_error(code: &str, message: impl Into<String>) -> PgWireError {
+    PgWireError::UserError(Box::new(ErrorInfo::new(
+        "ERROR".into(),
+        code.into(),
+        message.into(),
+    )))
+}
+
+fn timeout_error() -> PgWireError {
+    user_error(
+        "57014",
+        "canceling statement due to statement timeout (serve.query_timeout_secs)",
+    )
+}
+
+/// The SQLSTATE for a DataFusion error.
+fn sqlstate(e: &DataFusionError) -> &'static str {
+    match e.find_root() {
+        DataFusionError::SQL(..) => "42601",
+        DataFusionError::ResourcesExhausted(_) => "53200",
+        DataFusionError::NotImplemented(_) => "0A000",
+        DataFusionError::SchemaError(..) => {
+            let m = e.to_string();
+            if m.contains("No field named") || m.contains("not found") {
+                "42703"
+            } else if m.contains("mbiguous") {
+                "42702"
+            } else {
+                "42P18"
+            }
+        }
+        DataFusionError::Plan(m) => {
+            if m.contains("table") && m.contains("not found") {
+                "42P01"
+            } else if m.contains("function") || m.contains("Function") {
+                "42883"
+            } else {
+                "42601"
+            }
+        }
+        DataFusionError::ArrowError(..) => "22000",
+        _ => "XX000",
+    }
+}
+
+/// Gives DataFusion and parser errors their Postgres SQLSTATE.
+fn classify(e: PgWireError) -> PgWireError {
+    match e {
+        PgWireError::ApiError(inner) => {
+            let message = inner.to_string();
+            let code = match inner.downcast_ref::<DataFusionError>() {
+                Some(df) => sqlstate(df),
+                None if inner
+                    .downcast_ref::<deltalake::datafusion::sql::sqlparser::parser::ParserError>()
+                    .is_some() =>
+                {
+                    "42601"
+                }
+                None => "XX000",
+            };
+            let message = if code == "53200" {
+                format!("{message} (serve.query_memory_mb limits each statement)")
+            } else {
+                message
+            };
+            user_error(code, message)
+        }
+        other => other,
+    }
+}
+
+/// Counts the statement's outcome for the metrics.
+fn counted<T>(result: PgWireResult<T>) -> PgWireResult<T> {
+    match &result {
+        Ok(_) => crate::telemetry::sql_statement("ok"),
+        Err(PgWireError::UserError(info)) => {
+            crate::telemetry::sql_statement(info.code.get(..2).unwrap_or("XX"))
+        }
+        Err(_) => crate::telemetry::sql_statement("XX"),
+    }
+    result
+}
+
+fn parse(sql: &str) -> PgWireResult<Vec<Statement>> {
+    PostgresCompatibilityParser::new()
+        .parse(sql)
+        .map_err(|e| user_error("42601", format!("syntax error: {e}")))
+}
+
+fn guard(statement: &Statement) -> PgWireResult<()> {
+    read_only::check(statement).map_err(|r| user_error("25006", r.to_string()))
+}
+
+/// A `wal2delta.*` setting a statement is about.
+enum Setting {
+    ShowPosition,
+    ShowAsOf,
+    SetAsOf(Option<String>),
+    ResetAll,
+    Discard,
+    Deallocate,
+}
+
+fn setting(statement: &Statement) -> Option<Setting> {
+    let is_as_of = |name: &str| name.eq_ignore_ascii_case("wal2delta.as_of");
+    match statement {
+        Statement::ShowVariable { variable } => {
+            let name = variable
+                .iter()
+                .map(|i| i.value.to_ascii_lowercase())
+                .collect::<Vec<_>>()
+                .join(".");
+            match name.as_str() {
+                "wal2delta.position" => Some(Setting::ShowPosition),
+                "wal2delta.as_of" => Some(Setting::ShowAsOf),
+                _ => None,
+            }
+        }
+        Statement::Set(Set::SingleAssignment {
+            variable, values, ..
+        }) if is_as_of(&variable.to_string()) => {
+            let value = values
+                .first()
+                .map(|v| v.to_string().trim_matches('\'').to_string())
+                .filter(|v| !v.eq_ignore_ascii_case("latest") && !v.eq_ignore_ascii_case("default"));
+            Some(Setting::SetAsOf(value))
+        }
+        Statement::Reset(r) => match &r.reset {
+            Reset::ALL => Some(Setting::ResetAll),
+            Reset::ConfigurationParameter(name) if is_as_of(&name.to_string()) => {
+                Some(Setting::SetAsOf(None))
+            }
+            Reset::ConfigurationParameter(_) => Some(Setting::ResetAll),
+        },
+        Statement::Discard { .. } => Some(Setting::Discard),
+        Statement::Deallocate { .. } => Some(Setting::Deallocate),
+        _ => None,
+    }
+}
+
+impl Session {
+    fn as_of(&self) -> Option<AsOf> {
+        self.as_of.lock().expect("as_of lock").clone()
+    }
+}
+
+/// The view a statement of this session reads.
+async fn view_for(
+    shared: &Shared,
+    as_of: &std::sync::Mutex<Option<AsOf>>,
+) -> PgWireResult<Arc<View>> {
+    let pinned = as_of.lock().expect("as_of lock").clone();
+    let latest = shared.latest.borrow().clone();
+    let result = match (pinned, latest) {
+        (Some(a), _) => shared.views.view(a.position, false).await,
+        (None, Some(p)) => shared.views.view(p, true).await,
+        (None, None) => shared.views.empty().await,
+    };
+    result.map_err(|e| {
+        user_error(
+            "58030",
+            format!("cannot open the lake tables: {e}; check the lake directory and the daemon's log"),
+        )
+    })
+}
+
+/// A context over `view` for one statement: own memory pool, the client's time zone.
+fn service_for<C: ClientInfo + ?Sized>(
+    shared: &Shared,
+    view: &View,
+    client: &C,
+) -> PgWireResult<Arc<DfSessionService>> {
+    let base = view.state.runtime_env();
+    let pool = TrackConsumersPool::new(
+        GreedyMemoryPool::new(shared.memory_bytes),
+        std::num::NonZeroUsize::new(3).expect("3 > 0"),
+    );
+    let runtime = RuntimeEnvBuilder::new()
+        .with_object_store_registry(base.object_store_registry.clone())
+        .with_memory_pool(Arc::new(pool))
+        // No spilling: the limit is a limit, and the database host's disk is not ours.
+        .with_disk_manager_builder(
+            DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+        )
+        .build_arc()
+        .map_err(|e| user_error("XX000", e.to_string()))?;
+    let mut config = view.state.config().clone();
+    if let Some(tz) = client.metadata().get("timezone") {
+        config.options_mut().execution.time_zone = Some(tz.clone());
+    }
+    let state = SessionStateBuilder::new_from_existing(view.state.clone())
+        .with_config(config)
+        .with_runtime_env(runtime)
+        .build();
+    Ok(Arc::new(DfSessionService::new(Arc::new(
+        SessionContext::new_with_state(state),
+    ))))
+}
+
+/// Rows of `response` stop with 57014 at `deadline`, and errors get their SQLSTATE.
+fn limited(response: Response, deadline: Option<Instant>) -> Response {
+    let Response::Query(mut query) = response else {
+        return response;
+    };
+    let fields = query.row_schema();
+    let tag = query.command_tag().to_string();
+    let rows = std::mem::replace(query.data_rows(), Box::pin(futures::stream::empty()));
+    let stream = futures::stream::unfold((rows, false), move |(mut rows, done)| async move {
+        if done {
+            return None;
+        }
+        let next = match deadline {
+            Some(d) => match tokio::time::timeout_at(d.into(), rows.next()).await {
+                Ok(next) => next,
+                Err(_) => return Some((Err(timeout_error()), (rows, true))),
+            },
+            None => rows.next().await,
+        };
+        match next {
+            Some(Ok(row)) => Some((Ok(row), (rows, false))),
+            Some(Err(e)) => Some((Err(classify(e)), (rows, true))),
+            None => None,
+        }
+    });
+    let mut limited = QueryResponse::new(fields, stream);
+    limited.set_command_tag(&tag);
+    Response::Query(limited)
+}
+
+async fn within<T>(
+    deadline: Option<Instant>,
+    work: impl std::future::Future<Output = PgWireResult<T>>,
+) -> PgWireResult<T> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d.into(), work)
+            .await
+            .map_err(|_| timeout_error())?,
+        None => work.await,
+    }
+}
+
+/// The SQL answering `SHOW wal2delta.position` on `view`.
+fn position_sql(view: &View, as_of: Option<&AsOf>) -> String {
+    let p = &view.position;
+    let lsn = if p.raw.is_empty() && p.curated.is_empty() {
+        "NULL".to_string()
+    } else {
+        format!("'{}'", p.lsn)
+    };
+    let time = p
+        .commit_time_text()
+        .map(|t| format!("CAST('{t}' AS TIMESTAMPTZ)"))
+        .unwrap_or_else(|| "CAST(NULL AS TIMESTAMPTZ)".into());
+    let reading = as_of
+        .map(|a| a.text.replace('\'', "''"))
+        .unwrap_or_else(|| "latest".into());
+    format!("SELECT CAST({lsn} AS VARCHAR) AS lsn, {time} AS commit_time, '{reading}' AS as_of")
+}
+
+impl Session {
+    /// Answers a `wal2delta.*` setting or session-reset statement.
+    async fn answer(
+        &self,
+        setting: Setting,
+        format: &Format,
+    ) -> PgWireResult<Response> {
+        match setting {
+            Setting::ShowPosition | Setting::ShowAsOf => {
+                let as_of = self.as_of();
+                let view = view_for(&self.shared, &self.as_of).await?;
+                let sql = match setting {
+                    Setting::ShowPosition => position_sql(&view, as_of.as_ref()),
+                    _ => format!(
+                        "SELECT '{}' AS \"wal2delta.as_of\"",
+                        as_of
+                            .map(|a| a.text.replace('\'', "''"))
+                            .unwrap_or_else(|| "latest".into())
+                    ),
+                };
+                let ctx = SessionContext::new_with_state(view.state.clone());
+                let df = ctx
+                    .sql(&sql)
+                    .await
+                    .map_err(|e| classify(PgWireError::ApiError(Box::new(e))))?;
+                Ok(Response::Query(encode_dataframe(df, format, None).await?))
+            }
+            Setting::SetAsOf(None) => {
+                *self.as_of.lock().expect("as_of lock") = None;
+                Ok(Response::Execution(Tag::new("SET")))
+            }
+            Setting::SetAsOf(Some(text)) => {
+                let target = Target::parse(&text).map_err(|m| user_error("22023", m))?;
+                let position = self
+                    .shared
+                    .views
+                    .position_at(target)
+                    .await
+                    .map_err(|e| user_error("58030", format!("cannot read the checkpoint history: {e}")))?
+                    .ok_or_else(|| {
+                        user_error(
+                            "22023",
+                            format!(
+                                "the lake has no position at or before {text}: nothing had been replicated yet (or that history was vacuumed)"
+                            ),
+                        )
+                    })?;
+                *self.as_of.lock().expect("as_of lock") = Some(AsOf { text, position });
+                Ok(Response::Execution(Tag::new("SET")))
+            }
+            Setting::ResetAll => {
+                *self.as_of.lock().expect("as_of lock") = None;
+                Ok(Response::Execution(Tag::new("RESET")))
+            }
+            Setting::Discard => {
+                *self.as_of.lock().expect("as_of lock") = None;
+                Ok(Response::Execution(Tag::new("DISCARD ALL")))
+            }
+            Setting::Deallocate => Ok(Response::Execution(Tag::new("DEALLOCATE"))),
+        }
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.shared.timeout.map(|t| Instant::now() + t)
+    }
+}
+
+#[async_trait]
+impl SimpleQueryHandler for Session {
+    async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        counted(self.simple(client, query).await)
+    }
+}
+
+impl Session {
+    async fn simple<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let statements = parse(query)?;
+        if statements.is_empty() {
+            return Ok(vec![Response::EmptyQuery]);
+        }
+        let single = statements.len() == 1;
+        let mut responses = Vec::new();
+        for statement in statements {
+            guard(&statement)?;
+            if let Some(s) = setting(&statement) {
+                responses.push(self.answer(s, &Format::UnifiedText).await?);
+                continue;
+            }
+            let deadline = self.deadline();
+            let view = view_for(&self.shared, &self.as_of).await?;
+            let service = service_for(&self.shared, &view, client)?;
+            let sql = if single {
+                query.to_string()
+            } else {
+                statement.to_string()
+            };
+            let results = within(
+                deadline,
+                SimpleQueryHandler::do_query(service.as_ref(), client, &sql),
+            )
+            .await
+            .map_err(classify)?;
+            responses.extend(results.into_iter().map(|r| limited(r, deadline)));
+        }
+        Ok(responses)
+    }
+}
+
+/// Parses for the extended protocol: checks, then plans on the session's current view.
+pub struct SessionParser {
+    shared: Arc<Shared>,
+    as_of: Arc<std::sync::Mutex<Option<AsOf>>>,
+}
+
+#[async_trait]
+impl QueryParser for SessionParser {
+    type Statement = DfStatement;
+
+    async fn parse_sql<C>(
+        &self,
+        client: &C,
+        sql: &str,
+        types: &[Option<Type>],
+    ) -> PgWireResult<Option<DfStatement>>
+    where
+        C: ClientInfo + Unpin + Send + Sync,
+    {
+        let mut statements = parse(sql)?;
+        if statements.is_empty() {
+            return Ok(None);
+        }
+        if statements.len() > 1 {
+            return Err(user_error(
+                "42601",
+                "cannot insert multiple commands into a prepared statement",
+            ));
+        }
+        let statement = statements.remove(0);
+        guard(&statement)?;
+        let view = view_for(&self.shared, &self.as_of).await?;
+        if let Some(s) = setting(&statement) {
+            // The plan only describes the result; `answer` produces it at execution.
+            let sql = match s {
+                Setting::ShowPosition => position_sql(&view, None),
+                Setting::ShowAsOf => "SELECT 'latest' AS \"wal2delta.as_of\"".into(),
+                _ => "SELECT 1 WHERE false".into(),
+            };
+            let ctx = SessionContext::new_with_state(view.state.clone());
+            let mut plan = ctx
+                .state()
+                .create_logical_plan(&sql)
+                .await
+                .map_err(|e| classify(PgWireError::ApiError(Box::new(e))))?;
+            if !matches!(s, Setting::ShowPosition | Setting::ShowAsOf) {
+                plan = LogicalPlan::EmptyRelation(
+                    deltalake::datafusion::logical_expr::EmptyRelation {
+                        produce_one_row: false,
+                        schema: Arc::new(deltalake::datafusion::common::DFSchema::empty()),
+                    },
+                );
+            }
+            return Ok(Some((sql, Some((statement, plan)))));
+        }
+        let service = service_for(&self.shared, &view, client)?;
+        service
+            .query_parser()
+            .parse_sql(client, sql, types)
+            .await
+            .map_err(classify)
+    }
+
+    fn get_parameter_types(&self, stmt: &DfStatement) -> PgWireResult<Vec<Type>> {
+        self.shared.describer.query_parser().get_parameter_types(stmt)
+    }
+
+    fn get_result_schema(
+        &self,
+        stmt: &DfStatement,
+        column_format: Option<&Format>,
+    ) -> PgWireResult<Vec<FieldInfo>> {
+        self.shared
+            .describer
+            .query_parser()
+            .get_result_schema(stmt, column_format)
+    }
+}
+
+#[async_trait]
+impl ExtendedQueryHandler for Session {
+    type Statement = DfStatement;
+    type QueryParser = SessionParser;
+
+    fn query_parser(&self) -> Arc<SessionParser> {
+        self.parser.clone()
+    }
+
+    async fn do_query<C>(
+        &self,
+        client: &mut C,
+        portal: &Portal<DfStatement>,
+        max_rows: usize,
+    ) -> PgWireResult<Response>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = DfStatement>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        counted(self.extended(client, portal, max_rows).await)
+    }
+}
+
+impl Session {
+    async fn extended<C>(
+        &self,
+        client: &mut C,
+        portal: &Portal<DfStatement>,
+        max_rows: usize,
+    ) -> PgWireResult<Response>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = DfStatement>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let (sql, parsed) = &portal.statement.statement;
+        let Some((statement, _)) = parsed else {
+            return Ok(Response::EmptyQuery);
+        };
+        guard(statement)?;
+        if let Some(s) = setting(statement) {
+            return self.answer(s, &portal.result_column_format).await;
+        }
+        let deadline = self.deadline();
+        let view = view_for(&self.shared, &self.as_of).await?;
+        let service = service_for(&self.shared, &view, client)?;
+        // Planned again on the current view: a prepared statement sees new data.
+        let replanned = within(
+            deadline,
+            service
+                .query_parser()
+                .parse_sql(&*client, sql, &portal.statement.parameter_types),
+        )
+        .await
+        .map_err(classify)?;
+        let Some(replanned) = replanned else {
+            return Ok(Response::EmptyQuery);
+        };
+        let mut current = Portal::new_cursor(
+            portal.name.clone(),
+            Arc::new(StoredStatement::new(
+                portal.statement.id.clone(),
+                replanned,
+                portal.statement.parameter_types.clone(),
+            )),
+        );
+        current.parameter_format = portal.parameter_format.clone();
+        current.parameters = portal.parameters.clone();
+        current.result_column_format = portal.result_column_format.clone();
+        current.state = portal.state.clone();
+        let response = within(
+            deadline,
+            ExtendedQueryHandler::do_query(service.as_ref(), client, &current, max_rows),
+        )
+        .await
+        .map_err(classify)?;
+        Ok(limited(response, deadline))
+    }
+}

@@ -1,0 +1,535 @@
+//! Lake views: every table of the lake at one source position, ready for DataFusion.
+//!
+//! # Design
+//! Raw and curated tables are committed one by one, then the checkpoint table records the
+//! batch's end LSN, its last commit time and the Delta version of every table
+//! (`lake::checkpoint`). A reader that took each table's latest version could see a
+//! source transaction in `transacoes` but not yet in `imoveis`. The endpoint therefore reads
+//! tables only at the versions of one checkpoint record: a [`Position`]. A [`View`] is the
+//! DataFusion state (catalog, `pg_catalog`, functions, refined views) with every table
+//! pinned at the versions of one position; a statement runs on one view from planning to
+//! its last row.
+//!
+//! Views are built lazily, when a statement needs a position no view has yet, so an idle
+//! endpoint costs nothing per batch. Delta tables are cached and moved forward
+//! incrementally. Older positions (time travel, `SET wal2delta.as_of`) are found by
+//! walking the checkpoint's history; a few such views are kept.
+//!
+//! Names: curated tables are `public.<table>`, raw change logs `raw.<table>`, views from
+//! `<refined_dir>/<name>.sql` are `refined.<name>`. A table outside the source schema
+//! `public` keeps its bare name unless two source schemas share it; then both are named
+//! `<schema>_<table>`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use deltalake::DeltaTable;
+use deltalake::datafusion::arrow::datatypes::DataType;
+use deltalake::datafusion::catalog::{MemorySchemaProvider, TableFunctionImpl};
+use deltalake::datafusion::common::{DataFusionError, ScalarValue, plan_err};
+use deltalake::datafusion::datasource::TableProvider;
+use deltalake::datafusion::execution::SessionState;
+use deltalake::datafusion::logical_expr::{ColumnarValue, Expr, Volatility, create_udf};
+use deltalake::datafusion::prelude::{SessionConfig, SessionContext};
+use futures::StreamExt;
+use tokio::sync::Mutex;
+use url::Url;
+
+use crate::lake::Lake;
+use crate::lsn::Lsn;
+use crate::table_name::TableName;
+
+/// The catalog (database) name clients see.
+pub const DATABASE: &str = "wal2delta";
+
+/// One checkpoint record: a source position and every table's Delta version there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    pub lsn: Lsn,
+    /// Commit time of the last source transaction (Unix microseconds), when known.
+    pub commit_ts: Option<i64>,
+    pub raw: BTreeMap<String, u64>,
+    pub curated: BTreeMap<String, u64>,
+}
+
+impl Position {
+    fn from_commit_info(info: &HashMap<String, serde_json::Value>) -> Option<Position> {
+        let versions = info.get("wal2delta.table_versions")?;
+        let lsn: Lsn = info.get("wal2delta.end_lsn")?.as_str()?.parse().ok()?;
+        let map = |kind: &str| -> BTreeMap<String, u64> {
+            versions
+                .get(kind)
+                .and_then(|m| m.as_object())
+                .map(|m| {
+                    m.iter()
+                        .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        Some(Position {
+            lsn,
+            commit_ts: info.get("wal2delta.commit_ts").and_then(|v| v.as_i64()),
+            raw: map("raw"),
+            curated: map("curated"),
+        })
+    }
+
+    /// The commit time as text (`2026-11-21 08:00:00.123456+00`), when known.
+    pub fn commit_time_text(&self) -> Option<String> {
+        self.commit_ts
+            .and_then(chrono::DateTime::from_timestamp_micros)
+            .map(|t| t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string())
+    }
+}
+
+/// What `SET wal2delta.as_of` asks for.
+#[derive(Debug, Clone, Copy)]
+pub enum Target {
+    Lsn(Lsn),
+    /// Unix microseconds.
+    Time(i64),
+}
+
+impl Target {
+    /// Parses an LSN (`0/16B3748`) or a timestamp (`2026-11-21 10:00:00+00`, RFC 3339, or
+    /// without zone meaning UTC).
+    pub fn parse(text: &str) -> Result<Target, String> {
+        let text = text.trim();
+        if let Ok(lsn) = text.parse::<Lsn>() {
+            return Ok(Target::Lsn(lsn));
+        }
+        if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
+            return Ok(Target::Time(t.timestamp_micros()));
+        }
+        for format in ["%Y-%m-%d %H:%M:%S%.f%#z", "%Y-%m-%d %H:%M:%S%#z"] {
+            if let Ok(t) = chrono::DateTime::parse_from_str(text, format) {
+                return Ok(Target::Time(t.timestamp_micros()));
+            }
+        }
+        for format in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S%.f"] {
+            if let Ok(t) = chrono::NaiveDateTime::parse_from_str(text, format) {
+                return Ok(Target::Time(t.and_utc().timestamp_micros()));
+            }
+        }
+        Err(format!(
+            "`{text}` is neither an LSN (0/16B3748) nor a timestamp (2026-11-21 10:00:00+00); use 'latest' to read the newest data"
+        ))
+    }
+}
+
+/// Every table at one position, as DataFusion state.
+pub struct View {
+    pub position: Position,
+    pub state: SessionState,
+}
+
+/// Builds and caches views of one lake.
+pub struct Views {
+    lake: Lake,
+    checkpoint_url: Url,
+    checkpoint: Mutex<Option<DeltaTable>>,
+    refined: Vec<(String, String)>,
+    tables: Mutex<HashMap<Url, DeltaTable>>,
+    latest: Mutex<Option<Arc<View>>>,
+    past: Mutex<Vec<Arc<View>>>,
+    /// Refined views that failed to plan, with the error: logged once per change.
+    refined_errors: std::sync::Mutex<HashMap<String, String>>,
+}
+
+/// A `<refined_dir>/*.sql` file is not a usable view.
+#[derive(Debug, thiserror::Error)]
+#[error("refined view {path}: {message}")]
+pub struct RefinedError {
+    path: String,
+    message: String,
+}
+
+/// Reads `<dir>/<name>.sql` files (one SELECT each). A missing directory means no views;
+/// a file that does not parse stops the start with an error naming it.
+pub fn load_refined(dir: &Path) -> Result<Vec<(String, String)>, RefinedError> {
+    let err = |path: &Path, message: String| RefinedError {
+        path: path.display().to_string(),
+        message,
+    };
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            tracing::info!(dir = %dir.display(), "no refined views directory; serving no refined.* views");
+            return Ok(Vec::new());
+        }
+        Err(e) => return Err(err(dir, format!("cannot read the directory: {e}"))),
+    };
+    let mut files: Vec<_> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "sql"))
+        .collect();
+    files.sort();
+    let mut views = Vec::new();
+    for path in files {
+        let name = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default()
+            .to_string();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        {
+            return Err(err(
+                &path,
+                "the file name must be the view name: lower-case letters, digits and _".into(),
+            ));
+        }
+        let sql = std::fs::read_to_string(&path).map_err(|e| err(&path, e.to_string()))?;
+        let body = sql.trim().trim_end_matches(';').trim().to_string();
+        let statements = datafusion_postgres::datafusion_pg_catalog::sql::PostgresCompatibilityParser::new()
+            .parse(&body)
+            .map_err(|e| err(&path, format!("does not parse: {e}")))?;
+        match statements.as_slice() {
+            [deltalake::datafusion::sql::sqlparser::ast::Statement::Query(_)] => {}
+            _ => {
+                return Err(err(
+                    &path,
+                    "must hold exactly one SELECT (the view's query)".into(),
+                ));
+            }
+        }
+        views.push((name, body));
+    }
+    Ok(views)
+}
+
+impl Views {
+    pub fn new(lake: Lake, refined: Vec<(String, String)>) -> Views {
+        Views {
+            checkpoint_url: lake.checkpoint_url(),
+            checkpoint: Mutex::new(None),
+            lake,
+            refined,
+            tables: Mutex::new(HashMap::new()),
+            latest: Mutex::new(None),
+            past: Mutex::new(Vec::new()),
+            refined_errors: Default::default(),
+        }
+    }
+
+    /// The checkpoint table moved to its newest version (opened on first use).
+    async fn checkpoint_table(&self) -> Result<Option<DeltaTable>, DataFusionError> {
+        let to_df = |e: deltalake::DeltaTableError| DataFusionError::External(Box::new(e));
+        let mut cached = self.checkpoint.lock().await;
+        if let Some(table) = cached.as_mut() {
+            table.update_incremental(None).await.map_err(to_df)?;
+            return Ok(Some(table.clone()));
+        }
+        if self.checkpoint_url.scheme() == "file"
+            && self
+                .checkpoint_url
+                .to_file_path()
+                .map(|p| !p.join("_delta_log").exists())
+                .unwrap_or(true)
+        {
+            return Ok(None);
+        }
+        let table = DeltaTable::try_from_url(self.checkpoint_url.clone())
+            .await
+            .map_err(to_df)?;
+        *cached = Some(table.clone());
+        Ok(Some(table))
+    }
+
+    /// The newest checkpoint record, if the lake has one.
+    pub async fn latest_position(&self) -> Result<Option<Position>, DataFusionError> {
+        // The newest commit is almost always a record; markers (resets, publication
+        // changes) are rare.
+        match self.find_position(|_| true, Some(1)).await? {
+            Some(p) => Ok(Some(p)),
+            None => self.find_position(|_| true, Some(100)).await,
+        }
+    }
+
+    /// The newest checkpoint record at or before `target`.
+    pub async fn position_at(&self, target: Target) -> Result<Option<Position>, DataFusionError> {
+        self.find_position(
+            |p| match target {
+                Target::Lsn(lsn) => p.lsn <= lsn,
+                Target::Time(t) => p.commit_ts.is_some_and(|c| c <= t),
+            },
+            None,
+        )
+        .await
+    }
+
+    async fn find_position(
+        &self,
+        accept: impl Fn(&Position) -> bool,
+        limit: Option<usize>,
+    ) -> Result<Option<Position>, DataFusionError> {
+        let Some(table) = self.checkpoint_table().await? else {
+            return Ok(None);
+        };
+        let mut history = table.history(limit);
+        while let Some(commit) = history.next().await {
+            let commit = commit.map_err(|e| DataFusionError::External(Box::new(e)))?;
+            if let Some(p) = Position::from_commit_info(&commit.info)
+                && accept(&p)
+            {
+                return Ok(Some(p));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The view at `position`, built unless cached. `latest` marks the live position.
+    pub async fn view(&self, position: Position, latest: bool) -> Result<Arc<View>, DataFusionError> {
+        if latest {
+            let mut current = self.latest.lock().await;
+            if let Some(v) = current.as_ref()
+                && v.position == position
+            {
+                return Ok(v.clone());
+            }
+            let view = Arc::new(self.build(position).await?);
+            *current = Some(view.clone());
+            return Ok(view);
+        }
+        let mut past = self.past.lock().await;
+        if let Some(v) = past.iter().find(|v| v.position == position) {
+            return Ok(v.clone());
+        }
+        let view = Arc::new(self.build(position).await?);
+        past.push(view.clone());
+        if past.len() > 4 {
+            past.remove(0);
+        }
+        Ok(view)
+    }
+
+    /// A view with no tables (the lake has no checkpoint yet): catalogs still answer.
+    pub async fn empty(&self) -> Result<Arc<View>, DataFusionError> {
+        let position = Position {
+            lsn: Lsn(0),
+            commit_ts: None,
+            raw: BTreeMap::new(),
+            curated: BTreeMap::new(),
+        };
+        self.view(position, true).await
+    }
+
+    /// A Delta table at `version`, from the cache moved forward or loaded.
+    async fn table_at(&self, url: &Url, version: u64) -> Result<DeltaTable, DataFusionError> {
+        let to_df = |e: deltalake::DeltaTableError| DataFusionError::External(Box::new(e));
+        let cached = self.tables.lock().await.get(url).cloned();
+        let mut table = match cached {
+            Some(t) => t,
+            None => DeltaTable::try_from_url(url.clone()).await.map_err(to_df)?,
+        };
+        match table.version() {
+            Some(v) if v as u64 == version => {}
+            Some(v) if (v as u64) < version => table
+                .update_incremental(Some(version))
+                .await
+                .map_err(to_df)?,
+            _ => table.load_version(version).await.map_err(to_df)?,
+        }
+        let mut tables = self.tables.lock().await;
+        let newer = tables
+            .get(url)
+            .and_then(|t| t.version())
+            .is_some_and(|v| v as u64 > version);
+        if !newer {
+            tables.insert(url.clone(), table.clone());
+        }
+        Ok(table)
+    }
+
+    async fn provider(
+        &self,
+        ctx: &SessionContext,
+        url: &Url,
+        version: u64,
+    ) -> Result<Arc<dyn TableProvider>, DataFusionError> {
+        let table = self.table_at(url, version).await?;
+        table
+            .update_datafusion_session(&ctx.state())
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+        table
+            .table_provider()
+            .await
+            .map_err(|e| DataFusionError::External(Box::new(e)))
+    }
+
+    async fn build(&self, position: Position) -> Result<View, DataFusionError> {
+        let mut config = SessionConfig::new()
+            .with_default_catalog_and_schema(DATABASE, "public")
+            .with_information_schema(true);
+        config.options_mut().sql_parser.dialect = "PostgreSQL".parse()?;
+        let ctx = SessionContext::new_with_config(config);
+        let catalog = ctx
+            .catalog(DATABASE)
+            .ok_or_else(|| DataFusionError::Internal("default catalog missing".into()))?;
+        for schema in ["raw", "refined"] {
+            catalog.register_schema(schema, Arc::new(MemorySchemaProvider::new()))?;
+        }
+        let names = sql_names(position.raw.keys().chain(position.curated.keys()));
+        for (kind, schema, versions) in [
+            ("raw", "raw", &position.raw),
+            ("curated", "public", &position.curated),
+        ] {
+            for (table, version) in versions {
+                let Ok(name) = TableName::parse(table) else {
+                    continue;
+                };
+                let url = if kind == "raw" {
+                    self.lake.raw_table_url(&name)
+                } else {
+                    self.lake.curated_table_url(&name)
+                };
+                let provider = self.provider(&ctx, &url, *version).await?;
+                let sql_name = names.get(table).cloned().unwrap_or_else(|| name.name.clone());
+                catalog
+                    .schema(schema)
+                    .ok_or_else(|| DataFusionError::Internal(format!("schema {schema} missing")))?
+                    .register_table(sql_name, provider)?;
+            }
+        }
+        install_functions(&ctx, self.lake.clone(), names);
+        for (name, sql) in &self.refined {
+            let result = ctx
+                .sql(&format!("CREATE VIEW refined.{name} AS {sql}"))
+                .await;
+            let mut errors = self.refined_errors.lock().expect("refined errors lock");
+            match result {
+                Ok(_) => {
+                    errors.remove(name);
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    if errors.get(name) != Some(&message) {
+                        tracing::warn!(view = %name, error = %message, "refined view is not served (its tables may not exist yet)");
+                        errors.insert(name.clone(), message);
+                    }
+                }
+            }
+        }
+        datafusion_postgres::datafusion_pg_catalog::setup_pg_catalog(
+            &ctx,
+            DATABASE,
+            datafusion_postgres::datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider,
+        )
+        .map_err(|e| *e)?;
+        Ok(View {
+            position,
+            state: ctx.state(),
+        })
+    }
+}
+
+/// SQL names of lake tables (keys as in the checkpoint: `schema.table`).
+fn sql_names<'a>(tables: impl Iterator<Item = &'a String>) -> HashMap<String, String> {
+    let parsed: Vec<(String, TableName)> = tables
+        .filter_map(|t| TableName::parse(t).ok().map(|n| (t.clone(), n)))
+        .collect();
+    let mut count: HashMap<&str, std::collections::HashSet<&str>> = HashMap::new();
+    for (_, n) in &parsed {
+        count.entry(&n.name).or_default().insert(&n.schema);
+    }
+    parsed
+        .iter()
+        .map(|(key, n)| {
+            let name = if count[n.name.as_str()].len() > 1 {
+                format!("{}_{}", n.schema, n.name)
+            } else {
+                n.name.clone()
+            };
+            (key.clone(), name)
+        })
+        .collect()
+}
+
+/// `version()` in Postgres form, and `table_at_version('<schema>.<table>', <version>)`.
+fn install_functions(ctx: &SessionContext, lake: Lake, names: HashMap<String, String>) {
+    let version = format!(
+        "PostgreSQL 16.6 (wal2delta {}, Apache DataFusion) on x86_64-pc-linux-gnu",
+        env!("CARGO_PKG_VERSION")
+    );
+    ctx.register_udf(create_udf(
+        "version",
+        vec![],
+        DataType::Utf8,
+        Volatility::Immutable,
+        Arc::new(move |_| Ok(ColumnarValue::Scalar(ScalarValue::Utf8(Some(version.clone()))))),
+    ));
+    ctx.register_udtf(
+        "table_at_version",
+        Arc::new(TableAtVersion {
+            lake,
+            by_sql_name: names.into_iter().map(|(k, v)| (v, k)).collect(),
+        }),
+    );
+}
+
+/// `table_at_version('raw.transacoes', 12)`: one table as of a Delta version.
+#[derive(Debug)]
+struct TableAtVersion {
+    lake: Lake,
+    /// SQL table name → checkpoint key (`schema.table`).
+    by_sql_name: HashMap<String, String>,
+}
+
+impl TableFunctionImpl for TableAtVersion {
+    #[allow(deprecated)]
+    fn call(&self, exprs: &[Expr]) -> Result<Arc<dyn TableProvider>, DataFusionError> {
+        let usage = "table_at_version('<public|raw>.<table>', <delta version>)";
+        let (Some(Expr::Literal(ScalarValue::Utf8(Some(name)), _)), Some(Expr::Literal(v, _))) =
+            (exprs.first(), exprs.get(1))
+        else {
+            return plan_err!("use {usage}");
+        };
+        let version = match v {
+            ScalarValue::Int64(Some(v)) if *v >= 0 => *v,
+            ScalarValue::Int32(Some(v)) if *v >= 0 => *v as i64,
+            _ => return plan_err!("use {usage}: the version is a whole number ≥ 0"),
+        };
+        let (kind, table) = match name.split_once('.') {
+            Some(("raw", t)) => ("raw", t),
+            Some(("public", t)) => ("curated", t),
+            None => ("curated", name.as_str()),
+            _ => return plan_err!("use {usage}: the schema is public or raw"),
+        };
+        let Some(key) = self.by_sql_name.get(table) else {
+            return plan_err!("table_at_version: no table `{table}` in the lake");
+        };
+        let Ok(source) = TableName::parse(key) else {
+            return plan_err!("table_at_version: no table `{table}` in the lake");
+        };
+        let url = if kind == "raw" {
+            self.lake.raw_table_url(&source)
+        } else {
+            self.lake.curated_table_url(&source)
+        };
+        // Table functions are planned synchronously; loading a Delta version is I/O.
+        let handle = tokio::runtime::Handle::try_current()
+            .map_err(|e| DataFusionError::Execution(format!("table_at_version: {e}")))?;
+        if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
+            return plan_err!("table_at_version needs the multi-threaded runtime");
+        }
+        tokio::task::block_in_place(|| {
+            handle.block_on(async {
+                let mut t = DeltaTable::try_from_url(url)
+                    .await
+                    .map_err(|e| DataFusionError::External(Box::new(e)))?;
+                t.load_version(version as u64).await.map_err(|e| {
+                    DataFusionError::Plan(format!(
+                        "table_at_version: {name} has no version {version} ({e})"
+                    ))
+                })?;
+                t.table_provider()
+                    .await
+                    .map_err(|e| DataFusionError::External(Box::new(e)))
+            })
+        })
+    }
+}

@@ -1,0 +1,699 @@
+//! The SQL endpoint, driven the way analysts use it: `psql` (meta-commands included),
+//! tokio-postgres and psycopg with server-side parameters, the start-up queries of common
+//! clients, consistent reads under concurrent writers, time travel, `wal2delta serve`,
+//! read-only refusals, SCRAM, TLS and the limits. Everything against the daemon binary and a
+//! real Postgres source.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use crate::harness::{Env, binary, free_port, psql_binary, wait_for};
+
+const FOUR_TABLES: [&str; 4] = [
+    "public.condominios",
+    "public.imoveis",
+    "public.moradores",
+    "public.transacoes",
+];
+
+fn demo_setup() -> String {
+    format!(
+        "{}\n{}\nCREATE PUBLICATION w2d_pub FOR TABLE condominios, imoveis, moradores, transacoes;",
+        include_str!("../../sql/schema.sql"),
+        include_str!("../../sql/sample_data.sql").replace("\\gset", ";"),
+    )
+}
+
+fn endpoint_dsn(port: u16, user: &str) -> String {
+    format!("host=127.0.0.1 port={port} user={user} dbname=wal2delta sslmode=disable connect_timeout=5")
+}
+
+async fn connect(dsn: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// The text of every row of a simple query (cells joined by `|`).
+async fn rows(client: &tokio_postgres::Client, sql: &str) -> Vec<String> {
+    client
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                (0..r.len())
+                    .map(|i| r.get(i).unwrap_or("NULL").to_string())
+                    .collect::<Vec<_>>()
+                    .join("|"),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+fn sqlstate(e: &tokio_postgres::Error) -> String {
+    e.code().map(|c| c.code().to_string()).unwrap_or_else(|| format!("no SQLSTATE: {e}"))
+}
+
+/// Runs psql against the endpoint; returns (success, stdout + stderr).
+fn psql(port: u16, user: &str, extra_env: &[(&str, &str)], args: &[&str]) -> (bool, String) {
+    let out = Command::new(psql_binary())
+        .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p"])
+        .arg(port.to_string())
+        .args(["-U", user, "-d", "wal2delta"])
+        .args(args)
+        .env("PGCONNECT_TIMEOUT", "5")
+        .envs(extra_env.iter().copied())
+        .output()
+        .expect("run psql");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Waits until the endpoint serves `sql` with the same single value as the source.
+async fn wait_same(env: &Env, what: &str, sql: &str) {
+    let source = env.pg.client().await;
+    let dsn = endpoint_dsn(env.serve_port, "analyst");
+    let log = || env.daemon_log();
+    wait_for(
+        what,
+        Duration::from_secs(90),
+        || {
+            let (source, dsn) = (&source, &dsn);
+            async move {
+                let Ok(lake) = connect(dsn).await else {
+                    return false;
+                };
+                let want = rows(source, sql).await;
+                matches!(lake.simple_query(sql).await, Ok(_)) && rows(&lake, sql).await == want
+            }
+        },
+        log,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_drivers_and_bi_clients_query_the_lake() {
+    let env = Env::new(&demo_setup()).await;
+    env.write_config("postgres", &FOUR_TABLES, "");
+    let _daemon = env.daemon();
+    wait_same(&env, "curated transacoes served", "SELECT count(*), sum(valor) FROM transacoes").await;
+    wait_same(&env, "curated moradores served", "SELECT count(*) FROM moradores").await;
+    let port = env.serve_port;
+    let source = env.pg.client().await;
+    let lake = connect(&endpoint_dsn(port, "analyst")).await.unwrap();
+
+    // psql meta-commands.
+    let (ok, out) = psql(port, "analyst", &[], &["-c", "\\dt"]);
+    assert!(ok && out.contains("public|transacoes|table") && out.contains("public|condominios|table"), "\\dt:\n{out}");
+    let (ok, out) = psql(port, "analyst", &[], &["-c", "\\dt raw.*"]);
+    assert!(ok && out.contains("raw|transacoes|table") && out.contains("raw|imoveis|table"), "\\dt raw.*:\n{out}");
+    let (ok, out) = psql(port, "analyst", &[], &["-c", "\\d transacoes"]);
+    assert!(ok, "\\d transacoes:\n{out}");
+    for (column, ty) in [
+        ("id", "bigint"),
+        ("valor", "numeric"),
+        ("pago_em", "timestamp with time zone"),
+        ("vencimento", "date"),
+        ("status", "text"),
+    ] {
+        assert!(
+            out.lines().any(|l| l.starts_with(&format!("{column}|")) && l.contains(ty)),
+            "\\d transacoes: column {column} should be {ty}:\n{out}"
+        );
+    }
+    let (ok, out) = psql(port, "analyst", &[], &["-c", "\\l"]);
+    assert!(ok && out.contains("wal2delta"), "\\l:\n{out}");
+    let (ok, out) = psql(port, "analyst", &[], &["-c", "\\dv refined.*"]);
+    assert!(ok && out.contains("valores_mensais_condominio"), "\\dv refined.*:\n{out}");
+
+    // Joins, aggregates, window functions and ORDER BY … LIMIT agree with the source.
+    for sql in [
+        "SELECT i.condominio_id, count(*), sum(t.valor) FROM transacoes t JOIN imoveis i ON i.id = t.imovel_id GROUP BY i.condominio_id ORDER BY i.condominio_id",
+        "SELECT id, imovel_id, row_number() OVER (PARTITION BY imovel_id ORDER BY id) FROM transacoes ORDER BY id LIMIT 25",
+        "SELECT status, count(*), min(vencimento), max(valor) FROM transacoes GROUP BY status ORDER BY status",
+        "SELECT id, nome FROM moradores ORDER BY id DESC LIMIT 5",
+        "SELECT c.nome, count(DISTINCT i.id) FROM condominios c LEFT JOIN imoveis i ON i.condominio_id = c.id GROUP BY c.nome ORDER BY c.nome",
+    ] {
+        assert_eq!(rows(&lake, sql).await, rows(&source, sql).await, "{sql}");
+        let (ok, out) = psql(port, "analyst", &[], &["-c", sql]);
+        assert!(ok, "psql: {sql}\n{out}");
+    }
+
+    // Refined views over the curated tables.
+    assert_eq!(
+        rows(&lake, "SELECT sum(valor_total) FROM refined.valores_mensais_condominio").await,
+        rows(&source, "SELECT sum(valor) FROM transacoes").await
+    );
+    assert_eq!(
+        rows(&lake, "SELECT count(*), sum(unidades) FROM refined.ocupacao_condominio").await,
+        rows(&source, "SELECT (SELECT count(*) FROM condominios), (SELECT count(*) FROM imoveis)").await
+    );
+    let overdue = "SELECT count(*) FROM transacoes WHERE status = 'atrasada' OR (status = 'aberta' AND vencimento < current_date)";
+    assert_eq!(
+        rows(&lake, "SELECT coalesce(sum(transacoes_em_atraso), 0) FROM refined.saldo_em_atraso").await,
+        rows(&source, overdue).await
+    );
+
+    // Extended protocol with parameters (tokio-postgres prepares; results in binary).
+    let stmt = lake
+        .prepare("SELECT id, valor, pago_em, vencimento, status FROM transacoes WHERE id = $1")
+        .await
+        .unwrap();
+    assert_eq!(stmt.params(), &[tokio_postgres::types::Type::INT8]);
+    let types: Vec<_> = stmt.columns().iter().map(|c| c.type_().clone()).collect();
+    use tokio_postgres::types::Type;
+    assert_eq!(
+        types,
+        vec![Type::INT8, Type::NUMERIC, Type::TIMESTAMPTZ, Type::DATE, Type::TEXT]
+    );
+    let paid: i64 = source
+        .query_one("SELECT min(id) FROM transacoes WHERE pago_em IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let row = lake.query_one(&stmt, &[&paid]).await.unwrap();
+    let want = source
+        .query_one("SELECT id, pago_em, status FROM transacoes WHERE id = $1", &[&paid])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), paid);
+    assert_eq!(
+        row.get::<_, Option<std::time::SystemTime>>(2),
+        want.get::<_, Option<std::time::SystemTime>>(1)
+    );
+    assert_eq!(row.get::<_, String>(4), want.get::<_, String>(2));
+    // Text and integer parameters.
+    let n: i64 = lake
+        .query_one("SELECT count(*) FROM transacoes WHERE status = $1 AND id > $2", &[&"paga", &3i64])
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or_else(|e| panic!("text parameters: {e}"));
+    let m: i64 = source
+        .query_one("SELECT count(*) FROM transacoes WHERE status = 'paga' AND id > 3", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, m);
+
+    // Read-only, decided on the parsed statement.
+    for sql in [
+        "INSERT INTO transacoes (id) VALUES (1)",
+        "  update transacoes set valor = 0",
+        "/* sneaky */ DELETE FROM transacoes",
+        "CREATE TABLE x (a int)",
+        "DROP TABLE transacoes",
+        "COPY transacoes FROM STDIN",
+        "WITH gone AS (DELETE FROM transacoes RETURNING id) SELECT count(*) FROM gone",
+        "SELECT * INTO copia FROM transacoes",
+    ] {
+        let err = lake.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(sqlstate(&err), "25006", "{sql}: {err:?}");
+        let err = lake.query(sql, &[]).await.expect_err(sql);
+        assert_eq!(sqlstate(&err), "25006", "extended {sql}: {err:?}");
+    }
+    let err = lake.batch_execute("SELEC 1").await.unwrap_err();
+    assert_eq!(sqlstate(&err), "42601", "{err:?}");
+    let err = lake.batch_execute("SELECT * FROM nao_existe").await.unwrap_err();
+    assert_eq!(sqlstate(&err), "42P01", "{err:?}");
+    let err = lake.batch_execute("SELECT coluna_nenhuma FROM transacoes").await.unwrap_err();
+    assert_eq!(sqlstate(&err), "42703", "{err:?}");
+
+    // The position the session reads at.
+    let position = rows(&lake, "SHOW wal2delta.position").await;
+    assert_eq!(position.len(), 1, "{position:?}");
+    let lsn = position[0].split('|').next().unwrap().to_string();
+    assert!(lsn.contains('/'), "SHOW wal2delta.position: {position:?}");
+    let row = lake.query_one("SHOW wal2delta.position", &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), lsn);
+
+    // The start-up queries of common clients: each succeeds or fails harmlessly.
+    let corpus = include_str!("../clients/startup_queries.sql");
+    let mut failures = Vec::new();
+    let mut client_name = "";
+    let mut replayed = 0;
+    for block in corpus.split("\n;;\n") {
+        let mut sql = String::new();
+        for line in block.lines() {
+            if let Some(name) = line.strip_prefix("-- client: ") {
+                client_name = name;
+            } else if !line.starts_with("--") {
+                sql.push_str(line);
+                sql.push('\n');
+            }
+        }
+        let sql = sql.trim();
+        if sql.is_empty() {
+            continue;
+        }
+        replayed += 1;
+        if let Err(e) = lake.simple_query(sql).await {
+            failures.push(format!("[{client_name}] {}: {e:?}", sql.lines().next().unwrap_or("")));
+            assert!(e.code().is_some(), "[{client_name}] {sql}: not an ordinary error: {e:?}");
+        }
+        assert_eq!(
+            rows(&lake, "SELECT 1").await,
+            vec!["1".to_string()],
+            "the session broke after [{client_name}] {sql}"
+        );
+    }
+    assert!(replayed >= 70, "only {replayed} corpus queries replayed");
+    eprintln!(
+        "client corpus: {replayed} queries, {} failed harmlessly:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert!(
+        failures.len() * 10 <= replayed,
+        "too many client start-up queries fail:\n{}",
+        failures.join("\n")
+    );
+
+    // psycopg 3, server-side parameters, text and binary results.
+    psycopg_reads(&env, paid).await;
+}
+
+/// psycopg binds parameters on the server and reads numeric, timestamptz, date and text
+/// in text and binary formats.
+async fn psycopg_reads(env: &Env, id: i64) {
+    let probe = Command::new("python3").args(["-c", "import psycopg"]).output();
+    assert!(
+        matches!(&probe, Ok(o) if o.status.success()),
+        "this test needs psycopg 3: python3 -m pip install 'psycopg[binary]' ({probe:?})"
+    );
+    let script = format!(
+        r#"
+import json, os, sys, decimal, datetime
+import psycopg
+out = {{}}
+with psycopg.connect("host=127.0.0.1 port={port} user=analyst dbname=wal2delta sslmode=disable") as conn:
+    for binary in (False, True):
+        cur = conn.cursor(binary=binary)
+        cur.execute("SELECT id, valor, pago_em, vencimento, status FROM transacoes WHERE id = %s", ({id},), prepare=True)
+        row = cur.fetchone()
+        assert isinstance(row[1], decimal.Decimal), type(row[1])
+        assert row[2] is None or (isinstance(row[2], datetime.datetime) and row[2].tzinfo is not None), row[2]
+        assert isinstance(row[3], datetime.date), type(row[3])
+        out["binary" if binary else "text"] = [row[0], str(row[1]), row[2].isoformat() if row[2] else None, row[3].isoformat(), row[4]]
+    cur = conn.cursor()
+    cur.execute("SELECT count(*) FROM transacoes WHERE status = %s AND valor > %s", ("paga", decimal.Decimal("10")))
+    out["count"] = cur.fetchone()[0]
+print(json.dumps(out))
+sys.stdout.flush()
+os._exit(0)
+"#,
+        port = env.serve_port,
+    );
+    let out = Command::new("python3").args(["-c", &script]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "psycopg: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let source = env.pg.client().await;
+    let want = source
+        .query_one(
+            "SELECT valor::text, to_char(vencimento, 'YYYY-MM-DD'), status, \
+             (SELECT count(*) FROM transacoes WHERE status = 'paga' AND valor > 10) \
+             FROM transacoes WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    for format in ["text", "binary"] {
+        let row = &got[format];
+        assert_eq!(row[0], serde_json::json!(id), "{format}: {got}");
+        assert_eq!(row[1], serde_json::json!(want.get::<_, String>(0)), "{format}: {got}");
+        assert_eq!(row[3], serde_json::json!(want.get::<_, String>(1)), "{format}: {got}");
+        assert_eq!(row[4], serde_json::json!(want.get::<_, String>(2)), "{format}: {got}");
+    }
+    assert_eq!(got["count"], serde_json::json!(want.get::<_, i64>(3)), "{got}");
+}
+
+const LEDGER: &str = r#"
+CREATE TABLE contas (id int PRIMARY KEY, saldo bigint NOT NULL);
+CREATE TABLE lancamentos (id bigserial PRIMARY KEY, conta int NOT NULL, valor bigint NOT NULL);
+INSERT INTO contas SELECT g, 1000 FROM generate_series(1, 20) g;
+INSERT INTO lancamentos (conta, valor) SELECT g, 1000 FROM generate_series(1, 20) g;
+CREATE PUBLICATION w2d_pub FOR TABLE contas, lancamentos;
+"#;
+
+/// Each source transaction moves money between two accounts (`contas`) and records both
+/// legs in `lancamentos`: at every consistent position, each account's balance equals the
+/// sum of its entries. Readers join the two tables while writers commit; a reader that saw
+/// a transaction in one table and not the other would find a difference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_query_reads_all_tables_at_one_source_position() {
+    let env = Env::new(LEDGER).await;
+    env.write_config("postgres", &["public.contas", "public.lancamentos"], "");
+    let _daemon = env.daemon();
+    let invariant = "SELECT count(*) FROM contas c JOIN (SELECT conta, sum(valor) AS s FROM lancamentos GROUP BY conta) l ON l.conta = c.id WHERE c.saldo <> l.s";
+    let total = "SELECT sum(saldo) FROM contas";
+    wait_same(&env, "ledger served", total).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..2u64 {
+        let client = env.pg.client().await;
+        let stop = stop.clone();
+        writers.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) && n < 400 {
+                let from = ((n * 7 + w) % 20 + 1) as i32;
+                let to = ((n * 13 + w + 3) % 20 + 1) as i32;
+                let amount = (n % 50 + 1) as i64;
+                client
+                    .batch_execute(&format!(
+                        "BEGIN; UPDATE contas SET saldo = saldo - {amount} WHERE id = {from}; \
+                         INSERT INTO lancamentos (conta, valor) VALUES ({from}, -{amount}); \
+                         UPDATE contas SET saldo = saldo + {amount} WHERE id = {to}; \
+                         INSERT INTO lancamentos (conta, valor) VALUES ({to}, {amount}); COMMIT;"
+                    ))
+                    .await
+                    .unwrap();
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+            n
+        }));
+    }
+    let mut readers = Vec::new();
+    for _ in 0..2 {
+        let dsn = endpoint_dsn(env.serve_port, "analyst");
+        let stop = stop.clone();
+        readers.push(tokio::spawn(async move {
+            let lake = connect(&dsn).await.unwrap();
+            let (mut checks, mut positions) = (0u64, std::collections::BTreeSet::new());
+            while !stop.load(Ordering::Relaxed) {
+                let bad = rows(&lake, invariant).await;
+                assert_eq!(bad, vec!["0".to_string()], "a query saw a transaction in only one table");
+                assert_eq!(rows(&lake, total).await, vec!["20000".to_string()]);
+                // Extended protocol too.
+                let n: i64 = lake.query_one(invariant, &[]).await.unwrap().get(0);
+                assert_eq!(n, 0);
+                positions.insert(rows(&lake, "SHOW wal2delta.position").await.join(""));
+                checks += 1;
+            }
+            (checks, positions.len())
+        }));
+    }
+    let mut written = 0;
+    for w in writers {
+        written += w.await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut positions_seen = 0;
+    for r in readers {
+        let (checks, positions) = r.await.unwrap();
+        assert!(checks > 20, "readers ran only {checks} checks");
+        positions_seen += positions;
+    }
+    assert_eq!(written, 800);
+    // The readers really saw the lake move (many batch cycles), not one frozen position.
+    assert!(positions_seen >= 6, "readers saw only {positions_seen} positions");
+    wait_same(&env, "final ledger served", "SELECT count(*), sum(valor) FROM lancamentos").await;
+}
+
+/// Time travel by LSN, by commit time and by Delta version; and `wal2delta serve` reading
+/// the same lake read-only from another port, following new data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_travel_and_a_second_read_only_server() {
+    let env = Env::new(
+        "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, 'a' FROM generate_series(1, 10) g; \
+         CREATE PUBLICATION w2d_pub FOR TABLE t;",
+    )
+    .await;
+    env.write_config("postgres", &["public.t"], "");
+    let _daemon = env.daemon();
+    wait_same(&env, "first rows", "SELECT count(*) FROM t").await;
+    let lake = connect(&endpoint_dsn(env.serve_port, "analyst")).await.unwrap();
+    let first = rows(&lake, "SHOW wal2delta.position").await[0].clone();
+    let (first_lsn, first_time) = {
+        let mut parts = first.split('|');
+        (parts.next().unwrap().to_string(), parts.next().unwrap().to_string())
+    };
+    // Commit time: the snapshot record has none; the first streamed batch has.
+    let source = env.pg.client().await;
+    source.batch_execute("INSERT INTO t VALUES (11, 'b')").await.unwrap();
+    wait_same(&env, "row 11", "SELECT count(*) FROM t").await;
+    let second = rows(&lake, "SHOW wal2delta.position").await[0].clone();
+    let mut parts = second.split('|');
+    let (second_lsn, second_time) = (parts.next().unwrap().to_string(), parts.next().unwrap().to_string());
+    assert_ne!(second_lsn, first_lsn);
+    assert_ne!(second_time, "NULL", "{second}");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    source
+        .batch_execute("INSERT INTO t SELECT g, 'c' FROM generate_series(12, 20) g; DELETE FROM t WHERE id = 1")
+        .await
+        .unwrap();
+    wait_same(&env, "rows 12..20", "SELECT count(*), sum(id) FROM t").await;
+
+    // As of an LSN: the whole session reads there, consistently, until RESET.
+    lake.batch_execute(&format!("SET wal2delta.as_of = '{first_lsn}'")).await.unwrap();
+    assert_eq!(rows(&lake, "SELECT count(*), sum(id) FROM t").await, vec!["10|55"]);
+    assert_eq!(rows(&lake, "SHOW wal2delta.position").await[0].split('|').next().unwrap(), first_lsn);
+    let n: i64 = lake.query_one("SELECT count(*) FROM t", &[]).await.unwrap().get(0);
+    assert_eq!(n, 10, "extended protocol reads at the as-of position too");
+    // As of a commit time.
+    lake.batch_execute(&format!("SET wal2delta.as_of = '{second_time}'")).await.unwrap();
+    assert_eq!(rows(&lake, "SELECT count(*), sum(id) FROM t").await, vec!["11|66"]);
+    lake.batch_execute("RESET wal2delta.as_of").await.unwrap();
+    assert_eq!(rows(&lake, "SELECT count(*), sum(id) FROM t").await, vec!["19|209"]);
+    // A position before anything was replicated is an error that says so.
+    let err = lake.batch_execute("SET wal2delta.as_of = '0/1'").await.unwrap_err();
+    assert_eq!(sqlstate(&err), "22023", "{err:?}");
+    let err = lake.batch_execute("SET wal2delta.as_of = 'yesterday-ish'").await.unwrap_err();
+    assert!(
+        err.as_db_error().is_some_and(|e| e.message().contains("neither an LSN")),
+        "{err:?}"
+    );
+    // One table at a Delta version: version 1 of the curated table is the snapshot.
+    assert_eq!(
+        rows(&lake, "SELECT count(*) FROM table_at_version('public.t', 1)").await,
+        vec!["10"]
+    );
+    assert_eq!(
+        rows(&lake, "SELECT count(*) FROM table_at_version('raw.t', 1)").await,
+        vec!["10"]
+    );
+    let _ = first_time;
+
+    // `wal2delta serve`: a second endpoint on the same lake, read-only, following new data.
+    let port = free_port();
+    let text = std::fs::read_to_string(&env.config)
+        .unwrap()
+        .replace(&format!("127.0.0.1:{}", env.serve_port), &format!("127.0.0.1:{port}"));
+    let config = env.dir.path().join("serve.toml");
+    std::fs::write(&config, text).unwrap();
+    let log = env.dir.path().join("serve.log");
+    let mut child = Command::new(binary())
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(env.dir.path().join("serve.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let dsn = endpoint_dsn(port, "analyst");
+    let errlog = env.dir.path().join("serve.err");
+    wait_for(
+        "wal2delta serve answers",
+        Duration::from_secs(30),
+        || {
+            let dsn = &dsn;
+            async move {
+                match connect(dsn).await {
+                    Ok(c) => rows(&c, "SELECT count(*) FROM t").await == vec!["19"],
+                    Err(_) => false,
+                }
+            }
+        },
+        || std::fs::read_to_string(&errlog).unwrap_or_default(),
+    )
+    .await;
+    source.batch_execute("INSERT INTO t VALUES (100, 'z')").await.unwrap();
+    wait_for(
+        "wal2delta serve sees new data",
+        Duration::from_secs(30),
+        || {
+            let dsn = &dsn;
+            async move {
+                match connect(dsn).await {
+                    Ok(c) => rows(&c, "SELECT count(*) FROM t").await == vec!["20"],
+                    Err(_) => false,
+                }
+            }
+        },
+        || std::fs::read_to_string(&errlog).unwrap_or_default(),
+    )
+    .await;
+    let second_server = connect(&dsn).await.unwrap();
+    let err = second_server.batch_execute("DELETE FROM t").await.unwrap_err();
+    assert_eq!(sqlstate(&err), "25006");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn run_expecting_failure(config: &std::path::Path) -> String {
+    let out = Command::new(binary())
+        .args(["run", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the daemon started with {config:?}");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn hash_password(password: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new(binary())
+        .arg("hash-password")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{password}\n").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let verifier = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(verifier.starts_with("SCRAM-SHA-256$4096:"), "{verifier}");
+    verifier
+}
+
+/// SCRAM users, the loopback rule, TLS (fail closed, require_tls), max connections, the
+/// statement timeout and the memory limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_endpoint_is_secured_and_limited() {
+    let env = Env::new(
+        "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, 'x' FROM generate_series(1, 100) g; \
+         CREATE PUBLICATION w2d_pub FOR TABLE t;",
+    )
+    .await;
+    let tables = ["public.t"];
+
+    // No users on a non-loopback address: refuses to start, saying why.
+    env.write_config_serving("postgres", &tables, "", "");
+    let open = std::fs::read_to_string(&env.config)
+        .unwrap()
+        .replace(&format!("127.0.0.1:{}", env.serve_port), &format!("0.0.0.0:{}", env.serve_port));
+    std::fs::write(&env.config, open).unwrap();
+    let out = run_expecting_failure(&env.config);
+    assert!(out.contains("not a loopback address") && out.contains("hash-password"), "{out}");
+
+    // A TLS certificate that cannot be read stops the start (never plaintext).
+    env.write_config_serving(
+        "postgres",
+        &tables,
+        "",
+        "tls_cert = \"/nonexistent/server.crt\"\ntls_key = \"/nonexistent/server.key\"",
+    );
+    let out = run_expecting_failure(&env.config);
+    assert!(out.contains("TLS certificate") && out.contains("/nonexistent/server.crt"), "{out}");
+
+    // Users with SCRAM verifiers, TLS required, two connections, a 2 s statement limit and
+    // 8 MiB per statement.
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let cert_path = env.dir.path().join("server.crt");
+    let key_path = env.dir.path().join("server.key");
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let verifier = hash_password("correct horse");
+    env.write_config_serving(
+        "postgres",
+        &tables,
+        "",
+        &format!(
+            "tls_cert = {cert_path:?}\ntls_key = {key_path:?}\nrequire_tls = true\nmax_connections = 2\n\
+             query_timeout_secs = 2\nquery_memory_mb = 8\n\
+             [[serve.users]]\nname = \"analyst\"\nscram = \"{verifier}\"\n"
+        ),
+    );
+    let _daemon = env.daemon();
+    let port = env.serve_port;
+    let good = [("PGPASSWORD", "correct horse"), ("PGSSLMODE", "require")];
+    let log = || env.daemon_log();
+    wait_for(
+        "the endpoint serves t over TLS",
+        Duration::from_secs(60),
+        || async move {
+            let (ok, out) = psql(port, "analyst", &good, &["-c", "SELECT count(*) FROM t"]);
+            ok && out.trim() == "100"
+        },
+        log,
+    )
+    .await;
+    let (ok, out) = psql(port, "analyst", &[("PGPASSWORD", "wrong"), ("PGSSLMODE", "require")], &["-c", "SELECT 1"]);
+    assert!(!ok && out.contains("password authentication failed"), "{out}");
+    let (ok, out) = psql(port, "mallory", &[("PGPASSWORD", "correct horse"), ("PGSSLMODE", "require")], &["-c", "SELECT 1"]);
+    assert!(!ok && out.contains("password authentication failed"), "{out}");
+    let (ok, out) = psql(port, "analyst", &[("PGPASSWORD", "correct horse"), ("PGSSLMODE", "disable")], &["-c", "SELECT 1"]);
+    assert!(!ok && out.contains("requires TLS"), "plaintext accepted: {out}");
+
+    // Statement timeout: 57014, and the session stays usable.
+    let (ok, out) = psql(
+        port,
+        "analyst",
+        &good,
+        &["-c", "SELECT count(*) FROM generate_series(1, 3000000000) a(x) WHERE x % 7 = 3"],
+    );
+    assert!(!ok && out.contains("statement timeout"), "{out}");
+    // Memory limit: a sort far beyond 8 MiB is refused (53200), not spilled or crashed.
+    let (ok, out) = psql(
+        port,
+        "analyst",
+        &good,
+        &["-v", "VERBOSITY=verbose", "-c", "SELECT md5(CAST(x AS VARCHAR)) AS h FROM generate_series(1, 3000000) a(x) ORDER BY h"],
+    );
+    assert!(!ok && out.contains("53200"), "{out}");
+
+    // max_connections = 2: a third connection gets 53300.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(
+            // psql waiting on its input keeps its connection open.
+            Command::new(psql_binary())
+                .args(["-X", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "analyst", "-d", "wal2delta"])
+                .envs(good)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+    }
+    let mut refused = String::new();
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (ok, out) = psql(port, "analyst", &good, &["-c", "SELECT 1"]);
+        if !ok && out.contains("too many clients") {
+            refused = out;
+            break;
+        }
+    }
+    for mut h in held {
+        let _ = h.kill();
+        let _ = h.wait();
+    }
+    assert!(refused.contains("too many clients"), "a third connection was not refused");
+}
