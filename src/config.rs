@@ -26,6 +26,50 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub serve: ServeConfig,
+    #[serde(default)]
+    pub maintenance: MaintenanceConfig,
+}
+
+/// `[maintenance]`: compaction and vacuum of the lake's tables.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaintenanceConfig {
+    /// Compact a table once it has this many files under 64 MiB; 0: never.
+    #[serde(default = "default_compact_min_files")]
+    pub compact_min_files: usize,
+    /// Seconds between checks (after a batch commit).
+    #[serde(default = "default_check_interval")]
+    pub check_interval_secs: u64,
+    /// Vacuum deletes unreferenced files older than this many hours (fractions allowed).
+    #[serde(default = "default_retention_hours")]
+    pub vacuum_retention_hours: f64,
+    /// Hours between vacuums (fractions allowed); 0: never vacuum.
+    #[serde(default = "default_vacuum_interval")]
+    pub vacuum_interval_hours: f64,
+}
+
+impl Default for MaintenanceConfig {
+    fn default() -> Self {
+        MaintenanceConfig {
+            compact_min_files: default_compact_min_files(),
+            check_interval_secs: default_check_interval(),
+            vacuum_retention_hours: default_retention_hours(),
+            vacuum_interval_hours: default_vacuum_interval(),
+        }
+    }
+}
+
+fn default_compact_min_files() -> usize {
+    64
+}
+fn default_check_interval() -> u64 {
+    60
+}
+fn default_retention_hours() -> f64 {
+    168.0
+}
+fn default_vacuum_interval() -> f64 {
+    24.0
 }
 
 /// The default SQL endpoint address: loopback, on a port clear of Postgres (5432, a second
@@ -165,6 +209,8 @@ pub struct SourceConfig {
     /// Size of the table ranges (in MiB of heap) the snapshot copies as one unit.
     #[serde(default = "default_snapshot_chunk_mb")]
     pub snapshot_chunk_mb: u64,
+    /// Seconds between heartbeats (`pg_logical_emit_message`); unset: none.
+    pub heartbeat_secs: Option<u64>,
 }
 
 /// `[transform]`: normalization rules for the curated tables.
@@ -348,6 +394,9 @@ pub struct Settings {
     pub normalization: crate::curated::transform::Normalization,
     /// The SQL endpoint; `None` when `serve.listen = "off"`.
     pub serve: Option<ServeSettings>,
+    pub maintenance: crate::lake::maintenance::Policy,
+    /// Interval of the optional WAL heartbeat.
+    pub heartbeat: Option<std::time::Duration>,
 }
 
 impl Config {
@@ -478,6 +527,32 @@ impl Config {
             }
         };
         let serve = self.serve.validate(&mut problems);
+        if self.source.heartbeat_secs == Some(0) {
+            problems.push("source.heartbeat_secs: must be at least 1 (or unset: no heartbeat)".into());
+        }
+        let heartbeat = self
+            .source
+            .heartbeat_secs
+            .map(|s| std::time::Duration::from_secs(s.max(1)));
+        let m = &self.maintenance;
+        if m.check_interval_secs == 0 {
+            problems.push("maintenance.check_interval_secs: must be at least 1".into());
+        }
+        let hours = |field: &str, h: f64, problems: &mut Vec<String>| {
+            if !(0.0..=1e6).contains(&h) {
+                problems.push(format!("maintenance.{field}: must be from 0 to 1000000 hours"));
+                return std::time::Duration::ZERO;
+            }
+            std::time::Duration::from_secs_f64(h * 3600.0)
+        };
+        let retention = hours("vacuum_retention_hours", m.vacuum_retention_hours, &mut problems);
+        let vacuum_every = hours("vacuum_interval_hours", m.vacuum_interval_hours, &mut problems);
+        let maintenance = crate::lake::maintenance::Policy {
+            compact_min_files: m.compact_min_files,
+            check_interval: std::time::Duration::from_secs(m.check_interval_secs.max(1)),
+            vacuum_retention: (!vacuum_every.is_zero()).then_some(retention),
+            vacuum_interval: vacuum_every,
+        };
         let mut rules = Vec::new();
         for (i, rule) in self.transform.rules.iter().enumerate() {
             match crate::curated::transform::Rule::from_config(rule) {
@@ -529,6 +604,8 @@ impl Config {
                     failures: Default::default(),
                 },
                 serve,
+                maintenance,
+                heartbeat,
             }),
             _ => Err(ConfigError::Invalid(problems)),
         }

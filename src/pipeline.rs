@@ -280,12 +280,50 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pi
         None => None,
     };
     let watch = tokio::spawn(watch_slot(settings.clone_for_watch(), cancel.clone()));
+    let heartbeat = settings
+        .heartbeat
+        .map(|every| tokio::spawn(heartbeat(settings.source.clone(), every, cancel.clone())));
     let result = replicate(&settings, &lake, cancel).await;
     watch.abort();
+    if let Some(h) = heartbeat {
+        h.abort();
+    }
     if let Some(endpoint) = endpoint {
         endpoint.abort();
     }
     result
+}
+
+/// `source.heartbeat_secs`: writes a tiny non-transactional logical message into this
+/// database's WAL now and then, so the walsender has something of this database to decode
+/// and the slot advances even when the database sees no writes (e.g. only other databases
+/// of the cluster are busy). The message is not published; it only moves positions.
+async fn heartbeat(source: crate::source::dsn::ConnParams, every: Duration, cancel: CancellationToken) {
+    let mut warned = false;
+    let mut client = None;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        if client.is_none() {
+            client = catalog::connect(&source).await.ok();
+        }
+        let Some(c) = client.as_ref() else { continue };
+        match c
+            .simple_query("SELECT pg_logical_emit_message(false, 'wal2delta.heartbeat', '')")
+            .await
+        {
+            Ok(_) => warned = false,
+            Err(e) => {
+                if !warned {
+                    tracing::warn!(error = %e, "heartbeat failed (pg_logical_emit_message); grant it with: GRANT EXECUTE ON FUNCTION pg_catalog.pg_logical_emit_message(boolean, text, text) TO <wal2delta role>");
+                    warned = true;
+                }
+                client = None;
+            }
+        }
+    }
 }
 
 /// What the slot watcher needs.
@@ -447,7 +485,7 @@ async fn open_applier(
     tables: &[TableInfo],
 ) -> Result<(Applier, watch::Receiver<Lsn>), PipelineError> {
     let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);
-    let applier = Applier::open(
+    let mut applier = Applier::open(
         lake,
         &settings.slot,
         tables,
@@ -456,6 +494,7 @@ async fn open_applier(
         durable_tx,
     )
     .await?;
+    applier.set_maintenance(settings.maintenance.clone());
     Ok((applier, durable_rx))
 }
 

@@ -26,6 +26,10 @@ pub const NORMALIZATION_FAILURES: &str = "wal2delta_normalization_failures_total
 pub const RECONNECTS: &str = "wal2delta_reconnects_total";
 pub const ERRORS: &str = "wal2delta_errors_total";
 pub const BUILD_INFO: &str = "wal2delta_build_info";
+pub const TABLE_FILES: &str = "wal2delta_table_files";
+pub const COMPACTED: &str = "wal2delta_compacted_files_total";
+pub const VACUUMED: &str = "wal2delta_vacuumed_files_total";
+pub const SQL_DURATION: &str = "wal2delta_sql_statement_duration_seconds";
 pub const SQL_CONNECTIONS: &str = "wal2delta_sql_connections";
 pub const SQL_REFUSED: &str = "wal2delta_sql_connections_refused_total";
 pub const SQL_STATEMENTS: &str = "wal2delta_sql_statements_total";
@@ -40,6 +44,12 @@ pub fn install(listen: SocketAddr) -> Result<(), String> {
                 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
             ],
         )
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(SQL_DURATION.into()),
+                &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0],
+            )
+        })
         .and_then(|b| {
             b.set_buckets_for_metric(
                 Matcher::Full(BATCH_ROWS.into()),
@@ -114,6 +124,26 @@ pub fn install(listen: SocketAddr) -> Result<(), String> {
         "Always 1; the version label says which build runs."
     );
     describe_gauge!(
+        TABLE_FILES,
+        Unit::Count,
+        "Data files in each table's current version, by table and layer (raw, curated)."
+    );
+    describe_counter!(
+        COMPACTED,
+        Unit::Count,
+        "Small files rewritten by compaction, by table and layer."
+    );
+    describe_counter!(
+        VACUUMED,
+        Unit::Count,
+        "Unreferenced files deleted by vacuum, by table and layer."
+    );
+    describe_histogram!(
+        SQL_DURATION,
+        Unit::Seconds,
+        "Duration of SQL endpoint statements, from receipt to the last row sent."
+    );
+    describe_gauge!(
         SQL_CONNECTIONS,
         Unit::Count,
         "Open connections to the SQL endpoint."
@@ -130,6 +160,22 @@ pub fn install(listen: SocketAddr) -> Result<(), String> {
     );
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     Ok(())
+}
+
+pub fn table_files(table: &str, layer: &'static str, files: usize) {
+    gauge!(TABLE_FILES, "table" => table.to_string(), "layer" => layer).set(files as f64);
+}
+
+pub fn compacted(table: &str, layer: &'static str, files: u64) {
+    counter!(COMPACTED, "table" => table.to_string(), "layer" => layer).increment(files);
+}
+
+pub fn vacuumed(table: &str, layer: &'static str, files: usize) {
+    counter!(VACUUMED, "table" => table.to_string(), "layer" => layer).increment(files as u64);
+}
+
+pub fn sql_statement_duration(took: Duration) {
+    histogram!(SQL_DURATION).record(took.as_secs_f64());
 }
 
 /// Counts an open SQL connection for as long as it lives.

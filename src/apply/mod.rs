@@ -175,6 +175,9 @@ pub struct Applier {
     txn: Option<OpenTxn>,
     batch: Batch,
     durable: watch::Sender<Lsn>,
+    maintenance: crate::lake::maintenance::Policy,
+    next_check: Instant,
+    next_vacuum: Instant,
 }
 
 /// The raw tables' application-transaction id.
@@ -244,7 +247,63 @@ impl Applier {
             txn: None,
             batch: Batch::default(),
             durable,
+            maintenance: Default::default(),
+            next_check: Instant::now(),
+            next_vacuum: Instant::now(),
         })
+    }
+
+    /// Sets the Delta maintenance policy (`[maintenance]`); the first check comes one
+    /// interval after this.
+    pub fn set_maintenance(&mut self, policy: crate::lake::maintenance::Policy) {
+        let now = Instant::now();
+        self.next_check = now + policy.check_interval;
+        self.next_vacuum = now + policy.check_interval;
+        self.maintenance = policy;
+    }
+
+    /// Compaction and vacuum when due (`lake::maintenance`). Runs between batches, so no
+    /// table has uncommitted files; a failure is logged and retried at the next check,
+    /// never stopping replication.
+    async fn maintain(&mut self) {
+        let now = Instant::now();
+        if now < self.next_check {
+            return;
+        }
+        self.next_check = now + self.maintenance.check_interval;
+        let vacuum = match self.maintenance.vacuum_retention {
+            Some(retention) if now >= self.next_vacuum => {
+                self.next_vacuum = now + self.maintenance.vacuum_interval;
+                Some(retention)
+            }
+            _ => None,
+        };
+        let policy = self.maintenance.clone();
+        for (name, state) in self.tables.iter_mut() {
+            let label = name.to_string();
+            let started = Instant::now();
+            let raw = state.sink.maintain(&policy, vacuum).await;
+            let curated = state.curated.maintain(&policy, vacuum).await;
+            for (layer, result) in [("raw", raw), ("curated", curated)] {
+                match result {
+                    Ok((files, compacted, vacuumed)) => {
+                        crate::telemetry::table_files(&label, layer, files);
+                        if let Some(c) = compacted {
+                            crate::telemetry::compacted(&label, layer, c.files_removed);
+                            tracing::info!(table = %label, layer, removed = c.files_removed, added = c.files_added, files, elapsed_ms = started.elapsed().as_millis() as u64, "compacted small files");
+                        }
+                        if vacuumed > 0 {
+                            crate::telemetry::vacuumed(&label, layer, vacuumed);
+                            tracing::info!(table = %label, layer, deleted = vacuumed, "vacuumed unreferenced files");
+                        }
+                    }
+                    Err(e) => {
+                        crate::telemetry::error("maintenance");
+                        tracing::warn!(table = %label, layer, error = %e, "Delta maintenance failed; replication continues, retrying at the next check");
+                    }
+                }
+            }
+        }
     }
 
     /// Where streaming should restart: the global checkpoint.
@@ -399,6 +458,8 @@ impl Applier {
                 "stream ended inside a transaction; the uncommitted batch will be read again"
             );
         } else if !self.batch.touched.is_empty() {
+            // The last batch of a stopping daemon: no maintenance, stop promptly.
+            self.next_check = Instant::now() + std::time::Duration::from_secs(3600);
             self.flush().await?;
         }
         Ok(())
@@ -715,6 +776,7 @@ impl Applier {
         );
         self.batch = Batch::default();
         self.advance(end);
+        self.maintain().await;
         tracing::debug!(rows, tables = touched.len(), through = %end, elapsed_ms = started.elapsed().as_millis() as u64, "batch committed");
         Ok(())
     }

@@ -55,7 +55,7 @@ use self::reduce::{Cell, Change, Final, Reduced, reduce};
 use self::transform::{Normalization, Normalizer};
 use crate::apply::builder::{ColumnSpec, op, parse_column};
 use crate::lake::table::{
-    applied_position, existing_schema, open_or_create, schema_action, writer_for,
+    applied_position, existing_schema, keyed_writer_for, open_or_create, schema_action,
 };
 use crate::lake::{Lake, LakeError};
 use crate::lsn::Lsn;
@@ -254,7 +254,18 @@ impl CuratedTable {
     }
 
     fn writer(&self) -> Result<RecordBatchWriter, LakeError> {
-        writer_for(&self.table, &self.schema).map_err(self.delta_err())
+        // Bloom filters on the key make point lookups skip row groups; a whole-row key
+        // (REPLICA IDENTITY FULL without a primary key) is not worth filtering.
+        keyed_writer_for(&self.table, &self.schema, &self.bloom_key()).map_err(self.delta_err())
+    }
+
+    /// The key columns that get Parquet bloom filters (none for a whole-row key).
+    fn bloom_key(&self) -> Vec<String> {
+        if self.key.len() <= 4 {
+            self.key.iter().map(|&i| self.columns[i].name.clone()).collect()
+        } else {
+            Vec::new()
+        }
     }
 
     fn delta_err(&self) -> impl Fn(DeltaTableError) -> LakeError + '_ {
@@ -912,6 +923,29 @@ impl CuratedTable {
             }
         }
         Ok(version)
+    }
+
+    /// Compacts small files when due and vacuums when `vacuum` is given; call only between
+    /// batches. Returns (files, compacted, vacuumed).
+    pub async fn maintain(
+        &mut self,
+        policy: &crate::lake::maintenance::Policy,
+        vacuum: Option<std::time::Duration>,
+    ) -> Result<(usize, Option<crate::lake::maintenance::Compacted>, usize), LakeError> {
+        let properties = crate::lake::table::keyed_properties(&self.bloom_key());
+        let compacted =
+            crate::lake::maintenance::compact(&mut self.table, &self.label, policy, properties)
+                .await?;
+        let vacuumed = match vacuum {
+            Some(retention) => {
+                crate::lake::maintenance::vacuum(&mut self.table, &self.label, retention).await?
+            }
+            None => 0,
+        };
+        if compacted.is_some() || vacuumed > 0 {
+            self.load_files()?;
+        }
+        Ok((self.files.len(), compacted, vacuumed))
     }
 
     /// Drops what the open batch wrote (nothing was committed).

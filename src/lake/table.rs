@@ -49,11 +49,35 @@ pub fn writer_for(
     table: &DeltaTable,
     schema: &SchemaRef,
 ) -> Result<RecordBatchWriter, DeltaTableError> {
+    keyed_writer_for(table, schema, &[])
+}
+
+/// [`writer_for`] with Parquet bloom filters on the `key` columns: a point lookup by key
+/// then skips the row groups that do not hold it, however the rows were ordered (the
+/// snapshot interleaves its parallel copies). About 80 KB per key column and row group.
+pub fn keyed_writer_for(
+    table: &DeltaTable,
+    schema: &SchemaRef,
+    key: &[String],
+) -> Result<RecordBatchWriter, DeltaTableError> {
     Ok(
         RecordBatchWriter::try_new(table.table_url().as_str(), schema.clone(), None, None)?
             .with_target_file_size(TARGET_FILE_SIZE)
-            .with_writer_properties(writer_properties()),
+            .with_writer_properties(keyed_properties(key)),
     )
+}
+
+/// The Parquet settings of every file we write, with bloom filters on `key`.
+pub fn keyed_properties(key: &[String]) -> WriterProperties {
+    let mut properties = writer_properties().into_builder();
+    for column in key {
+        let path = deltalake::parquet::schema::types::ColumnPath::from(column.as_str());
+        properties = properties
+            .set_column_bloom_filter_enabled(path.clone(), true)
+            .set_column_bloom_filter_max_ndv(path.clone(), 64 * 1024)
+            .set_column_bloom_filter_fpp(path, 0.01);
+    }
+    properties.build()
 }
 
 /// The Arrow schema of an existing table; `None` when the table does not exist yet.
@@ -219,6 +243,26 @@ impl DeltaSink {
     /// The table's current Delta version.
     pub fn version(&self) -> Option<u64> {
         self.table.version()
+    }
+
+    /// Compacts small files when due and vacuums when `vacuum` is given; call only with
+    /// nothing uncommitted. Returns (files, compacted, vacuumed).
+    pub async fn maintain(
+        &mut self,
+        policy: &super::maintenance::Policy,
+        vacuum: Option<std::time::Duration>,
+    ) -> Result<(usize, Option<super::maintenance::Compacted>, usize), LakeError> {
+        let compacted =
+            super::maintenance::compact(&mut self.table, &self.label, policy, keyed_properties(&[]))
+                .await?;
+        let vacuumed = match vacuum {
+            Some(retention) => {
+                super::maintenance::vacuum(&mut self.table, &self.label, retention).await?
+            }
+            None => 0,
+        };
+        let files = super::maintenance::file_counts(&self.table).map_or(0, |(f, _)| f);
+        Ok((files, compacted, vacuumed))
     }
 
     /// Streams rows into the table's uncommitted data files.

@@ -282,15 +282,18 @@ fn service_for<C: ClientInfo + ?Sized>(
         GreedyMemoryPool::new(shared.memory_bytes),
         std::num::NonZeroUsize::new(3).expect("3 > 0"),
     );
-    let runtime = RuntimeEnvBuilder::new()
+    let mut runtime = RuntimeEnvBuilder::new()
         .with_object_store_registry(base.object_store_registry.clone())
         .with_memory_pool(Arc::new(pool))
         // No spilling: the limit is a limit, and the database host's disk is not ours.
         .with_disk_manager_builder(
             DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
         )
-        .build_arc()
+        .build()
         .map_err(|e| user_error("XX000", e.to_string()))?;
+    // Parquet footers and page indexes stay cached across statements and positions.
+    runtime.cache_manager = base.cache_manager.clone();
+    let runtime = Arc::new(runtime);
     let mut config = view.state.config().clone();
     if let Some(tz) = client.metadata().get("timezone") {
         config.options_mut().execution.time_zone = Some(tz.clone());
@@ -304,9 +307,11 @@ fn service_for<C: ClientInfo + ?Sized>(
     ))))
 }
 
-/// Rows of `response` stop with 57014 at `deadline`, and errors get their SQLSTATE.
-fn limited(response: Response, deadline: Option<Instant>) -> Response {
+/// Rows of `response` stop with 57014 at `deadline`, errors get their SQLSTATE, and the
+/// statement's duration (from `started` to the last row) is recorded.
+fn limited(response: Response, deadline: Option<Instant>, started: Instant) -> Response {
     let Response::Query(mut query) = response else {
+        crate::telemetry::sql_statement_duration(started.elapsed());
         return response;
     };
     let fields = query.row_schema();
@@ -319,14 +324,23 @@ fn limited(response: Response, deadline: Option<Instant>) -> Response {
         let next = match deadline {
             Some(d) => match tokio::time::timeout_at(d.into(), rows.next()).await {
                 Ok(next) => next,
-                Err(_) => return Some((Err(timeout_error()), (rows, true))),
+                Err(_) => {
+                    crate::telemetry::sql_statement_duration(started.elapsed());
+                    return Some((Err(timeout_error()), (rows, true)));
+                }
             },
             None => rows.next().await,
         };
         match next {
             Some(Ok(row)) => Some((Ok(row), (rows, false))),
-            Some(Err(e)) => Some((Err(classify(e)), (rows, true))),
-            None => None,
+            Some(Err(e)) => {
+                crate::telemetry::sql_statement_duration(started.elapsed());
+                Some((Err(classify(e)), (rows, true)))
+            }
+            None => {
+                crate::telemetry::sql_statement_duration(started.elapsed());
+                None
+            }
         }
     });
     let mut limited = QueryResponse::new(fields, stream);
@@ -464,6 +478,7 @@ impl Session {
                 responses.push(self.answer(s, &Format::UnifiedText).await?);
                 continue;
             }
+            let started = Instant::now();
             let deadline = self.deadline();
             let view = view_for(&self.shared, &self.as_of).await?;
             let service = service_for(&self.shared, &view, client)?;
@@ -478,7 +493,7 @@ impl Session {
             )
             .await
             .map_err(classify)?;
-            responses.extend(results.into_iter().map(|r| limited(r, deadline)));
+            responses.extend(results.into_iter().map(|r| limited(r, deadline, started)));
         }
         Ok(responses)
     }
@@ -609,6 +624,7 @@ impl Session {
         if let Some(s) = setting(statement) {
             return self.answer(s, &portal.result_column_format).await;
         }
+        let started = Instant::now();
         let deadline = self.deadline();
         let view = view_for(&self.shared, &self.as_of).await?;
         let service = service_for(&self.shared, &view, client)?;
@@ -642,6 +658,6 @@ impl Session {
         )
         .await
         .map_err(classify)?;
-        Ok(limited(response, deadline))
+        Ok(limited(response, deadline, started))
     }
 }

@@ -130,6 +130,8 @@ pub struct Views {
     lake: Lake,
     checkpoint_url: Url,
     checkpoint: Mutex<Option<DeltaTable>>,
+    /// Object stores and caches (Parquet metadata) shared by every view.
+    runtime: Arc<deltalake::datafusion::execution::runtime_env::RuntimeEnv>,
     refined: Vec<(String, String)>,
     tables: Mutex<HashMap<Url, DeltaTable>>,
     latest: Mutex<Option<Arc<View>>>,
@@ -207,6 +209,7 @@ impl Views {
         Views {
             checkpoint_url: lake.checkpoint_url(),
             checkpoint: Mutex::new(None),
+            runtime: Arc::new(deltalake::datafusion::execution::runtime_env::RuntimeEnv::default()),
             lake,
             refined,
             tables: Mutex::new(HashMap::new()),
@@ -366,7 +369,7 @@ impl Views {
             .with_default_catalog_and_schema(DATABASE, "public")
             .with_information_schema(true);
         config.options_mut().sql_parser.dialect = "PostgreSQL".parse()?;
-        let ctx = SessionContext::new_with_config(config);
+        let ctx = SessionContext::new_with_config_rt(config, self.runtime.clone());
         let catalog = ctx
             .catalog(DATABASE)
             .ok_or_else(|| DataFusionError::Internal("default catalog missing".into()))?;

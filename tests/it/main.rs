@@ -6,6 +6,7 @@ mod cli;
 mod curated;
 mod faults;
 mod harness;
+mod maintenance;
 mod memory;
 mod ops;
 mod progress;

@@ -163,3 +163,30 @@ async fn sigterm_commits_complete_transactions_and_reports_the_final_position() 
         env.daemon_log()
     );
 }
+
+/// `source.heartbeat_secs`: on an otherwise idle database the daemon writes heartbeat
+/// messages into the WAL, and the slot's confirmed position follows them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_optional_heartbeat_moves_the_slot_on_an_idle_database() {
+    let env = Env::new(SETUP).await;
+    env.write_config("postgres", &["public.published"], "heartbeat_secs = 1");
+    let _daemon = env.daemon();
+    env.wait_streaming().await;
+    let pg = env.pg.client().await;
+    let start = env.current_wal_lsn().await;
+    // Nothing else writes: only heartbeats can move the WAL and the slot past `start`.
+    env.wait_sql(
+        "the slot to confirm a position past the idle start (heartbeats)",
+        Duration::from_secs(30),
+        "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND confirmed_flush_lsn > $2::text::pg_lsn",
+        &[&env.slot, &start],
+    )
+    .await;
+    let now = env.current_wal_lsn().await;
+    let moved: bool = pg
+        .query_one("SELECT $1::text::pg_lsn > $2::text::pg_lsn", &[&now, &start])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(moved, "the WAL did not move: no heartbeat was written");
+}

@@ -697,3 +697,93 @@ async fn the_endpoint_is_secured_and_limited() {
     }
     assert!(refused.contains("too many clients"), "a third connection was not refused");
 }
+
+/// Hostile clients: garbage instead of a start-up packet, an absurd length, a truncated
+/// message, an unknown message type after start-up, and a flood of idle connections. Each
+/// gets an error or a closed connection, and the endpoint keeps serving others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_hostile_clients_do_not_hurt_the_endpoint() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = Env::new(
+        "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1), (2); \
+         CREATE PUBLICATION w2d_pub FOR TABLE t;",
+    )
+    .await;
+    env.write_config_serving("postgres", &["public.t"], "", "max_connections = 4");
+    let _daemon = env.daemon();
+    wait_same(&env, "t served", "SELECT count(*) FROM t").await;
+    let addr = format!("127.0.0.1:{}", env.serve_port);
+    let healthy = || async {
+        let c = connect(&endpoint_dsn(env.serve_port, "analyst")).await.expect("a normal client connects");
+        assert_eq!(rows(&c, "SELECT count(*) FROM t").await, vec!["2"]);
+    };
+
+    /// Sends `bytes`, then reads until the server closes or 5 s pass; returns what came back.
+    async fn poke(addr: &str, bytes: &[u8]) -> Vec<u8> {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _ = s.write_all(bytes).await;
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        out
+    }
+    fn startup(user: &str) -> Vec<u8> {
+        let mut body = Vec::new();
+        body.extend_from_slice(&196608i32.to_be_bytes());
+        for (k, v) in [("user", user), ("database", "wal2delta")] {
+            body.extend_from_slice(k.as_bytes());
+            body.push(0);
+            body.extend_from_slice(v.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        let mut msg = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+        msg.extend(body);
+        msg
+    }
+
+    // Garbage where the start-up packet belongs.
+    poke(&addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    healthy().await;
+    // A start-up packet claiming 2 GiB, then silence.
+    poke(&addr, &0x7fff_fff0i32.to_be_bytes()).await;
+    healthy().await;
+    // A truncated start-up packet.
+    poke(&addr, &startup("analyst")[..7]).await;
+    healthy().await;
+    // After start-up: an unknown message type, then a query message with an absurd length.
+    let mut msg = startup("analyst");
+    msg.extend_from_slice(&[b'!', 0, 0, 0, 4]);
+    let answer = poke(&addr, &msg).await;
+    assert!(!answer.is_empty(), "no answer to a valid start-up");
+    healthy().await;
+    let mut msg = startup("analyst");
+    msg.push(b'Q');
+    msg.extend_from_slice(&0x7fff_fff0i32.to_be_bytes());
+    msg.extend_from_slice(b"SELECT 1");
+    poke(&addr, &msg).await;
+    healthy().await;
+    // A flood of idle connections beyond max_connections: refused with 53300, and the
+    // endpoint serves again once they are gone.
+    let mut flood = Vec::new();
+    for _ in 0..12 {
+        flood.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    let refused = connect(&endpoint_dsn(env.serve_port, "analyst")).await;
+    match refused {
+        Err(e) => assert_eq!(sqlstate(&e), "53300", "{e:?}"),
+        Ok(_) => panic!("a connection beyond max_connections was accepted"),
+    }
+    drop(flood);
+    let mut served = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Ok(c) = connect(&endpoint_dsn(env.serve_port, "analyst")).await
+            && c.simple_query("SELECT 1").await.is_ok()
+        {
+            served = true;
+            break;
+        }
+    }
+    assert!(served, "the endpoint did not recover after the flood\n{}", env.daemon_log());
+    healthy().await;
+}

@@ -1,0 +1,142 @@
+//! Delta maintenance: compaction of small files and vacuum of unreferenced ones, run by
+//! the applier between batches.
+//!
+//! # Design
+//! - **Between batches, in the applier's task.** Maintenance runs right after a batch and
+//!   its checkpoint are committed, when no table has uncommitted files, and the applier
+//!   continues with the table the maintenance commit returned. Nothing writes the table
+//!   concurrently, so there is no commit conflict, and a crash mid-way leaves either the old
+//!   or the new version (plus unreferenced files the next vacuum removes).
+//! - **Positions are untouched.** A compaction commit (`OPTIMIZE`, `dataChange = false`)
+//!   carries no `txn`; the tables' `txn` versions — the exactly-once positions — carry over
+//!   unchanged in the log, so recovery reads the same positions before and after.
+//! - **Bounded work per run.** A table is compacted when it has `compact_min_files` files
+//!   smaller than half the 128 MiB target; a run rewrites only those small files.
+//! - **Vacuum keeps what readers may need.** Files are deleted only when no current
+//!   version references them and they are older than `vacuum_retention_hours` (default 7
+//!   days), so a running query or a time-travel read within the retention still finds its
+//!   files. Full mode also removes files a crashed batch wrote but never committed.
+//! - **Delta checkpoints** are written by delta-rs after every 100th commit (the
+//!   `delta.checkpointInterval` default), and expired log files are cleaned up after
+//!   checkpoints (`delta.logRetentionDuration`, 30 days): the log never needs replaying
+//!   from version 0 and stays bounded. `wal2delta status` shows each table's files.
+
+use std::num::NonZeroU64;
+use std::time::Duration;
+
+use deltalake::DeltaTable;
+use deltalake::operations::vacuum::VacuumMode;
+
+use super::LakeError;
+
+/// Target size of compacted files (the writers' target too).
+pub const TARGET_FILE_SIZE: u64 = 128 * 1024 * 1024;
+
+/// When and how much to maintain (`[maintenance]`).
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Compact a table once it has this many small files; 0 turns compaction off.
+    pub compact_min_files: usize,
+    /// How often tables are checked.
+    pub check_interval: Duration,
+    /// Vacuum deletes unreferenced files older than this; `None`: no vacuum.
+    pub vacuum_retention: Option<Duration>,
+    /// How often tables are vacuumed.
+    pub vacuum_interval: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            compact_min_files: 64,
+            check_interval: Duration::from_secs(60),
+            vacuum_retention: Some(Duration::from_secs(7 * 24 * 3600)),
+            vacuum_interval: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// What one compaction did.
+#[derive(Debug, Clone, Copy)]
+pub struct Compacted {
+    pub files_removed: u64,
+    pub files_added: u64,
+}
+
+fn small(size: i64) -> bool {
+    (size as u64) < TARGET_FILE_SIZE / 2
+}
+
+/// The table's data files and how many of them are small.
+pub fn file_counts(table: &DeltaTable) -> Option<(usize, usize)> {
+    let snapshot = table.snapshot().ok()?;
+    let mut files = 0;
+    let mut smalls = 0;
+    for f in snapshot.log_data().iter() {
+        files += 1;
+        if small(f.size()) {
+            smalls += 1;
+        }
+    }
+    Some((files, smalls))
+}
+
+/// Compacts the table's small files when there are at least `policy.compact_min_files`.
+/// On success `table` is the compacted version.
+pub async fn compact(
+    table: &mut DeltaTable,
+    label: &str,
+    policy: &Policy,
+    properties: deltalake::parquet::file::properties::WriterProperties,
+) -> Result<Option<Compacted>, LakeError> {
+    if policy.compact_min_files == 0 {
+        return Ok(None);
+    }
+    let Some((_, smalls)) = file_counts(table) else {
+        return Ok(None);
+    };
+    if smalls < policy.compact_min_files {
+        return Ok(None);
+    }
+    let delta_err = |source| LakeError::Delta {
+        table: label.to_string(),
+        source,
+    };
+    let (compacted, metrics) = table
+        .clone()
+        .optimize()
+        .with_target_size(NonZeroU64::new(TARGET_FILE_SIZE).expect("non-zero"))
+        .with_max_concurrent_tasks(1)
+        .with_writer_properties(properties)
+        .await
+        .map_err(delta_err)?;
+    *table = compacted;
+    Ok(Some(Compacted {
+        files_removed: metrics.num_files_removed,
+        files_added: metrics.num_files_added,
+    }))
+}
+
+/// Deletes files no current version references that are older than the retention.
+/// Returns how many were deleted; `table` moves to the version vacuum committed.
+pub async fn vacuum(
+    table: &mut DeltaTable,
+    label: &str,
+    retention: Duration,
+) -> Result<usize, LakeError> {
+    let delta_err = |source| LakeError::Delta {
+        table: label.to_string(),
+        source,
+    };
+    let retention = chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::days(7));
+    let (vacuumed, metrics) = table
+        .clone()
+        .vacuum()
+        .with_retention_period(retention)
+        .with_enforce_retention_duration(false)
+        .with_mode(VacuumMode::Full)
+        .await
+        .map_err(delta_err)?;
+    *table = vacuumed;
+    Ok(metrics.files_deleted.len())
+}
