@@ -98,6 +98,7 @@ async fn compaction_and_vacuum_keep_files_bounded_and_changes_exactly_once() {
     for (name, dir) in [("raw", &raw), ("curated", &curated)] {
         let live = live_files(dir).await;
         let on_disk = parquet_files(dir);
+        eprintln!("maintenance figures: {name}: {live} live files, {on_disk} Parquet files on disk, {changes} changes");
         assert!(live <= 24, "{name}: {live} live files after ~400 batches");
         assert!(
             on_disk <= live + 24,
@@ -111,6 +112,7 @@ async fn compaction_and_vacuum_keep_files_bounded_and_changes_exactly_once() {
             .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "json"))
             .count();
         assert!(commits > 100, "{dir:?}: only {commits} commits");
+        eprintln!("maintenance figures: {dir:?}: {commits} commits in the log, checkpointed");
         assert!(
             dir.join("_delta_log/_last_checkpoint").exists(),
             "{dir:?} has no Delta checkpoint after {commits} commits"
