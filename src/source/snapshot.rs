@@ -162,10 +162,14 @@ impl SnapshotReader {
             table.name.quoted()
         );
         let snapshot_ts = chrono::Utc::now().timestamp_micros();
+        // `_seq` numbers the table's snapshot rows across all workers, so that
+        // (`_commit_lsn`, `_seq`) names one row of the raw log, as it does for changes.
+        let seq = Arc::new(std::sync::atomic::AtomicI64::new(0));
         let mut tasks = Vec::new();
         for client in self.clients.iter().take(chunk_count) {
             let client = client.clone();
             let queue = queue.clone();
+            let seq = seq.clone();
             let out = out.clone();
             let select = select.clone();
             let columns = lake_columns.to_vec();
@@ -210,7 +214,7 @@ impl SnapshotReader {
                             })?;
                             builder.append(
                                 op::READ,
-                                meta(rows as i64),
+                                meta(seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
                                 Some(&tuple),
                                 &positions,
                                 None,
