@@ -24,7 +24,8 @@ use crate::source::snapshot::{SnapshotError, SnapshotReader};
 use crate::source::stream;
 
 /// What to do about a lost slot, naming the command with this daemon's configuration.
-fn slot_lost_action(settings: &Settings) -> String {
+/// What to do about a lost slot, naming this configuration file.
+pub fn slot_lost_action(settings: &Settings) -> String {
     format!(
         "the changes Postgres no longer keeps for it cannot be recovered from this slot; run \
          `wal2delta reset-checkpoint --config {} --recreate-slot --yes`, then start wal2delta \

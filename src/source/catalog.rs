@@ -399,8 +399,9 @@ pub async fn check(client: &Client, settings: &Settings) -> Result<Report, Catal
             }
             if slot.wal_status.as_deref() == Some("lost") {
                 report.problems.push(format!(
-                    "replication slot {} was invalidated (wal_status = lost): the WAL it needed is gone; drop it with SELECT pg_drop_replication_slot('{}'); and start again",
-                    settings.slot, settings.slot
+                    "replication slot {} was invalidated (wal_status = lost): the WAL it needed is gone; {}",
+                    settings.slot,
+                    crate::pipeline::slot_lost_action(settings)
                 ));
             }
         }
