@@ -12,6 +12,7 @@ mod ops;
 mod progress;
 mod raw_changes;
 mod readers;
+mod secrets;
 mod service;
 mod sql;
 mod stops;
