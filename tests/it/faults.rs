@@ -197,7 +197,11 @@ async fn verify_exactly_once(env: &Env, label: &str, faults: usize, timeout: Dur
 async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     let (env, mut daemon) = Env::streaming(SETUP, &["public.acct", "public.item"]).await;
     let workload = Workload::start(env.pg.dsn("postgres"));
-    let kills = 12;
+    // W2D_FAULT_ROUNDS raises the count for the extended run (bench/reliability.sh --extended).
+    let kills = std::env::var("W2D_FAULT_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(12);
     for i in 0..kills {
         // A random moment: the fault's timing is the point, not a wait for a condition.
         let pause = rand::rng().random_range(200..1800);
