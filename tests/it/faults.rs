@@ -484,3 +484,53 @@ async fn postgres_restart_during_the_snapshot_loses_and_duplicates_nothing() {
     assert!(daemon.is_running(), "{}", env.daemon_log());
     assert!(daemon.terminate(Duration::from_secs(30)).success());
 }
+
+async fn confirmed(env: &Env) -> String {
+    env.pg
+        .client()
+        .await
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&env.slot],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// The lake's storage fails under the running daemon (a raw table's directory replaced by a
+/// file, so every write there fails): the daemon stops applying, confirms nothing past what
+/// is durable, says which table fails, keeps the slot, and once the storage is back it
+/// resumes with every change exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lake_storage_failure_pauses_without_confirming_and_resumes_exactly_once() {
+    let (env, mut daemon) = Env::streaming(SETUP, &["public.acct", "public.item"]).await;
+    let workload = Workload::start(env.pg.dsn("postgres"));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let table = env.raw_path("public", "acct");
+    let away = table.with_extension("away");
+    std::fs::rename(&table, &away).unwrap();
+    std::fs::write(&table, "not a directory").unwrap();
+    // The failure shows in the log; from then on the confirmed position must not move.
+    crate::harness::wait_for(
+        "the daemon to report the failing table",
+        Duration::from_secs(60),
+        || async { env.daemon_log().contains("raw.public.acct") && env.daemon_log().contains("WARN") },
+        || env.daemon_log(),
+    )
+    .await;
+    let during = confirmed(&env).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        confirmed(&env).await,
+        during,
+        "the slot advanced while the lake could not be written"
+    );
+    assert!(daemon.is_running(), "the daemon must wait for the storage, not exit\n{}", env.daemon_log());
+    std::fs::remove_file(&table).unwrap();
+    std::fs::rename(&away, &table).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    workload.stop().await;
+    verify_exactly_once(&env, "lake storage failure", 1, Duration::from_secs(180)).await;
+    assert!(daemon.terminate(Duration::from_secs(30)).success());
+}
