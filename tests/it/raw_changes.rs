@@ -59,7 +59,7 @@ async fn each_operation_and_type_lands_in_the_raw_log() {
               'abc', 'infinity', '13:14:15.123456', '2024-02-29 23:59:59.999999',
               '2024-01-05 10:00:00-03', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
               '{"a": [1, 2], "b": null}', '\x00ff10', '{1,NULL,3}', '{"a b","c,d",NULL}',
-              '1 day 02:03:04', repeat('x', 300000));
+              '1 day 02:03:04', repeat('x', 30000000));
            INSERT INTO typed (id) VALUES (2);"#,
     )
     .await
@@ -93,7 +93,7 @@ async fn each_operation_and_type_lands_in_the_raw_log() {
             Some("-32768"),
             None,
             None,
-            Some("300000")
+            Some("30000000")
         ]
     );
     assert_eq!(ops[1], vec![Some("c"), Some("2"), None, None, None, None]);
