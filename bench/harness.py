@@ -1,0 +1,305 @@
+#!/usr/bin/env python3
+"""wal2delta benchmark harness: every figure next to a baseline measured in the same run.
+
+    python3 bench/harness.py [--full] [--binary PATH] [--json OUT]
+
+Starts a disposable Postgres (testcontainers/pg.sh) and, per scenario, a fresh lake and a
+wal2delta daemon (a release build: cargo build --release). Scenarios (quick mode / full):
+
+  streaming   N changes (200k / 1M; inserts, updates, deletes in transactions of 1-500
+              changes) into the WAL with two identical pgoutput slots; one drained by
+              pg_recvlogical, the other by wal2delta into raw + curated. changes/s, ratio.
+  snapshot    the initial snapshot of the four demo tables (about 300k / 1.2M rows) into
+              curated, against COPY … TO STDOUT of the same tables over one connection.
+  queries     point lookup by key and a grouped aggregate over transacoes, through the SQL
+              endpoint and directly on Postgres (bench/sql_endpoint.py measures the same).
+  memory      the daemon's peak RSS (VmHWM) in each scenario.
+
+Not yet here (issue 6 continues): freshness under a fixed rate, merge scaling, the
+2-million-row transaction, criterion micro-benchmarks, a chart.
+"""
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import psycopg
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TABLES = ["public.condominios", "public.imoveis", "public.moradores", "public.transacoes"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pg_script(cmd, d, *args):
+    return subprocess.run(["bash", f"{ROOT}/testcontainers/pg.sh", cmd, d, *args],
+                          check=True, capture_output=True, text=True).stdout
+
+
+def bindir_tool(name):
+    for d in [os.environ.get("PG_BINDIR", "")] + sorted(
+            [f"/usr/lib/postgresql/{v}/bin" for v in os.listdir("/usr/lib/postgresql")]
+            if os.path.isdir("/usr/lib/postgresql") else [], reverse=True):
+        if d and os.path.exists(os.path.join(d, name)):
+            return os.path.join(d, name)
+    found = shutil.which(name)
+    if not found:
+        sys.exit(f"{name} not found: install the PostgreSQL client and server binaries")
+    return found
+
+
+class Daemon:
+    """A wal2delta daemon on its own lake, with its peak RSS read at stop."""
+
+    def __init__(self, binary, work, dsn, slot, extra_source="", name="d"):
+        self.work = work
+        self.lake = os.path.join(work, f"lake-{name}")
+        self.serve_port = free_port()
+        self.config = os.path.join(work, f"{name}.toml")
+        with open(self.config, "w") as f:
+            f.write(f"""[source]
+dsn = "{dsn} sslmode=disable"
+slot = "{slot}"
+publication = "w2d_pub"
+tables = {json.dumps(TABLES)}
+{extra_source}
+[lake]
+path = "{self.lake}"
+[serve]
+listen = "127.0.0.1:{self.serve_port}"
+refined_dir = "{ROOT}/sql/refined"
+""")
+        self.log = open(os.path.join(work, f"{name}.log"), "w")
+        self.proc = subprocess.Popen([binary, "run", "--config", self.config],
+                                     stdout=self.log, stderr=self.log)
+        self.hwm_kb = 0
+
+    def sample_rss(self):
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        self.hwm_kb = max(self.hwm_kb, int(line.split()[1]))
+        except OSError:
+            pass
+
+    def alive(self):
+        if self.proc.poll() is not None:
+            sys.exit(f"the daemon exited; see {self.log.name}")
+
+    def stop(self):
+        self.sample_rss()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        return round(self.hwm_kb / 1024, 1)
+
+
+def confirmed(conn, slot):
+    return conn.execute("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = %s",
+                        (slot,)).fetchone()[0]
+
+
+def lsn_ge(conn, a, b):
+    return conn.execute("SELECT %s::pg_lsn >= %s::pg_lsn", (str(a), str(b))).fetchone()[0]
+
+
+def load_demo(conn, transacoes):
+    conn.execute(open(f"{ROOT}/sql/schema.sql").read())
+    conn.execute(open(f"{ROOT}/sql/sample_data.sql").read().replace("\\gset", ";"))
+    conn.execute(f"""
+        INSERT INTO transacoes (imovel_id, tipo, status, valor, competencia, vencimento, detalhes)
+        SELECT 1 + g % 400,
+               (ARRAY['taxa_condominial','multa','fundo_reserva','acordo','pagamento'])[1 + g % 5],
+               (ARRAY['aberta','paga','atrasada','cancelada'])[1 + g % 4],
+               (g % 100000) / 100.0 + 1, '2025-' || lpad((1 + g % 12)::text, 2, '0'),
+               date '2025-01-10' + (g % 365), jsonb_build_object('lote', g)
+        FROM generate_series(1, {transacoes}) g""")
+    conn.execute("VACUUM ANALYZE")
+
+
+def scenario_snapshot(args, work, dsn, conn):
+    rows = sum(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES)
+    # Baseline: COPY of the same tables over one connection, rows read and discarded.
+    start = time.perf_counter()
+    with psycopg.connect(dsn) as c, c.cursor() as cur:
+        for t in TABLES:
+            with cur.copy(f"COPY {t} TO STDOUT") as copy:
+                for _ in copy:
+                    pass
+    copy_s = time.perf_counter() - start
+    start = time.perf_counter()
+    d = Daemon(args.binary, work, dsn, "bench_snap", name="snapshot")
+    lake_dsn = f"host=127.0.0.1 port={d.serve_port} user=bench dbname=wal2delta"
+    want = conn.execute("SELECT count(*) FROM transacoes").fetchone()[0]
+    while True:
+        d.alive()
+        d.sample_rss()
+        if "initial snapshot" in open(d.log.name).read() and "streaming" in open(d.log.name).read():
+            break
+        time.sleep(0.05)
+    snap_s = time.perf_counter() - start
+    with psycopg.connect(lake_dsn, autocommit=True) as c:
+        got = c.execute("SELECT count(*) FROM transacoes").fetchone()[0]
+    assert got == want, f"curated transacoes has {got} rows, source {want}"
+    rss = d.stop()
+    conn.execute("SELECT pg_drop_replication_slot('bench_snap')")
+    return {"rows": rows, "wal2delta_s": round(snap_s, 2), "copy_one_connection_s": round(copy_s, 2),
+            "ratio_vs_copy": round(copy_s / snap_s, 2), "peak_rss_mb": rss}
+
+
+def scenario_streaming(args, work, dsn, conn):
+    conn.execute("SELECT pg_create_logical_replication_slot('bench_recv', 'pgoutput')")
+    conn.execute("SELECT pg_create_logical_replication_slot('bench_w2d', 'pgoutput')")
+    start_lsn = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+    n = args.changes
+    made = 0
+    rng = random.Random(42)
+    base = conn.execute("SELECT max(id) FROM transacoes").fetchone()[0]
+    next_id = base + 1
+    with psycopg.connect(dsn, autocommit=True) as w:
+        while made < n:
+            size = min(n - made, rng.choice([1, 5, 20, 100, 500]))
+            kind = rng.random()
+            if kind < 0.5:
+                w.execute(f"""INSERT INTO transacoes (id, imovel_id, tipo, status, valor, competencia, vencimento)
+                    SELECT g, 1 + g % 400, 'multa', 'aberta', 10.5, '2025-02', date '2025-02-10'
+                    FROM generate_series({next_id}, {next_id + size - 1}) g""")
+                next_id += size
+            elif kind < 0.85:
+                lo = rng.randint(1, base - size)
+                w.execute(f"UPDATE transacoes SET valor = valor + 1 WHERE id BETWEEN {lo} AND {lo + size - 1}")
+            else:
+                lo = rng.randint(base + 1, max(base + 2, next_id - size))
+                r = w.execute(f"DELETE FROM transacoes WHERE id BETWEEN {lo} AND {lo + size - 1}")
+                size = r.rowcount
+            made += size
+    end_lsn = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+    # Baseline: pg_recvlogical drains its slot to /dev/null.
+    port = conn.info.port
+    start = time.perf_counter()
+    subprocess.run([bindir_tool("pg_recvlogical"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
+                    "-d", "postgres", "--slot", "bench_recv", "--start", "--endpos", str(end_lsn),
+                    "-o", "proto_version=1", "-o", "publication_names=w2d_pub", "-f", "/dev/null"],
+                   check=True, capture_output=True)
+    recv_s = time.perf_counter() - start
+    # wal2delta drains the other slot into raw + curated (no snapshot: the tables are
+    # not copied, only the changes streamed).
+    start = time.perf_counter()
+    d = Daemon(args.binary, work, dsn, "bench_w2d", 'snapshot = "never"\ncreate_slot = false', name="stream")
+    while True:
+        d.alive()
+        d.sample_rss()
+        if lsn_ge(conn, confirmed(conn, "bench_w2d"), end_lsn):
+            break
+        time.sleep(0.05)
+    w2d_s = time.perf_counter() - start
+    rss = d.stop()
+    for s in ("bench_recv", "bench_w2d"):
+        conn.execute(f"SELECT pg_drop_replication_slot('{s}')")
+    return {"changes": made, "wal_bytes": int(conn.execute("SELECT %s::pg_lsn - %s::pg_lsn",
+                                                            (str(end_lsn), str(start_lsn))).fetchone()[0]),
+            "pg_recvlogical_changes_per_s": round(made / recv_s), "wal2delta_changes_per_s": round(made / w2d_s),
+            "ratio_vs_pg_recvlogical": round(recv_s / w2d_s, 2), "peak_rss_mb": rss,
+            "note": "wal2delta time includes start-up, writing raw + curated Delta tables and the checkpoint"}
+
+
+def scenario_queries(args, work, dsn, conn):
+    d = Daemon(args.binary, work, dsn, "bench_q", name="queries")
+    lake_dsn = f"host=127.0.0.1 port={d.serve_port} user=bench dbname=wal2delta"
+    want = conn.execute("SELECT count(*) FROM transacoes").fetchone()[0]
+    while True:
+        d.alive()
+        try:
+            with psycopg.connect(lake_dsn, autocommit=True) as c:
+                if c.execute("SELECT count(*) FROM transacoes").fetchone()[0] == want:
+                    break
+        except psycopg.Error:
+            pass
+        time.sleep(0.2)
+    agg = """SELECT i.condominio_id, t.tipo, t.status, count(*), sum(t.valor), avg(t.valor)
+             FROM transacoes t JOIN imoveis i ON i.id = t.imovel_id GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"""
+    lookup = "SELECT id, imovel_id, tipo, status, valor, vencimento FROM transacoes WHERE id = %s"
+    ids = [random.randint(1, want) for _ in range(args.lookups)]
+    out = {}
+    for name, target in (("postgres", dsn), ("wal2delta", lake_dsn)):
+        with psycopg.connect(target, autocommit=True) as c:
+            def timed(sql, params=None, prepare=None):
+                t = time.perf_counter()
+                c.execute(sql, params, prepare=prepare).fetchall()
+                return time.perf_counter() - t
+            for i in ids[:50]:
+                timed(lookup, (i,), True)
+            lat = sorted(timed(lookup, (i,), True) for i in ids)
+            timed(agg)
+            aggs = [timed(agg) for _ in range(5)]
+        out[name] = {"lookup_p50_ms": round(lat[len(lat) // 2] * 1e3, 2),
+                     "lookup_p99_ms": round(lat[int(len(lat) * 0.99)] * 1e3, 2),
+                     "aggregate_median_ms": round(statistics.median(aggs) * 1e3, 1)}
+    d.sample_rss()
+    out["peak_rss_mb"] = d.stop()
+    out["aggregate_speedup_vs_postgres"] = round(out["postgres"]["aggregate_median_ms"] / out["wal2delta"]["aggregate_median_ms"], 2)
+    conn.execute("SELECT pg_drop_replication_slot('bench_q')")
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--full", action="store_true")
+    ap.add_argument("--binary", default=os.path.join(
+        os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release", "wal2delta"))
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    args.changes = 1_000_000 if args.full else 200_000
+    args.transacoes = 1_200_000 if args.full else 300_000
+    args.lookups = 2000 if args.full else 500
+    if not os.path.exists(args.binary):
+        sys.exit(f"no wal2delta binary at {args.binary}; cargo build --release, or pass --binary")
+    work = tempfile.mkdtemp(prefix="w2d-harness-")
+    pgdir = tempfile.mkdtemp(prefix="w2d-harness-pg-")
+    results = {"mode": "full" if args.full else "quick", "cores": os.cpu_count()}
+    try:
+        port = int([l for l in pg_script("start", pgdir).splitlines() if l.startswith("PGPORT=")][0][7:])
+        dsn = f"host=127.0.0.1 port={port} user=postgres dbname=postgres"
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            load_demo(conn, args.transacoes)
+            conn.execute("CREATE PUBLICATION w2d_pub FOR TABLE condominios, imoveis, moradores, transacoes")
+            results["snapshot"] = scenario_snapshot(args, work, dsn, conn)
+            results["queries"] = scenario_queries(args, work, dsn, conn)
+            results["streaming"] = scenario_streaming(args, work, dsn, conn)
+    finally:
+        try:
+            pg_script("stop", pgdir)
+        except Exception:
+            pass
+        if not os.environ.get("KEEP"):
+            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(pgdir, ignore_errors=True)
+    s, q, st = results["snapshot"], results["queries"], results["streaming"]
+    print(f"{'scenario':<12} {'wal2delta':>22} {'baseline':>26} {'ratio':>8} {'peak RSS':>10}")
+    print(f"{'streaming':<12} {st['wal2delta_changes_per_s']:>14,} changes/s {st['pg_recvlogical_changes_per_s']:>12,} ch/s recvlogical {st['ratio_vs_pg_recvlogical']:>7}x {st['peak_rss_mb']:>7} MB")
+    print(f"{'snapshot':<12} {s['wal2delta_s']:>20} s {s['copy_one_connection_s']:>19} s COPY {s['ratio_vs_copy']:>7}x {s['peak_rss_mb']:>7} MB")
+    print(f"{'lookup p50':<12} {q['wal2delta']['lookup_p50_ms']:>19} ms {q['postgres']['lookup_p50_ms']:>16} ms Postgres")
+    print(f"{'aggregate':<12} {q['wal2delta']['aggregate_median_ms']:>19} ms {q['postgres']['aggregate_median_ms']:>16} ms Postgres {q['aggregate_speedup_vs_postgres']:>4}x {q['peak_rss_mb']:>7} MB")
+    text = json.dumps(results, indent=2)
+    if args.json:
+        open(args.json, "w").write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
