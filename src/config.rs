@@ -339,7 +339,7 @@ fn default_max_age_ms() -> u64 {
     1000
 }
 fn default_spill_rows() -> usize {
-    16_384
+    131_072
 }
 fn default_spill_bytes() -> usize {
     32 * 1024 * 1024
