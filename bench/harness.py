@@ -15,8 +15,12 @@ wal2delta daemon (a release build: cargo build --release). Scenarios (quick mode
               endpoint and directly on Postgres (bench/sql_endpoint.py measures the same).
   memory      the daemon's peak RSS (VmHWM) in each scenario.
 
-Not yet here (issue 6 continues): freshness under a fixed rate, merge scaling, the
-2-million-row transaction, criterion micro-benchmarks, a chart.
+  freshness   a fixed insert rate (5,000 rows/s for 10 s; full: 5,000 and 20,000 for 30 s);
+              for one transaction every 100 ms, commit to visible through the SQL endpoint:
+              p50/p95/p99/max, and an SVG chart with --svg-dir.
+
+Not yet here (issue 6 continues): merge scaling, the 2-million-row transaction, criterion
+micro-benchmarks.
 """
 import argparse
 import json
@@ -257,16 +261,102 @@ def scenario_queries(args, work, dsn, conn):
     return out
 
 
+def scenario_freshness(args, work, dsn, conn, rate, seconds, svg):
+    """Inserts `rate` rows/s into transacoes for `seconds`; for one transaction every
+    100 ms, the time from its commit to the row being visible through the SQL endpoint."""
+    import threading
+    d = Daemon(args.binary, work, dsn, f"bench_f{rate}", name=f"fresh{rate}")
+    lake_dsn = f"host=127.0.0.1 port={d.serve_port} user=bench dbname=wal2delta"
+    want = conn.execute("SELECT count(*) FROM transacoes").fetchone()[0]
+    while True:
+        d.alive()
+        try:
+            with psycopg.connect(lake_dsn, autocommit=True) as c:
+                if c.execute("SELECT count(*) FROM transacoes").fetchone()[0] >= want:
+                    break
+        except psycopg.Error:
+            pass
+        time.sleep(0.2)
+    first = conn.execute("SELECT max(id) FROM transacoes").fetchone()[0] + 1_000_000
+    samples = []  # (id, commit time)
+    seen = {}
+    done = threading.Event()
+
+    def writer():
+        with psycopg.connect(dsn, autocommit=True) as w:
+            per_tick = max(1, rate // 100)
+            next_id, tick, start = first, 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                w.execute(f"""INSERT INTO transacoes (id, imovel_id, tipo, status, valor, competencia, vencimento)
+                    SELECT g, 1 + g % 400, 'multa', 'aberta', 1.0, '2025-03', date '2025-03-10'
+                    FROM generate_series({next_id}, {next_id + per_tick - 1}) g""")
+                committed = time.perf_counter()
+                if tick % 10 == 0:
+                    samples.append((next_id + per_tick - 1, committed))
+                next_id += per_tick
+                tick += 1
+                delay = start + tick * 0.01 - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+        done_at[0] = time.perf_counter()
+        done.set()
+
+    def poller():
+        with psycopg.connect(lake_dsn, autocommit=True) as r:
+            while True:
+                top = r.execute("SELECT max(id) FROM transacoes WHERE id >= %s", (first,)).fetchone()[0]
+                now = time.perf_counter()
+                if top is not None:
+                    for sid, _ in list(samples):
+                        if sid <= top and sid not in seen:
+                            seen[sid] = now
+                if done.is_set() and all(sid in seen for sid, _ in samples):
+                    return
+                if done.is_set() and time.perf_counter() - done_at[0] > 30:
+                    return
+                time.sleep(0.005)
+
+    done_at = [0.0]
+    t_w = threading.Thread(target=writer)
+    t_r = threading.Thread(target=poller)
+    t0 = time.perf_counter()
+    t_w.start(); t_r.start()
+    while t_w.is_alive():
+        d.sample_rss(); time.sleep(0.2)
+    t_r.join()
+    lat = [(c - t0, seen[i] - c) for i, c in samples if i in seen]
+    values = sorted(v for _, v in lat)
+    rss = d.stop()
+    conn.execute(f"SELECT pg_drop_replication_slot('bench_f{rate}')")
+    if svg and lat:
+        w, h, top = 600, 240, max(values) * 1.1
+        pts = " ".join(f"{40 + x / seconds * (w - 50):.1f},{h - 20 - y / top * (h - 40):.1f}" for x, y in lat)
+        open(svg, "w").write(
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">'
+            f'<text x="40" y="14">wal2delta freshness at {rate:,} rows/s: commit to visible through the SQL endpoint (s)</text>'
+            f'<line x1="40" y1="{h-20}" x2="{w-10}" y2="{h-20}" stroke="#888"/><line x1="40" y1="20" x2="40" y2="{h-20}" stroke="#888"/>'
+            f'<text x="4" y="24">{top:.2f}</text><text x="4" y="{h-20}">0</text><text x="{w-60}" y="{h-6}">{seconds} s</text>'
+            f'<polyline fill="none" stroke="#1f77b4" points="{pts}"/></svg>')
+    return {"rate_rows_per_s": rate, "seconds": seconds, "samples": len(samples), "seen": len(lat),
+            "p50_s": round(values[len(values) // 2], 3) if values else None,
+            "p95_s": round(values[int(len(values) * 0.95)], 3) if values else None,
+            "p99_s": round(values[min(len(values) - 1, int(len(values) * 0.99))], 3) if values else None,
+            "max_s": round(values[-1], 3) if values else None, "peak_rss_mb": rss}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--full", action="store_true")
     ap.add_argument("--binary", default=os.path.join(
         os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release", "wal2delta"))
     ap.add_argument("--json", default=None)
+    ap.add_argument("--svg-dir", default=None, help="write freshness-<rate>.svg charts here")
     args = ap.parse_args()
     args.changes = 1_000_000 if args.full else 200_000
     args.transacoes = 1_200_000 if args.full else 300_000
     args.lookups = 2000 if args.full else 500
+    if args.svg_dir:
+        os.makedirs(args.svg_dir, exist_ok=True)
     if not os.path.exists(args.binary):
         sys.exit(f"no wal2delta binary at {args.binary}; cargo build --release, or pass --binary")
     work = tempfile.mkdtemp(prefix="w2d-harness-")
@@ -281,6 +371,11 @@ def main():
             results["snapshot"] = scenario_snapshot(args, work, dsn, conn)
             results["queries"] = scenario_queries(args, work, dsn, conn)
             results["streaming"] = scenario_streaming(args, work, dsn, conn)
+            results["freshness"] = [
+                scenario_freshness(args, work, dsn, conn, rate, 30 if args.full else 10,
+                                   os.path.join(args.svg_dir, f"freshness-{rate}.svg") if args.svg_dir else None)
+                for rate in ((5000, 20000) if args.full else (5000,))
+            ]
     finally:
         try:
             pg_script("stop", pgdir)
@@ -295,6 +390,8 @@ def main():
     print(f"{'snapshot':<12} {s['wal2delta_s']:>20} s {s['copy_one_connection_s']:>19} s COPY {s['ratio_vs_copy']:>7}x {s['peak_rss_mb']:>7} MB")
     print(f"{'lookup p50':<12} {q['wal2delta']['lookup_p50_ms']:>19} ms {q['postgres']['lookup_p50_ms']:>16} ms Postgres")
     print(f"{'aggregate':<12} {q['wal2delta']['aggregate_median_ms']:>19} ms {q['postgres']['aggregate_median_ms']:>16} ms Postgres {q['aggregate_speedup_vs_postgres']:>4}x {q['peak_rss_mb']:>7} MB")
+    for f in results["freshness"]:
+        print(f"{'freshness':<12} {f['rate_rows_per_s']:>8,} rows/s: p50 {f['p50_s']} s, p95 {f['p95_s']} s, p99 {f['p99_s']} s, max {f['max_s']} s ({f['seen']}/{f['samples']} samples) {f['peak_rss_mb']:>7} MB")
     text = json.dumps(results, indent=2)
     if args.json:
         open(args.json, "w").write(text)
