@@ -103,6 +103,22 @@ refined_dir = "{ROOT}/sql/refined"
         if self.proc.poll() is not None:
             sys.exit(f"the daemon exited; see {self.log.name}")
 
+    def lake_dsn(self):
+        return f"host=127.0.0.1 port={self.serve_port} user=bench dbname=wal2delta"
+
+    def wait_served(self, rows):
+        """Waits until the SQL endpoint serves at least `rows` rows of transacoes."""
+        while True:
+            self.alive()
+            self.sample_rss()
+            try:
+                with psycopg.connect(self.lake_dsn(), autocommit=True) as c:
+                    if c.execute("SELECT count(*) FROM transacoes").fetchone()[0] >= rows:
+                        return
+            except psycopg.Error:
+                pass
+            time.sleep(0.2)
+
     def stop(self):
         self.sample_rss()
         self.proc.send_signal(signal.SIGTERM)
@@ -148,7 +164,7 @@ def scenario_snapshot(args, work, dsn, conn):
     copy_s = time.perf_counter() - start
     start = time.perf_counter()
     d = Daemon(args.binary, work, dsn, "bench_snap", name="snapshot")
-    lake_dsn = f"host=127.0.0.1 port={d.serve_port} user=bench dbname=wal2delta"
+    lake_dsn = d.lake_dsn()
     want = conn.execute("SELECT count(*) FROM transacoes").fetchone()[0]
     while True:
         d.alive()
@@ -224,17 +240,9 @@ def scenario_streaming(args, work, dsn, conn):
 
 def scenario_queries(args, work, dsn, conn):
     d = Daemon(args.binary, work, dsn, "bench_q", name="queries")
-    lake_dsn = f"host=127.0.0.1 port={d.serve_port} user=bench dbname=wal2delta"
+    lake_dsn = d.lake_dsn()
     want = conn.execute("SELECT count(*) FROM transacoes").fetchone()[0]
-    while True:
-        d.alive()
-        try:
-            with psycopg.connect(lake_dsn, autocommit=True) as c:
-                if c.execute("SELECT count(*) FROM transacoes").fetchone()[0] == want:
-                    break
-        except psycopg.Error:
-            pass
-        time.sleep(0.2)
+    d.wait_served(want)
     agg = """SELECT i.condominio_id, t.tipo, t.status, count(*), sum(t.valor), avg(t.valor)
              FROM transacoes t JOIN imoveis i ON i.id = t.imovel_id GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"""
     lookup = "SELECT id, imovel_id, tipo, status, valor, vencimento FROM transacoes WHERE id = %s"
@@ -266,17 +274,8 @@ def scenario_freshness(args, work, dsn, conn, rate, seconds, svg):
     100 ms, the time from its commit to the row being visible through the SQL endpoint."""
     import threading
     d = Daemon(args.binary, work, dsn, f"bench_f{rate}", name=f"fresh{rate}")
-    lake_dsn = f"host=127.0.0.1 port={d.serve_port} user=bench dbname=wal2delta"
-    want = conn.execute("SELECT count(*) FROM transacoes").fetchone()[0]
-    while True:
-        d.alive()
-        try:
-            with psycopg.connect(lake_dsn, autocommit=True) as c:
-                if c.execute("SELECT count(*) FROM transacoes").fetchone()[0] >= want:
-                    break
-        except psycopg.Error:
-            pass
-        time.sleep(0.2)
+    lake_dsn = d.lake_dsn()
+    d.wait_served(conn.execute("SELECT count(*) FROM transacoes").fetchone()[0])
     first = conn.execute("SELECT max(id) FROM transacoes").fetchone()[0] + 1_000_000
     samples = []  # (id, commit time)
     seen = {}

@@ -19,15 +19,15 @@ import json
 import os
 import random
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 import psycopg
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import Daemon, pg_script as pg  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGGREGATE = """
@@ -36,18 +36,6 @@ FROM transacoes t JOIN imoveis i ON i.id = t.imovel_id
 GROUP BY i.condominio_id, t.tipo, t.status
 ORDER BY 1, 2, 3
 """
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def pg(cmd, d, *args):
-    out = subprocess.run(["bash", f"{ROOT}/testcontainers/pg.sh", cmd, d, *args],
-                         check=True, capture_output=True, text=True)
-    return out.stdout
 
 
 def timed(conn, sql, params=None, prepare=None):
@@ -95,34 +83,10 @@ def main():
             c.execute("VACUUM ANALYZE")
             c.execute("CREATE PUBLICATION w2d_pub FOR TABLE condominios, imoveis, moradores, transacoes")
             total = c.execute("SELECT count(*) FROM transacoes").fetchone()[0]
-        serve_port = free_port()
-        config = os.path.join(work, "wal2delta.toml")
-        with open(config, "w") as f:
-            f.write(f"""[source]
-dsn = "{src_dsn} sslmode=disable"
-slot = "w2d_bench"
-publication = "w2d_pub"
-tables = ["public.condominios", "public.imoveis", "public.moradores", "public.transacoes"]
-[lake]
-path = "{work}/lake"
-[serve]
-listen = "127.0.0.1:{serve_port}"
-refined_dir = "{ROOT}/sql/refined"
-""")
-        log = open(os.path.join(work, "daemon.log"), "w")
         started = time.time()
-        daemon = subprocess.Popen([args.binary, "run", "--config", config], stdout=log, stderr=log)
-        lake_dsn = f"host=127.0.0.1 port={serve_port} user=bench dbname=wal2delta"
-        while True:
-            if daemon.poll() is not None:
-                sys.exit(f"the daemon exited; see {work}/daemon.log")
-            try:
-                with psycopg.connect(lake_dsn, autocommit=True) as c:
-                    if c.execute("SELECT count(*) FROM transacoes").fetchone()[0] == total:
-                        break
-            except psycopg.Error:
-                pass
-            time.sleep(0.5)
+        daemon = Daemon(args.binary, work, src_dsn, "w2d_bench", name="daemon")
+        lake_dsn = daemon.lake_dsn()
+        daemon.wait_served(total)
         snapshot_secs = time.time() - started
 
         results = {"rows": total, "snapshot_served_after_s": round(snapshot_secs, 1)}
@@ -151,11 +115,7 @@ refined_dir = "{ROOT}/sql/refined"
         print(json.dumps(results, indent=2))
     finally:
         if daemon is not None:
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                daemon.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
+            daemon.stop()
         try:
             pg("stop", pgdir)
         except Exception:

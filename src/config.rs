@@ -528,7 +528,8 @@ impl Config {
         };
         let serve = self.serve.validate(&mut problems);
         if self.source.heartbeat_secs == Some(0) {
-            problems.push("source.heartbeat_secs: must be at least 1 (or unset: no heartbeat)".into());
+            problems
+                .push("source.heartbeat_secs: must be at least 1 (or unset: no heartbeat)".into());
         }
         let heartbeat = self
             .source
@@ -540,13 +541,23 @@ impl Config {
         }
         let hours = |field: &str, h: f64, problems: &mut Vec<String>| {
             if !(0.0..=1e6).contains(&h) {
-                problems.push(format!("maintenance.{field}: must be from 0 to 1000000 hours"));
+                problems.push(format!(
+                    "maintenance.{field}: must be from 0 to 1000000 hours"
+                ));
                 return std::time::Duration::ZERO;
             }
             std::time::Duration::from_secs_f64(h * 3600.0)
         };
-        let retention = hours("vacuum_retention_hours", m.vacuum_retention_hours, &mut problems);
-        let vacuum_every = hours("vacuum_interval_hours", m.vacuum_interval_hours, &mut problems);
+        let retention = hours(
+            "vacuum_retention_hours",
+            m.vacuum_retention_hours,
+            &mut problems,
+        );
+        let vacuum_every = hours(
+            "vacuum_interval_hours",
+            m.vacuum_interval_hours,
+            &mut problems,
+        );
         let maintenance = crate::lake::maintenance::Policy {
             compact_min_files: m.compact_min_files,
             check_interval: std::time::Duration::from_secs(m.check_interval_secs.max(1)),
@@ -659,16 +670,12 @@ impl ServeConfig {
             (Some(c), Some(k)) => Some((c.clone(), k.clone())),
             (None, None) => None,
             _ => {
-                problems.push(
-                    "serve.tls_cert and serve.tls_key: set both (TLS) or neither".into(),
-                );
+                problems.push("serve.tls_cert and serve.tls_key: set both (TLS) or neither".into());
                 None
             }
         };
         if self.require_tls && tls.is_none() {
-            problems.push(
-                "serve.require_tls: needs serve.tls_cert and serve.tls_key".into(),
-            );
+            problems.push("serve.require_tls: needs serve.tls_cert and serve.tls_key".into());
         }
         if self.max_connections == 0 || self.max_connections > 10_000 {
             problems.push("serve.max_connections: must be from 1 to 10000".into());

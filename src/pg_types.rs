@@ -422,9 +422,18 @@ mod tests {
             ColumnKind::Int64,
             ColumnKind::Float32,
             ColumnKind::Float64,
-            ColumnKind::Decimal { precision: 12, scale: 2 },
-            ColumnKind::Decimal { precision: 38, scale: 0 },
-            ColumnKind::Decimal { precision: 5, scale: -2 },
+            ColumnKind::Decimal {
+                precision: 12,
+                scale: 2,
+            },
+            ColumnKind::Decimal {
+                precision: 38,
+                scale: 0,
+            },
+            ColumnKind::Decimal {
+                precision: 5,
+                scale: -2,
+            },
             ColumnKind::Text,
             ColumnKind::Date,
             ColumnKind::Timestamp,

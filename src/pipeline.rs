@@ -299,7 +299,11 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pi
 /// database's WAL now and then, so the walsender has something of this database to decode
 /// and the slot advances even when the database sees no writes (e.g. only other databases
 /// of the cluster are busy). The message is not published; it only moves positions.
-async fn heartbeat(source: crate::source::dsn::ConnParams, every: Duration, cancel: CancellationToken) {
+async fn heartbeat(
+    source: crate::source::dsn::ConnParams,
+    every: Duration,
+    cancel: CancellationToken,
+) {
     let mut warned = false;
     let mut client = None;
     loop {

@@ -47,7 +47,9 @@ pub fn install(listen: SocketAddr) -> Result<(), String> {
         .and_then(|b| {
             b.set_buckets_for_metric(
                 Matcher::Full(SQL_DURATION.into()),
-                &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0],
+                &[
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
+                ],
             )
         })
         .and_then(|b| {

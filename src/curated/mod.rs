@@ -262,7 +262,10 @@ impl CuratedTable {
     /// The key columns that get Parquet bloom filters (none for a whole-row key).
     fn bloom_key(&self) -> Vec<String> {
         if self.key.len() <= 4 {
-            self.key.iter().map(|&i| self.columns[i].name.clone()).collect()
+            self.key
+                .iter()
+                .map(|&i| self.columns[i].name.clone())
+                .collect()
         } else {
             Vec::new()
         }
@@ -933,15 +936,9 @@ impl CuratedTable {
         vacuum: Option<std::time::Duration>,
     ) -> Result<(usize, Option<crate::lake::maintenance::Compacted>, usize), LakeError> {
         let properties = crate::lake::table::keyed_properties(&self.bloom_key());
-        let compacted =
-            crate::lake::maintenance::compact(&mut self.table, &self.label, policy, properties)
+        let (compacted, vacuumed) =
+            crate::lake::maintenance::run(&mut self.table, &self.label, policy, properties, vacuum)
                 .await?;
-        let vacuumed = match vacuum {
-            Some(retention) => {
-                crate::lake::maintenance::vacuum(&mut self.table, &self.label, retention).await?
-            }
-            None => 0,
-        };
         if compacted.is_some() || vacuumed > 0 {
             self.load_files()?;
         }

@@ -117,6 +117,23 @@ pub async fn compact(
     }))
 }
 
+/// One maintenance pass: compaction when due, then vacuum when `vacuum` gives a retention.
+/// Returns what compaction did and how many files vacuum deleted.
+pub async fn run(
+    table: &mut DeltaTable,
+    label: &str,
+    policy: &Policy,
+    properties: deltalake::parquet::file::properties::WriterProperties,
+    vacuum_retention: Option<Duration>,
+) -> Result<(Option<Compacted>, usize), LakeError> {
+    let compacted = compact(table, label, policy, properties).await?;
+    let vacuumed = match vacuum_retention {
+        Some(retention) => vacuum(table, label, retention).await?,
+        None => 0,
+    };
+    Ok((compacted, vacuumed))
+}
+
 /// Deletes files no current version references that are older than the retention.
 /// Returns how many were deleted; `table` moves to the version vacuum committed.
 pub async fn vacuum(

@@ -10,8 +10,8 @@
 //! its directory. Every table is a standard Delta table: any Delta reader can open it.
 
 pub mod checkpoint;
-pub mod maintenance;
 pub mod lock;
+pub mod maintenance;
 pub mod table;
 
 use std::path::Path;

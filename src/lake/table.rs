@@ -252,15 +252,14 @@ impl DeltaSink {
         policy: &super::maintenance::Policy,
         vacuum: Option<std::time::Duration>,
     ) -> Result<(usize, Option<super::maintenance::Compacted>, usize), LakeError> {
-        let compacted =
-            super::maintenance::compact(&mut self.table, &self.label, policy, keyed_properties(&[]))
-                .await?;
-        let vacuumed = match vacuum {
-            Some(retention) => {
-                super::maintenance::vacuum(&mut self.table, &self.label, retention).await?
-            }
-            None => 0,
-        };
+        let (compacted, vacuumed) = super::maintenance::run(
+            &mut self.table,
+            &self.label,
+            policy,
+            keyed_properties(&[]),
+            vacuum,
+        )
+        .await?;
         let files = super::maintenance::file_counts(&self.table).map_or(0, |(f, _)| f);
         Ok((files, compacted, vacuumed))
     }

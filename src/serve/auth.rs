@@ -303,7 +303,11 @@ fn client_final(exchange: &Exchange, data: &[u8]) -> PgWireResult<String> {
 
 #[async_trait]
 impl StartupHandler for Startup {
-    async fn on_startup<C>(&self, client: &mut C, message: PgWireFrontendMessage) -> PgWireResult<()>
+    async fn on_startup<C>(
+        &self,
+        client: &mut C,
+        message: PgWireFrontendMessage,
+    ) -> PgWireResult<()>
     where
         C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
         C::Error: Debug,
@@ -436,7 +440,11 @@ mod tests {
             let without_proof = format!("c=biws,r={nonce}");
             let auth = format!("{client_first_bare},{server_first},{without_proof}");
             let signature = hmac_sha256(stored.as_ref(), auth.as_bytes());
-            let proof: Vec<u8> = client_key.iter().zip(&signature).map(|(a, b)| a ^ b).collect();
+            let proof: Vec<u8> = client_key
+                .iter()
+                .zip(&signature)
+                .map(|(a, b)| a ^ b)
+                .collect();
             let result = client_final(
                 &exchange,
                 format!("{without_proof},p={}", B64.encode(proof)).as_bytes(),

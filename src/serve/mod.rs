@@ -93,7 +93,11 @@ fn tls_acceptor(cert: &Path, key: &Path) -> Result<pgwire::tokio::TlsAcceptor, S
         .map_err(|e| cert_err(e.to_string()))?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| cert_err(format!("certificate and key do not form a usable pair: {e}")))?;
+        .map_err(|e| {
+            cert_err(format!(
+                "certificate and key do not form a usable pair: {e}"
+            ))
+        })?;
     config.alpn_protocols = vec![b"postgresql".to_vec()];
     Ok(pgwire::tokio::TlsAcceptor::from(Arc::new(config)))
 }

@@ -8,9 +8,7 @@
 
 use std::ops::ControlFlow;
 
-use deltalake::datafusion::sql::sqlparser::ast::{
-    Query, SetExpr, Statement, visit_statements,
-};
+use deltalake::datafusion::sql::sqlparser::ast::{Query, SetExpr, Statement, visit_statements};
 
 /// Why a statement is refused: the command's name, for the message.
 #[derive(Debug, PartialEq, Eq)]
@@ -161,7 +159,10 @@ mod tests {
             ("ALTER TABLE t ADD COLUMN b int", "ALTER TABLE"),
             ("TRUNCATE t", "TRUNCATE"),
             ("COPY t FROM STDIN", "COPY"),
-            ("MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN DELETE", "MERGE"),
+            (
+                "MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN DELETE",
+                "MERGE",
+            ),
             ("CREATE VIEW v AS SELECT 1", "CREATE VIEW"),
             ("SELECT * INTO novo FROM t", "SELECT INTO"),
             ("SELECT * FROM t FOR UPDATE", "SELECT FOR UPDATE/SHARE"),

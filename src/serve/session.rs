@@ -229,7 +229,9 @@ fn setting(statement: &Statement) -> Option<Setting> {
             let value = values
                 .first()
                 .map(|v| v.to_string().trim_matches('\'').to_string())
-                .filter(|v| !v.eq_ignore_ascii_case("latest") && !v.eq_ignore_ascii_case("default"));
+                .filter(|v| {
+                    !v.eq_ignore_ascii_case("latest") && !v.eq_ignore_ascii_case("default")
+                });
             Some(Setting::SetAsOf(value))
         }
         Statement::Reset(r) => match &r.reset {
@@ -266,7 +268,9 @@ async fn view_for(
     result.map_err(|e| {
         user_error(
             "58030",
-            format!("cannot open the lake tables: {e}; check the lake directory and the daemon's log"),
+            format!(
+                "cannot open the lake tables: {e}; check the lake directory and the daemon's log"
+            ),
         )
     })
 }
@@ -380,11 +384,7 @@ fn position_sql(view: &View, as_of: Option<&AsOf>) -> String {
 
 impl Session {
     /// Answers a `wal2delta.*` setting or session-reset statement.
-    async fn answer(
-        &self,
-        setting: Setting,
-        format: &Format,
-    ) -> PgWireResult<Response> {
+    async fn answer(&self, setting: Setting, format: &Format) -> PgWireResult<Response> {
         match setting {
             Setting::ShowPosition | Setting::ShowAsOf => {
                 let as_of = self.as_of();
@@ -454,48 +454,41 @@ impl SimpleQueryHandler for Session {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        counted(self.simple(client, query).await)
-    }
-}
-
-impl Session {
-    async fn simple<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
-    where
-        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
-        C::PortalStore: PortalStore,
-        C::Error: Debug,
-        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
-    {
-        let statements = parse(query)?;
-        if statements.is_empty() {
-            return Ok(vec![Response::EmptyQuery]);
-        }
-        let single = statements.len() == 1;
-        let mut responses = Vec::new();
-        for statement in statements {
-            guard(&statement)?;
-            if let Some(s) = setting(&statement) {
-                responses.push(self.answer(s, &Format::UnifiedText).await?);
-                continue;
+        counted(
+            async {
+                let statements = parse(query)?;
+                if statements.is_empty() {
+                    return Ok(vec![Response::EmptyQuery]);
+                }
+                let single = statements.len() == 1;
+                let mut responses = Vec::new();
+                for statement in statements {
+                    guard(&statement)?;
+                    if let Some(s) = setting(&statement) {
+                        responses.push(self.answer(s, &Format::UnifiedText).await?);
+                        continue;
+                    }
+                    let started = Instant::now();
+                    let deadline = self.deadline();
+                    let view = view_for(&self.shared, &self.as_of).await?;
+                    let service = service_for(&self.shared, &view, client)?;
+                    let sql = if single {
+                        query.to_string()
+                    } else {
+                        statement.to_string()
+                    };
+                    let results = within(
+                        deadline,
+                        SimpleQueryHandler::do_query(service.as_ref(), client, &sql),
+                    )
+                    .await
+                    .map_err(classify)?;
+                    responses.extend(results.into_iter().map(|r| limited(r, deadline, started)));
+                }
+                Ok(responses)
             }
-            let started = Instant::now();
-            let deadline = self.deadline();
-            let view = view_for(&self.shared, &self.as_of).await?;
-            let service = service_for(&self.shared, &view, client)?;
-            let sql = if single {
-                query.to_string()
-            } else {
-                statement.to_string()
-            };
-            let results = within(
-                deadline,
-                SimpleQueryHandler::do_query(service.as_ref(), client, &sql),
-            )
-            .await
-            .map_err(classify)?;
-            responses.extend(results.into_iter().map(|r| limited(r, deadline, started)));
-        }
-        Ok(responses)
+            .await,
+        )
     }
 }
 
@@ -563,7 +556,10 @@ impl QueryParser for SessionParser {
     }
 
     fn get_parameter_types(&self, stmt: &DfStatement) -> PgWireResult<Vec<Type>> {
-        self.shared.describer.query_parser().get_parameter_types(stmt)
+        self.shared
+            .describer
+            .query_parser()
+            .get_parameter_types(stmt)
     }
 
     fn get_result_schema(
@@ -599,65 +595,55 @@ impl ExtendedQueryHandler for Session {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        counted(self.extended(client, portal, max_rows).await)
-    }
-}
-
-impl Session {
-    async fn extended<C>(
-        &self,
-        client: &mut C,
-        portal: &Portal<DfStatement>,
-        max_rows: usize,
-    ) -> PgWireResult<Response>
-    where
-        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
-        C::PortalStore: PortalStore<Statement = DfStatement>,
-        C::Error: Debug,
-        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
-    {
-        let (sql, parsed) = &portal.statement.statement;
-        let Some((statement, _)) = parsed else {
-            return Ok(Response::EmptyQuery);
-        };
-        guard(statement)?;
-        if let Some(s) = setting(statement) {
-            return self.answer(s, &portal.result_column_format).await;
-        }
-        let started = Instant::now();
-        let deadline = self.deadline();
-        let view = view_for(&self.shared, &self.as_of).await?;
-        let service = service_for(&self.shared, &view, client)?;
-        // Planned again on the current view: a prepared statement sees new data.
-        let replanned = within(
-            deadline,
-            service
-                .query_parser()
-                .parse_sql(&*client, sql, &portal.statement.parameter_types),
+        counted(
+            async {
+                let (sql, parsed) = &portal.statement.statement;
+                let Some((statement, _)) = parsed else {
+                    return Ok(Response::EmptyQuery);
+                };
+                guard(statement)?;
+                if let Some(s) = setting(statement) {
+                    return self.answer(s, &portal.result_column_format).await;
+                }
+                let started = Instant::now();
+                let deadline = self.deadline();
+                let view = view_for(&self.shared, &self.as_of).await?;
+                let service = service_for(&self.shared, &view, client)?;
+                // Planned again on the current view: a prepared statement sees new data.
+                let replanned = within(
+                    deadline,
+                    service.query_parser().parse_sql(
+                        &*client,
+                        sql,
+                        &portal.statement.parameter_types,
+                    ),
+                )
+                .await
+                .map_err(classify)?;
+                let Some(replanned) = replanned else {
+                    return Ok(Response::EmptyQuery);
+                };
+                let mut current = Portal::new_cursor(
+                    portal.name.clone(),
+                    Arc::new(StoredStatement::new(
+                        portal.statement.id.clone(),
+                        replanned,
+                        portal.statement.parameter_types.clone(),
+                    )),
+                );
+                current.parameter_format = portal.parameter_format.clone();
+                current.parameters = portal.parameters.clone();
+                current.result_column_format = portal.result_column_format.clone();
+                current.state = portal.state.clone();
+                let response = within(
+                    deadline,
+                    ExtendedQueryHandler::do_query(service.as_ref(), client, &current, max_rows),
+                )
+                .await
+                .map_err(classify)?;
+                Ok(limited(response, deadline, started))
+            }
+            .await,
         )
-        .await
-        .map_err(classify)?;
-        let Some(replanned) = replanned else {
-            return Ok(Response::EmptyQuery);
-        };
-        let mut current = Portal::new_cursor(
-            portal.name.clone(),
-            Arc::new(StoredStatement::new(
-                portal.statement.id.clone(),
-                replanned,
-                portal.statement.parameter_types.clone(),
-            )),
-        );
-        current.parameter_format = portal.parameter_format.clone();
-        current.parameters = portal.parameters.clone();
-        current.result_column_format = portal.result_column_format.clone();
-        current.state = portal.state.clone();
-        let response = within(
-            deadline,
-            ExtendedQueryHandler::do_query(service.as_ref(), client, &current, max_rows),
-        )
-        .await
-        .map_err(classify)?;
-        Ok(limited(response, deadline, started))
     }
 }

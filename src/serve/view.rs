@@ -108,7 +108,11 @@ impl Target {
                 return Ok(Target::Time(t.timestamp_micros()));
             }
         }
-        for format in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S%.f"] {
+        for format in [
+            "%Y-%m-%d %H:%M:%S%.f",
+            "%Y-%m-%d %H:%M:%S",
+            "%Y-%m-%dT%H:%M:%S%.f",
+        ] {
             if let Ok(t) = chrono::NaiveDateTime::parse_from_str(text, format) {
                 return Ok(Target::Time(t.and_utc().timestamp_micros()));
             }
@@ -187,9 +191,10 @@ pub fn load_refined(dir: &Path) -> Result<Vec<(String, String)>, RefinedError> {
         }
         let sql = std::fs::read_to_string(&path).map_err(|e| err(&path, e.to_string()))?;
         let body = sql.trim().trim_end_matches(';').trim().to_string();
-        let statements = datafusion_postgres::datafusion_pg_catalog::sql::PostgresCompatibilityParser::new()
-            .parse(&body)
-            .map_err(|e| err(&path, format!("does not parse: {e}")))?;
+        let statements =
+            datafusion_postgres::datafusion_pg_catalog::sql::PostgresCompatibilityParser::new()
+                .parse(&body)
+                .map_err(|e| err(&path, format!("does not parse: {e}")))?;
         match statements.as_slice() {
             [deltalake::datafusion::sql::sqlparser::ast::Statement::Query(_)] => {}
             _ => {
@@ -286,7 +291,11 @@ impl Views {
     }
 
     /// The view at `position`, built unless cached. `latest` marks the live position.
-    pub async fn view(&self, position: Position, latest: bool) -> Result<Arc<View>, DataFusionError> {
+    pub async fn view(
+        &self,
+        position: Position,
+        latest: bool,
+    ) -> Result<Arc<View>, DataFusionError> {
         if latest {
             let mut current = self.latest.lock().await;
             if let Some(v) = current.as_ref()
@@ -391,7 +400,10 @@ impl Views {
                     self.lake.curated_table_url(&name)
                 };
                 let provider = self.provider(&ctx, &url, *version).await?;
-                let sql_name = names.get(table).cloned().unwrap_or_else(|| name.name.clone());
+                let sql_name = names
+                    .get(table)
+                    .cloned()
+                    .unwrap_or_else(|| name.name.clone());
                 catalog
                     .schema(schema)
                     .ok_or_else(|| DataFusionError::Internal(format!("schema {schema} missing")))?
@@ -463,7 +475,11 @@ fn install_functions(ctx: &SessionContext, lake: Lake, names: HashMap<String, St
         vec![],
         DataType::Utf8,
         Volatility::Immutable,
-        Arc::new(move |_| Ok(ColumnarValue::Scalar(ScalarValue::Utf8(Some(version.clone()))))),
+        Arc::new(move |_| {
+            Ok(ColumnarValue::Scalar(ScalarValue::Utf8(Some(
+                version.clone(),
+            ))))
+        }),
     ));
     ctx.register_udtf(
         "table_at_version",

@@ -458,7 +458,7 @@ pub(crate) mod tests {
     /// Writes the corpus from the sample messages, their truncations and single-byte
     /// corruptions (run once with `--ignored` to regenerate; the file is committed).
     #[test]
-    #[ignore]
+    #[ignore = "generates tests/corpus/pgoutput.hex; run by hand with --ignored"]
     fn write_corpus() {
         let mut out = String::from(
             "# pgoutput decoder corpus: one message per line, hex. Replayed by every test run\n\

@@ -333,9 +333,10 @@ impl Proxy {
         let (g, s) = (generation.clone(), stalled.clone());
         tokio::spawn(async move {
             loop {
-                let Ok((client, _)) = listener.accept().await else { continue };
-                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
-                else {
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
                     continue;
                 };
                 let born = g.load(Ordering::SeqCst);
@@ -357,7 +358,12 @@ impl Proxy {
                                 tokio::time::sleep(Duration::from_millis(20)).await;
                                 continue;
                             }
-                            let n = match tokio::time::timeout(Duration::from_millis(100), r.read(&mut buf)).await {
+                            let n = match tokio::time::timeout(
+                                Duration::from_millis(100),
+                                r.read(&mut buf),
+                            )
+                            .await
+                            {
                                 Err(_) => continue,
                                 Ok(Ok(0)) | Ok(Err(_)) => return,
                                 Ok(Ok(n)) => n,
@@ -397,9 +403,10 @@ async fn proxy_cuts_and_stalls_lose_and_duplicate_nothing() {
     let env = Env::new(SETUP).await;
     let proxy = Proxy::start(env.pg.port).await;
     env.write_config("postgres", &["public.acct", "public.item"], "");
-    let text = std::fs::read_to_string(&env.config)
-        .unwrap()
-        .replace(&format!("port={}", env.pg.port), &format!("port={}", proxy.port));
+    let text = std::fs::read_to_string(&env.config).unwrap().replace(
+        &format!("port={}", env.pg.port),
+        &format!("port={}", proxy.port),
+    );
     std::fs::write(&env.config, text).unwrap();
     let daemon = env.daemon();
     env.wait_streaming().await;
@@ -412,17 +419,33 @@ async fn proxy_cuts_and_stalls_lose_and_duplicate_nothing() {
             proxy.stall(true);
             tokio::time::sleep(Duration::from_millis(rand::rng().random_range(500..3000))).await;
             proxy.stall(false);
-            println!("stall {i}: {} source transactions so far", workload.committed());
+            println!(
+                "stall {i}: {} source transactions so far",
+                workload.committed()
+            );
         } else {
             proxy.cut();
-            println!("cut {i}: {} source transactions so far", workload.committed());
+            println!(
+                "cut {i}: {} source transactions so far",
+                workload.committed()
+            );
         }
         faults += 1;
     }
     workload.stop().await;
-    verify_exactly_once(&env, "proxy cuts and stalls", faults, Duration::from_secs(180)).await;
+    verify_exactly_once(
+        &env,
+        "proxy cuts and stalls",
+        faults,
+        Duration::from_secs(180),
+    )
+    .await;
     let mut daemon = daemon;
-    assert!(daemon.is_running(), "the daemon must ride out cuts\n{}", env.daemon_log());
+    assert!(
+        daemon.is_running(),
+        "the daemon must ride out cuts\n{}",
+        env.daemon_log()
+    );
     assert!(daemon.terminate(Duration::from_secs(30)).success());
 }
 
@@ -465,14 +488,15 @@ async fn postgres_restart_during_the_snapshot_loses_and_duplicates_nothing() {
     workload.stop().await;
     env.wait_caught_up(Duration::from_secs(180)).await;
     let truth = ground_truth(&env).await;
-    let lake: Multiset = lake_changes(&env)
-        .await
-        .into_iter()
-        .fold(Multiset::new(), |mut m, ((t, op, id, v), n)| {
-            let op = if op == "r" { "c".to_string() } else { op };
-            *m.entry((t, op, id, v)).or_default() += n;
-            m
-        });
+    let lake: Multiset =
+        lake_changes(&env)
+            .await
+            .into_iter()
+            .fold(Multiset::new(), |mut m, ((t, op, id, v), n)| {
+                let op = if op == "r" { "c".to_string() } else { op };
+                *m.entry((t, op, id, v)).or_default() += n;
+                m
+            });
     compare(&truth, &lake, "postgres restart during the snapshot", 1);
     for table in ["public.acct", "public.item"] {
         crate::curated::assert_mirror(&env, table).await;
@@ -483,19 +507,6 @@ async fn postgres_restart_during_the_snapshot_loses_and_duplicates_nothing() {
     );
     assert!(daemon.is_running(), "{}", env.daemon_log());
     assert!(daemon.terminate(Duration::from_secs(30)).success());
-}
-
-async fn confirmed(env: &Env) -> String {
-    env.pg
-        .client()
-        .await
-        .query_one(
-            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-            &[&env.slot],
-        )
-        .await
-        .unwrap()
-        .get(0)
 }
 
 /// The lake's storage fails under the running daemon (a raw table's directory replaced by a
@@ -515,18 +526,24 @@ async fn lake_storage_failure_pauses_without_confirming_and_resumes_exactly_once
     crate::harness::wait_for(
         "the daemon to report the failing table",
         Duration::from_secs(60),
-        || async { env.daemon_log().contains("raw.public.acct") && env.daemon_log().contains("WARN") },
+        || async {
+            env.daemon_log().contains("raw.public.acct") && env.daemon_log().contains("WARN")
+        },
         || env.daemon_log(),
     )
     .await;
-    let during = confirmed(&env).await;
+    let during = env.confirmed_flush().await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(
-        confirmed(&env).await,
+        env.confirmed_flush().await,
         during,
         "the slot advanced while the lake could not be written"
     );
-    assert!(daemon.is_running(), "the daemon must wait for the storage, not exit\n{}", env.daemon_log());
+    assert!(
+        daemon.is_running(),
+        "the daemon must wait for the storage, not exit\n{}",
+        env.daemon_log()
+    );
     std::fs::remove_file(&table).unwrap();
     std::fs::rename(&away, &table).unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;

@@ -138,7 +138,11 @@ pub fn psql_binary() -> PathBuf {
         candidates.extend(std::env::split_paths(&path).map(|d| d.join("psql")));
     }
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path().join("bin/psql")).collect())
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin/psql"))
+                .collect()
+        })
         .unwrap_or_default();
     versions.sort();
     candidates.extend(versions.into_iter().rev());
@@ -189,7 +193,13 @@ impl Env {
 
     /// Like `write_config`, with `serve_extra` added to the `[serve]` section (which
     /// listens on `serve_port` and serves the repository's refined views).
-    pub fn write_config_serving(&self, user: &str, tables: &[&str], extra: &str, serve_extra: &str) {
+    pub fn write_config_serving(
+        &self,
+        user: &str,
+        tables: &[&str],
+        extra: &str,
+        serve_extra: &str,
+    ) {
         let tables: Vec<String> = tables.iter().map(|t| format!("{t:?}")).collect();
         let text = format!(
             "[source]\ndsn = {dsn:?}\nslot = {slot:?}\npublication = \"w2d_pub\"\ntables = [{tables}]\n\
@@ -254,6 +264,20 @@ impl Env {
             &[&self.slot, &target],
         )
         .await;
+    }
+
+    /// The slot's `confirmed_flush_lsn`, as text.
+    pub async fn confirmed_flush(&self) -> String {
+        self.pg
+            .client()
+            .await
+            .query_one(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.slot],
+            )
+            .await
+            .expect("read the slot's confirmed_flush_lsn")
+            .get(0)
     }
 
     pub async fn current_wal_lsn(&self) -> String {

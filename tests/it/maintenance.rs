@@ -63,9 +63,7 @@ async fn compaction_and_vacuum_keep_files_bounded_and_changes_exactly_once() {
             1 => format!(
                 "UPDATE t SET v = 'u{i}' WHERE id = (SELECT id FROM t ORDER BY random() LIMIT 1)"
             ),
-            _ => format!(
-                "DELETE FROM t WHERE id = (SELECT id FROM t ORDER BY random() LIMIT 1)"
-            ),
+            _ => format!("DELETE FROM t WHERE id = (SELECT id FROM t ORDER BY random() LIMIT 1)"),
         };
         let n = client.execute(sql.as_str(), &[]).await.unwrap();
         changes += n as i64;
@@ -77,11 +75,23 @@ async fn compaction_and_vacuum_keep_files_bounded_and_changes_exactly_once() {
     }
     env.wait_caught_up(Duration::from_secs(90)).await;
     // Let a last maintenance check run after the final batch.
-    client.execute("UPDATE t SET v = 'last' WHERE id = (SELECT min(id) FROM t)", &[]).await.unwrap();
+    client
+        .execute(
+            "UPDATE t SET v = 'last' WHERE id = (SELECT min(id) FROM t)",
+            &[],
+        )
+        .await
+        .unwrap();
     changes += 1;
     env.wait_caught_up(Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    client.execute("UPDATE t SET v = 'last2' WHERE id = (SELECT min(id) FROM t)", &[]).await.unwrap();
+    client
+        .execute(
+            "UPDATE t SET v = 'last2' WHERE id = (SELECT min(id) FROM t)",
+            &[],
+        )
+        .await
+        .unwrap();
     changes += 1;
     env.wait_caught_up(Duration::from_secs(60)).await;
 
@@ -92,13 +102,21 @@ async fn compaction_and_vacuum_keep_files_bounded_and_changes_exactly_once() {
 
     let curated = env.lake.join("curated/public/t");
     let log = env.daemon_log();
-    assert!(log.contains("compacted small files"), "no compaction ran:\n{log}");
-    assert!(log.contains("vacuumed unreferenced files"), "no vacuum ran:\n{log}");
+    assert!(
+        log.contains("compacted small files"),
+        "no compaction ran:\n{log}"
+    );
+    assert!(
+        log.contains("vacuumed unreferenced files"),
+        "no vacuum ran:\n{log}"
+    );
     // ~400 batches would leave ~400 files per table without compaction.
     for (name, dir) in [("raw", &raw), ("curated", &curated)] {
         let live = live_files(dir).await;
         let on_disk = parquet_files(dir);
-        eprintln!("maintenance figures: {name}: {live} live files, {on_disk} Parquet files on disk, {changes} changes");
+        eprintln!(
+            "maintenance figures: {name}: {live} live files, {on_disk} Parquet files on disk, {changes} changes"
+        );
         assert!(live <= 24, "{name}: {live} live files after ~400 batches");
         assert!(
             on_disk <= live + 24,
@@ -109,7 +127,13 @@ async fn compaction_and_vacuum_keep_files_bounded_and_changes_exactly_once() {
     for dir in [&raw, &curated, &env.lake.join("_wal2delta/checkpoint")] {
         let commits = std::fs::read_dir(dir.join("_delta_log"))
             .unwrap()
-            .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "json"))
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .path()
+                    .extension()
+                    .is_some_and(|x| x == "json")
+            })
             .count();
         assert!(commits > 100, "{dir:?}: only {commits} commits");
         eprintln!("maintenance figures: {dir:?}: {commits} commits in the log, checkpointed");

@@ -14,19 +14,6 @@ GRANT SELECT ON published TO repl_md5;
 CREATE PUBLICATION w2d_pub FOR TABLE published;
 "#;
 
-async fn confirmed_flush(env: &Env) -> String {
-    env.pg
-        .client()
-        .await
-        .query_one(
-            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-            &[&env.slot],
-        )
-        .await
-        .unwrap()
-        .get(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_publication_keeps_confirmed_flush_advancing() {
     let env = Env::new(SETUP).await;
@@ -47,7 +34,7 @@ async fn idle_publication_keeps_confirmed_flush_advancing() {
     env.wait_raw_rows("public", "published", 1, Duration::from_secs(60))
         .await;
     env.wait_caught_up(Duration::from_secs(60)).await;
-    let start = confirmed_flush(&env).await;
+    let start = env.confirmed_flush().await;
     let wal_start = env.current_wal_lsn().await;
     for _ in 0..3 {
         for _ in 0..50 {
@@ -60,7 +47,7 @@ async fn idle_publication_keeps_confirmed_flush_advancing() {
         // Only unpublished writes: the slot must still confirm the new WAL end.
         env.wait_caught_up(Duration::from_secs(60)).await;
     }
-    let end = confirmed_flush(&env).await;
+    let end = env.confirmed_flush().await;
     println!("figure: idle slot confirmed_flush_lsn advanced from {start} to {end}");
     assert_ne!(start, end);
     // And the WAL the slot retains stays bounded: once Postgres logs a new restart point
@@ -148,7 +135,7 @@ async fn sigterm_commits_complete_transactions_and_reports_the_final_position() 
         1000,
         "the complete transaction is committed on stop"
     );
-    let confirmed = confirmed_flush(&env).await;
+    let confirmed = env.confirmed_flush().await;
     let reached: bool = pg
         .query_one(
             "SELECT $1::text::pg_lsn >= $2::text::pg_lsn",
@@ -184,7 +171,10 @@ async fn the_optional_heartbeat_moves_the_slot_on_an_idle_database() {
     .await;
     let now = env.current_wal_lsn().await;
     let moved: bool = pg
-        .query_one("SELECT $1::text::pg_lsn > $2::text::pg_lsn", &[&now, &start])
+        .query_one(
+            "SELECT $1::text::pg_lsn > $2::text::pg_lsn",
+            &[&now, &start],
+        )
         .await
         .unwrap()
         .get(0);

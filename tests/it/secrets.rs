@@ -13,8 +13,16 @@ const ENDPOINT_PW: &str = "sql-Secret-88d1b";
 const WRONG_ENDPOINT_PW: &str = "sql-Wrong-0e4aa";
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> String {
-    let out = Command::new(binary()).args(args).envs(env.iter().copied()).output().unwrap();
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    let out = Command::new(binary())
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -27,18 +35,7 @@ async fn passwords_appear_in_no_log_error_status_or_metric() {
          CREATE PUBLICATION w2d_pub FOR TABLE t;"
     ))
     .await;
-    let verifier = {
-        use std::io::Write;
-        let mut child = Command::new(binary())
-            .arg("hash-password")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(format!("{ENDPOINT_PW}\n").as_bytes()).unwrap();
-        let out = child.wait_with_output().unwrap();
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    };
+    let verifier = crate::sql::hash_password(ENDPOINT_PW);
     let metrics_port = free_port();
     env.write_config_serving(
         "repl_secret",
@@ -53,11 +50,28 @@ async fn passwords_appear_in_no_log_error_status_or_metric() {
     // Endpoint logins: wrong password, unknown user, right password.
     let psql = |user: &str, pw: &str| {
         let out = Command::new(psql_binary())
-            .args(["-X", "-At", "-h", "127.0.0.1", "-p", &env.serve_port.to_string(), "-U", user, "-d", "wal2delta", "-c", "SELECT count(*) FROM t"])
+            .args([
+                "-X",
+                "-At",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &env.serve_port.to_string(),
+                "-U",
+                user,
+                "-d",
+                "wal2delta",
+                "-c",
+                "SELECT count(*) FROM t",
+            ])
             .env("PGPASSWORD", pw)
             .output()
             .unwrap();
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
     };
     let mut outputs = vec![
         psql("analyst", WRONG_ENDPOINT_PW),
@@ -69,7 +83,20 @@ async fn passwords_appear_in_no_log_error_status_or_metric() {
         Duration::from_secs(60),
         || async move {
             let out = Command::new(psql_binary())
-                .args(["-X", "-At", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "analyst", "-d", "wal2delta", "-c", "SELECT count(*) FROM t"])
+                .args([
+                    "-X",
+                    "-At",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port.to_string(),
+                    "-U",
+                    "analyst",
+                    "-d",
+                    "wal2delta",
+                    "-c",
+                    "SELECT count(*) FROM t",
+                ])
                 .env("PGPASSWORD", ENDPOINT_PW)
                 .output()
                 .unwrap();
@@ -84,29 +111,54 @@ async fn passwords_appear_in_no_log_error_status_or_metric() {
     outputs.push(run(&["status", "--config", config], &good));
     outputs.push(run(&["status", "--config", config, "--json"], &good));
     outputs.push(run(&["validate", "--config", config], &good));
-    outputs.push(run(&["validate", "--config", config], &[("W2D_PW", WRONG_SOURCE_PW)]));
+    outputs.push(run(
+        &["validate", "--config", config],
+        &[("W2D_PW", WRONG_SOURCE_PW)],
+    ));
     // A second daemon that fails to authenticate at the source.
     let other = env.dir.path().join("other.toml");
     let text = std::fs::read_to_string(&env.config)
         .unwrap()
-        .replace(&format!("127.0.0.1:{}", env.serve_port), &format!("127.0.0.1:{}", free_port()))
-        .replace(&format!("127.0.0.1:{metrics_port}"), &format!("127.0.0.1:{}", free_port()))
-        .replace(env.lake.to_str().unwrap(), env.dir.path().join("other-lake").to_str().unwrap());
+        .replace(
+            &format!("127.0.0.1:{}", env.serve_port),
+            &format!("127.0.0.1:{}", free_port()),
+        )
+        .replace(
+            &format!("127.0.0.1:{metrics_port}"),
+            &format!("127.0.0.1:{}", free_port()),
+        )
+        .replace(
+            env.lake.to_str().unwrap(),
+            env.dir.path().join("other-lake").to_str().unwrap(),
+        );
     std::fs::write(&other, text).unwrap();
-    let failed = run(&["run", "--config", other.to_str().unwrap()], &[("W2D_PW", WRONG_SOURCE_PW)]);
-    assert!(failed.contains("password authentication failed") || failed.contains("authentication"), "{failed}");
+    let failed = run(
+        &["run", "--config", other.to_str().unwrap()],
+        &[("W2D_PW", WRONG_SOURCE_PW)],
+    );
+    assert!(
+        failed.contains("password authentication failed") || failed.contains("authentication"),
+        "{failed}"
+    );
     outputs.push(failed);
 
     // Metrics.
     let scrape = {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", metrics_port)).await.unwrap();
-        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", metrics_port))
+            .await
+            .unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
         let mut body = String::new();
         s.read_to_string(&mut body).await.unwrap();
         body
     };
-    assert!(scrape.contains("wal2delta_sql_statements_total"), "{scrape}");
+    assert!(
+        scrape.contains("wal2delta_sql_statements_total"),
+        "{scrape}"
+    );
     outputs.push(scrape);
     outputs.push(env.daemon_log());
 

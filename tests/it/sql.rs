@@ -27,7 +27,9 @@ fn demo_setup() -> String {
 }
 
 fn endpoint_dsn(port: u16, user: &str) -> String {
-    format!("host=127.0.0.1 port={port} user={user} dbname=wal2delta sslmode=disable connect_timeout=5")
+    format!(
+        "host=127.0.0.1 port={port} user={user} dbname=wal2delta sslmode=disable connect_timeout=5"
+    )
 }
 
 async fn connect(dsn: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
@@ -58,13 +60,23 @@ async fn rows(client: &tokio_postgres::Client, sql: &str) -> Vec<String> {
 }
 
 fn sqlstate(e: &tokio_postgres::Error) -> String {
-    e.code().map(|c| c.code().to_string()).unwrap_or_else(|| format!("no SQLSTATE: {e}"))
+    e.code()
+        .map(|c| c.code().to_string())
+        .unwrap_or_else(|| format!("no SQLSTATE: {e}"))
 }
 
 /// Runs psql against the endpoint; returns (success, stdout + stderr).
 fn psql(port: u16, user: &str, extra_env: &[(&str, &str)], args: &[&str]) -> (bool, String) {
     let out = Command::new(psql_binary())
-        .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p"])
+        .args([
+            "-X",
+            "-At",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+            "-p",
+        ])
         .arg(port.to_string())
         .args(["-U", user, "-d", "wal2delta"])
         .args(args)
@@ -110,17 +122,33 @@ async fn psql_drivers_and_bi_clients_query_the_lake() {
     let env = Env::new(&demo_setup()).await;
     env.write_config("postgres", &FOUR_TABLES, "");
     let _daemon = env.daemon();
-    wait_same(&env, "curated transacoes served", "SELECT count(*), sum(valor) FROM transacoes").await;
-    wait_same(&env, "curated moradores served", "SELECT count(*) FROM moradores").await;
+    wait_same(
+        &env,
+        "curated transacoes served",
+        "SELECT count(*), sum(valor) FROM transacoes",
+    )
+    .await;
+    wait_same(
+        &env,
+        "curated moradores served",
+        "SELECT count(*) FROM moradores",
+    )
+    .await;
     let port = env.serve_port;
     let source = env.pg.client().await;
     let lake = connect(&endpoint_dsn(port, "analyst")).await.unwrap();
 
     // psql meta-commands.
     let (ok, out) = psql(port, "analyst", &[], &["-c", "\\dt"]);
-    assert!(ok && out.contains("public|transacoes|table") && out.contains("public|condominios|table"), "\\dt:\n{out}");
+    assert!(
+        ok && out.contains("public|transacoes|table") && out.contains("public|condominios|table"),
+        "\\dt:\n{out}"
+    );
     let (ok, out) = psql(port, "analyst", &[], &["-c", "\\dt raw.*"]);
-    assert!(ok && out.contains("raw|transacoes|table") && out.contains("raw|imoveis|table"), "\\dt raw.*:\n{out}");
+    assert!(
+        ok && out.contains("raw|transacoes|table") && out.contains("raw|imoveis|table"),
+        "\\dt raw.*:\n{out}"
+    );
     let (ok, out) = psql(port, "analyst", &[], &["-c", "\\d transacoes"]);
     assert!(ok, "\\d transacoes:\n{out}");
     for (column, ty) in [
@@ -131,14 +159,18 @@ async fn psql_drivers_and_bi_clients_query_the_lake() {
         ("status", "text"),
     ] {
         assert!(
-            out.lines().any(|l| l.starts_with(&format!("{column}|")) && l.contains(ty)),
+            out.lines()
+                .any(|l| l.starts_with(&format!("{column}|")) && l.contains(ty)),
             "\\d transacoes: column {column} should be {ty}:\n{out}"
         );
     }
     let (ok, out) = psql(port, "analyst", &[], &["-c", "\\l"]);
     assert!(ok && out.contains("wal2delta"), "\\l:\n{out}");
     let (ok, out) = psql(port, "analyst", &[], &["-c", "\\dv refined.*"]);
-    assert!(ok && out.contains("valores_mensais_condominio"), "\\dv refined.*:\n{out}");
+    assert!(
+        ok && out.contains("valores_mensais_condominio"),
+        "\\dv refined.*:\n{out}"
+    );
 
     // Joins, aggregates, window functions and ORDER BY … LIMIT agree with the source.
     for sql in [
@@ -155,16 +187,32 @@ async fn psql_drivers_and_bi_clients_query_the_lake() {
 
     // Refined views over the curated tables.
     assert_eq!(
-        rows(&lake, "SELECT sum(valor_total) FROM refined.valores_mensais_condominio").await,
+        rows(
+            &lake,
+            "SELECT sum(valor_total) FROM refined.valores_mensais_condominio"
+        )
+        .await,
         rows(&source, "SELECT sum(valor) FROM transacoes").await
     );
     assert_eq!(
-        rows(&lake, "SELECT count(*), sum(unidades) FROM refined.ocupacao_condominio").await,
-        rows(&source, "SELECT (SELECT count(*) FROM condominios), (SELECT count(*) FROM imoveis)").await
+        rows(
+            &lake,
+            "SELECT count(*), sum(unidades) FROM refined.ocupacao_condominio"
+        )
+        .await,
+        rows(
+            &source,
+            "SELECT (SELECT count(*) FROM condominios), (SELECT count(*) FROM imoveis)"
+        )
+        .await
     );
     let overdue = "SELECT count(*) FROM transacoes WHERE status = 'atrasada' OR (status = 'aberta' AND vencimento < current_date)";
     assert_eq!(
-        rows(&lake, "SELECT coalesce(sum(transacoes_em_atraso), 0) FROM refined.saldo_em_atraso").await,
+        rows(
+            &lake,
+            "SELECT coalesce(sum(transacoes_em_atraso), 0) FROM refined.saldo_em_atraso"
+        )
+        .await,
         rows(&source, overdue).await
     );
 
@@ -178,16 +226,28 @@ async fn psql_drivers_and_bi_clients_query_the_lake() {
     use tokio_postgres::types::Type;
     assert_eq!(
         types,
-        vec![Type::INT8, Type::NUMERIC, Type::TIMESTAMPTZ, Type::DATE, Type::TEXT]
+        vec![
+            Type::INT8,
+            Type::NUMERIC,
+            Type::TIMESTAMPTZ,
+            Type::DATE,
+            Type::TEXT
+        ]
     );
     let paid: i64 = source
-        .query_one("SELECT min(id) FROM transacoes WHERE pago_em IS NOT NULL", &[])
+        .query_one(
+            "SELECT min(id) FROM transacoes WHERE pago_em IS NOT NULL",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
     let row = lake.query_one(&stmt, &[&paid]).await.unwrap();
     let want = source
-        .query_one("SELECT id, pago_em, status FROM transacoes WHERE id = $1", &[&paid])
+        .query_one(
+            "SELECT id, pago_em, status FROM transacoes WHERE id = $1",
+            &[&paid],
+        )
         .await
         .unwrap();
     assert_eq!(row.get::<_, i64>(0), paid);
@@ -198,12 +258,18 @@ async fn psql_drivers_and_bi_clients_query_the_lake() {
     assert_eq!(row.get::<_, String>(4), want.get::<_, String>(2));
     // Text and integer parameters.
     let n: i64 = lake
-        .query_one("SELECT count(*) FROM transacoes WHERE status = $1 AND id > $2", &[&"paga", &3i64])
+        .query_one(
+            "SELECT count(*) FROM transacoes WHERE status = $1 AND id > $2",
+            &[&"paga", &3i64],
+        )
         .await
         .map(|r| r.get(0))
         .unwrap_or_else(|e| panic!("text parameters: {e}"));
     let m: i64 = source
-        .query_one("SELECT count(*) FROM transacoes WHERE status = 'paga' AND id > 3", &[])
+        .query_one(
+            "SELECT count(*) FROM transacoes WHERE status = 'paga' AND id > 3",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -227,9 +293,15 @@ async fn psql_drivers_and_bi_clients_query_the_lake() {
     }
     let err = lake.batch_execute("SELEC 1").await.unwrap_err();
     assert_eq!(sqlstate(&err), "42601", "{err:?}");
-    let err = lake.batch_execute("SELECT * FROM nao_existe").await.unwrap_err();
+    let err = lake
+        .batch_execute("SELECT * FROM nao_existe")
+        .await
+        .unwrap_err();
     assert_eq!(sqlstate(&err), "42P01", "{err:?}");
-    let err = lake.batch_execute("SELECT coluna_nenhuma FROM transacoes").await.unwrap_err();
+    let err = lake
+        .batch_execute("SELECT coluna_nenhuma FROM transacoes")
+        .await
+        .unwrap_err();
     assert_eq!(sqlstate(&err), "42703", "{err:?}");
 
     // The position the session reads at.
@@ -237,7 +309,10 @@ async fn psql_drivers_and_bi_clients_query_the_lake() {
     assert_eq!(position.len(), 1, "{position:?}");
     let lsn = position[0].split('|').next().unwrap().to_string();
     assert!(lsn.contains('/'), "SHOW wal2delta.position: {position:?}");
-    let row = lake.query_one("SHOW wal2delta.position", &[]).await.unwrap();
+    let row = lake
+        .query_one("SHOW wal2delta.position", &[])
+        .await
+        .unwrap();
     assert_eq!(row.get::<_, String>(0), lsn);
 
     // The start-up queries of common clients: each succeeds or fails harmlessly.
@@ -261,8 +336,14 @@ async fn psql_drivers_and_bi_clients_query_the_lake() {
         }
         replayed += 1;
         if let Err(e) = lake.simple_query(sql).await {
-            failures.push(format!("[{client_name}] {}: {e:?}", sql.lines().next().unwrap_or("")));
-            assert!(e.code().is_some(), "[{client_name}] {sql}: not an ordinary error: {e:?}");
+            failures.push(format!(
+                "[{client_name}] {}: {e:?}",
+                sql.lines().next().unwrap_or("")
+            ));
+            assert!(
+                e.code().is_some(),
+                "[{client_name}] {sql}: not an ordinary error: {e:?}"
+            );
         }
         assert_eq!(
             rows(&lake, "SELECT 1").await,
@@ -289,7 +370,9 @@ async fn psql_drivers_and_bi_clients_query_the_lake() {
 /// psycopg binds parameters on the server and reads numeric, timestamptz, date and text
 /// in text and binary formats.
 async fn psycopg_reads(env: &Env, id: i64) {
-    let probe = Command::new("python3").args(["-c", "import psycopg"]).output();
+    let probe = Command::new("python3")
+        .args(["-c", "import psycopg"])
+        .output();
     assert!(
         matches!(&probe, Ok(o) if o.status.success()),
         "this test needs psycopg 3: python3 -m pip install 'psycopg[binary]' ({probe:?})"
@@ -317,7 +400,10 @@ os._exit(0)
 "#,
         port = env.serve_port,
     );
-    let out = Command::new("python3").args(["-c", &script]).output().unwrap();
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "psycopg: {}{}",
@@ -338,11 +424,27 @@ os._exit(0)
     for format in ["text", "binary"] {
         let row = &got[format];
         assert_eq!(row[0], serde_json::json!(id), "{format}: {got}");
-        assert_eq!(row[1], serde_json::json!(want.get::<_, String>(0)), "{format}: {got}");
-        assert_eq!(row[3], serde_json::json!(want.get::<_, String>(1)), "{format}: {got}");
-        assert_eq!(row[4], serde_json::json!(want.get::<_, String>(2)), "{format}: {got}");
+        assert_eq!(
+            row[1],
+            serde_json::json!(want.get::<_, String>(0)),
+            "{format}: {got}"
+        );
+        assert_eq!(
+            row[3],
+            serde_json::json!(want.get::<_, String>(1)),
+            "{format}: {got}"
+        );
+        assert_eq!(
+            row[4],
+            serde_json::json!(want.get::<_, String>(2)),
+            "{format}: {got}"
+        );
     }
-    assert_eq!(got["count"], serde_json::json!(want.get::<_, i64>(3)), "{got}");
+    assert_eq!(
+        got["count"],
+        serde_json::json!(want.get::<_, i64>(3)),
+        "{got}"
+    );
 }
 
 const LEDGER: &str = r#"
@@ -401,7 +503,11 @@ async fn every_query_reads_all_tables_at_one_source_position() {
             let (mut checks, mut positions) = (0u64, std::collections::BTreeSet::new());
             while !stop.load(Ordering::Relaxed) {
                 let bad = rows(&lake, invariant).await;
-                assert_eq!(bad, vec!["0".to_string()], "a query saw a transaction in only one table");
+                assert_eq!(
+                    bad,
+                    vec!["0".to_string()],
+                    "a query saw a transaction in only one table"
+                );
                 assert_eq!(rows(&lake, total).await, vec!["20000".to_string()]);
                 // Extended protocol too.
                 let n: i64 = lake.query_one(invariant, &[]).await.unwrap().get(0);
@@ -426,8 +532,16 @@ async fn every_query_reads_all_tables_at_one_source_position() {
     }
     assert_eq!(written, 800);
     // The readers really saw the lake move (many batch cycles), not one frozen position.
-    assert!(positions_seen >= 6, "readers saw only {positions_seen} positions");
-    wait_same(&env, "final ledger served", "SELECT count(*), sum(valor) FROM lancamentos").await;
+    assert!(
+        positions_seen >= 6,
+        "readers saw only {positions_seen} positions"
+    );
+    wait_same(
+        &env,
+        "final ledger served",
+        "SELECT count(*), sum(valor) FROM lancamentos",
+    )
+    .await;
 }
 
 /// Time travel by LSN, by commit time and by Delta version; and `wal2delta serve` reading
@@ -442,19 +556,30 @@ async fn time_travel_and_a_second_read_only_server() {
     env.write_config("postgres", &["public.t"], "");
     let _daemon = env.daemon();
     wait_same(&env, "first rows", "SELECT count(*) FROM t").await;
-    let lake = connect(&endpoint_dsn(env.serve_port, "analyst")).await.unwrap();
+    let lake = connect(&endpoint_dsn(env.serve_port, "analyst"))
+        .await
+        .unwrap();
     let first = rows(&lake, "SHOW wal2delta.position").await[0].clone();
     let (first_lsn, first_time) = {
         let mut parts = first.split('|');
-        (parts.next().unwrap().to_string(), parts.next().unwrap().to_string())
+        (
+            parts.next().unwrap().to_string(),
+            parts.next().unwrap().to_string(),
+        )
     };
     // Commit time: the snapshot record has none; the first streamed batch has.
     let source = env.pg.client().await;
-    source.batch_execute("INSERT INTO t VALUES (11, 'b')").await.unwrap();
+    source
+        .batch_execute("INSERT INTO t VALUES (11, 'b')")
+        .await
+        .unwrap();
     wait_same(&env, "row 11", "SELECT count(*) FROM t").await;
     let second = rows(&lake, "SHOW wal2delta.position").await[0].clone();
     let mut parts = second.split('|');
-    let (second_lsn, second_time) = (parts.next().unwrap().to_string(), parts.next().unwrap().to_string());
+    let (second_lsn, second_time) = (
+        parts.next().unwrap().to_string(),
+        parts.next().unwrap().to_string(),
+    );
     assert_ne!(second_lsn, first_lsn);
     assert_ne!(second_time, "NULL", "{second}");
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -465,27 +590,61 @@ async fn time_travel_and_a_second_read_only_server() {
     wait_same(&env, "rows 12..20", "SELECT count(*), sum(id) FROM t").await;
 
     // As of an LSN: the whole session reads there, consistently, until RESET.
-    lake.batch_execute(&format!("SET wal2delta.as_of = '{first_lsn}'")).await.unwrap();
-    assert_eq!(rows(&lake, "SELECT count(*), sum(id) FROM t").await, vec!["10|55"]);
-    assert_eq!(rows(&lake, "SHOW wal2delta.position").await[0].split('|').next().unwrap(), first_lsn);
-    let n: i64 = lake.query_one("SELECT count(*) FROM t", &[]).await.unwrap().get(0);
+    lake.batch_execute(&format!("SET wal2delta.as_of = '{first_lsn}'"))
+        .await
+        .unwrap();
+    assert_eq!(
+        rows(&lake, "SELECT count(*), sum(id) FROM t").await,
+        vec!["10|55"]
+    );
+    assert_eq!(
+        rows(&lake, "SHOW wal2delta.position").await[0]
+            .split('|')
+            .next()
+            .unwrap(),
+        first_lsn
+    );
+    let n: i64 = lake
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 10, "extended protocol reads at the as-of position too");
     // As of a commit time.
-    lake.batch_execute(&format!("SET wal2delta.as_of = '{second_time}'")).await.unwrap();
-    assert_eq!(rows(&lake, "SELECT count(*), sum(id) FROM t").await, vec!["11|66"]);
+    lake.batch_execute(&format!("SET wal2delta.as_of = '{second_time}'"))
+        .await
+        .unwrap();
+    assert_eq!(
+        rows(&lake, "SELECT count(*), sum(id) FROM t").await,
+        vec!["11|66"]
+    );
     lake.batch_execute("RESET wal2delta.as_of").await.unwrap();
-    assert_eq!(rows(&lake, "SELECT count(*), sum(id) FROM t").await, vec!["19|209"]);
+    assert_eq!(
+        rows(&lake, "SELECT count(*), sum(id) FROM t").await,
+        vec!["19|209"]
+    );
     // A position before anything was replicated is an error that says so.
-    let err = lake.batch_execute("SET wal2delta.as_of = '0/1'").await.unwrap_err();
+    let err = lake
+        .batch_execute("SET wal2delta.as_of = '0/1'")
+        .await
+        .unwrap_err();
     assert_eq!(sqlstate(&err), "22023", "{err:?}");
-    let err = lake.batch_execute("SET wal2delta.as_of = 'yesterday-ish'").await.unwrap_err();
+    let err = lake
+        .batch_execute("SET wal2delta.as_of = 'yesterday-ish'")
+        .await
+        .unwrap_err();
     assert!(
-        err.as_db_error().is_some_and(|e| e.message().contains("neither an LSN")),
+        err.as_db_error()
+            .is_some_and(|e| e.message().contains("neither an LSN")),
         "{err:?}"
     );
     // One table at a Delta version: version 1 of the curated table is the snapshot.
     assert_eq!(
-        rows(&lake, "SELECT count(*) FROM table_at_version('public.t', 1)").await,
+        rows(
+            &lake,
+            "SELECT count(*) FROM table_at_version('public.t', 1)"
+        )
+        .await,
         vec!["10"]
     );
     assert_eq!(
@@ -496,9 +655,10 @@ async fn time_travel_and_a_second_read_only_server() {
 
     // `wal2delta serve`: a second endpoint on the same lake, read-only, following new data.
     let port = free_port();
-    let text = std::fs::read_to_string(&env.config)
-        .unwrap()
-        .replace(&format!("127.0.0.1:{}", env.serve_port), &format!("127.0.0.1:{port}"));
+    let text = std::fs::read_to_string(&env.config).unwrap().replace(
+        &format!("127.0.0.1:{}", env.serve_port),
+        &format!("127.0.0.1:{port}"),
+    );
     let config = env.dir.path().join("serve.toml");
     std::fs::write(&config, text).unwrap();
     let log = env.dir.path().join("serve.log");
@@ -510,39 +670,37 @@ async fn time_travel_and_a_second_read_only_server() {
         .unwrap();
     let dsn = endpoint_dsn(port, "analyst");
     let errlog = env.dir.path().join("serve.err");
-    wait_for(
-        "wal2delta serve answers",
-        Duration::from_secs(30),
-        || {
-            let dsn = &dsn;
-            async move {
-                match connect(dsn).await {
-                    Ok(c) => rows(&c, "SELECT count(*) FROM t").await == vec!["19"],
-                    Err(_) => false,
-                }
-            }
-        },
-        || std::fs::read_to_string(&errlog).unwrap_or_default(),
-    )
-    .await;
-    source.batch_execute("INSERT INTO t VALUES (100, 'z')").await.unwrap();
-    wait_for(
-        "wal2delta serve sees new data",
-        Duration::from_secs(30),
-        || {
-            let dsn = &dsn;
-            async move {
-                match connect(dsn).await {
-                    Ok(c) => rows(&c, "SELECT count(*) FROM t").await == vec!["20"],
-                    Err(_) => false,
-                }
-            }
-        },
-        || std::fs::read_to_string(&errlog).unwrap_or_default(),
-    )
-    .await;
+    let serves = |what: &'static str, want: &'static str| {
+        let (dsn, errlog) = (dsn.clone(), errlog.clone());
+        async move {
+            wait_for(
+                what,
+                Duration::from_secs(30),
+                || {
+                    let dsn = &dsn;
+                    async move {
+                        match connect(dsn).await {
+                            Ok(c) => rows(&c, "SELECT count(*) FROM t").await == vec![want],
+                            Err(_) => false,
+                        }
+                    }
+                },
+                || std::fs::read_to_string(&errlog).unwrap_or_default(),
+            )
+            .await
+        }
+    };
+    serves("wal2delta serve answers", "19").await;
+    source
+        .batch_execute("INSERT INTO t VALUES (100, 'z')")
+        .await
+        .unwrap();
+    serves("wal2delta serve sees new data", "20").await;
     let second_server = connect(&dsn).await.unwrap();
-    let err = second_server.batch_execute("DELETE FROM t").await.unwrap_err();
+    let err = second_server
+        .batch_execute("DELETE FROM t")
+        .await
+        .unwrap_err();
     assert_eq!(sqlstate(&err), "25006");
     let _ = child.kill();
     let _ = child.wait();
@@ -561,7 +719,8 @@ fn run_expecting_failure(config: &std::path::Path) -> String {
     )
 }
 
-fn hash_password(password: &str) -> String {
+/// `wal2delta hash-password`, fed `password` on stdin.
+pub fn hash_password(password: &str) -> String {
     use std::io::Write;
     let mut child = Command::new(binary())
         .arg("hash-password")
@@ -595,12 +754,16 @@ async fn the_endpoint_is_secured_and_limited() {
 
     // No users on a non-loopback address: refuses to start, saying why.
     env.write_config_serving("postgres", &tables, "", "");
-    let open = std::fs::read_to_string(&env.config)
-        .unwrap()
-        .replace(&format!("127.0.0.1:{}", env.serve_port), &format!("0.0.0.0:{}", env.serve_port));
+    let open = std::fs::read_to_string(&env.config).unwrap().replace(
+        &format!("127.0.0.1:{}", env.serve_port),
+        &format!("0.0.0.0:{}", env.serve_port),
+    );
     std::fs::write(&env.config, open).unwrap();
     let out = run_expecting_failure(&env.config);
-    assert!(out.contains("not a loopback address") && out.contains("hash-password"), "{out}");
+    assert!(
+        out.contains("not a loopback address") && out.contains("hash-password"),
+        "{out}"
+    );
 
     // A TLS certificate that cannot be read stops the start (never plaintext).
     env.write_config_serving(
@@ -610,7 +773,10 @@ async fn the_endpoint_is_secured_and_limited() {
         "tls_cert = \"/nonexistent/server.crt\"\ntls_key = \"/nonexistent/server.key\"",
     );
     let out = run_expecting_failure(&env.config);
-    assert!(out.contains("TLS certificate") && out.contains("/nonexistent/server.crt"), "{out}");
+    assert!(
+        out.contains("TLS certificate") && out.contains("/nonexistent/server.crt"),
+        "{out}"
+    );
 
     // Users with SCRAM verifiers, TLS required, two connections, a 2 s statement limit and
     // 8 MiB per statement.
@@ -644,19 +810,46 @@ async fn the_endpoint_is_secured_and_limited() {
         log,
     )
     .await;
-    let (ok, out) = psql(port, "analyst", &[("PGPASSWORD", "wrong"), ("PGSSLMODE", "require")], &["-c", "SELECT 1"]);
-    assert!(!ok && out.contains("password authentication failed"), "{out}");
-    let (ok, out) = psql(port, "mallory", &[("PGPASSWORD", "correct horse"), ("PGSSLMODE", "require")], &["-c", "SELECT 1"]);
-    assert!(!ok && out.contains("password authentication failed"), "{out}");
-    let (ok, out) = psql(port, "analyst", &[("PGPASSWORD", "correct horse"), ("PGSSLMODE", "disable")], &["-c", "SELECT 1"]);
-    assert!(!ok && out.contains("requires TLS"), "plaintext accepted: {out}");
+    let (ok, out) = psql(
+        port,
+        "analyst",
+        &[("PGPASSWORD", "wrong"), ("PGSSLMODE", "require")],
+        &["-c", "SELECT 1"],
+    );
+    assert!(
+        !ok && out.contains("password authentication failed"),
+        "{out}"
+    );
+    let (ok, out) = psql(
+        port,
+        "mallory",
+        &[("PGPASSWORD", "correct horse"), ("PGSSLMODE", "require")],
+        &["-c", "SELECT 1"],
+    );
+    assert!(
+        !ok && out.contains("password authentication failed"),
+        "{out}"
+    );
+    let (ok, out) = psql(
+        port,
+        "analyst",
+        &[("PGPASSWORD", "correct horse"), ("PGSSLMODE", "disable")],
+        &["-c", "SELECT 1"],
+    );
+    assert!(
+        !ok && out.contains("requires TLS"),
+        "plaintext accepted: {out}"
+    );
 
     // Statement timeout: 57014, and the session stays usable.
     let (ok, out) = psql(
         port,
         "analyst",
         &good,
-        &["-c", "SELECT count(*) FROM generate_series(1, 3000000000) a(x) WHERE x % 7 = 3"],
+        &[
+            "-c",
+            "SELECT count(*) FROM generate_series(1, 3000000000) a(x) WHERE x % 7 = 3",
+        ],
     );
     assert!(!ok && out.contains("statement timeout"), "{out}");
     // Memory limit: a sort far beyond 8 MiB is refused (53200), not spilled or crashed.
@@ -664,7 +857,12 @@ async fn the_endpoint_is_secured_and_limited() {
         port,
         "analyst",
         &good,
-        &["-v", "VERBOSITY=verbose", "-c", "SELECT md5(CAST(x AS VARCHAR)) AS h FROM generate_series(1, 3000000) a(x) ORDER BY h"],
+        &[
+            "-v",
+            "VERBOSITY=verbose",
+            "-c",
+            "SELECT md5(CAST(x AS VARCHAR)) AS h FROM generate_series(1, 3000000) a(x) ORDER BY h",
+        ],
     );
     assert!(!ok && out.contains("53200"), "{out}");
 
@@ -674,7 +872,17 @@ async fn the_endpoint_is_secured_and_limited() {
         held.push(
             // psql waiting on its input keeps its connection open.
             Command::new(psql_binary())
-                .args(["-X", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "analyst", "-d", "wal2delta"])
+                .args([
+                    "-X",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port.to_string(),
+                    "-U",
+                    "analyst",
+                    "-d",
+                    "wal2delta",
+                ])
                 .envs(good)
                 .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::null())
@@ -695,7 +903,10 @@ async fn the_endpoint_is_secured_and_limited() {
         let _ = h.kill();
         let _ = h.wait();
     }
-    assert!(refused.contains("too many clients"), "a third connection was not refused");
+    assert!(
+        refused.contains("too many clients"),
+        "a third connection was not refused"
+    );
 }
 
 /// Hostile clients: garbage instead of a start-up packet, an absurd length, a truncated
@@ -714,7 +925,9 @@ async fn malformed_and_hostile_clients_do_not_hurt_the_endpoint() {
     wait_same(&env, "t served", "SELECT count(*) FROM t").await;
     let addr = format!("127.0.0.1:{}", env.serve_port);
     let healthy = || async {
-        let c = connect(&endpoint_dsn(env.serve_port, "analyst")).await.expect("a normal client connects");
+        let c = connect(&endpoint_dsn(env.serve_port, "analyst"))
+            .await
+            .expect("a normal client connects");
         assert_eq!(rows(&c, "SELECT count(*) FROM t").await, vec!["2"]);
     };
 
@@ -784,6 +997,10 @@ async fn malformed_and_hostile_clients_do_not_hurt_the_endpoint() {
             break;
         }
     }
-    assert!(served, "the endpoint did not recover after the flood\n{}", env.daemon_log());
+    assert!(
+        served,
+        "the endpoint did not recover after the flood\n{}",
+        env.daemon_log()
+    );
     healthy().await;
 }

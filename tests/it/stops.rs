@@ -97,7 +97,9 @@ async fn invalidated_slot_names_the_recovery_and_the_recovery_works() {
     let mut daemon = env.daemon();
     env.wait_streaming().await;
     let pg = env.pg.client().await;
-    pg.batch_execute("UPDATE kept SET v = 'streamed' WHERE id <= 10").await.unwrap();
+    pg.batch_execute("UPDATE kept SET v = 'streamed' WHERE id <= 10")
+        .await
+        .unwrap();
     env.wait_caught_up(Duration::from_secs(60)).await;
     assert!(daemon.terminate(Duration::from_secs(30)).success());
 
@@ -118,7 +120,10 @@ async fn invalidated_slot_names_the_recovery_and_the_recovery_works() {
             pg.batch_execute(sql).await.unwrap();
         }
         let status: Option<String> = pg
-            .query_one("SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1", &[&env.slot])
+            .query_one(
+                "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
+                &[&env.slot],
+            )
             .await
             .unwrap()
             .get(0);
@@ -127,15 +132,25 @@ async fn invalidated_slot_names_the_recovery_and_the_recovery_works() {
         }
     }
     let status: Option<String> = pg
-        .query_one("SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1", &[&env.slot])
+        .query_one(
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
+            &[&env.slot],
+        )
         .await
         .unwrap()
         .get(0);
-    assert_eq!(status.as_deref(), Some("lost"), "the test could not invalidate the slot");
+    assert_eq!(
+        status.as_deref(),
+        Some("lost"),
+        "the test could not invalidate the slot"
+    );
 
     let mut daemon = env.daemon();
     let exit = daemon.wait(Duration::from_secs(60));
-    assert!(!exit.success(), "the daemon must not run on an invalidated slot");
+    assert!(
+        !exit.success(),
+        "the daemon must not run on an invalidated slot"
+    );
     let log = env.daemon_log();
     assert!(
         log.contains("reset-checkpoint --config") && log.contains("--recreate-slot --yes"),
@@ -144,7 +159,13 @@ async fn invalidated_slot_names_the_recovery_and_the_recovery_works() {
 
     // The recovery the message names.
     let out = std::process::Command::new(crate::harness::binary())
-        .args(["reset-checkpoint", "--config", env.config.to_str().unwrap(), "--recreate-slot", "--yes"])
+        .args([
+            "reset-checkpoint",
+            "--config",
+            env.config.to_str().unwrap(),
+            "--recreate-slot",
+            "--yes",
+        ])
         .output()
         .unwrap();
     assert!(
@@ -153,13 +174,20 @@ async fn invalidated_slot_names_the_recovery_and_the_recovery_works() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    for sql in ["ALTER SYSTEM RESET max_slot_wal_keep_size", "SELECT pg_reload_conf()"] {
+    for sql in [
+        "ALTER SYSTEM RESET max_slot_wal_keep_size",
+        "SELECT pg_reload_conf()",
+    ] {
         pg.batch_execute(sql).await.unwrap();
     }
     let _daemon = env.daemon();
     env.wait_streaming().await;
-    pg.batch_execute("UPDATE kept SET v = 'after recovery' WHERE id = 50").await.unwrap();
+    pg.batch_execute("UPDATE kept SET v = 'after recovery' WHERE id = 50")
+        .await
+        .unwrap();
     env.wait_caught_up(Duration::from_secs(90)).await;
     crate::curated::assert_mirror(&env, "public.kept").await;
-    println!("figure: invalidated slot: faults injected 1, rows compared 100, rows lost 0, rows duplicated 0");
+    println!(
+        "figure: invalidated slot: faults injected 1, rows compared 100, rows lost 0, rows duplicated 0"
+    );
 }
