@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """wal2delta benchmark harness: every figure next to a baseline measured in the same run.
 
-    python3 bench/harness.py [--full] [--binary PATH] [--json OUT]
+    python3 bench/harness.py [--full] [--only a,b] [--binary PATH] [--json OUT] [--svg-dir D]
 
 Starts a disposable Postgres (testcontainers/pg.sh) and, per scenario, a fresh lake and a
 wal2delta daemon (a release build: cargo build --release). Scenarios (quick mode / full):
@@ -19,8 +19,12 @@ wal2delta daemon (a release build: cargo build --release). Scenarios (quick mode
               for one transaction every 100 ms, commit to visible through the SQL endpoint:
               p50/p95/p99/max, and an SVG chart with --svg-dir.
 
-Not yet here (issue 6 continues): merge scaling, the 2-million-row transaction, criterion
-micro-benchmarks.
+  merge       10,000 updates in one transaction into a curated table of 100k and 1M rows
+              (full: also 10M), at uniformly random keys and at consecutive keys: merge
+              time and bytes rewritten, from the daemon's metrics.
+  large txn   one 2,000,000-row source transaction streamed into raw + curated: peak RSS.
+
+Micro-benchmarks of the decoder and the batch builder: cargo bench (benches/).
 """
 import argparse
 import json
@@ -38,6 +42,8 @@ import time
 import psycopg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+APPLY = ""  # extra [apply] settings for every daemon (--batch-age-ms)
+SCENARIOS = ["snapshot", "queries", "streaming", "merge", "large_transaction", "freshness"]
 TABLES = ["public.condominios", "public.imoveis", "public.moradores", "public.transacoes"]
 
 
@@ -67,21 +73,25 @@ def bindir_tool(name):
 class Daemon:
     """A wal2delta daemon on its own lake, with its peak RSS read at stop."""
 
-    def __init__(self, binary, work, dsn, slot, extra_source="", name="d"):
+    def __init__(self, binary, work, dsn, slot, extra_source="", name="d", tables=TABLES,
+                 publication="w2d_pub"):
         self.work = work
         self.lake = os.path.join(work, f"lake-{name}")
         self.serve_port = free_port()
+        self.metrics_port = free_port()
         self.config = os.path.join(work, f"{name}.toml")
         with open(self.config, "w") as f:
             f.write(f"""[source]
 dsn = "{dsn} sslmode=disable"
 slot = "{slot}"
-publication = "w2d_pub"
-tables = {json.dumps(TABLES)}
+publication = "{publication}"
+tables = {json.dumps(tables)}
 {extra_source}
 [lake]
 path = "{self.lake}"
-[serve]
+[metrics]
+listen = "127.0.0.1:{self.metrics_port}"
+{APPLY}[serve]
 listen = "127.0.0.1:{self.serve_port}"
 refined_dir = "{ROOT}/sql/refined"
 """)
@@ -102,6 +112,27 @@ refined_dir = "{ROOT}/sql/refined"
     def alive(self):
         if self.proc.poll() is not None:
             sys.exit(f"the daemon exited; see {self.log.name}")
+
+    def wait_streaming(self):
+        """Waits until the initial snapshot is done and the daemon streams."""
+        while True:
+            self.alive()
+            self.sample_rss()
+            log = open(self.log.name).read()
+            if "initial snapshot" in log and "streaming" in log:
+                return
+            time.sleep(0.05)
+
+    def metrics(self):
+        """The daemon's Prometheus samples: {'name{labels}': value}."""
+        import urllib.request
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics").read().decode()
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
 
     def lake_dsn(self):
         return f"host=127.0.0.1 port={self.serve_port} user=bench dbname=wal2delta"
@@ -166,12 +197,7 @@ def scenario_snapshot(args, work, dsn, conn):
     d = Daemon(args.binary, work, dsn, "bench_snap", name="snapshot")
     lake_dsn = d.lake_dsn()
     want = conn.execute("SELECT count(*) FROM transacoes").fetchone()[0]
-    while True:
-        d.alive()
-        d.sample_rss()
-        if "initial snapshot" in open(d.log.name).read() and "streaming" in open(d.log.name).read():
-            break
-        time.sleep(0.05)
+    d.wait_streaming()
     snap_s = time.perf_counter() - start
     with psycopg.connect(lake_dsn, autocommit=True) as c:
         got = c.execute("SELECT count(*) FROM transacoes").fetchone()[0]
@@ -236,6 +262,96 @@ def scenario_streaming(args, work, dsn, conn):
             "pg_recvlogical_changes_per_s": round(made / recv_s), "wal2delta_changes_per_s": round(made / w2d_s),
             "ratio_vs_pg_recvlogical": round(recv_s / w2d_s, 2), "peak_rss_mb": rss,
             "note": "wal2delta time includes start-up, writing raw + curated Delta tables and the checkpoint"}
+
+
+def scenario_merge(args, work, dsn, conn, size):
+    """10,000 updates, in one transaction, into a curated table of `size` rows: once at
+    keys drawn uniformly from the whole table, once at 10,000 consecutive keys. The merge
+    time and the bytes rewritten come from the daemon's metrics; `durable_s` is commit to
+    confirmed_flush (it includes the batch's max_batch_age_ms wait)."""
+    t = f"merge_{size}"
+    conn.execute(f"DROP TABLE IF EXISTS {t}")
+    conn.execute(f"""CREATE TABLE {t} (id bigint PRIMARY KEY, account int NOT NULL,
+        amount numeric(12,2) NOT NULL, status text NOT NULL, note text,
+        updated_at timestamptz NOT NULL DEFAULT now())""")
+    conn.execute(f"""INSERT INTO {t} SELECT g, g % 1000, (g % 100000) / 100.0,
+        (ARRAY['open','paid','late'])[1 + g % 3], 'row ' || g, now()
+        FROM generate_series(1, {size}) g""")
+    conn.execute(f"VACUUM ANALYZE {t}")
+    conn.execute(f"CREATE PUBLICATION {t}_pub FOR TABLE {t}")
+    slot = f"bench_{t}"
+    d = Daemon(args.binary, work, dsn, slot, name=t, tables=[f"public.{t}"], publication=f"{t}_pub")
+    start = time.perf_counter()
+    d.wait_streaming()
+    snapshot_s = time.perf_counter() - start
+    rng = random.Random(size)
+    label = f'{{table="public.{t}"}}'
+    out = {"rows": size, "snapshot_s": round(snapshot_s, 1)}
+    for pattern in ("random", "clustered"):
+        if pattern == "random":
+            ids = rng.sample(range(1, size + 1), 10_000)
+        else:
+            lo = rng.randint(1, size - 10_000)
+            ids = list(range(lo, lo + 10_000))
+        before = d.metrics()
+        committed = time.perf_counter()
+        conn.execute(f"UPDATE {t} SET amount = amount + 1, updated_at = now() WHERE id = ANY(%s)", (ids,))
+        lsn = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+        while not lsn_ge(conn, confirmed(conn, slot), lsn):
+            d.alive()
+            d.sample_rss()
+            time.sleep(0.02)
+        durable_s = time.perf_counter() - committed
+        after = d.metrics()
+
+        def delta(name):
+            return after.get(name + label, 0.0) - before.get(name + label, 0.0)
+        from deltalake import DeltaTable
+        table_dir = os.path.join(d.lake, "curated", "public", t)
+        files = [u.removeprefix("file://") for u in DeltaTable(table_dir).file_uris()]
+        table_bytes = sum(os.path.getsize(f) for f in files)
+        out[pattern] = {
+            "merge_s": round(delta("wal2delta_merge_seconds_sum"), 3),
+            "commit_s": round(after.get(f'wal2delta_delta_commit_duration_seconds_sum{{table="public.{t}",layer="curated"}}', 0)
+                              - before.get(f'wal2delta_delta_commit_duration_seconds_sum{{table="public.{t}",layer="curated"}}', 0), 3),
+            "durable_s": round(durable_s, 2),
+            "files_scanned": int(delta("wal2delta_merge_scanned_files_total")),
+            "files_rewritten": int(delta("wal2delta_merge_rewritten_files_total")),
+            "bytes_rewritten": int(delta("wal2delta_merge_rewritten_bytes_total")),
+            "table_files": len(files),
+            "table_bytes": table_bytes,
+        }
+    out["peak_rss_mb"] = d.stop()
+    conn.execute(f"SELECT pg_drop_replication_slot('{slot}')")
+    conn.execute(f"DROP PUBLICATION {t}_pub")
+    conn.execute(f"DROP TABLE {t}")
+    return out
+
+
+def scenario_large_transaction(args, work, dsn, conn):
+    """One source transaction of `rows` inserts into transacoes, streamed into raw and
+    curated: the daemon's peak RSS and the time from commit to durable."""
+    rows = args.large_txn
+    conn.execute("SELECT pg_create_logical_replication_slot('bench_big', 'pgoutput')")
+    d = Daemon(args.binary, work, dsn, "bench_big", 'snapshot = "never"\ncreate_slot = false', name="big")
+    base = conn.execute("SELECT max(id) FROM transacoes").fetchone()[0] + 10_000_000
+    start = time.perf_counter()
+    conn.execute(f"""INSERT INTO transacoes (id, imovel_id, tipo, status, valor, competencia, vencimento, detalhes)
+        SELECT g, 1 + g % 400, 'multa', 'aberta', 10.5, '2025-04', date '2025-04-10', jsonb_build_object('lote', g)
+        FROM generate_series({base + 1}, {base + rows}) g""")
+    committed = time.perf_counter()
+    lsn = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+    while not lsn_ge(conn, confirmed(conn, "bench_big"), lsn):
+        d.alive()
+        d.sample_rss()
+        time.sleep(0.05)
+    done = time.perf_counter()
+    rss = d.stop()
+    conn.execute("SELECT pg_drop_replication_slot('bench_big')")
+    conn.execute(f"DELETE FROM transacoes WHERE id > {base}")
+    return {"rows": rows, "source_insert_s": round(committed - start, 1),
+            "commit_to_durable_s": round(done - committed, 1),
+            "rows_per_s_after_commit": round(rows / (done - committed)), "peak_rss_mb": rss}
 
 
 def scenario_queries(args, work, dsn, conn):
@@ -350,31 +466,52 @@ def main():
         os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release", "wal2delta"))
     ap.add_argument("--json", default=None)
     ap.add_argument("--svg-dir", default=None, help="write freshness-<rate>.svg charts here")
+    ap.add_argument("--only", default=",".join(SCENARIOS),
+                    help=f"comma-separated scenarios to run (default all: {','.join(SCENARIOS)})")
+    ap.add_argument("--batch-age-ms", type=int, default=None,
+                    help="apply.max_batch_age_ms for every daemon (default: the daemon's default)")
     args = ap.parse_args()
+    if args.batch_age_ms is not None:
+        global APPLY
+        APPLY = f"[apply]\nmax_batch_age_ms = {args.batch_age_ms}\n"
+    only = args.only.split(",")
+    unknown = set(only) - set(SCENARIOS)
+    if unknown:
+        sys.exit(f"unknown scenario(s) {', '.join(sorted(unknown))}; choose from {', '.join(SCENARIOS)}")
     args.changes = 1_000_000 if args.full else 200_000
     args.transacoes = 1_200_000 if args.full else 300_000
     args.lookups = 2000 if args.full else 500
+    args.merge_sizes = (100_000, 1_000_000, 10_000_000) if args.full else (100_000, 1_000_000)
+    args.large_txn = 2_000_000
     if args.svg_dir:
         os.makedirs(args.svg_dir, exist_ok=True)
     if not os.path.exists(args.binary):
         sys.exit(f"no wal2delta binary at {args.binary}; cargo build --release, or pass --binary")
     work = tempfile.mkdtemp(prefix="w2d-harness-")
     pgdir = tempfile.mkdtemp(prefix="w2d-harness-pg-")
-    results = {"mode": "full" if args.full else "quick", "cores": os.cpu_count()}
+    results = {"mode": "full" if args.full else "quick", "cores": os.cpu_count(),
+               "max_batch_age_ms": args.batch_age_ms}
     try:
         port = int([l for l in pg_script("start", pgdir).splitlines() if l.startswith("PGPORT=")][0][7:])
         dsn = f"host=127.0.0.1 port={port} user=postgres dbname=postgres"
         with psycopg.connect(dsn, autocommit=True) as conn:
             load_demo(conn, args.transacoes)
             conn.execute("CREATE PUBLICATION w2d_pub FOR TABLE condominios, imoveis, moradores, transacoes")
-            results["snapshot"] = scenario_snapshot(args, work, dsn, conn)
-            results["queries"] = scenario_queries(args, work, dsn, conn)
-            results["streaming"] = scenario_streaming(args, work, dsn, conn)
-            results["freshness"] = [
-                scenario_freshness(args, work, dsn, conn, rate, 30 if args.full else 10,
-                                   os.path.join(args.svg_dir, f"freshness-{rate}.svg") if args.svg_dir else None)
-                for rate in ((5000, 20000) if args.full else (5000,))
-            ]
+            runs = {
+                "snapshot": lambda: scenario_snapshot(args, work, dsn, conn),
+                "queries": lambda: scenario_queries(args, work, dsn, conn),
+                "streaming": lambda: scenario_streaming(args, work, dsn, conn),
+                "merge": lambda: [scenario_merge(args, work, dsn, conn, n) for n in args.merge_sizes],
+                "large_transaction": lambda: scenario_large_transaction(args, work, dsn, conn),
+                "freshness": lambda: [
+                    scenario_freshness(args, work, dsn, conn, rate, 30 if args.full else 10,
+                                       os.path.join(args.svg_dir, f"freshness-{rate}.svg") if args.svg_dir else None)
+                    for rate in ((5000, 20000) if args.full else (5000,))],
+            }
+            for name in SCENARIOS:
+                if name in only:
+                    print(f"running {name}", file=sys.stderr, flush=True)
+                    results[name] = runs[name]()
     finally:
         try:
             pg_script("stop", pgdir)
@@ -383,13 +520,33 @@ def main():
         if not os.environ.get("KEEP"):
             shutil.rmtree(work, ignore_errors=True)
             shutil.rmtree(pgdir, ignore_errors=True)
-    s, q, st = results["snapshot"], results["queries"], results["streaming"]
     print(f"{'scenario':<12} {'wal2delta':>22} {'baseline':>26} {'ratio':>8} {'peak RSS':>10}")
-    print(f"{'streaming':<12} {st['wal2delta_changes_per_s']:>14,} changes/s {st['pg_recvlogical_changes_per_s']:>12,} ch/s recvlogical {st['ratio_vs_pg_recvlogical']:>7}x {st['peak_rss_mb']:>7} MB")
-    print(f"{'snapshot':<12} {s['wal2delta_s']:>20} s {s['copy_one_connection_s']:>19} s COPY {s['ratio_vs_copy']:>7}x {s['peak_rss_mb']:>7} MB")
-    print(f"{'lookup p50':<12} {q['wal2delta']['lookup_p50_ms']:>19} ms {q['postgres']['lookup_p50_ms']:>16} ms Postgres")
-    print(f"{'aggregate':<12} {q['wal2delta']['aggregate_median_ms']:>19} ms {q['postgres']['aggregate_median_ms']:>16} ms Postgres {q['aggregate_speedup_vs_postgres']:>4}x {q['peak_rss_mb']:>7} MB")
-    for f in results["freshness"]:
+    if "streaming" in results:
+        st = results["streaming"]
+        print(f"{'streaming':<12} {st['wal2delta_changes_per_s']:>14,} changes/s {st['pg_recvlogical_changes_per_s']:>12,} ch/s recvlogical {st['ratio_vs_pg_recvlogical']:>7}x {st['peak_rss_mb']:>7} MB")
+    if "snapshot" in results:
+        s = results["snapshot"]
+        print(f"{'snapshot':<12} {s['wal2delta_s']:>20} s {s['copy_one_connection_s']:>19} s COPY {s['ratio_vs_copy']:>7}x {s['peak_rss_mb']:>7} MB")
+    if "queries" in results:
+        q = results["queries"]
+        print(f"{'lookup p50':<12} {q['wal2delta']['lookup_p50_ms']:>19} ms {q['postgres']['lookup_p50_ms']:>16} ms Postgres")
+        print(f"{'aggregate':<12} {q['wal2delta']['aggregate_median_ms']:>19} ms {q['postgres']['aggregate_median_ms']:>16} ms Postgres {q['aggregate_speedup_vs_postgres']:>4}x {q['peak_rss_mb']:>7} MB")
+    for m in results.get("merge", []):
+        for pattern in ("random", "clustered"):
+            r = m[pattern]
+            print(f"{'merge':<12} 10k {pattern:<9} keys into {m['rows']:>10,} rows: {r['merge_s']:>7} s, "
+                  f"{r['bytes_rewritten'] / 2**20:>8.1f} of {r['table_bytes'] / 2**20:.1f} MB rewritten ({r['files_rewritten']}/{r['table_files']} files) {m['peak_rss_mb']:>7} MB")
+    if len(results.get("merge", [])) > 1:
+        for pattern in ("random", "clustered"):
+            small, large = results["merge"][0][pattern], results["merge"][-1][pattern]
+            if small["merge_s"]:
+                print(f"{'merge ratio':<12} {pattern}: {results['merge'][-1]['rows']:,} rows vs {results['merge'][0]['rows']:,} rows: "
+                      f"{large['merge_s'] / small['merge_s']:.2f}x the time")
+    if "large_transaction" in results:
+        lt = results["large_transaction"]
+        print(f"{'large txn':<12} {lt['rows']:,} rows in one transaction: durable {lt['commit_to_durable_s']} s after commit "
+              f"({lt['rows_per_s_after_commit']:,} rows/s) {lt['peak_rss_mb']:>7} MB")
+    for f in results.get("freshness", []):
         print(f"{'freshness':<12} {f['rate_rows_per_s']:>8,} rows/s: p50 {f['p50_s']} s, p95 {f['p95_s']} s, p99 {f['p99_s']} s, max {f['max_s']} s ({f['seen']}/{f['samples']} samples) {f['peak_rss_mb']:>7} MB")
     text = json.dumps(results, indent=2)
     if args.json:

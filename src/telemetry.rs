@@ -33,6 +33,10 @@ pub const SQL_DURATION: &str = "wal2delta_sql_statement_duration_seconds";
 pub const SQL_CONNECTIONS: &str = "wal2delta_sql_connections";
 pub const SQL_REFUSED: &str = "wal2delta_sql_connections_refused_total";
 pub const SQL_STATEMENTS: &str = "wal2delta_sql_statements_total";
+pub const MERGE_SECONDS: &str = "wal2delta_merge_seconds";
+pub const MERGE_SCANNED: &str = "wal2delta_merge_scanned_files_total";
+pub const MERGE_REWRITTEN_FILES: &str = "wal2delta_merge_rewritten_files_total";
+pub const MERGE_REWRITTEN_BYTES: &str = "wal2delta_merge_rewritten_bytes_total";
 
 /// Starts the `/metrics` listener and describes every metric.
 pub fn install(listen: SocketAddr) -> Result<(), String> {
@@ -49,6 +53,14 @@ pub fn install(listen: SocketAddr) -> Result<(), String> {
                 Matcher::Full(SQL_DURATION.into()),
                 &[
                     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
+                ],
+            )
+        })
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(MERGE_SECONDS.into()),
+                &[
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                 ],
             )
         })
@@ -160,8 +172,36 @@ pub fn install(listen: SocketAddr) -> Result<(), String> {
         Unit::Count,
         "Statements the SQL endpoint ran, by outcome (ok, or the SQLSTATE class of the error)."
     );
+    describe_histogram!(
+        MERGE_SECONDS,
+        Unit::Seconds,
+        "Duration of merging one chunk of changes into a curated table (before its commit), by table."
+    );
+    describe_counter!(
+        MERGE_SCANNED,
+        Unit::Count,
+        "Curated data files whose key columns a merge read (the key statistics admitted a changed key), by table."
+    );
+    describe_counter!(
+        MERGE_REWRITTEN_FILES,
+        Unit::Count,
+        "Curated data files a merge rewrote because they held a changed key, by table."
+    );
+    describe_counter!(
+        MERGE_REWRITTEN_BYTES,
+        Unit::Bytes,
+        "Bytes of the curated data files merges rewrote (write amplification), by table."
+    );
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     Ok(())
+}
+
+/// One chunk merged into a curated table: its duration, files scanned and rewritten.
+pub fn merged(table: &str, took: Duration, scanned: u64, rewritten: u64, bytes: u64) {
+    histogram!(MERGE_SECONDS, "table" => table.to_string()).record(took.as_secs_f64());
+    counter!(MERGE_SCANNED, "table" => table.to_string()).increment(scanned);
+    counter!(MERGE_REWRITTEN_FILES, "table" => table.to_string()).increment(rewritten);
+    counter!(MERGE_REWRITTEN_BYTES, "table" => table.to_string()).increment(bytes);
 }
 
 pub fn table_files(table: &str, layer: &'static str, files: usize) {

@@ -55,7 +55,8 @@ use self::reduce::{Cell, Change, Final, Reduced, reduce};
 use self::transform::{Normalization, Normalizer};
 use crate::apply::builder::{ColumnSpec, op, parse_column};
 use crate::lake::table::{
-    applied_position, existing_schema, keyed_writer_for, open_or_create, schema_action,
+    CURATED_FILE_SIZE, applied_position, existing_schema, keyed_writer_for, open_or_create,
+    schema_action,
 };
 use crate::lake::{Lake, LakeError};
 use crate::lsn::Lsn;
@@ -256,7 +257,13 @@ impl CuratedTable {
     fn writer(&self) -> Result<RecordBatchWriter, LakeError> {
         // Bloom filters on the key make point lookups skip row groups; a whole-row key
         // (REPLICA IDENTITY FULL without a primary key) is not worth filtering.
-        keyed_writer_for(&self.table, &self.schema, &self.bloom_key()).map_err(self.delta_err())
+        keyed_writer_for(
+            &self.table,
+            &self.schema,
+            &self.bloom_key(),
+            CURATED_FILE_SIZE,
+        )
+        .map_err(self.delta_err())
     }
 
     /// The key columns that get Parquet bloom filters (none for a whole-row key).
@@ -560,6 +567,8 @@ impl CuratedTable {
         if reduced.is_empty() {
             return Ok(());
         }
+        let started = std::time::Instant::now();
+        let (mut scanned, mut rewritten_bytes) = (0u64, 0u64);
         if reduced.truncated {
             self.begin_replace();
         }
@@ -577,9 +586,11 @@ impl CuratedTable {
                 }
             }
             let data = self.fetch(fi).await?;
+            scanned += 1;
             if !self.file_holds_any(&data, &reduced)? {
                 continue;
             }
+            rewritten_bytes += data.len() as u64;
             let adds = self
                 .rewrite(data, &reduced, &mut captured, &mut captured_at)
                 .await?;
@@ -605,6 +616,13 @@ impl CuratedTable {
             writer.write(batch).await.map_err(self.delta_err())?;
             new_files.extend(writer.flush().await.map_err(self.delta_err())?);
         }
+        crate::telemetry::merged(
+            self.label.strip_prefix("curated.").unwrap_or(&self.label),
+            started.elapsed(),
+            scanned,
+            replaced.len() as u64,
+            rewritten_bytes,
+        );
         replaced.sort_unstable();
         for fi in replaced.into_iter().rev() {
             if let FileState::Committed(remove) = self.files.remove(fi).state {
@@ -937,8 +955,15 @@ impl CuratedTable {
     ) -> Result<(usize, Option<crate::lake::maintenance::Compacted>, usize), LakeError> {
         let properties = crate::lake::table::keyed_properties(&self.bloom_key());
         let (compacted, vacuumed) =
-            crate::lake::maintenance::run(&mut self.table, &self.label, policy, properties, vacuum)
-                .await?;
+            crate::lake::maintenance::run(
+                &mut self.table,
+                &self.label,
+                policy,
+                CURATED_FILE_SIZE,
+                properties,
+                vacuum,
+            )
+            .await?;
         if compacted.is_some() || vacuumed > 0 {
             self.load_files()?;
         }

@@ -11,7 +11,9 @@
 //!   carries no `txn`; the tables' `txn` versions — the exactly-once positions — carry over
 //!   unchanged in the log, so recovery reads the same positions before and after.
 //! - **Bounded work per run.** A table is compacted when it has `compact_min_files` files
-//!   smaller than half the 128 MiB target; a run rewrites only those small files.
+//!   smaller than half its target file size (raw 128 MiB, curated
+//!   [`CURATED_FILE_SIZE`](super::table::CURATED_FILE_SIZE)); a run rewrites only those
+//!   small files.
 //! - **Vacuum keeps what readers may need.** Files are deleted only when no current
 //!   version references them and they are older than `vacuum_retention_hours` (default 7
 //!   days), so a running query or a time-travel read within the retention still finds its
@@ -28,9 +30,6 @@ use deltalake::DeltaTable;
 use deltalake::operations::vacuum::VacuumMode;
 
 use super::LakeError;
-
-/// Target size of compacted files (the writers' target too).
-pub const TARGET_FILE_SIZE: u64 = 128 * 1024 * 1024;
 
 /// When and how much to maintain (`[maintenance]`).
 #[derive(Debug, Clone)]
@@ -63,18 +62,18 @@ pub struct Compacted {
     pub files_added: u64,
 }
 
-fn small(size: i64) -> bool {
-    (size as u64) < TARGET_FILE_SIZE / 2
+fn small(size: i64, target_size: u64) -> bool {
+    (size as u64) < target_size / 2
 }
 
-/// The table's data files and how many of them are small.
-pub fn file_counts(table: &DeltaTable) -> Option<(usize, usize)> {
+/// The table's data files and how many of them are small (under half `target_size`).
+pub fn file_counts(table: &DeltaTable, target_size: u64) -> Option<(usize, usize)> {
     let snapshot = table.snapshot().ok()?;
     let mut files = 0;
     let mut smalls = 0;
     for f in snapshot.log_data().iter() {
         files += 1;
-        if small(f.size()) {
+        if small(f.size(), target_size) {
             smalls += 1;
         }
     }
@@ -87,12 +86,13 @@ pub async fn compact(
     table: &mut DeltaTable,
     label: &str,
     policy: &Policy,
+    target_size: u64,
     properties: deltalake::parquet::file::properties::WriterProperties,
 ) -> Result<Option<Compacted>, LakeError> {
     if policy.compact_min_files == 0 {
         return Ok(None);
     }
-    let Some((_, smalls)) = file_counts(table) else {
+    let Some((_, smalls)) = file_counts(table, target_size) else {
         return Ok(None);
     };
     if smalls < policy.compact_min_files {
@@ -105,7 +105,7 @@ pub async fn compact(
     let (compacted, metrics) = table
         .clone()
         .optimize()
-        .with_target_size(NonZeroU64::new(TARGET_FILE_SIZE).expect("non-zero"))
+        .with_target_size(NonZeroU64::new(target_size.max(1)).expect("non-zero"))
         .with_max_concurrent_tasks(1)
         .with_writer_properties(properties)
         .await
@@ -123,10 +123,11 @@ pub async fn run(
     table: &mut DeltaTable,
     label: &str,
     policy: &Policy,
+    target_size: u64,
     properties: deltalake::parquet::file::properties::WriterProperties,
     vacuum_retention: Option<Duration>,
 ) -> Result<(Option<Compacted>, usize), LakeError> {
-    let compacted = compact(table, label, policy, properties).await?;
+    let compacted = compact(table, label, policy, target_size, properties).await?;
     let vacuumed = match vacuum_retention {
         Some(retention) => vacuum(table, label, retention).await?,
         None => 0,

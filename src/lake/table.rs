@@ -24,8 +24,12 @@ use url::Url;
 use super::LakeError;
 use crate::lsn::Lsn;
 
-/// Target size of one data file.
-const TARGET_FILE_SIZE: u64 = 128 * 1024 * 1024;
+/// Target size of one raw data file (and of raw compaction's output).
+pub const RAW_FILE_SIZE: u64 = 128 * 1024 * 1024;
+/// Target size of one curated data file. Smaller than raw: a merge rewrites every file
+/// that holds a changed key, so the file size is the unit of a merge's write cost
+/// (docs/performance.md, merge scaling).
+pub const CURATED_FILE_SIZE: u64 = 16 * 1024 * 1024;
 /// Largest row group buffered in memory before it is written out.
 const ROW_GROUP_BYTES: usize = 32 * 1024 * 1024;
 
@@ -49,20 +53,22 @@ pub fn writer_for(
     table: &DeltaTable,
     schema: &SchemaRef,
 ) -> Result<RecordBatchWriter, DeltaTableError> {
-    keyed_writer_for(table, schema, &[])
+    keyed_writer_for(table, schema, &[], RAW_FILE_SIZE)
 }
 
-/// [`writer_for`] with Parquet bloom filters on the `key` columns: a point lookup by key
-/// then skips the row groups that do not hold it, however the rows were ordered (the
-/// snapshot interleaves its parallel copies). About 80 KB per key column and row group.
+/// [`writer_for`] with Parquet bloom filters on the `key` columns (a point lookup by key
+/// then skips the row groups that do not hold it, however the rows were ordered: the
+/// snapshot interleaves its parallel copies; about 80 KB per key column and row group),
+/// and files of `target_size` bytes.
 pub fn keyed_writer_for(
     table: &DeltaTable,
     schema: &SchemaRef,
     key: &[String],
+    target_size: u64,
 ) -> Result<RecordBatchWriter, DeltaTableError> {
     Ok(
         RecordBatchWriter::try_new(table.table_url().as_str(), schema.clone(), None, None)?
-            .with_target_file_size(TARGET_FILE_SIZE)
+            .with_target_file_size(target_size)
             .with_writer_properties(keyed_properties(key)),
     )
 }
@@ -73,6 +79,8 @@ pub fn keyed_properties(key: &[String]) -> WriterProperties {
     for column in key {
         let path = deltalake::parquet::schema::types::ColumnPath::from(column.as_str());
         properties = properties
+            // A key is unique: a dictionary would only cost CPU (see writer_properties).
+            .set_column_dictionary_enabled(path.clone(), false)
             .set_column_bloom_filter_enabled(path.clone(), true)
             .set_column_bloom_filter_max_ndv(path.clone(), 64 * 1024)
             .set_column_bloom_filter_fpp(path, 0.01);
@@ -125,6 +133,15 @@ fn writer_properties() -> WriterProperties {
         // Row groups are buffered until flushed: cap them by size too, so rows with huge
         // values do not pile up in memory.
         .set_max_row_group_bytes(Some(ROW_GROUP_BYTES))
+        // Dictionary encoding of a column that turns out to be unique (ids, timestamps,
+        // free text) costs a hash-table insert per value until the dictionary page limit,
+        // then falls back to plain encoding. The 1 MiB default kept whole row groups of
+        // such columns in the dictionary: about 40% of a curated merge's CPU went there
+        // (perf, docs/performance.md). At 128 KiB low-cardinality columns (status, type,
+        // foreign keys) still get a dictionary and unique ones give up early.
+        .set_dictionary_page_size_limit(128 * 1024)
+        .set_column_dictionary_enabled("_lsn".into(), false)
+        .set_column_dictionary_enabled("_seq".into(), false)
         // Statistics stay truncated (64 bytes): a truncated string minimum is a prefix and
         // parquet increments a truncated maximum, so both remain valid bounds for the
         // curated merge's pruning, and huge values never bloat the Delta log.
@@ -256,11 +273,13 @@ impl DeltaSink {
             &mut self.table,
             &self.label,
             policy,
+            RAW_FILE_SIZE,
             keyed_properties(&[]),
             vacuum,
         )
         .await?;
-        let files = super::maintenance::file_counts(&self.table).map_or(0, |(f, _)| f);
+        let files =
+            super::maintenance::file_counts(&self.table, RAW_FILE_SIZE).map_or(0, |(f, _)| f);
         Ok((files, compacted, vacuumed))
     }
 
