@@ -29,7 +29,7 @@ pub const RAW_FILE_SIZE: u64 = 128 * 1024 * 1024;
 /// Target size of one curated data file. Smaller than raw: a merge rewrites every file
 /// that holds a changed key, so the file size is the unit of a merge's write cost
 /// (docs/performance.md, merge scaling).
-pub const CURATED_FILE_SIZE: u64 = 16 * 1024 * 1024;
+pub const CURATED_FILE_SIZE: u64 = 4 * 1024 * 1024;
 /// Largest row group buffered in memory before it is written out.
 const ROW_GROUP_BYTES: usize = 32 * 1024 * 1024;
 
