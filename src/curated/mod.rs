@@ -954,16 +954,15 @@ impl CuratedTable {
         vacuum: Option<std::time::Duration>,
     ) -> Result<(usize, Option<crate::lake::maintenance::Compacted>, usize), LakeError> {
         let properties = crate::lake::table::keyed_properties(&self.bloom_key());
-        let (compacted, vacuumed) =
-            crate::lake::maintenance::run(
-                &mut self.table,
-                &self.label,
-                policy,
-                CURATED_FILE_SIZE,
-                properties,
-                vacuum,
-            )
-            .await?;
+        let (compacted, vacuumed) = crate::lake::maintenance::run(
+            &mut self.table,
+            &self.label,
+            policy,
+            CURATED_FILE_SIZE,
+            properties,
+            vacuum,
+        )
+        .await?;
         if compacted.is_some() || vacuumed > 0 {
             self.load_files()?;
         }
