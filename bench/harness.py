@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """wal2delta benchmark harness: every figure next to a baseline measured in the same run.
 
-    python3 bench/harness.py [--full] [--only a,b] [--binary PATH] [--json OUT] [--svg-dir D]
+    python3 bench/harness.py [--full] [--only a,b] [--batch-age-ms N] [--binary PATH]
+                             [--json OUT] [--svg-dir D]
 
 Starts a disposable Postgres (testcontainers/pg.sh) and, per scenario, a fresh lake and a
 wal2delta daemon (a release build: cargo build --release). Scenarios (quick mode / full):
@@ -22,7 +23,12 @@ wal2delta daemon (a release build: cargo build --release). Scenarios (quick mode
   merge       10,000 updates in one transaction into a curated table of 100k and 1M rows
               (full: also 10M), at uniformly random keys and at consecutive keys: merge
               time and bytes rewritten, from the daemon's metrics.
-  large txn   one 2,000,000-row source transaction streamed into raw + curated: peak RSS.
+  large_transaction
+              one 2,000,000-row source transaction, drained from identical slots by
+              pg_recvlogical and by wal2delta into raw + curated: time, ratio, peak RSS.
+
+--only picks scenarios (snapshot, queries, streaming, merge, large_transaction, freshness);
+--batch-age-ms sets apply.max_batch_age_ms for every daemon. Needs psycopg and deltalake.
 
 Micro-benchmarks of the decoder and the batch builder: cargo bench (benches/).
 """
