@@ -438,8 +438,10 @@ def scenario_freshness(args, work, dsn, conn, rate, seconds, svg):
     def poller():
         with psycopg.connect(lake_dsn, autocommit=True) as r:
             while True:
+                asked = time.perf_counter()
                 top = r.execute("SELECT max(id) FROM transacoes WHERE id >= %s", (first,)).fetchone()[0]
                 now = time.perf_counter()
+                polls.append(now - asked)
                 if top is not None:
                     for sid, _ in list(samples):
                         if sid <= top and sid not in seen:
@@ -451,16 +453,35 @@ def scenario_freshness(args, work, dsn, conn, rate, seconds, svg):
                 time.sleep(0.005)
 
     done_at = [0.0]
+    polls = []  # duration of each endpoint query
     t_w = threading.Thread(target=writer)
     t_r = threading.Thread(target=poller)
+    m0 = d.metrics()
     t0 = time.perf_counter()
     t_w.start(); t_r.start()
     while t_w.is_alive():
         d.sample_rss(); time.sleep(0.2)
     t_r.join()
+    m1 = d.metrics()
     lat = [(c - t0, seen[i] - c) for i, c in samples if i in seen]
     values = sorted(v for _, v in lat)
     rss = d.stop()
+
+    def mean_ms(name, *labels):
+        """Mean of a histogram over the run, from the samples whose labels include `labels`."""
+        def total(m, suffix):
+            return sum(v for k, v in m.items()
+                       if k.startswith(name + suffix) and all(l in k for l in labels))
+        n = total(m1, "_count") - total(m0, "_count")
+        return round((total(m1, "_sum") - total(m0, "_sum")) / n * 1e3, 1) if n else None
+    table = 'table="public.transacoes"'
+    where = {"batches": int(sum(v for k, v in m1.items() if k.startswith("wal2delta_batch_rows_count"))
+                            - sum(v for k, v in m0.items() if k.startswith("wal2delta_batch_rows_count"))),
+             "raw_commit_mean_ms": mean_ms("wal2delta_delta_commit_duration_seconds", table, 'layer="raw"'),
+             "curated_merge_mean_ms": mean_ms("wal2delta_merge_seconds", table),
+             "curated_commit_mean_ms": mean_ms("wal2delta_delta_commit_duration_seconds", table, 'layer="curated"'),
+             "endpoint_query_p50_ms": round(statistics.median(polls) * 1e3, 1) if polls else None,
+             "endpoint_query_max_ms": round(max(polls) * 1e3, 1) if polls else None}
     conn.execute(f"SELECT pg_drop_replication_slot('bench_f{rate}')")
     if svg and lat:
         w, h, top = 600, 240, max(values) * 1.1
@@ -475,7 +496,8 @@ def scenario_freshness(args, work, dsn, conn, rate, seconds, svg):
             "p50_s": round(values[len(values) // 2], 3) if values else None,
             "p95_s": round(values[int(len(values) * 0.95)], 3) if values else None,
             "p99_s": round(values[min(len(values) - 1, int(len(values) * 0.99))], 3) if values else None,
-            "max_s": round(values[-1], 3) if values else None, "peak_rss_mb": rss}
+            "max_s": round(values[-1], 3) if values else None, "peak_rss_mb": rss,
+            "per_batch": where}
 
 
 def main():
@@ -570,6 +592,10 @@ def main():
               f"{lt['pg_recvlogical_s']} s pg_recvlogical {lt['ratio_vs_pg_recvlogical']:>7}x {lt['peak_rss_mb']:>7} MB")
     for f in results.get("freshness", []):
         print(f"{'freshness':<12} {f['rate_rows_per_s']:>8,} rows/s: p50 {f['p50_s']} s, p95 {f['p95_s']} s, p99 {f['p99_s']} s, max {f['max_s']} s ({f['seen']}/{f['samples']} samples) {f['peak_rss_mb']:>7} MB")
+        b = f["per_batch"]
+        print(f"{'':<12} {b['batches']} batches; mean per batch: raw commit {b['raw_commit_mean_ms']} ms, "
+              f"curated merge {b['curated_merge_mean_ms']} ms, curated commit {b['curated_commit_mean_ms']} ms; "
+              f"the polling query p50 {b['endpoint_query_p50_ms']} ms, max {b['endpoint_query_max_ms']} ms")
     text = json.dumps(results, indent=2)
     if args.json:
         open(args.json, "w").write(text)
