@@ -33,6 +33,7 @@ wal2delta daemon (a release build: cargo build --release). Scenarios (quick mode
 Micro-benchmarks of the decoder and the batch builder: cargo bench (benches/).
 """
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -131,6 +132,13 @@ refined_dir = "{ROOT}/sql/refined"
                 return
             time.sleep(0.05)
 
+    def wait_confirmed(self, conn, slot, lsn):
+        """Waits until the daemon has confirmed `lsn` as flushed on `slot`."""
+        while not lsn_ge(conn, confirmed(conn, slot), lsn):
+            self.alive()
+            self.sample_rss()
+            time.sleep(0.02)
+
     def metrics(self):
         """The daemon's Prometheus samples: {'name{labels}': value}."""
         import urllib.request
@@ -175,6 +183,47 @@ def confirmed(conn, slot):
 
 def lsn_ge(conn, a, b):
     return conn.execute("SELECT %s::pg_lsn >= %s::pg_lsn", (str(a), str(b))).fetchone()[0]
+
+
+def recvlogical_seconds(conn, slot, end_lsn):
+    """The baseline reader: pg_recvlogical drains `slot` (pgoutput, w2d_pub) up to
+    `end_lsn` into /dev/null. Returns the seconds it took."""
+    start = time.perf_counter()
+    subprocess.run([bindir_tool("pg_recvlogical"), "-h", "127.0.0.1", "-p", str(conn.info.port), "-U", "postgres",
+                    "-d", "postgres", "--slot", slot, "--start", "--endpos", str(end_lsn),
+                    "-o", "proto_version=1", "-o", "publication_names=w2d_pub", "-f", "/dev/null"],
+                   check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def metric_total(samples, name, *labels):
+    """Sum of the samples of `name` (e.g. `x_sum`) whose labels include every one of `labels`."""
+    return sum(v for k, v in samples.items()
+               if k.split("{")[0] == name and all(l in k for l in labels))
+
+
+@contextlib.contextmanager
+def disposable_postgres(prefix):
+    """A work directory and a Postgres started by testcontainers/pg.sh: yields (work, dsn).
+    On exit, kills the daemons still running, stops Postgres and (unless KEEP is set)
+    deletes both directories."""
+    work = tempfile.mkdtemp(prefix=f"{prefix}-")
+    # Its own top-level directory: pg.sh hands it to the server's (unprivileged) user.
+    pgdir = tempfile.mkdtemp(prefix=f"{prefix}-pg-")
+    try:
+        port = int([l for l in pg_script("start", pgdir).splitlines() if l.startswith("PGPORT=")][0][7:])
+        yield work, f"host=127.0.0.1 port={port} user=postgres dbname=postgres"
+    finally:
+        for proc in RUNNING:
+            if proc.poll() is None:
+                proc.kill()
+        try:
+            pg_script("stop", pgdir)
+        except Exception:
+            pass
+        if not os.environ.get("KEEP"):
+            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(pgdir, ignore_errors=True)
 
 
 def load_demo(conn, transacoes):
@@ -243,24 +292,12 @@ def scenario_streaming(args, work, dsn, conn):
                 size = r.rowcount
             made += size
     end_lsn = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
-    # Baseline: pg_recvlogical drains its slot to /dev/null.
-    port = conn.info.port
-    start = time.perf_counter()
-    subprocess.run([bindir_tool("pg_recvlogical"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
-                    "-d", "postgres", "--slot", "bench_recv", "--start", "--endpos", str(end_lsn),
-                    "-o", "proto_version=1", "-o", "publication_names=w2d_pub", "-f", "/dev/null"],
-                   check=True, capture_output=True)
-    recv_s = time.perf_counter() - start
+    recv_s = recvlogical_seconds(conn, "bench_recv", end_lsn)
     # wal2delta drains the other slot into raw + curated (no snapshot: the tables are
     # not copied, only the changes streamed).
     start = time.perf_counter()
     d = Daemon(args.binary, work, dsn, "bench_w2d", 'snapshot = "never"\ncreate_slot = false', name="stream")
-    while True:
-        d.alive()
-        d.sample_rss()
-        if lsn_ge(conn, confirmed(conn, "bench_w2d"), end_lsn):
-            break
-        time.sleep(0.05)
+    d.wait_confirmed(conn, "bench_w2d", end_lsn)
     w2d_s = time.perf_counter() - start
     rss = d.stop()
     for s in ("bench_recv", "bench_w2d"):
@@ -293,7 +330,7 @@ def scenario_merge(args, work, dsn, conn, size):
     d.wait_streaming()
     snapshot_s = time.perf_counter() - start
     rng = random.Random(size)
-    label = f'{{table="public.{t}"}}'
+    label = f'table="public.{t}"'
     out = {"rows": size, "snapshot_s": round(snapshot_s, 1)}
     for pattern in ("random", "clustered"):
         if pattern == "random":
@@ -305,23 +342,19 @@ def scenario_merge(args, work, dsn, conn, size):
         committed = time.perf_counter()
         conn.execute(f"UPDATE {t} SET amount = amount + 1, updated_at = now() WHERE id = ANY(%s)", (ids,))
         lsn = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
-        while not lsn_ge(conn, confirmed(conn, slot), lsn):
-            d.alive()
-            d.sample_rss()
-            time.sleep(0.02)
+        d.wait_confirmed(conn, slot, lsn)
         durable_s = time.perf_counter() - committed
         after = d.metrics()
 
-        def delta(name):
-            return after.get(name + label, 0.0) - before.get(name + label, 0.0)
+        def delta(name, *labels):
+            return metric_total(after, name, label, *labels) - metric_total(before, name, label, *labels)
         from deltalake import DeltaTable
         table_dir = os.path.join(d.lake, "curated", "public", t)
         files = [u.removeprefix("file://") for u in DeltaTable(table_dir).file_uris()]
         table_bytes = sum(os.path.getsize(f) for f in files)
         out[pattern] = {
             "merge_s": round(delta("wal2delta_merge_seconds_sum"), 3),
-            "commit_s": round(after.get(f'wal2delta_delta_commit_duration_seconds_sum{{table="public.{t}",layer="curated"}}', 0)
-                              - before.get(f'wal2delta_delta_commit_duration_seconds_sum{{table="public.{t}",layer="curated"}}', 0), 3),
+            "commit_s": round(delta("wal2delta_delta_commit_duration_seconds_sum", 'layer="curated"'), 3),
             "durable_s": round(durable_s, 2),
             "files_scanned": int(delta("wal2delta_merge_scanned_files_total")),
             "files_rewritten": int(delta("wal2delta_merge_rewritten_files_total")),
@@ -350,18 +383,10 @@ def scenario_large_transaction(args, work, dsn, conn):
         FROM generate_series({base + 1}, {base + rows}) g""")
     insert_s = time.perf_counter() - start
     lsn = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
-    start = time.perf_counter()
-    subprocess.run([bindir_tool("pg_recvlogical"), "-h", "127.0.0.1", "-p", str(conn.info.port), "-U", "postgres",
-                    "-d", "postgres", "--slot", "bench_big_recv", "--start", "--endpos", str(lsn),
-                    "-o", "proto_version=1", "-o", "publication_names=w2d_pub", "-f", "/dev/null"],
-                   check=True, capture_output=True)
-    recv_s = time.perf_counter() - start
+    recv_s = recvlogical_seconds(conn, "bench_big_recv", lsn)
     start = time.perf_counter()
     d = Daemon(args.binary, work, dsn, "bench_big", 'snapshot = "never"\ncreate_slot = false', name="big")
-    while not lsn_ge(conn, confirmed(conn, "bench_big"), lsn):
-        d.alive()
-        d.sample_rss()
-        time.sleep(0.05)
+    d.wait_confirmed(conn, "bench_big", lsn)
     w2d_s = time.perf_counter() - start
     rss = d.stop()
     for s in ("bench_big", "bench_big_recv"):
@@ -467,16 +492,15 @@ def scenario_freshness(args, work, dsn, conn, rate, seconds, svg):
     values = sorted(v for _, v in lat)
     rss = d.stop()
 
+    def delta(name, *labels):
+        return metric_total(m1, name, *labels) - metric_total(m0, name, *labels)
+
     def mean_ms(name, *labels):
-        """Mean of a histogram over the run, from the samples whose labels include `labels`."""
-        def total(m, suffix):
-            return sum(v for k, v in m.items()
-                       if k.startswith(name + suffix) and all(l in k for l in labels))
-        n = total(m1, "_count") - total(m0, "_count")
-        return round((total(m1, "_sum") - total(m0, "_sum")) / n * 1e3, 1) if n else None
+        """Mean of histogram `name` over the run, for the series with `labels`."""
+        n = delta(name + "_count", *labels)
+        return round(delta(name + "_sum", *labels) / n * 1e3, 1) if n else None
     table = 'table="public.transacoes"'
-    where = {"batches": int(sum(v for k, v in m1.items() if k.startswith("wal2delta_batch_rows_count"))
-                            - sum(v for k, v in m0.items() if k.startswith("wal2delta_batch_rows_count"))),
+    where = {"batches": int(delta("wal2delta_batch_rows_count")),
              "raw_commit_mean_ms": mean_ms("wal2delta_delta_commit_duration_seconds", table, 'layer="raw"'),
              "curated_merge_mean_ms": mean_ms("wal2delta_merge_seconds", table),
              "curated_commit_mean_ms": mean_ms("wal2delta_delta_commit_duration_seconds", table, 'layer="curated"'),
@@ -528,13 +552,9 @@ def main():
         os.makedirs(args.svg_dir, exist_ok=True)
     if not os.path.exists(args.binary):
         sys.exit(f"no wal2delta binary at {args.binary}; cargo build --release, or pass --binary")
-    work = tempfile.mkdtemp(prefix="w2d-harness-")
-    pgdir = tempfile.mkdtemp(prefix="w2d-harness-pg-")
     results = {"mode": "full" if args.full else "quick", "cores": os.cpu_count(),
                "max_batch_age_ms": args.batch_age_ms}
-    try:
-        port = int([l for l in pg_script("start", pgdir).splitlines() if l.startswith("PGPORT=")][0][7:])
-        dsn = f"host=127.0.0.1 port={port} user=postgres dbname=postgres"
+    with disposable_postgres("w2d-harness") as (work, dsn):
         with psycopg.connect(dsn, autocommit=True) as conn:
             load_demo(conn, args.transacoes)
             conn.execute("CREATE PUBLICATION w2d_pub FOR TABLE condominios, imoveis, moradores, transacoes")
@@ -553,17 +573,6 @@ def main():
                 if name in only:
                     print(f"running {name}", file=sys.stderr, flush=True)
                     results[name] = runs[name]()
-    finally:
-        for proc in RUNNING:
-            if proc.poll() is None:
-                proc.kill()
-        try:
-            pg_script("stop", pgdir)
-        except Exception:
-            pass
-        if not os.environ.get("KEEP"):
-            shutil.rmtree(work, ignore_errors=True)
-            shutil.rmtree(pgdir, ignore_errors=True)
     print(f"{'scenario':<12} {'wal2delta':>22} {'baseline':>26} {'ratio':>8} {'peak RSS':>10}")
     if "streaming" in results:
         st = results["streaming"]

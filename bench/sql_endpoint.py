@@ -18,16 +18,14 @@ import argparse
 import json
 import os
 import random
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 
 import psycopg
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Daemon, pg_script as pg  # noqa: E402
+from harness import Daemon, disposable_postgres  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGGREGATE = """
@@ -62,13 +60,7 @@ def main():
     if not os.path.exists(args.binary):
         sys.exit(f"no wal2delta binary at {args.binary}; build it (cargo build --release) or pass --binary")
 
-    work = tempfile.mkdtemp(prefix="w2d-bench-")
-    # Its own top-level directory: pg.sh hands it to the server's (unprivileged) user.
-    pgdir = tempfile.mkdtemp(prefix="w2d-bench-pg-")
-    daemon = None
-    try:
-        port = int([l for l in pg("start", pgdir).splitlines() if l.startswith("PGPORT=")][0][7:])
-        src_dsn = f"host=127.0.0.1 port={port} user=postgres dbname=postgres"
+    with disposable_postgres("w2d-bench") as (work, src_dsn):
         with psycopg.connect(src_dsn, autocommit=True) as c:
             c.execute(open(f"{ROOT}/sql/schema.sql").read())
             c.execute(open(f"{ROOT}/sql/sample_data.sql").read().replace("\\gset", ";"))
@@ -113,16 +105,6 @@ def main():
         results["aggregate_speedup_vs_postgres"] = round(
             results["postgres"]["aggregate_ms_median"] / results["wal2delta"]["aggregate_ms_median"], 2)
         print(json.dumps(results, indent=2))
-    finally:
-        if daemon is not None:
-            daemon.stop()
-        try:
-            pg("stop", pgdir)
-        except Exception:
-            pass
-        if not os.environ.get("KEEP"):
-            shutil.rmtree(work, ignore_errors=True)
-            shutil.rmtree(pgdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

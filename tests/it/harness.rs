@@ -152,6 +152,35 @@ pub fn psql_binary() -> PathBuf {
         .expect("psql is needed for the SQL endpoint tests: apt-get install -y postgresql-client (or set PG_BINDIR)")
 }
 
+/// Runs psql against the endpoint; returns (success, stdout + stderr).
+pub fn psql(port: u16, user: &str, extra_env: &[(&str, &str)], args: &[&str]) -> (bool, String) {
+    let out = Command::new(psql_binary())
+        .args([
+            "-X",
+            "-At",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+            "-p",
+        ])
+        .arg(port.to_string())
+        .args(["-U", user, "-d", "wal2delta"])
+        .args(args)
+        .env("PGCONNECT_TIMEOUT", "5")
+        .envs(extra_env.iter().copied())
+        .output()
+        .expect("run psql");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 impl Env {
     /// Starts a cluster and runs `setup_sql` in it.
     pub async fn new(setup_sql: &str) -> Env {

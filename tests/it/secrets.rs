@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use crate::harness::{Daemon, Env, binary, free_port, psql_binary, wait_for};
+use crate::harness::{Daemon, Env, binary, free_port, psql, wait_for};
 
 const SOURCE_PW: &str = "src-Secret-7f3a9";
 const WRONG_SOURCE_PW: &str = "src-Wrong-51c2e";
@@ -48,60 +48,24 @@ async fn passwords_appear_in_no_log_error_status_or_metric() {
     env.wait_streaming().await;
 
     // Endpoint logins: wrong password, unknown user, right password.
-    let psql = |user: &str, pw: &str| {
-        let out = Command::new(psql_binary())
-            .args([
-                "-X",
-                "-At",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &env.serve_port.to_string(),
-                "-U",
-                user,
-                "-d",
-                "wal2delta",
-                "-c",
-                "SELECT count(*) FROM t",
-            ])
-            .env("PGPASSWORD", pw)
-            .output()
-            .unwrap();
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+    let port = env.serve_port;
+    let login = |user: &str, pw: &str| {
+        psql(
+            port,
+            user,
+            &[("PGPASSWORD", pw)],
+            &["-c", "SELECT count(*) FROM t"],
         )
+        .1
     };
     let mut outputs = vec![
-        psql("analyst", WRONG_ENDPOINT_PW),
-        psql("nobody", ENDPOINT_PW),
+        login("analyst", WRONG_ENDPOINT_PW),
+        login("nobody", ENDPOINT_PW),
     ];
-    let port = env.serve_port;
     wait_for(
         "the endpoint answers with the right password",
         Duration::from_secs(60),
-        || async move {
-            let out = Command::new(psql_binary())
-                .args([
-                    "-X",
-                    "-At",
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &port.to_string(),
-                    "-U",
-                    "analyst",
-                    "-d",
-                    "wal2delta",
-                    "-c",
-                    "SELECT count(*) FROM t",
-                ])
-                .env("PGPASSWORD", ENDPOINT_PW)
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&out.stdout).trim() == "1"
-        },
+        || async move { login("analyst", ENDPOINT_PW).trim() == "1" },
         || env.daemon_log(),
     )
     .await;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crate::harness::{Env, binary, free_port, psql_binary, wait_for};
+use crate::harness::{Env, binary, free_port, psql, psql_binary, wait_for};
 
 const FOUR_TABLES: [&str; 4] = [
     "public.condominios",
@@ -63,35 +63,6 @@ fn sqlstate(e: &tokio_postgres::Error) -> String {
     e.code()
         .map(|c| c.code().to_string())
         .unwrap_or_else(|| format!("no SQLSTATE: {e}"))
-}
-
-/// Runs psql against the endpoint; returns (success, stdout + stderr).
-fn psql(port: u16, user: &str, extra_env: &[(&str, &str)], args: &[&str]) -> (bool, String) {
-    let out = Command::new(psql_binary())
-        .args([
-            "-X",
-            "-At",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-h",
-            "127.0.0.1",
-            "-p",
-        ])
-        .arg(port.to_string())
-        .args(["-U", user, "-d", "wal2delta"])
-        .args(args)
-        .env("PGCONNECT_TIMEOUT", "5")
-        .envs(extra_env.iter().copied())
-        .output()
-        .expect("run psql");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
 }
 
 /// Waits until the endpoint serves `sql` with the same single value as the source.

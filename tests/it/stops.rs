@@ -119,26 +119,12 @@ async fn invalidated_slot_names_the_recovery_and_the_recovery_works() {
         ] {
             pg.batch_execute(sql).await.unwrap();
         }
-        let status: Option<String> = pg
-            .query_one(
-                "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
-                &[&env.slot],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        let status = wal_status(&pg, &env.slot).await;
         if status.as_deref() == Some("lost") {
             break;
         }
     }
-    let status: Option<String> = pg
-        .query_one(
-            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
-            &[&env.slot],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let status = wal_status(&pg, &env.slot).await;
     assert_eq!(
         status.as_deref(),
         Some("lost"),
@@ -190,4 +176,15 @@ async fn invalidated_slot_names_the_recovery_and_the_recovery_works() {
     println!(
         "figure: invalidated slot: faults injected 1, rows compared 100, rows lost 0, rows duplicated 0"
     );
+}
+
+/// The slot's `wal_status` (`reserved`, `extended`, `unreserved` or `lost`).
+async fn wal_status(pg: &tokio_postgres::Client, slot: &str) -> Option<String> {
+    pg.query_one(
+        "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
+        &[&slot],
+    )
+    .await
+    .unwrap()
+    .get(0)
 }
