@@ -5,9 +5,12 @@
 
 use bytes::Bytes;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use wal2delta::apply::builder::{ChangeMeta, ColumnSpec, RawBatchBuilder};
+use wal2delta::change::message::PgOutputMessage;
+use wal2delta::change::{ChangeMeta, ColumnSpec, Op, Xid};
+use wal2delta::lake::raw::layout::RawBatchBuilder;
+use wal2delta::lsn::Lsn;
 use wal2delta::pg_types::ColumnKind;
-use wal2delta::source::pgoutput::{PgOutputMessage, decode};
+use wal2delta::source::pgoutput::decode;
 
 const ROWS: usize = 10_000;
 
@@ -110,13 +113,13 @@ fn builder(c: &mut Criterion) {
             |mut builder| {
                 for (i, tuple) in tuples.iter().enumerate() {
                     let meta = ChangeMeta {
-                        commit_lsn: 1_000,
-                        lsn: 1_000 + i as i64,
+                        commit_lsn: Lsn(1_000),
+                        lsn: Lsn(1_000 + i as u64),
                         commit_ts: 1_700_000_000_000_000,
-                        xid: 7,
+                        xid: Xid(7),
                         seq: i as i64,
                     };
-                    builder.append("i", meta, Some(tuple), &positions, None);
+                    builder.append(Op::Insert, meta, Some(tuple), &positions, None);
                 }
                 builder.finish().expect("valid batch")
             },

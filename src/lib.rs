@@ -1,14 +1,17 @@
 //! wal2delta: Postgres change-data-capture into Delta Lake tables, exactly once.
 //!
 //! The pipeline stages are modules: [`source`] (Postgres: control and replication
-//! connections, pgoutput decoding), [`apply`] (transaction-aligned batches into Arrow),
-//! [`lake`] (Delta tables, positions, checkpoint), [`curated`] (current-state tables kept
-//! by merging, and their normalization rules), wired together by [`pipeline`].
-//! `main.rs` only parses the command line.
+//! connections, pgoutput decoding, snapshots), [`apply`] (transaction-aligned batches,
+//! schema changes, normalization), [`lake`] (every Delta table format, the one commit
+//! path, positions, checkpoint) and [`serve`] (the SQL endpoint), wired together by
+//! [`pipeline`]; [`ops`] and [`status`] are the operator commands. They share the leaves:
+//! [`change`] (the change model), [`lsn`], [`table_name`], [`pg_types`], [`secret`],
+//! [`telemetry`] and [`service`]. Imports run one way, from the top down to the leaves
+//! (`docs/architecture.md`). `main.rs` only parses the command line.
 
 pub mod apply;
+pub mod change;
 pub mod config;
-pub mod curated;
 pub mod lake;
 pub mod lsn;
 pub mod ops;

@@ -41,6 +41,20 @@ impl fmt::Display for Lsn {
 )]
 pub struct LsnParseError(String);
 
+/// Serialized as its text form (`16/B374D848`), as the Delta commit info stores it.
+impl serde::Serialize for Lsn {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Lsn {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Lsn, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 impl FromStr for Lsn {
     type Err = LsnParseError;
 

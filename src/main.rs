@@ -218,7 +218,7 @@ async fn serve(config: PathBuf) -> anyhow::Result<ExitCode> {
         anyhow::bail!(
             "serve.listen is \"off\" in {}: set it to an address (e.g. \"{}\") to serve",
             config.display(),
-            wal2delta::config::DEFAULT_SERVE_LISTEN
+            wal2delta::serve::config::DEFAULT_SERVE_LISTEN
         );
     };
     let lake = Lake::open(&settings.lake_path)?;
@@ -285,15 +285,17 @@ async fn validate(config: PathBuf) -> anyhow::Result<ExitCode> {
         Ok(lake) => notes.push(format!("lake: {}", lake.root())),
         Err(e) => problems.push(e.to_string()),
     }
-    match catalog::connect(&settings.source).await {
+    match catalog::connect(&settings.source.conn).await {
         Err(e) => problems.push(e.to_string()),
-        Ok(client) => match catalog::check(&client, &settings).await {
-            Ok(report) => {
-                problems.extend(report.problems);
-                notes.extend(report.notes);
+        Ok(client) => {
+            match catalog::check(&client, &settings.source, settings.config_path.as_deref()).await {
+                Ok(report) => {
+                    problems.extend(report.problems);
+                    notes.extend(report.notes);
+                }
+                Err(e) => problems.push(e.to_string()),
             }
-            Err(e) => problems.push(e.to_string()),
-        },
+        }
     }
     for note in &notes {
         println!("ok: {note}");

@@ -7,11 +7,9 @@
 
 use serde::Serialize;
 
-use crate::apply::{raw_app_id, snapshot_app_id};
 use crate::config::Settings;
-use crate::curated::curated_app_id;
+use crate::lake::commit::{AppId, applied};
 use crate::lake::lock::LakeLock;
-use crate::lake::table::applied_position;
 use crate::lake::{Lake, LakeError};
 use crate::source::catalog;
 use crate::table_name::TableName;
@@ -71,12 +69,12 @@ pub async fn gather(settings: &Settings) -> Result<Status, LakeError> {
     let checkpoint = layer(
         &lake.checkpoint_url(),
         "_wal2delta.checkpoint",
-        &format!("wal2delta:{}", settings.slot),
+        &AppId::checkpoint(&settings.source.slot),
     )
     .await?;
     let mut tables = Vec::new();
-    for name in &settings.tables {
-        tables.push(table_status(&lake, &settings.slot, name).await?);
+    for name in &settings.source.tables {
+        tables.push(table_status(&lake, &settings.source.slot, name).await?);
     }
     Ok(Status {
         slot,
@@ -89,7 +87,7 @@ pub async fn gather(settings: &Settings) -> Result<Status, LakeError> {
 
 async fn slot_status(settings: &Settings) -> SlotStatus {
     let mut status = SlotStatus {
-        name: settings.slot.clone(),
+        name: settings.source.slot.clone(),
         exists: None,
         active: None,
         plugin: None,
@@ -99,8 +97,8 @@ async fn slot_status(settings: &Settings) -> SlotStatus {
         retained_wal_bytes: None,
         error: None,
     };
-    let info = match catalog::connect(&settings.source).await {
-        Ok(client) => catalog::slot_info(&client, &settings.slot).await,
+    let info = match catalog::connect(&settings.source.conn).await {
+        Ok(client) => catalog::slot_info(&client, &settings.source.slot).await,
         Err(e) => Err(e),
     };
     match info {
@@ -123,23 +121,19 @@ async fn table_status(lake: &Lake, slot: &str, name: &TableName) -> Result<Table
     let (raw, snapshot) = layer(
         &lake.raw_table_url(name),
         &format!("raw.{name}"),
-        &raw_app_id(slot, name),
+        &AppId::raw(slot, name),
     )
     .await?;
     let snapshot_lsn = match snapshot {
-        Some(table) => applied_position(&table, &snapshot_app_id(slot, name))
-            .await
-            .map_err(|source| LakeError::Delta {
-                table: format!("raw.{name}"),
-                source,
-            })?
+        Some(table) => applied(&table, &format!("raw.{name}"), &AppId::snapshot(slot, name))
+            .await?
             .map(|l| l.to_string()),
         None => None,
     };
     let (curated, _) = layer(
         &lake.curated_table_url(name),
         &format!("curated.{name}"),
-        &curated_app_id(slot, name),
+        &AppId::curated(slot, name),
     )
     .await?;
     Ok(TableStatus {
@@ -154,7 +148,7 @@ async fn table_status(lake: &Lake, slot: &str, name: &TableName) -> Result<Table
 async fn layer(
     url: &url::Url,
     label: &str,
-    app_id: &str,
+    app_id: &AppId,
 ) -> Result<(LayerStatus, Option<deltalake::DeltaTable>), LakeError> {
     let delta_err = |source| LakeError::Delta {
         table: label.to_string(),
@@ -175,10 +169,7 @@ async fn layer(
     let mut status = LayerStatus {
         exists: true,
         version: Some(version),
-        position_lsn: applied_position(&table, app_id)
-            .await
-            .map_err(delta_err)?
-            .map(|l| l.to_string()),
+        position_lsn: applied(&table, label, app_id).await?.map(|l| l.to_string()),
         ..LayerStatus::default()
     };
     for file in table.snapshot().map_err(delta_err)?.log_data().iter() {

@@ -11,6 +11,7 @@ use metrics::{
     Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use serde::Deserialize;
 
 pub const CHANGES: &str = "wal2delta_changes_total";
 pub const TRANSACTIONS: &str = "wal2delta_transactions_total";
@@ -37,6 +38,41 @@ pub const MERGE_SECONDS: &str = "wal2delta_merge_seconds";
 pub const MERGE_SCANNED: &str = "wal2delta_merge_scanned_files_total";
 pub const MERGE_REWRITTEN_FILES: &str = "wal2delta_merge_rewritten_files_total";
 pub const MERGE_REWRITTEN_BYTES: &str = "wal2delta_merge_rewritten_bytes_total";
+
+/// `[metrics]`: the Prometheus endpoint.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `host:port` serving `/metrics` (e.g. `127.0.0.1:9734`); unset: no endpoint.
+    pub listen: Option<String>,
+    /// Log a warning when the slot retains more WAL than this (MiB).
+    pub retained_wal_warn_mb: Option<u64>,
+}
+
+impl MetricsConfig {
+    /// Checks the section (problems name `metrics.<field>`): the address to serve on and
+    /// the retained-WAL warning in bytes.
+    pub fn validate(
+        &self,
+        problems: &mut Vec<String>,
+    ) -> (Option<std::net::SocketAddr>, Option<i64>) {
+        let listen = match self.listen.as_deref().map(str::parse) {
+            None => None,
+            Some(Ok(addr)) => Some(addr),
+            Some(Err(e)) => {
+                problems.push(format!(
+                    "metrics.listen: `{}` is not a host:port address ({e}); e.g. \"127.0.0.1:9734\"",
+                    self.listen.as_deref().unwrap_or_default()
+                ));
+                None
+            }
+        };
+        let warn = self
+            .retained_wal_warn_mb
+            .map(|mb| (mb.min(1 << 40) * 1024 * 1024) as i64);
+        (listen, warn)
+    }
+}
 
 /// Starts the `/metrics` listener and describes every metric.
 pub fn install(listen: SocketAddr) -> Result<(), String> {

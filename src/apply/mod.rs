@@ -9,8 +9,13 @@
 //!
 //! Exactly-once on restart: a transaction is skipped for a table whose recorded position
 //! is at or past the transaction's commit LSN (see `lake::checkpoint` for the design).
+//!
+//! Apply is the transform step between the stream and the lake: it maps relations to
+//! tables, reconciles schema changes ([`schema`]) and normalizes values for the curated
+//! tables ([`normalize`]); the lake owns the table formats and the commit path.
 
-pub mod builder;
+pub mod config;
+pub mod normalize;
 pub mod schema;
 
 use std::collections::{BTreeSet, HashMap};
@@ -22,34 +27,21 @@ use deltalake::arrow::array::{Array, Int64Array};
 use deltalake::arrow::compute::filter_record_batch;
 use deltalake::arrow::compute::kernels::cmp::gt;
 use deltalake::arrow::record_batch::RecordBatch;
-use deltalake::kernel::Transaction;
 
-use self::builder::{ChangeMeta, ColumnSpec, RawBatchBuilder, op};
-use crate::config::ApplyConfig;
-use crate::curated::CuratedTable;
-use crate::curated::transform::Normalization;
-use crate::lake::checkpoint::Checkpoint;
-use crate::lake::table::DeltaSink;
+use self::config::ApplyConfig;
+use self::normalize::{Normalization, Normalizer};
+use crate::change::message::{OldTuple, PgOutputMessage, Relation, Tuple};
+use crate::change::{ChangeMeta, ColumnSpec, Op, RelId, SourceEvent, Xid};
+use crate::lake::checkpoint::{Checkpoint, CheckpointRecord, RecordSender, TableVersions};
+use crate::lake::curated::CuratedTable;
+use crate::lake::maintenance::Policy;
+use crate::lake::raw::RawTable;
+use crate::lake::raw::layout::RawBatchBuilder;
 use crate::lake::{Lake, LakeError};
 use crate::lsn::Lsn;
 use crate::source::catalog::TableInfo;
-use crate::source::pgoutput::{OldTuple, PgOutputMessage, Relation, Tuple};
 use crate::source::replication::PG_EPOCH_OFFSET_MICROS;
 use crate::table_name::TableName;
-
-/// What the source stage hands to apply, in stream order.
-#[derive(Debug)]
-pub enum SourceEvent {
-    /// A decoded pgoutput message and the WAL position it was sent at. `budget` holds the
-    /// message's share of the in-flight byte budget until apply drops the event.
-    Message {
-        wal_start: Lsn,
-        message: PgOutputMessage,
-        budget: Option<tokio::sync::OwnedSemaphorePermit>,
-    },
-    /// A server keepalive: everything before `wal_end` has been sent.
-    Keepalive { wal_end: Lsn },
-}
 
 /// Apply failed.
 #[derive(Debug, thiserror::Error)]
@@ -72,17 +64,51 @@ impl ApplyError {
 }
 
 struct TableState {
-    sink: DeltaSink,
+    name: TableName,
+    raw: RawTable,
     curated: CuratedTable,
     builder: RawBatchBuilder,
-    /// Where the table's snapshot was taken, if it has one.
-    snapshot_at: Option<Lsn>,
+    /// The normalization rules of the curated table's columns.
+    normalizer: Normalizer,
+    key_columns: Vec<String>,
 }
 
 impl TableState {
+    /// Opens a source table's raw and curated tables with the columns the lake keeps
+    /// for it (the source's, plus any it dropped).
+    async fn open(
+        lake: &Lake,
+        slot: &str,
+        info: &TableInfo,
+        normalization: &Normalization,
+    ) -> Result<TableState, ApplyError> {
+        let name = &info.name;
+        let existing = RawTable::stored_schema(lake, name).await?;
+        let columns = schema::reconcile(&name.to_string(), existing.as_deref(), &info.columns)?;
+        let raw = RawTable::open(lake, slot, name, &columns).await?;
+        let normalizer = Normalizer::for_table(name, &columns, &info.key_columns, normalization);
+        let curated = CuratedTable::open(
+            lake,
+            slot,
+            name,
+            &columns,
+            &info.key_columns,
+            &normalizer.stored_types(),
+        )
+        .await?;
+        Ok(TableState {
+            name: name.clone(),
+            raw,
+            curated,
+            builder: RawBatchBuilder::new(columns),
+            normalizer,
+            key_columns: info.key_columns.clone(),
+        })
+    }
+
     /// The position both the raw and the curated table hold.
     fn held(&self) -> Option<Lsn> {
-        match (self.sink.applied(), self.curated.applied()) {
+        match (self.raw.applied(), self.curated.applied()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             _ => None,
         }
@@ -90,26 +116,47 @@ impl TableState {
 
     /// Applies a schema change: what is buffered goes out under the old schema, later rows
     /// under the new one; the next commit records the new schema with the data.
-    async fn evolve(&mut self, columns: Vec<ColumnSpec>) -> Result<(), LakeError> {
+    async fn evolve(
+        &mut self,
+        columns: Vec<ColumnSpec>,
+        normalization: &Normalization,
+    ) -> Result<(), LakeError> {
         if self.builder.rows() > 0 {
             let batch = self.builder.finish().map_err(|source| LakeError::Arrow {
-                table: self.sink.label().to_string(),
+                table: self.raw.label().to_string(),
                 source,
             })?;
             self.write_chunk(batch).await?;
         }
         self.builder = RawBatchBuilder::new(columns.clone());
-        self.sink.evolve(self.builder.schema().clone()).await?;
-        self.curated.evolve(&columns)
+        self.raw.evolve(&columns).await?;
+        self.normalizer =
+            Normalizer::for_table(&self.name, &columns, &self.key_columns, normalization);
+        self.curated
+            .evolve(&columns, &self.normalizer.stored_types())
     }
 
     /// Hands a chunk of change rows to the raw and curated tables, each taking only the
     /// transactions it does not hold yet.
     async fn write_chunk(&mut self, batch: RecordBatch) -> Result<(), LakeError> {
-        let raw = after(&batch, self.sink.applied(), self.sink.label())?;
-        self.sink.write(raw).await?;
+        let raw = after(&batch, self.raw.applied(), self.raw.label())?;
+        self.raw.write(raw).await?;
         let curated = after(&batch, self.curated.applied(), self.curated.label())?;
-        self.curated.merge(&curated).await
+        let values = self.normalize(&curated)?;
+        self.curated.merge(&curated, values).await
+    }
+
+    /// The source columns of raw change rows as the curated table stores them.
+    fn normalize(
+        &mut self,
+        rows: &RecordBatch,
+    ) -> Result<Vec<deltalake::arrow::array::ArrayRef>, LakeError> {
+        self.normalizer
+            .normalize(rows)
+            .map_err(|source| LakeError::Arrow {
+                table: self.curated.label().to_string(),
+                source,
+            })
     }
 }
 
@@ -147,7 +194,7 @@ struct RelationMap {
 struct OpenTxn {
     commit_lsn: Lsn,
     commit_ts: i64,
-    xid: u32,
+    xid: Xid,
     seq: i64,
 }
 
@@ -163,35 +210,27 @@ struct Batch {
     transactions: u64,
     touched: BTreeSet<TableName>,
     /// Changes per table and op, for the metrics.
-    changes: HashMap<TableName, HashMap<&'static str, u64>>,
+    changes: HashMap<TableName, HashMap<Op, u64>>,
 }
 
 /// The apply stage's state for one replication session.
 pub struct Applier {
     config: ApplyConfig,
     tables: HashMap<TableName, TableState>,
-    relations: HashMap<u32, RelationMap>,
+    relations: HashMap<RelId, RelationMap>,
+    normalization: Normalization,
     checkpoint: Checkpoint,
     txn: Option<OpenTxn>,
     batch: Batch,
     durable: watch::Sender<Lsn>,
-    maintenance: crate::lake::maintenance::Policy,
+    maintenance: Policy,
     next_check: Instant,
     next_vacuum: Instant,
 }
 
-/// The raw tables' application-transaction id.
-pub fn raw_app_id(slot: &str, table: &TableName) -> String {
-    format!("wal2delta:{slot}:{table}")
-}
-
-/// The application-transaction id marking a raw table's completed snapshot.
-pub fn snapshot_app_id(slot: &str, table: &TableName) -> String {
-    format!("wal2delta:{slot}:snapshot:{table}")
-}
-
 impl Applier {
     /// Opens every raw and curated table and the checkpoint, reading back their positions.
+    /// New checkpoint records are published on `records` when given.
     pub async fn open(
         lake: &Lake,
         slot: &str,
@@ -199,50 +238,22 @@ impl Applier {
         normalization: &Normalization,
         config: ApplyConfig,
         durable: watch::Sender<Lsn>,
+        records: Option<RecordSender>,
     ) -> Result<Applier, ApplyError> {
         let mut states = HashMap::new();
         for info in tables {
-            let name = &info.name;
-            let existing = crate::lake::table::existing_schema(
-                &lake.raw_table_url(name),
-                &format!("raw.{name}"),
-            )
-            .await?;
-            let columns = schema::reconcile(&name.to_string(), existing.as_deref(), &info.columns)?;
-            let builder = RawBatchBuilder::new(columns.clone());
-            let label = format!("raw.{name}");
-            let sink = DeltaSink::open(
-                &lake.raw_table_url(name),
-                &label,
-                builder.schema(),
-                raw_app_id(slot, name),
-            )
-            .await?;
-            let snapshot_at =
-                crate::lake::table::applied_position(sink.table(), &snapshot_app_id(slot, name))
-                    .await
-                    .map_err(|source| LakeError::Delta {
-                        table: label.clone(),
-                        source,
-                    })?;
-            let curated =
-                CuratedTable::open(lake, slot, name, &columns, &info.key_columns, normalization)
-                    .await?;
-            states.insert(
-                name.clone(),
-                TableState {
-                    sink,
-                    curated,
-                    builder,
-                    snapshot_at,
-                },
-            );
+            let state = TableState::open(lake, slot, info, normalization).await?;
+            states.insert(info.name.clone(), state);
         }
-        let checkpoint = Checkpoint::open(lake, slot).await?;
+        let mut checkpoint = Checkpoint::open(lake, slot).await?;
+        if let Some(records) = records {
+            checkpoint.publish_to(records);
+        }
         Ok(Applier {
             config,
             tables: states,
             relations: HashMap::new(),
+            normalization: normalization.clone(),
             checkpoint,
             txn: None,
             batch: Batch::default(),
@@ -255,7 +266,7 @@ impl Applier {
 
     /// Sets the Delta maintenance policy (`[maintenance]`); the first check comes one
     /// interval after this.
-    pub fn set_maintenance(&mut self, policy: crate::lake::maintenance::Policy) {
+    pub fn set_maintenance(&mut self, policy: Policy) {
         let now = Instant::now();
         self.next_check = now + policy.check_interval;
         self.next_vacuum = now + policy.check_interval;
@@ -282,7 +293,7 @@ impl Applier {
         for (name, state) in self.tables.iter_mut() {
             let label = name.to_string();
             let started = Instant::now();
-            let raw = state.sink.maintain(&policy, vacuum).await;
+            let raw = state.raw.maintain(&policy, vacuum).await;
             let curated = state.curated.maintain(&policy, vacuum).await;
             for (layer, result) in [("raw", raw), ("curated", curated)] {
                 match result {
@@ -317,7 +328,7 @@ impl Applier {
             .values()
             .flat_map(|t| {
                 [
-                    (t.sink.label().to_string(), t.sink.applied()),
+                    (t.raw.label().to_string(), t.raw.applied()),
                     (t.curated.label().to_string(), t.curated.applied()),
                 ]
             })
@@ -331,7 +342,7 @@ impl Applier {
 
     /// Where `table`'s snapshot was taken, if it has a complete one.
     pub fn snapshot_position(&self, table: &TableName) -> Option<Lsn> {
-        self.tables.get(table).and_then(|t| t.snapshot_at)
+        self.tables.get(table).and_then(|t| t.raw.snapshot_at())
     }
 
     /// The tables the latest checkpoint covered (`None` when no checkpoint says): one left
@@ -374,8 +385,9 @@ impl Applier {
             crate::service::beat();
             rows += batch.num_rows() as u64;
             crate::telemetry::snapshot_progress(&label, rows, None);
-            state.sink.write(batch.clone()).await?;
-            state.curated.append(&batch).await?;
+            state.raw.write(batch.clone()).await?;
+            let values = state.normalize(&batch)?;
+            state.curated.append(&batch, values).await?;
         }
         Ok(rows)
     }
@@ -385,7 +397,6 @@ impl Applier {
     /// table has the marker is complete in both).
     pub async fn commit_snapshot(
         &mut self,
-        slot: &str,
         table: &TableName,
         point: Lsn,
     ) -> Result<(), ApplyError> {
@@ -393,26 +404,16 @@ impl Applier {
             .tables
             .get_mut(table)
             .ok_or_else(|| ApplyError::Stream(format!("snapshot of unknown table {table}")))?;
-        let metadata = HashMap::from([(
-            "wal2delta.snapshot_lsn".to_string(),
-            serde_json::json!(point.to_string()),
-        )]);
         // The snapshot holds the transactions whose commit record starts *before* the
         // consistent point; one starting exactly at it is streamed, so the tables hold
         // everything up to the point minus one.
         let held = Lsn::from_i64(point.as_i64().saturating_sub(1));
-        state.curated.commit(held, metadata.clone()).await?;
-        let marker = Transaction::new_with_last_update(
-            snapshot_app_id(slot, table),
-            point.as_i64(),
-            Some(chrono::Utc::now().timestamp_millis()),
-        );
-        state.sink.commit_with(held, metadata, vec![marker]).await?;
-        state.snapshot_at = Some(point);
+        state.curated.commit_snapshot(held, point).await?;
+        state.raw.commit_snapshot(held, point).await?;
         // A checkpoint record with the new versions makes the copy visible to the SQL
         // endpoint now, not at the next change. The replication position does not move.
         let versions = self.versions();
-        self.checkpoint.record_versions(held, &versions).await?;
+        self.checkpoint.record_versions(held, versions).await?;
         Ok(())
     }
 
@@ -541,21 +542,21 @@ impl Applier {
             }
             PgOutputMessage::Relation(rel) => self.relation(rel).await?,
             PgOutputMessage::Insert { relid, new } => {
-                self.change(relid, wal_start, op::INSERT, Some(&new), None)
+                self.change(relid, wal_start, Op::Insert, Some(&new), None)
                     .await?
             }
             PgOutputMessage::Update { relid, old, new } => {
-                self.change(relid, wal_start, op::UPDATE, Some(&new), old.as_ref())
+                self.change(relid, wal_start, Op::Update, Some(&new), old.as_ref())
                     .await?
             }
             PgOutputMessage::Delete { relid, old } => {
                 let row = old.tuple().clone();
-                self.change(relid, wal_start, op::DELETE, Some(&row), None)
+                self.change(relid, wal_start, Op::Delete, Some(&row), None)
                     .await?
             }
             PgOutputMessage::Truncate { relids, .. } => {
                 for relid in relids {
-                    self.change(relid, wal_start, op::TRUNCATE, None, None)
+                    self.change(relid, wal_start, Op::Truncate, None, None)
                         .await?;
                 }
             }
@@ -603,7 +604,7 @@ impl Applier {
         }
         if !added.is_empty() {
             tracing::info!(table = %name, columns = ?added, "columns added at the source; the raw and curated schemas grow with the next commit");
-            state.evolve(next).await?;
+            state.evolve(next, &self.normalization).await?;
         } else {
             // Same storage, possibly new source types (e.g. integer → bigint).
             state.builder.retype(next);
@@ -625,9 +626,9 @@ impl Applier {
 
     async fn change(
         &mut self,
-        relid: u32,
+        relid: RelId,
         wal_start: Lsn,
-        op: &'static str,
+        op: Op,
         row: Option<&Tuple>,
         before: Option<&OldTuple>,
     ) -> Result<(), ApplyError> {
@@ -652,10 +653,10 @@ impl Applier {
             return Ok(()); // already durable in this table
         }
         let meta = ChangeMeta {
-            commit_lsn: txn.commit_lsn.as_i64(),
-            lsn: wal_start.as_i64(),
+            commit_lsn: txn.commit_lsn,
+            lsn: wal_start,
             commit_ts: txn.commit_ts,
-            xid: i64::from(txn.xid),
+            xid: txn.xid,
             seq,
         };
         let bytes_before = state.builder.bytes();
@@ -690,19 +691,18 @@ impl Applier {
         Ok(())
     }
 
-    /// Every table's Delta version: `{"raw": {table: version}, "curated": {…}}`.
-    fn versions(&self) -> serde_json::Value {
-        let mut raw = serde_json::Map::new();
-        let mut curated = serde_json::Map::new();
+    /// Every table's Delta version now.
+    fn versions(&self) -> TableVersions {
+        let mut versions = TableVersions::default();
         for (name, state) in &self.tables {
-            if let Some(v) = state.sink.version() {
-                raw.insert(name.to_string(), v.into());
+            if let Some(v) = state.raw.version() {
+                versions.raw.insert(name.to_string(), v);
             }
             if let Some(v) = state.curated.version() {
-                curated.insert(name.to_string(), v.into());
+                versions.curated.insert(name.to_string(), v);
             }
         }
-        serde_json::json!({ "raw": raw, "curated": curated })
+        versions
     }
 
     fn batch_full(&self) -> bool {
@@ -738,34 +738,33 @@ impl Applier {
                     })?;
                     state.write_chunk(batch).await?;
                 }
-                let metadata = HashMap::from([(
-                    "wal2delta.commit_lsn".to_string(),
-                    serde_json::json!(through.to_string()),
-                )]);
                 // A table never moves its position back (after a crash between the two
                 // commits, one of them may already hold the batch).
                 let label = name.to_string();
-                if state.sink.applied().is_none_or(|a| a < through) {
+                if state.raw.applied().is_none_or(|a| a < through) {
                     let started = Instant::now();
-                    state.sink.commit(through, metadata.clone()).await?;
+                    state.raw.commit(through).await?;
                     crate::telemetry::commit_duration(&label, "raw", started.elapsed());
                 }
                 if state.curated.applied().is_none_or(|a| a < through) {
                     let started = Instant::now();
-                    state.curated.commit(through, metadata).await?;
+                    state.curated.commit(through).await?;
                     crate::telemetry::commit_duration(&label, "curated", started.elapsed());
                 }
                 Ok::<_, LakeError>(())
             });
         }
         futures::future::try_join_all(commits).await?;
-        self.checkpoint
-            .record(end, Some(self.batch.last_commit_ts), &self.versions())
-            .await?;
+        let record = CheckpointRecord {
+            lsn: end,
+            commit_ts: Some(self.batch.last_commit_ts),
+            versions: self.versions(),
+        };
+        self.checkpoint.record(record).await?;
         for (table, ops) in &self.batch.changes {
             let table = table.to_string();
             for (op, n) in ops {
-                crate::telemetry::change(&table, op, *n);
+                crate::telemetry::change(&table, op.code(), *n);
             }
         }
         crate::telemetry::batch_committed(

@@ -13,7 +13,7 @@
 
 use deltalake::arrow::datatypes::Schema;
 
-use super::builder::{ColumnSpec, METADATA_COLUMNS};
+use crate::change::{ColumnSpec, METADATA_COLUMNS};
 use crate::pg_types::{ColumnKind, numeric_typmod, oid};
 
 /// OIDs from here on belong to user-defined types (`FirstNormalObjectId`).
@@ -163,7 +163,7 @@ pub fn reconcile(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::apply::builder::raw_schema;
+    use crate::lake::raw::layout::raw_schema;
 
     fn col(name: &str, oid: u32, typmod: i32) -> ColumnSpec {
         ColumnSpec {

@@ -1,14 +1,14 @@
 //! The global replication checkpoint: the source position durable in *every* table.
 //!
 //! # Design
-//! Each table's own commits carry `txn(wal2delta:<slot>:<table>) = commit LSN of the last
+//! Each table's own commits carry `txn(AppId::raw) = commit LSN of the last
 //! source transaction it holds`. That alone cannot tell where to restart: a table nobody
 //! wrote to for a week still holds last week's LSN, and restarting from the minimum over
 //! tables would re-read a week of WAL (or be impossible once Postgres recycled it).
 //!
 //! So after every batch has been committed to all the tables it touched, one more commit
 //! goes to the small Delta table `<lake>/_wal2delta/checkpoint` with
-//! `txn(wal2delta:<slot>) = end LSN of the batch's last transaction` and, in its commit
+//! `txn(AppId::checkpoint) = end LSN of the batch's last transaction` and, in its commit
 //! info, the Delta version of every table at that point. A batch's transactions are all at
 //! or before that LSN, and every table is complete up to it: tables the batch did not touch
 //! simply had nothing to add. On restart:
@@ -21,67 +21,129 @@
 //!    checkpoint" had already updated.
 //!
 //! The checkpoint table holds no rows: its log is the record. Delta checkpoints (every
-//! 100 commits by default) keep reading it cheap.
+//! 100 commits by default) keep reading it cheap. A record is a [`CheckpointRecord`],
+//! written into the commit info and read back (by the SQL endpoint, `serve::view`) by
+//! the same serde type. Each new record is also published on a watch channel that the
+//! pipeline hands to the SQL endpoint in the same process, so new data is visible at once
+//! without the lake knowing who listens.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use deltalake::DeltaTable;
 use deltalake::arrow::datatypes::{DataType, Field, Schema};
-use deltalake::kernel::Transaction;
-use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
-use deltalake::protocol::DeltaOperation;
-use std::sync::Arc;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
-use super::table::{applied_position, open_or_create};
+use super::commit::{AppId, Commit, InfoKey, applied};
+use super::table::open_or_create;
 use super::{Lake, LakeError};
 use crate::lsn::Lsn;
 use crate::table_name::TableName;
 
 const LABEL: &str = "_wal2delta.checkpoint";
 
+/// One checkpoint record: a source position and every table's Delta version there. The
+/// serde field names are the commit-info keys (unchanged since the first release, so
+/// older lakes read back).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointRecord {
+    /// Every table is complete through this source position.
+    #[serde(rename = "wal2delta.end_lsn")]
+    pub lsn: Lsn,
+    /// Commit time of the batch's last source transaction (Unix microseconds); absent on
+    /// records that only show a snapshot copy.
+    #[serde(
+        rename = "wal2delta.commit_ts",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub commit_ts: Option<i64>,
+    #[serde(rename = "wal2delta.table_versions")]
+    pub versions: TableVersions,
+}
+
+/// Each table's Delta version, by source table name (`schema.table`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableVersions {
+    #[serde(default)]
+    pub raw: BTreeMap<String, u64>,
+    #[serde(default)]
+    pub curated: BTreeMap<String, u64>,
+}
+
+impl CheckpointRecord {
+    /// The record a checkpoint commit's info holds; `None` for other commits (markers,
+    /// resets) and for info this version cannot read.
+    pub fn from_commit_info(info: &HashMap<String, serde_json::Value>) -> Option<CheckpointRecord> {
+        let mut fields = serde_json::Map::new();
+        for key in [
+            "wal2delta.end_lsn",
+            "wal2delta.commit_ts",
+            "wal2delta.table_versions",
+        ] {
+            if let Some(value) = info.get(key) {
+                fields.insert(key.to_string(), value.clone());
+            }
+        }
+        serde_json::from_value(serde_json::Value::Object(fields)).ok()
+    }
+
+    /// The commit-info entries that hold this record.
+    fn to_commit_info(&self) -> Vec<(String, serde_json::Value)> {
+        match serde_json::to_value(self) {
+            Ok(serde_json::Value::Object(map)) => map.into_iter().collect(),
+            // A struct of strings, numbers and maps always serializes to an object.
+            _ => Vec::new(),
+        }
+    }
+
+    /// The commit time as text (`2026-11-21 08:00:00.123456+00`), when known.
+    pub fn commit_time_text(&self) -> Option<String> {
+        self.commit_ts
+            .and_then(chrono::DateTime::from_timestamp_micros)
+            .map(|t| t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string())
+    }
+}
+
+/// Where a checkpoint publishes each record it writes (the SQL endpoint in the same
+/// process listens); the pipeline makes the channel.
+pub type RecordSender = watch::Sender<Option<CheckpointRecord>>;
+
 /// The global checkpoint table.
 pub struct Checkpoint {
     table: DeltaTable,
-    app_id: String,
+    slot: String,
+    app_id: AppId,
     position: Option<Lsn>,
-    created_app_id: String,
     slot_created_at: Option<Lsn>,
     publication_created: bool,
-}
-
-fn resnapshot_app_id(base: &str, table: &TableName) -> String {
-    format!("{base}:resnapshot:{table}")
+    published: Option<RecordSender>,
 }
 
 impl Checkpoint {
     pub async fn open(lake: &Lake, slot: &str) -> Result<Checkpoint, LakeError> {
         let schema = Arc::new(Schema::new(vec![Field::new("lsn", DataType::Int64, true)]));
         let table = open_or_create(&lake.checkpoint_url(), LABEL, &schema).await?;
-        let app_id = format!("wal2delta:{slot}");
-        let created_app_id = format!("wal2delta:{slot}:slot-created");
-        let delta_err = |source| LakeError::Delta {
-            table: LABEL.into(),
-            source,
-        };
-        let position = applied_position(&table, &app_id).await.map_err(delta_err)?;
-        let slot_created_at = applied_position(&table, &created_app_id)
-            .await
-            .map_err(delta_err)?;
-        let created = applied_position(&table, &format!("{app_id}:publication-created"))
-            .await
-            .map_err(delta_err)?;
-        let dropped = applied_position(&table, &format!("{app_id}:publication-dropped"))
-            .await
-            .map_err(delta_err)?;
-        let publication_created = created > dropped;
+        let app_id = AppId::checkpoint(slot);
+        let position = applied(&table, LABEL, &app_id).await?;
+        let slot_created_at = applied(&table, LABEL, &AppId::slot_created(slot)).await?;
+        let created = applied(&table, LABEL, &AppId::publication(slot, true)).await?;
+        let dropped = applied(&table, LABEL, &AppId::publication(slot, false)).await?;
         Ok(Checkpoint {
             table,
+            slot: slot.to_string(),
             app_id,
             position,
-            created_app_id,
             slot_created_at,
-            publication_created,
+            publication_created: created > dropped,
+            published: None,
         })
+    }
+
+    /// Publishes every record written from now on to `sender`.
+    pub fn publish_to(&mut self, sender: RecordSender) {
+        self.published = Some(sender);
     }
 
     /// The LSN durable in every table, if any batch was ever committed.
@@ -95,21 +157,13 @@ impl Checkpoint {
     }
 
     /// Records that the daemon created the publication (`true`) or that `teardown`
-    /// dropped it (`false`). Two markers holding times, as `txn` versions only grow.
+    /// dropped it (`false`).
     pub async fn record_publication(&mut self, created: bool) -> Result<(), LakeError> {
-        let marker = if created {
-            "publication-created"
-        } else {
-            "publication-dropped"
-        };
-        self.commit(
-            vec![self.txn(
-                &format!("{}:{marker}", self.app_id),
-                chrono::Utc::now().timestamp_micros(),
-            )],
-            HashMap::new(),
-        )
-        .await?;
+        let now = chrono::Utc::now().timestamp_micros();
+        Commit::record()
+            .txn(&AppId::publication(&self.slot, created), now)
+            .write(&mut self.table, LABEL)
+            .await?;
         self.publication_created = created;
         Ok(())
     }
@@ -117,12 +171,7 @@ impl Checkpoint {
     /// When an operator asked for `table` to be copied again (`reset-checkpoint
     /// --resnapshot`): the WAL position at that moment.
     pub async fn resnapshot_requested(&self, table: &TableName) -> Result<Option<Lsn>, LakeError> {
-        applied_position(&self.table, &resnapshot_app_id(&self.app_id, table))
-            .await
-            .map_err(|source| LakeError::Delta {
-                table: LABEL.into(),
-                source,
-            })
+        applied(&self.table, LABEL, &AppId::resnapshot(&self.slot, table)).await
     }
 
     /// Records an operator's reset in one commit: a new position (`--to-lsn`), tables to
@@ -133,43 +182,39 @@ impl Checkpoint {
         resnapshot: &[(TableName, Lsn)],
         record: serde_json::Value,
     ) -> Result<(), LakeError> {
-        let mut txns = Vec::new();
+        let mut commit = Commit::record();
         if let Some(lsn) = position {
-            txns.push(self.txn(&self.app_id, lsn.as_i64()));
+            commit = commit.position(&self.app_id, lsn);
         }
         for (table, lsn) in resnapshot {
-            txns.push(self.txn(&resnapshot_app_id(&self.app_id, table), lsn.as_i64()));
+            commit = commit.position(&AppId::resnapshot(&self.slot, table), *lsn);
         }
-        txns.push(self.txn(
-            &format!("{}:resets", self.app_id),
-            chrono::Utc::now().timestamp_millis(),
-        ));
-        self.commit(
-            txns,
-            HashMap::from([("wal2delta.reset".to_string(), record)]),
-        )
-        .await?;
+        commit
+            .txn(
+                &AppId::resets(&self.slot),
+                chrono::Utc::now().timestamp_millis(),
+            )
+            .info(InfoKey::Reset, record)
+            .write(&mut self.table, LABEL)
+            .await?;
         if position.is_some() {
             self.position = position;
         }
         Ok(())
     }
 
-    fn txn(&self, app_id: &str, version: i64) -> Transaction {
-        Transaction::new_with_last_update(
-            app_id,
-            version,
-            Some(chrono::Utc::now().timestamp_millis()),
-        )
-    }
-
     /// The tables the latest checkpoint covered (`None` when no checkpoint says). Reads
     /// the table's recent history: call it when deciding snapshots, not per session.
-    pub async fn tracked_tables(&self) -> Option<std::collections::HashSet<String>> {
-        if self.position.is_none() {
-            return None;
+    pub async fn tracked_tables(&self) -> Option<HashSet<String>> {
+        self.position?;
+        use futures::StreamExt;
+        let mut history = self.table.history(Some(50));
+        while let Some(Ok(commit)) = history.next().await {
+            if let Some(record) = CheckpointRecord::from_commit_info(&commit.info) {
+                return Some(record.versions.raw.into_keys().collect());
+            }
         }
-        tracked_tables(&self.table).await
+        None
     }
 
     /// The consistent point of the slot when this daemon created it, if it did.
@@ -180,41 +225,12 @@ impl Checkpoint {
     /// Records the consistent point of a slot this daemon just created. Snapshots taken
     /// before it belong to an older slot of the same name and are redone.
     pub async fn record_slot_created(&mut self, lsn: Lsn) -> Result<(), LakeError> {
-        self.commit(
-            vec![self.txn(&self.created_app_id, lsn.as_i64())],
-            HashMap::from([(
-                "wal2delta.slot_created_at".to_string(),
-                serde_json::json!(lsn.to_string()),
-            )]),
-        )
-        .await?;
+        Commit::record()
+            .position(&AppId::slot_created(&self.slot), lsn)
+            .info_lsn(InfoKey::SlotCreatedAt, lsn)
+            .write(&mut self.table, LABEL)
+            .await?;
         self.slot_created_at = Some(lsn);
-        Ok(())
-    }
-
-    async fn commit(
-        &mut self,
-        txns: Vec<Transaction>,
-        metadata: HashMap<String, serde_json::Value>,
-    ) -> Result<(), LakeError> {
-        let delta_err = |source| LakeError::Delta {
-            table: LABEL.into(),
-            source,
-        };
-        let properties = CommitProperties::default()
-            .with_application_transactions(txns)
-            .with_metadata(metadata);
-        let snapshot = self.table.snapshot().map_err(delta_err)?;
-        let finalized = CommitBuilder::from(properties)
-            .with_actions(vec![])
-            .build(
-                Some(snapshot),
-                self.table.log_store(),
-                DeltaOperation::Update { predicate: None },
-            )
-            .await
-            .map_err(delta_err)?;
-        self.table.state = Some(finalized.snapshot());
         Ok(())
     }
 
@@ -224,70 +240,63 @@ impl Checkpoint {
     pub async fn record_versions(
         &mut self,
         shown: Lsn,
-        versions: &serde_json::Value,
+        versions: TableVersions,
     ) -> Result<(), LakeError> {
-        self.commit(
-            vec![],
-            HashMap::from([
-                (
-                    "wal2delta.end_lsn".to_string(),
-                    serde_json::json!(shown.max(self.position.unwrap_or(Lsn::ZERO)).to_string()),
-                ),
-                ("wal2delta.table_versions".to_string(), versions.clone()),
-            ]),
-        )
-        .await?;
-        crate::serve::lake_advanced();
+        let record = CheckpointRecord {
+            lsn: shown.max(self.position.unwrap_or(Lsn::ZERO)),
+            commit_ts: None,
+            versions,
+        };
+        Commit::record()
+            .info_entries(record.to_commit_info())
+            .write(&mut self.table, LABEL)
+            .await?;
+        self.publish(record);
         Ok(())
     }
 
-    /// Records that every table is durable through `end_lsn`; `versions` gives each
-    /// table's Delta version at this point and `commit_ts` (Unix microseconds) the commit
-    /// time of the batch's last source transaction: the SQL endpoint reads these records
-    /// to serve every table at one source position.
-    pub async fn record(
-        &mut self,
-        end_lsn: Lsn,
-        commit_ts: Option<i64>,
-        versions: &serde_json::Value,
-    ) -> Result<(), LakeError> {
-        let txn = Transaction::new_with_last_update(
-            &self.app_id,
-            end_lsn.as_i64(),
-            Some(chrono::Utc::now().timestamp_millis()),
-        );
-        self.commit(
-            vec![txn],
-            HashMap::from([
-                (
-                    "wal2delta.end_lsn".to_string(),
-                    serde_json::json!(end_lsn.to_string()),
-                ),
-                ("wal2delta.table_versions".to_string(), versions.clone()),
-                (
-                    "wal2delta.commit_ts".to_string(),
-                    serde_json::json!(commit_ts),
-                ),
-            ]),
-        )
-        .await?;
-        self.position = Some(end_lsn);
-        crate::serve::lake_advanced();
+    /// Records that every table is durable through `record.lsn` (the end LSN of the
+    /// batch's last transaction), with every table's Delta version at this point and the
+    /// commit time of that transaction: the SQL endpoint reads these records to serve
+    /// every table at one source position.
+    pub async fn record(&mut self, record: CheckpointRecord) -> Result<(), LakeError> {
+        Commit::record()
+            .position(&self.app_id, record.lsn)
+            .info_entries(record.to_commit_info())
+            .write(&mut self.table, LABEL)
+            .await?;
+        self.position = Some(record.lsn);
+        self.publish(record);
         Ok(())
+    }
+
+    fn publish(&self, record: CheckpointRecord) {
+        if let Some(sender) = &self.published {
+            sender.send_replace(Some(record));
+        }
     }
 }
 
-/// The raw tables named in the most recent checkpoint commit that lists table versions.
-async fn tracked_tables(table: &DeltaTable) -> Option<std::collections::HashSet<String>> {
-    use futures::StreamExt;
-    let mut history = table.history(Some(50));
-    while let Some(Ok(commit)) = history.next().await {
-        if let Some(versions) = commit.info.get("wal2delta.table_versions") {
-            return versions
-                .get("raw")
-                .and_then(|raw| raw.as_object())
-                .map(|raw| raw.keys().cloned().collect());
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_through_commit_info() {
+        let record = CheckpointRecord {
+            lsn: "16/B374D848".parse().unwrap(),
+            commit_ts: Some(1_764_000_000_000_000),
+            versions: TableVersions {
+                raw: BTreeMap::from([("public.a".into(), 3)]),
+                curated: BTreeMap::from([("public.a".into(), 4)]),
+            },
+        };
+        let info: HashMap<String, serde_json::Value> =
+            record.to_commit_info().into_iter().collect();
+        // The keys older lakes hold.
+        assert_eq!(info["wal2delta.end_lsn"], "16/B374D848");
+        assert_eq!(info["wal2delta.table_versions"]["raw"]["public.a"], 3);
+        assert_eq!(CheckpointRecord::from_commit_info(&info), Some(record));
+        assert_eq!(CheckpointRecord::from_commit_info(&HashMap::new()), None);
     }
-    None
 }

@@ -28,8 +28,85 @@ use std::time::Duration;
 
 use deltalake::DeltaTable;
 use deltalake::operations::vacuum::VacuumMode;
+use serde::Deserialize;
 
 use super::LakeError;
+
+/// `[maintenance]`: compaction and vacuum of the lake's tables.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaintenanceConfig {
+    /// Compact a table once it has this many files under 64 MiB; 0: never.
+    #[serde(default = "default_compact_min_files")]
+    pub compact_min_files: usize,
+    /// Seconds between checks (after a batch commit).
+    #[serde(default = "default_check_interval")]
+    pub check_interval_secs: u64,
+    /// Vacuum deletes unreferenced files older than this many hours (fractions allowed).
+    #[serde(default = "default_retention_hours")]
+    pub vacuum_retention_hours: f64,
+    /// Hours between vacuums (fractions allowed); 0: never vacuum.
+    #[serde(default = "default_vacuum_interval")]
+    pub vacuum_interval_hours: f64,
+}
+
+impl Default for MaintenanceConfig {
+    fn default() -> Self {
+        MaintenanceConfig {
+            compact_min_files: default_compact_min_files(),
+            check_interval_secs: default_check_interval(),
+            vacuum_retention_hours: default_retention_hours(),
+            vacuum_interval_hours: default_vacuum_interval(),
+        }
+    }
+}
+
+fn default_compact_min_files() -> usize {
+    64
+}
+fn default_check_interval() -> u64 {
+    60
+}
+fn default_retention_hours() -> f64 {
+    168.0
+}
+fn default_vacuum_interval() -> f64 {
+    24.0
+}
+
+impl MaintenanceConfig {
+    /// Checks the section (problems name `maintenance.<field>`) and returns its policy.
+    pub fn validate(&self, problems: &mut Vec<String>) -> Policy {
+        if self.check_interval_secs == 0 {
+            problems.push("maintenance.check_interval_secs: must be at least 1".into());
+        }
+        let hours = |field: &str, h: f64, problems: &mut Vec<String>| {
+            if !(0.0..=1e6).contains(&h) {
+                problems.push(format!(
+                    "maintenance.{field}: must be from 0 to 1000000 hours"
+                ));
+                return Duration::ZERO;
+            }
+            Duration::from_secs_f64(h * 3600.0)
+        };
+        let retention = hours(
+            "vacuum_retention_hours",
+            self.vacuum_retention_hours,
+            problems,
+        );
+        let vacuum_every = hours(
+            "vacuum_interval_hours",
+            self.vacuum_interval_hours,
+            problems,
+        );
+        Policy {
+            compact_min_files: self.compact_min_files,
+            check_interval: Duration::from_secs(self.check_interval_secs.max(1)),
+            vacuum_retention: (!vacuum_every.is_zero()).then_some(retention),
+            vacuum_interval: vacuum_every,
+        }
+    }
+}
 
 /// When and how much to maintain (`[maintenance]`).
 #[derive(Debug, Clone)]

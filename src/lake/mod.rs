@@ -1,25 +1,54 @@
-//! The lake: where the Delta tables live and how they are laid out.
+//! The lake: where the Delta tables live, their formats, and the one commit path.
 //!
 //! ```text
-//! <lake>/raw/<schema>/<table>/        raw change log of one source table (append-only)
-//! <lake>/_wal2delta/checkpoint/       global replication checkpoint (see `checkpoint`)
-//! <lake>/_wal2delta/daemon.lock       held by the running daemon (see `lock`)
+//! <lake>/raw/<schema>/<table>/        raw change log of one source table (`raw`)
+//! <lake>/curated/<schema>/<table>/    current rows of one source table (`curated`)
+//! <lake>/_wal2delta/checkpoint/       global replication checkpoint (`checkpoint`)
+//! <lake>/_wal2delta/daemon.lock       held by the running daemon (`lock`)
 //! ```
+//!
+//! The lake owns every table format: the raw layout and writer ([`raw`]), the curated
+//! table and its merge ([`curated`]), the checkpoint record ([`checkpoint`]). Every
+//! commit goes through [`commit`], which writes data and source position together. The
+//! lake depends only on the leaves (`change`, `lsn`, `table_name`, `pg_types`,
+//! `telemetry`); it tells the rest of the process about new checkpoint records on a
+//! channel the pipeline hands it.
 //! Schema and table names are path segments with every byte outside `[A-Za-z0-9_-]`
 //! written as `~XX`, so two schemas may hold tables of the same name and no name escapes
 //! its directory. Every table is a standard Delta table: any Delta reader can open it.
 
 pub mod checkpoint;
+pub mod commit;
+pub mod curated;
 pub mod lock;
 pub mod maintenance;
+pub mod raw;
 pub mod table;
 
 use std::path::Path;
 
 use deltalake::DeltaTableError;
+use serde::Deserialize;
 use url::Url;
 
 use crate::table_name::TableName;
+
+/// `[lake]`: where the Delta tables live.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LakeConfig {
+    /// A local directory (created if missing) or an object-store URL.
+    pub path: String,
+}
+
+impl LakeConfig {
+    /// Checks the section (problems name `lake.<field>`).
+    pub fn validate(&self, problems: &mut Vec<String>) {
+        if self.path.trim().is_empty() {
+            problems.push("lake.path: must name a directory or an object-store URL".into());
+        }
+    }
+}
 
 /// Lake storage failed. Disk-full and I/O errors are transient: the daemon keeps the slot,
 /// confirms nothing new, and retries.

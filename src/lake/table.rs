@@ -1,28 +1,18 @@
-//! `DeltaSink`: one Delta table we append to, each commit carrying its source position.
-//!
-//! Rows are streamed into Parquet files as they arrive (bounded memory, whatever the
-//! transaction size); the files become visible only when [`DeltaSink::commit`] writes a
-//! Delta commit that adds them *and* records, in the same commit, an application
-//! transaction (`txn` action) `wal2delta:<slot>:<table>` whose version is the commit LSN of
-//! the last source transaction included. Files written but never committed (a crash
-//! mid-batch) are unreferenced and invisible to readers; vacuum removes them.
-
-use std::collections::HashMap;
+//! Delta table plumbing shared by the raw and curated layouts: opening or creating a
+//! table, reading its schema, the Parquet settings of every file we write, and the
+//! Metadata action that grows a schema. Commits go through `lake::commit`.
 
 use deltalake::arrow::datatypes::SchemaRef;
-use deltalake::arrow::record_batch::RecordBatch;
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
-use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
-use deltalake::kernel::{Action, StructType, Transaction};
+use deltalake::kernel::{Action, StructType};
 use deltalake::parquet::basic::Compression;
 use deltalake::parquet::file::properties::WriterProperties;
-use deltalake::protocol::{DeltaOperation, SaveMode};
-use deltalake::writer::{DeltaWriter, RecordBatchWriter};
+use deltalake::protocol::SaveMode;
+use deltalake::writer::RecordBatchWriter;
 use deltalake::{DeltaTable, DeltaTableError};
 use url::Url;
 
 use super::LakeError;
-use crate::lsn::Lsn;
 
 /// Target size of one raw data file (and of raw compaction's output).
 pub const RAW_FILE_SIZE: u64 = 128 * 1024 * 1024;
@@ -32,20 +22,6 @@ pub const RAW_FILE_SIZE: u64 = 128 * 1024 * 1024;
 pub const CURATED_FILE_SIZE: u64 = 4 * 1024 * 1024;
 /// Largest row group buffered in memory before it is written out.
 const ROW_GROUP_BYTES: usize = 32 * 1024 * 1024;
-
-/// An open Delta table that receives appends.
-pub struct DeltaSink {
-    label: String,
-    table: DeltaTable,
-    writer: RecordBatchWriter,
-    app_id: String,
-    /// Commit LSN of the last source transaction durably in this table.
-    applied: Option<Lsn>,
-    /// A grown schema the next commit records (columns added at the source).
-    new_schema: Option<SchemaRef>,
-    /// Files written under the previous schema, waiting for the next commit.
-    pending: Vec<deltalake::kernel::Add>,
-}
 
 /// A writer producing files of `schema` for `table` (which may still have an older
 /// schema: the commit that adds the files records the new one).
@@ -183,185 +159,4 @@ pub async fn open_or_create(
         .with_save_mode(SaveMode::Ignore)
         .await
         .map_err(delta_err)
-}
-
-impl DeltaSink {
-    /// Opens (or creates) the table and reads back the source position it holds.
-    pub async fn open(
-        url: &Url,
-        label: &str,
-        schema: &SchemaRef,
-        app_id: String,
-    ) -> Result<DeltaSink, LakeError> {
-        let table = open_or_create(url, label, schema).await?;
-        let delta_err = |source| LakeError::Delta {
-            table: label.to_string(),
-            source,
-        };
-        let existing: Vec<String> = {
-            let snapshot = table.snapshot().map_err(delta_err)?;
-            snapshot
-                .schema()
-                .fields()
-                .map(|f| f.name().clone())
-                .collect()
-        };
-        let incoming: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
-        // The lake may lack columns the source added (they are added with the next
-        // commit); it must not have columns the caller does not know.
-        if existing.iter().any(|e| !incoming.contains(e)) {
-            return Err(LakeError::SchemaChanged {
-                table: label.to_string(),
-                existing,
-                incoming,
-            });
-        }
-        let new_schema = (existing != incoming).then(|| schema.clone());
-        let applied = applied_position(&table, &app_id).await.map_err(delta_err)?;
-        let writer = writer_for(&table, schema).map_err(delta_err)?;
-        Ok(DeltaSink {
-            label: label.to_string(),
-            table,
-            writer,
-            app_id,
-            applied,
-            new_schema,
-            pending: Vec::new(),
-        })
-    }
-
-    /// Switches to a grown schema: files written so far keep the old one, later rows use
-    /// the new one, and the next commit records it.
-    pub async fn evolve(&mut self, schema: SchemaRef) -> Result<(), LakeError> {
-        let delta_err = |source| LakeError::Delta {
-            table: self.label.clone(),
-            source,
-        };
-        let written = self.writer.flush().await.map_err(delta_err)?;
-        self.pending.extend(written);
-        self.writer = writer_for(&self.table, &schema).map_err(delta_err)?;
-        self.new_schema = Some(schema);
-        Ok(())
-    }
-
-    /// Commit LSN of the last source transaction this table holds, if any.
-    pub fn applied(&self) -> Option<Lsn> {
-        self.applied
-    }
-
-    pub fn label(&self) -> &str {
-        &self.label
-    }
-
-    pub fn table(&self) -> &DeltaTable {
-        &self.table
-    }
-
-    /// The table's current Delta version.
-    pub fn version(&self) -> Option<u64> {
-        self.table.version()
-    }
-
-    /// Compacts small files when due and vacuums when `vacuum` is given; call only with
-    /// nothing uncommitted. Returns (files, compacted, vacuumed).
-    pub async fn maintain(
-        &mut self,
-        policy: &super::maintenance::Policy,
-        vacuum: Option<std::time::Duration>,
-    ) -> Result<(usize, Option<super::maintenance::Compacted>, usize), LakeError> {
-        let (compacted, vacuumed) = super::maintenance::run(
-            &mut self.table,
-            &self.label,
-            policy,
-            RAW_FILE_SIZE,
-            keyed_properties(&[]),
-            vacuum,
-        )
-        .await?;
-        let files =
-            super::maintenance::file_counts(&self.table, RAW_FILE_SIZE).map_or(0, |(f, _)| f);
-        Ok((files, compacted, vacuumed))
-    }
-
-    /// Streams rows into the table's uncommitted data files.
-    pub async fn write(&mut self, batch: RecordBatch) -> Result<(), LakeError> {
-        if batch.num_rows() == 0 {
-            return Ok(());
-        }
-        self.writer
-            .write(batch)
-            .await
-            .map_err(|source| LakeError::Delta {
-                table: self.label.clone(),
-                source,
-            })
-    }
-
-    /// Commits everything written since the last commit, together with the source
-    /// position `through` (the commit LSN of the last transaction included).
-    /// Returns the new Delta version.
-    pub async fn commit(
-        &mut self,
-        through: Lsn,
-        metadata: HashMap<String, serde_json::Value>,
-    ) -> Result<u64, LakeError> {
-        self.commit_with(through, metadata, vec![]).await
-    }
-
-    /// [`DeltaSink::commit`], recording further application transactions in the same
-    /// commit (the snapshot marker).
-    pub async fn commit_with(
-        &mut self,
-        through: Lsn,
-        metadata: HashMap<String, serde_json::Value>,
-        extra: Vec<Transaction>,
-    ) -> Result<u64, LakeError> {
-        let delta_err = |source| LakeError::Delta {
-            table: self.label.clone(),
-            source,
-        };
-        let mut adds: Vec<Action> = Vec::new();
-        if let Some(schema) = &self.new_schema {
-            adds.push(schema_action(&self.table, schema).map_err(delta_err)?);
-        }
-        let written = self.writer.flush().await.map_err(delta_err)?;
-        adds.extend(self.pending.drain(..).chain(written).map(Action::Add));
-        let mut txns = vec![Transaction::new_with_last_update(
-            &self.app_id,
-            through.as_i64(),
-            Some(chrono::Utc::now().timestamp_millis()),
-        )];
-        txns.extend(extra);
-        let properties = CommitProperties::default()
-            .with_application_transactions(txns)
-            .with_metadata(metadata);
-        let operation = DeltaOperation::Write {
-            mode: SaveMode::Append,
-            partition_by: None,
-            predicate: None,
-        };
-        let snapshot = self.table.snapshot().map_err(delta_err)?;
-        let finalized = CommitBuilder::from(properties)
-            .with_actions(adds)
-            .build(Some(snapshot), self.table.log_store(), operation)
-            .await
-            .map_err(delta_err)?;
-        let version = finalized.version();
-        self.table.state = Some(finalized.snapshot());
-        self.applied = Some(through);
-        self.new_schema = None;
-        Ok(version)
-    }
-}
-
-/// Reads the `txn` version for `app_id` from a table's log.
-pub async fn applied_position(
-    table: &DeltaTable,
-    app_id: &str,
-) -> Result<Option<Lsn>, DeltaTableError> {
-    let snapshot = table.snapshot()?;
-    let version = snapshot
-        .transaction_version(table.log_store().as_ref(), app_id)
-        .await?;
-    Ok(version.map(Lsn::from_i64))
 }

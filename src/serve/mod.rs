@@ -6,14 +6,16 @@
 //!   datafusion-postgres the queries (`session`). TLS is configured or absent: a certificate
 //!   that cannot be loaded stops the start instead of falling back to plaintext.
 //! - Every statement reads one consistent lake position (`view`). The positions come from
-//!   the checkpoint table: [`follow`] re-reads it every `serve.poll_interval_ms`, and at once
-//!   when the applier in this process records a batch ([`lake_advanced`]), so new data is
-//!   visible within the batch cycle that committed it.
+//!   the checkpoint table: [`follow`] takes each record the applier in this process
+//!   writes from the channel the pipeline hands over (new data is visible as soon as its
+//!   batch is committed), and re-reads the table every `serve.poll_interval_ms` (records
+//!   written by another process: `wal2delta serve` next to a daemon elsewhere).
 //! - `run` serves next to replication; `wal2delta serve` serves a lake read-only (another
 //!   host can serve the same lake); both use this module.
 //! - Read-only is decided on the parsed statement (`read_only`).
 
 pub mod auth;
+pub mod config;
 pub mod read_only;
 pub mod session;
 pub mod view;
@@ -25,21 +27,15 @@ use std::time::Duration;
 
 use datafusion_postgres::pgwire;
 use pgwire::api::PgWireServerHandlers;
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::ServeSettings;
 use crate::lake::Lake;
+use crate::lake::checkpoint::CheckpointRecord;
 use auth::{Policy, Refusal, Startup};
+use config::ServeSettings;
 use session::{Session, Shared};
 use view::{Position, Views};
-
-static ADVANCED: Notify = Notify::const_new();
-
-/// Called after each checkpoint record: the endpoint in this process looks at once.
-pub fn lake_advanced() {
-    ADVANCED.notify_one();
-}
 
 /// The endpoint could not start. Each names the setting to fix.
 #[derive(Debug, thiserror::Error)]
@@ -122,31 +118,33 @@ impl PgWireServerHandlers for Connection {
     }
 }
 
-/// Keeps `latest` at the newest checkpoint record until `cancel`.
+/// Keeps `latest` at the newest checkpoint record until `cancel`: each record published
+/// on `records` (the applier in this process) at once, and what the checkpoint table
+/// holds every `every`.
 pub async fn follow(
     views: Arc<Views>,
     latest: watch::Sender<Option<Position>>,
+    mut records: Option<watch::Receiver<Option<CheckpointRecord>>>,
     every: Duration,
     cancel: CancellationToken,
 ) {
     let mut failing = false;
     loop {
-        tokio::select! {
+        // Branch order is priority order: stop, then a record from this process.
+        let published = tokio::select! {
+            biased;
             _ = cancel.cancelled() => return,
-            _ = ADVANCED.notified() => {}
-            _ = tokio::time::sleep(every) => {}
+            changed = next_record(&mut records) => changed,
+            _ = tokio::time::sleep(every) => None,
+        };
+        if let Some(record) = published {
+            advance(&latest, Some(record));
+            continue;
         }
         match views.latest_position().await {
             Ok(p) => {
                 failing = false;
-                latest.send_if_modified(|current| {
-                    if *current != p {
-                        *current = p;
-                        true
-                    } else {
-                        false
-                    }
-                });
+                advance(&latest, p);
             }
             Err(e) if !failing => {
                 failing = true;
@@ -157,13 +155,47 @@ pub async fn follow(
     }
 }
 
-/// Starts the endpoint and serves until `cancel`. TLS, the refined views and the address
-/// are checked before this returns, so a bad setting stops the start.
+/// The next record published on `records`; pending forever without a channel or once
+/// the publisher is gone (polling goes on).
+async fn next_record(
+    records: &mut Option<watch::Receiver<Option<CheckpointRecord>>>,
+) -> Option<CheckpointRecord> {
+    let Some(rx) = records.as_mut() else {
+        return std::future::pending().await;
+    };
+    if rx.changed().await.is_err() {
+        *records = None;
+        return std::future::pending().await;
+    }
+    rx.borrow_and_update().clone()
+}
+
+/// Moves `latest` to `position` unless it is the same, or older than what `latest`
+/// already shows (a poll may read the table just before a newer record is published).
+fn advance(latest: &watch::Sender<Option<Position>>, position: Option<Position>) {
+    latest.send_if_modified(|current| {
+        let older = match (current.as_ref(), position.as_ref()) {
+            (Some(c), Some(p)) => p.lsn < c.lsn,
+            _ => false,
+        };
+        if *current != position && !older {
+            *current = position;
+            true
+        } else {
+            false
+        }
+    });
+}
+
+/// Sets the endpoint up and returns the task that serves until `cancel` (the caller
+/// spawns and joins it). TLS, the refined views and the address are checked before this
+/// returns, so a bad setting stops the start.
 pub async fn start(
     settings: &ServeSettings,
     lake: Lake,
+    records: Option<watch::Receiver<Option<CheckpointRecord>>>,
     cancel: CancellationToken,
-) -> Result<tokio::task::JoinHandle<()>, ServeError> {
+) -> Result<impl std::future::Future<Output = ()> + Send + 'static, ServeError> {
     let tls = match &settings.tls {
         Some((cert, key)) => Some(tls_acceptor(cert, key)?),
         None => None,
@@ -197,6 +229,7 @@ pub async fn start(
     tokio::spawn(follow(
         views.clone(),
         latest,
+        records,
         settings.poll_interval,
         cancel.clone(),
     ));
@@ -212,7 +245,7 @@ pub async fn start(
     });
     let max = settings.max_connections;
     let slots = Arc::new(Semaphore::new(max));
-    Ok(tokio::spawn(async move {
+    Ok(async move {
         loop {
             let accepted = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -248,7 +281,7 @@ pub async fn start(
                 }
             });
         }
-    }))
+    })
 }
 
 /// `wal2delta serve`: the endpoint alone, reading the lake, until `cancel`.
@@ -257,9 +290,8 @@ pub async fn serve_only(
     lake: Lake,
     cancel: CancellationToken,
 ) -> Result<(), ServeError> {
-    let handle = start(settings, lake, cancel.clone()).await?;
+    let endpoint = start(settings, lake, None, cancel).await?;
     crate::service::ready("serving the lake read-only");
-    cancel.cancelled().await;
-    handle.abort();
+    endpoint.await;
     Ok(())
 }

@@ -367,7 +367,7 @@ async fn within<T>(
 /// The SQL answering `SHOW wal2delta.position` on `view`.
 fn position_sql(view: &View, as_of: Option<&AsOf>) -> String {
     let p = &view.position;
-    let lsn = if p.raw.is_empty() && p.curated.is_empty() {
+    let lsn = if p.versions.raw.is_empty() && p.versions.curated.is_empty() {
         "NULL".to_string()
     } else {
         format!("'{}'", p.lsn)

@@ -20,7 +20,7 @@
 //! `public` keeps its bare name unless two source schemas share it; then both are named
 //! `<schema>_<table>`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -37,6 +37,7 @@ use tokio::sync::Mutex;
 use url::Url;
 
 use crate::lake::Lake;
+use crate::lake::checkpoint::{CheckpointRecord, TableVersions};
 use crate::lsn::Lsn;
 use crate::table_name::TableName;
 
@@ -44,45 +45,7 @@ use crate::table_name::TableName;
 pub const DATABASE: &str = "wal2delta";
 
 /// One checkpoint record: a source position and every table's Delta version there.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Position {
-    pub lsn: Lsn,
-    /// Commit time of the last source transaction (Unix microseconds), when known.
-    pub commit_ts: Option<i64>,
-    pub raw: BTreeMap<String, u64>,
-    pub curated: BTreeMap<String, u64>,
-}
-
-impl Position {
-    fn from_commit_info(info: &HashMap<String, serde_json::Value>) -> Option<Position> {
-        let versions = info.get("wal2delta.table_versions")?;
-        let lsn: Lsn = info.get("wal2delta.end_lsn")?.as_str()?.parse().ok()?;
-        let map = |kind: &str| -> BTreeMap<String, u64> {
-            versions
-                .get(kind)
-                .and_then(|m| m.as_object())
-                .map(|m| {
-                    m.iter()
-                        .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        Some(Position {
-            lsn,
-            commit_ts: info.get("wal2delta.commit_ts").and_then(|v| v.as_i64()),
-            raw: map("raw"),
-            curated: map("curated"),
-        })
-    }
-
-    /// The commit time as text (`2026-11-21 08:00:00.123456+00`), when known.
-    pub fn commit_time_text(&self) -> Option<String> {
-        self.commit_ts
-            .and_then(chrono::DateTime::from_timestamp_micros)
-            .map(|t| t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string())
-    }
-}
+pub type Position = CheckpointRecord;
 
 /// What `SET wal2delta.as_of` asks for.
 #[derive(Debug, Clone, Copy)]
@@ -281,7 +244,7 @@ impl Views {
         let mut history = table.history(limit);
         while let Some(commit) = history.next().await {
             let commit = commit.map_err(|e| DataFusionError::External(Box::new(e)))?;
-            if let Some(p) = Position::from_commit_info(&commit.info)
+            if let Some(p) = CheckpointRecord::from_commit_info(&commit.info)
                 && accept(&p)
             {
                 return Ok(Some(p));
@@ -324,8 +287,7 @@ impl Views {
         let position = Position {
             lsn: Lsn(0),
             commit_ts: None,
-            raw: BTreeMap::new(),
-            curated: BTreeMap::new(),
+            versions: TableVersions::default(),
         };
         self.view(position, true).await
     }
@@ -385,10 +347,11 @@ impl Views {
         for schema in ["raw", "refined"] {
             catalog.register_schema(schema, Arc::new(MemorySchemaProvider::new()))?;
         }
-        let names = sql_names(position.raw.keys().chain(position.curated.keys()));
+        let versions = &position.versions;
+        let names = sql_names(versions.raw.keys().chain(versions.curated.keys()));
         for (kind, schema, versions) in [
-            ("raw", "raw", &position.raw),
-            ("curated", "public", &position.curated),
+            ("raw", "raw", &versions.raw),
+            ("curated", "public", &versions.curated),
         ] {
             for (table, version) in versions {
                 let Ok(name) = TableName::parse(table) else {

@@ -6,10 +6,10 @@
 
 use tokio_postgres::{Client, NoTls};
 
+use super::config::SourceSettings;
 use super::dsn::{ConnParams, Host, SslMode};
 use super::tls;
-use crate::apply::builder::{ColumnSpec, METADATA_COLUMNS};
-use crate::config::Settings;
+use crate::change::{ColumnSpec, METADATA_COLUMNS, ReplicaIdentity};
 use crate::lsn::Lsn;
 use crate::pg_types::ColumnKind;
 use crate::table_name::{TableName, quote_ident};
@@ -33,7 +33,7 @@ impl CatalogError {
         match self {
             CatalogError::Connect { .. } => true,
             CatalogError::Query(e) => match e.as_db_error() {
-                Some(db) => super::replication::sqlstate_is_transient(db.code().code()),
+                Some(db) => super::sqlstate::is_transient(db.code().code()),
                 None => true,
             },
             _ => false,
@@ -127,8 +127,7 @@ pub struct TableInfo {
     pub name: TableName,
     pub columns: Vec<ColumnSpec>,
     pub key_columns: Vec<String>,
-    /// `d`, `n`, `f` or `i`.
-    pub replica_identity: char,
+    pub replica_identity: ReplicaIdentity,
     pub can_select: bool,
     /// A partitioned table (its rows live in its partitions).
     pub partitioned: bool,
@@ -202,7 +201,7 @@ pub async fn table_info(
         name: table.clone(),
         columns,
         key_columns,
-        replica_identity: ident.chars().next().unwrap_or('d'),
+        replica_identity: ReplicaIdentity::from_code(ident.bytes().next().unwrap_or(b'd')),
         can_select,
         partitioned,
     }))
@@ -221,6 +220,14 @@ pub struct SlotInfo {
     pub retained_bytes: Option<i64>,
 }
 
+impl SlotInfo {
+    /// Invalidated: the WAL it needed was removed (`wal_status = lost`).
+    pub fn is_lost(&self) -> bool {
+        self.wal_status.as_deref() == Some("lost")
+    }
+}
+
+/// The slot named `slot`, or `None` when it does not exist.
 pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, CatalogError> {
     let row = client
         .query_opt(
@@ -282,9 +289,34 @@ pub struct Report {
     pub slot_missing: bool,
 }
 
-/// Checks everything replication needs, changing nothing.
-pub async fn check(client: &Client, settings: &Settings) -> Result<Report, CatalogError> {
+/// Checks everything replication needs, changing nothing. `config_path` is the
+/// configuration file, named in the commands a problem suggests.
+pub async fn check(
+    client: &Client,
+    source: &SourceSettings,
+    config_path: Option<&std::path::Path>,
+) -> Result<Report, CatalogError> {
     let mut report = Report::default();
+    let user = check_server(client, &mut report).await?;
+    let published = publication_tables(client, &source.publication).await?;
+    for table in &source.tables {
+        check_table(
+            client,
+            source,
+            table,
+            &user,
+            published.as_deref(),
+            &mut report,
+        )
+        .await?;
+    }
+    check_publication(source, published.is_some(), &mut report);
+    check_slot(client, source, config_path, &mut report).await?;
+    Ok(report)
+}
+
+/// `wal_level` and the role's REPLICATION attribute; returns the role's name.
+async fn check_server(client: &Client, report: &mut Report) -> Result<String, CatalogError> {
     let wal_level: String = client.query_one("SHOW wal_level", &[]).await?.get(0);
     if wal_level != "logical" {
         report.problems.push(format!(
@@ -305,112 +337,141 @@ pub async fn check(client: &Client, settings: &Settings) -> Result<Report, Catal
             quote_ident(&user)
         ));
     }
-    let published = publication_tables(client, &settings.publication).await?;
-    let pub_sql = quote_ident(&settings.publication);
-    for table in &settings.tables {
-        let Some(info) = table_info(client, table).await? else {
-            report.problems.push(format!(
-                "table {table} does not exist (or is not a plain table); create it or remove it from source.tables"
-            ));
-            continue;
-        };
-        if !info.can_select {
-            report.problems.push(format!(
-                "role {user} cannot SELECT from {table}; run GRANT SELECT ON {} TO {};",
-                table.quoted(),
-                quote_ident(&user)
-            ));
-        }
-        match info.replica_identity {
-            'n' => report.problems.push(format!(
-                "table {table} has REPLICA IDENTITY NOTHING, so updates and deletes cannot be replicated; run ALTER TABLE {} REPLICA IDENTITY FULL; (or DEFAULT with a primary key)",
-                table.quoted()
-            )),
-            'd' if info.key_columns.is_empty() => report.problems.push(format!(
-                "table {table} has no primary key, so its updates and deletes cannot be identified; add a primary key or run ALTER TABLE {} REPLICA IDENTITY FULL;",
-                table.quoted()
-            )),
-            _ => {}
-        }
-        for col in &info.columns {
-            if METADATA_COLUMNS.contains(&col.name.as_str()) {
-                report.problems.push(format!(
-                    "table {table} has a column named {} which clashes with a wal2delta metadata column; rename it",
-                    col.name
-                ));
-            }
-        }
-        match &published {
-            Some(list) if !list.contains(table) => report.problems.push(format!(
-                "publication {} does not include {table}; run ALTER PUBLICATION {pub_sql} ADD TABLE {};",
-                settings.publication,
-                table.quoted()
-            )),
-            _ => {}
-        }
-        report.tables.push(info);
+    Ok(user)
+}
+
+/// One configured table: it exists, `user` may read it, its changes can be identified,
+/// its columns do not clash with ours, and the publication (if it exists) has it.
+async fn check_table(
+    client: &Client,
+    source: &SourceSettings,
+    table: &TableName,
+    user: &str,
+    published: Option<&[TableName]>,
+    report: &mut Report,
+) -> Result<(), CatalogError> {
+    let pub_sql = quote_ident(&source.publication);
+    let Some(info) = table_info(client, table).await? else {
+        report.problems.push(format!(
+            "table {table} does not exist (or is not a plain table); create it or remove it from source.tables"
+        ));
+        return Ok(());
+    };
+    if !info.can_select {
+        report.problems.push(format!(
+            "role {user} cannot SELECT from {table}; run GRANT SELECT ON {} TO {};",
+            table.quoted(),
+            quote_ident(user)
+        ));
     }
-    report.publication_missing = published.is_none();
-    if published.is_none() {
-        if settings.create_publication {
+    match info.replica_identity {
+        ReplicaIdentity::Nothing => report.problems.push(format!(
+            "table {table} has REPLICA IDENTITY NOTHING, so updates and deletes cannot be replicated; run ALTER TABLE {} REPLICA IDENTITY FULL; (or DEFAULT with a primary key)",
+            table.quoted()
+        )),
+        ReplicaIdentity::Default if info.key_columns.is_empty() => report.problems.push(format!(
+            "table {table} has no primary key, so its updates and deletes cannot be identified; add a primary key or run ALTER TABLE {} REPLICA IDENTITY FULL;",
+            table.quoted()
+        )),
+        _ => {}
+    }
+    for col in &info.columns {
+        if METADATA_COLUMNS.contains(&col.name.as_str()) {
+            report.problems.push(format!(
+                "table {table} has a column named {} which clashes with a wal2delta metadata column; rename it",
+                col.name
+            ));
+        }
+    }
+    match published {
+        Some(list) if !list.contains(table) => report.problems.push(format!(
+            "publication {} does not include {table}; run ALTER PUBLICATION {pub_sql} ADD TABLE {};",
+            source.publication,
+            table.quoted()
+        )),
+        _ => {}
+    }
+    report.tables.push(info);
+    Ok(())
+}
+
+/// A missing publication: created by `run` when allowed, else a problem.
+fn check_publication(source: &SourceSettings, exists: bool, report: &mut Report) {
+    let pub_sql = quote_ident(&source.publication);
+    report.publication_missing = !exists;
+    if !exists {
+        if source.create_publication {
             report.notes.push(format!(
                 "publication {} does not exist; run will create it for the configured tables",
-                settings.publication
+                source.publication
             ));
         } else {
-            let list: Vec<String> = settings.tables.iter().map(|t| t.quoted()).collect();
+            let list: Vec<String> = source.tables.iter().map(|t| t.quoted()).collect();
             report.problems.push(format!(
                 "publication {} does not exist; run CREATE PUBLICATION {pub_sql} FOR TABLE {};",
-                settings.publication,
+                source.publication,
                 list.join(", ")
             ));
         }
     }
+}
+
+/// The slot: missing (created by `run` when allowed), or of another plugin or database,
+/// or invalidated.
+async fn check_slot(
+    client: &Client,
+    source: &SourceSettings,
+    config_path: Option<&std::path::Path>,
+    report: &mut Report,
+) -> Result<(), CatalogError> {
     let db: String = client
         .query_one("SELECT current_database()::text", &[])
         .await?
         .get(0);
-    let slot = slot_info(client, &settings.slot).await?;
+    let slot = slot_info(client, &source.slot).await?;
     report.slot_missing = slot.is_none();
     match slot {
-        None if settings.create_slot => report.notes.push(format!(
+        None if source.create_slot => report.notes.push(format!(
             "replication slot {} does not exist; run will create it",
-            settings.slot
+            source.slot
         )),
         None => report.problems.push(format!(
             "replication slot {} does not exist and source.create_slot is false; run SELECT pg_create_logical_replication_slot('{}', 'pgoutput');",
-            settings.slot, settings.slot
+            source.slot, source.slot
         )),
         Some(slot) => {
             if slot.plugin.as_deref() != Some("pgoutput") {
                 report.problems.push(format!(
                     "replication slot {} uses plugin {:?}, not pgoutput; pick another slot name or drop it with SELECT pg_drop_replication_slot('{}');",
-                    settings.slot,
-                    slot.plugin.unwrap_or_default(),
-                    settings.slot
+                    source.slot,
+                    slot.plugin.as_deref().unwrap_or_default(),
+                    source.slot
                 ));
             }
             if slot.database.as_deref() != Some(db.as_str()) {
                 report.problems.push(format!(
                     "replication slot {} belongs to database {:?}, not {db}; pick another slot name",
-                    settings.slot,
-                    slot.database.unwrap_or_default()
+                    source.slot,
+                    slot.database.as_deref().unwrap_or_default()
                 ));
             }
-            if slot.wal_status.as_deref() == Some("lost") {
+            if slot.is_lost() {
                 report.problems.push(format!(
                     "replication slot {} was invalidated (wal_status = lost): the WAL it needed is gone; {}",
-                    settings.slot,
-                    crate::pipeline::slot_lost_action(settings)
+                    source.slot,
+                    super::diagnosis::slot_lost_action(config_path)
                 ));
             }
         }
     }
-    Ok(report)
+    Ok(())
 }
 
 /// Creates the publication for exactly the configured tables.
-pub async fn create_publication(client: &Client, settings: &Settings) -> Result<(), CatalogError> {
+pub async fn create_publication(
+    client: &Client,
+    settings: &SourceSettings,
+) -> Result<(), CatalogError> {
     let list: Vec<String> = settings.tables.iter().map(|t| t.quoted()).collect();
     let sql = format!(
         "CREATE PUBLICATION {} FOR TABLE {}",

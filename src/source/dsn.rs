@@ -39,14 +39,6 @@ impl SslMode {
             }
         })
     }
-
-    /// Whether plaintext is unacceptable.
-    pub fn requires_tls(self) -> bool {
-        matches!(
-            self,
-            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull
-        )
-    }
 }
 
 /// Where the server is.

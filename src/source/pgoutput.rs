@@ -9,108 +9,11 @@
 use bytes::Bytes;
 
 use super::cursor::{Cursor, Malformed};
+use crate::change::message::{
+    OldTuple, PgOutputMessage, Relation, RelationColumn, Tuple, TupleValue,
+};
+use crate::change::{RelId, ReplicaIdentity, Xid};
 use crate::lsn::Lsn;
-
-/// One decoded pgoutput message.
-#[derive(Debug, Clone, PartialEq)]
-pub enum PgOutputMessage {
-    Begin {
-        final_lsn: Lsn,
-        /// Commit time, microseconds since 2000-01-01 UTC.
-        commit_ts: i64,
-        xid: u32,
-    },
-    Commit {
-        flags: u8,
-        commit_lsn: Lsn,
-        end_lsn: Lsn,
-        commit_ts: i64,
-    },
-    Origin {
-        lsn: Lsn,
-        name: String,
-    },
-    Relation(Relation),
-    Type {
-        oid: u32,
-        namespace: String,
-        name: String,
-    },
-    Insert {
-        relid: u32,
-        new: Tuple,
-    },
-    Update {
-        relid: u32,
-        old: Option<OldTuple>,
-        new: Tuple,
-    },
-    Delete {
-        relid: u32,
-        old: OldTuple,
-    },
-    Truncate {
-        options: u8,
-        relids: Vec<u32>,
-    },
-    Message {
-        transactional: bool,
-        lsn: Lsn,
-        prefix: String,
-        content: Bytes,
-    },
-}
-
-/// A Relation message: the shape of a table as the stream will send it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Relation {
-    pub relid: u32,
-    pub namespace: String,
-    pub name: String,
-    /// `d` default (primary key), `n` nothing, `f` full, `i` index.
-    pub replica_identity: u8,
-    pub columns: Vec<RelationColumn>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct RelationColumn {
-    /// Part of the replica identity (the key).
-    pub is_key: bool,
-    pub name: String,
-    pub type_oid: u32,
-    pub type_modifier: i32,
-}
-
-/// One column value in a tuple.
-#[derive(Debug, Clone, PartialEq)]
-pub enum TupleValue {
-    Null,
-    /// A TOASTed value that did not change; its value is not in the stream.
-    UnchangedToast,
-    /// The value in Postgres's text output format.
-    Text(Bytes),
-}
-
-/// All column values of a row, in relation column order.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Tuple(pub Vec<TupleValue>);
-
-/// The old row image sent with updates and deletes.
-#[derive(Debug, Clone, PartialEq)]
-pub enum OldTuple {
-    /// Replica identity columns only (other columns are Null).
-    Key(Tuple),
-    /// The whole old row (REPLICA IDENTITY FULL).
-    Full(Tuple),
-}
-
-impl OldTuple {
-    pub fn tuple(&self) -> &Tuple {
-        match self {
-            OldTuple::Key(t) | OldTuple::Full(t) => t,
-        }
-    }
-}
 
 /// Decodes one pgoutput message.
 pub fn decode(data: &Bytes) -> Result<PgOutputMessage, Malformed> {
@@ -120,7 +23,7 @@ pub fn decode(data: &Bytes) -> Result<PgOutputMessage, Malformed> {
         b'B' => PgOutputMessage::Begin {
             final_lsn: Lsn(c.u64("Begin final LSN")?),
             commit_ts: c.i64("Begin timestamp")?,
-            xid: c.u32("Begin xid")?,
+            xid: Xid(c.u32("Begin xid")?),
         },
         b'C' => PgOutputMessage::Commit {
             flags: c.u8("Commit flags")?,
@@ -133,10 +36,10 @@ pub fn decode(data: &Bytes) -> Result<PgOutputMessage, Malformed> {
             name: c.cstr("Origin name")?.to_string(),
         },
         b'R' => {
-            let relid = c.u32("Relation id")?;
+            let relid = RelId(c.u32("Relation id")?);
             let namespace = c.cstr("Relation namespace")?.to_string();
             let name = c.cstr("Relation name")?.to_string();
-            let replica_identity = c.u8("Relation replica identity")?;
+            let replica_identity = ReplicaIdentity::from_code(c.u8("Relation replica identity")?);
             let ncols = c.i16("Relation column count")?;
             if ncols < 0 {
                 return Err(Malformed(format!(
@@ -167,7 +70,7 @@ pub fn decode(data: &Bytes) -> Result<PgOutputMessage, Malformed> {
             name: c.cstr("Type name")?.to_string(),
         },
         b'I' => {
-            let relid = c.u32("Insert relation id")?;
+            let relid = RelId(c.u32("Insert relation id")?);
             expect(&mut c, b'N', "Insert new tuple marker")?;
             PgOutputMessage::Insert {
                 relid,
@@ -175,7 +78,7 @@ pub fn decode(data: &Bytes) -> Result<PgOutputMessage, Malformed> {
             }
         }
         b'U' => {
-            let relid = c.u32("Update relation id")?;
+            let relid = RelId(c.u32("Update relation id")?);
             let old = match c.u8("Update tuple marker")? {
                 b'K' => {
                     let t = OldTuple::Key(tuple(&mut c, data)?);
@@ -197,7 +100,7 @@ pub fn decode(data: &Bytes) -> Result<PgOutputMessage, Malformed> {
             }
         }
         b'D' => {
-            let relid = c.u32("Delete relation id")?;
+            let relid = RelId(c.u32("Delete relation id")?);
             let old = match c.u8("Delete tuple marker")? {
                 b'K' => OldTuple::Key(tuple(&mut c, data)?),
                 b'O' => OldTuple::Full(tuple(&mut c, data)?),
@@ -215,7 +118,7 @@ pub fn decode(data: &Bytes) -> Result<PgOutputMessage, Malformed> {
             let options = c.u8("Truncate options")?;
             let mut relids = Vec::with_capacity((n as usize).min(c.remaining() / 4));
             for _ in 0..n {
-                relids.push(c.u32("Truncate relation id")?);
+                relids.push(RelId(c.u32("Truncate relation id")?));
             }
             PgOutputMessage::Truncate { options, relids }
         }
@@ -295,12 +198,12 @@ pub(crate) mod tests {
     /// Encodes messages the way Postgres does, to test the decoder against.
     pub fn encode_relation(r: &Relation) -> Vec<u8> {
         let mut b = vec![b'R'];
-        b.extend(r.relid.to_be_bytes());
+        b.extend(r.relid.0.to_be_bytes());
         for s in [&r.namespace, &r.name] {
             b.extend(s.as_bytes());
             b.push(0);
         }
-        b.push(r.replica_identity);
+        b.push(r.replica_identity.code());
         b.extend((r.columns.len() as i16).to_be_bytes());
         for col in &r.columns {
             b.push(u8::from(col.is_key));
@@ -329,10 +232,10 @@ pub(crate) mod tests {
 
     fn sample_messages() -> Vec<Vec<u8>> {
         let rel = Relation {
-            relid: 16384,
+            relid: RelId(16384),
             namespace: "public".into(),
             name: "Ocorrências".into(),
-            replica_identity: b'd',
+            replica_identity: ReplicaIdentity::Default,
             columns: vec![
                 RelationColumn {
                     is_key: true,
@@ -393,7 +296,7 @@ pub(crate) mod tests {
         else {
             panic!("not an insert")
         };
-        assert_eq!(relid, 16384);
+        assert_eq!(relid, RelId(16384));
         assert_eq!(new.0[1], TupleValue::UnchangedToast);
         let PgOutputMessage::Update {
             old: Some(OldTuple::Key(old)),
@@ -408,13 +311,13 @@ pub(crate) mod tests {
         else {
             panic!("not a begin")
         };
-        assert_eq!((final_lsn, xid), (Lsn(0x1_0000_0100), 777));
+        assert_eq!((final_lsn, xid), (Lsn(0x1_0000_0100), Xid(777)));
         let PgOutputMessage::Truncate { relids, .. } =
             decode(&Bytes::from(msgs[4].clone())).unwrap()
         else {
             panic!("not a truncate")
         };
-        assert_eq!(relids, vec![1, 2]);
+        assert_eq!(relids, vec![RelId(1), RelId(2)]);
     }
 
     #[test]

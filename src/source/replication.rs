@@ -22,6 +22,7 @@ use tokio::net::{TcpStream, UnixStream};
 
 use super::cursor::{Cursor, Malformed};
 use super::dsn::{ConnParams, Host, SslMode};
+use super::sqlstate;
 use super::tls::{self, TlsError};
 use crate::lsn::Lsn;
 use crate::table_name::{quote_ident, quote_literal};
@@ -93,21 +94,10 @@ impl ReplicationError {
             ReplicationError::Connect { .. }
             | ReplicationError::ConnectTimeout(_)
             | ReplicationError::Io(_) => true,
-            ReplicationError::Server(e) => sqlstate_is_transient(&e.code),
+            ReplicationError::Server(e) => sqlstate::is_transient(&e.code),
             _ => false,
         }
     }
-}
-
-/// SQLSTATE classes that go away by themselves: connection trouble, shutdown/restart in
-/// progress, too many connections, a slot still held by a walsender that is exiting.
-pub fn sqlstate_is_transient(code: &str) -> bool {
-    code.starts_with("08")
-        || code.starts_with("53")
-        || code.starts_with("57P")
-        || code.starts_with("58")
-        || code.starts_with("40")
-        || code == "55006"
 }
 
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -225,6 +215,7 @@ impl ReplicationConnection {
         Ok(conn)
     }
 
+    /// Sends the start-up packet and answers the server until it is ready for queries.
     async fn startup(&mut self, params: &ConnParams) -> Result<(), ReplicationError> {
         let startup_params = [
             ("user", params.user.as_str()),
@@ -240,101 +231,17 @@ impl ReplicationConnection {
         ];
         frontend::startup_message(startup_params.iter().copied(), &mut self.write_buf)?;
         self.flush().await?;
-        let password = || {
-            params.password.as_ref().ok_or_else(|| {
-                ReplicationError::Auth(format!(
-                    "the server asks {} for a password but none is configured; set it in the DSN, \
-                     source.password_file or source.password_env",
-                    params.user
-                ))
-            })
-        };
         let mut scram: Option<ScramSha256> = None;
         loop {
             let (tag, body) = self.read_frame().await?;
-            let mut c = Cursor::new(&body);
             match tag {
-                b'R' => match c.i32("authentication request")? {
-                    0 => {}
-                    3 => {
-                        frontend::password_message(
-                            password()?.expose().as_bytes(),
-                            &mut self.write_buf,
-                        )?;
-                        self.flush().await?;
-                    }
-                    5 => {
-                        let salt: [u8; 4] = c
-                            .take(4, "md5 salt")?
-                            .try_into()
-                            .map_err(|_| ReplicationError::Protocol("md5 salt".into()))?;
-                        let hash = postgres_protocol::authentication::md5_hash(
-                            params.user.as_bytes(),
-                            password()?.expose().as_bytes(),
-                            salt,
-                        );
-                        frontend::password_message(hash.as_bytes(), &mut self.write_buf)?;
-                        self.flush().await?;
-                    }
-                    10 => {
-                        let mut mechanisms = Vec::new();
-                        loop {
-                            let m = c.cstr("SASL mechanism")?;
-                            if m.is_empty() {
-                                break;
-                            }
-                            mechanisms.push(m.to_string());
-                        }
-                        if !mechanisms.iter().any(|m| m == "SCRAM-SHA-256") {
-                            return Err(ReplicationError::Auth(format!(
-                                "the server offers only SASL mechanisms {mechanisms:?}; SCRAM-SHA-256 is supported"
-                            )));
-                        }
-                        // Channel binding is not implemented: say so ("n"), never "y".
-                        let s = ScramSha256::new(
-                            password()?.expose().as_bytes(),
-                            ChannelBinding::unsupported(),
-                        );
-                        frontend::sasl_initial_response(
-                            "SCRAM-SHA-256",
-                            s.message(),
-                            &mut self.write_buf,
-                        )?;
-                        self.flush().await?;
-                        scram = Some(s);
-                    }
-                    11 => {
-                        let s = scram.as_mut().ok_or_else(|| {
-                            ReplicationError::Protocol("SASL continue before start".into())
-                        })?;
-                        s.update(c.rest()).map_err(|e| {
-                            ReplicationError::Auth(format!("SCRAM exchange failed: {e}"))
-                        })?;
-                        frontend::sasl_response(s.message(), &mut self.write_buf)?;
-                        self.flush().await?;
-                    }
-                    12 => {
-                        let s = scram.as_mut().ok_or_else(|| {
-                            ReplicationError::Protocol("SASL final before start".into())
-                        })?;
-                        s.finish(c.rest()).map_err(|e| {
-                            ReplicationError::Auth(format!(
-                                "the server's SCRAM signature is wrong: {e}"
-                            ))
-                        })?;
-                    }
-                    other => {
-                        return Err(ReplicationError::Auth(format!(
-                            "the server asks for authentication method {other}, which is not supported \
-                             (trust, password, md5 and scram-sha-256 are)"
-                        )));
-                    }
-                },
+                b'R' => self.authenticate(params, &body, &mut scram).await?,
                 b'E' => {
                     let err = parse_error(&body)?;
-                    return Err(match err.code.as_str() {
-                        "28P01" | "28000" => ReplicationError::Auth(err.to_string()),
-                        _ => ReplicationError::Server(err),
+                    return Err(if sqlstate::is_auth_failure(&err.code) {
+                        ReplicationError::Auth(err.to_string())
+                    } else {
+                        ReplicationError::Server(err)
                     });
                 }
                 b'S' | b'K' | b'N' => {}
@@ -347,6 +254,96 @@ impl ReplicationConnection {
                 }
             }
         }
+    }
+
+    /// Answers one authentication request (`R` message): cleartext, MD5 or SCRAM-SHA-256
+    /// (whose exchange state lives in `scram` between messages).
+    async fn authenticate(
+        &mut self,
+        params: &ConnParams,
+        body: &Bytes,
+        scram: &mut Option<ScramSha256>,
+    ) -> Result<(), ReplicationError> {
+        const OK: i32 = 0;
+        const CLEARTEXT: i32 = 3;
+        const MD5: i32 = 5;
+        const SASL: i32 = 10;
+        const SASL_CONTINUE: i32 = 11;
+        const SASL_FINAL: i32 = 12;
+        let password = || {
+            params.password.as_ref().ok_or_else(|| {
+                ReplicationError::Auth(format!(
+                    "the server asks {} for a password but none is configured; set it in the DSN, \
+                     source.password_file or source.password_env",
+                    params.user
+                ))
+            })
+        };
+        let mut c = Cursor::new(body);
+        match c.i32("authentication request")? {
+            OK => return Ok(()),
+            CLEARTEXT => {
+                frontend::password_message(password()?.expose().as_bytes(), &mut self.write_buf)?;
+            }
+            MD5 => {
+                let salt: [u8; 4] = c
+                    .take(4, "md5 salt")?
+                    .try_into()
+                    .map_err(|_| ReplicationError::Protocol("md5 salt".into()))?;
+                let hash = postgres_protocol::authentication::md5_hash(
+                    params.user.as_bytes(),
+                    password()?.expose().as_bytes(),
+                    salt,
+                );
+                frontend::password_message(hash.as_bytes(), &mut self.write_buf)?;
+            }
+            SASL => {
+                let mut mechanisms = Vec::new();
+                loop {
+                    let m = c.cstr("SASL mechanism")?;
+                    if m.is_empty() {
+                        break;
+                    }
+                    mechanisms.push(m.to_string());
+                }
+                if !mechanisms.iter().any(|m| m == "SCRAM-SHA-256") {
+                    return Err(ReplicationError::Auth(format!(
+                        "the server offers only SASL mechanisms {mechanisms:?}; SCRAM-SHA-256 is supported"
+                    )));
+                }
+                // Channel binding is not implemented: say so ("n"), never "y".
+                let s = ScramSha256::new(
+                    password()?.expose().as_bytes(),
+                    ChannelBinding::unsupported(),
+                );
+                frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut self.write_buf)?;
+                *scram = Some(s);
+            }
+            SASL_CONTINUE => {
+                let s = scram.as_mut().ok_or_else(|| {
+                    ReplicationError::Protocol("SASL continue before start".into())
+                })?;
+                s.update(c.rest())
+                    .map_err(|e| ReplicationError::Auth(format!("SCRAM exchange failed: {e}")))?;
+                frontend::sasl_response(s.message(), &mut self.write_buf)?;
+            }
+            SASL_FINAL => {
+                let s = scram
+                    .as_mut()
+                    .ok_or_else(|| ReplicationError::Protocol("SASL final before start".into()))?;
+                s.finish(c.rest()).map_err(|e| {
+                    ReplicationError::Auth(format!("the server's SCRAM signature is wrong: {e}"))
+                })?;
+                return Ok(());
+            }
+            other => {
+                return Err(ReplicationError::Auth(format!(
+                    "the server asks for authentication method {other}, which is not supported \
+                     (trust, password, md5 and scram-sha-256 are)"
+                )));
+            }
+        }
+        self.flush().await
     }
 
     async fn flush(&mut self) -> Result<(), ReplicationError> {

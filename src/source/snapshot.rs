@@ -28,8 +28,8 @@ use tokio_postgres::Client;
 
 use super::catalog::{self, CatalogError, TableInfo};
 use super::dsn::ConnParams;
-use super::pgoutput::{Tuple, TupleValue};
-use crate::apply::builder::{ChangeMeta, ColumnSpec, RawBatchBuilder, op};
+use crate::change::message::{Tuple, TupleValue};
+use crate::change::{ChangeEncoder, ChangeMeta, ColumnSpec, Op, Xid};
 use crate::lsn::Lsn;
 
 /// Rows and bytes per Arrow batch handed over.
@@ -95,19 +95,49 @@ impl SnapshotReader {
     }
 
     /// Copies `table` into batches shaped by the lake's `columns` (matched by name; a
-    /// column the source no longer has is NULL), op `r` rows stamped with `point`.
+    /// column the source no longer has is NULL), op `r` rows stamped with `point`, each
+    /// copying task encoding with its own `encoder(columns)` (the lake's raw layout).
     /// Returns the number of rows copied.
-    pub async fn copy_table(
+    pub async fn copy_table<E: ChangeEncoder>(
         &self,
         table: &TableInfo,
         lake_columns: &[ColumnSpec],
         point: Lsn,
+        encoder: fn(Vec<ColumnSpec>) -> E,
         out: mpsc::Sender<RecordBatch>,
     ) -> Result<u64, SnapshotError> {
-        let copy_err = |message: String| SnapshotError::Copy {
+        let ranges = self.plan_ranges(table).await?;
+        let range_count = ranges.len();
+        let job = Arc::new(CopyJob {
             table: table.name.to_string(),
-            message,
-        };
+            select: select_sql(table, lake_columns),
+            columns: lake_columns.to_vec(),
+            positions: copied_positions(table, lake_columns),
+            point,
+            snapshot_ts: chrono::Utc::now().timestamp_micros(),
+            ranges: Mutex::new(ranges),
+            seq: std::sync::atomic::AtomicI64::new(0),
+        });
+        let mut tasks = Vec::new();
+        for client in self.clients.iter().take(range_count) {
+            let (client, job, out) = (client.clone(), job.clone(), out.clone());
+            tasks.push(tokio::spawn(async move {
+                job.copy_ranges(&client, encoder, &out).await
+            }));
+        }
+        let mut total = 0;
+        for task in tasks {
+            total += task.await.map_err(|e| SnapshotError::Copy {
+                table: table.name.to_string(),
+                message: e.to_string(),
+            })??;
+        }
+        Ok(total)
+    }
+
+    /// Cuts `table` into ranges of about `chunk_bytes` of heap pages (one open range for
+    /// a small table), and publishes the row estimate for the progress metric.
+    async fn plan_ranges(&self, table: &TableInfo) -> Result<VecDeque<PageRange>, SnapshotError> {
         let row = self.clients[0]
             .query_one(
                 "SELECT coalesce(pg_relation_size(to_regclass($1)) / b, 0), greatest($2 / b, 1), \
@@ -124,123 +154,26 @@ impl SnapshotReader {
             0,
             estimate.filter(|e| *e >= 0.0).map(f64::from),
         );
-        let mut chunks = VecDeque::new();
+        let mut ranges = VecDeque::new();
         if pages <= chunk_pages {
-            chunks.push_back((None, None));
-        } else {
-            let mut start = 0;
-            while start < pages {
-                let end = start + chunk_pages;
-                // The last range is open: the table may have grown since the snapshot (its
-                // new pages hold only rows the snapshot does not see).
-                chunks.push_back((Some(start), (end < pages).then_some(end)));
-                start = end;
-            }
+            ranges.push_back(PageRange {
+                start: None,
+                end: None,
+            });
+            return Ok(ranges);
         }
-        let chunk_count = chunks.len();
-        let queue = Arc::new(Mutex::new(chunks));
-        // Copy the lake's columns the source still has, in the lake's order.
-        let copied: Vec<&ColumnSpec> = lake_columns
-            .iter()
-            .filter(|c| table.columns.iter().any(|s| s.name == c.name))
-            .collect();
-        let select_list: Vec<String> = copied
-            .iter()
-            .map(|c| crate::table_name::quote_ident(&c.name))
-            .collect();
-        let positions: Vec<Option<usize>> = lake_columns
-            .iter()
-            .map(|c| copied.iter().position(|s| s.name == c.name))
-            .collect();
-        let field_count = copied.len();
-        // ONLY: rows of inheritance children are published (and copied) as their own
-        // tables; a partitioned table's rows live in its partitions.
-        let only = if table.partitioned { "" } else { "ONLY " };
-        let select = format!(
-            "SELECT {} FROM {only}{}",
-            select_list.join(", "),
-            table.name.quoted()
-        );
-        let snapshot_ts = chrono::Utc::now().timestamp_micros();
-        // `_seq` numbers the table's snapshot rows across all workers, so that
-        // (`_commit_lsn`, `_seq`) names one row of the raw log, as it does for changes.
-        let seq = Arc::new(std::sync::atomic::AtomicI64::new(0));
-        let mut tasks = Vec::new();
-        for client in self.clients.iter().take(chunk_count) {
-            let client = client.clone();
-            let queue = queue.clone();
-            let seq = seq.clone();
-            let out = out.clone();
-            let select = select.clone();
-            let columns = lake_columns.to_vec();
-            let positions = positions.clone();
-            let name = table.name.to_string();
-            tasks.push(tokio::spawn(async move {
-                let mut rows = 0u64;
-                loop {
-                    let next = queue.lock().ok().and_then(|mut q| q.pop_front());
-                    let Some((start, end)) = next else { break };
-                    let mut sql = select.clone();
-                    match (start, end) {
-                        (Some(s), Some(e)) => sql.push_str(&format!(
-                            " WHERE ctid >= '({s},0)'::tid AND ctid < '({e},0)'::tid"
-                        )),
-                        (Some(s), None) => sql.push_str(&format!(" WHERE ctid >= '({s},0)'::tid")),
-                        _ => {}
-                    }
-                    let stream = client
-                        .copy_out(&format!("COPY ({sql}) TO STDOUT"))
-                        .await
-                        .map_err(CatalogError::from)?;
-                    let mut stream = std::pin::pin!(stream);
-                    let mut builder = RawBatchBuilder::new(columns.clone());
-                    let mut lines = LineSplitter::default();
-                    let meta = |seq| ChangeMeta {
-                        commit_lsn: point.as_i64(),
-                        lsn: point.as_i64(),
-                        commit_ts: snapshot_ts,
-                        xid: 0,
-                        seq,
-                    };
-                    while let Some(chunk) = stream.next().await {
-                        let chunk = chunk.map_err(CatalogError::from)?;
-                        for line in lines.push(&chunk) {
-                            let tuple = parse_copy_line(&line, field_count).ok_or_else(|| {
-                                SnapshotError::Copy {
-                                    table: name.clone(),
-                                    message: "COPY sent a row with the wrong number of fields"
-                                        .into(),
-                                }
-                            })?;
-                            builder.append(
-                                op::READ,
-                                meta(seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
-                                Some(&tuple),
-                                &positions,
-                                None,
-                            );
-                            rows += 1;
-                            if builder.rows() >= BATCH_ROWS || builder.bytes() >= BATCH_BYTES {
-                                send(&mut builder, &out, &name).await?;
-                            }
-                        }
-                    }
-                    if !lines.is_empty() {
-                        return Err(SnapshotError::Copy {
-                            table: name,
-                            message: "COPY ended in the middle of a row".into(),
-                        });
-                    }
-                    send(&mut builder, &out, &name).await?;
-                }
-                Ok::<u64, SnapshotError>(rows)
-            }));
+        let mut start = 0;
+        while start < pages {
+            let end = start + chunk_pages;
+            // The last range is open: the table may have grown since the snapshot (its new
+            // pages hold only rows the snapshot does not see).
+            ranges.push_back(PageRange {
+                start: Some(start),
+                end: (end < pages).then_some(end),
+            });
+            start = end;
         }
-        let mut total = 0;
-        for task in tasks {
-            total += task.await.map_err(|e| copy_err(e.to_string()))??;
-        }
-        Ok(total)
+        Ok(ranges)
     }
 
     /// Ends the snapshot transactions.
@@ -251,8 +184,137 @@ impl SnapshotReader {
     }
 }
 
+/// A range of heap pages (`ctid` bounds); `None` ends are open.
+struct PageRange {
+    start: Option<i64>,
+    end: Option<i64>,
+}
+
+impl PageRange {
+    /// The `WHERE` clause selecting the range's rows.
+    fn filter(&self) -> String {
+        match (self.start, self.end) {
+            (Some(s), Some(e)) => {
+                format!(" WHERE ctid >= '({s},0)'::tid AND ctid < '({e},0)'::tid")
+            }
+            (Some(s), None) => format!(" WHERE ctid >= '({s},0)'::tid"),
+            _ => String::new(),
+        }
+    }
+}
+
+/// `SELECT <the lake's columns the source still has> FROM [ONLY] table`.
+fn select_sql(table: &TableInfo, lake_columns: &[ColumnSpec]) -> String {
+    let select_list: Vec<String> = lake_columns
+        .iter()
+        .filter(|c| table.columns.iter().any(|s| s.name == c.name))
+        .map(|c| crate::table_name::quote_ident(&c.name))
+        .collect();
+    // ONLY: rows of inheritance children are published (and copied) as their own
+    // tables; a partitioned table's rows live in its partitions.
+    let only = if table.partitioned { "" } else { "ONLY " };
+    format!(
+        "SELECT {} FROM {only}{}",
+        select_list.join(", "),
+        table.name.quoted()
+    )
+}
+
+/// For each lake column, its index in the copied rows (`None`: the source dropped it).
+fn copied_positions(table: &TableInfo, lake_columns: &[ColumnSpec]) -> Vec<Option<usize>> {
+    let copied: Vec<&ColumnSpec> = lake_columns
+        .iter()
+        .filter(|c| table.columns.iter().any(|s| s.name == c.name))
+        .collect();
+    lake_columns
+        .iter()
+        .map(|c| copied.iter().position(|s| s.name == c.name))
+        .collect()
+}
+
+/// One table's copy, shared by its copying tasks.
+struct CopyJob {
+    table: String,
+    select: String,
+    columns: Vec<ColumnSpec>,
+    positions: Vec<Option<usize>>,
+    point: Lsn,
+    snapshot_ts: i64,
+    /// Ranges not taken by a task yet.
+    ranges: Mutex<VecDeque<PageRange>>,
+    /// Numbers the table's snapshot rows across all tasks, so that (`_commit_lsn`,
+    /// `_seq`) names one row of the raw log, as it does for changes.
+    seq: std::sync::atomic::AtomicI64,
+}
+
+impl CopyJob {
+    /// Takes ranges until none is left, copying each on `client`; returns the rows.
+    async fn copy_ranges<E: ChangeEncoder>(
+        &self,
+        client: &Client,
+        encoder: fn(Vec<ColumnSpec>) -> E,
+        out: &mpsc::Sender<RecordBatch>,
+    ) -> Result<u64, SnapshotError> {
+        let mut rows = 0;
+        loop {
+            let next = self.ranges.lock().ok().and_then(|mut q| q.pop_front());
+            let Some(range) = next else {
+                return Ok(rows);
+            };
+            rows += self
+                .copy_range(client, &range, encoder(self.columns.clone()), out)
+                .await?;
+        }
+    }
+
+    /// Copies one range with `COPY … TO STDOUT`, handing batches to `out`.
+    async fn copy_range(
+        &self,
+        client: &Client,
+        range: &PageRange,
+        mut builder: impl ChangeEncoder,
+        out: &mpsc::Sender<RecordBatch>,
+    ) -> Result<u64, SnapshotError> {
+        let copy_err = |message: &str| SnapshotError::Copy {
+            table: self.table.clone(),
+            message: message.to_string(),
+        };
+        let sql = format!("COPY ({}{}) TO STDOUT", self.select, range.filter());
+        let stream = client.copy_out(&sql).await.map_err(CatalogError::from)?;
+        let mut stream = std::pin::pin!(stream);
+        let field_count = self.positions.iter().flatten().count();
+        let mut lines = LineSplitter::default();
+        let mut rows = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(CatalogError::from)?;
+            for line in lines.push(&chunk) {
+                let tuple = parse_copy_line(&line, field_count)
+                    .ok_or_else(|| copy_err("COPY sent a row with the wrong number of fields"))?;
+                let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let meta = ChangeMeta {
+                    commit_lsn: self.point,
+                    lsn: self.point,
+                    commit_ts: self.snapshot_ts,
+                    xid: Xid(0),
+                    seq,
+                };
+                builder.append(Op::Read, meta, Some(&tuple), &self.positions, None);
+                rows += 1;
+                if builder.rows() >= BATCH_ROWS || builder.bytes() >= BATCH_BYTES {
+                    send(&mut builder, out, &self.table).await?;
+                }
+            }
+        }
+        if !lines.is_empty() {
+            return Err(copy_err("COPY ended in the middle of a row"));
+        }
+        send(&mut builder, out, &self.table).await?;
+        Ok(rows)
+    }
+}
+
 async fn send(
-    builder: &mut RawBatchBuilder,
+    builder: &mut impl ChangeEncoder,
     out: &mpsc::Sender<RecordBatch>,
     table: &str,
 ) -> Result<(), SnapshotError> {

@@ -12,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::pgoutput;
 use super::replication::{ReplicationConnection, ReplicationError, StreamMessage};
-use crate::apply::SourceEvent;
+use crate::change::SourceEvent;
+use crate::change::message::PgOutputMessage;
 use crate::lsn::Lsn;
 
 /// Bytes of decoded-but-unapplied messages in flight between source and apply. The
@@ -111,34 +112,72 @@ pub async fn run(
                 }
             }
             message = conn.recv(), if pending.is_none() && events.is_some() => {
-                match message? {
-                    StreamMessage::XLogData { wal_start, data, .. } => {
-                        let message = pgoutput::decode(&data)?;
-                        match &message {
-                            pgoutput::PgOutputMessage::Begin { .. } => in_transaction = true,
-                            pgoutput::PgOutputMessage::Commit { end_lsn, .. } => {
-                                in_transaction = false;
-                                received = received.max(*end_lsn);
-                                crate::telemetry::lag_bytes(received.as_i64(), durable.borrow().as_i64());
-                            }
-                            _ => {}
-                        }
-                        pending_bytes = data.len().clamp(1, IN_FLIGHT_BYTES);
-                        pending = Some(SourceEvent::Message { wal_start, message, budget: None });
-                    }
-                    StreamMessage::Keepalive { wal_end, reply_requested } => {
-                        received = received.max(wal_end);
-                        crate::telemetry::lag_bytes(received.as_i64(), durable.borrow().as_i64());
-                        if reply_requested {
-                            let lsn = *durable.borrow();
-                            conn.send_status(received, lsn).await?;
-                            last_sent = lsn;
-                        }
-                        pending_bytes = 0;
-                        pending = Some(SourceEvent::Keepalive { wal_end });
-                    }
+                let durable_now = *durable.borrow();
+                let staged = stage(message?, &mut received, &mut in_transaction, durable_now)?;
+                if staged.reply_requested {
+                    conn.send_status(received, durable_now).await?;
+                    last_sent = durable_now;
                 }
+                pending_bytes = staged.bytes;
+                pending = Some(staged.event);
             }
         }
     }
+}
+
+/// A stream message ready to hand over.
+struct Staged {
+    event: SourceEvent,
+    /// Its share of the in-flight byte budget.
+    bytes: usize,
+    /// The server asked for a status update now.
+    reply_requested: bool,
+}
+
+/// Decodes a stream message into the event for apply, noting transaction boundaries and
+/// the position received so far (a commit's end, a keepalive's WAL end).
+fn stage(
+    message: StreamMessage,
+    received: &mut Lsn,
+    in_transaction: &mut bool,
+    durable: Lsn,
+) -> Result<Staged, ReplicationError> {
+    let staged = match message {
+        StreamMessage::XLogData {
+            wal_start, data, ..
+        } => {
+            let message = pgoutput::decode(&data)?;
+            match &message {
+                PgOutputMessage::Begin { .. } => *in_transaction = true,
+                PgOutputMessage::Commit { end_lsn, .. } => {
+                    *in_transaction = false;
+                    *received = (*received).max(*end_lsn);
+                    crate::telemetry::lag_bytes(received.as_i64(), durable.as_i64());
+                }
+                _ => {}
+            }
+            Staged {
+                event: SourceEvent::Message {
+                    wal_start,
+                    message,
+                    budget: None,
+                },
+                bytes: data.len().clamp(1, IN_FLIGHT_BYTES),
+                reply_requested: false,
+            }
+        }
+        StreamMessage::Keepalive {
+            wal_end,
+            reply_requested,
+        } => {
+            *received = (*received).max(wal_end);
+            crate::telemetry::lag_bytes(received.as_i64(), durable.as_i64());
+            Staged {
+                event: SourceEvent::Keepalive { wal_end },
+                bytes: 0,
+                reply_requested,
+            }
+        }
+    };
+    Ok(staged)
 }

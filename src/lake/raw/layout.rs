@@ -1,4 +1,5 @@
-//! Builds Arrow record batches of raw change-log rows, one table at a time.
+//! The raw change-log layout: the Arrow schema of a raw table and the builder that
+//! encodes change rows into it, one table at a time.
 //!
 //! A [`RawBatchBuilder`] holds one typed Arrow builder per source column plus the metadata
 //! columns (`_op`, `_commit_lsn`, `_lsn`, `_commit_ts`, `_xid`, `_seq`, `_before`,
@@ -18,40 +19,9 @@ use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use deltalake::arrow::error::ArrowError;
 use deltalake::arrow::record_batch::RecordBatch;
 
+use crate::change::message::{OldTuple, Tuple, TupleValue};
+use crate::change::{ChangeEncoder, ChangeMeta, ColumnSpec, METADATA_COLUMNS, Op};
 use crate::pg_types::{ColumnKind, Value, parse_value};
-use crate::source::pgoutput::{OldTuple, Tuple, TupleValue};
-
-/// The change-kind tags of the `_op` column.
-pub mod op {
-    pub const INSERT: &str = "c";
-    pub const UPDATE: &str = "u";
-    pub const DELETE: &str = "d";
-    pub const TRUNCATE: &str = "t";
-    /// Reserved for snapshot reads.
-    pub const READ: &str = "r";
-}
-
-/// Names of the metadata columns every raw table carries after the source columns.
-pub const METADATA_COLUMNS: [&str; 9] = [
-    "_op",
-    "_commit_lsn",
-    "_lsn",
-    "_commit_ts",
-    "_xid",
-    "_seq",
-    "_before",
-    "_unchanged_toast",
-    "_fallback",
-];
-
-/// A source column as the lake stores it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ColumnSpec {
-    pub name: String,
-    pub kind: ColumnKind,
-    pub type_oid: u32,
-    pub type_modifier: i32,
-}
 
 /// The Arrow schema of a raw table with these source columns.
 pub fn raw_schema(columns: &[ColumnSpec]) -> SchemaRef {
@@ -229,17 +199,6 @@ pub fn parse_column(kind: &ColumnKind, values: &[Option<&str>]) -> Result<ArrayR
     builder.finish()
 }
 
-/// Where one change sits in the source stream.
-#[derive(Debug, Clone, Copy)]
-pub struct ChangeMeta {
-    pub commit_lsn: i64,
-    pub lsn: i64,
-    /// Commit time, microseconds since the Unix epoch.
-    pub commit_ts: i64,
-    pub xid: i64,
-    pub seq: i64,
-}
-
 /// Accumulates raw change rows for one table.
 pub struct RawBatchBuilder {
     schema: SchemaRef,
@@ -320,7 +279,7 @@ impl RawBatchBuilder {
     /// relation does not have it). Returns the number of values kept in `_fallback`.
     pub fn append(
         &mut self,
-        op: &str,
+        op: Op,
         meta: ChangeMeta,
         row: Option<&Tuple>,
         positions: &[Option<usize>],
@@ -350,11 +309,11 @@ impl RawBatchBuilder {
                 }
             }
         }
-        self.op.append_value(op);
-        self.commit_lsn.append_value(meta.commit_lsn);
-        self.lsn.append_value(meta.lsn);
+        self.op.append_value(op.code());
+        self.commit_lsn.append_value(meta.commit_lsn.as_i64());
+        self.lsn.append_value(meta.lsn.as_i64());
         self.commit_ts.append_value(meta.commit_ts);
-        self.xid.append_value(meta.xid);
+        self.xid.append_value(i64::from(meta.xid.0));
         self.seq.append_value(meta.seq);
         match before {
             Some(old) => {
@@ -403,6 +362,31 @@ impl RawBatchBuilder {
         self.rows = 0;
         self.bytes = 0;
         RecordBatch::try_new(self.schema.clone(), arrays)
+    }
+}
+
+impl ChangeEncoder for RawBatchBuilder {
+    fn append(
+        &mut self,
+        op: Op,
+        meta: ChangeMeta,
+        row: Option<&Tuple>,
+        positions: &[Option<usize>],
+        before: Option<&OldTuple>,
+    ) -> usize {
+        RawBatchBuilder::append(self, op, meta, row, positions, before)
+    }
+
+    fn rows(&self) -> usize {
+        self.rows
+    }
+
+    fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn finish(&mut self) -> Result<RecordBatch, ArrowError> {
+        RawBatchBuilder::finish(self)
     }
 }
 
@@ -468,22 +452,22 @@ mod tests {
         let mut b = RawBatchBuilder::new(cols);
         let t = |s: &'static str| TupleValue::Text(Bytes::from_static(s.as_bytes()));
         let meta = ChangeMeta {
-            commit_lsn: 10,
-            lsn: 5,
+            commit_lsn: crate::lsn::Lsn(10),
+            lsn: crate::lsn::Lsn(5),
             commit_ts: 0,
-            xid: 7,
+            xid: crate::change::Xid(7),
             seq: 0,
         };
         let positions = [Some(0), Some(1), Some(2), Some(3)];
         b.append(
-            op::INSERT,
+            Op::Insert,
             meta,
             Some(&Tuple(vec![t("1"), t("2024-01-05"), t("x"), t("{1,NULL}")])),
             &positions,
             None,
         );
         let n = b.append(
-            op::UPDATE,
+            Op::Update,
             meta,
             Some(&Tuple(vec![
                 t("1"),

@@ -20,8 +20,93 @@ use deltalake::arrow::array::{
 use deltalake::arrow::datatypes::{DataType, TimeUnit};
 use deltalake::arrow::error::ArrowError;
 
-use crate::config::RuleConfig;
+use deltalake::arrow::record_batch::RecordBatch;
+use serde::Deserialize;
+
+use crate::change::ColumnSpec;
 use crate::pg_types::parse_decimal;
+use crate::table_name::TableName;
+
+/// Postgres text types (`text`, `varchar`, `char`) the normalization rules may apply to.
+const TEXT_TYPES: [u32; 3] = [25, 1043, 1042];
+
+/// `[transform]`: normalization rules for the curated tables.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransformConfig {
+    /// Tried in order; the first rule whose pattern matches a text column applies.
+    #[serde(default = "default_rules")]
+    pub rules: Vec<RuleConfig>,
+}
+
+impl Default for TransformConfig {
+    fn default() -> Self {
+        TransformConfig {
+            rules: default_rules(),
+        }
+    }
+}
+
+/// One `[[transform.rules]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// Column-name pattern; `*` matches any run of characters, case-insensitive.
+    pub column: String,
+    /// `date`, `timestamp` (UTC) or `decimal(p,s)`.
+    pub target: String,
+    /// strftime formats (dates, timestamps) or `1234.56` / `1.234,56` (decimals), in order.
+    pub formats: Vec<String>,
+    /// Prefixes removed before parsing (currency symbols).
+    #[serde(default)]
+    pub strip: Vec<String>,
+}
+
+/// The built-in rules: `*data*` text columns hold dates or timestamps, `*valor*` text
+/// columns hold amounts.
+pub fn default_rules() -> Vec<RuleConfig> {
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    vec![
+        RuleConfig {
+            column: "*data*".into(),
+            target: "timestamp".into(),
+            formats: s(&[
+                "%Y-%m-%d",
+                "%d/%m/%Y",
+                "%Y-%m-%d %H:%M:%S%#z",
+                "%Y-%m-%dT%H:%M:%S%#z",
+                "%Y-%m-%dT%H:%M:%SZ",
+                "%Y-%m-%d %H:%M:%S",
+                "%Y-%m-%dT%H:%M:%S",
+                "%d/%m/%Y %H:%M:%S",
+            ]),
+            strip: vec![],
+        },
+        RuleConfig {
+            column: "*valor*".into(),
+            target: "decimal(18,2)".into(),
+            formats: s(&["1234.56", "1.234,56"]),
+            strip: s(&["R$", "$"]),
+        },
+    ]
+}
+
+impl TransformConfig {
+    /// Checks every rule (problems name `transform.rules[i]`) and returns the rules.
+    pub fn validate(&self, problems: &mut Vec<String>) -> Normalization {
+        let mut rules = Vec::new();
+        for (i, rule) in self.rules.iter().enumerate() {
+            match Rule::from_config(rule) {
+                Ok(r) => rules.push(r),
+                Err(e) => problems.push(format!("transform.rules[{i}]: {e}")),
+            }
+        }
+        Normalization {
+            rules,
+            failures: Default::default(),
+        }
+    }
+}
 
 /// What a rule produces.
 #[derive(Debug, Clone, PartialEq)]
@@ -279,6 +364,8 @@ pub struct Normalization {
 /// The rules applied to one table's columns.
 pub struct Normalizer {
     table: String,
+    /// The source columns' names.
+    names: Vec<String>,
     /// Per source column: the rule that applies, if any.
     rules: Vec<Option<Rule>>,
     failures: Failures,
@@ -295,6 +382,7 @@ impl Normalizer {
         let rules = &normalization.rules;
         Normalizer {
             table: table.to_string(),
+            names: columns.iter().map(|(name, _)| name.clone()).collect(),
             rules: columns
                 .iter()
                 .map(|(name, eligible)| {
@@ -306,6 +394,51 @@ impl Normalizer {
                 .collect(),
             failures: normalization.failures.clone(),
         }
+    }
+
+    /// The rules for the curated table of `name`: text columns outside the key are
+    /// eligible (a dropped column has type OID 0: never eligible).
+    pub fn for_table(
+        name: &TableName,
+        columns: &[ColumnSpec],
+        key_columns: &[String],
+        normalization: &Normalization,
+    ) -> Normalizer {
+        let eligible: Vec<(String, bool)> = columns
+            .iter()
+            .map(|c| {
+                let text = TEXT_TYPES.contains(&c.type_oid);
+                (c.name.clone(), text && !key_columns.contains(&c.name))
+            })
+            .collect();
+        Normalizer::new(&format!("curated.{name}"), &eligible, normalization)
+    }
+
+    /// Per source column, the type its rule stores it as (`None`: no rule applies).
+    pub fn stored_types(&self) -> Vec<Option<DataType>> {
+        self.rules
+            .iter()
+            .map(|r| r.as_ref().map(|r| r.target.arrow_type()))
+            .collect()
+    }
+
+    /// The source columns of raw change rows (the first columns of `raw`), converted
+    /// where a rule applies.
+    pub fn normalize(&mut self, raw: &RecordBatch) -> Result<Vec<ArrayRef>, ArrowError> {
+        if raw.num_columns() < self.names.len() {
+            return Err(ArrowError::SchemaError(format!(
+                "{} has {} source columns but the batch only {}",
+                self.table,
+                self.names.len(),
+                raw.num_columns()
+            )));
+        }
+        let names = self.names.clone();
+        names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| self.convert(i, name, raw.column(i)))
+            .collect()
     }
 
     /// The rule for source column `i`.
@@ -403,7 +536,7 @@ mod tests {
 
     #[test]
     fn default_rules_parse_the_legacy_formats() {
-        let rules = crate::config::default_rules();
+        let rules = default_rules();
         let dates = Rule::from_config(&rules[0]).unwrap();
         let amounts = Rule::from_config(&rules[1]).unwrap();
         assert!(dates.matches("data_pagamento_informada"));

@@ -1,0 +1,421 @@
+//! Curated tables: one Delta table per source table holding its current rows (the silver
+//! layer), kept exact by merging each committed batch of changes.
+//!
+//! How a merge works is in [`merge`]; which files a change may touch, in [`files`].
+//! Normalization (legacy text columns → typed) happens before, in the apply stage: the
+//! table stores each source column as the type it is handed ([`CuratedTable::open`]'s
+//! `stored_types`).
+//!
+//! The curated table has the source columns (normalized types where a rule applies), then
+//! `_commit_lsn` and `_commit_ts` (the change that last wrote the row) and `_fallback`
+//! (exact text of values with no typed form, as in raw).
+
+mod files;
+mod merge;
+pub mod reduce;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use deltalake::arrow::array::{Array, ArrayRef, RecordBatch, new_null_array};
+use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use deltalake::arrow::error::ArrowError;
+use deltalake::arrow::row::{RowConverter, SortField};
+use deltalake::kernel::{Action, Remove};
+use deltalake::writer::{DeltaWriter, RecordBatchWriter};
+use deltalake::{DeltaTable, DeltaTableError};
+
+use self::files::{DataFile, FileState, remove_for};
+use super::commit::{AppId, Commit, InfoKey, applied};
+use super::maintenance::{self, Compacted, Policy};
+use super::table::{
+    CURATED_FILE_SIZE, existing_schema, keyed_properties, keyed_writer_for, open_or_create,
+    schema_action,
+};
+use super::{Lake, LakeError};
+use crate::change::ColumnSpec;
+use crate::lsn::Lsn;
+use crate::table_name::TableName;
+
+/// Columns after the source columns.
+pub const CURATED_METADATA: [&str; 3] = ["_commit_lsn", "_commit_ts", "_fallback"];
+/// The type OID of a column the source dropped (see `apply::schema::reconcile`).
+const DROPPED: u32 = 0;
+
+/// An open curated table.
+pub struct CuratedTable {
+    label: String,
+    table: DeltaTable,
+    app_id: AppId,
+    applied: Option<Lsn>,
+    schema: SchemaRef,
+    columns: Vec<ColumnSpec>,
+    /// Indices of the key columns among the source columns.
+    key: Vec<usize>,
+    converter: RowConverter,
+    files: Vec<DataFile>,
+    removes: Vec<Remove>,
+    /// Rows appended by a snapshot, flushed at commit.
+    bulk: Option<RecordBatchWriter>,
+    /// The schema has columns the table's log does not record yet.
+    schema_grew: bool,
+}
+
+/// The curated schema for `columns`, each stored as `stored_types[i]` when given (a
+/// normalization rule's target), a dropped column keeping the type it has.
+fn curated_schema(
+    columns: &[ColumnSpec],
+    stored_types: &[Option<DataType>],
+    existing: Option<&Schema>,
+) -> SchemaRef {
+    let mut fields: Vec<Field> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let kept = existing
+                .and_then(|e| e.field_with_name(&c.name).ok())
+                .map(|f| f.data_type().clone());
+            let ty = match (stored_types.get(i).cloned().flatten(), kept) {
+                // A column the source dropped keeps the type it has.
+                (_, Some(kept)) if c.type_oid == DROPPED => kept,
+                (Some(stored), _) => stored,
+                (None, _) => c.kind.arrow_type(),
+            };
+            Field::new(&c.name, ty, true)
+        })
+        .collect();
+    fields.extend([
+        Field::new("_commit_lsn", DataType::Int64, false),
+        Field::new(
+            "_commit_ts",
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            false,
+        ),
+        Field::new("_fallback", DataType::Utf8, true),
+    ]);
+    Arc::new(Schema::new(fields))
+}
+
+impl CuratedTable {
+    /// Opens (or creates) the curated table of `name` and reads back its position and
+    /// files. `stored_types[i]`, when given, is the type source column `i` is stored as
+    /// (the target of its normalization rule).
+    pub async fn open(
+        lake: &Lake,
+        slot: &str,
+        name: &TableName,
+        columns: &[ColumnSpec],
+        key_columns: &[String],
+        stored_types: &[Option<DataType>],
+    ) -> Result<CuratedTable, LakeError> {
+        let label = format!("curated.{name}");
+        let key: Vec<usize> = key_columns
+            .iter()
+            .filter_map(|k| columns.iter().position(|c| &c.name == k))
+            .collect();
+        if key.is_empty() || key.len() != key_columns.len() {
+            return Err(LakeError::NoKey {
+                table: name.to_string(),
+            });
+        }
+        let existing = existing_schema(&lake.curated_table_url(name), &label).await?;
+        let schema = curated_schema(columns, stored_types, existing.as_deref());
+        if let Some(existing) = &existing {
+            for old in existing.fields() {
+                if let Ok(new) = schema.field_with_name(old.name())
+                    && !new.data_type().equals_datatype(old.data_type())
+                {
+                    return Err(LakeError::TypeMismatch {
+                        table: label,
+                        column: old.name().clone(),
+                        existing: old.data_type().to_string(),
+                        incoming: new.data_type().to_string(),
+                    });
+                }
+            }
+        }
+        let table = open_or_create(&lake.curated_table_url(name), &label, &schema).await?;
+        let delta_err = |source| LakeError::Delta {
+            table: label.clone(),
+            source,
+        };
+        let existing: Vec<String> = table
+            .snapshot()
+            .map_err(delta_err)?
+            .schema()
+            .fields()
+            .map(|f| f.name().clone())
+            .collect();
+        let incoming: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+        if existing.iter().any(|e| !incoming.contains(e)) {
+            return Err(LakeError::SchemaChanged {
+                table: label,
+                existing,
+                incoming,
+            });
+        }
+        let schema_grew = existing != incoming;
+        let app_id = AppId::curated(slot, name);
+        let applied = applied(&table, &label, &app_id).await?;
+        let converter = RowConverter::new(
+            key.iter()
+                .map(|&i| SortField::new(schema.field(i).data_type().clone()))
+                .collect(),
+        )
+        .map_err(|source| LakeError::Arrow {
+            table: label.clone(),
+            source,
+        })?;
+        let mut curated = CuratedTable {
+            label,
+            table,
+            app_id,
+            applied,
+            schema,
+            columns: columns.to_vec(),
+            key,
+            converter,
+            files: Vec::new(),
+            removes: Vec::new(),
+            bulk: None,
+            schema_grew,
+        };
+        curated.load_files()?;
+        Ok(curated)
+    }
+
+    fn writer(&self) -> Result<RecordBatchWriter, LakeError> {
+        // Bloom filters on the key make point lookups skip row groups; a whole-row key
+        // (REPLICA IDENTITY FULL without a primary key) is not worth filtering.
+        keyed_writer_for(
+            &self.table,
+            &self.schema,
+            &self.bloom_key(),
+            CURATED_FILE_SIZE,
+        )
+        .map_err(self.delta_err())
+    }
+
+    /// The key columns that get Parquet bloom filters (none for a whole-row key).
+    fn bloom_key(&self) -> Vec<String> {
+        if self.key.len() <= 4 {
+            self.key
+                .iter()
+                .map(|&i| self.columns[i].name.clone())
+                .collect()
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn delta_err(&self) -> impl Fn(DeltaTableError) -> LakeError + '_ {
+        |source| LakeError::Delta {
+            table: self.label.clone(),
+            source,
+        }
+    }
+
+    fn arrow_err(&self) -> impl Fn(ArrowError) -> LakeError + '_ {
+        |source| LakeError::Arrow {
+            table: self.label.clone(),
+            source,
+        }
+    }
+
+    /// Commit LSN of the last source transaction this table holds, if any.
+    pub fn applied(&self) -> Option<Lsn> {
+        self.applied
+    }
+
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    pub fn version(&self) -> Option<u64> {
+        self.table.version()
+    }
+
+    /// Raw change rows → curated rows: `values` are the source columns as the table
+    /// stores them (normalized by the apply stage), then the metadata from `raw`.
+    fn project(&self, raw: &RecordBatch, values: Vec<ArrayRef>) -> Result<RecordBatch, ArrowError> {
+        if values.len() != self.columns.len() {
+            return Err(ArrowError::SchemaError(format!(
+                "{} columns handed to a curated table of {}",
+                values.len(),
+                self.columns.len()
+            )));
+        }
+        let mut arrays = Vec::with_capacity(self.schema.fields().len());
+        for (i, (col, array)) in self.columns.iter().zip(values).enumerate() {
+            let field = self.schema.field(i);
+            if array.data_type() == field.data_type() {
+                arrays.push(array);
+            } else if col.type_oid == DROPPED {
+                // Never filled any more; it keeps its curated type.
+                arrays.push(new_null_array(field.data_type(), raw.num_rows()));
+            } else {
+                return Err(ArrowError::SchemaError(format!(
+                    "column {} is {} but the curated table stores {}",
+                    col.name,
+                    array.data_type(),
+                    field.data_type()
+                )));
+            }
+        }
+        for name in CURATED_METADATA {
+            let array = raw
+                .column_by_name(name)
+                .ok_or_else(|| ArrowError::SchemaError(format!("raw batch lacks {name}")))?;
+            arrays.push(array.clone());
+        }
+        RecordBatch::try_new(self.schema.clone(), arrays)
+    }
+
+    /// Switches to grown source columns (added at the source, same order otherwise); the
+    /// next commit records the new schema. Files written before keep the old one and read
+    /// back with NULL in the new columns. `stored_types` as for [`CuratedTable::open`].
+    pub fn evolve(
+        &mut self,
+        columns: &[ColumnSpec],
+        stored_types: &[Option<DataType>],
+    ) -> Result<(), LakeError> {
+        let schema = curated_schema(columns, stored_types, Some(&self.schema));
+        // A rule may only apply to a column from the start: a column keeps its type.
+        for old in self.schema.fields() {
+            let kept = schema
+                .field_with_name(old.name())
+                .is_ok_and(|new| new.data_type() == old.data_type());
+            if !kept {
+                return Err(LakeError::SchemaChanged {
+                    table: self.label.clone(),
+                    existing: self
+                        .schema
+                        .fields()
+                        .iter()
+                        .map(|f| f.name().clone())
+                        .collect(),
+                    incoming: schema.fields().iter().map(|f| f.name().clone()).collect(),
+                });
+            }
+        }
+        self.columns = columns.to_vec();
+        self.schema = schema;
+        self.schema_grew = true;
+        Ok(())
+    }
+
+    /// Starts replacing the whole table (a snapshot): every current file goes at commit.
+    pub fn begin_replace(&mut self) {
+        for file in self.files.drain(..) {
+            if let FileState::Committed(remove) = file.state {
+                self.removes.push(remove);
+            }
+        }
+    }
+
+    /// Appends snapshot rows (raw-shaped, op `r`, with their stored `values`) without
+    /// merging.
+    pub async fn append(
+        &mut self,
+        raw: &RecordBatch,
+        values: Vec<ArrayRef>,
+    ) -> Result<(), LakeError> {
+        let rows = self.project(raw, values).map_err(self.arrow_err())?;
+        if self.bulk.is_none() {
+            let writer = self.writer()?;
+            self.bulk = Some(writer);
+        }
+        let label = self.label.clone();
+        if let Some(writer) = self.bulk.as_mut() {
+            writer
+                .write(rows)
+                .await
+                .map_err(|source| LakeError::Delta {
+                    table: label,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Commits the open batch of a stream: removed and added files plus the source
+    /// position `through` (the commit LSN of its last transaction).
+    pub async fn commit(&mut self, through: Lsn) -> Result<u64, LakeError> {
+        let commit = Commit::merge().info_lsn(InfoKey::CommitLsn, through);
+        self.commit_files(commit, through).await
+    }
+
+    /// Commits a snapshot copy taken at `point` that holds the source through `held`.
+    pub async fn commit_snapshot(&mut self, held: Lsn, point: Lsn) -> Result<u64, LakeError> {
+        let commit = Commit::merge().info_lsn(InfoKey::SnapshotLsn, point);
+        self.commit_files(commit, held).await
+    }
+
+    async fn commit_files(&mut self, commit: Commit, through: Lsn) -> Result<u64, LakeError> {
+        if let Some(mut writer) = self.bulk.take() {
+            let adds = writer.flush().await.map_err(self.delta_err())?;
+            for add in adds {
+                self.files.push(DataFile {
+                    path: add.path.clone(),
+                    range: add.stats.as_deref().and_then(|s| self.key_range(s)),
+                    state: FileState::New(add),
+                });
+            }
+        }
+        let mut actions: Vec<Action> = Vec::new();
+        if self.schema_grew {
+            actions.push(schema_action(&self.table, &self.schema).map_err(self.delta_err())?);
+        }
+        actions.extend(self.removes.drain(..).map(Action::Remove));
+        let new_paths: HashSet<String> = self
+            .files
+            .iter()
+            .filter_map(|f| match &f.state {
+                FileState::New(add) => Some(add.path.clone()),
+                FileState::Committed(_) => None,
+            })
+            .collect();
+        actions.extend(self.files.iter().filter_map(|f| match &f.state {
+            FileState::New(add) => Some(Action::Add(add.clone())),
+            FileState::Committed(_) => None,
+        }));
+        let version = commit
+            .actions(actions)
+            .position(&self.app_id, through)
+            .write(&mut self.table, &self.label)
+            .await?;
+        self.applied = Some(through);
+        self.schema_grew = false;
+        for file in &mut self.files {
+            if let FileState::New(add) = &file.state
+                && new_paths.contains(&add.path)
+            {
+                file.state = FileState::Committed(remove_for(add));
+            }
+        }
+        Ok(version)
+    }
+
+    /// Compacts small files when due and vacuums when `vacuum` is given; call only between
+    /// batches. Returns (files, compacted, vacuumed).
+    pub async fn maintain(
+        &mut self,
+        policy: &Policy,
+        vacuum: Option<std::time::Duration>,
+    ) -> Result<(usize, Option<Compacted>, usize), LakeError> {
+        let properties = keyed_properties(&self.bloom_key());
+        let (compacted, vacuumed) = maintenance::run(
+            &mut self.table,
+            &self.label,
+            policy,
+            CURATED_FILE_SIZE,
+            properties,
+            vacuum,
+        )
+        .await?;
+        if compacted.is_some() || vacuumed > 0 {
+            self.load_files()?;
+        }
+        Ok((self.files.len(), compacted, vacuumed))
+    }
+}

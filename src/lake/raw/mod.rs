@@ -1,0 +1,223 @@
+//! Raw tables: the append-only change log of one source table (the bronze layer).
+//!
+//! Rows are streamed into Parquet files as they arrive (bounded memory, whatever the
+//! transaction size); the files become visible only when [`RawTable::commit`] writes a
+//! Delta commit that adds them *and* records, in the same commit, the application
+//! transaction [`AppId::raw`] whose version is the commit LSN of the last source
+//! transaction included. Files written but never committed (a crash mid-batch) are
+//! unreferenced and invisible to readers; vacuum removes them. The row layout is in
+//! [`layout`].
+
+pub mod layout;
+
+use deltalake::DeltaTable;
+use deltalake::arrow::datatypes::SchemaRef;
+use deltalake::arrow::record_batch::RecordBatch;
+use deltalake::writer::{DeltaWriter, RecordBatchWriter};
+
+use super::commit::{AppId, Commit, InfoKey, applied};
+use super::maintenance::{self, Compacted, Policy};
+use super::table::{RAW_FILE_SIZE, keyed_properties, open_or_create, schema_action, writer_for};
+use super::{Lake, LakeError};
+use crate::change::ColumnSpec;
+use crate::lsn::Lsn;
+use crate::table_name::TableName;
+use layout::raw_schema;
+
+/// An open raw table that receives appends.
+pub struct RawTable {
+    label: String,
+    table: DeltaTable,
+    writer: RecordBatchWriter,
+    app_id: AppId,
+    /// Commit LSN of the last source transaction durably in this table.
+    applied: Option<Lsn>,
+    /// Where the table's completed snapshot was taken, if it has one.
+    snapshot_at: Option<Lsn>,
+    snapshot_id: AppId,
+    /// A grown schema the next commit records (columns added at the source).
+    new_schema: Option<SchemaRef>,
+    /// Files written under the previous schema, waiting for the next commit.
+    pending: Vec<deltalake::kernel::Add>,
+}
+
+/// The label of `name`'s raw table in logs and errors.
+fn label(name: &TableName) -> String {
+    format!("raw.{name}")
+}
+
+impl RawTable {
+    /// The schema the raw table of `name` has now; `None` when it does not exist yet.
+    pub async fn stored_schema(
+        lake: &Lake,
+        name: &TableName,
+    ) -> Result<Option<SchemaRef>, LakeError> {
+        super::table::existing_schema(&lake.raw_table_url(name), &label(name)).await
+    }
+
+    /// Opens (or creates) the raw table of `name` with these source columns and reads
+    /// back the source position and snapshot point it holds.
+    pub async fn open(
+        lake: &Lake,
+        slot: &str,
+        name: &TableName,
+        columns: &[ColumnSpec],
+    ) -> Result<RawTable, LakeError> {
+        let label = label(name);
+        let schema = raw_schema(columns);
+        let table = open_or_create(&lake.raw_table_url(name), &label, &schema).await?;
+        let delta_err = |source| LakeError::Delta {
+            table: label.clone(),
+            source,
+        };
+        let existing: Vec<String> = table
+            .snapshot()
+            .map_err(delta_err)?
+            .schema()
+            .fields()
+            .map(|f| f.name().clone())
+            .collect();
+        let incoming: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+        // The lake may lack columns the source added (they are added with the next
+        // commit); it must not have columns the caller does not know.
+        if existing.iter().any(|e| !incoming.contains(e)) {
+            return Err(LakeError::SchemaChanged {
+                table: label,
+                existing,
+                incoming,
+            });
+        }
+        let new_schema = (existing != incoming).then(|| schema.clone());
+        let app_id = AppId::raw(slot, name);
+        let snapshot_id = AppId::snapshot(slot, name);
+        let applied_at = applied(&table, &label, &app_id).await?;
+        let snapshot_at = applied(&table, &label, &snapshot_id).await?;
+        let writer = writer_for(&table, &schema).map_err(delta_err)?;
+        Ok(RawTable {
+            label,
+            table,
+            writer,
+            app_id,
+            applied: applied_at,
+            snapshot_at,
+            snapshot_id,
+            new_schema,
+            pending: Vec::new(),
+        })
+    }
+
+    fn delta_err(&self) -> impl Fn(deltalake::DeltaTableError) -> LakeError + '_ {
+        |source| LakeError::Delta {
+            table: self.label.clone(),
+            source,
+        }
+    }
+
+    /// Switches to grown source columns: files written so far keep the old schema,
+    /// later rows use the new one, and the next commit records it.
+    pub async fn evolve(&mut self, columns: &[ColumnSpec]) -> Result<(), LakeError> {
+        let schema = raw_schema(columns);
+        let written = self.writer.flush().await.map_err(self.delta_err())?;
+        self.pending.extend(written);
+        self.writer = writer_for(&self.table, &schema).map_err(self.delta_err())?;
+        self.new_schema = Some(schema);
+        Ok(())
+    }
+
+    /// Commit LSN of the last source transaction this table holds, if any.
+    pub fn applied(&self) -> Option<Lsn> {
+        self.applied
+    }
+
+    /// Where the table's completed snapshot was taken, if it has one.
+    pub fn snapshot_at(&self) -> Option<Lsn> {
+        self.snapshot_at
+    }
+
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// The table's current Delta version.
+    pub fn version(&self) -> Option<u64> {
+        self.table.version()
+    }
+
+    /// Compacts small files when due and vacuums when `vacuum` is given; call only with
+    /// nothing uncommitted. Returns (files, compacted, vacuumed).
+    pub async fn maintain(
+        &mut self,
+        policy: &Policy,
+        vacuum: Option<std::time::Duration>,
+    ) -> Result<(usize, Option<Compacted>, usize), LakeError> {
+        let (compacted, vacuumed) = maintenance::run(
+            &mut self.table,
+            &self.label,
+            policy,
+            RAW_FILE_SIZE,
+            keyed_properties(&[]),
+            vacuum,
+        )
+        .await?;
+        let files = maintenance::file_counts(&self.table, RAW_FILE_SIZE).map_or(0, |(f, _)| f);
+        Ok((files, compacted, vacuumed))
+    }
+
+    /// Streams rows into the table's uncommitted data files.
+    pub async fn write(&mut self, batch: RecordBatch) -> Result<(), LakeError> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        let label = self.label.clone();
+        self.writer
+            .write(batch)
+            .await
+            .map_err(|source| LakeError::Delta {
+                table: label,
+                source,
+            })
+    }
+
+    /// Commits everything written since the last commit, together with the source
+    /// position `through` (the commit LSN of the last transaction included).
+    /// Returns the new Delta version.
+    pub async fn commit(&mut self, through: Lsn) -> Result<u64, LakeError> {
+        let commit = Commit::append().info_lsn(InfoKey::CommitLsn, through);
+        self.commit_data(commit, through).await
+    }
+
+    /// Commits a completely copied snapshot taken at `point` that holds the source
+    /// through `held`, with the snapshot marker in the same commit.
+    pub async fn commit_snapshot(&mut self, held: Lsn, point: Lsn) -> Result<u64, LakeError> {
+        let commit = Commit::append()
+            .info_lsn(InfoKey::SnapshotLsn, point)
+            .position(&self.snapshot_id, point);
+        let version = self.commit_data(commit, held).await?;
+        self.snapshot_at = Some(point);
+        Ok(version)
+    }
+
+    /// Adds the written files (and a grown schema) to `commit` with the position
+    /// `through`, and writes it.
+    async fn commit_data(&mut self, commit: Commit, through: Lsn) -> Result<u64, LakeError> {
+        let mut actions = Vec::new();
+        if let Some(schema) = &self.new_schema {
+            actions.push(schema_action(&self.table, schema).map_err(self.delta_err())?);
+        }
+        let written = self.writer.flush().await.map_err(self.delta_err())?;
+        actions.extend(
+            self.pending
+                .drain(..)
+                .chain(written)
+                .map(deltalake::kernel::Action::Add),
+        );
+        let version = commit
+            .actions(actions)
+            .position(&self.app_id, through)
+            .write(&mut self.table, &self.label)
+            .await?;
+        self.applied = Some(through);
+        self.new_schema = None;
+        Ok(version)
+    }
+}

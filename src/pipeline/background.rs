@@ -1,0 +1,152 @@
+//! The daemon's background tasks: the SQL endpoint, the slot watcher and the WAL
+//! heartbeat, next to replication.
+//!
+//! They live in one [`Background`] set with their own cancellation token: stopping it
+//! cancels every task and then *joins* them, so none is aborted in the middle of what it
+//! does, and a task that panicked is reported instead of vanishing.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::source::catalog;
+use crate::source::dsn::ConnParams;
+
+/// Running background tasks.
+pub struct Background {
+    tasks: JoinSet<()>,
+    cancel: CancellationToken,
+}
+
+impl Background {
+    /// An empty set whose tasks stop when `parent` is cancelled or [`Background::stop`]
+    /// is called.
+    pub fn new(parent: &CancellationToken) -> Background {
+        Background {
+            tasks: JoinSet::new(),
+            cancel: parent.child_token(),
+        }
+    }
+
+    /// The token the set's tasks watch.
+    pub fn token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Starts the slot watcher and, when configured, the WAL heartbeat.
+    pub fn spawn_source_tasks(&mut self, settings: &Settings) {
+        let watch = SlotWatch::from_settings(settings);
+        self.tasks.spawn(watch_slot(watch, self.token()));
+        if let Some(every) = settings.source.heartbeat {
+            let source = settings.source.conn.clone();
+            self.tasks.spawn(heartbeat(source, every, self.token()));
+        }
+    }
+
+    /// Adds a task that ends when [`Background::token`] is cancelled.
+    pub fn add(&mut self, task: impl Future<Output = ()> + Send + 'static) {
+        self.tasks.spawn(task);
+    }
+
+    /// Cancels every task and waits for each to finish.
+    pub async fn stop(mut self) {
+        self.cancel.cancel();
+        while let Some(joined) = self.tasks.join_next().await {
+            if let Err(e) = joined {
+                crate::telemetry::error("task");
+                tracing::error!(error = %e, "a background task failed");
+            }
+        }
+    }
+}
+
+/// `source.heartbeat_secs`: writes a tiny non-transactional logical message into this
+/// database's WAL now and then, so the walsender has something of this database to decode
+/// and the slot advances even when the database sees no writes (e.g. only other databases
+/// of the cluster are busy). The message is not published; it only moves positions.
+async fn heartbeat(source: ConnParams, every: Duration, cancel: CancellationToken) {
+    let mut warned = false;
+    let mut client = None;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        if client.is_none() {
+            client = catalog::connect(&source).await.ok();
+        }
+        let Some(c) = client.as_ref() else { continue };
+        match c
+            .simple_query("SELECT pg_logical_emit_message(false, 'wal2delta.heartbeat', '')")
+            .await
+        {
+            Ok(_) => warned = false,
+            Err(e) => {
+                if !warned {
+                    tracing::warn!(error = %e, "heartbeat failed (pg_logical_emit_message); grant it with: GRANT EXECUTE ON FUNCTION pg_catalog.pg_logical_emit_message(boolean, text, text) TO <wal2delta role>");
+                    warned = true;
+                }
+                client = None;
+            }
+        }
+    }
+}
+
+/// What the slot watcher needs.
+struct SlotWatch {
+    source: ConnParams,
+    slot: String,
+    every: Duration,
+    warn_bytes: Option<i64>,
+}
+
+impl SlotWatch {
+    fn from_settings(settings: &Settings) -> SlotWatch {
+        SlotWatch {
+            source: settings.source.conn.clone(),
+            slot: settings.source.slot.clone(),
+            every: (settings.source.status_interval * 3)
+                .clamp(Duration::from_secs(3), Duration::from_secs(60)),
+            warn_bytes: settings.retained_wal_warn_bytes,
+        }
+    }
+}
+
+/// Reads the WAL the slot retains now and then: the metric, and a warning when it passes
+/// `[metrics] retained_wal_warn_mb` (once per crossing).
+async fn watch_slot(watch: SlotWatch, cancel: CancellationToken) {
+    let mut warned = false;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(watch.every) => {}
+        }
+        let Ok(client) = catalog::connect(&watch.source).await else {
+            continue;
+        };
+        let Ok(Some(slot)) = catalog::slot_info(&client, &watch.slot).await else {
+            continue;
+        };
+        let Some(bytes) = slot.retained_bytes else {
+            continue;
+        };
+        crate::telemetry::retained_wal(bytes);
+        match watch.warn_bytes {
+            Some(limit) if bytes > limit && !warned => {
+                tracing::warn!(
+                    slot = %watch.slot,
+                    retained_mb = bytes / (1024 * 1024),
+                    limit_mb = limit / (1024 * 1024),
+                    "the replication slot retains more WAL than metrics.retained_wal_warn_mb; \
+                     check that wal2delta keeps up (wal2delta status) and the disk of pg_wal"
+                );
+                warned = true;
+            }
+            Some(limit) if bytes <= limit => warned = false,
+            _ => {}
+        }
+    }
+}

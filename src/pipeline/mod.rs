@@ -1,0 +1,310 @@
+//! The pipeline: prepares the source and the lake, then runs replication sessions.
+//!
+//! A session is one replication connection plus one apply stage, both started from the
+//! positions durable in the lake. Transient failures (connection lost, Postgres
+//! restarting, lake storage errors) end the session; a new one starts after a backoff,
+//! again from what is durable, so nothing received-but-uncommitted can be lost or doubled.
+//! Definite failures (permissions, missing slot or publication, schema conflicts) stop the
+//! daemon with a message saying what to do.
+//!
+//! The pipeline is where the stages meet: it hands the source's events to apply, the
+//! lake's checkpoint records to the SQL endpoint, and the lake's raw layout to the
+//! snapshot. [`prepare`] checks the source and copies snapshots; [`background`] runs the
+//! endpoint, the slot watcher and the heartbeat.
+
+mod background;
+mod prepare;
+
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use self::background::Background;
+use self::prepare::{Prepared, prepare, snapshot_missing};
+use crate::apply::{Applier, ApplyError};
+use crate::config::Settings;
+use crate::lake::checkpoint::{Checkpoint, CheckpointRecord, RecordSender};
+use crate::lake::lock::LakeLock;
+use crate::lake::{Lake, LakeError};
+use crate::lsn::Lsn;
+use crate::source::catalog::{self, CatalogError, TableInfo};
+use crate::source::diagnosis::{self, SourceUnusable};
+use crate::source::replication::{ReplicationConnection, ReplicationError};
+use crate::source::snapshot::SnapshotError;
+use crate::source::stream;
+
+/// Events buffered between the source and apply tasks.
+const CHANNEL_CAPACITY: usize = 4096;
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How long a session waits for its source task to report the final position after the
+/// apply stage stopped.
+const SOURCE_STOP_WAIT: Duration = Duration::from_secs(30);
+
+/// Why the daemon stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    #[error(transparent)]
+    Lake(#[from] LakeError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
+    Unusable(#[from] SourceUnusable),
+    #[error("{0}; pick another [metrics] listen address, or remove it")]
+    Metrics(String),
+    #[error("the SQL endpoint cannot start: {0}")]
+    Serve(#[from] crate::serve::ServeError),
+    #[error("a pipeline task failed: {0}")]
+    Task(String),
+}
+
+impl PipelineError {
+    /// The error's kind, for the metrics.
+    fn kind(&self) -> &'static str {
+        match self {
+            PipelineError::Catalog(_) => "catalog",
+            PipelineError::Replication(_) => "replication",
+            PipelineError::Apply(_) => "apply",
+            PipelineError::Lake(_) => "lake",
+            PipelineError::Snapshot(_) => "snapshot",
+            _ => "other",
+        }
+    }
+
+    fn is_transient(&self) -> bool {
+        match self {
+            PipelineError::Replication(e) => e.is_transient(),
+            PipelineError::Apply(e) => e.is_transient(),
+            PipelineError::Lake(e) => e.is_transient(),
+            PipelineError::Catalog(e) => e.is_transient(),
+            PipelineError::Snapshot(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+}
+
+/// Runs the daemon until `cancel` fires (clean exit) or a definite error.
+pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), PipelineError> {
+    let lake = Lake::open(&settings.lake_path)?;
+    let _lock = LakeLock::acquire(&lake)?;
+    crate::service::spawn_watchdog();
+    if let Some(listen) = settings.metrics_listen {
+        crate::telemetry::install(listen).map_err(PipelineError::Metrics)?;
+        tracing::info!(%listen, "serving Prometheus metrics at /metrics");
+    }
+    let mut background = Background::new(&cancel);
+    // Checkpoint records flow from the applier to the SQL endpoint in this process.
+    let (records, records_rx) = watch::channel(None::<CheckpointRecord>);
+    if let Some(serve) = &settings.serve {
+        let endpoint =
+            crate::serve::start(serve, lake.clone(), Some(records_rx), background.token()).await?;
+        background.add(endpoint);
+    }
+    background.spawn_source_tasks(&settings);
+    let result = replicate(&settings, &lake, &records, cancel).await;
+    background.stop().await;
+    result
+}
+
+/// The snapshot phase, then replication sessions until stopped.
+async fn replicate(
+    settings: &Settings,
+    lake: &Lake,
+    records: &RecordSender,
+    cancel: CancellationToken,
+) -> Result<(), PipelineError> {
+    let Prepared {
+        tables,
+        created_slot,
+        created_publication,
+    } = prepare(settings).await?;
+    if created_publication {
+        // So that `teardown` knows it may drop it.
+        Checkpoint::open(lake, &settings.source.slot)
+            .await?
+            .record_publication(true)
+            .await?;
+    }
+    tracing::info!(source = %settings.source.conn, lake = %lake.root(), tables = tables.len(), "source ready");
+    let mut created_slot = created_slot;
+    let mut backoff = Backoff::new("snapshot");
+    loop {
+        let result = tokio::select! {
+            result = snapshot_missing(settings, lake, &tables, created_slot.take()) => result,
+            _ = cancel.cancelled() => {
+                tracing::info!("stopped during the initial snapshot; unfinished tables are copied again on the next start");
+                return Ok(());
+            }
+        };
+        match result {
+            Ok(()) => break,
+            Err(e) if e.is_transient() => {
+                let what = "initial snapshot interrupted; unfinished tables are copied again";
+                if !backoff.pause(&e, what, &cancel).await {
+                    return Ok(());
+                }
+            }
+            Err(e) => return Err(explain(e, settings).await),
+        }
+    }
+    let mut backoff = Backoff::new("replication");
+    loop {
+        let started = std::time::Instant::now();
+        match session(settings, lake, &tables, records, cancel.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_transient() && !cancel.is_cancelled() => {
+                if started.elapsed() > Duration::from_secs(60) {
+                    backoff = Backoff::new("replication");
+                }
+                if !backoff
+                    .pause(&e, "replication interrupted; reconnecting", &cancel)
+                    .await
+                {
+                    return Ok(());
+                }
+            }
+            Err(e) => return Err(explain(e, settings).await),
+        }
+    }
+}
+
+/// Growing pauses between retries: 250 ms, doubling up to 30 s.
+struct Backoff {
+    attempt: u32,
+    /// `snapshot` or `replication`, for the metrics.
+    phase: &'static str,
+}
+
+impl Backoff {
+    fn new(phase: &'static str) -> Backoff {
+        Backoff { attempt: 0, phase }
+    }
+}
+
+impl Backoff {
+    /// Logs `what` with the error, then waits; false when a stop was requested meanwhile.
+    async fn pause(
+        &mut self,
+        error: &PipelineError,
+        what: &str,
+        cancel: &CancellationToken,
+    ) -> bool {
+        // Retrying is healthy: a restart by the watchdog would not help.
+        crate::service::beat();
+        crate::telemetry::reconnect(self.phase);
+        crate::telemetry::error(error.kind());
+        crate::service::status(what);
+        let delay = Duration::from_millis(250 * 2u64.pow(self.attempt.min(7))).min(MAX_BACKOFF);
+        self.attempt += 1;
+        tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, attempt = self.attempt, "{what}");
+        let resumed = tokio::select! {
+            _ = cancel.cancelled() => false,
+            _ = tokio::time::sleep(delay) => true,
+        };
+        crate::service::beat();
+        resumed
+    }
+}
+
+/// Opens the apply stage (every table's positions read back) and the watch it publishes
+/// the durable position on; new checkpoint records go to `records` when given.
+async fn open_applier(
+    settings: &Settings,
+    lake: &Lake,
+    tables: &[TableInfo],
+    records: Option<RecordSender>,
+) -> Result<(Applier, watch::Receiver<Lsn>), PipelineError> {
+    let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);
+    let mut applier = Applier::open(
+        lake,
+        &settings.source.slot,
+        tables,
+        &settings.normalization,
+        settings.apply.clone(),
+        durable_tx,
+        records,
+    )
+    .await?;
+    applier.set_maintenance(settings.maintenance.clone());
+    Ok((applier, durable_rx))
+}
+
+/// Turns a server error an operator must act on into the slot or publication problem
+/// and its fix (`source::diagnosis`).
+async fn explain(e: PipelineError, settings: &Settings) -> PipelineError {
+    let PipelineError::Replication(ReplicationError::Server(server)) = &e else {
+        return e;
+    };
+    match diagnosis::diagnose(&settings.source, server, settings.config_path.as_deref()).await {
+        Some(unusable) => unusable.into(),
+        None => e,
+    }
+}
+
+/// One replication session: open positions, connect, stream and apply until stopped.
+async fn session(
+    settings: &Settings,
+    lake: &Lake,
+    tables: &[TableInfo],
+    records: &RecordSender,
+    cancel: CancellationToken,
+) -> Result<(), PipelineError> {
+    let source = &settings.source;
+    // The slot's confirmed position is durable too (we only ever confirm durable
+    // positions), and Postgres 15 lets a lower confirmation move it backwards: start from
+    // the later of the two. Looking the slot up here also catches a dropped or
+    // invalidated slot with a clear message.
+    let client = catalog::connect(&source.conn).await?;
+    let slot = catalog::slot_info(&client, &source.slot).await?;
+    drop(client);
+    let confirmed = diagnosis::usable_slot(source, slot, settings.config_path.as_deref())?;
+    let (applier, durable_rx) = open_applier(settings, lake, tables, Some(records.clone())).await?;
+    let start = applier.restart_position().max(confirmed);
+    applier.advance(start);
+    for (table, pos) in applier.table_positions() {
+        tracing::debug!(%table, position = ?pos.map(|p| p.to_string()), "table position");
+    }
+    let mut conn = ReplicationConnection::connect(&source.conn).await?;
+    let identity = conn.identify_system().await?;
+    conn.start_replication(&source.slot, start, &source.publication)
+        .await?;
+    tracing::info!(slot = %source.slot, from = %start, checkpoint = %applier.restart_position(), server_wal = %identity.xlogpos, "streaming");
+    crate::service::ready(&format!("streaming slot {} from {start}", source.slot));
+    let (events_tx, events_rx) = mpsc::channel(CHANNEL_CAPACITY);
+    let mut reader = tokio::spawn(stream::run(
+        conn,
+        events_tx,
+        durable_rx,
+        cancel.clone(),
+        source.status_interval,
+    ));
+    let applied = applier.run(events_rx).await;
+    // The applier is gone, and with it the durable-position channel: the source task
+    // reports the final durable position and ends by itself.
+    let read = match tokio::time::timeout(SOURCE_STOP_WAIT, &mut reader).await {
+        Ok(Ok(result)) => result.map_err(PipelineError::from),
+        Ok(Err(e)) => Err(PipelineError::Task(format!("source task: {e}"))),
+        Err(_) => {
+            reader.abort();
+            Err(PipelineError::Task(format!(
+                "the source task did not stop within {SOURCE_STOP_WAIT:?}"
+            )))
+        }
+    };
+    match (applied, read) {
+        (Err(apply), Err(read)) => {
+            // Both failed: apply's error is the cause (the source stops when apply
+            // does); the source's is reported, not dropped.
+            tracing::warn!(error = %read, "the source task also failed");
+            Err(apply.into())
+        }
+        (Err(apply), Ok(())) => Err(apply.into()),
+        (Ok(()), read) => read,
+    }
+}

@@ -1,0 +1,208 @@
+//! Before streaming: check the source, create what is missing and allowed, and copy the
+//! tables that have no complete snapshot.
+//!
+//! A table is copied as of one exported snapshot — the new slot's own, or a temporary
+//! slot's — and marked with that snapshot's consistent point, so streaming skips exactly
+//! the transactions the copy already holds.
+
+use tokio::sync::mpsc;
+
+use super::{PipelineError, open_applier};
+use crate::apply::Applier;
+use crate::config::Settings;
+use crate::lake::Lake;
+use crate::lake::raw::layout::RawBatchBuilder;
+use crate::lsn::Lsn;
+use crate::source::catalog::{self, CatalogError, TableInfo};
+use crate::source::config::SnapshotMode;
+use crate::source::diagnosis::SourceUnusable;
+use crate::source::replication::ReplicationConnection;
+use crate::source::snapshot::SnapshotReader;
+
+/// A slot this start created.
+pub struct CreatedSlot {
+    point: Lsn,
+    /// The connection holding the slot's exported snapshot open, and the snapshot's name.
+    export: Option<(ReplicationConnection, String)>,
+}
+
+/// What [`prepare`] found and did.
+pub struct Prepared {
+    pub tables: Vec<TableInfo>,
+    pub created_slot: Option<CreatedSlot>,
+    pub created_publication: bool,
+}
+
+/// Checks the source, creates what is missing and allowed, and returns the tables.
+pub async fn prepare(settings: &Settings) -> Result<Prepared, PipelineError> {
+    let source = &settings.source;
+    let client = catalog::connect(&source.conn).await?;
+    let report = catalog::check(&client, source, settings.config_path.as_deref()).await?;
+    if !report.problems.is_empty() {
+        return Err(CatalogError::NotReady(report.problems).into());
+    }
+    if report.publication_missing {
+        catalog::create_publication(&client, source).await?;
+        tracing::info!(publication = %source.publication, "publication created");
+    }
+    let created_slot = if report.slot_missing {
+        Some(create_slot(settings).await?)
+    } else {
+        None
+    };
+    Ok(Prepared {
+        tables: report.tables,
+        created_slot,
+        created_publication: report.publication_missing,
+    })
+}
+
+/// Creates the slot, exporting its snapshot when tables are to be copied.
+async fn create_slot(settings: &Settings) -> Result<CreatedSlot, PipelineError> {
+    let source = &settings.source;
+    if !source.create_slot {
+        return Err(SourceUnusable::SlotMissing {
+            slot: source.slot.clone(),
+        }
+        .into());
+    }
+    let mut conn = ReplicationConnection::connect(&source.conn).await?;
+    if source.snapshot == SnapshotMode::Initial {
+        let (point, name) = conn.create_slot_exporting(&source.slot, false).await?;
+        tracing::info!(slot = %source.slot, consistent_point = %point, "replication slot created with an exported snapshot");
+        Ok(CreatedSlot {
+            point,
+            export: Some((conn, name)),
+        })
+    } else {
+        let point = conn.create_slot(&source.slot).await?;
+        conn.close().await;
+        tracing::info!(slot = %source.slot, consistent_point = %point, "replication slot created");
+        Ok(CreatedSlot {
+            point,
+            export: None,
+        })
+    }
+}
+
+/// Copies every table that has no complete snapshot from this slot (all of them after the
+/// slot was created; one added to the configuration later; one whose copy a crash
+/// interrupted; one an operator asked to copy again).
+pub async fn snapshot_missing(
+    settings: &Settings,
+    lake: &Lake,
+    tables: &[TableInfo],
+    created: Option<CreatedSlot>,
+) -> Result<(), PipelineError> {
+    let (mut applier, _durable) = open_applier(settings, lake, tables, None).await?;
+    let (created_point, export) = match created {
+        Some(c) => {
+            applier.record_slot_created(c.point).await?;
+            (Some(c.point), c.export)
+        }
+        None => (None, None),
+    };
+    let missing = tables_to_copy(settings, &applier, tables).await?;
+    if missing.is_empty() {
+        if let Some((conn, _)) = export {
+            conn.close().await;
+        }
+        return Ok(());
+    }
+    let (conn, point, name) = match (export, created_point) {
+        (Some((conn, name)), Some(point)) => (conn, point, name),
+        _ => {
+            // The slot is older than these tables' snapshots: take a fresh snapshot from a
+            // temporary slot (gone when its connection closes).
+            let mut conn = ReplicationConnection::connect(&settings.source.conn).await?;
+            let temp = format!("wal2delta_snapshot_{}", std::process::id());
+            let (point, name) = conn.create_slot_exporting(&temp, true).await?;
+            (conn, point, name)
+        }
+    };
+    copy_tables(settings, &mut applier, &missing, point, &name).await?;
+    conn.close().await;
+    Ok(())
+}
+
+/// The tables whose snapshot is missing, from an older slot of the same name, from a
+/// time the table was left out of the configuration, or older than an operator's
+/// `reset-checkpoint --resnapshot`.
+async fn tables_to_copy<'a>(
+    settings: &Settings,
+    applier: &Applier,
+    tables: &'a [TableInfo],
+) -> Result<Vec<&'a TableInfo>, PipelineError> {
+    let slot_born = applier.slot_created_at();
+    let tracked = applier.tracked_tables().await;
+    let was_tracked = |t: &TableInfo| {
+        tracked
+            .as_ref()
+            .is_none_or(|set| set.contains(&t.name.to_string()))
+    };
+    let mut missing = Vec::new();
+    for t in tables {
+        let requested = applier.resnapshot_requested(&t.name).await?;
+        let taken = applier.snapshot_position(&t.name);
+        let needed = match taken {
+            // An operator's request is honoured even with snapshot = "never".
+            _ if settings.source.snapshot == SnapshotMode::Never => {
+                requested.is_some_and(|r| taken.is_none_or(|at| at < r))
+            }
+            None => true,
+            Some(at) => {
+                slot_born.is_some_and(|born| at < born)
+                    || !was_tracked(t)
+                    || requested.is_some_and(|r| at < r)
+            }
+        };
+        if needed {
+            missing.push(t);
+        }
+    }
+    Ok(missing)
+}
+
+/// Copies `tables` as of the exported snapshot `name` taken at `point`, committing each
+/// table when its copy is complete.
+async fn copy_tables(
+    settings: &Settings,
+    applier: &mut Applier,
+    tables: &[&TableInfo],
+    point: Lsn,
+    name: &str,
+) -> Result<(), PipelineError> {
+    let source = &settings.source;
+    let reader = SnapshotReader::open(
+        &source.conn,
+        name,
+        source.snapshot_workers,
+        source.snapshot_chunk_bytes,
+    )
+    .await?;
+    tracing::info!(tables = tables.len(), at = %point, workers = source.snapshot_workers, "initial snapshot started");
+    crate::service::status(&format!(
+        "copying the initial snapshot of {} tables",
+        tables.len()
+    ));
+    for info in tables {
+        let started = std::time::Instant::now();
+        let (tx, rx) = mpsc::channel(2 * source.snapshot_workers);
+        let columns = applier
+            .lake_columns(&info.name)
+            .unwrap_or_else(|| info.columns.clone());
+        let (copied, written) = tokio::join!(
+            reader.copy_table(info, &columns, point, RawBatchBuilder::new, tx),
+            applier.write_snapshot(&info.name, rx)
+        );
+        // A failed write closes the channel, which the copy reports too: the write's
+        // error is the cause.
+        written?;
+        let rows = copied?;
+        applier.commit_snapshot(&info.name, point).await?;
+        crate::telemetry::change(&info.name.to_string(), crate::change::Op::Read.code(), rows);
+        tracing::info!(table = %info.name, rows, elapsed_ms = started.elapsed().as_millis() as u64, "table snapshot committed");
+    }
+    reader.close().await;
+    Ok(())
+}

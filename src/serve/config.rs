@@ -1,0 +1,183 @@
+//! `[serve]`: the SQL endpoint's address, users, TLS and limits, with their documented
+//! defaults and validation.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::auth::ScramVerifier;
+
+/// The default SQL endpoint address: loopback, on a port clear of Postgres (5432, a second
+/// Debian cluster on 5433) and PgBouncer (6432).
+pub const DEFAULT_SERVE_LISTEN: &str = "127.0.0.1:5480";
+
+/// `[serve]`: the SQL endpoint (Postgres wire protocol over the lake).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// `host:port` to serve on, or `"off"` for no endpoint in `run`.
+    #[serde(default = "default_serve_listen")]
+    pub listen: String,
+    /// Who may connect; empty: anyone, and then only on a loopback address.
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+    /// PEM certificate chain and private key; both set: TLS offered.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Refuse clients that do not use TLS.
+    #[serde(default)]
+    pub require_tls: bool,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Per-statement time limit (seconds; 0: none).
+    #[serde(default = "default_query_timeout")]
+    pub query_timeout_secs: u64,
+    /// Per-statement memory limit for joins, sorts and aggregates (MiB).
+    #[serde(default = "default_query_memory")]
+    pub query_memory_mb: u64,
+    /// Directory of `<view>.sql` files served as `refined.<view>`; relative paths are
+    /// taken from the configuration file's directory. Default: `sql/refined` there.
+    pub refined_dir: Option<PathBuf>,
+    /// How often `wal2delta serve` looks for new lake versions (milliseconds).
+    #[serde(default = "default_poll_ms")]
+    pub poll_interval_ms: u64,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            listen: default_serve_listen(),
+            users: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
+            require_tls: false,
+            max_connections: default_max_connections(),
+            query_timeout_secs: default_query_timeout(),
+            query_memory_mb: default_query_memory(),
+            refined_dir: None,
+            poll_interval_ms: default_poll_ms(),
+        }
+    }
+}
+
+/// `[[serve.users]]`: a user and the SCRAM-SHA-256 verifier of their password, as printed
+/// by `wal2delta hash-password`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    pub scram: String,
+}
+
+fn default_serve_listen() -> String {
+    DEFAULT_SERVE_LISTEN.to_string()
+}
+fn default_max_connections() -> usize {
+    64
+}
+fn default_query_timeout() -> u64 {
+    300
+}
+fn default_query_memory() -> u64 {
+    1024
+}
+fn default_poll_ms() -> u64 {
+    1000
+}
+
+/// The validated `[serve]` section.
+#[derive(Debug, Clone)]
+pub struct ServeSettings {
+    pub listen: std::net::SocketAddr,
+    pub users: Vec<(String, ScramVerifier)>,
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub require_tls: bool,
+    pub max_connections: usize,
+    pub query_timeout: Option<std::time::Duration>,
+    pub query_memory_bytes: usize,
+    pub refined_dir: PathBuf,
+    pub poll_interval: std::time::Duration,
+}
+
+impl ServeConfig {
+    /// Checks the section (problems name `serve.<field>`); `None` when the endpoint is
+    /// off or its address does not parse.
+    pub fn validate(&self, problems: &mut Vec<String>) -> Option<ServeSettings> {
+        if self.listen == "off" {
+            return None;
+        }
+        let listen: Option<std::net::SocketAddr> = match self.listen.parse() {
+            Ok(a) => Some(a),
+            Err(e) => {
+                problems.push(format!(
+                    "serve.listen: `{}` is not a host:port address ({e}); e.g. \"{DEFAULT_SERVE_LISTEN}\", or \"off\"",
+                    self.listen
+                ));
+                None
+            }
+        };
+        let mut users = Vec::new();
+        for (i, user) in self.users.iter().enumerate() {
+            if user.name.is_empty() {
+                problems.push(format!("serve.users[{i}].name: must not be empty"));
+            }
+            if users.iter().any(|(n, _)| n == &user.name) {
+                problems.push(format!(
+                    "serve.users[{i}]: user `{}` is listed twice",
+                    user.name
+                ));
+            }
+            match user.scram.parse::<ScramVerifier>() {
+                Ok(v) => users.push((user.name.clone(), v)),
+                Err(e) => problems.push(format!(
+                    "serve.users[{i}].scram: {e}; `wal2delta hash-password` prints one"
+                )),
+            }
+        }
+        if let Some(addr) = listen
+            && self.users.is_empty()
+            && !addr.ip().is_loopback()
+        {
+            problems.push(format!(
+                "serve.listen: {addr} is not a loopback address and no [[serve.users]] are \
+                 configured, so anyone who reaches the port could read the lake; add users \
+                 (`wal2delta hash-password` prints a verifier) or listen on 127.0.0.1"
+            ));
+        }
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+            (None, None) => None,
+            _ => {
+                problems.push("serve.tls_cert and serve.tls_key: set both (TLS) or neither".into());
+                None
+            }
+        };
+        if self.require_tls && tls.is_none() {
+            problems.push("serve.require_tls: needs serve.tls_cert and serve.tls_key".into());
+        }
+        if self.max_connections == 0 || self.max_connections > 10_000 {
+            problems.push("serve.max_connections: must be from 1 to 10000".into());
+        }
+        if self.query_memory_mb == 0 {
+            problems.push("serve.query_memory_mb: must be at least 1".into());
+        }
+        if self.poll_interval_ms < 10 {
+            problems.push("serve.poll_interval_ms: must be at least 10".into());
+        }
+        Some(ServeSettings {
+            listen: listen?,
+            users,
+            tls,
+            require_tls: self.require_tls,
+            max_connections: self.max_connections,
+            query_timeout: (self.query_timeout_secs > 0)
+                .then(|| std::time::Duration::from_secs(self.query_timeout_secs)),
+            query_memory_bytes: (self.query_memory_mb.min(1 << 30) * 1024 * 1024) as usize,
+            refined_dir: self
+                .refined_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("sql/refined")),
+            poll_interval: std::time::Duration::from_millis(self.poll_interval_ms),
+        })
+    }
+}

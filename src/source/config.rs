@@ -1,0 +1,216 @@
+//! `[source]`: the database to replicate, its slot and publication, and the snapshot
+//! settings, with their documented defaults and validation (problems name
+//! `source.<field>`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::dsn::ConnParams;
+use crate::secret::Secret;
+use crate::table_name::TableName;
+
+/// `[source]`: the Postgres database to replicate.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// libpq-style URL or key=value string.
+    pub dsn: String,
+    /// File holding the password (first line; trailing newline ignored).
+    pub password_file: Option<PathBuf>,
+    /// Name of an environment variable holding the password.
+    pub password_env: Option<String>,
+    /// Logical replication slot name.
+    pub slot: String,
+    /// Publication name.
+    pub publication: String,
+    /// Tables to replicate, as `schema.table` (unquoted names fold to lower case, as in SQL).
+    pub tables: Vec<String>,
+    /// Create the slot when it does not exist.
+    #[serde(default = "yes")]
+    pub create_slot: bool,
+    /// Create the publication (for exactly `tables`) when it does not exist.
+    #[serde(default = "yes")]
+    pub create_publication: bool,
+    /// Seconds between standby status updates sent to Postgres.
+    #[serde(default = "default_status_interval")]
+    pub status_interval_secs: u64,
+    /// `initial`: copy every table's existing rows when a table has no snapshot yet (the
+    /// first start, a new slot, a newly configured table); `never`: only stream changes.
+    #[serde(default = "default_snapshot")]
+    pub snapshot: String,
+    /// Connections copying a snapshot in parallel.
+    #[serde(default = "default_snapshot_workers")]
+    pub snapshot_workers: usize,
+    /// Size of the table ranges (in MiB of heap) the snapshot copies as one unit.
+    #[serde(default = "default_snapshot_chunk_mb")]
+    pub snapshot_chunk_mb: u64,
+    /// Seconds between heartbeats (`pg_logical_emit_message`); unset: none.
+    pub heartbeat_secs: Option<u64>,
+}
+
+/// Whether a missing snapshot is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotMode {
+    Initial,
+    Never,
+}
+
+fn default_snapshot() -> String {
+    "initial".into()
+}
+fn default_snapshot_workers() -> usize {
+    4
+}
+fn default_snapshot_chunk_mb() -> u64 {
+    64
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_status_interval() -> u64 {
+    10
+}
+
+/// The validated `[source]` section.
+#[derive(Debug)]
+pub struct SourceSettings {
+    /// How to reach the database (the password included, from its file or variable).
+    pub conn: ConnParams,
+    pub slot: String,
+    pub publication: String,
+    pub tables: Vec<TableName>,
+    pub create_slot: bool,
+    pub create_publication: bool,
+    pub status_interval: Duration,
+    pub snapshot: SnapshotMode,
+    pub snapshot_workers: usize,
+    pub snapshot_chunk_bytes: i64,
+    /// Interval of the optional WAL heartbeat.
+    pub heartbeat: Option<Duration>,
+}
+
+impl SourceConfig {
+    /// Checks every field, adding each problem to `problems`; the settings when the
+    /// connection string at least parses.
+    pub fn validate(&self, problems: &mut Vec<String>) -> Option<SourceSettings> {
+        let password = self.password(problems);
+        let conn = match ConnParams::parse(&self.dsn) {
+            Ok(mut conn) => {
+                if let Some(password) = password {
+                    conn.password = Some(password);
+                }
+                Some(conn)
+            }
+            Err(e) => {
+                problems.push(format!("source.dsn: {e}"));
+                None
+            }
+        };
+        // Slot names: what pg_create_logical_replication_slot accepts.
+        let slot_valid = !self.slot.is_empty()
+            && self.slot.len() <= 63
+            && self
+                .slot
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !slot_valid {
+            problems.push(format!(
+                "source.slot: `{}` is not a valid slot name (1 to 63 characters: lower-case letters, digits, underscore)",
+                self.slot
+            ));
+        }
+        if self.publication.is_empty() || self.publication.len() > 63 {
+            problems.push("source.publication: must be 1 to 63 characters long".into());
+        }
+        let tables = self.tables(problems);
+        if self.status_interval_secs == 0 || self.status_interval_secs > 3600 {
+            problems.push("source.status_interval_secs: must be from 1 to 3600".into());
+        }
+        let snapshot = match self.snapshot.as_str() {
+            "initial" => SnapshotMode::Initial,
+            "never" => SnapshotMode::Never,
+            other => {
+                problems.push(format!(
+                    "source.snapshot: `{other}` is not a snapshot mode; use \"initial\" or \"never\""
+                ));
+                SnapshotMode::Initial
+            }
+        };
+        if !(1..=64).contains(&self.snapshot_workers) {
+            problems.push("source.snapshot_workers: must be from 1 to 64".into());
+        }
+        if !(1..=65536).contains(&self.snapshot_chunk_mb) {
+            problems.push("source.snapshot_chunk_mb: must be from 1 to 65536".into());
+        }
+        if self.heartbeat_secs == Some(0) {
+            problems
+                .push("source.heartbeat_secs: must be at least 1 (or unset: no heartbeat)".into());
+        }
+        Some(SourceSettings {
+            conn: conn?,
+            slot: self.slot.clone(),
+            publication: self.publication.clone(),
+            tables,
+            create_slot: self.create_slot,
+            create_publication: self.create_publication,
+            status_interval: Duration::from_secs(self.status_interval_secs),
+            snapshot,
+            snapshot_workers: self.snapshot_workers,
+            snapshot_chunk_bytes: (self.snapshot_chunk_mb * 1024 * 1024) as i64,
+            heartbeat: self.heartbeat_secs.map(|s| Duration::from_secs(s.max(1))),
+        })
+    }
+
+    /// The password from `password_file` or `password_env`, if one is set and readable.
+    fn password(&self, problems: &mut Vec<String>) -> Option<Secret> {
+        match (&self.password_file, &self.password_env) {
+            (Some(_), Some(_)) => {
+                problems.push(
+                    "source.password_file and source.password_env are both set; keep one".into(),
+                );
+                None
+            }
+            (Some(file), None) => match std::fs::read_to_string(file) {
+                Ok(text) => Some(Secret::new(text.lines().next().unwrap_or("").to_string())),
+                Err(e) => {
+                    problems.push(format!(
+                        "source.password_file: cannot read {}: {e}",
+                        file.display()
+                    ));
+                    None
+                }
+            },
+            (None, Some(var)) => match std::env::var(var) {
+                Ok(v) => Some(Secret::new(v)),
+                Err(_) => {
+                    problems.push(format!(
+                        "source.password_env: the environment variable `{var}` is not set"
+                    ));
+                    None
+                }
+            },
+            (None, None) => None,
+        }
+    }
+
+    /// The configured tables, parsed, each once.
+    fn tables(&self, problems: &mut Vec<String>) -> Vec<TableName> {
+        let mut tables = Vec::new();
+        if self.tables.is_empty() {
+            problems.push("source.tables: list at least one table, as \"schema.table\"".into());
+        }
+        for t in &self.tables {
+            match TableName::parse(t) {
+                Ok(name) if tables.contains(&name) => {
+                    problems.push(format!("source.tables: `{t}` is listed twice"))
+                }
+                Ok(name) => tables.push(name),
+                Err(e) => problems.push(format!("source.tables: {e}")),
+            }
+        }
+        tables
+    }
+}
