@@ -533,7 +533,21 @@ async fn lake_storage_failure_pauses_without_confirming_and_resumes_exactly_once
     )
     .await;
     let during = env.confirmed_flush().await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Not a timed window: wait until the daemon has retried the failing write twice more,
+    // each retry a session that found the storage still broken.
+    let retries = || {
+        env.daemon_log()
+            .matches("replication interrupted; reconnecting")
+            .count()
+    };
+    let before = retries();
+    crate::harness::wait_for(
+        "two more retries of the failing write",
+        Duration::from_secs(60),
+        || async move { retries() >= before + 2 },
+        || env.daemon_log(),
+    )
+    .await;
     assert_eq!(
         env.confirmed_flush().await,
         during,
