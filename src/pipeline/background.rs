@@ -76,13 +76,17 @@ async fn heartbeat(source: ConnParams, every: Duration, cancel: CancellationToke
             _ = tokio::time::sleep(every) => {}
         }
         if client.is_none() {
-            client = catalog::connect(&source).await.ok();
+            client = tokio::select! {
+                _ = cancel.cancelled() => return,
+                connected = catalog::connect(&source) => connected.ok(),
+            };
         }
         let Some(c) = client.as_ref() else { continue };
-        match c
-            .simple_query("SELECT pg_logical_emit_message(false, 'wal2delta.heartbeat', '')")
-            .await
-        {
+        let emitted = tokio::select! {
+            _ = cancel.cancelled() => return,
+            emitted = c.simple_query("SELECT pg_logical_emit_message(false, 'wal2delta.heartbeat', '')") => emitted,
+        };
+        match emitted {
             Ok(_) => warned = false,
             Err(e) => {
                 if !warned {
@@ -124,10 +128,15 @@ async fn watch_slot(watch: SlotWatch, cancel: CancellationToken) {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(watch.every) => {}
         }
-        let Ok(client) = catalog::connect(&watch.source).await else {
-            continue;
+        // Stopping must not wait for a slow or unreachable server.
+        let looked_up = tokio::select! {
+            _ = cancel.cancelled() => return,
+            slot = async {
+                let client = catalog::connect(&watch.source).await.ok()?;
+                catalog::slot_info(&client, &watch.slot).await.ok().flatten()
+            } => slot,
         };
-        let Ok(Some(slot)) = catalog::slot_info(&client, &watch.slot).await else {
+        let Some(slot) = looked_up else {
             continue;
         };
         let Some(bytes) = slot.retained_bytes else {

@@ -136,7 +136,7 @@ async fn replicate(
     let mut backoff = Backoff::new("snapshot");
     loop {
         let result = tokio::select! {
-            result = snapshot_missing(settings, lake, &tables, created_slot.take()) => result,
+            result = snapshot_missing(settings, lake, &tables, created_slot.take(), records) => result,
             _ = cancel.cancelled() => {
                 tracing::info!("stopped during the initial snapshot; unfinished tables are copied again on the next start");
                 return Ok(());
@@ -291,10 +291,22 @@ async fn session(
         Ok(Ok(result)) => result.map_err(PipelineError::from),
         Ok(Err(e)) => Err(PipelineError::Task(format!("source task: {e}"))),
         Err(_) => {
+            // The connection hangs (a dead network): what is durable is in the lake and
+            // Postgres learns the position at the next start. A retry, unless stopping.
             reader.abort();
-            Err(PipelineError::Task(format!(
-                "the source task did not stop within {SOURCE_STOP_WAIT:?}"
-            )))
+            tracing::warn!(
+                "the replication connection did not close within {SOURCE_STOP_WAIT:?}; \
+                 the final position is reported at the next connection"
+            );
+            if cancel.is_cancelled() {
+                Ok(())
+            } else {
+                Err(ReplicationError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the replication connection stopped answering",
+                ))
+                .into())
+            }
         }
     };
     match (applied, read) {

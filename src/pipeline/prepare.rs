@@ -11,6 +11,7 @@ use super::{PipelineError, open_applier};
 use crate::apply::Applier;
 use crate::config::Settings;
 use crate::lake::Lake;
+use crate::lake::checkpoint::RecordSender;
 use crate::lake::raw::layout::RawBatchBuilder;
 use crate::lsn::Lsn;
 use crate::source::catalog::{self, CatalogError, TableInfo};
@@ -87,14 +88,17 @@ async fn create_slot(settings: &Settings) -> Result<CreatedSlot, PipelineError> 
 
 /// Copies every table that has no complete snapshot from this slot (all of them after the
 /// slot was created; one added to the configuration later; one whose copy a crash
-/// interrupted; one an operator asked to copy again).
+/// interrupted; one an operator asked to copy again). Each copied table's record goes to
+/// `records`, so the SQL endpoint shows it at once.
 pub async fn snapshot_missing(
     settings: &Settings,
     lake: &Lake,
     tables: &[TableInfo],
     created: Option<CreatedSlot>,
+    records: &RecordSender,
 ) -> Result<(), PipelineError> {
-    let (mut applier, _durable) = open_applier(settings, lake, tables, None).await?;
+    let (mut applier, _durable) =
+        open_applier(settings, lake, tables, Some(records.clone())).await?;
     let (created_point, export) = match created {
         Some(c) => {
             applier.record_slot_created(c.point).await?;

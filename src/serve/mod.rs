@@ -170,15 +170,13 @@ async fn next_record(
     rx.borrow_and_update().clone()
 }
 
-/// Moves `latest` to `position` unless it is the same, or older than what `latest`
-/// already shows (a poll may read the table just before a newer record is published).
+/// Moves `latest` to `position` (the newest record) unless it is the same. No LSN
+/// comparison: a newer record may carry a lower LSN (streaming resumes below a snapshot
+/// copied from a temporary slot). A poll never undoes a published record, as records are
+/// published after their commit and taken in turn with the polls.
 fn advance(latest: &watch::Sender<Option<Position>>, position: Option<Position>) {
     latest.send_if_modified(|current| {
-        let older = match (current.as_ref(), position.as_ref()) {
-            (Some(c), Some(p)) => p.lsn < c.lsn,
-            _ => false,
-        };
-        if *current != position && !older {
+        if *current != position {
             *current = position;
             true
         } else {
@@ -294,4 +292,34 @@ pub async fn serve_only(
     crate::service::ready("serving the lake read-only");
     endpoint.await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lake::checkpoint::TableVersions;
+    use crate::lsn::Lsn;
+
+    fn record(lsn: u64, raw_version: u64) -> Position {
+        let mut versions = TableVersions::default();
+        versions.raw.insert("public.t".into(), raw_version);
+        Position {
+            lsn: Lsn(lsn),
+            commit_ts: None,
+            versions,
+        }
+    }
+
+    #[test]
+    fn the_newest_record_is_shown_even_with_a_lower_lsn() {
+        let (latest, mut rx) = watch::channel(None);
+        advance(&latest, Some(record(200, 1)));
+        // Streaming resumed below a snapshot copied from a temporary slot: the newer
+        // record has the lower LSN and must still be served.
+        advance(&latest, Some(record(150, 2)));
+        assert_eq!(*rx.borrow_and_update(), Some(record(150, 2)));
+        // The same record again does not wake readers.
+        advance(&latest, Some(record(150, 2)));
+        assert!(!rx.has_changed().unwrap());
+    }
 }

@@ -96,19 +96,16 @@ impl SourceConfig {
     /// Checks every field, adding each problem to `problems`; the settings when the
     /// connection string at least parses.
     pub fn validate(&self, problems: &mut Vec<String>) -> Option<SourceSettings> {
+        let conn = ConnParams::parse(&self.dsn)
+            .map_err(|e| problems.push(format!("source.dsn: {e}")))
+            .ok();
         let password = self.password(problems);
-        let conn = match ConnParams::parse(&self.dsn) {
-            Ok(mut conn) => {
-                if let Some(password) = password {
-                    conn.password = Some(password);
-                }
-                Some(conn)
+        let conn = conn.map(|mut conn| {
+            if password.is_some() {
+                conn.password = password;
             }
-            Err(e) => {
-                problems.push(format!("source.dsn: {e}"));
-                None
-            }
-        };
+            conn
+        });
         // Slot names: what pg_create_logical_replication_slot accepts.
         let slot_valid = !self.slot.is_empty()
             && self.slot.len() <= 63
