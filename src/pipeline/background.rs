@@ -8,11 +8,14 @@
 use std::future::Future;
 use std::time::Duration;
 
+use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::source::catalog;
+use crate::source::config::SourceSettings;
+use crate::source::diagnosis::{self, SourceUnusable};
 use crate::source::dsn::ConnParams;
 
 /// Running background tasks.
@@ -36,10 +39,24 @@ impl Background {
         self.cancel.clone()
     }
 
-    /// Starts the slot watcher and, when configured, the WAL heartbeat.
-    pub fn spawn_source_tasks(&mut self, settings: &Settings) {
+    /// Starts the slot watcher, the publication guard (which cancels `replication` and
+    /// reports on `diverged` when a configured table can no longer be followed exactly)
+    /// and, when configured, the WAL heartbeat.
+    pub fn spawn_source_tasks(
+        &mut self,
+        settings: &Settings,
+        replication: CancellationToken,
+        diverged: oneshot::Sender<SourceUnusable>,
+    ) {
         let watch = SlotWatch::from_settings(settings);
         self.tasks.spawn(watch_slot(watch, self.token()));
+        self.tasks.spawn(guard_publication(
+            settings.source.clone(),
+            settings.config_path.clone(),
+            replication,
+            diverged,
+            self.token(),
+        ));
         if let Some(every) = settings.source.heartbeat {
             let source = settings.source.conn.clone();
             self.tasks.spawn(heartbeat(source, every, self.token()));
@@ -95,6 +112,46 @@ async fn heartbeat(source: ConnParams, every: Duration, cancel: CancellationToke
                 }
                 client = None;
             }
+        }
+    }
+}
+
+/// Checks every status interval that the publication still carries every configured
+/// table whole (`diagnosis::publication_guard`). A table dropped from it, or given a row
+/// filter or column list, would lose changes silently: the guard stops replication (a
+/// clean stop: what is complete is committed) and hands the reason over.
+async fn guard_publication(
+    source: SourceSettings,
+    config_path: Option<std::path::PathBuf>,
+    replication: CancellationToken,
+    diverged: oneshot::Sender<SourceUnusable>,
+    cancel: CancellationToken,
+) {
+    let every = source.status_interval;
+    let mut warned = false;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let checked = tokio::select! {
+            _ = cancel.cancelled() => return,
+            checked = diagnosis::publication_guard(&source, config_path.as_deref()) => checked,
+        };
+        match checked {
+            Ok(None) => warned = false,
+            Ok(Some(found)) => {
+                crate::telemetry::error("divergence");
+                tracing::error!(error = %found, "stopping replication: a configured table can no longer be followed exactly");
+                let _ = diverged.send(found);
+                replication.cancel();
+                return;
+            }
+            Err(e) if !warned => {
+                warned = true;
+                tracing::warn!(error = %e, "cannot check the publication; retrying at the next status interval");
+            }
+            Err(_) => {}
         }
     }
 }

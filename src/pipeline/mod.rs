@@ -17,7 +17,7 @@ mod prepare;
 
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use self::background::Background;
@@ -106,10 +106,17 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pi
             crate::serve::start(serve, lake.clone(), Some(records_rx), background.token()).await?;
         background.add(endpoint);
     }
-    background.spawn_source_tasks(&settings);
-    let result = replicate(&settings, &lake, &records, cancel).await;
+    // Replication stops on shutdown, or when the publication guard finds a table it can
+    // no longer follow exactly (then the guard's reason is the daemon's error).
+    let replication = cancel.child_token();
+    let (diverged, mut divergence) = oneshot::channel();
+    background.spawn_source_tasks(&settings, replication.clone(), diverged);
+    let result = replicate(&settings, &lake, &records, replication).await;
     background.stop().await;
-    result
+    match divergence.try_recv() {
+        Ok(found) => Err(found.into()),
+        Err(_) => result,
+    }
 }
 
 /// The snapshot phase, then replication sessions until stopped.

@@ -277,6 +277,95 @@ pub async fn publication_tables(
     ))
 }
 
+/// How a publication publishes one table: a row filter or a column list (Postgres 15+)
+/// means the stream would carry only part of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Published {
+    pub table: TableName,
+    /// The `WHERE` clause of a row filter.
+    pub row_filter: Option<String>,
+    /// The published columns, when the publication lists columns.
+    pub columns: Option<Vec<String>>,
+}
+
+/// The tables `publication` publishes with their row filters and column lists, or `None`
+/// when the publication does not exist.
+pub async fn publication_state(
+    client: &Client,
+    publication: &str,
+) -> Result<Option<Vec<Published>>, CatalogError> {
+    let Some(tables) = publication_tables(client, publication).await? else {
+        return Ok(None);
+    };
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await?
+        .get(0);
+    if version < 150000 {
+        // No row filters or column lists before Postgres 15.
+        return Ok(Some(
+            tables
+                .into_iter()
+                .map(|table| Published {
+                    table,
+                    row_filter: None,
+                    columns: None,
+                })
+                .collect(),
+        ));
+    }
+    // `attnames` lists every column when the publication has no column list.
+    let rows = client
+        .query(
+            "SELECT p.schemaname::text, p.tablename::text, p.rowfilter, \
+                    CASE WHEN pr.prattrs IS NULL THEN NULL ELSE p.attnames::text[] END \
+             FROM pg_publication_tables p \
+             JOIN pg_publication pub ON pub.pubname = p.pubname \
+             LEFT JOIN pg_publication_rel pr ON pr.prpubid = pub.oid \
+                  AND pr.prrelid = format('%I.%I', p.schemaname, p.tablename)::regclass \
+             WHERE p.pubname = $1",
+            &[&publication],
+        )
+        .await?;
+    Ok(Some(
+        rows.iter()
+            .map(|r| Published {
+                table: TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+                row_filter: r.get(2),
+                columns: r.get(3),
+            })
+            .collect(),
+    ))
+}
+
+/// What keeps the stream from carrying every change of `table` exactly, by the
+/// publication's state (`None` when the publication is missing: the stream reports it).
+pub fn publication_gap(
+    publication: &str,
+    published: &[Published],
+    table: &TableName,
+) -> Option<String> {
+    let Some(entry) = published.iter().find(|p| &p.table == table) else {
+        return Some(format!(
+            "publication {publication} no longer includes it (a partitioned table is \
+             published through its partitions unless the publication sets \
+             publish_via_partition_root = true)"
+        ));
+    };
+    if let Some(filter) = &entry.row_filter {
+        return Some(format!(
+            "publication {publication} publishes only its rows WHERE {filter}"
+        ));
+    }
+    if let Some(columns) = &entry.columns {
+        return Some(format!(
+            "publication {publication} publishes only its columns {}",
+            columns.join(", ")
+        ));
+    }
+    None
+}
+
 /// What `validate` found: problems (each with its fix) and notes on what `run` will do.
 #[derive(Debug, Default)]
 pub struct Report {
@@ -298,7 +387,7 @@ pub async fn check(
 ) -> Result<Report, CatalogError> {
     let mut report = Report::default();
     let user = check_server(client, &mut report).await?;
-    let published = publication_tables(client, &source.publication).await?;
+    let published = publication_state(client, &source.publication).await?;
     for table in &source.tables {
         check_table(
             client,
@@ -347,7 +436,7 @@ async fn check_table(
     source: &SourceSettings,
     table: &TableName,
     user: &str,
-    published: Option<&[TableName]>,
+    published: Option<&[Published]>,
     report: &mut Report,
 ) -> Result<(), CatalogError> {
     let pub_sql = quote_ident(&source.publication);
@@ -384,12 +473,22 @@ async fn check_table(
         }
     }
     match published {
-        Some(list) if !list.contains(table) => report.problems.push(format!(
+        Some(list) if !list.iter().any(|p| &p.table == table) => report.problems.push(format!(
             "publication {} does not include {table}; run ALTER PUBLICATION {pub_sql} ADD TABLE {};",
             source.publication,
             table.quoted()
         )),
-        _ => {}
+        Some(list) => {
+            if let Some(gap) = publication_gap(&source.publication, list, table) {
+                report.problems.push(format!(
+                    "table {table}: {gap}, so the lake would miss changes; publish the whole \
+                     table: ALTER PUBLICATION {pub_sql} DROP TABLE {t}; ALTER PUBLICATION \
+                     {pub_sql} ADD TABLE {t};",
+                    t = table.quoted()
+                ))
+            }
+        }
+        None => {}
     }
     report.tables.push(info);
     Ok(())

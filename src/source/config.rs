@@ -75,7 +75,7 @@ fn default_status_interval() -> u64 {
 }
 
 /// The validated `[source]` section.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct SourceSettings {
     /// How to reach the database (the password included, from its file or variable).
     pub conn: ConnParams,

@@ -45,6 +45,21 @@ pub enum SourceUnusable {
          (see sql/setup.sql), then start again"
     )]
     PermissionDenied { detail: String },
+    #[error(
+        "table {table} can no longer be followed exactly: {gap}; its changes since then are \
+         not in the stream. wal2delta stopped rather than miss them silently. Publish the \
+         whole table again (ALTER PUBLICATION {publication} ADD TABLE {quoted}; after \
+         dropping a row filter or column list with ALTER PUBLICATION {publication} DROP \
+         TABLE {quoted};), then run `wal2delta reset-checkpoint --config {config} \
+         --resnapshot --table {table} --yes` and start wal2delta: the table is copied afresh"
+    )]
+    PublicationChanged {
+        table: String,
+        quoted: String,
+        publication: String,
+        gap: String,
+        config: String,
+    },
 }
 
 /// What to do about a lost slot, naming the command with this configuration file.
@@ -79,6 +94,33 @@ pub fn usable_slot(
         )),
         Some(s) => Ok(s.confirmed_flush.unwrap_or(Lsn::ZERO)),
     }
+}
+
+/// Checks that the publication still carries every configured table whole; the first
+/// that it does not, as an error naming the fix. `Ok(None)` also when the publication is
+/// missing (the stream itself reports that, with its own fix).
+pub async fn publication_guard(
+    source: &SourceSettings,
+    config_path: Option<&Path>,
+) -> Result<Option<SourceUnusable>, super::catalog::CatalogError> {
+    let client = catalog::connect(&source.conn).await?;
+    let Some(published) = catalog::publication_state(&client, &source.publication).await? else {
+        return Ok(None);
+    };
+    for table in &source.tables {
+        if let Some(gap) = catalog::publication_gap(&source.publication, &published, table) {
+            return Ok(Some(SourceUnusable::PublicationChanged {
+                table: table.to_string(),
+                quoted: table.quoted(),
+                publication: crate::table_name::quote_ident(&source.publication),
+                gap,
+                config: config_path
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "<config file>".into()),
+            }));
+        }
+    }
+    Ok(None)
 }
 
 /// Names the object behind a definite server error on the replication connection, by

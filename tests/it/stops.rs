@@ -1,6 +1,7 @@
-//! Definite failures while running: the publication or the slot dropped under the daemon.
-//! It stops with a non-zero exit and a message that names the problem and the way out,
-//! instead of retrying forever.
+//! Definite failures while running: the publication or the slot dropped under the daemon,
+//! or a configured table dropped from the publication. It stops with a non-zero exit and
+//! a message that names the problem and the way out, instead of retrying forever or
+//! losing changes silently.
 
 use std::time::Duration;
 
@@ -43,6 +44,96 @@ async fn dropped_publication_stops_with_what_to_do() {
     assert!(
         log.contains("pg_drop_replication_slot('w2d_test')"),
         "{log}"
+    );
+}
+
+/// `ALTER PUBLICATION … DROP TABLE` on a configured table: its later changes are not in
+/// the stream. The publication guard stops the daemon, naming the table and the fix,
+/// rather than confirming positions that silently miss them; the fix named works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn table_dropped_from_the_publication_stops_with_what_to_do() {
+    let setup = "CREATE TABLE t1 (id int PRIMARY KEY, v text);
+                 CREATE TABLE t2 (id int PRIMARY KEY, v text);
+                 CREATE PUBLICATION w2d_pub FOR TABLE t1, t2;";
+    let (env, mut daemon) = Env::streaming(setup, &["public.t1", "public.t2"]).await;
+    let pg = env.pg.client().await;
+    pg.batch_execute("INSERT INTO t1 VALUES (1, 'a'); INSERT INTO t2 VALUES (1, 'a')")
+        .await
+        .unwrap();
+    env.wait_raw_rows("public", "t2", 1, Duration::from_secs(60))
+        .await;
+    pg.batch_execute("ALTER PUBLICATION w2d_pub DROP TABLE t2")
+        .await
+        .unwrap();
+    pg.batch_execute("INSERT INTO t2 VALUES (2, 'not in the stream')")
+        .await
+        .unwrap();
+    let status = daemon.wait(Duration::from_secs(60));
+    assert!(
+        !status.success(),
+        "the daemon must stop when a configured table leaves the publication"
+    );
+    let log = env.daemon_log();
+    assert!(
+        log.contains("table public.t2 can no longer be followed exactly"),
+        "{log}"
+    );
+    assert!(
+        log.contains("publication w2d_pub no longer includes it"),
+        "{log}"
+    );
+    assert!(log.contains("--resnapshot --table public.t2"), "{log}");
+
+    // The way out the message names: publish it again, copy it again, start.
+    pg.batch_execute("ALTER PUBLICATION w2d_pub ADD TABLE t2")
+        .await
+        .unwrap();
+    let out = std::process::Command::new(crate::harness::binary())
+        .args(["reset-checkpoint", "--config"])
+        .arg(&env.config)
+        .args(["--resnapshot", "--table", "public.t2", "--yes"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mut daemon = env.daemon();
+    env.wait_streaming().await;
+    env.wait_caught_up(Duration::from_secs(60)).await;
+    crate::curated::assert_mirror(&env, "public.t2").await;
+    assert!(daemon.terminate(Duration::from_secs(30)).success());
+}
+
+/// A column list or a row filter added to the publication while the daemon runs would
+/// drop values or rows from the stream: the daemon stops naming it, and `validate`
+/// refuses such a publication before a start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publication_column_list_or_row_filter_stops_and_fails_validate() {
+    let setup = "CREATE TABLE t1 (id int PRIMARY KEY, v text);
+                 CREATE TABLE t2 (id int PRIMARY KEY, v text);
+                 CREATE PUBLICATION w2d_pub FOR TABLE t1, t2;";
+    let (env, mut daemon) = Env::streaming(setup, &["public.t1", "public.t2"]).await;
+    let pg = env.pg.client().await;
+    pg.batch_execute("ALTER PUBLICATION w2d_pub SET TABLE t1 (id), t2 WHERE (id > 10)")
+        .await
+        .unwrap();
+    let status = daemon.wait(Duration::from_secs(60));
+    assert!(!status.success(), "the daemon must stop on a column list");
+    let log = env.daemon_log();
+    assert!(
+        log.contains("table public.t1 can no longer be followed exactly")
+            && log.contains("publishes only its columns id"),
+        "{log}"
+    );
+    let out = std::process::Command::new(crate::harness::binary())
+        .args(["validate", "--config"])
+        .arg(&env.config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("publishes only its columns id"), "{text}");
+    assert!(
+        text.contains("publishes only its rows WHERE (id > 10)"),
+        "{text}"
     );
 }
 
