@@ -15,6 +15,6 @@ WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'wal2delta')
 GRANT USAGE ON SCHEMA public TO wal2delta;
 GRANT SELECT ON public.condominios, public.imoveis, public.moradores, public.transacoes TO wal2delta;
 
-SELECT 'CREATE PUBLICATION wal2delta FOR TABLE public.condominios, public.imoveis, public.moradores, public.transacoes'
+SELECT 'CREATE PUBLICATION wal2delta FOR TABLE public.condominios, public.imoveis, public.moradores, public.transacoes WITH (publish_via_partition_root = true)'
 WHERE NOT EXISTS (SELECT FROM pg_publication WHERE pubname = 'wal2delta')
 \gexec

@@ -473,6 +473,17 @@ async fn check_table(
         }
     }
     match published {
+        Some(list) if info.partitioned && !list.iter().any(|p| &p.table == table) => {
+            report.problems.push(format!(
+                "table {table} is partitioned and publication {} publishes it through its \
+                 partitions (or not at all), so its changes would arrive under the \
+                 partitions' names; run ALTER PUBLICATION {pub_sql} SET \
+                 (publish_via_partition_root = true); (and ALTER PUBLICATION {pub_sql} ADD \
+                 TABLE {}; if it is not published)",
+                source.publication,
+                table.quoted()
+            ))
+        }
         Some(list) if !list.iter().any(|p| &p.table == table) => report.problems.push(format!(
             "publication {} does not include {table}; run ALTER PUBLICATION {pub_sql} ADD TABLE {};",
             source.publication,
@@ -507,7 +518,7 @@ fn check_publication(source: &SourceSettings, exists: bool, report: &mut Report)
         } else {
             let list: Vec<String> = source.tables.iter().map(|t| t.quoted()).collect();
             report.problems.push(format!(
-                "publication {} does not exist; run CREATE PUBLICATION {pub_sql} FOR TABLE {};",
+                "publication {} does not exist; run CREATE PUBLICATION {pub_sql} FOR TABLE {} WITH (publish_via_partition_root = true);",
                 source.publication,
                 list.join(", ")
             ));
@@ -573,7 +584,9 @@ pub async fn create_publication(
 ) -> Result<(), CatalogError> {
     let list: Vec<String> = settings.tables.iter().map(|t| t.quoted()).collect();
     let sql = format!(
-        "CREATE PUBLICATION {} FOR TABLE {}",
+        // Changes to a partitioned table's partitions are published under the table's own
+        // name, the one configured (no effect on other tables).
+        "CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)",
         quote_ident(&settings.publication),
         list.join(", ")
     );

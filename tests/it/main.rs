@@ -9,6 +9,7 @@ mod harness;
 mod maintenance;
 mod memory;
 mod ops;
+mod partitioned;
 mod progress;
 mod raw_changes;
 mod readers;
