@@ -160,3 +160,34 @@ pub async fn open_or_create(
         .await
         .map_err(delta_err)
 }
+
+/// Opens (or creates) a table that is to receive rows of `schema`. The table may lack
+/// columns of `schema` (columns added at the source: the next commit records them) but
+/// must not have columns `schema` lacks. Returns the table and whether `schema` grew it.
+pub async fn open_for_schema(
+    url: &Url,
+    label: &str,
+    schema: &SchemaRef,
+) -> Result<(DeltaTable, bool), LakeError> {
+    let table = open_or_create(url, label, schema).await?;
+    let existing: Vec<String> = table
+        .snapshot()
+        .map_err(|source| LakeError::Delta {
+            table: label.to_string(),
+            source,
+        })?
+        .schema()
+        .fields()
+        .map(|f| f.name().clone())
+        .collect();
+    let incoming: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+    if existing.iter().any(|e| !incoming.contains(e)) {
+        return Err(LakeError::SchemaChanged {
+            table: label.to_string(),
+            existing,
+            incoming,
+        });
+    }
+    let grew = existing != incoming;
+    Ok((table, grew))
+}

@@ -516,3 +516,21 @@ pub async fn count_delta(path: &Path) -> i64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
 }
+
+/// Runs `wal2delta <args[0]> --config <env's config> <args[1..]>`: exit code and output.
+pub fn wal2delta(env: &Env, args: &[&str]) -> (i32, String) {
+    let mut all = vec![args[0], "--config", env.config.to_str().unwrap()];
+    all.extend(&args[1..]);
+    let out = Command::new(binary())
+        .args(&all)
+        .output()
+        .expect("run wal2delta");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}

@@ -2,28 +2,10 @@
 //! `teardown`, each refused while a daemon runs, acting only with `--yes`, and recorded in
 //! the checkpoint table's history.
 
-use std::process::Command;
 use std::time::Duration;
 
 use crate::curated::assert_mirror;
-use crate::harness::{Env, binary, query_delta};
-
-fn wal2delta(env: &Env, args: &[&str]) -> (i32, String) {
-    let mut all = vec![args[0], "--config", env.config.to_str().unwrap()];
-    all.extend(&args[1..]);
-    let out = Command::new(binary())
-        .args(&all)
-        .output()
-        .expect("run wal2delta");
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
+use crate::harness::{Env, query_delta, wal2delta};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reset_checkpoint_and_teardown_do_what_they_say() {

@@ -3,11 +3,10 @@
 //! the configured table's name, and `validate` names the fix for a publication that
 //! publishes them through their partitions.
 
-use std::process::Command;
 use std::time::Duration;
 
 use crate::curated::assert_mirror;
-use crate::harness::{Env, binary};
+use crate::harness::{Env, wal2delta};
 
 const SETUP: &str = "
 CREATE TABLE pagamentos (id int, mes date, valor numeric(12,2), nota text,
@@ -58,13 +57,8 @@ async fn validate_names_the_fix_for_a_publication_through_partitions() {
     ))
     .await;
     env.write_config("postgres", &["public.pagamentos"], "");
-    let out = Command::new(binary())
-        .args(["validate", "--config"])
-        .arg(&env.config)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success(), "{text}");
+    let (code, text) = wal2delta(&env, &["validate"]);
+    assert_ne!(code, 0, "{text}");
     assert!(
         text.contains("table public.pagamentos is partitioned")
             && text.contains("publish_via_partition_root = true"),

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use crate::harness::Env;
+use crate::harness::{Env, wal2delta};
 
 const SETUP: &str = r#"
 CREATE TABLE t1 (id int PRIMARY KEY, v text);
@@ -88,13 +88,17 @@ async fn table_dropped_from_the_publication_stops_with_what_to_do() {
     pg.batch_execute("ALTER PUBLICATION w2d_pub ADD TABLE t2")
         .await
         .unwrap();
-    let out = std::process::Command::new(crate::harness::binary())
-        .args(["reset-checkpoint", "--config"])
-        .arg(&env.config)
-        .args(["--resnapshot", "--table", "public.t2", "--yes"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    let (code, text) = wal2delta(
+        &env,
+        &[
+            "reset-checkpoint",
+            "--resnapshot",
+            "--table",
+            "public.t2",
+            "--yes",
+        ],
+    );
+    assert_eq!(code, 0, "{text}");
     let mut daemon = env.daemon();
     env.wait_streaming().await;
     env.wait_caught_up(Duration::from_secs(60)).await;
@@ -123,13 +127,8 @@ async fn publication_column_list_or_row_filter_stops_and_fails_validate() {
             && log.contains("publishes only its columns id"),
         "{log}"
     );
-    let out = std::process::Command::new(crate::harness::binary())
-        .args(["validate", "--config"])
-        .arg(&env.config)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success(), "{text}");
+    let (code, text) = wal2delta(&env, &["validate"]);
+    assert_ne!(code, 0, "{text}");
     assert!(text.contains("publishes only its columns id"), "{text}");
     assert!(
         text.contains("publishes only its rows WHERE (id > 10)"),

@@ -29,7 +29,7 @@ use self::files::{DataFile, FileState, remove_for};
 use super::commit::{AppId, Commit, InfoKey, applied};
 use super::maintenance::{self, Compacted, Policy};
 use super::table::{
-    CURATED_FILE_SIZE, existing_schema, keyed_properties, keyed_writer_for, open_or_create,
+    CURATED_FILE_SIZE, existing_schema, keyed_properties, keyed_writer_for, open_for_schema,
     schema_action,
 };
 use super::{Lake, LakeError};
@@ -134,27 +134,8 @@ impl CuratedTable {
                 }
             }
         }
-        let table = open_or_create(&lake.curated_table_url(name), &label, &schema).await?;
-        let delta_err = |source| LakeError::Delta {
-            table: label.clone(),
-            source,
-        };
-        let existing: Vec<String> = table
-            .snapshot()
-            .map_err(delta_err)?
-            .schema()
-            .fields()
-            .map(|f| f.name().clone())
-            .collect();
-        let incoming: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
-        if existing.iter().any(|e| !incoming.contains(e)) {
-            return Err(LakeError::SchemaChanged {
-                table: label,
-                existing,
-                incoming,
-            });
-        }
-        let schema_grew = existing != incoming;
+        let (table, schema_grew) =
+            open_for_schema(&lake.curated_table_url(name), &label, &schema).await?;
         let app_id = AppId::curated(slot, name);
         let applied = applied(&table, &label, &app_id).await?;
         let converter = RowConverter::new(

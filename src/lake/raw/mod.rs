@@ -17,7 +17,7 @@ use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 
 use super::commit::{AppId, Commit, InfoKey, applied};
 use super::maintenance::{self, Compacted, Policy};
-use super::table::{RAW_FILE_SIZE, keyed_properties, open_or_create, schema_action, writer_for};
+use super::table::{RAW_FILE_SIZE, keyed_properties, open_for_schema, schema_action, writer_for};
 use super::{Lake, LakeError};
 use crate::change::ColumnSpec;
 use crate::lsn::Lsn;
@@ -65,29 +65,12 @@ impl RawTable {
     ) -> Result<RawTable, LakeError> {
         let label = label(name);
         let schema = raw_schema(columns);
-        let table = open_or_create(&lake.raw_table_url(name), &label, &schema).await?;
+        let (table, grew) = open_for_schema(&lake.raw_table_url(name), &label, &schema).await?;
         let delta_err = |source| LakeError::Delta {
             table: label.clone(),
             source,
         };
-        let existing: Vec<String> = table
-            .snapshot()
-            .map_err(delta_err)?
-            .schema()
-            .fields()
-            .map(|f| f.name().clone())
-            .collect();
-        let incoming: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
-        // The lake may lack columns the source added (they are added with the next
-        // commit); it must not have columns the caller does not know.
-        if existing.iter().any(|e| !incoming.contains(e)) {
-            return Err(LakeError::SchemaChanged {
-                table: label,
-                existing,
-                incoming,
-            });
-        }
-        let new_schema = (existing != incoming).then(|| schema.clone());
+        let new_schema = grew.then(|| schema.clone());
         let app_id = AppId::raw(slot, name);
         let snapshot_id = AppId::snapshot(slot, name);
         let applied_at = applied(&table, &label, &app_id).await?;
