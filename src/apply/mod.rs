@@ -148,7 +148,7 @@ impl TableState {
 
     /// The source columns of raw change rows as the curated table stores them.
     fn normalize(
-        &mut self,
+        &self,
         rows: &RecordBatch,
     ) -> Result<Vec<deltalake::arrow::array::ArrayRef>, LakeError> {
         self.normalizer

@@ -424,7 +424,7 @@ impl Normalizer {
 
     /// The source columns of raw change rows (the first columns of `raw`), converted
     /// where a rule applies.
-    pub fn normalize(&mut self, raw: &RecordBatch) -> Result<Vec<ArrayRef>, ArrowError> {
+    pub fn normalize(&self, raw: &RecordBatch) -> Result<Vec<ArrayRef>, ArrowError> {
         if raw.num_columns() < self.names.len() {
             return Err(ArrowError::SchemaError(format!(
                 "{} has {} source columns but the batch only {}",
@@ -433,8 +433,7 @@ impl Normalizer {
                 raw.num_columns()
             )));
         }
-        let names = self.names.clone();
-        names
+        self.names
             .iter()
             .enumerate()
             .map(|(i, name)| self.convert(i, name, raw.column(i)))
@@ -448,7 +447,7 @@ impl Normalizer {
 
     /// Converts a text column with `rule`.
     pub fn convert(
-        &mut self,
+        &self,
         i: usize,
         column: &str,
         array: &ArrayRef,

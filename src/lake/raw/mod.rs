@@ -151,12 +151,11 @@ impl RawTable {
         if batch.num_rows() == 0 {
             return Ok(());
         }
-        let label = self.label.clone();
         self.writer
             .write(batch)
             .await
             .map_err(|source| LakeError::Delta {
-                table: label,
+                table: self.label.clone(),
                 source,
             })
     }
