@@ -51,7 +51,7 @@ pub enum ConfigError {
 }
 
 /// A validated configuration with the pieces other modules need already parsed.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Settings {
     /// The file these settings came from (for messages naming commands to run).
     pub config_path: Option<PathBuf>,

@@ -4,7 +4,7 @@
 //! connections, pgoutput decoding, snapshots), [`apply`] (transaction-aligned batches,
 //! schema changes, normalization), [`lake`] (every Delta table format, the one commit
 //! path, positions, checkpoint) and [`serve`] (the SQL endpoint), wired together by
-//! [`pipeline`]; [`ops`] and [`status`] are the operator commands. They share the leaves:
+//! [`pipeline`]; [`ops`], [`status`], [`verify`] and [`resync`] are the operator commands. They share the leaves:
 //! [`change`] (the change model), [`lsn`], [`table_name`], [`pg_types`], [`secret`],
 //! [`telemetry`] and [`service`]. Imports run one way, from the top down to the leaves
 //! (`docs/architecture.md`). `main.rs` only parses the command line.
@@ -17,6 +17,7 @@ pub mod lsn;
 pub mod ops;
 pub mod pg_types;
 pub mod pipeline;
+pub mod resync;
 pub mod secret;
 pub mod serve;
 pub mod service;
@@ -24,3 +25,4 @@ pub mod source;
 pub mod status;
 pub mod table_name;
 pub mod telemetry;
+pub mod verify;

@@ -71,6 +71,39 @@ enum Command {
         #[arg(long)]
         yes: bool,
     },
+    /// Compare the curated tables with the source at one consistent position, while the
+    /// daemon runs. Exit 0 when equal, 1 when a table differs, 2 when it could not run.
+    Verify {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only this table (schema.table); repeatable. Default: every configured table.
+        #[arg(long)]
+        table: Vec<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Seconds to wait for the daemon to reach the source's position.
+        #[arg(long, default_value_t = 120)]
+        wait: u64,
+        /// Copy the tables that differ again (as `resync`), then verify them again.
+        #[arg(long)]
+        repair: bool,
+    },
+    /// Copy tables again while the daemon runs: the curated table is replaced in one
+    /// commit once the copy is complete, raw history is kept. Waits for the daemon.
+    Resync {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The table to copy (schema.table); repeatable.
+        #[arg(long, required = true)]
+        table: Vec<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Seconds to wait for the copies.
+        #[arg(long, default_value_t = 3600)]
+        wait: u64,
+    },
     /// Serve an existing lake over the Postgres protocol, read-only, without replicating
     /// (e.g. on a second host reading the same lake).
     Serve {
@@ -124,6 +157,19 @@ fn main() -> ExitCode {
                 recreate_slot,
                 yes,
             } => reset_checkpoint(config, to_lsn, resnapshot, table, recreate_slot, yes).await,
+            Command::Verify {
+                config,
+                table,
+                json,
+                wait,
+                repair,
+            } => Ok(verify(config, table, json, wait, repair).await),
+            Command::Resync {
+                config,
+                table,
+                json,
+                wait,
+            } => resync(config, table, json, wait).await,
             Command::Teardown { config, yes } => teardown(config, yes).await,
             Command::Serve { config } => serve(config).await,
             Command::HashPassword => hash_password(),
@@ -185,6 +231,97 @@ async fn reset_checkpoint(
     } else {
         ExitCode::from(2)
     })
+}
+
+fn parse_tables(tables: &[String]) -> anyhow::Result<Vec<wal2delta::table_name::TableName>> {
+    tables
+        .iter()
+        .map(|t| {
+            wal2delta::table_name::TableName::parse(t)
+                .map_err(|e| anyhow::anyhow!("--table {t}: {e}"))
+        })
+        .collect()
+}
+
+/// Exit 0 equal, 1 differs, 2 could not run (also for bad arguments and configuration).
+/// With `repair`, the tables that differ are copied again and verified again.
+async fn verify(
+    config: PathBuf,
+    tables: Vec<String>,
+    json: bool,
+    wait: u64,
+    repair: bool,
+) -> ExitCode {
+    use wal2delta::verify::{Outcome, VerifyOptions, render, verify};
+    let run = async {
+        let settings = Config::load_settings(&config)?;
+        let wait = std::time::Duration::from_secs(wait);
+        let mut options = VerifyOptions {
+            tables: parse_tables(&tables)?,
+            wait,
+        };
+        let report = verify(&settings, &options).await?;
+        let print = |text: String, value: serde_json::Value| -> anyhow::Result<()> {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                print!("{text}");
+            }
+            Ok(())
+        };
+        print(render(&report), serde_json::to_value(&report)?)?;
+        let differing: Vec<_> = report
+            .tables
+            .iter()
+            .filter(|t| t.outcome == Outcome::Differs)
+            .filter_map(|t| wal2delta::table_name::TableName::parse(&t.table).ok())
+            .collect();
+        if !repair || differing.is_empty() {
+            return Ok::<_, anyhow::Error>(report.exit_code());
+        }
+        let resynced =
+            wal2delta::resync::resync(&settings, &differing, std::time::Duration::from_secs(3600))
+                .await?;
+        print(
+            wal2delta::resync::render(&resynced),
+            serde_json::to_value(&resynced)?,
+        )?;
+        if resynced.exit_code() != 0 || !resynced.daemon_running {
+            return Ok(1);
+        }
+        options.tables = differing;
+        let again = verify(&settings, &options).await?;
+        print(render(&again), serde_json::to_value(&again)?)?;
+        Ok(again.exit_code())
+    };
+    match run.await {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn resync(
+    config: PathBuf,
+    tables: Vec<String>,
+    json: bool,
+    wait: u64,
+) -> anyhow::Result<ExitCode> {
+    let settings = Config::load_settings(&config)?;
+    let report = wal2delta::resync::resync(
+        &settings,
+        &parse_tables(&tables)?,
+        std::time::Duration::from_secs(wait),
+    )
+    .await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", wal2delta::resync::render(&report));
+    }
+    Ok(ExitCode::from(report.exit_code()))
 }
 
 async fn teardown(config: PathBuf, yes: bool) -> anyhow::Result<ExitCode> {

@@ -19,9 +19,11 @@ pub mod normalize;
 pub mod schema;
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::{mpsc, watch};
+use deltalake::kernel::Add;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use deltalake::arrow::array::{Array, Int64Array};
 use deltalake::arrow::compute::filter_record_batch;
@@ -146,6 +148,30 @@ impl TableState {
         self.curated.merge(&curated, values).await
     }
 
+    /// Brings the curated table up to the raw one by merging the raw change rows it does
+    /// not hold yet: after a resync swapped in a copy taken before the stream's position,
+    /// or after a crash between the two (the slot does not send those changes again).
+    async fn catch_up(&mut self) -> Result<(), LakeError> {
+        let (Some(raw_at), Some(curated_at)) = (self.raw.applied(), self.curated.applied()) else {
+            return Ok(());
+        };
+        if curated_at >= raw_at {
+            return Ok(());
+        }
+        let changes = self
+            .raw
+            .changes(Some(curated_at), raw_at, self.builder.schema())
+            .await?;
+        let rows: usize = changes.iter().map(|b| b.num_rows()).sum();
+        for batch in changes {
+            let values = self.normalize(&batch)?;
+            self.curated.merge(&batch, values).await?;
+        }
+        self.curated.commit(raw_at).await?;
+        tracing::info!(table = %self.name, from = %curated_at, to = %raw_at, rows, "curated table brought up to the raw change log");
+        Ok(())
+    }
+
     /// The source columns of raw change rows as the curated table stores them.
     fn normalize(
         &self,
@@ -158,6 +184,11 @@ impl TableState {
                 source,
             })
     }
+}
+
+/// The next staged copy (`None` when no more can come).
+async fn next_copy(copies: Option<&StagedCopies>) -> Option<StagedCopy> {
+    copies?.lock().await.recv().await
 }
 
 /// The rows of `batch` from transactions committed after `applied`.
@@ -226,7 +257,27 @@ pub struct Applier {
     maintenance: Policy,
     next_check: Instant,
     next_vacuum: Instant,
+    /// Tables copied again while streaming (`resync`), waiting to be swapped in.
+    copies: Option<StagedCopies>,
 }
+
+/// A table copied again while the daemon streams (`resync`): the copy's files, written
+/// but not committed.
+pub struct StagedCopy {
+    pub table: TableName,
+    /// The copy's consistent point.
+    pub point: Lsn,
+    /// The columns the copy was written with (the lake's at the time).
+    pub columns: Vec<ColumnSpec>,
+    pub raw: Vec<Add>,
+    pub curated: Vec<Add>,
+    pub rows: u64,
+    /// Told when the copy is swapped in, or why it was refused.
+    pub done: oneshot::Sender<Result<(), String>>,
+}
+
+/// Where staged copies arrive; shared by the sessions of one daemon.
+pub type StagedCopies = Arc<tokio::sync::Mutex<mpsc::Receiver<StagedCopy>>>;
 
 impl Applier {
     /// Opens every raw and curated table and the checkpoint, reading back their positions.
@@ -242,7 +293,8 @@ impl Applier {
     ) -> Result<Applier, ApplyError> {
         let mut states = HashMap::new();
         for info in tables {
-            let state = TableState::open(lake, slot, info, normalization).await?;
+            let mut state = TableState::open(lake, slot, info, normalization).await?;
+            state.catch_up().await?;
             states.insert(info.name.clone(), state);
         }
         let mut checkpoint = Checkpoint::open(lake, slot).await?;
@@ -261,7 +313,64 @@ impl Applier {
             maintenance: Default::default(),
             next_check: Instant::now(),
             next_vacuum: Instant::now(),
+            copies: None,
         })
+    }
+
+    /// Swaps in the copies arriving on `copies` between batches.
+    pub fn take_copies_from(&mut self, copies: StagedCopies) {
+        self.copies = Some(copies);
+    }
+
+    /// Swaps a staged copy in: the curated table replaced in one commit, brought up to the
+    /// raw change log (the changes streamed while the copy ran), the raw table given the
+    /// copy's `r` rows, then one checkpoint record, so the SQL endpoint goes from the old
+    /// rows straight to the new ones.
+    async fn swap_in(&mut self, copy: StagedCopy) -> Result<(), ApplyError> {
+        if !self.batch.touched.is_empty() {
+            self.flush().await?;
+        }
+        let StagedCopy {
+            table,
+            point,
+            columns,
+            raw,
+            curated,
+            rows,
+            done,
+        } = copy;
+        let Some(state) = self.tables.get_mut(&table) else {
+            let _ = done.send(Err(format!("{table} is not replicated by this daemon")));
+            return Ok(());
+        };
+        if state.builder.columns() != columns.as_slice() {
+            let _ = done.send(Err(format!(
+                "the columns of {table} changed while it was copied; it is copied again"
+            )));
+            return Ok(());
+        }
+        let held = Lsn::from_i64(point.as_i64().saturating_sub(1));
+        state.curated.replace_with(curated, held, point).await?;
+        state.raw.add_copy(raw, held, point).await?;
+        state.catch_up().await?;
+        let versions = self.versions();
+        self.checkpoint.record_versions(held, versions).await?;
+        self.checkpoint
+            .record_reset(
+                None,
+                &[],
+                serde_json::json!({
+                    "action": "resync",
+                    "tables": [table.to_string()],
+                    "point": point.to_string(),
+                    "rows": rows,
+                    "at": chrono::Utc::now().to_rfc3339(),
+                }),
+            )
+            .await?;
+        tracing::info!(table = %table, at = %point, rows, "resync swapped in");
+        let _ = done.send(Ok(()));
+        Ok(())
     }
 
     /// Sets the Delta maintenance policy (`[maintenance]`); the first check comes one
@@ -430,12 +539,20 @@ impl Applier {
                 .filter(|_| self.txn.is_none())
                 .map(|s| s + std::time::Duration::from_millis(self.config.max_batch_age_ms));
             crate::service::beat();
+            let copies = self.copies.clone().filter(|_| self.txn.is_none());
             let event = tokio::select! {
                 biased;
                 // A full batch waiting only for time goes first, so a busy stream cannot
                 // starve the commit.
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into()), if deadline.is_some() => {
                     self.flush().await?;
+                    continue;
+                }
+                copy = next_copy(copies.as_ref()), if copies.is_some() => {
+                    match copy {
+                        Some(copy) => self.swap_in(copy).await?,
+                        None => self.copies = None,
+                    }
                     continue;
                 }
                 event = events.recv() => event,

@@ -23,6 +23,7 @@ pub mod curated;
 pub mod lock;
 pub mod maintenance;
 pub mod raw;
+pub mod requests;
 pub mod table;
 
 use std::path::Path;

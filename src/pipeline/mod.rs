@@ -14,7 +14,9 @@
 
 mod background;
 mod prepare;
+mod resync;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -22,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::background::Background;
 use self::prepare::{Prepared, prepare, snapshot_missing};
-use crate::apply::{Applier, ApplyError};
+use crate::apply::{Applier, ApplyError, StagedCopies};
 use crate::config::Settings;
 use crate::lake::checkpoint::{Checkpoint, CheckpointRecord, RecordSender};
 use crate::lake::lock::LakeLock;
@@ -111,7 +113,16 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pi
     let replication = cancel.child_token();
     let (diverged, mut divergence) = oneshot::channel();
     background.spawn_source_tasks(&settings, replication.clone(), diverged);
-    let result = replicate(&settings, &lake, &records, replication).await;
+    // Tables copied again on request (`resync`) are swapped in by whichever session runs.
+    let (staged, copies) = mpsc::channel(1);
+    background.add(resync::serve_requests(
+        settings.clone(),
+        lake.clone(),
+        staged,
+        background.token(),
+    ));
+    let copies: StagedCopies = Arc::new(tokio::sync::Mutex::new(copies));
+    let result = replicate(&settings, &lake, &records, &copies, replication).await;
     background.stop().await;
     match divergence.try_recv() {
         Ok(found) => Err(found.into()),
@@ -124,6 +135,7 @@ async fn replicate(
     settings: &Settings,
     lake: &Lake,
     records: &RecordSender,
+    copies: &StagedCopies,
     cancel: CancellationToken,
 ) -> Result<(), PipelineError> {
     let Prepared {
@@ -163,7 +175,7 @@ async fn replicate(
     let mut backoff = Backoff::new("replication");
     loop {
         let started = std::time::Instant::now();
-        match session(settings, lake, &tables, records, cancel.clone()).await {
+        match session(settings, lake, &tables, records, copies, cancel.clone()).await {
             Ok(()) => return Ok(()),
             Err(e) if e.is_transient() && !cancel.is_cancelled() => {
                 if started.elapsed() > Duration::from_secs(60) {
@@ -260,6 +272,7 @@ async fn session(
     lake: &Lake,
     tables: &[TableInfo],
     records: &RecordSender,
+    copies: &StagedCopies,
     cancel: CancellationToken,
 ) -> Result<(), PipelineError> {
     let source = &settings.source;
@@ -271,7 +284,9 @@ async fn session(
     let slot = catalog::slot_info(&client, &source.slot).await?;
     drop(client);
     let confirmed = diagnosis::usable_slot(source, slot, settings.config_path.as_deref())?;
-    let (applier, durable_rx) = open_applier(settings, lake, tables, Some(records.clone())).await?;
+    let (mut applier, durable_rx) =
+        open_applier(settings, lake, tables, Some(records.clone())).await?;
+    applier.take_copies_from(copies.clone());
     let start = applier.restart_position().max(confirmed);
     applier.advance(start);
     for (table, pos) in applier.table_positions() {

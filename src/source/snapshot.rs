@@ -57,6 +57,21 @@ impl SnapshotError {
     }
 }
 
+/// Opens a read-only transaction on `client` that sees the exported snapshot `name`, with
+/// the replication connection's text forms (dates, time zone, floats, bytea).
+pub async fn import_snapshot(client: &Client, name: &str) -> Result<(), CatalogError> {
+    client
+        .batch_execute(&format!(
+            "SET DateStyle = ISO; SET TimeZone = 'UTC'; SET IntervalStyle = iso_8601; \
+             SET extra_float_digits = 3; SET bytea_output = hex; \
+             BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
+             SET TRANSACTION SNAPSHOT {}",
+            crate::table_name::quote_literal(name)
+        ))
+        .await?;
+    Ok(())
+}
+
 /// Connections that all see one exported snapshot.
 pub struct SnapshotReader {
     clients: Vec<Arc<Client>>,
@@ -75,17 +90,7 @@ impl SnapshotReader {
         let mut clients = Vec::with_capacity(workers);
         for _ in 0..workers.max(1) {
             let client = catalog::connect(params).await?;
-            // The same text forms as the replication connection's.
-            client
-                .batch_execute(&format!(
-                    "SET DateStyle = ISO; SET TimeZone = 'UTC'; SET IntervalStyle = iso_8601; \
-                     SET extra_float_digits = 3; SET bytea_output = hex; \
-                     BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
-                     SET TRANSACTION SNAPSHOT {}",
-                    crate::table_name::quote_literal(name)
-                ))
-                .await
-                .map_err(CatalogError::from)?;
+            import_snapshot(&client, name).await?;
             clients.push(Arc::new(client));
         }
         Ok(SnapshotReader {

@@ -19,3 +19,4 @@ mod sql;
 mod stops;
 mod telemetry;
 mod tls;
+mod verify;

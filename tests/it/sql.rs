@@ -26,13 +26,13 @@ fn demo_setup() -> String {
     )
 }
 
-fn endpoint_dsn(port: u16, user: &str) -> String {
+pub fn endpoint_dsn(port: u16, user: &str) -> String {
     format!(
         "host=127.0.0.1 port={port} user={user} dbname=wal2delta sslmode=disable connect_timeout=5"
     )
 }
 
-async fn connect(dsn: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+pub async fn connect(dsn: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls).await?;
     tokio::spawn(async move {
         let _ = conn.await;

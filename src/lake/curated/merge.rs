@@ -110,8 +110,6 @@ impl CuratedTable {
     }
 
     /// For updates that carry an old key (`_before`), its key columns: per row the index
-
-    /// For updates that carry an old key (`_before`), its key columns: per row the index
     /// into the returned arrays.
     fn old_keys(
         &self,
@@ -316,8 +314,6 @@ impl CuratedTable {
     }
 
     /// Rewrites file `fi` without the affected keys' rows, capturing those the TOAST fill
-
-    /// Rewrites file `fi` without the affected keys' rows, capturing those the TOAST fill
     /// needs. Returns the replacement file(s).
     async fn rewrite(
         &self,
@@ -360,8 +356,6 @@ impl CuratedTable {
         }
         writer.flush().await.map_err(self.delta_err())
     }
-
-    /// Builds the upserted rows: each column from the change row or, for unchanged TOAST
 
     /// Builds the upserted rows: each column from the change row or, for unchanged TOAST
     /// values, from the captured current row.

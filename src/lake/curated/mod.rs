@@ -21,7 +21,7 @@ use deltalake::arrow::array::{Array, ArrayRef, RecordBatch, new_null_array};
 use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use deltalake::arrow::error::ArrowError;
 use deltalake::arrow::row::{RowConverter, SortField};
-use deltalake::kernel::{Action, Remove};
+use deltalake::kernel::{Action, Add, Remove};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::{DeltaTable, DeltaTableError};
 
@@ -94,6 +94,124 @@ fn curated_schema(
         Field::new("_fallback", DataType::Utf8, true),
     ]);
     Arc::new(Schema::new(fields))
+}
+
+/// Raw change rows → curated rows of `schema`: `values` are the source `columns` as the
+/// table stores them (normalized by the apply stage), then the metadata from `raw`.
+fn project(
+    schema: &SchemaRef,
+    columns: &[ColumnSpec],
+    raw: &RecordBatch,
+    values: Vec<ArrayRef>,
+) -> Result<RecordBatch, ArrowError> {
+    if values.len() != columns.len() {
+        return Err(ArrowError::SchemaError(format!(
+            "{} columns handed to a curated table of {}",
+            values.len(),
+            columns.len()
+        )));
+    }
+    let mut arrays = Vec::with_capacity(schema.fields().len());
+    for (i, (col, array)) in columns.iter().zip(values).enumerate() {
+        let field = schema.field(i);
+        if array.data_type() == field.data_type() {
+            arrays.push(array);
+        } else if col.type_oid == DROPPED {
+            // Never filled any more; it keeps its curated type.
+            arrays.push(new_null_array(field.data_type(), raw.num_rows()));
+        } else {
+            return Err(ArrowError::SchemaError(format!(
+                "column {} is {} but the curated table stores {}",
+                col.name,
+                array.data_type(),
+                field.data_type()
+            )));
+        }
+    }
+    for name in CURATED_METADATA {
+        let array = raw
+            .column_by_name(name)
+            .ok_or_else(|| ArrowError::SchemaError(format!("raw batch lacks {name}")))?;
+        arrays.push(array.clone());
+    }
+    RecordBatch::try_new(schema.clone(), arrays)
+}
+
+/// A copy of a whole table (`resync`) written into uncommitted files next to the live
+/// table, while the daemon keeps merging into it; [`CuratedTable::replace_with`] swaps it
+/// in with one commit.
+pub struct CuratedCopy {
+    label: String,
+    schema: SchemaRef,
+    columns: Vec<ColumnSpec>,
+    writer: RecordBatchWriter,
+}
+
+impl CuratedCopy {
+    /// A copy of `name`'s curated table with these columns, key and stored types (as for
+    /// [`CuratedTable::open`]); the table must exist.
+    pub async fn open(
+        lake: &Lake,
+        name: &TableName,
+        columns: &[ColumnSpec],
+        key_columns: &[String],
+        stored_types: &[Option<DataType>],
+    ) -> Result<CuratedCopy, LakeError> {
+        let label = format!("curated.{name}");
+        let url = lake.curated_table_url(name);
+        let existing = existing_schema(&url, &label).await?;
+        let schema = curated_schema(columns, stored_types, existing.as_deref());
+        let delta_err = |source| LakeError::Delta {
+            table: label.clone(),
+            source,
+        };
+        let table = DeltaTable::try_from_url(url).await.map_err(delta_err)?;
+        let bloom: Vec<String> = if key_columns.len() <= 4 {
+            key_columns.to_vec()
+        } else {
+            Vec::new()
+        };
+        let writer =
+            keyed_writer_for(&table, &schema, &bloom, CURATED_FILE_SIZE).map_err(delta_err)?;
+        Ok(CuratedCopy {
+            label,
+            schema,
+            columns: columns.to_vec(),
+            writer,
+        })
+    }
+
+    /// Writes copied rows (raw-shaped, op `r`, with their stored `values`).
+    pub async fn write(
+        &mut self,
+        raw: &RecordBatch,
+        values: Vec<ArrayRef>,
+    ) -> Result<(), LakeError> {
+        let rows = project(&self.schema, &self.columns, raw, values).map_err(|source| {
+            LakeError::Arrow {
+                table: self.label.clone(),
+                source,
+            }
+        })?;
+        self.writer
+            .write(rows)
+            .await
+            .map_err(|source| LakeError::Delta {
+                table: self.label.clone(),
+                source,
+            })
+    }
+
+    /// Closes the copy's files; their Add actions are for [`CuratedTable::replace_with`].
+    pub async fn finish(mut self) -> Result<Vec<Add>, LakeError> {
+        self.writer
+            .flush()
+            .await
+            .map_err(|source| LakeError::Delta {
+                table: self.label.clone(),
+                source,
+            })
+    }
 }
 
 impl CuratedTable {
@@ -216,40 +334,9 @@ impl CuratedTable {
         self.table.version()
     }
 
-    /// Raw change rows → curated rows: `values` are the source columns as the table
-    /// stores them (normalized by the apply stage), then the metadata from `raw`.
+    /// Raw change rows → curated rows (see [`project`]).
     fn project(&self, raw: &RecordBatch, values: Vec<ArrayRef>) -> Result<RecordBatch, ArrowError> {
-        if values.len() != self.columns.len() {
-            return Err(ArrowError::SchemaError(format!(
-                "{} columns handed to a curated table of {}",
-                values.len(),
-                self.columns.len()
-            )));
-        }
-        let mut arrays = Vec::with_capacity(self.schema.fields().len());
-        for (i, (col, array)) in self.columns.iter().zip(values).enumerate() {
-            let field = self.schema.field(i);
-            if array.data_type() == field.data_type() {
-                arrays.push(array);
-            } else if col.type_oid == DROPPED {
-                // Never filled any more; it keeps its curated type.
-                arrays.push(new_null_array(field.data_type(), raw.num_rows()));
-            } else {
-                return Err(ArrowError::SchemaError(format!(
-                    "column {} is {} but the curated table stores {}",
-                    col.name,
-                    array.data_type(),
-                    field.data_type()
-                )));
-            }
-        }
-        for name in CURATED_METADATA {
-            let array = raw
-                .column_by_name(name)
-                .ok_or_else(|| ArrowError::SchemaError(format!("raw batch lacks {name}")))?;
-            arrays.push(array.clone());
-        }
-        RecordBatch::try_new(self.schema.clone(), arrays)
+        project(&self.schema, &self.columns, raw, values)
     }
 
     /// Switches to grown source columns (added at the source, same order otherwise); the
@@ -330,6 +417,27 @@ impl CuratedTable {
     pub async fn commit_snapshot(&mut self, held: Lsn, point: Lsn) -> Result<u64, LakeError> {
         let commit = Commit::merge().info_lsn(InfoKey::SnapshotLsn, point);
         self.commit_files(commit, held).await
+    }
+
+    /// Replaces the whole table with a copy ([`CuratedCopy`]) taken at `point`, holding
+    /// the source through `held`, in one commit: readers see the old rows or the copy,
+    /// never a mix. The position becomes `held` (possibly behind where it was: the
+    /// caller catches up from the raw change log).
+    pub async fn replace_with(
+        &mut self,
+        copy: Vec<Add>,
+        held: Lsn,
+        point: Lsn,
+    ) -> Result<u64, LakeError> {
+        self.begin_replace();
+        for add in copy {
+            self.files.push(DataFile {
+                path: add.path.clone(),
+                range: add.stats.as_deref().and_then(|s| self.key_range(s)),
+                state: FileState::New(add),
+            });
+        }
+        self.commit_snapshot(held, point).await
     }
 
     async fn commit_files(&mut self, commit: Commit, through: Lsn) -> Result<u64, LakeError> {

@@ -48,6 +48,30 @@ pub fn raw_schema(columns: &[ColumnSpec]) -> SchemaRef {
     Arc::new(Schema::new(fields))
 }
 
+/// `batch` (read back from a raw table, whose files may predate columns or use other
+/// Arrow encodings of the same types) shaped as `schema`: columns matched by name, cast
+/// where the encoding differs, NULL where the batch lacks them.
+pub fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, ArrowError> {
+    let columns = schema
+        .fields()
+        .iter()
+        .map(|field| match batch.column_by_name(field.name()) {
+            Some(array) if array.data_type() == field.data_type() => Ok(array.clone()),
+            Some(array) => deltalake::arrow::compute::cast(array, field.data_type()),
+            None => Ok(deltalake::arrow::array::new_null_array(
+                field.data_type(),
+                batch.num_rows(),
+            )),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    RecordBatch::try_new_with_options(
+        schema.clone(),
+        columns,
+        &deltalake::arrow::record_batch::RecordBatchOptions::new()
+            .with_row_count(Some(batch.num_rows())),
+    )
+}
+
 /// A typed Arrow builder for one column.
 enum ColumnBuilder {
     Bool(BooleanBuilder),

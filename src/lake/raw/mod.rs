@@ -41,6 +41,54 @@ pub struct RawTable {
     pending: Vec<deltalake::kernel::Add>,
 }
 
+/// A copy of a whole table (`resync`): op `r` rows written into uncommitted files while
+/// the daemon keeps appending; [`RawTable::add_copy`] commits them.
+pub struct RawCopy {
+    label: String,
+    writer: RecordBatchWriter,
+}
+
+impl RawCopy {
+    /// A copy into `name`'s raw table (which must exist) with these source columns.
+    pub async fn open(
+        lake: &Lake,
+        name: &TableName,
+        columns: &[ColumnSpec],
+    ) -> Result<RawCopy, LakeError> {
+        let label = label(name);
+        let delta_err = |source| LakeError::Delta {
+            table: label.clone(),
+            source,
+        };
+        let table = DeltaTable::try_from_url(lake.raw_table_url(name))
+            .await
+            .map_err(delta_err)?;
+        let writer = writer_for(&table, &raw_schema(columns)).map_err(delta_err)?;
+        Ok(RawCopy { label, writer })
+    }
+
+    pub async fn write(&mut self, batch: RecordBatch) -> Result<(), LakeError> {
+        self.writer
+            .write(batch)
+            .await
+            .map_err(|source| LakeError::Delta {
+                table: self.label.clone(),
+                source,
+            })
+    }
+
+    /// Closes the copy's files; their Add actions are for [`RawTable::add_copy`].
+    pub async fn finish(mut self) -> Result<Vec<deltalake::kernel::Add>, LakeError> {
+        self.writer
+            .flush()
+            .await
+            .map_err(|source| LakeError::Delta {
+                table: self.label.clone(),
+                source,
+            })
+    }
+}
+
 /// The label of `name`'s raw table in logs and errors.
 fn label(name: &TableName) -> String {
     format!("raw.{name}")
@@ -177,6 +225,76 @@ impl RawTable {
         let version = self.commit_data(commit, held).await?;
         self.snapshot_at = Some(point);
         Ok(version)
+    }
+
+    /// Adds a copy's files ([`RawCopy`], op `r` rows taken at `point`) with the snapshot
+    /// marker, in one commit. The position stays where it is (at least `held`): the
+    /// changes already here are not received again.
+    pub async fn add_copy(
+        &mut self,
+        copy: Vec<deltalake::kernel::Add>,
+        held: Lsn,
+        point: Lsn,
+    ) -> Result<u64, LakeError> {
+        let through = self.applied.map_or(held, |a| a.max(held));
+        let version = Commit::append()
+            .info_lsn(InfoKey::SnapshotLsn, point)
+            .position(&self.snapshot_id, point)
+            .actions(copy.into_iter().map(deltalake::kernel::Action::Add))
+            .position(&self.app_id, through)
+            .write(&mut self.table, &self.label)
+            .await?;
+        self.applied = Some(through);
+        self.snapshot_at = Some(point);
+        Ok(version)
+    }
+
+    /// The committed change rows (no snapshot rows) of transactions committed after
+    /// `after` and up to `through`, in commit order, shaped as `schema` (the table's
+    /// current raw layout). Used to bring the curated table up to the raw one.
+    pub async fn changes(
+        &self,
+        after: Option<Lsn>,
+        through: Lsn,
+        schema: &SchemaRef,
+    ) -> Result<Vec<RecordBatch>, LakeError> {
+        use deltalake::datafusion::prelude::{SessionContext, col, lit};
+        let df_err = |e: deltalake::datafusion::error::DataFusionError| LakeError::Delta {
+            table: self.label.clone(),
+            source: deltalake::DeltaTableError::Generic(e.to_string()),
+        };
+        let ctx = SessionContext::new();
+        self.table
+            .update_datafusion_session(&ctx.state())
+            .map_err(self.delta_err())?;
+        let provider = self.table.table_provider().await.map_err(df_err)?;
+        let mut filter = col("_commit_lsn")
+            .lt_eq(lit(through.as_i64()))
+            .and(col("_op").not_eq(lit(crate::change::Op::Read.code())));
+        if let Some(after) = after {
+            filter = filter.and(col("_commit_lsn").gt(lit(after.as_i64())));
+        }
+        let batches = ctx
+            .read_table(provider)
+            .and_then(|f| f.filter(filter))
+            .and_then(|f| {
+                f.sort(vec![
+                    col("_commit_lsn").sort(true, false),
+                    col("_seq").sort(true, false),
+                ])
+            })
+            .map_err(df_err)?
+            .collect()
+            .await
+            .map_err(df_err)?;
+        batches
+            .iter()
+            .map(|b| layout::conform(b, schema))
+            .collect::<Result<_, _>>()
+            .map_err(|source| LakeError::Arrow {
+                table: self.label.clone(),
+                source,
+            })
     }
 
     /// Adds the written files (and a grown schema) to `commit` with the position
