@@ -26,6 +26,7 @@ pub const SNAPSHOT_ESTIMATED: &str = "wal2delta_snapshot_rows_estimated";
 pub const NORMALIZATION_FAILURES: &str = "wal2delta_normalization_failures_total";
 pub const RECONNECTS: &str = "wal2delta_reconnects_total";
 pub const ERRORS: &str = "wal2delta_errors_total";
+pub const DIVERGENCES: &str = "wal2delta_divergences_total";
 pub const BUILD_INFO: &str = "wal2delta_build_info";
 pub const TABLE_FILES: &str = "wal2delta_table_files";
 pub const COMPACTED: &str = "wal2delta_compacted_files_total";
@@ -113,6 +114,14 @@ pub fn install(listen: SocketAddr) -> Result<(), String> {
         CHANGES,
         Unit::Count,
         "Source changes written to the raw tables, by table and op (c, u, d, t, r)."
+    );
+    describe_counter!(
+        DIVERGENCES,
+        Unit::Count,
+        "Source changes the stream cannot carry exactly, by table and reason: a table \
+         dropped from the publication or given a row filter or column list, its replica \
+         identity changed (these stop the daemon), partitions attached, detached or \
+         truncated (these start a resync)."
     );
     describe_counter!(
         TRANSACTIONS,
@@ -327,6 +336,10 @@ pub fn normalization_failures(table: &str, column: &str, n: u64) {
 
 pub fn reconnect(phase: &'static str) {
     counter!(RECONNECTS, "phase" => phase).increment(1);
+}
+
+pub fn divergence(table: &str, reason: &'static str) {
+    counter!(DIVERGENCES, "table" => table.to_string(), "reason" => reason).increment(1);
 }
 
 pub fn error(kind: &'static str) {

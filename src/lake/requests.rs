@@ -110,6 +110,20 @@ impl Requests {
         let _ = std::fs::remove_file(self.path(table, "request"));
     }
 
+    /// What the daemon's publication guard remembered of the tables' shapes (their
+    /// partitions), so a change made while it was stopped is found at the next start.
+    pub fn load_guard_state(&self) -> Option<String> {
+        std::fs::read_to_string(self.dir.join("guard-state.json")).ok()
+    }
+
+    pub fn save_guard_state(&self, text: &str) -> Result<(), LakeError> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| self.io_err("cannot create", e))?;
+        let tmp = self.dir.join("guard-state.tmp");
+        std::fs::write(&tmp, text).map_err(|e| self.io_err("cannot save the guard state", e))?;
+        std::fs::rename(&tmp, self.dir.join("guard-state.json"))
+            .map_err(|e| self.io_err("cannot save the guard state", e))
+    }
+
     /// How `table`'s last resync ended, once it has.
     pub fn resync_outcome(&self, table: &TableName) -> Option<ResyncOutcome> {
         if self.is_pending(table) {

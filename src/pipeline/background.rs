@@ -5,6 +5,7 @@
 //! cancels every task and then *joins* them, so none is aborted in the middle of what it
 //! does, and a task that panicked is reported instead of vanishing.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
@@ -13,10 +14,12 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
+use crate::lake::requests::Requests;
 use crate::source::catalog;
 use crate::source::config::SourceSettings;
-use crate::source::diagnosis::{self, SourceUnusable};
+use crate::source::diagnosis::{self, SourceUnusable, TableShape};
 use crate::source::dsn::ConnParams;
+use crate::table_name::TableName;
 
 /// Running background tasks.
 pub struct Background {
@@ -40,11 +43,13 @@ impl Background {
     }
 
     /// Starts the slot watcher, the publication guard (which cancels `replication` and
-    /// reports on `diverged` when a configured table can no longer be followed exactly)
-    /// and, when configured, the WAL heartbeat.
+    /// reports on `diverged` when a configured table can no longer be followed exactly, and
+    /// asks `requests` for a resync of a table whose partitions changed) and, when
+    /// configured, the WAL heartbeat.
     pub fn spawn_source_tasks(
         &mut self,
         settings: &Settings,
+        requests: Option<Requests>,
         replication: CancellationToken,
         diverged: oneshot::Sender<SourceUnusable>,
     ) {
@@ -53,6 +58,7 @@ impl Background {
         self.tasks.spawn(guard_publication(
             settings.source.clone(),
             settings.config_path.clone(),
+            requests,
             replication,
             diverged,
             self.token(),
@@ -117,43 +123,128 @@ async fn heartbeat(source: ConnParams, every: Duration, cancel: CancellationToke
 }
 
 /// Checks every status interval that the publication still carries every configured
-/// table whole (`diagnosis::publication_guard`). A table dropped from it, or given a row
-/// filter or column list, would lose changes silently: the guard stops replication (a
-/// clean stop: what is complete is committed) and hands the reason over.
+/// table whole (`diagnosis::publication_guard`) and that each table keeps its key and
+/// partitions (`diagnosis::table_shapes`). A table dropped from the publication, given a
+/// row filter or column list, or keyed by other columns would lose changes silently: the
+/// guard stops replication (a clean stop: what is complete is committed) and hands the
+/// reason over. Partitions attached, detached or truncated change rows the stream never
+/// carries: the guard asks for the table to be copied again (`resync`). Both are counted
+/// in `wal2delta_divergences_total`.
 async fn guard_publication(
     source: SourceSettings,
     config_path: Option<std::path::PathBuf>,
+    requests: Option<Requests>,
     replication: CancellationToken,
     diverged: oneshot::Sender<SourceUnusable>,
     cancel: CancellationToken,
 ) {
     let every = source.status_interval;
     let mut warned = false;
+    // The shapes seen last; partitions also from before this start.
+    let mut shapes: Option<BTreeMap<String, TableShape>> = None;
+    let mut stored: Option<BTreeMap<String, TableShape>> = requests
+        .as_ref()
+        .and_then(|r| r.load_guard_state())
+        .and_then(|text| serde_json::from_str(&text).ok());
+    // The first look is at once: it is the baseline the key is compared with.
+    let mut first = true;
     loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
+        if !first {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
         }
+        first = false;
         let checked = tokio::select! {
             _ = cancel.cancelled() => return,
-            checked = diagnosis::publication_guard(&source, config_path.as_deref()) => checked,
+            checked = async {
+                let found = diagnosis::publication_guard(&source, config_path.as_deref()).await?;
+                let now = diagnosis::table_shapes(&source).await?;
+                Ok::<_, catalog::CatalogError>((found, now))
+            } => checked,
         };
-        match checked {
-            Ok(None) => warned = false,
-            Ok(Some(found)) => {
-                crate::telemetry::error("divergence");
-                tracing::error!(error = %found, "stopping replication: a configured table can no longer be followed exactly");
-                let _ = diverged.send(found);
-                replication.cancel();
+        let now = match checked {
+            Ok((None, now)) => {
+                warned = false;
+                now
+            }
+            Ok((Some(found), _)) => {
+                stop(found, diverged, &replication);
                 return;
             }
-            Err(e) if !warned => {
-                warned = true;
-                tracing::warn!(error = %e, "cannot check the publication; retrying at the next status interval");
+            Err(e) => {
+                if !warned {
+                    warned = true;
+                    tracing::warn!(error = %e, "cannot check the publication; retrying at the next status interval");
+                }
+                continue;
             }
-            Err(_) => {}
+        };
+        // The first look compares partitions with what was stored before this start, and
+        // takes the key as it is now.
+        let was = shapes.take().or_else(|| {
+            stored.take().map(|mut s| {
+                for (table, shape) in s.iter_mut() {
+                    if let Some(current) = now.get(table) {
+                        shape.key = current.key.clone();
+                    }
+                }
+                s
+            })
+        });
+        for (table, shape) in &now {
+            let (Some(old), Ok(name)) = (
+                was.as_ref().and_then(|w| w.get(table)),
+                TableName::parse(table),
+            ) else {
+                continue;
+            };
+            match diagnosis::shape_change(&name, old, shape) {
+                Err(found) => {
+                    stop(found, diverged, &replication);
+                    return;
+                }
+                Ok(mut changed) if !changed.is_empty() => {
+                    // When it cannot tell, the partitions stay in: copying is the safe side.
+                    let _ = diagnosis::drop_empty_attached(&source, &mut changed).await;
+                    if changed.is_empty() {
+                        continue;
+                    }
+                    crate::telemetry::divergence(table, changed.reason());
+                    tracing::warn!(table = %table, partitions = %changed, "partitions changed without their rows passing through the stream; copying the table again (resync)");
+                    if let Some(requests) = &requests
+                        && let Err(e) = requests.ask_resync(&name)
+                    {
+                        tracing::error!(table = %table, error = %e, "cannot ask for a resync; run `wal2delta resync --table {table}`");
+                    }
+                }
+                Ok(_) => {}
+            }
         }
+        if was.as_ref() != Some(&now)
+            && let Some(requests) = &requests
+        {
+            let text = serde_json::to_string_pretty(&now).unwrap_or_default();
+            if let Err(e) = requests.save_guard_state(&text) {
+                tracing::warn!(error = %e, "cannot remember the tables' partitions");
+            }
+        }
+        shapes = Some(now);
     }
+}
+
+/// Stops replication for a divergence the guard cannot repair.
+fn stop(
+    found: SourceUnusable,
+    diverged: oneshot::Sender<SourceUnusable>,
+    replication: &CancellationToken,
+) {
+    crate::telemetry::error("divergence");
+    crate::telemetry::divergence(found.table().unwrap_or(""), found.reason());
+    tracing::error!(error = %found, "stopping replication: a configured table can no longer be followed exactly");
+    let _ = diverged.send(found);
+    replication.cancel();
 }
 
 /// What the slot watcher needs.

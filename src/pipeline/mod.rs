@@ -112,7 +112,8 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pi
     // no longer follow exactly (then the guard's reason is the daemon's error).
     let replication = cancel.child_token();
     let (diverged, mut divergence) = oneshot::channel();
-    background.spawn_source_tasks(&settings, replication.clone(), diverged);
+    let requests = crate::lake::requests::Requests::open(&lake).ok();
+    background.spawn_source_tasks(&settings, requests, replication.clone(), diverged);
     // Tables copied again on request (`resync`) are swapped in by whichever session runs.
     let (staged, copies) = mpsc::channel(1);
     background.add(resync::serve_requests(

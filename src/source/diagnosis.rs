@@ -60,6 +60,196 @@ pub enum SourceUnusable {
         gap: String,
         config: String,
     },
+    #[error(
+        "the replica identity of {table} changed from ({was}) to ({now}): its updates and \
+         deletes now name rows by columns the curated table is not keyed by, so they could \
+         not be applied exactly. wal2delta stopped rather than miss them. Restore it \
+         (ALTER TABLE {quoted} REPLICA IDENTITY …) and start wal2delta again; to key the lake \
+         by the new columns, move the table's lake tables away and let wal2delta copy it afresh"
+    )]
+    KeyChanged {
+        table: String,
+        quoted: String,
+        was: String,
+        now: String,
+    },
+}
+
+impl SourceUnusable {
+    /// Which divergence the guard found, for the metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SourceUnusable::PublicationChanged { .. } => "publication_changed",
+            SourceUnusable::KeyChanged { .. } => "replica_identity_changed",
+            SourceUnusable::PublicationLost { .. } => "publication_lost",
+            SourceUnusable::SlotLost { .. } | SourceUnusable::SlotMissing { .. } => "slot_lost",
+            SourceUnusable::PermissionDenied { .. } => "permission_denied",
+        }
+    }
+
+    /// The table concerned, when one is.
+    pub fn table(&self) -> Option<&str> {
+        match self {
+            SourceUnusable::PublicationChanged { table, .. }
+            | SourceUnusable::KeyChanged { table, .. } => Some(table),
+            _ => None,
+        }
+    }
+}
+
+/// What the guard remembers of a configured table: the columns its changes name rows by,
+/// and for a partitioned table its partitions (name → relfilenode, which `TRUNCATE`
+/// changes).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TableShape {
+    pub key: Vec<String>,
+    #[serde(default)]
+    pub partitions: std::collections::BTreeMap<String, i64>,
+}
+
+/// How a partitioned table's partitions changed without their rows passing through the
+/// stream (`ATTACH`/`DETACH PARTITION`, `TRUNCATE` of one partition, which Postgres does
+/// not publish through the root): the table must be copied again.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct PartitionsChanged {
+    pub attached: Vec<String>,
+    pub detached: Vec<String>,
+    pub truncated: Vec<String>,
+}
+
+impl PartitionsChanged {
+    pub fn is_empty(&self) -> bool {
+        self.attached.is_empty() && self.detached.is_empty() && self.truncated.is_empty()
+    }
+
+    /// `attached`, `detached` or `truncated`: the first that applies, for the metrics.
+    pub fn reason(&self) -> &'static str {
+        if !self.attached.is_empty() {
+            "partition_attached"
+        } else if !self.detached.is_empty() {
+            "partition_detached"
+        } else {
+            "partition_truncated"
+        }
+    }
+
+    fn between(was: &TableShape, now: &TableShape) -> PartitionsChanged {
+        let mut changed = PartitionsChanged::default();
+        for (name, node) in &now.partitions {
+            match was.partitions.get(name) {
+                None => changed.attached.push(name.clone()),
+                Some(old) if old != node => changed.truncated.push(name.clone()),
+                Some(_) => {}
+            }
+        }
+        for name in was.partitions.keys() {
+            if !now.partitions.contains_key(name) {
+                changed.detached.push(name.clone());
+            }
+        }
+        changed
+    }
+}
+
+impl std::fmt::Display for PartitionsChanged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        for (what, names) in [
+            ("attached", &self.attached),
+            ("detached", &self.detached),
+            ("truncated (or rewritten)", &self.truncated),
+        ] {
+            if !names.is_empty() {
+                parts.push(format!("{what}: {}", names.join(", ")));
+            }
+        }
+        write!(f, "{}", parts.join("; "))
+    }
+}
+
+/// The shape of every configured table that exists now.
+pub async fn table_shapes(
+    source: &SourceSettings,
+) -> Result<std::collections::BTreeMap<String, TableShape>, super::catalog::CatalogError> {
+    let client = catalog::connect(&source.conn).await?;
+    let mut shapes = std::collections::BTreeMap::new();
+    for table in &source.tables {
+        let Some(info) = catalog::table_info(&client, table).await? else {
+            continue; // dropped: the publication guard reports it
+        };
+        let mut partitions = std::collections::BTreeMap::new();
+        if info.partitioned {
+            let rows = client
+                .query(
+                    "SELECT format('%I.%I', n.nspname, c.relname), c.relfilenode::bigint \
+                     FROM pg_partition_tree($1::text::regclass) AS t \
+                     JOIN pg_class c ON c.oid = t.relid \
+                     JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE t.isleaf AND c.relkind = 'r'",
+                    &[&table.quoted()],
+                )
+                .await?;
+            for row in rows {
+                partitions.insert(row.get(0), row.get(1));
+            }
+        }
+        // A whole-row key (REPLICA IDENTITY FULL, no primary key) grows with the columns:
+        // that is not a change of key.
+        let whole_row = info.replica_identity == crate::change::ReplicaIdentity::Full
+            && info.key_columns.len() == info.columns.len();
+        let key = if whole_row {
+            vec!["(the whole row)".to_string()]
+        } else {
+            info.key_columns
+        };
+        shapes.insert(table.to_string(), TableShape { key, partitions });
+    }
+    Ok(shapes)
+}
+
+/// Leaves out of `changed.attached` the partitions that hold no rows: a partition created
+/// empty (`CREATE TABLE … PARTITION OF`, partitions made ahead of time) brings nothing the
+/// stream did not carry, and needs no copy.
+pub async fn drop_empty_attached(
+    source: &SourceSettings,
+    changed: &mut PartitionsChanged,
+) -> Result<(), super::catalog::CatalogError> {
+    if changed.attached.is_empty() {
+        return Ok(());
+    }
+    let client = catalog::connect(&source.conn).await?;
+    let mut kept = Vec::new();
+    for name in changed.attached.drain(..) {
+        // `name` is the catalog's own quoted `schema.table`.
+        let holds_rows = client
+            .query_one(&format!("SELECT EXISTS (SELECT 1 FROM ONLY {name})"), &[])
+            .await
+            .map(|r| r.get::<_, bool>(0))
+            .unwrap_or(true);
+        if holds_rows {
+            kept.push(name);
+        }
+    }
+    changed.attached = kept;
+    Ok(())
+}
+
+/// Compares a table's shape with the one remembered: a changed key stops the daemon
+/// (`Err`), changed partitions are for a resync (`Ok`).
+pub fn shape_change(
+    table: &crate::table_name::TableName,
+    was: &TableShape,
+    now: &TableShape,
+) -> Result<PartitionsChanged, SourceUnusable> {
+    if was.key != now.key {
+        return Err(SourceUnusable::KeyChanged {
+            table: table.to_string(),
+            quoted: table.quoted(),
+            was: was.key.join(", "),
+            now: now.key.join(", "),
+        });
+    }
+    Ok(PartitionsChanged::between(was, now))
 }
 
 /// What to do about a lost slot, naming the command with this configuration file.

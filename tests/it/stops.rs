@@ -278,3 +278,41 @@ async fn wal_status(pg: &tokio_postgres::Client, slot: &str) -> Option<String> {
     .unwrap()
     .get(0)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_identity_changed_to_other_columns_stops_with_what_to_do() {
+    let setup = "CREATE TABLE contas (id int PRIMARY KEY, codigo text NOT NULL, v text);
+                 CREATE UNIQUE INDEX contas_codigo ON contas (codigo);
+                 INSERT INTO contas VALUES (1, 'a', 'x'), (2, 'b', 'y');";
+    let (env, mut daemon) = Env::streaming(setup, &["public.contas"]).await;
+    env.wait_caught_up(Duration::from_secs(60)).await;
+    let pg = env.pg.client().await;
+    // Updates and deletes would now name rows by `codigo`, which the lake is not keyed by.
+    pg.batch_execute(
+        "ALTER TABLE contas REPLICA IDENTITY USING INDEX contas_codigo;
+         DELETE FROM contas WHERE id = 1;",
+    )
+    .await
+    .unwrap();
+    crate::harness::wait_for(
+        "the daemon to report the changed replica identity",
+        Duration::from_secs(60),
+        || async {
+            env.daemon_log()
+                .contains("replica identity of public.contas changed")
+        },
+        || env.daemon_log(),
+    )
+    .await;
+    let status = daemon.wait(Duration::from_secs(60));
+    assert!(
+        !status.success(),
+        "the daemon must stop when the key changes"
+    );
+    let log = env.daemon_log();
+    assert!(
+        log.contains("the replica identity of public.contas changed from (id) to (codigo)"),
+        "{log}"
+    );
+    assert!(log.contains("REPLICA IDENTITY"), "{log}");
+}
