@@ -23,11 +23,15 @@ wal2delta daemon (a release build: cargo build --release). Scenarios (quick mode
   merge       10,000 updates in one transaction into a curated table of 100k and 1M rows
               (full: also 10M), at uniformly random keys and at consecutive keys: merge
               time and bytes rewritten, from the daemon's metrics.
+  verify      `wal2delta verify` of transacoes (300k / 1.2M rows) while the daemon runs,
+              against COPY … TO STDOUT of the same table (what a naive compare exports);
+              then `wal2delta resync` of it, against the same COPY.
   large_transaction
               one 2,000,000-row source transaction, drained from identical slots by
               pg_recvlogical and by wal2delta into raw + curated: time, ratio, peak RSS.
 
---only picks scenarios (snapshot, queries, streaming, merge, large_transaction, freshness);
+--only picks scenarios (snapshot, queries, streaming, merge, verify, large_transaction,
+freshness);
 --batch-age-ms sets apply.max_batch_age_ms for every daemon. Needs psycopg and deltalake.
 
 Micro-benchmarks of the decoder and the batch builder: cargo bench (benches/).
@@ -51,7 +55,7 @@ import psycopg
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNING = []  # every daemon started, killed when the harness exits early
 APPLY = ""  # extra [apply] settings for every daemon (--batch-age-ms)
-SCENARIOS = ["snapshot", "queries", "streaming", "merge", "large_transaction", "freshness"]
+SCENARIOS = ["snapshot", "queries", "streaming", "merge", "verify", "large_transaction", "freshness"]
 TABLES = ["public.condominios", "public.imoveis", "public.moradores", "public.transacoes"]
 
 
@@ -369,6 +373,39 @@ def scenario_merge(args, work, dsn, conn, size):
     return out
 
 
+def copy_seconds(dsn, table):
+    """Baseline: COPY of `table` over one connection, rows read and discarded."""
+    start = time.perf_counter()
+    with psycopg.connect(dsn) as c, c.cursor() as cur:
+        with cur.copy(f"COPY {table} TO STDOUT") as copy:
+            for _ in copy:
+                pass
+    return time.perf_counter() - start
+
+
+def scenario_verify(args, work, dsn, conn):
+    rows = conn.execute("SELECT count(*) FROM transacoes").fetchone()[0]
+    d = Daemon(args.binary, work, dsn, "bench_verify", name="verify", tables=["public.transacoes"])
+    d.wait_streaming()
+    copy_s = copy_seconds(dsn, "transacoes")
+    start = time.perf_counter()
+    out = subprocess.run([args.binary, "verify", "--config", d.config, "--json"], capture_output=True, text=True)
+    verify_s = time.perf_counter() - start
+    assert out.returncode == 0, f"verify exited {out.returncode}: {out.stdout}{out.stderr}"
+    table = json.loads(out.stdout)["tables"][0]
+    start = time.perf_counter()
+    res = subprocess.run([args.binary, "resync", "--config", d.config, "--table", "public.transacoes", "--json"],
+                         capture_output=True, text=True)
+    resync_s = time.perf_counter() - start
+    assert res.returncode == 0, f"resync exited {res.returncode}: {res.stdout}{res.stderr}"
+    rss = d.stop()
+    conn.execute("SELECT pg_drop_replication_slot('bench_verify')")
+    return {"rows": rows, "verify_s": round(verify_s, 2), "verify_source_read_s": table["source_read_ms"] / 1000,
+            "verify_lake_read_s": table["lake_read_ms"] / 1000, "key_ranges": table["ranges"],
+            "copy_one_connection_s": round(copy_s, 2), "verify_vs_copy": round(verify_s / copy_s, 2),
+            "resync_s": round(resync_s, 2), "resync_vs_copy": round(resync_s / copy_s, 2), "peak_rss_mb": rss}
+
+
 def scenario_large_transaction(args, work, dsn, conn):
     """One source transaction of `rows` inserts into transacoes, streamed into raw and
     curated: the daemon's peak RSS, and the time from commit to durable next to
@@ -563,6 +600,7 @@ def main():
                 "queries": lambda: scenario_queries(args, work, dsn, conn),
                 "streaming": lambda: scenario_streaming(args, work, dsn, conn),
                 "merge": lambda: [scenario_merge(args, work, dsn, conn, n) for n in args.merge_sizes],
+                "verify": lambda: scenario_verify(args, work, dsn, conn),
                 "large_transaction": lambda: scenario_large_transaction(args, work, dsn, conn),
                 "freshness": lambda: [
                     scenario_freshness(args, work, dsn, conn, rate, 30 if args.full else 10,
@@ -595,6 +633,10 @@ def main():
             if small["merge_s"]:
                 print(f"{'merge ratio':<12} {pattern}: {results['merge'][-1]['rows']:,} rows vs {results['merge'][0]['rows']:,} rows: "
                       f"{large['merge_s'] / small['merge_s']:.2f}x the time")
+    if "verify" in results:
+        v = results["verify"]
+        print(f"{'verify':<12} {v['rows']:,} rows: {v['verify_s']} s (source {v['verify_source_read_s']} s, lake {v['verify_lake_read_s']} s) "
+              f"vs COPY {v['copy_one_connection_s']} s: {v['verify_vs_copy']}x; resync {v['resync_s']} s: {v['resync_vs_copy']}x COPY {v['peak_rss_mb']:>7} MB")
     if "large_transaction" in results:
         lt = results["large_transaction"]
         print(f"{'large txn':<12} {lt['rows']:,} rows in one transaction: {lt['wal2delta_s']} s into raw + curated, "

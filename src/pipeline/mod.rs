@@ -125,9 +125,12 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pi
     let copies: StagedCopies = Arc::new(tokio::sync::Mutex::new(copies));
     let result = replicate(&settings, &lake, &records, &copies, replication).await;
     background.stop().await;
-    match divergence.try_recv() {
-        Ok(found) => Err(found.into()),
-        Err(_) => result,
+    // A stop the guard caused ends replication cleanly: its reason is the error. An
+    // error of replication's own (e.g. the start's checks) comes first.
+    match (result, divergence.try_recv()) {
+        (Err(e), _) => Err(e),
+        (Ok(()), Ok(found)) => Err(found.into()),
+        (Ok(()), Err(_)) => Ok(()),
     }
 }
 

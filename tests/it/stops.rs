@@ -316,3 +316,30 @@ async fn replica_identity_changed_to_other_columns_stops_with_what_to_do() {
     );
     assert!(log.contains("REPLICA IDENTITY"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renamed_table_stops_with_what_to_do() {
+    let setup = "CREATE TABLE t1 (id int PRIMARY KEY, v text); INSERT INTO t1 VALUES (1, 'a');";
+    let (env, mut daemon) = Env::streaming(setup, &["public.t1"]).await;
+    env.wait_caught_up(Duration::from_secs(60)).await;
+    let pg = env.pg.client().await;
+    // The stream would carry the table's changes under a name the daemon does not follow.
+    pg.batch_execute("ALTER TABLE t1 RENAME TO t1_old; INSERT INTO t1_old VALUES (2, 'b');")
+        .await
+        .unwrap();
+    crate::harness::wait_for(
+        "the daemon to report the renamed table",
+        Duration::from_secs(60),
+        || async {
+            env.daemon_log()
+                .contains("table public.t1 can no longer be followed exactly")
+        },
+        || env.daemon_log(),
+    )
+    .await;
+    let status = daemon.wait(Duration::from_secs(60));
+    assert!(
+        !status.success(),
+        "the daemon must stop when a table is renamed"
+    );
+}
