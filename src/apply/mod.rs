@@ -33,7 +33,7 @@ use deltalake::arrow::record_batch::RecordBatch;
 use self::config::ApplyConfig;
 use self::normalize::{Normalization, Normalizer};
 use crate::change::message::{OldTuple, PgOutputMessage, Relation, Tuple};
-use crate::change::{ChangeMeta, ColumnSpec, Op, RelId, SourceEvent, Xid};
+use crate::change::{ChangeMeta, ColumnSpec, Op, RelId, ReplicaIdentity, SourceEvent, Xid};
 use crate::lake::checkpoint::{Checkpoint, CheckpointRecord, RecordSender, TableVersions};
 use crate::lake::curated::CuratedTable;
 use crate::lake::maintenance::Policy;
@@ -54,6 +54,19 @@ pub enum ApplyError {
     Stream(String),
     #[error(transparent)]
     TypeChanged(#[from] schema::TypeChanged),
+    #[error(
+        "the replica identity of {table} changed from ({was}) to ({now}): its updates and \
+         deletes now name rows by columns the curated table is not keyed by. wal2delta \
+         stopped before applying any of them (nothing is confirmed past them). Restore it \
+         (ALTER TABLE {quoted} REPLICA IDENTITY …) and start wal2delta again; to key the lake \
+         by the new columns, move the table's lake tables away and let wal2delta copy it afresh"
+    )]
+    KeyChanged {
+        table: String,
+        quoted: String,
+        was: String,
+        now: String,
+    },
 }
 
 impl ApplyError {
@@ -343,18 +356,25 @@ impl Applier {
             let _ = done.send(Err(format!("{table} is not replicated by this daemon")));
             return Ok(());
         };
-        if state.builder.columns() != columns.as_slice() {
-            let _ = done.send(Err(format!(
-                "the columns of {table} changed while it was copied; it is copied again"
-            )));
-            return Ok(());
+        let current = state.builder.columns();
+        if current != columns.as_slice() {
+            // Columns added at the source that no change carried yet: grow first.
+            let grown = columns.len() > current.len() && columns[..current.len()] == *current;
+            if !grown {
+                let _ = done.send(Err(format!(
+                    "the columns of {table} changed while it was copied; it is copied again"
+                )));
+                return Ok(());
+            }
+            state.evolve(columns, &self.normalization).await?;
         }
         let held = Lsn::from_i64(point.as_i64().saturating_sub(1));
         state.curated.replace_with(curated, held, point).await?;
         state.raw.add_copy(raw, held, point).await?;
         state.catch_up().await?;
         let versions = self.versions();
-        self.checkpoint.record_versions(held, versions).await?;
+        // Shown at the checkpoint's own position: the copy may be ahead of the stream.
+        self.checkpoint.record_versions(Lsn::ZERO, versions).await?;
         self.checkpoint
             .record_reset(
                 None,
@@ -698,6 +718,31 @@ impl Applier {
             );
             return Ok(());
         };
+        // Updates and deletes name rows by the replica identity: once it is other columns
+        // than the curated table's key, they cannot be applied exactly. (FULL sends the
+        // whole old row, the key included.)
+        if matches!(
+            rel.replica_identity,
+            ReplicaIdentity::Default | ReplicaIdentity::Index
+        ) {
+            let mut sent: Vec<&str> = rel
+                .columns
+                .iter()
+                .filter(|c| c.is_key)
+                .map(|c| c.name.as_str())
+                .collect();
+            let mut keyed: Vec<&str> = state.key_columns.iter().map(String::as_str).collect();
+            sent.sort_unstable();
+            keyed.sort_unstable();
+            if sent != keyed {
+                return Err(ApplyError::KeyChanged {
+                    table: name.to_string(),
+                    quoted: name.quoted(),
+                    was: state.key_columns.join(", "),
+                    now: sent.join(", "),
+                });
+            }
+        }
         let mut next: Vec<ColumnSpec> = state.builder.columns().to_vec();
         let mut added = Vec::new();
         for col in &rel.columns {

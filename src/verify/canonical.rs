@@ -23,8 +23,9 @@ use deltalake::arrow::error::ArrowError;
 use crate::pg_types::ColumnKind;
 use crate::table_name::quote_ident;
 
-/// `bpchar`: its text cast drops the padding Postgres prints, so it is formatted instead.
-const BPCHAR: u32 = 1042;
+/// The bits every NaN is hashed as (Rust's `f32::NAN`, `f64::NAN`).
+const NAN32: &str = "7fc00000";
+const NAN64: &str = "7ff8000000000000";
 
 /// A column compared on both sides.
 #[derive(Debug, Clone)]
@@ -40,9 +41,9 @@ pub fn sql_value(column: &Compared) -> String {
     let typed = match typed_condition(&column.kind, &x) {
         Some(cond) => format!(
             "CASE WHEN {cond} THEN 'v' || {} ELSE 'f' || ({x})::text END",
-            typed_body(&column.kind, column.type_oid, &x)
+            typed_body(&column.kind, &x)
         ),
-        None => format!("'v' || {}", typed_body(&column.kind, column.type_oid, &x)),
+        None => format!("'v' || {}", typed_body(&column.kind, &x)),
     };
     format!("CASE WHEN {x} IS NULL THEN NULL ELSE {typed} END")
 }
@@ -77,14 +78,20 @@ fn typed_condition(kind: &ColumnKind, x: &str) -> Option<String> {
 }
 
 /// The typed body of a non-NULL value `x`.
-fn typed_body(kind: &ColumnKind, type_oid: u32, x: &str) -> String {
+fn typed_body(kind: &ColumnKind, x: &str) -> String {
     match kind {
         ColumnKind::Bool | ColumnKind::Int64 => format!("({x})::text"),
-        ColumnKind::Float32 => format!("encode(float4send(({x})::float4), 'hex')"),
-        ColumnKind::Float64 => format!("encode(float8send(({x})::float8), 'hex')"),
+        // Every NaN as one bit pattern (Rust's), whatever sign or payload it carries.
+        ColumnKind::Float32 => format!(
+            "CASE WHEN ({x})::float4 = 'NaN' THEN '{NAN32}' ELSE encode(float4send(({x})::float4), 'hex') END"
+        ),
+        ColumnKind::Float64 => format!(
+            "CASE WHEN ({x})::float8 = 'NaN' THEN '{NAN64}' ELSE encode(float8send(({x})::float8), 'hex') END"
+        ),
         ColumnKind::Decimal { scale, .. } => format!("round({x}, {scale})::text"),
-        ColumnKind::Text if type_oid == BPCHAR => format!("format('%s', {x})"),
-        ColumnKind::Text => format!("({x})::text"),
+        // The type's output function, as pgoutput sends it: a `::text` cast may differ
+        // (`inet` adds the mask, `char(n)` drops its padding).
+        ColumnKind::Text => format!("format('%s', {x})"),
         ColumnKind::Date => format!("(({x}) - date '1970-01-01')::text"),
         ColumnKind::Timestamp | ColumnKind::TimestampTz => {
             format!("round(extract(epoch from {x}) * 1000000)::bigint::text")
@@ -93,7 +100,7 @@ fn typed_body(kind: &ColumnKind, type_oid: u32, x: &str) -> String {
         ColumnKind::List(elem) => {
             let value = format!(
                 "CASE WHEN u.e IS NULL THEN NULL ELSE 'v' || {} END",
-                typed_body(elem, 0, "u.e")
+                typed_body(elem, "u.e")
             );
             format!(
                 "(SELECT coalesce(string_agg({}, '' ORDER BY u.o), '') \
@@ -220,12 +227,18 @@ fn write_body(array: &ArrayRef, kind: &ColumnKind, row: usize, out: &mut String)
         }
         ColumnKind::Float32 => {
             if let Some(a) = any.downcast_ref::<Float32Array>() {
-                hex(out, &a.value(row).to_be_bytes());
+                match a.value(row) {
+                    v if v.is_nan() => out.push_str(NAN32),
+                    v => hex(out, &v.to_be_bytes()),
+                }
             }
         }
         ColumnKind::Float64 => {
             if let Some(a) = any.downcast_ref::<Float64Array>() {
-                hex(out, &a.value(row).to_be_bytes());
+                match a.value(row) {
+                    v if v.is_nan() => out.push_str(NAN64),
+                    v => hex(out, &v.to_be_bytes()),
+                }
             }
         }
         ColumnKind::Decimal { scale, .. } => {

@@ -13,7 +13,8 @@ const SETUP: &str = "
 CREATE TABLE contas (
     id bigint PRIMARY KEY, nome text, saldo numeric(12,2), aberta timestamptz,
     nascimento date, ativo boolean, taxa float8, fator real, foto bytea, tags int[],
-    apelidos text[], codigo char(4), valor text, livre numeric, hora time, sem_tz timestamp);
+    apelidos text[], codigo char(4), valor text, livre numeric, hora time, sem_tz timestamp,
+    ip inet, siglas char(3)[], nan_ou_nao float8);
 INSERT INTO contas
 SELECT g, CASE WHEN g % 10 = 0 THEN NULL ELSE 'cliente ' || g || ' ção' END,
        CASE WHEN g = 3 THEN 'NaN' ELSE g * 1.25 END,
@@ -22,7 +23,9 @@ SELECT g, CASE WHEN g % 10 = 0 THEN NULL ELSE 'cliente ' || g || ' ção' END,
        date '1990-01-01' + g, g % 2 = 0, g / 7.0, g / 3.0, decode(lpad(to_hex(g), 4, '0'), 'hex'),
        ARRAY[g, NULL, g + 1], ARRAY['a' || g, 'b\"c'], lpad((g % 100)::text, 2),
        'R$ ' || g || ',50', g / 9.0, time '10:00' + g * interval '1 second',
-       timestamp '2000-02-29 12:00' + g * interval '1 day'
+       timestamp '2000-02-29 12:00' + g * interval '1 day',
+       ('10.0.' || (g % 250) || '.1')::inet, ARRAY['a', 'bc'],
+       CASE WHEN g % 100 = 0 THEN 'NaN'::float8 ELSE g END
 FROM generate_series(1, 3000) g;
 ";
 

@@ -228,15 +228,15 @@ impl RawTable {
     }
 
     /// Adds a copy's files ([`RawCopy`], op `r` rows taken at `point`) with the snapshot
-    /// marker, in one commit. The position stays where it is (at least `held`): the
-    /// changes already here are not received again.
+    /// marker, in one commit. The position stays where it is: the change log keeps every
+    /// change, also those the stream delivers later from before the copy's point.
     pub async fn add_copy(
         &mut self,
         copy: Vec<deltalake::kernel::Add>,
         held: Lsn,
         point: Lsn,
     ) -> Result<u64, LakeError> {
-        let through = self.applied.map_or(held, |a| a.max(held));
+        let through = self.applied.unwrap_or(held);
         let version = Commit::append()
             .info_lsn(InfoKey::SnapshotLsn, point)
             .position(&self.snapshot_id, point)
