@@ -42,6 +42,7 @@ use crate::lake::raw::layout::RawBatchBuilder;
 use crate::lake::{Lake, LakeError};
 use crate::lsn::Lsn;
 use crate::source::catalog::TableInfo;
+use crate::source::diagnosis::SourceUnusable;
 use crate::source::replication::PG_EPOCH_OFFSET_MICROS;
 use crate::table_name::TableName;
 
@@ -54,19 +55,9 @@ pub enum ApplyError {
     Stream(String),
     #[error(transparent)]
     TypeChanged(#[from] schema::TypeChanged),
-    #[error(
-        "the replica identity of {table} changed from ({was}) to ({now}): its updates and \
-         deletes now name rows by columns the curated table is not keyed by. wal2delta \
-         stopped before applying any of them (nothing is confirmed past them). Restore it \
-         (ALTER TABLE {quoted} REPLICA IDENTITY …) and start wal2delta again; to key the lake \
-         by the new columns, move the table's lake tables away and let wal2delta copy it afresh"
-    )]
-    KeyChanged {
-        table: String,
-        quoted: String,
-        was: String,
-        now: String,
-    },
+    /// The stream can no longer be followed exactly (a changed replica identity).
+    #[error(transparent)]
+    Diverged(#[from] SourceUnusable),
 }
 
 impl ApplyError {
@@ -735,12 +726,13 @@ impl Applier {
             sent.sort_unstable();
             keyed.sort_unstable();
             if sent != keyed {
-                return Err(ApplyError::KeyChanged {
+                return Err(SourceUnusable::KeyChanged {
                     table: name.to_string(),
                     quoted: name.quoted(),
                     was: state.key_columns.join(", "),
                     now: sent.join(", "),
-                });
+                }
+                .into());
             }
         }
         let mut next: Vec<ColumnSpec> = state.builder.columns().to_vec();

@@ -71,12 +71,7 @@ pub async fn existing_schema(url: &Url, label: &str) -> Result<Option<SchemaRef>
         table: label.to_string(),
         source,
     };
-    if url.scheme() == "file"
-        && url
-            .to_file_path()
-            .map(|p| !p.join("_delta_log").exists())
-            .unwrap_or(true)
-    {
+    if surely_missing(url) {
         return Ok(None);
     }
     let table = DeltaTable::try_from_url(url.clone())
@@ -91,6 +86,15 @@ pub async fn existing_schema(url: &Url, label: &str) -> Result<Option<SchemaRef>
         .try_into_arrow()
         .map_err(|e| delta_err(DeltaTableError::from(e)))?;
     Ok(Some(std::sync::Arc::new(arrow)))
+}
+
+/// A local table with no Delta log yet (object stores are asked instead).
+pub fn surely_missing(url: &Url) -> bool {
+    url.scheme() == "file"
+        && url
+            .to_file_path()
+            .map(|p| !p.join("_delta_log").exists())
+            .unwrap_or(true)
 }
 
 /// The Metadata action that records `schema` as the table's new schema.

@@ -63,9 +63,10 @@ pub enum SourceUnusable {
     #[error(
         "the replica identity of {table} changed from ({was}) to ({now}): its updates and \
          deletes now name rows by columns the curated table is not keyed by, so they could \
-         not be applied exactly. wal2delta stopped rather than miss them. Restore it \
-         (ALTER TABLE {quoted} REPLICA IDENTITY …) and start wal2delta again; to key the lake \
-         by the new columns, move the table's lake tables away and let wal2delta copy it afresh"
+         not be applied exactly. wal2delta stopped before applying one (nothing past them \
+         is confirmed). Restore it (ALTER TABLE {quoted} REPLICA IDENTITY …) and start \
+         wal2delta again; to key the lake by the new columns, move the table's lake tables \
+         away and let wal2delta copy it afresh"
     )]
     KeyChanged {
         table: String,

@@ -33,12 +33,7 @@ impl LakeTable {
             table: label.to_string(),
             message: e.to_string(),
         };
-        if url.scheme() == "file"
-            && url
-                .to_file_path()
-                .map(|p| !p.join("_delta_log").exists())
-                .unwrap_or(true)
-        {
+        if crate::lake::table::surely_missing(url) {
             return Ok(None);
         }
         let table = DeltaTable::try_from_url(url.clone()).await.map_err(delta)?;

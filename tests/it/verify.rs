@@ -83,6 +83,7 @@ async fn verify_passes_equal_tables_and_names_rows_that_differ() {
     let mut daemon = env.daemon();
     env.wait_streaming().await;
     let (code, text) = verify(&env).await;
+    eprintln!("{text}");
     assert_eq!(code, 1, "{text}");
     assert!(
         text.contains("public.contas: DIFFERS: 4 rows missing from the lake, 0 extra, 1 different"),
