@@ -418,6 +418,7 @@ async fn validate(config: PathBuf) -> anyhow::Result<ExitCode> {
     };
     let mut problems = Vec::new();
     let mut notes = Vec::new();
+    let mut warnings: Vec<String> = Vec::new();
     match Lake::open(&settings.lake_path) {
         Ok(lake) => notes.push(format!("lake: {}", lake.root())),
         Err(e) => problems.push(e.to_string()),
@@ -429,6 +430,7 @@ async fn validate(config: PathBuf) -> anyhow::Result<ExitCode> {
                 Ok(report) => {
                     problems.extend(report.problems);
                     notes.extend(report.notes);
+                    warnings.extend(report.warnings);
                 }
                 Err(e) => problems.push(e.to_string()),
             }
@@ -436,6 +438,9 @@ async fn validate(config: PathBuf) -> anyhow::Result<ExitCode> {
     }
     for note in &notes {
         println!("ok: {note}");
+    }
+    for warning in &warnings {
+        println!("warning: {warning}");
     }
     if problems.is_empty() {
         println!("configuration and source are ready for replication");

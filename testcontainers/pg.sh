@@ -7,7 +7,8 @@
 #   testcontainers/pg.sh restart DIR [MODE]   stop and start again on the same port
 #   testcontainers/pg.sh psql DIR [ARGS…]     psql as the superuser `postgres`
 #
-# PG_WAL_LEVEL overrides wal_level (default logical; tests use replica to see it refused).
+# PG_WAL_LEVEL overrides wal_level (default logical; tests use replica to see it refused);
+# PG_MAX_CONNECTIONS overrides max_connections (default 100).
 # Server binaries: $PG_BINDIR if set, else the directory of `initdb` on PATH, else the newest
 # /usr/lib/postgresql/*/bin. Run as root, the server runs as the `postgres` user (or `nobody`),
 # because PostgreSQL refuses to run as root.
@@ -61,7 +62,7 @@ unix_socket_directories = '$dir'
 wal_level = ${PG_WAL_LEVEL:-logical}
 max_replication_slots = 20
 max_wal_senders = 20
-max_connections = 100
+max_connections = ${PG_MAX_CONNECTIONS:-100}
 fsync = off
 full_page_writes = off
 wal_sender_timeout = '60s'

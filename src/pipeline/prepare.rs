@@ -42,6 +42,9 @@ pub async fn prepare(settings: &Settings) -> Result<Prepared, PipelineError> {
     if !report.problems.is_empty() {
         return Err(CatalogError::NotReady(report.problems).into());
     }
+    for warning in &report.warnings {
+        tracing::warn!("{warning}");
+    }
     if report.publication_missing {
         catalog::create_publication(&client, source).await?;
         tracing::info!(publication = %source.publication, "publication created");

@@ -371,6 +371,8 @@ pub fn publication_gap(
 pub struct Report {
     pub problems: Vec<String>,
     pub notes: Vec<String>,
+    /// Not in the way of replication, but worth acting on.
+    pub warnings: Vec<String>,
     pub tables: Vec<TableInfo>,
     /// The publication does not exist (yet).
     pub publication_missing: bool,
@@ -387,6 +389,7 @@ pub async fn check(
 ) -> Result<Report, CatalogError> {
     let mut report = Report::default();
     let user = check_server(client, &mut report).await?;
+    check_connections(client, source, &mut report).await?;
     let published = publication_state(client, &source.publication).await?;
     for table in &source.tables {
         check_table(
@@ -427,6 +430,39 @@ async fn check_server(client: &Client, report: &mut Report) -> Result<String, Ca
         ));
     }
     Ok(user)
+}
+
+/// The connections wal2delta opens at once during a snapshot or resync (replication,
+/// control, publication guard, and `snapshot_workers` copying connections) against what
+/// the server has free: running out would fail the copy, or worse, other clients.
+async fn check_connections(
+    client: &Client,
+    source: &SourceSettings,
+    report: &mut Report,
+) -> Result<(), CatalogError> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('max_connections')::int, \
+                    current_setting('superuser_reserved_connections')::int, \
+                    (SELECT count(*) FROM pg_stat_activity \
+                     WHERE backend_type IN ('client backend', 'walsender'))::int",
+            &[],
+        )
+        .await?;
+    let (max, reserved, used): (i32, i32, i32) = (row.get(0), row.get(1), row.get(2));
+    let free = max - reserved - used;
+    let needed = source.snapshot_workers as i32 + 3;
+    if needed > free {
+        report.warnings.push(format!(
+            "source.snapshot_workers = {workers}: a snapshot or resync opens {needed} \
+             connections at once (with the replication, control and guard connections), but \
+             the server has {free} free (max_connections {max} - {reserved} reserved - {used} \
+             in use now); lower snapshot_workers to {fit} or raise max_connections",
+            workers = source.snapshot_workers,
+            fit = (free - 3).max(1),
+        ));
+    }
+    Ok(())
 }
 
 /// One configured table: it exists, `user` may read it, its changes can be identified,

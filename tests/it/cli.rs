@@ -189,6 +189,44 @@ async fn validate_refuses_a_source_without_logical_wal() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validate_warns_when_snapshot_workers_exceed_the_free_connections() {
+    let pg = crate::harness::PgCluster::start_with(&[("PG_MAX_CONNECTIONS", "12")]);
+    pg.client()
+        .await
+        .batch_execute(
+            "CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION w2d_pub FOR TABLE t;",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    let write = |workers: u32| {
+        std::fs::write(
+            &cfg,
+            format!(
+                "[source]\ndsn = {:?}\nslot = \"s\"\npublication = \"w2d_pub\"\ntables = [\"t\"]\n\
+                 snapshot_workers = {workers}\n[lake]\npath = {:?}\n",
+                pg.dsn("postgres"),
+                dir.path().join("lake").to_str().unwrap()
+            ),
+        )
+        .unwrap()
+    };
+    write(16);
+    let (ok, out) = run(&["validate", "--config", cfg.to_str().unwrap()]);
+    // A warning, not a problem: the source is ready, the copy would run short.
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("warning: source.snapshot_workers = 16")
+            && out.contains("lower snapshot_workers to"),
+        "{out}"
+    );
+    write(2);
+    let (ok, out) = run(&["validate", "--config", cfg.to_str().unwrap()]);
+    assert!(ok && !out.contains("warning:"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_shows_the_slot_the_daemon_and_every_tables_position() {
     let setup = "CREATE TABLE ledger (id int PRIMARY KEY, v text);
                  INSERT INTO ledger SELECT g, 'v' FROM generate_series(1, 5) g;

@@ -27,6 +27,17 @@ fn unit_files_pass_systemd_analyze_verify() {
             text.contains("Type=notify") && text.contains("WatchdogSec="),
             "{file}"
         );
+        // The unit protects the Postgres next to it.
+        for directive in [
+            "MemoryHigh=",
+            "MemoryMax=",
+            "OOMScoreAdjust=",
+            "CPUWeight=",
+            "IOWeight=",
+            "Nice=",
+        ] {
+            assert!(text.contains(directive), "{file} lacks {directive}");
+        }
         let path = dir.path().join(as_name);
         std::fs::write(&path, text.replace("/usr/local/bin/wal2delta", binary())).unwrap();
         let out = Command::new("systemd-analyze")
