@@ -26,6 +26,9 @@ wal2delta daemon (a release build: cargo build --release). Scenarios (quick mode
   verify      `wal2delta verify` of transacoes (300k / 1.2M rows) while the daemon runs,
               against COPY … TO STDOUT of the same table (what a naive compare exports);
               then `wal2delta resync` of it, against the same COPY.
+  neighbour   the source's own query latency (pgbench -S, 4 clients) alone, during an
+              unthrottled snapshot of transacoes, and during one capped at
+              source.snapshot_max_mb_per_sec = 10.
   large_transaction
               one 2,000,000-row source transaction, drained from identical slots by
               pg_recvlogical and by wal2delta into raw + curated: time, ratio, peak RSS.
@@ -55,7 +58,8 @@ import psycopg
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNING = []  # every daemon started, killed when the harness exits early
 APPLY = ""  # extra [apply] settings for every daemon (--batch-age-ms)
-SCENARIOS = ["snapshot", "queries", "streaming", "merge", "verify", "large_transaction", "freshness"]
+SCENARIOS = ["snapshot", "queries", "streaming", "merge", "verify", "neighbour", "large_transaction",
+             "freshness"]
 TABLES = ["public.condominios", "public.imoveis", "public.moradores", "public.transacoes"]
 
 
@@ -406,6 +410,50 @@ def scenario_verify(args, work, dsn, conn):
             "resync_s": round(resync_s, 2), "resync_vs_copy": round(resync_s / copy_s, 2), "peak_rss_mb": rss}
 
 
+def pgbench_during(dsn, until):
+    """Runs pgbench -S (4 clients) with per-second progress until `until()` is true (at
+    least 3 s); returns (mean latency ms, mean tps) over those seconds."""
+    port = [p.split("=")[1] for p in dsn.split() if p.startswith("port=")][0]
+    proc = subprocess.Popen([bindir_tool("pgbench"), "-h", "127.0.0.1", "-p", port, "-U", "postgres", "-S",
+                             "-c", "4", "-j", "2", "-T", "600", "--progress=1", "postgres"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    start = time.perf_counter()
+    while not until() or time.perf_counter() - start < 3:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=30)[1]
+    lat, tps = [], []
+    for line in err.splitlines():
+        if line.startswith("progress:") and " lat " in line:
+            parts = line.replace(",", "").split()
+            tps.append(float(parts[parts.index("tps") - 1]))
+            lat.append(float(parts[parts.index("lat") + 1]))
+    return round(statistics.mean(lat), 3), round(statistics.mean(tps))
+
+
+def scenario_neighbour(args, work, dsn, conn):
+    subprocess.run([bindir_tool("pgbench"), "-h", "127.0.0.1", "-p",
+                    [p.split("=")[1] for p in dsn.split() if p.startswith("port=")][0],
+                    "-U", "postgres", "-i", "-s", "10", "-q", "postgres"], check=True, capture_output=True)
+    t0 = time.perf_counter()
+    alone = pgbench_during(dsn, lambda: time.perf_counter() - t0 > 5)
+    out = {"alone": {"lat_ms": alone[0], "tps": alone[1]}}
+    for label, extra in (("unthrottled", ""), ("throttled_10_mb_s", "snapshot_max_mb_per_sec = 10")):
+        slot = f"bench_nb_{label[:5]}"
+        d = Daemon(args.binary, work, dsn, slot, extra, name=f"neighbour-{label}", tables=["public.transacoes"])
+        started = time.perf_counter()
+        log = d.log.name
+        done = lambda: "table snapshot committed" in open(log).read()
+        lat, tps = pgbench_during(dsn, done)
+        snap_s = time.perf_counter() - started
+        d.stop()
+        conn.execute(f"SELECT pg_drop_replication_slot('{slot}')")
+        out[label] = {"lat_ms": lat, "tps": tps, "snapshot_s": round(snap_s, 2)}
+    for label in ("unthrottled", "throttled_10_mb_s"):
+        out[label]["lat_vs_alone"] = round(out[label]["lat_ms"] / out["alone"]["lat_ms"], 2)
+    return out
+
+
 def scenario_large_transaction(args, work, dsn, conn):
     """One source transaction of `rows` inserts into transacoes, streamed into raw and
     curated: the daemon's peak RSS, and the time from commit to durable next to
@@ -601,6 +649,7 @@ def main():
                 "streaming": lambda: scenario_streaming(args, work, dsn, conn),
                 "merge": lambda: [scenario_merge(args, work, dsn, conn, n) for n in args.merge_sizes],
                 "verify": lambda: scenario_verify(args, work, dsn, conn),
+                "neighbour": lambda: scenario_neighbour(args, work, dsn, conn),
                 "large_transaction": lambda: scenario_large_transaction(args, work, dsn, conn),
                 "freshness": lambda: [
                     scenario_freshness(args, work, dsn, conn, rate, 30 if args.full else 10,
@@ -637,6 +686,12 @@ def main():
         v = results["verify"]
         print(f"{'verify':<12} {v['rows']:,} rows: {v['verify_s']} s (source {v['verify_source_read_s']} s, lake {v['verify_lake_read_s']} s) "
               f"vs COPY {v['copy_one_connection_s']} s: {v['verify_vs_copy']}x; resync {v['resync_s']} s: {v['resync_vs_copy']}x COPY {v['peak_rss_mb']:>7} MB")
+    if "neighbour" in results:
+        n = results["neighbour"]
+        for label in ("alone", "unthrottled", "throttled_10_mb_s"):
+            r = n[label]
+            print(f"{'pgbench -S':<12} {label:<18} latency {r['lat_ms']} ms, {r['tps']:,} tps"
+                  + (f", {r['lat_vs_alone']}x alone, snapshot {r['snapshot_s']} s" if label != "alone" else ""))
     if "large_transaction" in results:
         lt = results["large_transaction"]
         print(f"{'large txn':<12} {lt['rows']:,} rows in one transaction: {lt['wal2delta_s']} s into raw + curated, "

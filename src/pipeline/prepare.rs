@@ -185,6 +185,7 @@ async fn copy_tables(
         name,
         source.snapshot_workers,
         source.snapshot_chunk_bytes,
+        source.snapshot_rate,
     )
     .await?;
     tracing::info!(tables = tables.len(), at = %point, workers = source.snapshot_workers, "initial snapshot started");

@@ -46,6 +46,10 @@ pub struct SourceConfig {
     /// Size of the table ranges (in MiB of heap) the snapshot copies as one unit.
     #[serde(default = "default_snapshot_chunk_mb")]
     pub snapshot_chunk_mb: u64,
+    /// The most COPY data (MiB per second) a snapshot or resync reads, all its connections
+    /// together; 0: as fast as the source sends it.
+    #[serde(default)]
+    pub snapshot_max_mb_per_sec: f64,
     /// Seconds between heartbeats (`pg_logical_emit_message`); unset: none.
     pub heartbeat_secs: Option<u64>,
 }
@@ -88,6 +92,8 @@ pub struct SourceSettings {
     pub snapshot: SnapshotMode,
     pub snapshot_workers: usize,
     pub snapshot_chunk_bytes: i64,
+    /// The copy's rate limit in bytes per second, if any.
+    pub snapshot_rate: Option<f64>,
     /// Interval of the optional WAL heartbeat.
     pub heartbeat: Option<Duration>,
 }
@@ -142,6 +148,12 @@ impl SourceConfig {
         if !(1..=65536).contains(&self.snapshot_chunk_mb) {
             problems.push("source.snapshot_chunk_mb: must be from 1 to 65536".into());
         }
+        if !self.snapshot_max_mb_per_sec.is_finite() || self.snapshot_max_mb_per_sec < 0.0 {
+            problems.push(
+                "source.snapshot_max_mb_per_sec: must be 0 (no limit) or a positive number of MiB per second"
+                    .into(),
+            );
+        }
         if self.heartbeat_secs == Some(0) {
             problems
                 .push("source.heartbeat_secs: must be at least 1 (or unset: no heartbeat)".into());
@@ -157,6 +169,8 @@ impl SourceConfig {
             snapshot,
             snapshot_workers: self.snapshot_workers,
             snapshot_chunk_bytes: (self.snapshot_chunk_mb * 1024 * 1024) as i64,
+            snapshot_rate: (self.snapshot_max_mb_per_sec > 0.0)
+                .then_some(self.snapshot_max_mb_per_sec * 1024.0 * 1024.0),
             heartbeat: self.heartbeat_secs.map(|s| Duration::from_secs(s.max(1))),
         })
     }

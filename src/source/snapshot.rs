@@ -76,16 +76,54 @@ pub async fn import_snapshot(client: &Client, name: &str) -> Result<(), CatalogE
 pub struct SnapshotReader {
     clients: Vec<Arc<Client>>,
     chunk_bytes: i64,
+    /// Bytes per second all copying connections may read together.
+    rate: Option<f64>,
+}
+
+/// Caps the COPY data a table's copying connections read together
+/// (`source.snapshot_max_mb_per_sec`): each chunk is admitted at the pace the rate allows
+/// since the copy began. Reading slower makes the source's backends wait on their sockets,
+/// so the limit holds for the source's disk and CPU too.
+struct RateLimit {
+    bytes_per_sec: f64,
+    started: std::time::Instant,
+    read: Mutex<f64>,
+}
+
+impl RateLimit {
+    fn new(bytes_per_sec: f64) -> RateLimit {
+        RateLimit {
+            bytes_per_sec,
+            started: std::time::Instant::now(),
+            read: Mutex::new(0.0),
+        }
+    }
+
+    async fn take(&self, bytes: usize) {
+        let due = {
+            let Ok(mut read) = self.read.lock() else {
+                return;
+            };
+            *read += bytes as f64;
+            *read / self.bytes_per_sec
+        };
+        let wait = std::time::Duration::from_secs_f64(due).saturating_sub(self.started.elapsed());
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
 }
 
 impl SnapshotReader {
     /// Opens `workers` connections and imports the snapshot `name` in each. Tables are
-    /// copied in ranges of about `chunk_bytes` of heap.
+    /// copied in ranges of about `chunk_bytes` of heap, reading at most `rate` bytes per
+    /// second when given.
     pub async fn open(
         params: &ConnParams,
         name: &str,
         workers: usize,
         chunk_bytes: i64,
+        rate: Option<f64>,
     ) -> Result<SnapshotReader, SnapshotError> {
         let mut clients = Vec::with_capacity(workers);
         for _ in 0..workers.max(1) {
@@ -96,6 +134,7 @@ impl SnapshotReader {
         Ok(SnapshotReader {
             clients,
             chunk_bytes,
+            rate,
         })
     }
 
@@ -122,6 +161,7 @@ impl SnapshotReader {
             snapshot_ts: chrono::Utc::now().timestamp_micros(),
             ranges: Mutex::new(ranges),
             seq: std::sync::atomic::AtomicI64::new(0),
+            limit: self.rate.map(RateLimit::new),
         });
         let mut tasks = Vec::new();
         for client in self.clients.iter().take(range_count) {
@@ -250,6 +290,7 @@ struct CopyJob {
     /// Numbers the table's snapshot rows across all tasks, so that (`_commit_lsn`,
     /// `_seq`) names one row of the raw log, as it does for changes.
     seq: std::sync::atomic::AtomicI64,
+    limit: Option<RateLimit>,
 }
 
 impl CopyJob {
@@ -292,6 +333,9 @@ impl CopyJob {
         let mut rows = 0u64;
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(CatalogError::from)?;
+            if let Some(limit) = &self.limit {
+                limit.take(chunk.len()).await;
+            }
             for line in lines.push(&chunk) {
                 let tuple = parse_copy_line(&line, field_count)
                     .ok_or_else(|| copy_err("COPY sent a row with the wrong number of fields"))?;

@@ -8,6 +8,7 @@ mod faults;
 mod harness;
 mod maintenance;
 mod memory;
+mod neighbour;
 mod ops;
 mod partitioned;
 mod progress;
