@@ -147,6 +147,8 @@ async fn guard_publication(
         .and_then(|r| r.load_guard_state())
         .and_then(|text| serde_json::from_str(&text).ok());
     // The first look is at once: it is the baseline the key is compared with.
+    // One connection for every look, opened again after an error.
+    let mut client: Option<tokio_postgres::Client> = None;
     let mut first = true;
     loop {
         if !first {
@@ -159,8 +161,13 @@ async fn guard_publication(
         let checked = tokio::select! {
             _ = cancel.cancelled() => return,
             checked = async {
-                let found = diagnosis::publication_guard(&source, config_path.as_deref()).await?;
-                let now = diagnosis::table_shapes(&source).await?;
+                let c = match client.take() {
+                    Some(c) => c,
+                    None => catalog::connect(&source.conn).await?,
+                };
+                let found = diagnosis::publication_guard(&c, &source, config_path.as_deref()).await?;
+                let now = diagnosis::table_shapes(&c, &source).await?;
+                client = Some(c);
                 Ok::<_, catalog::CatalogError>((found, now))
             } => checked,
         };
@@ -206,8 +213,9 @@ async fn guard_publication(
                     return;
                 }
                 Ok(mut changed) if !changed.is_empty() => {
-                    // When it cannot tell, the partitions stay in: copying is the safe side.
-                    let _ = diagnosis::drop_empty_attached(&source, &mut changed).await;
+                    if let Some(c) = &client {
+                        diagnosis::drop_empty_attached(c, &mut changed).await;
+                    }
                     if changed.is_empty() {
                         continue;
                     }

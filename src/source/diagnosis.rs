@@ -8,6 +8,8 @@
 
 use std::path::Path;
 
+use tokio_postgres::Client;
+
 use super::catalog::{self, SlotInfo};
 use super::config::SourceSettings;
 use super::replication::ServerError;
@@ -170,12 +172,12 @@ impl std::fmt::Display for PartitionsChanged {
 
 /// The shape of every configured table that exists now.
 pub async fn table_shapes(
+    client: &Client,
     source: &SourceSettings,
 ) -> Result<std::collections::BTreeMap<String, TableShape>, super::catalog::CatalogError> {
-    let client = catalog::connect(&source.conn).await?;
     let mut shapes = std::collections::BTreeMap::new();
     for table in &source.tables {
-        let Some(info) = catalog::table_info(&client, table).await? else {
+        let Some(info) = catalog::table_info(client, table).await? else {
             continue; // dropped: the publication guard reports it
         };
         let mut partitions = std::collections::BTreeMap::new();
@@ -210,15 +212,9 @@ pub async fn table_shapes(
 
 /// Leaves out of `changed.attached` the partitions that hold no rows: a partition created
 /// empty (`CREATE TABLE … PARTITION OF`, partitions made ahead of time) brings nothing the
-/// stream did not carry, and needs no copy.
-pub async fn drop_empty_attached(
-    source: &SourceSettings,
-    changed: &mut PartitionsChanged,
-) -> Result<(), super::catalog::CatalogError> {
-    if changed.attached.is_empty() {
-        return Ok(());
-    }
-    let client = catalog::connect(&source.conn).await?;
+/// stream did not carry, and needs no copy. A partition it cannot look at stays in (copying
+/// is the safe side).
+pub async fn drop_empty_attached(client: &Client, changed: &mut PartitionsChanged) {
     let mut kept = Vec::new();
     for name in changed.attached.drain(..) {
         // `name` is the catalog's own quoted `schema.table`.
@@ -232,7 +228,6 @@ pub async fn drop_empty_attached(
         }
     }
     changed.attached = kept;
-    Ok(())
 }
 
 /// Compares a table's shape with the one remembered: a changed key stops the daemon
@@ -291,11 +286,11 @@ pub fn usable_slot(
 /// that it does not, as an error naming the fix. `Ok(None)` also when the publication is
 /// missing (the stream itself reports that, with its own fix).
 pub async fn publication_guard(
+    client: &Client,
     source: &SourceSettings,
     config_path: Option<&Path>,
 ) -> Result<Option<SourceUnusable>, super::catalog::CatalogError> {
-    let client = catalog::connect(&source.conn).await?;
-    let Some(published) = catalog::publication_state(&client, &source.publication).await? else {
+    let Some(published) = catalog::publication_state(client, &source.publication).await? else {
         return Ok(None);
     };
     for table in &source.tables {

@@ -158,9 +158,11 @@ async fn a_second_daemon_on_the_same_lake_is_refused() {
     assert!(second.terminate(Duration::from_secs(30)).success());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn validate_refuses_a_source_without_logical_wal() {
-    let pg = crate::harness::PgCluster::start_with(&[("PG_WAL_LEVEL", "replica")]);
+/// Creates table `t` and its publication on `pg`; returns the config path in `dir`.
+async fn one_table_source(
+    pg: &crate::harness::PgCluster,
+    dir: &std::path::Path,
+) -> std::path::PathBuf {
     pg.client()
         .await
         .batch_execute(
@@ -168,17 +170,33 @@ async fn validate_refuses_a_source_without_logical_wal() {
         )
         .await
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("c.toml");
+    dir.join("c.toml")
+}
+
+/// Writes `dir/c.toml` for table `t` on `pg`, with `source_extra` in `[source]`.
+fn write_one_table_config(
+    pg: &crate::harness::PgCluster,
+    dir: &std::path::Path,
+    source_extra: &str,
+) {
     std::fs::write(
-        &cfg,
+        dir.join("c.toml"),
         format!(
-            "[source]\ndsn = {:?}\nslot = \"s\"\npublication = \"w2d_pub\"\ntables = [\"t\"]\n[lake]\npath = {:?}\n",
+            "[source]\ndsn = {:?}\nslot = \"s\"\npublication = \"w2d_pub\"\ntables = [\"t\"]\n\
+             {source_extra}[lake]\npath = {:?}\n",
             pg.dsn("postgres"),
-            dir.path().join("lake").to_str().unwrap()
+            dir.join("lake").to_str().unwrap()
         ),
     )
     .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validate_refuses_a_source_without_logical_wal() {
+    let pg = crate::harness::PgCluster::start_with(&[("PG_WAL_LEVEL", "replica")]);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = one_table_source(&pg, dir.path()).await;
+    write_one_table_config(&pg, dir.path(), "");
     let (ok, out) = run(&["validate", "--config", cfg.to_str().unwrap()]);
     assert!(!ok, "validate accepted wal_level = replica:\n{out}");
     assert!(
@@ -191,26 +209,10 @@ async fn validate_refuses_a_source_without_logical_wal() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn validate_warns_when_snapshot_workers_exceed_the_free_connections() {
     let pg = crate::harness::PgCluster::start_with(&[("PG_MAX_CONNECTIONS", "12")]);
-    pg.client()
-        .await
-        .batch_execute(
-            "CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION w2d_pub FOR TABLE t;",
-        )
-        .await
-        .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("c.toml");
+    let cfg = one_table_source(&pg, dir.path()).await;
     let write = |workers: u32| {
-        std::fs::write(
-            &cfg,
-            format!(
-                "[source]\ndsn = {:?}\nslot = \"s\"\npublication = \"w2d_pub\"\ntables = [\"t\"]\n\
-                 snapshot_workers = {workers}\n[lake]\npath = {:?}\n",
-                pg.dsn("postgres"),
-                dir.path().join("lake").to_str().unwrap()
-            ),
-        )
-        .unwrap()
+        write_one_table_config(&pg, dir.path(), &format!("snapshot_workers = {workers}\n"))
     };
     write(16);
     let (ok, out) = run(&["validate", "--config", cfg.to_str().unwrap()]);

@@ -29,9 +29,9 @@ SELECT g, CASE WHEN g % 10 = 0 THEN NULL ELSE 'cliente ' || g || ' ção' END,
 FROM generate_series(1, 3000) g;
 ";
 
+/// `wal2delta verify`, letting the runtime's other tasks (a workload) run meanwhile.
 async fn verify(env: &Env) -> (i32, String) {
-    let env_ref = env;
-    tokio::task::block_in_place(|| wal2delta(env_ref, &["verify", "--wait", "60"]))
+    tokio::task::block_in_place(|| wal2delta(env, &["verify", "--wait", "60"]))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
