@@ -32,9 +32,19 @@ pub struct ServeConfig {
     /// Per-statement time limit (seconds; 0: none).
     #[serde(default = "default_query_timeout")]
     pub query_timeout_secs: u64,
-    /// Per-statement memory limit for joins, sorts and aggregates (MiB).
+    /// Per-statement memory limit for joins, sorts, aggregates and the results of
+    /// functions that build large values (MiB).
     #[serde(default = "default_query_memory")]
     pub query_memory_mb: u64,
+    /// Memory all statements together may reserve (MiB).
+    #[serde(default = "default_memory")]
+    pub memory_mb: u64,
+    /// Largest single value a statement may build or send (MiB).
+    #[serde(default = "default_max_value")]
+    pub max_value_mb: u64,
+    /// Largest result a statement may send (MiB; 0: no cap).
+    #[serde(default)]
+    pub max_result_mb: u64,
     /// Directory of `<view>.sql` files served as `refined.<view>`; relative paths are
     /// taken from the configuration file's directory. Default: `sql/refined` there.
     pub refined_dir: Option<PathBuf>,
@@ -54,6 +64,9 @@ impl Default for ServeConfig {
             max_connections: default_max_connections(),
             query_timeout_secs: default_query_timeout(),
             query_memory_mb: default_query_memory(),
+            memory_mb: default_memory(),
+            max_value_mb: default_max_value(),
+            max_result_mb: 0,
             refined_dir: None,
             poll_interval_ms: default_poll_ms(),
         }
@@ -79,7 +92,13 @@ fn default_query_timeout() -> u64 {
     300
 }
 fn default_query_memory() -> u64 {
-    1024
+    256
+}
+fn default_memory() -> u64 {
+    512
+}
+fn default_max_value() -> u64 {
+    64
 }
 fn default_poll_ms() -> u64 {
     1000
@@ -95,6 +114,9 @@ pub struct ServeSettings {
     pub max_connections: usize,
     pub query_timeout: Option<std::time::Duration>,
     pub query_memory_bytes: usize,
+    /// `serve.memory_mb` in bytes.
+    pub memory_bytes: usize,
+    pub output: super::budget::Output,
     pub refined_dir: PathBuf,
     pub poll_interval: std::time::Duration,
 }
@@ -161,6 +183,15 @@ impl ServeConfig {
         if self.query_memory_mb == 0 {
             problems.push("serve.query_memory_mb: must be at least 1".into());
         }
+        if self.memory_mb < self.query_memory_mb {
+            problems.push(format!(
+                "serve.memory_mb ({}) is less than serve.query_memory_mb ({}): all statements together would have less memory than one; raise serve.memory_mb or lower serve.query_memory_mb",
+                self.memory_mb, self.query_memory_mb
+            ));
+        }
+        if self.max_value_mb == 0 || self.max_value_mb > 1024 {
+            problems.push("serve.max_value_mb: must be from 1 to 1024 (Postgres's own cap on a value is 1 GB)".into());
+        }
         if self.poll_interval_ms < 10 {
             problems.push("serve.poll_interval_ms: must be at least 10".into());
         }
@@ -172,7 +203,13 @@ impl ServeConfig {
             max_connections: self.max_connections,
             query_timeout: (self.query_timeout_secs > 0)
                 .then(|| std::time::Duration::from_secs(self.query_timeout_secs)),
-            query_memory_bytes: (self.query_memory_mb.min(1 << 30) * 1024 * 1024) as usize,
+            query_memory_bytes: super::budget::mib(self.query_memory_mb),
+            memory_bytes: super::budget::mib(self.memory_mb),
+            output: super::budget::Output {
+                max_value: super::budget::mib(self.max_value_mb),
+                max_result: (self.max_result_mb > 0)
+                    .then(|| super::budget::mib(self.max_result_mb)),
+            },
             refined_dir: self
                 .refined_dir
                 .clone()

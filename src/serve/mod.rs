@@ -13,9 +13,15 @@
 //! - `run` serves next to replication; `wal2delta serve` serves a lake read-only (another
 //!   host can serve the same lake); both use this module.
 //! - Read-only is decided on the parsed statement (`read_only`).
+//! - Sessions run on the endpoint's own threads ([`SqlRuntime`]), at a lower CPU priority
+//!   than replication, so a storm of heavy statements cannot stall the apply loop; their
+//!   memory is bounded by `budget` and `growth`.
 
 pub mod auth;
+pub mod budget;
 pub mod config;
+pub mod growth;
+pub mod held_batches;
 pub mod read_only;
 pub mod session;
 pub mod view;
@@ -60,6 +66,62 @@ pub enum ServeError {
     Refined(#[from] view::RefinedError),
     #[error("cannot read the lake's checkpoint: {0}")]
     Lake(String),
+    #[error(
+        "cannot start the SQL endpoint's threads: {0}; the host may be out of threads or memory (check ulimit -u and the unit's TasksMax)"
+    )]
+    Threads(std::io::Error),
+}
+
+/// How much nicer than the rest of the daemon the SQL threads run (`nice` steps): at 10,
+/// the kernel gives a busy replication thread about ten times the CPU of a busy SQL one.
+pub const SQL_NICE: i32 = 10;
+
+/// The threads SQL sessions run on, with their DataFusion work and reads; shut down
+/// (sessions dropped) when the endpoint stops.
+struct SqlRuntime(Option<tokio::runtime::Runtime>);
+
+impl SqlRuntime {
+    fn start() -> Result<SqlRuntime, ServeError> {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .thread_name("wal2delta-sql")
+            .on_thread_start(lower_priority)
+            .enable_all()
+            .build()
+            .map(|r| SqlRuntime(Some(r)))
+            .map_err(ServeError::Threads)
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0.as_ref().expect("running until dropped").handle()
+    }
+}
+
+impl Drop for SqlRuntime {
+    fn drop(&mut self) {
+        // Dropped inside the daemon's runtime, where a blocking shutdown is not allowed.
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Lowers the calling thread's CPU priority by [`SQL_NICE`] (Linux sets niceness per
+/// thread). Failing is harmless: the thread keeps the process's priority.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: plain system calls on the calling thread's own id; no memory is shared.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        *libc::__errno_location() = 0;
+        let current = libc::getpriority(libc::PRIO_PROCESS, tid);
+        let current = if *libc::__errno_location() == 0 {
+            current
+        } else {
+            0
+        };
+        libc::setpriority(libc::PRIO_PROCESS, tid, (current + SQL_NICE).min(19));
+    }
 }
 
 /// Loads the certificate chain and key; any problem is an error (never plaintext).
@@ -231,18 +293,14 @@ pub async fn start(
         settings.poll_interval,
         cancel.clone(),
     ));
-    let shared = Arc::new(Shared::new(
-        views,
-        latest_rx,
-        settings.query_timeout,
-        settings.query_memory_bytes,
-    ));
+    let shared = Arc::new(Shared::new(views, latest_rx, settings));
     let policy = Arc::new(Policy {
         users: settings.users.clone(),
         require_tls: settings.require_tls,
     });
     let max = settings.max_connections;
     let slots = Arc::new(Semaphore::new(max));
+    let runtime = SqlRuntime::start()?;
     Ok(async move {
         loop {
             let accepted = tokio::select! {
@@ -272,8 +330,23 @@ pub async fn start(
                 startup: Arc::new(Startup::new(policy.clone(), refusal)),
             };
             let tls = tls.clone();
-            tokio::spawn(async move {
+            // Registered again with the SQL threads' reactor, where the session runs.
+            let socket = match socket.into_std() {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "SQL endpoint: cannot hand the connection over");
+                    continue;
+                }
+            };
+            runtime.handle().spawn(async move {
                 let _connected = permit.map(|p| (p, crate::telemetry::SqlConnection::open()));
+                let socket = match tokio::net::TcpStream::from_std(socket) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %e, "SQL endpoint: cannot serve the connection");
+                        return;
+                    }
+                };
                 if let Err(e) = pgwire::tokio::process_socket(socket, tls, handlers).await {
                     tracing::debug!(%peer, error = %e, "SQL connection ended with an error");
                 }

@@ -8,12 +8,17 @@
 //! - every statement gets a fresh `SessionContext` over the view it reads, so one
 //!   statement sees one source position from planning to its last row, and a session's
 //!   `SET` cannot change another session's state;
-//! - that context has its own memory pool (`serve.query_memory_mb`) and the statement a
-//!   deadline (`serve.query_timeout_secs`) that also covers streaming the rows;
+//! - that context has its own memory pool (`serve.query_memory_mb`) inside the budget
+//!   all statements share (`serve.memory_mb`), with the functions that build large values
+//!   guarded and the batches it holds counted (`budget`, `growth`, `held_batches`), and
+//!   the statement a deadline
+//!   (`serve.query_timeout_secs`) that also covers streaming the rows, whose values and
+//!   total size are capped (`serve.max_value_mb`, `serve.max_result_mb`);
 //! - a prepared statement is planned again on the current view at each execution, so a
 //!   client that prepares once and executes for hours still sees new data;
 //! - writes are refused from the parsed statement (`read_only`);
-//! - DataFusion errors become Postgres SQLSTATEs (42601, 42P01, 42703, 53200, 57014…).
+//! - DataFusion errors become Postgres SQLSTATEs (42601, 42P01, 42703, 53200, 54000,
+//!   57014…).
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -27,7 +32,6 @@ use datafusion_postgres::pgwire;
 use deltalake::datafusion::common::DataFusionError;
 use deltalake::datafusion::execution::SessionStateBuilder;
 use deltalake::datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
-use deltalake::datafusion::execution::memory_pool::{GreedyMemoryPool, TrackConsumersPool};
 use deltalake::datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use deltalake::datafusion::logical_expr::LogicalPlan;
 use deltalake::datafusion::prelude::SessionContext;
@@ -43,6 +47,7 @@ use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use pgwire::messages::PgWireBackendMessage;
 use tokio::sync::watch;
 
+use super::budget::{Budget, Output, Sent, StatementPool, TooLarge};
 use super::read_only;
 use super::view::{Position, Target, View, Views};
 
@@ -55,7 +60,11 @@ pub struct Shared {
     /// The newest checkpoint record known (updated by `super::follow`).
     pub latest: watch::Receiver<Option<Position>>,
     pub timeout: Option<Duration>,
-    pub memory_bytes: usize,
+    /// Each statement's memory limit (`serve.query_memory_mb`).
+    pub statement_memory: usize,
+    /// What all statements together may reserve (`serve.memory_mb`).
+    pub budget: Arc<Budget>,
+    pub output: Output,
     /// Answers describe requests, which only look at a plan.
     describer: Arc<DfSessionService>,
 }
@@ -64,14 +73,15 @@ impl Shared {
     pub fn new(
         views: Arc<Views>,
         latest: watch::Receiver<Option<Position>>,
-        timeout: Option<Duration>,
-        memory_bytes: usize,
+        settings: &super::config::ServeSettings,
     ) -> Shared {
         Shared {
             views,
             latest,
-            timeout,
-            memory_bytes,
+            timeout: settings.query_timeout,
+            statement_memory: settings.query_memory_bytes,
+            budget: Arc::new(Budget::new(settings.memory_bytes)),
+            output: settings.output,
             describer: Arc::new(DfSessionService::new(Arc::new(SessionContext::new()))),
         }
     }
@@ -125,6 +135,7 @@ fn sqlstate(e: &DataFusionError) -> &'static str {
     match e.find_root() {
         DataFusionError::SQL(..) => "42601",
         DataFusionError::ResourcesExhausted(_) => "53200",
+        DataFusionError::External(e) if e.is::<TooLarge>() => "54000",
         DataFusionError::NotImplemented(_) => "0A000",
         DataFusionError::SchemaError(..) => {
             let m = e.to_string();
@@ -165,8 +176,11 @@ fn classify(e: PgWireError) -> PgWireError {
                 }
                 None => "XX000",
             };
-            let message = if code == "53200" {
-                format!("{message} (serve.query_memory_mb limits each statement)")
+            // Some operators replace the pool's message with their own.
+            let message = if code == "53200" && !message.contains("serve.") {
+                format!(
+                    "{message} (serve.query_memory_mb limits each statement, serve.memory_mb all statements together)"
+                )
             } else {
                 message
             };
@@ -282,13 +296,14 @@ fn service_for<C: ClientInfo + ?Sized>(
     client: &C,
 ) -> PgWireResult<Arc<DfSessionService>> {
     let base = view.state.runtime_env();
-    let pool = TrackConsumersPool::new(
-        GreedyMemoryPool::new(shared.memory_bytes),
-        std::num::NonZeroUsize::new(3).expect("3 > 0"),
-    );
+    let pool = Arc::new(StatementPool::new(
+        shared.budget.clone(),
+        shared.statement_memory,
+        shared.output.max_value,
+    ));
     let mut runtime = RuntimeEnvBuilder::new()
         .with_object_store_registry(base.object_store_registry.clone())
-        .with_memory_pool(Arc::new(pool))
+        .with_memory_pool(pool.clone())
         // No spilling: the limit is a limit, and the database host's disk is not ours.
         .with_disk_manager_builder(
             DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
@@ -302,18 +317,28 @@ fn service_for<C: ClientInfo + ?Sized>(
     if let Some(tz) = client.metadata().get("timezone") {
         config.options_mut().execution.time_zone = Some(tz.clone());
     }
-    let state = SessionStateBuilder::new_from_existing(view.state.clone())
+    let mut state = SessionStateBuilder::new_from_existing(view.state.clone())
         .with_config(config)
         .with_runtime_env(runtime)
+        .with_physical_optimizer_rule(Arc::new(super::held_batches::CountHeld))
         .build();
+    super::growth::guard(&mut state, &pool);
     Ok(Arc::new(DfSessionService::new(Arc::new(
         SessionContext::new_with_state(state),
     ))))
 }
 
-/// Rows of `response` stop with 57014 at `deadline`, errors get their SQLSTATE, and the
-/// statement's duration (from `started` to the last row) is recorded.
-fn limited(response: Response, deadline: Option<Instant>, started: Instant) -> Response {
+/// Rows of `response` stop with 57014 at `deadline` and with 54000 past the `output`
+/// caps, errors get their SQLSTATE, and the statement's duration (from `started` to the
+/// last row) is recorded. `service` (the statement's context and memory pool) is kept
+/// until the last row: the running plan does not hold it.
+fn limited(
+    response: Response,
+    deadline: Option<Instant>,
+    started: Instant,
+    output: Output,
+    service: Arc<DfSessionService>,
+) -> Response {
     let Response::Query(mut query) = response else {
         crate::telemetry::sql_statement_duration(started.elapsed());
         return response;
@@ -321,29 +346,40 @@ fn limited(response: Response, deadline: Option<Instant>, started: Instant) -> R
     let fields = query.row_schema();
     let tag = query.command_tag().to_string();
     let rows = std::mem::replace(query.data_rows(), Box::pin(futures::stream::empty()));
-    let stream = futures::stream::unfold((rows, false), move |(mut rows, done)| async move {
-        if done {
-            return None;
-        }
-        let next = match deadline {
-            Some(d) => match tokio::time::timeout_at(d.into(), rows.next()).await {
-                Ok(next) => next,
-                Err(_) => {
-                    crate::telemetry::sql_statement_duration(started.elapsed());
-                    return Some((Err(timeout_error()), (rows, true)));
-                }
-            },
-            None => rows.next().await,
-        };
-        match next {
-            Some(Ok(row)) => Some((Ok(row), (rows, false))),
-            Some(Err(e)) => {
-                crate::telemetry::sql_statement_duration(started.elapsed());
-                Some((Err(classify(e)), (rows, true)))
+    let sent = Sent::new(output);
+    let stream = futures::stream::unfold((rows, sent, false), move |(mut rows, mut sent, done)| {
+        // Captured by the closure, which lives as long as the stream.
+        let _statement = &service;
+        async move {
+            if done {
+                return None;
             }
-            None => {
-                crate::telemetry::sql_statement_duration(started.elapsed());
-                None
+            let next = match deadline {
+                Some(d) => match tokio::time::timeout_at(d.into(), rows.next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        crate::telemetry::sql_statement_duration(started.elapsed());
+                        return Some((Err(timeout_error()), (rows, sent, true)));
+                    }
+                },
+                None => rows.next().await,
+            };
+            match next {
+                Some(Ok(row)) => match sent.row(&row.data) {
+                    Ok(()) => Some((Ok(row), (rows, sent, false))),
+                    Err(message) => {
+                        crate::telemetry::sql_statement_duration(started.elapsed());
+                        Some((Err(user_error("54000", message)), (rows, sent, true)))
+                    }
+                },
+                Some(Err(e)) => {
+                    crate::telemetry::sql_statement_duration(started.elapsed());
+                    Some((Err(classify(e)), (rows, sent, true)))
+                }
+                None => {
+                    crate::telemetry::sql_statement_duration(started.elapsed());
+                    None
+                }
             }
         }
     });
@@ -483,7 +519,9 @@ impl SimpleQueryHandler for Session {
                     )
                     .await
                     .map_err(classify)?;
-                    responses.extend(results.into_iter().map(|r| limited(r, deadline, started)));
+                    responses.extend(results.into_iter().map(|r| {
+                        limited(r, deadline, started, self.shared.output, service.clone())
+                    }));
                 }
                 Ok(responses)
             }
@@ -641,7 +679,13 @@ impl ExtendedQueryHandler for Session {
                 )
                 .await
                 .map_err(classify)?;
-                Ok(limited(response, deadline, started))
+                Ok(limited(
+                    response,
+                    deadline,
+                    started,
+                    self.shared.output,
+                    service,
+                ))
             }
             .await,
         )

@@ -534,3 +534,14 @@ pub fn wal2delta(env: &Env, args: &[&str]) -> (i32, String) {
         ),
     )
 }
+
+/// Peak resident set size of a process, in bytes (`VmHWM` in /proc).
+pub fn peak_rss(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}

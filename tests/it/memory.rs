@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::harness::{Env, count_delta, query_delta};
+use crate::harness::{Env, count_delta, peak_rss, query_delta};
 
 const ROWS: i64 = 1_000_000;
 
@@ -12,17 +12,6 @@ const SETUP: &str = r#"
 CREATE TABLE big (id bigint PRIMARY KEY, payload text NOT NULL);
 CREATE PUBLICATION w2d_pub FOR TABLE big;
 "#;
-
-/// Peak resident set size of a process, in bytes (`VmHWM` in /proc).
-fn peak_rss(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_huge_transaction_streams_with_bounded_memory() {
