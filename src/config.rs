@@ -162,4 +162,37 @@ mod tests {
             parse(&GOOD.replace("[lake]", "[apply]\nmax_batch_rows = 0\n[lake]")).unwrap_err();
         assert!(err.contains("apply.max_batch_rows"), "{err}");
     }
+
+    #[test]
+    fn snapshot_limits_by_table_name_their_table() {
+        let limits = |extra: &str| {
+            parse(&GOOD.replace("[lake]", &format!("{extra}\n[lake]")))
+                .map(|s| s.source.snapshot_limits)
+        };
+        let l = limits(
+            "snapshot_max_rows_per_sec = 1000\n\
+             snapshot_table_limits = { 'sales.\"Big Table\"' = { max_mb_per_sec = 2 } }",
+        )
+        .unwrap();
+        assert_eq!(l.overall.rows_per_sec, Some(1000.0));
+        assert_eq!(l.overall.bytes_per_sec, None);
+        let big = l.tables[&crate::table_name::TableName::parse("sales.\"Big Table\"")
+            .unwrap()
+            .to_string()];
+        assert_eq!(big.bytes_per_sec, Some(2.0 * 1024.0 * 1024.0));
+        let err = limits("snapshot_table_limits = { \"public.b\" = { max_rows_per_sec = 5 } }")
+            .unwrap_err();
+        assert!(err.contains("`public.b` is not in source.tables"), "{err}");
+        let err = limits("snapshot_max_rows_per_sec = -1").unwrap_err();
+        assert!(err.contains("source.snapshot_max_rows_per_sec"), "{err}");
+        let err = parse(&GOOD.replace("[lake]", "[lake]").replace(
+            "path = \"/tmp/lake\"",
+            "path = \"/tmp/lake\"\n[serve]\nmemory_mb = 64\nquery_memory_mb = 128",
+        ))
+        .unwrap_err();
+        assert!(
+            err.contains("serve.memory_mb (64) is less than serve.query_memory_mb (128)"),
+            "{err}"
+        );
+    }
 }

@@ -185,7 +185,7 @@ async fn copy_tables(
         name,
         source.snapshot_workers,
         source.snapshot_chunk_bytes,
-        source.snapshot_rate,
+        &source.snapshot_limits,
     )
     .await?;
     tracing::info!(tables = tables.len(), at = %point, workers = source.snapshot_workers, "initial snapshot started");

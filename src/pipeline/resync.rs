@@ -179,7 +179,7 @@ async fn resync(
         &name,
         source.snapshot_workers,
         source.snapshot_chunk_bytes,
-        source.snapshot_rate,
+        &source.snapshot_limits,
     )
     .await
     .map_err(PipelineError::from);

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::dsn::ConnParams;
+use super::snapshot::{CopyRate, SnapshotLimits};
 use crate::secret::Secret;
 use crate::table_name::TableName;
 
@@ -50,9 +51,39 @@ pub struct SourceConfig {
     /// together; 0: as fast as the source sends it.
     #[serde(default)]
     pub snapshot_max_mb_per_sec: f64,
+    /// The most rows per second a snapshot or resync reads, all its connections together;
+    /// 0: no limit.
+    #[serde(default)]
+    pub snapshot_max_rows_per_sec: f64,
+    /// Limits for one table's copy, by `schema.table`, besides the overall ones.
+    #[serde(default)]
+    pub snapshot_table_limits: std::collections::BTreeMap<String, TableLimitConfig>,
     /// Seconds between heartbeats (`pg_logical_emit_message`); unset: none.
     pub heartbeat_secs: Option<u64>,
 }
+
+/// `source.snapshot_table_limits."schema.table"`: one table's copy rate (0: no limit).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableLimitConfig {
+    #[serde(default)]
+    pub max_mb_per_sec: f64,
+    #[serde(default)]
+    pub max_rows_per_sec: f64,
+}
+
+/// `value` as a rate (`None` for 0), or a problem naming `setting`.
+fn rate(value: f64, scale: f64, setting: &str, problems: &mut Vec<String>) -> Option<f64> {
+    if !value.is_finite() || value < 0.0 {
+        problems.push(format!(
+            "{setting}: must be 0 (no limit) or a positive number, not {value}"
+        ));
+        return None;
+    }
+    (value > 0.0).then_some(value * scale)
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
 
 /// Whether a missing snapshot is taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,8 +123,8 @@ pub struct SourceSettings {
     pub snapshot: SnapshotMode,
     pub snapshot_workers: usize,
     pub snapshot_chunk_bytes: i64,
-    /// The copy's rate limit in bytes per second, if any.
-    pub snapshot_rate: Option<f64>,
+    /// The copy's rate limits, overall and by table.
+    pub snapshot_limits: SnapshotLimits,
     /// Interval of the optional WAL heartbeat.
     pub heartbeat: Option<Duration>,
 }
@@ -148,11 +179,48 @@ impl SourceConfig {
         if !(1..=65536).contains(&self.snapshot_chunk_mb) {
             problems.push("source.snapshot_chunk_mb: must be from 1 to 65536".into());
         }
-        if !self.snapshot_max_mb_per_sec.is_finite() || self.snapshot_max_mb_per_sec < 0.0 {
-            problems.push(
-                "source.snapshot_max_mb_per_sec: must be 0 (no limit) or a positive number of MiB per second"
-                    .into(),
-            );
+        let mut snapshot_limits = SnapshotLimits {
+            overall: CopyRate {
+                bytes_per_sec: rate(
+                    self.snapshot_max_mb_per_sec,
+                    MIB,
+                    "source.snapshot_max_mb_per_sec",
+                    problems,
+                ),
+                rows_per_sec: rate(
+                    self.snapshot_max_rows_per_sec,
+                    1.0,
+                    "source.snapshot_max_rows_per_sec",
+                    problems,
+                ),
+            },
+            tables: Default::default(),
+        };
+        for (name, limit) in &self.snapshot_table_limits {
+            let setting = format!("source.snapshot_table_limits.\"{name}\"");
+            match TableName::parse(name) {
+                Ok(t) if tables.contains(&t) => {
+                    let rate = CopyRate {
+                        bytes_per_sec: rate(
+                            limit.max_mb_per_sec,
+                            MIB,
+                            &format!("{setting}.max_mb_per_sec"),
+                            problems,
+                        ),
+                        rows_per_sec: rate(
+                            limit.max_rows_per_sec,
+                            1.0,
+                            &format!("{setting}.max_rows_per_sec"),
+                            problems,
+                        ),
+                    };
+                    snapshot_limits.tables.insert(t.to_string(), rate);
+                }
+                Ok(_) => problems.push(format!(
+                    "{setting}: `{name}` is not in source.tables; list it there or remove its limits"
+                )),
+                Err(e) => problems.push(format!("{setting}: {e}")),
+            }
         }
         if self.heartbeat_secs == Some(0) {
             problems
@@ -169,8 +237,7 @@ impl SourceConfig {
             snapshot,
             snapshot_workers: self.snapshot_workers,
             snapshot_chunk_bytes: (self.snapshot_chunk_mb * 1024 * 1024) as i64,
-            snapshot_rate: (self.snapshot_max_mb_per_sec > 0.0)
-                .then_some(self.snapshot_max_mb_per_sec * 1024.0 * 1024.0),
+            snapshot_limits,
             heartbeat: self.heartbeat_secs.map(|s| Duration::from_secs(s.max(1))),
         })
     }

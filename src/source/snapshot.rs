@@ -76,54 +76,87 @@ pub async fn import_snapshot(client: &Client, name: &str) -> Result<(), CatalogE
 pub struct SnapshotReader {
     clients: Vec<Arc<Client>>,
     chunk_bytes: i64,
-    /// Bytes per second all copying connections may read together.
-    rate: Option<f64>,
+    /// What every table's copy obeys besides its own limits.
+    overall: Arc<Paces>,
+    limits: SnapshotLimits,
 }
 
-/// Caps the COPY data a table's copying connections read together
-/// (`source.snapshot_max_mb_per_sec`): each chunk is admitted at the pace the rate allows
-/// since the copy began. Reading slower makes the source's backends wait on their sockets,
-/// so the limit holds for the source's disk and CPU too.
-struct RateLimit {
-    bytes_per_sec: f64,
-    started: std::time::Instant,
-    read: Mutex<f64>,
+/// Paces work to `per_sec` units a second: each amount done pushes the earliest time
+/// the next may start, and the caller waits for it. Idle time earns no credit, so a
+/// copy never bursts after a pause (a commit between two tables).
+struct Pace {
+    per_sec: f64,
+    next: Mutex<std::time::Instant>,
 }
 
-impl RateLimit {
-    fn new(bytes_per_sec: f64) -> RateLimit {
-        RateLimit {
-            bytes_per_sec,
-            started: std::time::Instant::now(),
-            read: Mutex::new(0.0),
+impl Pace {
+    fn new(per_sec: f64) -> Pace {
+        Pace {
+            per_sec,
+            next: Mutex::new(std::time::Instant::now()),
         }
     }
 
-    async fn take(&self, bytes: usize) {
-        let due = {
-            let Ok(mut read) = self.read.lock() else {
-                return;
-            };
-            *read += bytes as f64;
-            *read / self.bytes_per_sec
+    /// How long to wait after doing `amount`.
+    fn wait_for(&self, amount: f64) -> std::time::Duration {
+        let Ok(mut next) = self.next.lock() else {
+            return std::time::Duration::ZERO;
         };
-        let wait = std::time::Duration::from_secs_f64(due).saturating_sub(self.started.elapsed());
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
+        let now = std::time::Instant::now();
+        *next = (*next).max(now) + std::time::Duration::from_secs_f64(amount / self.per_sec);
+        next.saturating_duration_since(now)
+    }
+}
+
+/// The paces one copy obeys: bytes and rows per second.
+#[derive(Default)]
+struct Paces {
+    bytes: Option<Pace>,
+    rows: Option<Pace>,
+}
+
+impl Paces {
+    fn new(rate: &CopyRate) -> Paces {
+        Paces {
+            bytes: rate.bytes_per_sec.map(Pace::new),
+            rows: rate.rows_per_sec.map(Pace::new),
         }
     }
+
+    fn wait_for(&self, bytes: usize, rows: u64) -> std::time::Duration {
+        let b = self.bytes.as_ref().map(|p| p.wait_for(bytes as f64));
+        let r = self.rows.as_ref().map(|p| p.wait_for(rows as f64));
+        b.into_iter().chain(r).max().unwrap_or_default()
+    }
+}
+
+/// How fast a copy may read (`None`: as fast as the source sends).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CopyRate {
+    pub bytes_per_sec: Option<f64>,
+    pub rows_per_sec: Option<f64>,
+}
+
+/// The rate limits of a snapshot or resync (`source.snapshot_max_mb_per_sec`,
+/// `snapshot_max_rows_per_sec`, `snapshot_table_limits`): for all its connections and
+/// tables together, and for one table's copy. Reading slower makes the source's backends
+/// wait on their sockets, so the limits hold for the source's disk and CPU too.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SnapshotLimits {
+    pub overall: CopyRate,
+    /// By table (`schema.table`).
+    pub tables: std::collections::HashMap<String, CopyRate>,
 }
 
 impl SnapshotReader {
     /// Opens `workers` connections and imports the snapshot `name` in each. Tables are
-    /// copied in ranges of about `chunk_bytes` of heap, reading at most `rate` bytes per
-    /// second when given.
+    /// copied in ranges of about `chunk_bytes` of heap, within `limits`.
     pub async fn open(
         params: &ConnParams,
         name: &str,
         workers: usize,
         chunk_bytes: i64,
-        rate: Option<f64>,
+        limits: &SnapshotLimits,
     ) -> Result<SnapshotReader, SnapshotError> {
         let mut clients = Vec::with_capacity(workers);
         for _ in 0..workers.max(1) {
@@ -134,7 +167,8 @@ impl SnapshotReader {
         Ok(SnapshotReader {
             clients,
             chunk_bytes,
-            rate,
+            overall: Arc::new(Paces::new(&limits.overall)),
+            limits: limits.clone(),
         })
     }
 
@@ -161,7 +195,15 @@ impl SnapshotReader {
             snapshot_ts: chrono::Utc::now().timestamp_micros(),
             ranges: Mutex::new(ranges),
             seq: std::sync::atomic::AtomicI64::new(0),
-            limit: self.rate.map(RateLimit::new),
+            overall: self.overall.clone(),
+            own: Paces::new(
+                &self
+                    .limits
+                    .tables
+                    .get(&table.name.to_string())
+                    .copied()
+                    .unwrap_or_default(),
+            ),
         });
         let mut tasks = Vec::new();
         for client in self.clients.iter().take(range_count) {
@@ -290,7 +332,9 @@ struct CopyJob {
     /// Numbers the table's snapshot rows across all tasks, so that (`_commit_lsn`,
     /// `_seq`) names one row of the raw log, as it does for changes.
     seq: std::sync::atomic::AtomicI64,
-    limit: Option<RateLimit>,
+    /// The snapshot's limits for all tables, and this table's own.
+    overall: Arc<Paces>,
+    own: Paces,
 }
 
 impl CopyJob {
@@ -333,9 +377,7 @@ impl CopyJob {
         let mut rows = 0u64;
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(CatalogError::from)?;
-            if let Some(limit) = &self.limit {
-                limit.take(chunk.len()).await;
-            }
+            let lines_before = rows;
             for line in lines.push(&chunk) {
                 let tuple = parse_copy_line(&line, field_count)
                     .ok_or_else(|| copy_err("COPY sent a row with the wrong number of fields"))?;
@@ -352,6 +394,13 @@ impl CopyJob {
                 if builder.rows() >= BATCH_ROWS || builder.bytes() >= BATCH_BYTES {
                     send(&mut builder, out, &self.table).await?;
                 }
+            }
+            let wait = self
+                .overall
+                .wait_for(chunk.len(), rows - lines_before)
+                .max(self.own.wait_for(chunk.len(), rows - lines_before));
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
             }
         }
         if !lines.is_empty() {

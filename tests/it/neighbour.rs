@@ -13,10 +13,10 @@ CREATE TABLE largo (id int PRIMARY KEY, texto text);
 INSERT INTO largo SELECT g, repeat(md5(g::text), 6) FROM generate_series(1, 20000) g;
 ";
 
-/// The `elapsed_ms` of the daemon's `table snapshot committed` line.
-fn snapshot_ms(log: &str) -> u64 {
+/// The `elapsed_ms` of the daemon's `table snapshot committed` line for `table`.
+fn snapshot_ms(log: &str, table: &str) -> u64 {
     log.lines()
-        .find(|l| l.contains("table snapshot committed"))
+        .find(|l| l.contains("table snapshot committed") && l.contains(&format!("table={table} ")))
         .and_then(|l| l.split("elapsed_ms=").nth(1))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
@@ -42,7 +42,7 @@ async fn the_snapshot_reads_no_faster_than_its_limit() {
     env.write_config("postgres", &["public.largo"], "snapshot_max_mb_per_sec = 1");
     let mut daemon = env.daemon();
     env.wait_streaming().await;
-    let ms = snapshot_ms(&env.daemon_log());
+    let ms = snapshot_ms(&env.daemon_log(), "public.largo");
     let floor = (bytes as f64 / (1024.0 * 1024.0) * 1000.0 * 0.8) as u64;
     assert!(
         ms >= floor,
@@ -50,6 +50,38 @@ async fn the_snapshot_reads_no_faster_than_its_limit() {
     );
     env.wait_caught_up(Duration::from_secs(60)).await;
     assert_mirror(&env, "public.largo").await;
+    assert!(daemon.terminate(Duration::from_secs(30)).success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_limit_paces_only_its_table() {
+    let env = Env::new(&format!(
+        "{SETUP} CREATE TABLE pequeno (id int PRIMARY KEY); \
+         INSERT INTO pequeno SELECT generate_series(1, 20000);"
+    ))
+    .await;
+    env.write_config(
+        "postgres",
+        &["public.largo", "public.pequeno"],
+        "snapshot_table_limits = { \"public.largo\" = { max_rows_per_sec = 5000 } }",
+    );
+    let mut daemon = env.daemon();
+    env.wait_streaming().await;
+    let log = env.daemon_log();
+    // 20,000 rows at 5,000 rows/s: about 4 s; the other table as fast as it comes.
+    let limited = snapshot_ms(&log, "public.largo");
+    let free = snapshot_ms(&log, "public.pequeno");
+    assert!(
+        limited >= 3200,
+        "largo copied in {limited} ms at 5,000 rows/s"
+    );
+    assert!(
+        free < 3000,
+        "pequeno copied in {free} ms with no limit of its own"
+    );
+    env.wait_caught_up(Duration::from_secs(60)).await;
+    assert_mirror(&env, "public.largo").await;
+    assert_mirror(&env, "public.pequeno").await;
     assert!(daemon.terminate(Duration::from_secs(30)).success());
 }
 
