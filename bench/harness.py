@@ -29,12 +29,15 @@ wal2delta daemon (a release build: cargo build --release). Scenarios (quick mode
   neighbour   the source's own query latency (pgbench -S, 4 clients) alone, during an
               unthrottled snapshot of transacoes, and during one capped at
               source.snapshot_max_mb_per_sec = 10.
+  sql_load    freshness at 5,000 rows/s (10 s; full: 30 s) with no SQL clients and with 16
+              clients running the grouped aggregate of `queries` on the endpoint: commit to
+              durable in the lake and commit to visible through the endpoint.
   large_transaction
               one 2,000,000-row source transaction, drained from identical slots by
               pg_recvlogical and by wal2delta into raw + curated: time, ratio, peak RSS.
 
---only picks scenarios (snapshot, queries, streaming, merge, verify, large_transaction,
-freshness);
+--only picks scenarios (snapshot, queries, streaming, merge, verify, neighbour,
+large_transaction, freshness, sql_load);
 --batch-age-ms sets apply.max_batch_age_ms for every daemon. Needs psycopg and deltalake.
 
 Micro-benchmarks of the decoder and the batch builder: cargo bench (benches/).
@@ -59,7 +62,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNING = []  # every daemon started, killed when the harness exits early
 APPLY = ""  # extra [apply] settings for every daemon (--batch-age-ms)
 SCENARIOS = ["snapshot", "queries", "streaming", "merge", "verify", "neighbour", "large_transaction",
-             "freshness"]
+             "freshness", "sql_load"]
 TABLES = ["public.condominios", "public.imoveis", "public.moradores", "public.transacoes"]
 
 
@@ -488,8 +491,7 @@ def scenario_queries(args, work, dsn, conn):
     lake_dsn = d.lake_dsn()
     want = conn.execute("SELECT count(*) FROM transacoes").fetchone()[0]
     d.wait_served(want)
-    agg = """SELECT i.condominio_id, t.tipo, t.status, count(*), sum(t.valor), avg(t.valor)
-             FROM transacoes t JOIN imoveis i ON i.id = t.imovel_id GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"""
+    agg = AGGREGATE
     lookup = "SELECT id, imovel_id, tipo, status, valor, vencimento FROM transacoes WHERE id = %s"
     ids = [random.randint(1, want) for _ in range(args.lookups)]
     out = {}
@@ -514,16 +516,24 @@ def scenario_queries(args, work, dsn, conn):
     return out
 
 
-def scenario_freshness(args, work, dsn, conn, rate, seconds, svg):
+AGGREGATE = """SELECT i.condominio_id, t.tipo, t.status, count(*), sum(t.valor), avg(t.valor)
+             FROM transacoes t JOIN imoveis i ON i.id = t.imovel_id GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"""
+
+
+def scenario_freshness(args, work, dsn, conn, rate, seconds, svg, load=0):
     """Inserts `rate` rows/s into transacoes for `seconds`; for one transaction every
-    100 ms, the time from its commit to the row being visible through the SQL endpoint."""
+    100 ms, the time from its commit to the row being visible through the SQL endpoint,
+    and to its position being durable in the lake (the daemon's wal2delta_flushed_lsn).
+    With `load`, that many clients run the heavy aggregate on the endpoint meanwhile."""
     import threading
-    d = Daemon(args.binary, work, dsn, f"bench_f{rate}", name=f"fresh{rate}")
+    d = Daemon(args.binary, work, dsn, f"bench_f{rate}_{load}", name=f"fresh{rate}_{load}")
     lake_dsn = d.lake_dsn()
     d.wait_served(conn.execute("SELECT count(*) FROM transacoes").fetchone()[0])
     first = conn.execute("SELECT max(id) FROM transacoes").fetchone()[0] + 1_000_000
     samples = []  # (id, commit time)
+    lsns = {}  # id -> WAL position after its commit
     seen = {}
+    durable = {}  # id -> when the daemon reported it flushed
     done = threading.Event()
 
     def writer():
@@ -536,6 +546,8 @@ def scenario_freshness(args, work, dsn, conn, rate, seconds, svg):
                     FROM generate_series({next_id}, {next_id + per_tick - 1}) g""")
                 committed = time.perf_counter()
                 if tick % 10 == 0:
+                    lsns[next_id + per_tick - 1] = w.execute(
+                        "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()[0]
                     samples.append((next_id + per_tick - 1, committed))
                 next_id += per_tick
                 tick += 1
@@ -562,19 +574,52 @@ def scenario_freshness(args, work, dsn, conn, rate, seconds, svg):
                     return
                 time.sleep(0.005)
 
+    def flushed():
+        while True:
+            try:
+                top = metric_total(d.metrics(), "wal2delta_flushed_lsn")
+            except Exception:
+                top = 0
+            now = time.perf_counter()
+            for sid, _ in list(samples):
+                if sid not in durable and lsns.get(sid, float("inf")) <= top:
+                    durable[sid] = now
+            if done.is_set() and (all(sid in durable for sid, _ in samples)
+                                  or time.perf_counter() - done_at[0] > 30):
+                return
+            time.sleep(0.005)
+
+    aggregates = []  # duration of each aggregate run by the load clients
+
+    def load_client():
+        with psycopg.connect(lake_dsn, autocommit=True) as c:
+            while not done.is_set():
+                t = time.perf_counter()
+                c.execute(AGGREGATE).fetchall()
+                aggregates.append(time.perf_counter() - t)
+
     done_at = [0.0]
     polls = []  # duration of each endpoint query
     t_w = threading.Thread(target=writer)
     t_r = threading.Thread(target=poller)
+    t_f = threading.Thread(target=flushed)
+    loaders = [threading.Thread(target=load_client) for _ in range(load)]
+    for t in loaders:
+        t.start()
+    if load:
+        time.sleep(2)  # the load is running before the first sample
     m0 = d.metrics()
     t0 = time.perf_counter()
-    t_w.start(); t_r.start()
+    t_w.start(); t_r.start(); t_f.start()
     while t_w.is_alive():
         d.sample_rss(); time.sleep(0.2)
-    t_r.join()
+    t_r.join(); t_f.join()
+    for t in loaders:
+        t.join()
     m1 = d.metrics()
     lat = [(c - t0, seen[i] - c) for i, c in samples if i in seen]
     values = sorted(v for _, v in lat)
+    lake = sorted(durable[i] - c for i, c in samples if i in durable)
     rss = d.stop()
 
     def delta(name, *labels):
@@ -591,7 +636,7 @@ def scenario_freshness(args, work, dsn, conn, rate, seconds, svg):
              "curated_commit_mean_ms": mean_ms("wal2delta_delta_commit_duration_seconds", table, 'layer="curated"'),
              "endpoint_query_p50_ms": round(statistics.median(polls) * 1e3, 1) if polls else None,
              "endpoint_query_max_ms": round(max(polls) * 1e3, 1) if polls else None}
-    conn.execute(f"SELECT pg_drop_replication_slot('bench_f{rate}')")
+    conn.execute(f"SELECT pg_drop_replication_slot('bench_f{rate}_{load}')")
     if svg and lat:
         w, h, top = 600, 240, max(values) * 1.1
         pts = " ".join(f"{40 + x / seconds * (w - 50):.1f},{h - 20 - y / top * (h - 40):.1f}" for x, y in lat)
@@ -606,6 +651,11 @@ def scenario_freshness(args, work, dsn, conn, rate, seconds, svg):
             "p95_s": round(values[int(len(values) * 0.95)], 3) if values else None,
             "p99_s": round(values[min(len(values) - 1, int(len(values) * 0.99))], 3) if values else None,
             "max_s": round(values[-1], 3) if values else None, "peak_rss_mb": rss,
+            "lake_p50_s": round(lake[len(lake) // 2], 3) if lake else None,
+            "lake_p95_s": round(lake[int(len(lake) * 0.95)], 3) if lake else None,
+            "lake_max_s": round(lake[-1], 3) if lake else None,
+            "sql_clients": load, "aggregates_run": len(aggregates),
+            "aggregate_median_s": round(statistics.median(aggregates), 3) if aggregates else None,
             "per_batch": where}
 
 
@@ -655,6 +705,9 @@ def main():
                     scenario_freshness(args, work, dsn, conn, rate, 30 if args.full else 10,
                                        os.path.join(args.svg_dir, f"freshness-{rate}.svg") if args.svg_dir else None)
                     for rate in ((5000, 20000) if args.full else (5000,))],
+                "sql_load": lambda: [
+                    scenario_freshness(args, work, dsn, conn, 5000, 30 if args.full else 10, None, load)
+                    for load in (0, 16)],
             }
             for name in SCENARIOS:
                 if name in only:
@@ -698,6 +751,10 @@ def main():
               f"{lt['pg_recvlogical_s']} s pg_recvlogical {lt['ratio_vs_pg_recvlogical']:>7}x {lt['peak_rss_mb']:>7} MB")
     for f in results.get("freshness", []):
         print(f"{'freshness':<12} {f['rate_rows_per_s']:>8,} rows/s: p50 {f['p50_s']} s, p95 {f['p95_s']} s, p99 {f['p99_s']} s, max {f['max_s']} s ({f['seen']}/{f['samples']} samples) {f['peak_rss_mb']:>7} MB")
+    for f in results.get("sql_load", []):
+        print(f"{'sql load':<12} {f['sql_clients']:>2} clients running the aggregate ({f['aggregates_run']} runs, median {f['aggregate_median_s']} s): "
+              f"commit to durable p50 {f['lake_p50_s']} s, p95 {f['lake_p95_s']} s, max {f['lake_max_s']} s; "
+              f"to visible p50 {f['p50_s']} s, p95 {f['p95_s']} s, max {f['max_s']} s {f['peak_rss_mb']:>7} MB")
         b = f["per_batch"]
         print(f"{'':<12} {b['batches']} batches; mean per batch: raw commit {b['raw_commit_mean_ms']} ms, "
               f"curated merge {b['curated_merge_mean_ms']} ms, curated commit {b['curated_commit_mean_ms']} ms; "
