@@ -141,7 +141,7 @@ impl StatementPool {
     /// The error for a value of `bytes` built by `what`, over `serve.max_value_mb`.
     pub fn value_too_large(&self, bytes: usize, what: &str) -> DataFusionError {
         TooLarge(format!(
-            "{what} would build a value of {}, more than serve.max_value_mb ({}) allows",
+            "{what} would build a value of {}, more than serve.max_value_mb ({}) allows; build a smaller value, or raise serve.max_value_mb",
             human_readable_size(bytes),
             human_readable_size(self.max_value)
         ))

@@ -9,8 +9,12 @@
 //! estimates the output of the call from its arguments (exactly for `repeat`, `replace`
 //! and the integer series; an upper bound for the others), refuses one value over
 //! `serve.max_value_mb` (`54000`), and reserves the whole call's output from the
-//! statement's pool (`53200` past `serve.query_memory_mb` or `serve.memory_mb`). The
-//! rest is delegated unchanged, so plans and results are the same as without the guard.
+//! statement's pool (`53200` past `serve.query_memory_mb` or `serve.memory_mb`), times
+//! the partitions that may run it at once. The rest is delegated unchanged, except that
+//! the wrapped functions are declared volatile: a constant call is not folded into a
+//! literal at planning, which a projection would then copy into every row of every batch
+//! unseen (`SELECT repeat('x', 60000000) FROM t`); evaluated per batch instead, a call
+//! with constant arguments is counted once per row.
 //!
 //! Functions whose result is bounded by their arguments' sizes (`concat`, `||`,
 //! `substr`, …) are not wrapped; `regexp_replace` with the `g` flag is not either (its
@@ -70,11 +74,7 @@ pub fn guard(state: &mut SessionState, pool: &Arc<StatementPool>) {
         let Some(inner) = state.scalar_functions().get(*name).cloned() else {
             continue;
         };
-        let guarded = Guarded {
-            inner: inner.as_ref().clone(),
-            growth: *growth,
-            pool: Arc::downgrade(pool),
-        };
+        let guarded = Guarded::new(inner.as_ref().clone(), *growth, Arc::downgrade(pool));
         // Registered under the function's name and aliases; replaces the plain one.
         let _ = state.register_udf(Arc::new(ScalarUDF::new_from_impl(guarded)));
     }
@@ -191,11 +191,22 @@ fn step(v: &ColumnarValue, row: usize) -> Option<i128> {
     }
 }
 
-/// The in-memory size of the element at `row` of any argument (for `array_repeat`).
+/// The size of one element of any argument (for `array_repeat`): a scalar's data, or an
+/// array's average per row (of its own slice, not the buffers it shares).
 fn element_bytes(v: &ColumnarValue) -> usize {
     match v {
-        ColumnarValue::Scalar(s) => s.size(),
-        ColumnarValue::Array(a) => a.get_array_memory_size() / a.len().max(1),
+        ColumnarValue::Scalar(s) => s
+            .data_type()
+            .primitive_width()
+            .unwrap_or_else(|| s.size().saturating_sub(std::mem::size_of::<ScalarValue>()))
+            .max(1),
+        ColumnarValue::Array(a) => {
+            let bytes = a
+                .to_data()
+                .get_slice_memory_size()
+                .unwrap_or_else(|_| a.get_array_memory_size());
+            (bytes / a.len().max(1)).max(1)
+        }
     }
 }
 
@@ -204,10 +215,21 @@ fn times(bytes: usize, n: Option<i64>) -> usize {
 }
 
 impl Growth {
-    /// The output of a call over `rows` rows (1 when every argument is a scalar).
+    /// The output of a call over `rows` rows. With constant arguments the one value is
+    /// computed once and then copied into every row.
     fn estimate(self, args: &[ColumnarValue], rows: usize) -> Estimate {
         let all_scalar = args.iter().all(|a| matches!(a, ColumnarValue::Scalar(_)));
-        let rows = if all_scalar { 1 } else { rows };
+        if all_scalar {
+            let one = self.estimate_rows(args, 1);
+            return Estimate {
+                total: one.total.saturating_mul(rows.max(1)),
+                largest: one.largest,
+            };
+        }
+        self.estimate_rows(args, rows)
+    }
+
+    fn estimate_rows(self, args: &[ColumnarValue], rows: usize) -> Estimate {
         let arg = |i: usize| args.get(i);
         let mut e = Estimate::default();
         for row in 0..rows {
@@ -215,11 +237,16 @@ impl Growth {
             let int_at = |i: usize| arg(i).and_then(|v| integer(v, row));
             let bytes = match self {
                 Growth::Repeat => times(text_at(0).map_or(0, str::len), int_at(1)),
-                Growth::Pad => {
-                    let wide = !text_at(0).unwrap_or("").is_ascii()
-                        || !text_at(2).unwrap_or(" ").is_ascii();
-                    times(if wide { 4 } else { 1 }, int_at(1))
-                }
+                Growth::Pad => match (text_at(0), text_at(2)) {
+                    // NULL in, NULL out.
+                    (None, _) => 0,
+                    // Nothing to pad with: the text, cut to the width.
+                    (Some(s), Some("")) => s.len(),
+                    (Some(s), fill) => {
+                        let wide = !s.is_ascii() || !fill.unwrap_or(" ").is_ascii();
+                        times(if wide { 4 } else { 1 }, int_at(1))
+                    }
+                },
                 Growth::Replace => match (text_at(0), text_at(1), text_at(2)) {
                     (Some(s), Some(from), Some(to)) if to.len() > from.len() || from.is_empty() => {
                         let matches = if from.is_empty() {
@@ -261,6 +288,8 @@ impl Growth {
 #[derive(Debug)]
 struct Guarded {
     inner: ScalarUDF,
+    /// The inner function's, declared volatile (not folded at planning).
+    signature: Signature,
     growth: Growth,
     /// The statement's pool. Weak: a plan kept by a prepared statement must not hold its
     /// parse-time reservation; the session keeps the pool until the last row is sent.
@@ -282,11 +311,25 @@ impl Hash for Guarded {
 }
 
 impl Guarded {
+    fn new(inner: ScalarUDF, growth: Growth, pool: Weak<StatementPool>) -> Guarded {
+        let mut signature = inner.signature().clone();
+        signature.volatility = deltalake::datafusion::logical_expr::Volatility::Volatile;
+        Guarded {
+            inner,
+            signature,
+            growth,
+            pool,
+        }
+    }
+
     fn check(&self, args: &ScalarFunctionArgs) -> Result<()> {
         let Some(pool) = self.pool.upgrade() else {
             // Only a plan kept past its statement gets here; fail closed.
-            return Err(deltalake::datafusion::common::DataFusionError::Internal(
-                format!("{} was called after its statement ended", self.inner.name()),
+            return Err(deltalake::datafusion::common::DataFusionError::Execution(
+                format!(
+                    "{} was called after its statement ended; run the statement again",
+                    self.inner.name()
+                ),
             ));
         };
         let e = self.growth.estimate(&args.args, args.number_rows);
@@ -294,7 +337,9 @@ impl Guarded {
         if e.largest > pool.max_value {
             return Err(pool.value_too_large(e.largest, what));
         }
-        pool.reserve_results(e.total, what)
+        // Every partition may be building its own result at once.
+        let partitions = args.config_options.execution.target_partitions.max(1);
+        pool.reserve_results(e.total.saturating_mul(partitions), what)
     }
 }
 
@@ -314,7 +359,7 @@ impl ScalarUDFImpl for Guarded {
     }
 
     fn signature(&self) -> &Signature {
-        self.inner.signature()
+        &self.signature
     }
 
     fn return_type(&self, arg_types: &[DataType]) -> Result<DataType> {
@@ -341,11 +386,11 @@ impl ScalarUDFImpl for Guarded {
 
     fn with_updated_config(&self, config: &ConfigOptions) -> Option<ScalarUDF> {
         let inner = self.inner.inner().with_updated_config(config)?;
-        Some(ScalarUDF::new_from_impl(Guarded {
+        Some(ScalarUDF::new_from_impl(Guarded::new(
             inner,
-            growth: self.growth,
-            pool: self.pool.clone(),
-        }))
+            self.growth,
+            self.pool.clone(),
+        )))
     }
 
     fn aliases(&self) -> &[String] {
@@ -453,13 +498,31 @@ mod tests {
 
     #[test]
     fn estimates_follow_the_arguments() {
-        let e = Growth::Repeat.estimate(&[s("ab"), n(1_000_000_000)], 8192);
-        assert_eq!(e.largest, 2_000_000_000);
-        assert_eq!(e.total, 2_000_000_000, "scalar arguments: one value");
+        let e = Growth::Repeat.estimate(&[s("ab"), n(1_000_000)], 8192);
+        assert_eq!(e.largest, 2_000_000);
+        assert_eq!(
+            e.total,
+            2_000_000 * 8192,
+            "constant arguments: copied into every row"
+        );
+        assert_eq!(Growth::Repeat.estimate(&[s("ab"), n(5)], 1).total, 10);
         assert_eq!(Growth::Pad.estimate(&[s("x"), n(100)], 1).largest, 100);
         assert_eq!(
             Growth::Pad.estimate(&[s("x"), n(100), s("é")], 1).largest,
             400
+        );
+        assert_eq!(
+            Growth::Pad
+                .estimate(&[s("xyz"), n(1_000_000), s("")], 1)
+                .largest,
+            3
+        );
+        let null = ColumnarValue::Scalar(ScalarValue::Utf8(None));
+        assert_eq!(Growth::Pad.estimate(&[null, n(1_000_000)], 1).largest, 0);
+        // An int64 element is 8 bytes, not the size of a ScalarValue.
+        assert_eq!(
+            Growth::ArrayRepeat.estimate(&[n(0), n(1_000)], 1).largest,
+            8_000
         );
         assert_eq!(Growth::Repeat.estimate(&[s("ab"), n(-5)], 1).largest, 0);
         // replace: exact, from the matches.
@@ -570,6 +633,13 @@ mod sql_tests {
         assert_eq!(
             outcome("SELECT repeat('x', 1000), lpad('x', 5)").await,
             "ok 1"
+        );
+        // A constant value, small alone, copied into every row of a batch.
+        let out = outcome("SELECT repeat('x', 500000) FROM generate_series(1, 8192)").await;
+        assert!(out.contains("serve.query_memory_mb"), "{out}");
+        assert_eq!(
+            outcome("SELECT repeat('x', 5) FROM generate_series(1, 8192)").await,
+            "ok 8192"
         );
         let out =
             outcome("SELECT repeat(CAST(v AS VARCHAR), 100000) FROM generate_series(1, 1000) t(v)")

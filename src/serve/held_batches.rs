@@ -102,6 +102,31 @@ impl ExecutionPlan for HeldBatchesExec {
     }
 }
 
+/// Whether `plan`'s batches are already counted: it is a [`HeldBatchesExec`], or only
+/// passes on (projects, limits, merges) the batches of one.
+fn held_below(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    const PASS_ON: &[&str] = &[
+        "ProjectionExec",
+        "CoalescePartitionsExec",
+        "CoalesceBatchesExec",
+        "GlobalLimitExec",
+        "LocalLimitExec",
+        "CooperativeExec",
+    ];
+    let mut node = plan.clone();
+    loop {
+        if node.is::<HeldBatchesExec>() {
+            return true;
+        }
+        let children = node.children();
+        if children.len() != 1 || !PASS_ON.contains(&node.name()) {
+            return false;
+        }
+        let child = children[0].clone();
+        node = child;
+    }
+}
+
 /// Puts a [`HeldBatchesExec`] above the root and every aggregate.
 #[derive(Debug, Default)]
 pub struct CountHeld;
@@ -122,7 +147,7 @@ impl PhysicalOptimizerRule for CountHeld {
                 }
             })?
             .data;
-        if plan.is::<HeldBatchesExec>() {
+        if held_below(&plan) {
             return Ok(plan);
         }
         Ok(Arc::new(HeldBatchesExec::new(plan)))

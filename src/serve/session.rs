@@ -176,6 +176,14 @@ fn classify(e: PgWireError) -> PgWireError {
                 }
                 None => "XX000",
             };
+            // A cap's own message, without DataFusion's "External error: ".
+            let message = match inner
+                .downcast_ref::<DataFusionError>()
+                .map(|e| e.find_root())
+            {
+                Some(DataFusionError::External(e)) if e.is::<TooLarge>() => e.to_string(),
+                _ => message,
+            };
             // Some operators replace the pool's message with their own.
             let message = if code == "53200" && !message.contains("serve.") {
                 format!(

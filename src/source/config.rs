@@ -74,9 +74,11 @@ pub struct TableLimitConfig {
 
 /// `value` as a rate (`None` for 0), or a problem naming `setting`.
 fn rate(value: f64, scale: f64, setting: &str, problems: &mut Vec<String>) -> Option<f64> {
-    if !value.is_finite() || value < 0.0 {
+    // Below a hundredth of a MiB or one row a second a copy would never end.
+    let least = if scale > 1.0 { 0.01 } else { 1.0 };
+    if !value.is_finite() || value < 0.0 || (value > 0.0 && value < least) {
         problems.push(format!(
-            "{setting}: must be 0 (no limit) or a positive number, not {value}"
+            "{setting}: must be 0 (no limit) or at least {least}, not {value}"
         ));
         return None;
     }
