@@ -185,7 +185,7 @@ mod tests {
         assert!(err.contains("`public.b` is not in source.tables"), "{err}");
         let err = limits("snapshot_max_rows_per_sec = -1").unwrap_err();
         assert!(err.contains("source.snapshot_max_rows_per_sec"), "{err}");
-        let err = parse(&GOOD.replace("[lake]", "[lake]").replace(
+        let err = parse(&GOOD.replace(
             "path = \"/tmp/lake\"",
             "path = \"/tmp/lake\"\n[serve]\nmemory_mb = 64\nquery_memory_mb = 128",
         ))

@@ -301,8 +301,8 @@ impl Views {
             None => DeltaTable::try_from_url(url.clone()).await.map_err(to_df)?,
         };
         match table.version() {
-            Some(v) if v as u64 == version => {}
-            Some(v) if (v as u64) < version => table
+            Some(v) if v == version => {}
+            Some(v) if v < version => table
                 .update_incremental(Some(version))
                 .await
                 .map_err(to_df)?,
@@ -312,7 +312,7 @@ impl Views {
         let newer = tables
             .get(url)
             .and_then(|t| t.version())
-            .is_some_and(|v| v as u64 > version);
+            .is_some_and(|v| v > version);
         if !newer {
             tables.insert(url.clone(), table.clone());
         }

@@ -551,7 +551,10 @@ mod tests {
         assert!(waits[..4].iter().all(|w| w.is_zero()), "{waits:?}");
         let first = waits.iter().find(|w| !w.is_zero()).unwrap();
         assert!(*first >= Pace::MIN_SLEEP, "{first:?}");
-        assert!(waits[199] > std::time::Duration::from_millis(150), "{waits:?}");
+        assert!(
+            waits[199] > std::time::Duration::from_millis(150),
+            "{waits:?}"
+        );
         // Absurd amounts do not overflow.
         assert!(Pace::new(1e-300).wait_for(1e300) <= Pace::LONGEST + Pace::MIN_SLEEP);
     }
