@@ -9,8 +9,11 @@
 #
 # PG_WAL_LEVEL overrides wal_level (default logical; tests use replica to see it refused);
 # PG_MAX_CONNECTIONS overrides max_connections (default 100).
-# Server binaries: $PG_BINDIR if set, else the directory of `initdb` on PATH, else the newest
-# /usr/lib/postgresql/*/bin. Run as root, the server runs as the `postgres` user (or `nobody`),
+# Server binaries: $PG_BINDIR if set; else with PG_VERSION=N (a major version)
+# /usr/lib/postgresql/N/bin or what `python3 testcontainers/pg-fetch.py N` unpacked; else the
+# directory of `initdb` on PATH, else the newest /usr/lib/postgresql/*/bin. psql comes from
+# the same directory when it has one (npm's server packages do not), else from PATH or
+# /usr/lib/postgresql. Run as root, the server runs as the `postgres` user (or `nobody`),
 # because PostgreSQL refuses to run as root.
 set -euo pipefail
 
@@ -20,6 +23,15 @@ find_bindir() {
   if [ -n "${PG_BINDIR:-}" ]; then
     [ -x "$PG_BINDIR/initdb" ] || die "PG_BINDIR=$PG_BINDIR has no initdb"
     echo "$PG_BINDIR"; return
+  fi
+  if [ -n "${PG_VERSION:-}" ]; then
+    local fetched
+    for fetched in "/usr/lib/postgresql/$PG_VERSION/bin" \
+        "${PG_CACHE:-/var/cache/wal2delta-pg}/$PG_VERSION/native/bin" \
+        "$HOME/.cache/wal2delta-pg/$PG_VERSION/native/bin"; do
+      if [ -x "$fetched/initdb" ]; then echo "$fetched"; return; fi
+    done
+    die "no PostgreSQL $PG_VERSION server binaries found; fetch them with 'python3 $(dirname "$0")/pg-fetch.py $PG_VERSION' (or apt-get install -y postgresql-$PG_VERSION)"
   fi
   if command -v initdb >/dev/null 2>&1; then
     dirname "$(readlink -f "$(command -v initdb)")"; return
@@ -34,6 +46,16 @@ BINDIR=$(find_bindir)
 for b in initdb pg_ctl postgres; do
   [ -x "$BINDIR/$b" ] || die "$BINDIR/$b is missing; install the PostgreSQL server package"
 done
+
+find_psql() {
+  if [ -x "$BINDIR/psql" ]; then echo "$BINDIR/psql"; return; fi
+  if command -v psql >/dev/null 2>&1; then command -v psql; return; fi
+  local best
+  best=$(ls -d /usr/lib/postgresql/*/bin/psql 2>/dev/null | sort -V | tail -n 1 || true)
+  [ -n "$best" ] || die "no psql found next to $BINDIR, on PATH or under /usr/lib/postgresql; install it, e.g. 'apt-get install -y postgresql-client'"
+  echo "$best"
+}
+PSQL=$(find_psql)
 
 os_user() {
   if id -u postgres >/dev/null 2>&1; then echo postgres; else echo nobody; fi
@@ -101,8 +123,12 @@ case "$cmd" in
       if start_server; then break; fi
       [ -z "$port" ] && [ $tries -lt 20 ] || die "the server did not start; see $dir/server.log"
     done
-    as_server_user "$BINDIR/psql" -h "$dir" -p "$p" -U postgres -d postgres -qAt -v ON_ERROR_STOP=1 \
+    as_server_user "$PSQL" -h "$dir" -p "$p" -U postgres -d postgres -qAt -v ON_ERROR_STOP=1 \
       -c "DO \$\$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'w2d_scram') THEN CREATE ROLE w2d_scram NOLOGIN; CREATE ROLE w2d_md5 NOLOGIN; END IF; END \$\$" >/dev/null
+    if [ -n "${PG_VERSION:-}" ]; then
+      running=$(as_server_user "$PSQL" -h "$dir" -p "$p" -U postgres -d postgres -qAt -c "SELECT current_setting('server_version_num')::int / 10000")
+      [ "$running" = "$PG_VERSION" ] || die "PG_VERSION=$PG_VERSION asked for, but the server in $dir is PostgreSQL $running (a data directory from another version?)"
+    fi
     echo "PGHOST=127.0.0.1"
     echo "PGPORT=$p"
     echo "DSN=postgresql://postgres@127.0.0.1:$p/postgres"
@@ -120,7 +146,7 @@ case "$cmd" in
     ;;
   psql)
     shift 2
-    as_server_user "$BINDIR/psql" -h "$dir" -p "$(cat "$dir/port")" -U postgres -d postgres "$@"
+    as_server_user "$PSQL" -h "$dir" -p "$(cat "$dir/port")" -U postgres -d postgres "$@"
     ;;
   *) die "unknown command $cmd; use start, stop, restart or psql" ;;
 esac

