@@ -10,8 +10,8 @@
 # unpacks them once). The core: every operation and type into the raw log, the curated
 # mirror of a random workload during and after the snapshot, one SIGKILL round, the SQL
 # endpoint reading all tables at one position, partitioned tables and their changes,
-# unchanged TOAST values, verify, what validate says of the server, and a dropped and an
-# invalidated slot.
+# unchanged TOAST values, stored generated columns, a replica identity index, verify,
+# what validate says of the server, and a dropped and an invalidated slot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +25,8 @@ CORE=(
   verify::verify_passes_equal_tables_and_names_rows_that_differ
   cli::validate_lists_what_to_fix_on_an_unprepared_source
   curated::unchanged_toast_keeps_its_value_under_default_and_full_identity
+  curated::stored_generated_columns_are_replicated_when_published_and_absent_otherwise
+  curated::a_replica_identity_index_keys_the_curated_table
   partitioned::partitions_created_attached_detached_or_truncated_leave_curated_equal_to_the_source
   stops::dropped_slot_stops_with_what_to_do
   stops::invalidated_slot_names_the_recovery_and_the_recovery_works

@@ -140,7 +140,7 @@ async fn resync(
         )));
     }
     let client = catalog::connect(&source.conn).await?;
-    let info = catalog::table_info(&client, table)
+    let info = catalog::table_info(&client, table, &source.publication)
         .await?
         .ok_or_else(|| refused(format!("{table} does not exist on the source")))?;
     drop(client);

@@ -133,11 +133,35 @@ pub struct TableInfo {
     pub partitioned: bool,
 }
 
-/// Looks a table up; `None` when it does not exist.
+/// Whether `publication` publishes stored generated columns (PostgreSQL 18's
+/// `publish_generated_columns = stored`). Before 18 pgoutput never sends them.
+pub async fn publishes_generated(client: &Client, publication: &str) -> Result<bool, CatalogError> {
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await?
+        .get(0);
+    if version < 180000 {
+        return Ok(false);
+    }
+    let row = client
+        .query_opt(
+            "SELECT pubgencols::text = 's' FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await?;
+    Ok(row.is_some_and(|r| r.get(0)))
+}
+
+/// Looks a table up as `publication` streams it; `None` when it does not exist. Stored
+/// generated columns are left out unless the publication publishes them: the stream
+/// would not carry their values, and a lake column filled by the snapshot only would
+/// diverge from the source at the first change.
 pub async fn table_info(
     client: &Client,
     table: &TableName,
+    publication: &str,
 ) -> Result<Option<TableInfo>, CatalogError> {
+    let generated = publishes_generated(client, publication).await?;
     let row = client
         .query_opt(
             "SELECT c.oid, c.relreplident::text, has_table_privilege(c.oid, 'SELECT'), \
@@ -161,13 +185,14 @@ pub async fn table_info(
                         a.atttypmod AS sent_mod, a.atttypid AS oid, a.atttypmod AS mod \
                  FROM pg_attribute a \
                  WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
+                   AND (a.attgenerated = '' OR $2) \
                UNION ALL \
                  SELECT c.attnum, c.name, c.sent_oid, c.sent_mod, t.typbasetype, t.typtypmod \
                  FROM cols c JOIN pg_type t ON t.oid = c.oid WHERE t.typtype = 'd') \
              SELECT c.name, c.sent_oid, c.sent_mod, c.oid, c.mod \
              FROM cols c JOIN pg_type t ON t.oid = c.oid \
              WHERE t.typtype <> 'd' ORDER BY c.attnum",
-            &[&oid],
+            &[&oid, &generated],
         )
         .await?;
     let columns: Vec<ColumnSpec> = cols
@@ -505,7 +530,7 @@ async fn check_table(
     report: &mut Report,
 ) -> Result<(), CatalogError> {
     let pub_sql = quote_ident(&source.publication);
-    let Some(info) = table_info(client, table).await? else {
+    let Some(info) = table_info(client, table, &source.publication).await? else {
         report.problems.push(format!(
             "table {table} does not exist (or is not a plain table); create it or remove it from source.tables"
         ));

@@ -177,7 +177,7 @@ pub async fn table_shapes(
 ) -> Result<std::collections::BTreeMap<String, TableShape>, super::catalog::CatalogError> {
     let mut shapes = std::collections::BTreeMap::new();
     for table in &source.tables {
-        let Some(info) = catalog::table_info(client, table).await? else {
+        let Some(info) = catalog::table_info(client, table, &source.publication).await? else {
             continue; // dropped: the publication guard reports it
         };
         let mut partitions = std::collections::BTreeMap::new();

@@ -223,7 +223,9 @@ pub async fn verify(settings: &Settings, options: &VerifyOptions) -> Result<Repo
     for table in &tables {
         let started = Instant::now();
         let report = TableReport::new(table);
-        let mut report = match catalog::table_info(&client, table).await {
+        let mut report = match catalog::table_info(&client, table, &settings.source.publication)
+            .await
+        {
             Err(e) => report.failed(e.to_string()),
             Ok(None) => report.failed(format!("{table} does not exist on the source")),
             Ok(Some(info)) => match check_table(settings, &lake, &snapshot, &info, report).await {

@@ -764,7 +764,7 @@ async fn the_endpoint_is_secured_and_limited() {
         "",
         &format!(
             "tls_cert = {cert_path:?}\ntls_key = {key_path:?}\nrequire_tls = true\nmax_connections = 2\n\
-             query_timeout_secs = 2\nquery_memory_mb = 8\n\
+             query_timeout_secs = 2\nquery_memory_mb = 32\n\
              [[serve.users]]\nname = \"analyst\"\nscram = \"{verifier}\"\n"
         ),
     );
@@ -824,7 +824,7 @@ async fn the_endpoint_is_secured_and_limited() {
         ],
     );
     assert!(!ok && out.contains("statement timeout"), "{out}");
-    // Memory limit: a sort far beyond 8 MiB is refused (53200), not spilled or crashed.
+    // Memory limit: a sort far beyond 32 MiB (about 150 MB of text) is refused (53200), not spilled or crashed.
     let (ok, out) = psql(
         port,
         "analyst",
