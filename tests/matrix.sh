@@ -11,7 +11,8 @@
 # mirror of a random workload during and after the snapshot, one SIGKILL round, the SQL
 # endpoint reading all tables at one position, partitioned tables and their changes,
 # unchanged TOAST values, stored generated columns, a replica identity index, verify,
-# what validate says of the server, and a dropped and an invalidated slot.
+# what validate says of the server, a failover slot (17+), and a dropped and an
+# invalidated slot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +25,7 @@ CORE=(
   partitioned::a_partitioned_table_is_snapshotted_and_streamed_as_one_table
   verify::verify_passes_equal_tables_and_names_rows_that_differ
   cli::validate_lists_what_to_fix_on_an_unprepared_source
+  cli::a_failover_slot_on_17_and_a_clear_refusal_before
   curated::unchanged_toast_keeps_its_value_under_default_and_full_identity
   curated::stored_generated_columns_are_replicated_when_published_and_absent_otherwise
   curated::a_replica_identity_index_keys_the_curated_table

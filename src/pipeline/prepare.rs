@@ -72,14 +72,16 @@ async fn create_slot(settings: &Settings) -> Result<CreatedSlot, PipelineError> 
     }
     let mut conn = ReplicationConnection::connect(&source.conn).await?;
     if source.snapshot == SnapshotMode::Initial {
-        let (point, name) = conn.create_slot_exporting(&source.slot, false).await?;
+        let (point, name) = conn
+            .create_slot_exporting(&source.slot, false, source.failover)
+            .await?;
         tracing::info!(slot = %source.slot, consistent_point = %point, "replication slot created with an exported snapshot");
         Ok(CreatedSlot {
             point,
             export: Some((conn, name)),
         })
     } else {
-        let point = conn.create_slot(&source.slot).await?;
+        let point = conn.create_slot(&source.slot, source.failover).await?;
         conn.close().await;
         tracing::info!(slot = %source.slot, consistent_point = %point, "replication slot created");
         Ok(CreatedSlot {
@@ -123,7 +125,7 @@ pub async fn snapshot_missing(
             // temporary slot (gone when its connection closes).
             let mut conn = ReplicationConnection::connect(&settings.source.conn).await?;
             let temp = format!("wal2delta_snapshot_{}", std::process::id());
-            let (point, name) = conn.create_slot_exporting(&temp, true).await?;
+            let (point, name) = conn.create_slot_exporting(&temp, true, false).await?;
             (conn, point, name)
         }
     };

@@ -171,7 +171,7 @@ async fn resync(
         .map_err(PipelineError::from)?;
     let slot = format!("wal2delta_resync_{}", std::process::id());
     let (point, name) = conn
-        .create_slot_exporting(&slot, true)
+        .create_slot_exporting(&slot, true, false)
         .await
         .map_err(PipelineError::from)?;
     let reader = SnapshotReader::open(

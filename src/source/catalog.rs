@@ -429,11 +429,71 @@ pub async fn check(
     }
     check_publication(source, published.is_some(), &mut report);
     check_slot(client, source, config_path, &mut report).await?;
+    if source.failover {
+        check_failover(client, source, &mut report).await?;
+    }
     Ok(report)
 }
 
 /// The PostgreSQL majors the test suite runs on (`tests/matrix.sh`).
 pub const TESTED_MAJORS: std::ops::RangeInclusive<i32> = 14..=18;
+
+/// `source.failover`: the server can keep a failover slot (PostgreSQL 17+), the slot is
+/// one, and the primary waits for a standby before sending changes (else a promoted
+/// standby may lack transactions the lake already holds).
+async fn check_failover(
+    client: &Client,
+    source: &SourceSettings,
+    report: &mut Report,
+) -> Result<(), CatalogError> {
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await?
+        .get(0);
+    if version < 170000 {
+        report.problems.push(format!(
+            "source.failover = true needs PostgreSQL 17 or newer (this server is {}); set failover = false, or upgrade",
+            version / 10000
+        ));
+        return Ok(());
+    }
+    let slot = client
+        .query_opt(
+            "SELECT failover FROM pg_replication_slots WHERE slot_name = $1",
+            &[&source.slot],
+        )
+        .await?;
+    match slot {
+        Some(row) if !row.get::<_, bool>(0) => report.warnings.push(format!(
+            "replication slot {slot} is not a failover slot; make it one over a replication connection: \
+             psql \"dbname=<database> replication=database\" -c 'ALTER_REPLICATION_SLOT {quoted} (FAILOVER true)'",
+            slot = source.slot,
+            quoted = quote_ident(&source.slot),
+        )),
+        Some(_) => report
+            .notes
+            .push(format!("replication slot {} is a failover slot", source.slot)),
+        None => report.notes.push(format!(
+            "run will create replication slot {} as a failover slot",
+            source.slot
+        )),
+    }
+    let standbys: String = client
+        .query_one("SELECT current_setting('synchronized_standby_slots')", &[])
+        .await?
+        .get(0);
+    if standbys.trim().is_empty() {
+        report.warnings.push(
+            "synchronized_standby_slots is empty: the primary may send wal2delta changes its standbys \
+             have not received, and a promoted standby would lack transactions the lake holds; \
+             set it to the standbys' physical slots (ALTER SYSTEM SET synchronized_standby_slots = \
+             'standby1'; SELECT pg_reload_conf();), and on each standby sync_replication_slots = on, \
+             hot_standby_feedback = on and primary_slot_name"
+                .into(),
+        );
+    }
+    Ok(())
+}
 
 /// The server's version against the tested ones, `wal_level` and the role's REPLICATION
 /// attribute; returns the role's name.

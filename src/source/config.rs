@@ -31,6 +31,10 @@ pub struct SourceConfig {
     /// Create the slot when it does not exist.
     #[serde(default = "yes")]
     pub create_slot: bool,
+    /// Create the slot as a failover slot (PostgreSQL 17+): standbys with
+    /// `sync_replication_slots = on` keep a copy, so replication resumes on a promoted one.
+    #[serde(default)]
+    pub failover: bool,
     /// Create the publication (for exactly `tables`) when it does not exist.
     #[serde(default = "yes")]
     pub create_publication: bool,
@@ -120,6 +124,8 @@ pub struct SourceSettings {
     pub publication: String,
     pub tables: Vec<TableName>,
     pub create_slot: bool,
+    /// Create the slot with `FAILOVER` (PostgreSQL 17+).
+    pub failover: bool,
     pub create_publication: bool,
     pub status_interval: Duration,
     pub snapshot: SnapshotMode,
@@ -234,6 +240,7 @@ impl SourceConfig {
             publication: self.publication.clone(),
             tables,
             create_slot: self.create_slot,
+            failover: self.failover,
             create_publication: self.create_publication,
             status_interval: Duration::from_secs(self.status_interval_secs),
             snapshot,

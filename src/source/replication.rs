@@ -450,8 +450,13 @@ impl ReplicationConnection {
     }
 
     /// `CREATE_REPLICATION_SLOT … LOGICAL pgoutput`; returns the slot's consistent point.
-    pub async fn create_slot(&mut self, slot: &str) -> Result<Lsn, ReplicationError> {
-        Ok(self.create_slot_with(slot, false, false).await?.0)
+    /// A `failover` slot (PostgreSQL 17+) is synchronized to standbys that ask for it.
+    pub async fn create_slot(
+        &mut self,
+        slot: &str,
+        failover: bool,
+    ) -> Result<Lsn, ReplicationError> {
+        Ok(self.create_slot_with(slot, false, false, failover).await?.0)
     }
 
     /// Creates a slot that exports a snapshot: returns the consistent point and the
@@ -462,8 +467,11 @@ impl ReplicationConnection {
         &mut self,
         slot: &str,
         temporary: bool,
+        failover: bool,
     ) -> Result<(Lsn, String), ReplicationError> {
-        let (lsn, name) = self.create_slot_with(slot, temporary, true).await?;
+        let (lsn, name) = self
+            .create_slot_with(slot, temporary, true, failover)
+            .await?;
         let name = name.ok_or_else(|| {
             ReplicationError::Protocol("CREATE_REPLICATION_SLOT exported no snapshot".into())
         })?;
@@ -475,16 +483,20 @@ impl ReplicationConnection {
         slot: &str,
         temporary: bool,
         export: bool,
+        failover: bool,
     ) -> Result<(Lsn, Option<String>), ReplicationError> {
+        let options = match (export, failover) {
+            // The option list (PostgreSQL 15+) is needed for FAILOVER (17+); the keywords
+            // work on every version.
+            (true, true) => "(SNAPSHOT 'export', FAILOVER true)",
+            (false, true) => "(SNAPSHOT 'nothing', FAILOVER true)",
+            (true, false) => "EXPORT_SNAPSHOT",
+            (false, false) => "NOEXPORT_SNAPSHOT",
+        };
         let sql = format!(
-            "CREATE_REPLICATION_SLOT {}{} LOGICAL pgoutput {}",
+            "CREATE_REPLICATION_SLOT {}{} LOGICAL pgoutput {options}",
             quote_ident(slot),
             if temporary { " TEMPORARY" } else { "" },
-            if export {
-                "EXPORT_SNAPSHOT"
-            } else {
-                "NOEXPORT_SNAPSHOT"
-            }
         );
         let rows = self.simple_query(&sql).await?;
         let row = rows.first();

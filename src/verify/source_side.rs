@@ -31,7 +31,7 @@ impl SourceSnapshot {
     pub async fn take(params: &ConnParams) -> Result<SourceSnapshot, VerifyError> {
         let mut repl = ReplicationConnection::connect(params).await?;
         let slot = format!("wal2delta_verify_{}", std::process::id());
-        let (point, name) = repl.create_slot_exporting(&slot, true).await?;
+        let (point, name) = repl.create_slot_exporting(&slot, true, false).await?;
         let client = catalog::connect(params).await?;
         let imported = import_snapshot(&client, &name).await;
         // The imported snapshot lives on in the transaction; the temporary slot goes.

@@ -283,3 +283,54 @@ async fn status_shows_the_slot_the_daemon_and_every_tables_position() {
     assert_eq!(s["daemon_running"], false, "{s}");
     assert_eq!(s["slot"]["active"], false, "{s}");
 }
+
+/// `source.failover = true`: on PostgreSQL 17+ the daemon creates a failover slot and
+/// validate says what a safe failover also needs; before 17 validate refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_slot_on_17_and_a_clear_refusal_before() {
+    let env = Env::new("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1);").await;
+    let major: i32 = env
+        .pg
+        .client()
+        .await
+        .query_one(
+            "SELECT current_setting('server_version_num')::int / 10000",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    env.write_config("postgres", &["public.t"], "failover = true");
+    let config = env.config.to_str().unwrap();
+    let (ok, out) = run(&["validate", "--config", config]);
+    if major < 17 {
+        assert!(!ok, "{out}");
+        assert!(
+            out.contains("source.failover = true needs PostgreSQL 17 or newer"),
+            "{out}"
+        );
+        return;
+    }
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("as a failover slot") && out.contains("synchronized_standby_slots is empty"),
+        "{out}"
+    );
+    let mut daemon = env.daemon();
+    env.wait_streaming().await;
+    let failover: bool = env
+        .pg
+        .client()
+        .await
+        .query_one(
+            "SELECT failover FROM pg_replication_slots WHERE slot_name = $1",
+            &[&env.slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(failover, "the slot was created without FAILOVER");
+    assert!(daemon.terminate(Duration::from_secs(30)).success());
+    let (ok, out) = run(&["validate", "--config", config]);
+    assert!(ok && out.contains("is a failover slot"), "{out}");
+}
