@@ -289,17 +289,7 @@ async fn status_shows_the_slot_the_daemon_and_every_tables_position() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_slot_on_17_and_a_clear_refusal_before() {
     let env = Env::new("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1);").await;
-    let major: i32 = env
-        .pg
-        .client()
-        .await
-        .query_one(
-            "SELECT current_setting('server_version_num')::int / 10000",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let major = env.pg.major().await;
     env.write_config("postgres", &["public.t"], "failover = true");
     let config = env.config.to_str().unwrap();
     let (ok, out) = run(&["validate", "--config", config]);

@@ -697,15 +697,7 @@ async fn stored_generated_columns_are_replicated_when_published_and_absent_other
     )
     .await;
     let pg = env.pg.client().await;
-    let major: i32 = pg
-        .query_one(
-            "SELECT current_setting('server_version_num')::int / 10000",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    let published = major >= 18;
+    let published = env.pg.major().await >= 18;
     if published {
         pg.batch_execute(
             "CREATE PUBLICATION w2d_pub FOR TABLE gen WITH (publish_generated_columns = stored)",

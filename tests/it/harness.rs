@@ -79,6 +79,19 @@ impl PgCluster {
     }
 
     /// The cluster's directory (owned by the server's user).
+    /// The server's major version (14, 15, …).
+    pub async fn major(&self) -> i32 {
+        self.client()
+            .await
+            .query_one(
+                "SELECT current_setting('server_version_num')::int / 10000",
+                &[],
+            )
+            .await
+            .expect("server version")
+            .get(0)
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
