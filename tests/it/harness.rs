@@ -78,7 +78,6 @@ impl PgCluster {
         client
     }
 
-    /// The cluster's directory (owned by the server's user).
     /// The server's major version (14, 15, …).
     pub async fn major(&self) -> i32 {
         self.client()
@@ -92,8 +91,79 @@ impl PgCluster {
             .get(0)
     }
 
+    /// The cluster's directory (owned by the server's user).
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Stops the server (`fast` or `immediate`).
+    pub fn stop(&self, mode: &str) {
+        run_script(&["stop", self.dir.path().to_str().unwrap_or_default(), mode]);
+    }
+
+    /// Makes a physical standby of this cluster that streams through the physical slot
+    /// `slot` and synchronizes failover slots (PostgreSQL 17+), and names `slot` in
+    /// `synchronized_standby_slots` here. The data directory is copied while this server
+    /// is stopped cleanly (the server packages tests use have no pg_basebackup); both run
+    /// when this returns, this one on its port.
+    pub fn standby(&self, slot: &str) -> PgCluster {
+        let data = self.dir.path().join("data");
+        let append = |path: &Path, text: &str| {
+            use std::io::Write;
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(path)
+                .and_then(|mut f| f.write_all(text.as_bytes()))
+                .expect("append to postgresql.conf");
+        };
+        self.stop("fast");
+        let dir = tempfile::Builder::new()
+            .prefix("w2d-pg-standby-")
+            .tempdir()
+            .expect("temp dir");
+        let copy = dir.path().join("data");
+        let status = Command::new("cp")
+            .args(["-a", data.to_str().unwrap(), copy.to_str().unwrap()])
+            .status()
+            .expect("run cp");
+        assert!(status.success(), "copying the data directory failed");
+        append(
+            &copy.join("postgresql.conf"),
+            &format!(
+                "primary_conninfo = 'host=127.0.0.1 port={} user=postgres dbname=postgres'\n\
+                 primary_slot_name = '{slot}'\nhot_standby_feedback = on\n\
+                 sync_replication_slots = on\n",
+                self.port
+            ),
+        );
+        std::fs::write(copy.join("standby.signal"), "").expect("standby.signal");
+        // Only here: a promoted standby naming a standby it does not have would hold
+        // logical replication back.
+        append(
+            &data.join("postgresql.conf"),
+            &format!("\nsynchronized_standby_slots = '{slot}'\n"),
+        );
+        // As root, the server runs as another user, who must own what was just written.
+        let _ = Command::new("chown")
+            .args([
+                "-R",
+                "--reference",
+                data.to_str().unwrap(),
+                copy.to_str().unwrap(),
+            ])
+            .status();
+        run_script(&[
+            "start",
+            self.dir.path().to_str().unwrap_or_default(),
+            &self.port.to_string(),
+        ]);
+        let out = run_script(&["start", dir.path().to_str().expect("utf8 path")]);
+        let port = out
+            .lines()
+            .find_map(|l| l.strip_prefix("PGPORT="))
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("pg.sh start printed no PGPORT: {out}"));
+        PgCluster { dir, port }
     }
 
     pub fn restart(&self, mode: &str) {

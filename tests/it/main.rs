@@ -4,6 +4,7 @@
 
 mod cli;
 mod curated;
+mod failover;
 mod faults;
 mod harness;
 mod maintenance;
