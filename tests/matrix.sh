@@ -41,10 +41,10 @@ for v in $VERSIONS; do
   fi
   echo "matrix: PostgreSQL $v"
   started=$(date +%s)
-  PG_VERSION=$v cargo test --locked --test it -- "${CORE[@]}"
+  W2D_PG_VERSION=$v cargo test --locked --test it -- "${CORE[@]}"
   if [ "$v" -ge 17 ]; then
     # Needs a standby with slot synchronization (17+): ignored in the whole suite.
-    PG_VERSION=$v cargo test --locked --test it -- --ignored failover::
+    W2D_PG_VERSION=$v cargo test --locked --test it -- --ignored failover::
   fi
   summary+=("PostgreSQL $v: core passed in $(( $(date +%s) - started )) s")
 done

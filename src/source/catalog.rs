@@ -152,10 +152,11 @@ pub async fn publishes_generated(client: &Client, publication: &str) -> Result<b
     Ok(row.is_some_and(|r| r.get(0)))
 }
 
-/// Looks a table up as `publication` streams it; `None` when it does not exist. Stored
-/// generated columns are left out unless the publication publishes them: the stream
-/// would not carry their values, and a lake column filled by the snapshot only would
-/// diverge from the source at the first change.
+/// Looks a table up as `publication` streams it; `None` when it does not exist.
+/// Generated columns are left out unless the publication publishes them (stored ones on
+/// PostgreSQL 18; virtual ones never): the stream would not carry their values, and a
+/// lake column filled by the snapshot only would diverge from the source at the first
+/// change.
 pub async fn table_info(
     client: &Client,
     table: &TableName,
@@ -185,7 +186,7 @@ pub async fn table_info(
                         a.atttypmod AS sent_mod, a.atttypid AS oid, a.atttypmod AS mod \
                  FROM pg_attribute a \
                  WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
-                   AND (a.attgenerated = '' OR $2) \
+                   AND (a.attgenerated = '' OR (a.attgenerated = 's' AND $2)) \
                UNION ALL \
                  SELECT c.attnum, c.name, c.sent_oid, c.sent_mod, t.typbasetype, t.typtypmod \
                  FROM cols c JOIN pg_type t ON t.oid = c.oid WHERE t.typtype = 'd') \
@@ -464,7 +465,7 @@ async fn check_failover(
         )
         .await?;
     match slot {
-        Some(row) if !row.get::<_, bool>(0) => report.warnings.push(format!(
+        Some(row) if !row.get::<_, bool>(0) => report.problems.push(format!(
             "replication slot {slot} is not a failover slot; make it one over a replication connection: \
              psql \"dbname=<database> replication=database\" -c 'ALTER_REPLICATION_SLOT {quoted} (FAILOVER true)'",
             slot = source.slot,
@@ -613,6 +614,20 @@ async fn check_table(
             table.quoted()
         )),
         _ => {}
+    }
+    let unsent: Vec<&String> = info
+        .key_columns
+        .iter()
+        .filter(|k| !info.columns.iter().any(|c| &c.name == *k))
+        .collect();
+    if !unsent.is_empty() {
+        report.problems.push(format!(
+            "the key of table {table} includes generated column(s) {unsent:?}, which publication \
+             {} does not send, so rows could not be matched; on PostgreSQL 18 publish stored \
+             generated columns (ALTER PUBLICATION {pub_sql} SET (publish_generated_columns = \
+             stored);), or key the table by other columns",
+            source.publication
+        ));
     }
     for col in &info.columns {
         if METADATA_COLUMNS.contains(&col.name.as_str()) {

@@ -135,7 +135,7 @@ async fn validate_lists_what_to_fix_on_an_unprepared_source() {
         );
     }
     // The version matrix (tests/matrix.sh) runs this against each major.
-    if let Ok(major) = std::env::var("PG_VERSION") {
+    if let Ok(major) = std::env::var("W2D_PG_VERSION") {
         assert!(out.contains(&format!("PostgreSQL {major}.")), "{out}");
     }
     // run refuses with the same list and changes nothing.

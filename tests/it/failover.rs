@@ -7,7 +7,7 @@ use crate::curated::assert_mirror;
 use crate::harness::{Env, query_delta, wait_for};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs PostgreSQL 17+; tests/matrix.sh runs it with PG_VERSION=17 and 18"]
+#[ignore = "needs PostgreSQL 17+; tests/matrix.sh runs it with W2D_PG_VERSION=17 and 18"]
 async fn the_daemon_continues_exactly_once_on_a_promoted_standby() {
     let mut env = Env::new(
         "CREATE TABLE t (id int PRIMARY KEY, v text);
@@ -17,7 +17,7 @@ async fn the_daemon_continues_exactly_once_on_a_promoted_standby() {
     .await;
     assert!(
         env.pg.major().await >= 17,
-        "failover slots need PostgreSQL 17 or newer: run with PG_VERSION=17 (tests/matrix.sh does)"
+        "failover slots need PostgreSQL 17 or newer: run with W2D_PG_VERSION=17 (tests/matrix.sh does)"
     );
     let standby = env.pg.standby("sb");
     env.write_config("postgres", &["public.t"], "failover = true");
@@ -47,7 +47,7 @@ async fn the_daemon_continues_exactly_once_on_a_promoted_standby() {
                     client
                         .query_opt(
                             "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND synced \
-                             AND confirmed_flush_lsn >= $2::text::pg_lsn",
+                             AND NOT temporary AND confirmed_flush_lsn >= $2::text::pg_lsn",
                             &[slot, confirmed],
                         )
                         .await,
@@ -62,12 +62,14 @@ async fn the_daemon_continues_exactly_once_on_a_promoted_standby() {
 
     // The primary is lost; the standby takes over and the daemon follows it.
     env.pg.stop("immediate");
-    standby
+    let promoted: bool = standby
         .client()
         .await
-        .batch_execute("SELECT pg_promote(true, 60)")
+        .query_one("SELECT pg_promote(true, 60)", &[])
         .await
-        .unwrap();
+        .unwrap()
+        .get(0);
+    assert!(promoted, "the standby was not promoted within 60 s");
     let _old_primary = std::mem::replace(&mut env.pg, standby);
     env.write_config("postgres", &["public.t"], "failover = true");
     let mut daemon = env.daemon();

@@ -157,13 +157,15 @@ impl PgCluster {
             self.dir.path().to_str().unwrap_or_default(),
             &self.port.to_string(),
         ]);
-        let out = run_script(&["start", dir.path().to_str().expect("utf8 path")]);
-        let port = out
+        // Owned before it starts: a failed start still stops it on drop.
+        let mut standby = PgCluster { dir, port: 0 };
+        let out = run_script(&["start", standby.dir.path().to_str().expect("utf8 path")]);
+        standby.port = out
             .lines()
             .find_map(|l| l.strip_prefix("PGPORT="))
             .and_then(|p| p.trim().parse().ok())
             .unwrap_or_else(|| panic!("pg.sh start printed no PGPORT: {out}"));
-        PgCluster { dir, port }
+        standby
     }
 
     pub fn restart(&self, mode: &str) {
