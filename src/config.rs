@@ -11,8 +11,8 @@ use serde::Deserialize;
 
 use crate::apply::config::ApplyConfig;
 use crate::apply::normalize::{Normalization, TransformConfig};
-use crate::lake::LakeConfig;
 use crate::lake::maintenance::{MaintenanceConfig, Policy};
+use crate::lake::{LakeConfig, LakeSettings};
 use crate::serve::config::{ServeConfig, ServeSettings};
 use crate::source::config::{SourceConfig, SourceSettings};
 use crate::telemetry::MetricsConfig;
@@ -57,7 +57,8 @@ pub struct Settings {
     pub config_path: Option<PathBuf>,
     /// `[source]`: the database, slot, publication, tables and snapshot settings.
     pub source: SourceSettings,
-    pub lake_path: String,
+    /// `[lake]`: where the tables live and how to reach the store.
+    pub lake: LakeSettings,
     pub apply: ApplyConfig,
     pub metrics_listen: Option<std::net::SocketAddr>,
     pub retained_wal_warn_bytes: Option<i64>,
@@ -101,13 +102,13 @@ impl Config {
         let serve = self.serve.validate(&mut problems);
         let maintenance = self.maintenance.validate(&mut problems);
         let normalization = self.transform.validate(&mut problems);
-        self.lake.validate(&mut problems);
+        let lake = self.lake.validate(&mut problems);
         self.apply.validate(&mut problems);
         match (problems.is_empty(), source) {
             (true, Some(source)) => Ok(Settings {
                 config_path: None,
                 source,
-                lake_path: self.lake.path,
+                lake,
                 apply: self.apply,
                 metrics_listen,
                 retained_wal_warn_bytes,

@@ -358,7 +358,7 @@ async fn serve(config: PathBuf) -> anyhow::Result<ExitCode> {
             wal2delta::serve::config::DEFAULT_SERVE_LISTEN
         );
     };
-    let lake = Lake::open(&settings.lake_path)?;
+    let lake = Lake::open(&settings.lake)?;
     let cancel = CancellationToken::new();
     let on_signal = cancel.clone();
     tokio::spawn(async move {
@@ -419,7 +419,23 @@ async fn validate(config: PathBuf) -> anyhow::Result<ExitCode> {
     let mut problems = Vec::new();
     let mut notes = Vec::new();
     let mut warnings: Vec<String> = Vec::new();
-    match Lake::open(&settings.lake_path) {
+    match Lake::open(&settings.lake) {
+        Ok(lake) if lake.is_object_store() => {
+            let options = settings.lake.storage.shown();
+            notes.push(format!(
+                "lake: {} ({})",
+                lake.root(),
+                if options.is_empty() {
+                    "credentials from the environment".to_string()
+                } else {
+                    options
+                }
+            ));
+            match wal2delta::lake::storage::probe(lake.root(), lake.store().as_ref()).await {
+                Ok(found) => notes.push(found),
+                Err(problem) => problems.push(problem),
+            }
+        }
         Ok(lake) => notes.push(format!("lake: {}", lake.root())),
         Err(e) => problems.push(e.to_string()),
     }

@@ -54,14 +54,25 @@ pub async fn reset_checkpoint(
     reset: Reset,
     yes: bool,
 ) -> Result<String, OpsError> {
+    let lake = Lake::open(&settings.lake)?;
+    let lock = LakeLock::acquire(&lake).await?;
+    let result = reset_locked(settings, &lake, reset, yes).await;
+    lock.release().await;
+    result
+}
+
+async fn reset_locked(
+    settings: &Settings,
+    lake: &Lake,
+    reset: Reset,
+    yes: bool,
+) -> Result<String, OpsError> {
     let source = &settings.source;
     // No table named: all of them.
     let reset = match reset {
         Reset::Resnapshot(tables) if tables.is_empty() => Reset::Resnapshot(source.tables.clone()),
         other => other,
     };
-    let lake = Lake::open(&settings.lake_path)?;
-    let _lock = LakeLock::acquire(&lake)?;
     let client = catalog::connect(&source.conn).await?;
     let slot = catalog::slot_info(&client, &source.slot).await?;
     let mut checkpoint = Checkpoint::open(&lake, &source.slot).await?;
@@ -233,8 +244,14 @@ async fn current_wal_lsn(client: &Client) -> Result<Lsn, OpsError> {
 
 /// Runs `teardown`: drops the slot, and the publication when wal2delta created it.
 pub async fn teardown(settings: &Settings, yes: bool) -> Result<String, OpsError> {
-    let lake = Lake::open(&settings.lake_path)?;
-    let _lock = LakeLock::acquire(&lake)?;
+    let lake = Lake::open(&settings.lake)?;
+    let lock = LakeLock::acquire(&lake).await?;
+    let result = teardown_locked(settings, &lake, yes).await;
+    lock.release().await;
+    result
+}
+
+async fn teardown_locked(settings: &Settings, lake: &Lake, yes: bool) -> Result<String, OpsError> {
     let client = catalog::connect(&settings.source.conn).await?;
     let slot = catalog::slot_info(&client, &settings.source.slot).await?;
     let mut checkpoint = Checkpoint::open(&lake, &settings.source.slot).await?;

@@ -70,19 +70,12 @@ pub async fn resync(
             return Err(ResyncError::NotConfigured(t.to_string()));
         }
     }
-    let lake = Lake::open(&settings.lake_path)?;
-    let requests = Requests::open(&lake)?;
+    let lake = Lake::open(&settings.lake)?;
+    let requests = Requests::open(&lake);
     for t in tables {
-        requests.ask_resync(t)?;
+        requests.ask_resync(t).await?;
     }
-    let daemon_running = match LakeLock::acquire(&lake) {
-        Ok(lock) => {
-            drop(lock);
-            false
-        }
-        Err(LakeError::Locked { .. }) => true,
-        Err(e) => return Err(e.into()),
-    };
+    let daemon_running = LakeLock::holder(&lake).await?.is_some();
     if !daemon_running {
         return Ok(ResyncReport {
             daemon_running,
@@ -97,25 +90,30 @@ pub async fn resync(
         });
     }
     let started = Instant::now();
-    while tables.iter().any(|t| requests.is_pending(t)) && started.elapsed() < wait {
+    while started.elapsed() < wait {
+        let mut pending = false;
+        for t in tables {
+            pending |= requests.is_pending(t).await;
+        }
+        if !pending {
+            break;
+        }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let outcomes = tables
-        .iter()
-        .map(|t| {
-            let outcome = requests.resync_outcome(t);
-            let state = match &outcome {
-                None => "running",
-                Some(o) if o.error.is_some() => "failed",
-                Some(_) => "done",
-            };
-            TableOutcome {
-                table: t.to_string(),
-                state,
-                outcome,
-            }
-        })
-        .collect();
+    let mut outcomes = Vec::new();
+    for t in tables {
+        let outcome = requests.resync_outcome(t).await;
+        let state = match &outcome {
+            None => "running",
+            Some(o) if o.error.is_some() => "failed",
+            Some(_) => "done",
+        };
+        outcomes.push(TableOutcome {
+            table: t.to_string(),
+            state,
+            outcome,
+        });
+    }
     Ok(ResyncReport {
         daemon_running,
         tables: outcomes,

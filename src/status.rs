@@ -63,8 +63,8 @@ pub struct LayerStatus {
 
 /// Gathers the report.
 pub async fn gather(settings: &Settings) -> Result<Status, LakeError> {
-    let lake = Lake::open(&settings.lake_path)?;
-    let daemon = LakeLock::holder(&lake)?;
+    let lake = Lake::open(&settings.lake)?;
+    let daemon = LakeLock::holder(&lake).await?;
     let slot = slot_status(settings).await;
     let checkpoint = layer(
         &lake.checkpoint_url(),

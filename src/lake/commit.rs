@@ -201,6 +201,8 @@ impl Commit {
             table: label.to_string(),
             source,
         };
+        // A daemon that may have lost its lease on an object-store lake commits nothing.
+        super::lock::fence()?;
         let properties = CommitProperties::default()
             .with_application_transactions(self.txns)
             .with_metadata(self.info);

@@ -4,8 +4,12 @@
 //! <lake>/raw/<schema>/<table>/        raw change log of one source table (`raw`)
 //! <lake>/curated/<schema>/<table>/    current rows of one source table (`curated`)
 //! <lake>/_wal2delta/checkpoint/       global replication checkpoint (`checkpoint`)
-//! <lake>/_wal2delta/daemon.lock       held by the running daemon (`lock`)
+//! <lake>/_wal2delta/daemon.lock       held by the running daemon, local lakes (`lock`)
+//! <lake>/_wal2delta/lease.json        held by the running daemon, object stores (`lock`)
+//! <lake>/_wal2delta/requests/         operator requests to the daemon (`requests`)
 //! ```
+//!
+//! The lake is a local directory or a prefix in an object store ([`storage`]).
 //!
 //! The lake owns every table format: the raw layout and writer ([`raw`]), the curated
 //! table and its merge ([`curated`]), the checkpoint record ([`checkpoint`]). Every
@@ -24,15 +28,23 @@ pub mod lock;
 pub mod maintenance;
 pub mod raw;
 pub mod requests;
+pub mod storage;
 pub mod table;
 
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
 use deltalake::DeltaTableError;
 use serde::Deserialize;
 use url::Url;
 
+use self::storage::{Cloud, StorageOptions};
 use crate::table_name::TableName;
+
+/// Default `lake.lease_seconds`.
+const DEFAULT_LEASE_SECONDS: u64 = 30;
 
 /// `[lake]`: where the Delta tables live.
 #[derive(Debug, Deserialize)]
@@ -40,13 +52,52 @@ use crate::table_name::TableName;
 pub struct LakeConfig {
     /// A local directory (created if missing) or an object-store URL.
     pub path: String,
+    /// How long a daemon's lease on an object-store lake lasts unless renewed: a daemon
+    /// killed without releasing it is replaced after this long.
+    #[serde(default)]
+    pub lease_seconds: Option<u64>,
+    /// Object-store options (`endpoint`, `region`, `allow_http`, …; secrets as
+    /// `<key>_env` or `<key>_file`).
+    #[serde(default)]
+    pub storage: BTreeMap<String, toml::Value>,
+}
+
+/// `[lake]`, checked: the location, its storage options (secrets read) and the lease.
+#[derive(Debug, Clone)]
+pub struct LakeSettings {
+    pub path: String,
+    pub storage: StorageOptions,
+    pub lease: Duration,
 }
 
 impl LakeConfig {
     /// Checks the section (problems name `lake.<field>`).
-    pub fn validate(&self, problems: &mut Vec<String>) {
+    pub fn validate(self, problems: &mut Vec<String>) -> LakeSettings {
         if self.path.trim().is_empty() {
             problems.push("lake.path: must name a directory or an object-store URL".into());
+        }
+        if self.path.contains("://") {
+            match Url::parse(&self.path) {
+                Ok(url) if url.scheme() == "file" || Cloud::of(&url).is_some() => {}
+                Ok(url) => problems.push(format!(
+                    "lake.path: `{}://` is not a lake location wal2delta knows; use a local \
+                     directory, s3://bucket/prefix, az://container/prefix, \
+                     abfss://container@account.dfs.core.windows.net/prefix or \
+                     gs://bucket/prefix",
+                    url.scheme()
+                )),
+                Err(e) => problems.push(format!("lake.path: not a URL: {e}")),
+            }
+        }
+        let lease = self.lease_seconds.unwrap_or(DEFAULT_LEASE_SECONDS);
+        if lease < 2 {
+            problems.push("lake.lease_seconds: must be at least 2".into());
+        }
+        let storage = StorageOptions::resolve(&self.path, &self.storage, problems);
+        LakeSettings {
+            path: self.path,
+            storage,
+            lease: Duration::from_secs(lease),
         }
     }
 }
@@ -74,6 +125,27 @@ pub enum LakeError {
          first, or give this one its own lake.path"
     )]
     Locked { path: String, owner: String },
+    #[error(
+        "the lake's storage failed at {what}: {source}; the daemon retries (check the \
+         endpoint, credentials and permissions if it persists)"
+    )]
+    Storage {
+        what: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error(
+        "this daemon's lease on the lake was last renewed {seconds} s ago and may have \
+         expired; it commits nothing until a renewal succeeds (is the object store \
+         reachable?)"
+    )]
+    LeaseExpired { seconds: u64 },
+    #[error(
+        "another daemon took over this lake's lease ({holder}) while this one could not renew \
+         it (paused, or cut off from the object store); this one stopped without committing \
+         further. Stop one of them: two daemons must not share a lake"
+    )]
+    LeaseLost { holder: String },
     #[error(
         "table {table} has no key wal2delta can use for its curated table: give it a primary \
          key, or ALTER TABLE ... REPLICA IDENTITY FULL (or USING INDEX a unique index)"
@@ -109,6 +181,7 @@ impl LakeError {
     pub fn is_transient(&self) -> bool {
         match self {
             LakeError::Delta { source, .. } => storage_trouble(source),
+            LakeError::Storage { .. } | LakeError::LeaseExpired { .. } => true,
             _ => false,
         }
     }
@@ -140,11 +213,16 @@ fn storage_trouble(error: &DeltaTableError) -> bool {
 #[derive(Debug, Clone)]
 pub struct Lake {
     root: Url,
+    /// The store rooted at `root`, for the lake's own objects (lease, requests).
+    store: Arc<dyn object_store::ObjectStore>,
+    lease: Duration,
 }
 
 impl Lake {
-    /// Opens the lake at a local directory (created if missing) or an object-store URL.
-    pub fn open(location: &str) -> Result<Lake, LakeError> {
+    /// Opens the lake at a local directory (created if missing) or an object-store URL,
+    /// and makes deltalake reach it with the configured storage options.
+    pub fn open(settings: &LakeSettings) -> Result<Lake, LakeError> {
+        let location = settings.path.as_str();
         let err = |message: String| LakeError::Location {
             location: location.to_string(),
             message,
@@ -163,11 +241,33 @@ impl Lake {
                 .map_err(|e| err(format!("cannot resolve it: {e}")))?;
             Url::from_directory_path(&path).map_err(|_| err("not an absolute path".into()))?
         };
-        Ok(Lake { root })
+        storage::register(&root, &settings.storage);
+        let store =
+            storage::lake_store(&root, &settings.storage).map_err(|e| err(e.to_string()))?;
+        Ok(Lake {
+            root,
+            store,
+            lease: settings.lease,
+        })
     }
 
     pub fn root(&self) -> &Url {
         &self.root
+    }
+
+    /// Whether the lake is in an object store (not a local directory).
+    pub fn is_object_store(&self) -> bool {
+        self.root.scheme() != "file"
+    }
+
+    /// The store rooted at the lake, for its own objects under `_wal2delta/`.
+    pub fn store(&self) -> &Arc<dyn object_store::ObjectStore> {
+        &self.store
+    }
+
+    /// How long the daemon's lease on an object-store lake lasts unless renewed.
+    pub fn lease(&self) -> Duration {
+        self.lease
     }
 
     fn join(&self, rel: &str) -> Url {

@@ -3,9 +3,14 @@
 //! `wal2delta resync` cannot write the lake itself while a daemon does (one writer per
 //! lake, `lake::lock`), so it leaves a request the daemon picks up, and the daemon leaves
 //! the outcome next to it. A request survives a restart: a daemon that stops before
-//! finishing does it after the next start. Files, like the lock, so only a local lake.
+//! finishing does it after the next start. Objects in the lake's store, so requests work
+//! the same on a local disk and in an object store.
 
-use std::path::PathBuf;
+use std::sync::Arc;
+
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt};
 
 use serde::{Deserialize, Serialize};
 
@@ -34,102 +39,123 @@ pub struct ResyncOutcome {
 /// The request directory of one lake.
 #[derive(Debug, Clone)]
 pub struct Requests {
-    dir: PathBuf,
+    store: Arc<dyn ObjectStore>,
+    location: String,
 }
 
+const DIR: &str = "_wal2delta/requests";
+
 impl Requests {
-    pub fn open(lake: &Lake) -> Result<Requests, LakeError> {
-        let root = lake
-            .root()
-            .to_file_path()
-            .map_err(|_| LakeError::Location {
-                location: lake.root().to_string(),
-                message: "requests to the daemon (resync) need a local lake directory for now"
-                    .into(),
-            })?;
-        Ok(Requests {
-            dir: root.join("_wal2delta").join("requests"),
-        })
+    pub fn open(lake: &Lake) -> Requests {
+        Requests {
+            store: lake.store().clone(),
+            location: format!("{}{DIR}/", lake.root()),
+        }
     }
 
-    fn path(&self, table: &TableName, suffix: &str) -> PathBuf {
+    fn path(&self, table: &TableName, suffix: &str) -> Path {
         let name = table.path_segments().replace('/', ".");
-        self.dir.join(format!("resync.{name}.{suffix}"))
+        Path::from(format!("{DIR}/resync.{name}.{suffix}"))
     }
 
-    fn io_err(&self, what: &str, e: std::io::Error) -> LakeError {
+    fn storage_err(&self, what: &str, e: object_store::Error) -> LakeError {
         LakeError::Location {
-            location: self.dir.display().to_string(),
+            location: self.location.clone(),
             message: format!("{what}: {e}"),
         }
     }
 
+    async fn read(&self, path: &Path) -> Option<String> {
+        let got = self.store.get(path).await.ok()?;
+        let bytes = got.bytes().await.ok()?;
+        String::from_utf8(bytes.to_vec()).ok()
+    }
+
     /// Asks the daemon to copy `table` again (forgetting the outcome of an earlier one).
-    pub fn ask_resync(&self, table: &TableName) -> Result<(), LakeError> {
-        std::fs::create_dir_all(&self.dir).map_err(|e| self.io_err("cannot create", e))?;
-        let _ = std::fs::remove_file(self.path(table, "outcome"));
+    pub async fn ask_resync(&self, table: &TableName) -> Result<(), LakeError> {
+        let _ = self.store.delete(&self.path(table, "outcome")).await;
         let request = ResyncRequest {
             table: table.to_string(),
             requested_at: chrono::Utc::now().to_rfc3339(),
         };
         let text = serde_json::to_string(&request).unwrap_or_default();
-        // Written whole, then renamed: the daemon never reads half a request.
-        let tmp = self.path(table, "tmp");
-        std::fs::write(&tmp, text).map_err(|e| self.io_err("cannot write a request", e))?;
-        std::fs::rename(&tmp, self.path(table, "request"))
-            .map_err(|e| self.io_err("cannot write a request", e))
+        // One put: an object store (and the local store, through a rename) never shows
+        // half a request.
+        self.store
+            .put(&self.path(table, "request"), text.into())
+            .await
+            .map(|_| ())
+            .map_err(|e| self.storage_err("cannot write a request", e))
     }
 
     /// The tables whose resync is asked for and not done yet.
-    pub fn pending_resyncs(&self) -> Vec<TableName> {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return Vec::new();
-        };
-        let mut tables: Vec<TableName> = entries
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".request"))
-            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-            .filter_map(|text| serde_json::from_str::<ResyncRequest>(&text).ok())
-            .filter_map(|r| TableName::parse(&r.table).ok())
-            .collect();
+    pub async fn pending_resyncs(&self) -> Vec<TableName> {
+        let listed: Vec<ObjectMeta> =
+            match self.store.list(Some(&Path::from(DIR))).try_collect().await {
+                Ok(listed) => listed,
+                Err(_) => return Vec::new(),
+            };
+        let mut tables = Vec::new();
+        for meta in listed {
+            if !meta.location.as_ref().ends_with(".request") {
+                continue;
+            }
+            let Some(text) = self.read(&meta.location).await else {
+                continue;
+            };
+            if let Some(t) = serde_json::from_str::<ResyncRequest>(&text)
+                .ok()
+                .and_then(|r| TableName::parse(&r.table).ok())
+            {
+                tables.push(t);
+            }
+        }
         tables.sort_by_key(|t| t.to_string());
         tables
     }
 
     /// Whether `table`'s resync is still asked for.
-    pub fn is_pending(&self, table: &TableName) -> bool {
-        self.path(table, "request").exists()
+    pub async fn is_pending(&self, table: &TableName) -> bool {
+        self.store.head(&self.path(table, "request")).await.is_ok()
     }
 
     /// Records how `table`'s resync ended and drops the request.
-    pub fn finish_resync(&self, table: &TableName, outcome: &ResyncOutcome) {
+    pub async fn finish_resync(&self, table: &TableName, outcome: &ResyncOutcome) {
         let text = serde_json::to_string_pretty(outcome).unwrap_or_default();
-        if let Err(e) = std::fs::write(self.path(table, "outcome"), text) {
+        if let Err(e) = self
+            .store
+            .put(&self.path(table, "outcome"), text.into())
+            .await
+        {
             tracing::warn!(table = %table, error = %e, "cannot record the resync's outcome");
         }
-        let _ = std::fs::remove_file(self.path(table, "request"));
+        let _ = self.store.delete(&self.path(table, "request")).await;
     }
 
     /// What the daemon's publication guard remembered of the tables' shapes (their
     /// partitions), so a change made while it was stopped is found at the next start.
-    pub fn load_guard_state(&self) -> Option<String> {
-        std::fs::read_to_string(self.dir.join("guard-state.json")).ok()
+    pub async fn load_guard_state(&self) -> Option<String> {
+        self.read(&Path::from(format!("{DIR}/guard-state.json")))
+            .await
     }
 
-    pub fn save_guard_state(&self, text: &str) -> Result<(), LakeError> {
-        std::fs::create_dir_all(&self.dir).map_err(|e| self.io_err("cannot create", e))?;
-        let tmp = self.dir.join("guard-state.tmp");
-        std::fs::write(&tmp, text).map_err(|e| self.io_err("cannot save the guard state", e))?;
-        std::fs::rename(&tmp, self.dir.join("guard-state.json"))
-            .map_err(|e| self.io_err("cannot save the guard state", e))
+    pub async fn save_guard_state(&self, text: &str) -> Result<(), LakeError> {
+        self.store
+            .put(
+                &Path::from(format!("{DIR}/guard-state.json")),
+                text.to_string().into(),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| self.storage_err("cannot save the guard state", e))
     }
 
     /// How `table`'s last resync ended, once it has.
-    pub fn resync_outcome(&self, table: &TableName) -> Option<ResyncOutcome> {
-        if self.is_pending(table) {
+    pub async fn resync_outcome(&self, table: &TableName) -> Option<ResyncOutcome> {
+        if self.is_pending(table).await {
             return None;
         }
-        let text = std::fs::read_to_string(self.path(table, "outcome")).ok()?;
+        let text = self.read(&self.path(table, "outcome")).await?;
         serde_json::from_str(&text).ok()
     }
 }

@@ -142,10 +142,11 @@ async fn guard_publication(
     let mut warned = false;
     // The shapes seen last; partitions also from before this start.
     let mut shapes: Option<BTreeMap<String, TableShape>> = None;
-    let mut stored: Option<BTreeMap<String, TableShape>> = requests
-        .as_ref()
-        .and_then(|r| r.load_guard_state())
-        .and_then(|text| serde_json::from_str(&text).ok());
+    let mut stored: Option<BTreeMap<String, TableShape>> = match &requests {
+        Some(r) => r.load_guard_state().await,
+        None => None,
+    }
+    .and_then(|text| serde_json::from_str(&text).ok());
     // The first look is at once: it is the baseline the key is compared with.
     // One connection for every look, opened again after an error.
     let mut client: Option<tokio_postgres::Client> = None;
@@ -222,7 +223,7 @@ async fn guard_publication(
                     crate::telemetry::divergence(table, changed.reason());
                     tracing::warn!(table = %table, partitions = %changed, "partitions changed without their rows passing through the stream; copying the table again (resync)");
                     if let Some(requests) = &requests
-                        && let Err(e) = requests.ask_resync(&name)
+                        && let Err(e) = requests.ask_resync(&name).await
                     {
                         tracing::error!(table = %table, error = %e, "cannot ask for a resync; run `wal2delta resync --table {table}`");
                     }
@@ -234,7 +235,7 @@ async fn guard_publication(
             && let Some(requests) = &requests
         {
             let text = serde_json::to_string_pretty(&now).unwrap_or_default();
-            if let Err(e) = requests.save_guard_state(&text) {
+            if let Err(e) = requests.save_guard_state(&text).await {
                 tracing::warn!(error = %e, "cannot remember the tables' partitions");
             }
         }

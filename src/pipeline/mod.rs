@@ -93,8 +93,8 @@ impl PipelineError {
 
 /// Runs the daemon until `cancel` fires (clean exit) or a definite error.
 pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), PipelineError> {
-    let lake = Lake::open(&settings.lake_path)?;
-    let _lock = LakeLock::acquire(&lake)?;
+    let lake = Lake::open(&settings.lake)?;
+    let lock = LakeLock::acquire(&lake).await?;
     crate::service::spawn_watchdog();
     if let Some(listen) = settings.metrics_listen {
         crate::telemetry::install(listen).map_err(PipelineError::Metrics)?;
@@ -112,7 +112,21 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pi
     // no longer follow exactly (then the guard's reason is the daemon's error).
     let replication = cancel.child_token();
     let (diverged, mut divergence) = oneshot::channel();
-    let requests = crate::lake::requests::Requests::open(&lake).ok();
+    // Another daemon taking over the lease (this one was paused or cut off for longer
+    // than the lease) stops replication; the fence has already stopped the commits.
+    let (lease_lost, mut lease_holder) = oneshot::channel();
+    let lost = lock.lost();
+    let stop_on_loss = replication.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            holder = lost => {
+                let _ = lease_lost.send(holder);
+                stop_on_loss.cancel();
+            }
+            _ = stop_on_loss.cancelled() => {}
+        }
+    });
+    let requests = Some(crate::lake::requests::Requests::open(&lake));
     background.spawn_source_tasks(&settings, requests, replication.clone(), diverged);
     // Tables copied again on request (`resync`) are swapped in by whichever session runs.
     let (staged, copies) = mpsc::channel(1);
@@ -125,6 +139,10 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pi
     let copies: StagedCopies = Arc::new(tokio::sync::Mutex::new(copies));
     let result = replicate(&settings, &lake, &records, &copies, replication).await;
     background.stop().await;
+    if let Ok(holder) = lease_holder.try_recv() {
+        return Err(LakeError::LeaseLost { holder }.into());
+    }
+    lock.release().await;
     // A stop the guard caused ends replication cleanly: its reason is the error. An
     // error of replication's own (e.g. the start's checks) comes first.
     match (result, divergence.try_recv()) {

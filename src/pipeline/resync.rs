@@ -1,7 +1,7 @@
 //! Online resync: copies a table again while replication runs (`wal2delta resync`,
 //! `verify --repair`).
 //!
-//! The request arrives as a file (`lake::requests`). The copy is taken like an initial
+//! The request arrives as an object in the lake (`lake::requests`). The copy is taken like an initial
 //! snapshot, from a temporary slot's exported snapshot at point P, and written into
 //! uncommitted raw (`r` rows) and curated files beside the live tables while the apply
 //! stage keeps streaming. The staged copy then goes to the apply stage, which swaps it in
@@ -44,12 +44,10 @@ pub async fn serve_requests(
     staged: mpsc::Sender<StagedCopy>,
     cancel: CancellationToken,
 ) {
-    let Ok(requests) = Requests::open(&lake) else {
-        return; // Not a local lake: `wal2delta resync` says so to whoever asks.
-    };
+    let requests = Requests::open(&lake);
     let mut failures: HashMap<TableName, u32> = HashMap::new();
     loop {
-        for table in requests.pending_resyncs() {
+        for table in requests.pending_resyncs().await {
             if cancel.is_cancelled() {
                 return;
             }
@@ -68,7 +66,9 @@ pub async fn serve_requests(
             match result {
                 Ok((rows, point)) => {
                     failures.remove(&table);
-                    requests.finish_resync(&table, &outcome(rows, Some(point), None));
+                    requests
+                        .finish_resync(&table, &outcome(rows, Some(point), None))
+                        .await;
                 }
                 Err(e) => {
                     let attempts = failures.entry(table.clone()).or_insert(0);
@@ -77,7 +77,9 @@ pub async fn serve_requests(
                     if *attempts >= ATTEMPTS || !e.transient {
                         tracing::error!(table = %table, error = %e.message, "resync failed");
                         failures.remove(&table);
-                        requests.finish_resync(&table, &outcome(0, None, Some(e.message)));
+                        requests
+                            .finish_resync(&table, &outcome(0, None, Some(e.message)))
+                            .await;
                     } else {
                         tracing::warn!(table = %table, error = %e.message, attempt = *attempts, "resync interrupted; trying again");
                     }

@@ -207,6 +207,9 @@ impl Views {
         let table = DeltaTable::try_from_url(self.checkpoint_url.clone())
             .await
             .map_err(to_df)?;
+        if table.version().is_none() {
+            return Ok(None); // an object-store lake whose daemon has not committed yet
+        }
         *cached = Some(table.clone());
         Ok(Some(table))
     }

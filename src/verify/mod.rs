@@ -212,7 +212,7 @@ pub async fn verify(settings: &Settings, options: &VerifyOptions) -> Result<Repo
         }
         options.tables.clone()
     };
-    let lake = Lake::open(&settings.lake_path).map_err(Box::new)?;
+    let lake = Lake::open(&settings.lake).map_err(Box::new)?;
     let client = catalog::connect(&source.conn).await?;
     let snapshot = SourceSnapshot::take(&source.conn).await?;
     let point = snapshot.point;

@@ -11,7 +11,7 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::harness::{Env, query_delta, require_python_deltalake};
+use crate::harness::{Env, query_delta, query_delta_at, require_python_deltalake};
 
 const FOUR_TABLES: [&str; 4] = [
     "public.condominios",
@@ -84,10 +84,14 @@ async fn source_rows_without(env: &Env, table: &str, skip: &[&str]) -> (Vec<Stri
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let (schema, name) = table.split_once('.').unwrap();
+    // The lake's path segments (escaped names), as the daemon writes them.
+    let segments = wal2delta::table_name::TableName::parse(table)
+        .expect("table name")
+        .path_segments();
+    let (schema, name) = segments.split_once('/').unwrap();
     let df_sql = format!("SELECT concat_ws(' | ', {}) FROM t", df_exprs.join(", "));
     let curated: Vec<String> =
-        query_delta(&env.lake.join("curated").join(schema).join(name), &df_sql)
+        query_delta_at(&env.table_location("curated", schema, name), &df_sql)
             .await
             .into_iter()
             .map(|r| r[0].clone().unwrap_or_default())

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use rand::Rng;
 
-use crate::harness::{Env, count_delta, query_delta};
+use crate::harness::{Env, count_delta, query_delta, query_delta_at};
 
 const SETUP: &str = r#"
 CREATE TABLE acct (id int PRIMARY KEY, v bigint NOT NULL, note text);
@@ -131,8 +131,8 @@ async fn ground_truth(env: &Env) -> Multiset {
 async fn lake_changes(env: &Env) -> Multiset {
     let mut out = Multiset::new();
     for table in ["acct", "item"] {
-        let raw = env.raw_path("public", table);
-        let dups = query_delta(
+        let raw = env.table_location("raw", "public", table);
+        let dups = query_delta_at(
             &raw,
             "SELECT _commit_lsn, _seq, count(*) FROM t GROUP BY 1, 2 HAVING count(*) > 1",
         )
@@ -141,7 +141,7 @@ async fn lake_changes(env: &Env) -> Multiset {
             dups.is_empty(),
             "raw.{table} holds duplicated changes: {dups:?}"
         );
-        for row in query_delta(
+        for row in query_delta_at(
             &raw,
             "SELECT _op, CAST(id AS VARCHAR), CAST(v AS VARCHAR) FROM t",
         )
@@ -195,7 +195,23 @@ async fn verify_exactly_once(env: &Env, label: &str, faults: usize, timeout: Dur
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
-    let (env, mut daemon) = Env::streaming(SETUP, &["public.acct", "public.item"]).await;
+    let (env, daemon) = Env::streaming(SETUP, &["public.acct", "public.item"]).await;
+    sigkill_rounds(env, daemon, "sigkill").await;
+}
+
+/// The same on a lake in S3: each new daemon first waits out the killed one's lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_moments_on_an_s3_lake_loses_and_duplicates_nothing() {
+    let env = Env::new_s3(SETUP).await;
+    env.write_config("postgres", &["public.acct", "public.item"], "");
+    let daemon = env.daemon();
+    env.wait_streaming().await;
+    sigkill_rounds(env, daemon, "sigkill on S3").await;
+}
+
+/// SIGKILLs the daemon at random moments under a random workload, then checks the raw
+/// tables against the source's audit log.
+async fn sigkill_rounds(env: Env, mut daemon: crate::harness::Daemon, label: &str) {
     let workload = Workload::start(env.pg.dsn("postgres"));
     // W2D_FAULT_ROUNDS raises the count for the extended run (bench/reliability.sh --extended).
     let kills = std::env::var("W2D_FAULT_ROUNDS")
@@ -214,7 +230,7 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         daemon = env.daemon();
     }
     workload.stop().await;
-    verify_exactly_once(&env, "sigkill", kills, Duration::from_secs(180)).await;
+    verify_exactly_once(&env, label, kills, Duration::from_secs(180)).await;
     // A clean stop after all that exits 0.
     let status = daemon.terminate(Duration::from_secs(30));
     assert!(

@@ -203,6 +203,19 @@ pub struct Env {
     pub slot: String,
     /// The port of the daemon's SQL endpoint (`[serve] listen`, loopback).
     pub serve_port: u16,
+    /// An object-store lake (`s3://bucket/lake/`) instead of the local `lake` directory,
+    /// with the config lines it needs.
+    pub object_lake: Option<ObjectLake>,
+}
+
+/// A lake on the test S3 server.
+pub struct ObjectLake {
+    pub bucket: String,
+    pub url: String,
+    /// Lines inside `[lake]` (the lease time).
+    pub lake_lines: String,
+    /// `[lake.storage]`, appended to the config.
+    pub storage: String,
 }
 
 /// A free loopback port (bound and released; good enough for tests).
@@ -288,6 +301,34 @@ impl Env {
             config,
             slot: "w2d_test".into(),
             serve_port: free_port(),
+            object_lake: None,
+        }
+    }
+
+    /// Like `new`, with the lake in a new bucket of the test S3 server (lease: 3 s).
+    pub async fn new_s3(setup_sql: &str) -> Env {
+        let mut env = Env::new(setup_sql).await;
+        let bucket = crate::s3_server::bucket();
+        env.object_lake = Some(ObjectLake {
+            url: format!("s3://{bucket}/lake/"),
+            bucket,
+            lake_lines: "lease_seconds = 3\n".into(),
+            storage: crate::s3_server::storage_toml(&env.dir.path().join("s3-secret")),
+        });
+        env
+    }
+
+    /// Where a table of `layer` (`raw`, `curated`) is: a local path or an `s3://` URL.
+    pub fn table_location(&self, layer: &str, schema: &str, table: &str) -> String {
+        match &self.object_lake {
+            Some(o) => format!("{}{layer}/{schema}/{table}/", o.url),
+            None => self
+                .lake
+                .join(layer)
+                .join(schema)
+                .join(table)
+                .to_string_lossy()
+                .into_owned(),
         }
     }
 
@@ -315,16 +356,19 @@ impl Env {
         serve_extra: &str,
     ) {
         let tables: Vec<String> = tables.iter().map(|t| format!("{t:?}")).collect();
+        let (lake, lake_lines, storage) = match &self.object_lake {
+            Some(o) => (o.url.as_str(), o.lake_lines.as_str(), o.storage.as_str()),
+            None => (self.lake.to_str().unwrap_or_default(), "", ""),
+        };
         let text = format!(
             "[source]\ndsn = {dsn:?}\nslot = {slot:?}\npublication = \"w2d_pub\"\ntables = [{tables}]\n\
-             status_interval_secs = 1\n{extra}\n[lake]\npath = {lake:?}\n[apply]\nmax_batch_age_ms = 200\n\
-             [serve]\nlisten = \"127.0.0.1:{port}\"\nrefined_dir = {refined:?}\npoll_interval_ms = 200\n{serve_extra}\n",
+             status_interval_secs = 1\n{extra}\n[lake]\npath = {lake:?}\n{lake_lines}[apply]\nmax_batch_age_ms = 200\n\
+             [serve]\nlisten = \"127.0.0.1:{port}\"\nrefined_dir = {refined:?}\npoll_interval_ms = 200\n{serve_extra}\n{storage}",
             port = self.serve_port,
             refined = concat!(env!("CARGO_MANIFEST_DIR"), "/sql/refined"),
             dsn = self.pg.dsn(user),
             slot = self.slot,
             tables = tables.join(", "),
-            lake = self.lake.to_str().unwrap_or_default(),
         );
         std::fs::write(&self.config, text).expect("write config");
     }
@@ -406,11 +450,11 @@ impl Env {
 
     /// Waits until the raw table of `schema.table` holds at least `rows` rows.
     pub async fn wait_raw_rows(&self, schema: &str, table: &str, rows: i64, timeout: Duration) {
-        let raw = self.raw_path(schema, table);
+        let raw = self.table_location("raw", schema, table);
         wait_for(
             &format!("{rows} rows in raw.{schema}.{table}"),
             timeout,
-            || async { count_delta(&raw).await >= rows },
+            || async { count_delta_at(&raw).await >= rows },
             || self.daemon_log(),
         )
         .await;
@@ -540,11 +584,26 @@ where
 /// Runs `sql` over the Delta table at `path` (registered as `t`) and returns the rows as
 /// text (`None` for NULL). Returns no rows when the table does not exist yet.
 pub async fn query_delta(path: &Path, sql: &str) -> Vec<Vec<Option<String>>> {
-    if !path.join("_delta_log").exists() {
-        return vec![];
-    }
-    let url = url::Url::from_directory_path(path).expect("absolute path");
-    let table = deltalake::open_table(url).await.expect("open Delta table");
+    query_delta_at(path.to_str().unwrap_or_default(), sql).await
+}
+
+/// `query_delta` for a table at a local path or an `s3://` URL on the test S3 server.
+pub async fn query_delta_at(location: &str, sql: &str) -> Vec<Vec<Option<String>>> {
+    let url = if location.starts_with("s3://") {
+        crate::s3_server::register_in_process();
+        url::Url::parse(location).expect("table URL")
+    } else {
+        let path = Path::new(location);
+        if !path.join("_delta_log").exists() {
+            return vec![];
+        }
+        url::Url::from_directory_path(path).expect("absolute path")
+    };
+    let table = match deltalake::open_table(url).await {
+        Ok(table) => table,
+        Err(deltalake::DeltaTableError::NotATable(_)) => return vec![],
+        Err(e) => panic!("open Delta table {location}: {e}"),
+    };
     let ctx = SessionContext::new();
     table
         .update_datafusion_session(&ctx.state())
@@ -594,7 +653,12 @@ pub fn require_python_deltalake() {
 
 /// Convenience: `SELECT count(*)` over a Delta table (0 when it does not exist).
 pub async fn count_delta(path: &Path) -> i64 {
-    query_delta(path, "SELECT count(*) FROM t")
+    count_delta_at(path.to_str().unwrap_or_default()).await
+}
+
+/// `count_delta` for a local path or an `s3://` URL.
+pub async fn count_delta_at(location: &str) -> i64 {
+    query_delta_at(location, "SELECT count(*) FROM t")
         .await
         .first()
         .and_then(|r| r[0].as_ref())

@@ -1,0 +1,292 @@
+//! Lakes on object storage, against moto's S3 server (`s3_server`): the daemon streams
+//! into an `s3://` lake and keeps curated tables equal to the source; two writers racing
+//! for a Delta version cannot both commit; one daemon per lake through the lease, with a
+//! SIGKILLed holder replaced and a SIGSTOPped one fenced off.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deltalake::arrow::datatypes::{DataType, Field, Schema};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::curated::assert_mirror;
+use crate::harness::{Daemon, Env, psql, query_delta_at, wait_for, wal2delta};
+use crate::s3_server;
+
+const SETUP: &str = r#"
+CREATE TABLE conta (id int PRIMARY KEY, saldo bigint NOT NULL, nota text);
+CREATE TABLE "Pedidos Ñ" (id bigint PRIMARY KEY, item text);
+INSERT INTO conta SELECT g, g * 10, 'inicial ' || g FROM generate_series(1, 500) g;
+INSERT INTO "Pedidos Ñ" SELECT g, 'item ' || g FROM generate_series(1, 50) g;
+CREATE PUBLICATION w2d_pub FOR TABLE conta, "Pedidos Ñ";
+"#;
+
+const TABLES: &[&str] = &["public.conta", "public.\"Pedidos Ñ\""];
+
+async fn change_rows(env: &Env, from: i32, to: i32) {
+    env.pg
+        .client()
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO conta SELECT g, g, 'nova' FROM generate_series({from}, {to}) g; \
+             UPDATE conta SET saldo = saldo + 1 WHERE id % 7 = 0; \
+             DELETE FROM conta WHERE id % 11 = 0 AND id < {to}; \
+             INSERT INTO \"Pedidos Ñ\" VALUES ({to}, 'pedido {to}') ON CONFLICT DO NOTHING;"
+        ))
+        .await
+        .expect("source changes");
+}
+
+/// The raw table of `conta` holds no change twice.
+async fn assert_no_duplicates(env: &Env) {
+    let dups = query_delta_at(
+        &env.table_location("raw", "public", "conta"),
+        "SELECT _commit_lsn, _seq, count(*) FROM t GROUP BY 1, 2 HAVING count(*) > 1",
+    )
+    .await;
+    assert!(
+        dups.is_empty(),
+        "raw.conta holds duplicated changes: {dups:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_s3_lake_mirrors_the_source_and_serves_sql() {
+    let env = Env::new_s3(SETUP).await;
+    env.write_config("postgres", TABLES, "");
+    let (code, out) = wal2delta(&env, &["validate"]);
+    assert_eq!(code, 0, "validate refused the S3 lake:\n{out}");
+    assert!(
+        out.contains("lake:") && out.contains("conditional writes"),
+        "validate does not report the probe:\n{out}"
+    );
+    assert!(
+        !out.contains(s3_server::SECRET_KEY),
+        "validate printed the secret:\n{out}"
+    );
+    let _daemon = env.daemon();
+    env.wait_streaming().await;
+    change_rows(&env, 501, 900).await;
+    env.wait_caught_up(Duration::from_secs(120)).await;
+    assert_mirror(&env, "public.conta").await;
+    assert_mirror(&env, "public.\"Pedidos Ñ\"").await;
+    assert_no_duplicates(&env).await;
+
+    // Everything lives under the lake's prefix in the bucket.
+    let bucket = &env.object_lake.as_ref().unwrap().bucket;
+    let keys = s3_server::keys(bucket, "");
+    assert!(
+        keys.iter().all(|k| k.starts_with("lake/")),
+        "objects outside the lake prefix: {:?}",
+        keys.iter()
+            .filter(|k| !k.starts_with("lake/"))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        keys.iter().any(|k| k == "lake/_wal2delta/lease.json"),
+        "no lease object: {keys:?}"
+    );
+
+    // The SQL endpoint reads the same lake.
+    let count: i64 = env
+        .pg
+        .client()
+        .await
+        .query_one("SELECT count(*) FROM conta", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let (ok, out) = psql(
+        env.serve_port,
+        "postgres",
+        &[],
+        &["-c", "SELECT count(*) FROM conta"],
+    );
+    assert!(ok, "psql against the S3 lake failed: {out}");
+    assert_eq!(out.trim(), count.to_string(), "endpoint count");
+
+    // status names the lease holder and never the secret.
+    let (code, out) = wal2delta(&env, &["status"]);
+    assert_eq!(code, 0, "status failed:\n{out}");
+    assert!(
+        out.contains("pid"),
+        "status does not name the daemon:\n{out}"
+    );
+    assert!(
+        !out.contains(s3_server::SECRET_KEY),
+        "status printed the secret:\n{out}"
+    );
+    assert!(
+        !env.daemon_log().contains(s3_server::SECRET_KEY),
+        "the daemon logged the secret"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_writers_racing_for_a_version_cannot_both_commit() {
+    use wal2delta::lake::commit::{AppId, Commit};
+    use wal2delta::table_name::TableName;
+    s3_server::register_in_process();
+    let bucket = s3_server::bucket();
+    let url = url::Url::parse(&format!("s3://{bucket}/race/")).unwrap();
+    let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+    let table = wal2delta::lake::table::open_or_create(&url, "race", &schema)
+        .await
+        .expect("create the table on S3");
+    let start = table.version().unwrap_or(0);
+    let name = TableName::parse("public.race").unwrap();
+    let mut wins = 0;
+    let mut conflicts = 0;
+    for round in 0..5 {
+        // Two writers read the same version, then both try to commit the next one.
+        let mut a = deltalake::open_table(url.clone()).await.unwrap();
+        let mut b = deltalake::open_table(url.clone()).await.unwrap();
+        let commit = |lsn: i64| Commit::append().txn(&AppId::raw("race", &name), lsn);
+        let (ra, rb) = tokio::join!(
+            commit(round * 2 + 1).write(&mut a, "race"),
+            commit(round * 2 + 2).write(&mut b, "race")
+        );
+        match (&ra, &rb) {
+            (Ok(_), Err(_)) | (Err(_), Ok(_)) => {
+                wins += 1;
+                conflicts += 1;
+            }
+            _ => panic!("round {round}: both or neither committed: {ra:?} / {rb:?}"),
+        }
+    }
+    let table = deltalake::open_table(url.clone()).await.unwrap();
+    assert_eq!(table.version(), Some(start + wins), "one version per round");
+    println!("figure: racing writers on S3: rounds 5, commits {wins}, refused {conflicts}");
+}
+
+/// Waits for the daemon to exit; its status and log.
+fn wait_exit(daemon: &mut Daemon, timeout: Duration) -> std::process::ExitStatus {
+    daemon.wait(timeout)
+}
+
+/// `Env::wait_caught_up`, showing the log of the daemon that should be catching up.
+async fn caught_up(env: &Env, log: &std::path::Path) {
+    let target = env.current_wal_lsn().await;
+    let client = env.pg.client().await;
+    wait_for(
+        &format!("the slot to confirm {target}"),
+        Duration::from_secs(120),
+        || {
+            let (client, target, slot) = (&client, &target, &env.slot);
+            async move {
+                matches!(
+                    client
+                        .query_opt(
+                            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 \
+                             AND confirmed_flush_lsn >= $2::text::pg_lsn",
+                            &[slot, target],
+                        )
+                        .await,
+                    Ok(Some(_))
+                )
+            }
+        },
+        || std::fs::read_to_string(log).unwrap_or_default(),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_daemon_per_s3_lake_a_killed_one_is_replaced_and_a_paused_one_fenced() {
+    // Postgres drops a frozen daemon's replication connection after 3 s, so a newcomer
+    // can take the slot over.
+    let env = Env::new_s3(SETUP).await;
+    let pg = env.pg.client().await;
+    pg.batch_execute("ALTER SYSTEM SET wal_sender_timeout = '3s'")
+        .await
+        .unwrap();
+    pg.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    env.write_config("postgres", TABLES, "");
+    let mut first = env.daemon();
+    env.wait_streaming().await;
+    change_rows(&env, 501, 600).await;
+    env.wait_caught_up(Duration::from_secs(120)).await;
+
+    // The others run beside the frozen first one on this host: their own SQL port.
+    let config = env.dir.path().join("others.toml");
+    let text = std::fs::read_to_string(&env.config).unwrap().replace(
+        &format!("127.0.0.1:{}", env.serve_port),
+        &format!("127.0.0.1:{}", crate::harness::free_port()),
+    );
+    std::fs::write(&config, text).unwrap();
+
+    // A second daemon is refused, naming the holder.
+    let log2 = env.dir.path().join("second.log");
+    let mut second = Daemon::start(&config, &log2, &[]);
+    let status = wait_exit(&mut second, Duration::from_secs(30));
+    let text = std::fs::read_to_string(&log2).unwrap_or_default();
+    assert!(
+        !status.success(),
+        "a second daemon ran on the same lake:\n{text}"
+    );
+    assert!(
+        text.contains("another wal2delta daemon is running on this lake")
+            && text.contains(&format!("pid {}", first.pid())),
+        "the refusal does not name the holder:\n{text}"
+    );
+
+    // Paused past its lease: a newcomer takes over; the paused one, resumed, commits
+    // nothing and stops.
+    kill(Pid::from_raw(first.pid()), Signal::SIGSTOP).unwrap();
+    let log3 = env.dir.path().join("third.log");
+    let mut third = Daemon::start(&config, &log3, &[]);
+    change_rows(&env, 601, 700).await;
+    let took_over = Instant::now();
+    wait_for(
+        "the newcomer to take the paused daemon's lease over",
+        Duration::from_secs(60),
+        || async {
+            std::fs::read_to_string(&log3)
+                .unwrap_or_default()
+                .contains("holding the lake's lease")
+        },
+        || std::fs::read_to_string(&log3).unwrap_or_default(),
+    )
+    .await;
+    println!(
+        "figure: lease taken over {} ms after the holder froze",
+        took_over.elapsed().as_millis()
+    );
+    caught_up(&env, &log3).await;
+    kill(Pid::from_raw(first.pid()), Signal::SIGCONT).unwrap();
+    let status = wait_exit(&mut first, Duration::from_secs(60));
+    let first_log = env.daemon_log();
+    assert!(
+        !status.success() && first_log.contains("took over this lake's lease"),
+        "the resumed daemon did not stop on losing its lease ({status:?}):\n{}",
+        first_log
+            .lines()
+            .rev()
+            .take(30)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    change_rows(&env, 701, 800).await;
+    caught_up(&env, &log3).await;
+    assert_no_duplicates(&env).await;
+    assert_mirror(&env, "public.conta").await;
+
+    // SIGKILLed: its lease is taken over after the lease time.
+    third.kill9();
+    change_rows(&env, 801, 900).await;
+    let log4 = env.dir.path().join("fourth.log");
+    let _fourth = Daemon::start(&config, &log4, &[]);
+    caught_up(&env, &log4).await;
+    let text = std::fs::read_to_string(&log4).unwrap_or_default();
+    assert!(
+        text.contains("taking over the lake's lease"),
+        "the newcomer did not take the killed daemon's lease over:\n{text}"
+    );
+    assert_no_duplicates(&env).await;
+    assert_mirror(&env, "public.conta").await;
+    assert_mirror(&env, "public.\"Pedidos Ñ\"").await;
+    println!(
+        "figure: lease fencing on S3: refused 1, frozen holder fenced 1, killed holder replaced 1, duplicates 0"
+    );
+}

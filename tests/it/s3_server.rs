@@ -1,0 +1,162 @@
+//! moto's standalone S3 server (PyPI `moto[server]`) for the object-store tests: one per
+//! test process, on a free loopback port, killed with the process; each test takes its own
+//! bucket. One server because the storage options are registered process-wide (as in the
+//! daemon), so every test's lake must reach the same endpoint.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::harness::free_port;
+
+/// The access key the tests use (moto accepts any).
+pub const ACCESS_KEY: &str = "w2dtest";
+pub const SECRET_KEY: &str = "w2dtest-secret";
+pub const REGION: &str = "us-east-1";
+
+/// The running server's port.
+pub fn port() -> u16 {
+    static PORT: OnceLock<u16> = OnceLock::new();
+    *PORT.get_or_init(start)
+}
+
+pub fn endpoint() -> String {
+    format!("http://127.0.0.1:{}", port())
+}
+
+fn start() -> u16 {
+    let port = free_port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    // A thread that lives as long as the process: the server dies with it (PDEATHSIG is
+    // tied to the spawning thread).
+    std::thread::spawn(move || {
+        use std::os::unix::process::CommandExt;
+        let mut command = Command::new("python3");
+        command
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: prctl is async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = command.spawn();
+        let _ = tx.send(child.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+        if let Ok(mut child) = child {
+            let _ = child.wait();
+        }
+    });
+    if let Ok(Err(e)) = rx.recv() {
+        panic!("cannot start moto's S3 server ({e}): python3 -m pip install 'moto[server]'");
+    }
+    let started = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "moto's S3 server did not listen on port {port} within 60 s: is it installed? \
+             python3 -m pip install 'moto[server]'"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    port
+}
+
+/// Sends one bodiless request and returns the status code.
+fn request(method: &str, path: &str) -> u16 {
+    let mut stream = TcpStream::connect(("127.0.0.1", port())).expect("connect to moto");
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        port()
+    )
+    .expect("send to moto");
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A new, empty bucket.
+pub fn bucket() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let name = format!(
+        "w2d-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    let code = request("PUT", &format!("/{name}"));
+    assert_eq!(code, 200, "moto did not create bucket {name}");
+    name
+}
+
+/// Every object key in `bucket` under `prefix` (moto's ListObjectsV2, up to 1000 keys).
+pub fn keys(bucket: &str, prefix: &str) -> Vec<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port())).expect("connect to moto");
+    write!(
+        stream,
+        "GET /{bucket}?list-type=2&prefix={prefix} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n\r\n",
+        port()
+    )
+    .expect("send to moto");
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response
+        .split("<Key>")
+        .skip(1)
+        .filter_map(|part| part.split("</Key>").next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The `[lake.storage]` table reaching the server; the secret comes from `secret_file`,
+/// which this writes.
+pub fn storage_toml(secret_file: &Path) -> String {
+    std::fs::write(secret_file, format!("{SECRET_KEY}\n")).expect("write the S3 secret file");
+    format!(
+        "[lake.storage]\nendpoint = {endpoint:?}\nallow_http = true\nregion = {REGION:?}\n\
+         access_key_id = {ACCESS_KEY:?}\nsecret_access_key_file = {secret:?}\n",
+        endpoint = endpoint(),
+        secret = secret_file.to_str().unwrap_or_default(),
+    )
+}
+
+/// Makes this test process open `s3://` tables on the server (as the daemon does).
+pub fn register_in_process() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("w2d-s3-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let text = storage_toml(&dir.join("secret"));
+        let parsed: toml::Table = toml::from_str(&text).expect("storage TOML");
+        let table: std::collections::BTreeMap<String, toml::Value> = parsed["lake"]["storage"]
+            .as_table()
+            .expect("[lake.storage]")
+            .clone()
+            .into_iter()
+            .collect();
+        let mut problems = Vec::new();
+        let options =
+            wal2delta::lake::storage::StorageOptions::resolve("s3://x/", &table, &mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+        let url = url::Url::parse("s3://x/").expect("url");
+        wal2delta::lake::storage::register(&url, &options);
+    });
+}
