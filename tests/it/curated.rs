@@ -216,6 +216,20 @@ fn spawn_workload(dsn: String, seed: u64, stop: Arc<AtomicBool>) -> tokio::task:
     })
 }
 
+/// On an object-store lake, waits until the `nth` daemon started on `env` holds the lease.
+pub async fn wait_for_lease(env: &Env, nth: usize) {
+    if env.object_lake.is_none() {
+        return;
+    }
+    crate::harness::wait_for(
+        "the new daemon to hold the lake's lease",
+        Duration::from_secs(60),
+        || async { env.daemon_log().matches("holding the lake's lease").count() >= nth },
+        || env.daemon_log(),
+    )
+    .await;
+}
+
 async fn config_for(env: &Env) {
     env.write_config(
         "postgres",
@@ -358,6 +372,18 @@ async fn assert_python_reader_agrees(env: &Env) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curated_tables_survive_sigkill_at_random_moments_including_the_snapshot() {
     let env = Env::new(&demo_setup(150_000)).await;
+    curated_kill_rounds(env).await;
+}
+
+/// The same with the lake on the S3 server: each daemon is killed only once it holds the
+/// lease (the wait for a killed holder's lease is no moment to test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curated_tables_on_s3_survive_sigkill_at_random_moments_including_the_snapshot() {
+    let env = Env::new_s3(&demo_setup(150_000)).await;
+    curated_kill_rounds(env).await;
+}
+
+async fn curated_kill_rounds(env: Env) {
     config_for(&env).await;
     let stop = Arc::new(AtomicBool::new(false));
     let workload = spawn_workload(env.pg.dsn("postgres"), 11, stop.clone());
@@ -365,6 +391,7 @@ async fn curated_tables_survive_sigkill_at_random_moments_including_the_snapshot
     let mut killed_in_snapshot = 0;
     for round in 0..12 {
         let mut daemon = env.daemon();
+        wait_for_lease(&env, round + 1).await;
         // The first rounds die early, while the snapshot is copying.
         let wait_ms = if round < 3 {
             rng.random_range(300..1500)

@@ -228,6 +228,7 @@ async fn sigkill_rounds(env: Env, mut daemon: crate::harness::Daemon, label: &st
             workload.committed()
         );
         daemon = env.daemon();
+        crate::curated::wait_for_lease(&env, i + 2).await;
     }
     workload.stop().await;
     verify_exactly_once(&env, label, kills, Duration::from_secs(180)).await;
