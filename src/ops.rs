@@ -75,7 +75,7 @@ async fn reset_locked(
     };
     let client = catalog::connect(&source.conn).await?;
     let slot = catalog::slot_info(&client, &source.slot).await?;
-    let mut checkpoint = Checkpoint::open(&lake, &source.slot).await?;
+    let mut checkpoint = Checkpoint::open(lake, &source.slot).await?;
     let plan = match &reset {
         Reset::ToLsn(lsn) => plan_to_lsn(source, *lsn, slot.as_ref(), &checkpoint)?,
         Reset::Resnapshot(tables) => plan_resnapshot(source, tables)?,
@@ -254,7 +254,7 @@ pub async fn teardown(settings: &Settings, yes: bool) -> Result<String, OpsError
 async fn teardown_locked(settings: &Settings, lake: &Lake, yes: bool) -> Result<String, OpsError> {
     let client = catalog::connect(&settings.source.conn).await?;
     let slot = catalog::slot_info(&client, &settings.source.slot).await?;
-    let mut checkpoint = Checkpoint::open(&lake, &settings.source.slot).await?;
+    let mut checkpoint = Checkpoint::open(lake, &settings.source.slot).await?;
     let created_publication = checkpoint.publication_created();
     let published = catalog::publication_tables(&client, &settings.source.publication)
         .await?

@@ -236,14 +236,27 @@ pub fn fence() -> Result<(), LakeError> {
     }
 }
 
-/// A lease this daemon holds, renewed by a background task.
-#[derive(Debug)]
+/// A lease this daemon holds, renewed by a background task. (`Debug` leaves the store
+/// out: some stores' own `Debug` shows their credentials.)
 pub struct Lease {
     store: Arc<dyn ObjectStore>,
     /// What this daemon wrote last and its version, shared with the renewing task.
     state: Arc<tokio::sync::Mutex<(LeaseRecord, UpdateVersion)>>,
     lost: watch::Receiver<Option<String>>,
     stop: CancellationToken,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease").finish_non_exhaustive()
+    }
+}
+
+impl LeaseRecord {
+    /// Whether `other` was written by the same holder (this process, this lease).
+    fn same_holder(&self, other: &LeaseRecord) -> bool {
+        self.host == other.host && self.pid == other.pid && self.since == other.since
+    }
 }
 
 fn storage_err(what: &str) -> impl FnOnce(object_store::Error) -> LakeError + '_ {
@@ -346,6 +359,15 @@ impl Lease {
                     record.seq = held.seq + 1;
                     Some(version)
                 }
+                Some((_, version)) if version.e_tag.is_none() && version.version.is_none() => {
+                    return Err(LakeError::Location {
+                        location: lake.root().to_string(),
+                        message: "the store gives the lease object no ETag or version, so it \
+                                  cannot be taken or renewed safely; use a store that supports \
+                                  conditional writes"
+                            .into(),
+                    });
+                }
                 Some((held, version)) => {
                     // Held, or left by a daemon that died: watch whether it is renewed.
                     let wait = Duration::from_secs(held.lease_seconds.max(lease.as_secs()) + 1);
@@ -366,6 +388,8 @@ impl Lease {
                     Some(version)
                 }
             };
+            record.renewed =
+                chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
             let sent = Instant::now();
             let written = write_lease(store.as_ref(), &record, expected)
                 .await
@@ -402,6 +426,9 @@ impl Lease {
                     _ = tokio::time::sleep(lease_time / 3) => {}
                 }
                 let mut state = state.lock().await;
+                if stop.is_cancelled() {
+                    return; // released meanwhile
+                }
                 let (record, version) = &mut *state;
                 record.seq += 1;
                 record.renewed =
@@ -416,7 +443,23 @@ impl Lease {
                         });
                     }
                     Ok(None) => {
-                        let holder = match read_lease_from(store.as_ref()).await {
+                        let now = read_lease_from(store.as_ref()).await;
+                        // A renewal that landed although its answer was lost (a timeout,
+                        // a retried 5xx) makes the next one fail: it is still ours.
+                        if let Ok(Some((found, found_version))) = &now
+                            && record.same_holder(found)
+                            && !found.released
+                            && found.seq >= record.seq
+                        {
+                            record.seq = found.seq;
+                            *version = found_version.clone();
+                            update_fence(|f| {
+                                f.renewed = sent;
+                                f.valid_until = sent + lease_time;
+                            });
+                            continue;
+                        }
+                        let holder = match now {
                             Ok(Some((r, _))) => r.owner(),
                             _ => "unknown".into(),
                         };
@@ -437,11 +480,15 @@ impl Lease {
     /// Stops renewing and marks the lease released, if it is still ours.
     async fn release(self) {
         self.stop.cancel();
-        let (mut record, version) = self.state.lock().await.clone();
+        // Held through the write, so a renewal cannot race it.
+        let state = self.state.lock().await;
+        let (mut record, version) = state.clone();
         record.seq += 1;
         record.released = true;
         record.renewed = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-        match write_lease(self.store.as_ref(), &record, Some(version)).await {
+        let released = write_lease(self.store.as_ref(), &record, Some(version)).await;
+        drop(state);
+        match released {
             Ok(Some(_)) => tracing::info!("released the lake's lease"),
             Ok(None) => {}
             Err(e) => {

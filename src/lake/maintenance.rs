@@ -166,6 +166,8 @@ pub async fn compact(
     target_size: u64,
     properties: deltalake::parquet::file::properties::WriterProperties,
 ) -> Result<Option<Compacted>, LakeError> {
+    // A daemon that may have lost its lease rewrites and deletes nothing.
+    super::lock::fence()?;
     if policy.compact_min_files == 0 {
         return Ok(None);
     }
@@ -219,6 +221,7 @@ pub async fn vacuum(
     label: &str,
     retention: Duration,
 ) -> Result<usize, LakeError> {
+    super::lock::fence()?;
     let delta_err = |source| LakeError::Delta {
         table: label.to_string(),
         source,

@@ -209,13 +209,23 @@ fn storage_trouble(error: &DeltaTableError) -> bool {
     }
 }
 
-/// The lake root and the locations of its tables.
-#[derive(Debug, Clone)]
+/// The lake root and the locations of its tables. (`Debug` leaves the store out: some
+/// stores' own `Debug` shows their credentials.)
+#[derive(Clone)]
 pub struct Lake {
     root: Url,
     /// The store rooted at `root`, for the lake's own objects (lease, requests).
     store: Arc<dyn object_store::ObjectStore>,
     lease: Duration,
+}
+
+impl std::fmt::Debug for Lake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lake")
+            .field("root", &self.root.as_str())
+            .field("lease", &self.lease)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Lake {

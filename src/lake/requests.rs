@@ -36,8 +36,8 @@ pub struct ResyncOutcome {
     pub elapsed_ms: u64,
 }
 
-/// The request directory of one lake.
-#[derive(Debug, Clone)]
+/// The request directory of one lake. (No `Debug`: the store's may show credentials.)
+#[derive(Clone)]
 pub struct Requests {
     store: Arc<dyn ObjectStore>,
     location: String,
@@ -114,9 +114,12 @@ impl Requests {
         tables
     }
 
-    /// Whether `table`'s resync is still asked for.
+    /// Whether `table`'s resync is still asked for (when the store cannot say: yes).
     pub async fn is_pending(&self, table: &TableName) -> bool {
-        self.store.head(&self.path(table, "request")).await.is_ok()
+        !matches!(
+            self.store.head(&self.path(table, "request")).await,
+            Err(object_store::Error::NotFound { .. })
+        )
     }
 
     /// Records how `table`'s resync ended and drops the request.

@@ -152,8 +152,10 @@ impl StorageOptions {
                                     format!("the environment variable `{value}` is not set")
                                 })
                             } else {
+                                // The whole file (a service-account key is JSON over
+                                // many lines), less the trailing newline.
                                 std::fs::read_to_string(&value)
-                                    .map(|text| text.lines().next().unwrap_or("").to_string())
+                                    .map(|text| text.trim_end_matches(['\n', '\r']).to_string())
                                     .map_err(|e| format!("cannot read {value}: {e}"))
                             };
                             match read {
@@ -279,27 +281,63 @@ pub async fn probe(root: &Url, store: &dyn ObjectStore) -> Result<String, String
         mode: PutMode::Create,
         ..Default::default()
     };
-    store
+    let first = store
         .put_opts(&key, "probe".into(), create())
         .await
         .map_err(|e| at("writing", e))?;
-    let second = store.put_opts(&key, "probe again".into(), create()).await;
-    let conditional = match second {
+    let unsafe_store = |header: &str| {
+        format!(
+            "the store at {root} overwrote an object a conditional write ({header}) should \
+             have refused: two writers could both commit the same Delta version, or both hold \
+             the lease. Use a store that supports conditional writes (AWS S3 does; for other \
+             S3-compatible servers, check their documentation)"
+        )
+    };
+    let refused = |result: object_store::Result<object_store::PutResult>, header: &str| match result
+    {
         Err(object_store::Error::AlreadyExists { .. })
         | Err(object_store::Error::Precondition { .. }) => Ok(()),
-        Ok(_) => Err(format!(
-            "the store at {root} overwrote an object a conditional write (If-None-Match: *) \
-             should have refused: two writers could both commit the same Delta version. Use \
-             a store that supports conditional writes (AWS S3 does; for other S3-compatible \
-             servers, check their documentation)"
-        )),
-        Err(e) => Err(at("a conditional write", e)),
+        Ok(_) => Err(unsafe_store(header)),
+        Err(e) => Err(at(&format!("a conditional write ({header})"), e)),
     };
+    // Create over an existing object: refused (Delta commits).
+    let mut conditional = refused(
+        store.put_opts(&key, "probe again".into(), create()).await,
+        "If-None-Match: *",
+    );
+    // Update against a version that is no longer current: refused (the lease).
+    if conditional.is_ok() {
+        let stale = object_store::UpdateVersion {
+            e_tag: first.e_tag.clone(),
+            version: first.version.clone(),
+        };
+        let current = store
+            .put_opts(
+                &key,
+                "probe updated".into(),
+                PutMode::Update(stale.clone()).into(),
+            )
+            .await
+            .map_err(|e| at("a conditional update (If-Match)", e))?;
+        conditional = match current.e_tag {
+            None => Err(format!(
+                "the store at {root} gives objects no ETag, which the lease needs; use a store \
+                 that supports conditional writes"
+            )),
+            Some(_) => refused(
+                store
+                    .put_opts(&key, "probe stale".into(), PutMode::Update(stale).into())
+                    .await,
+                "If-Match",
+            ),
+        };
+    }
     store.get(&key).await.map_err(|e| at("reading", e))?;
     store.delete(&key).await.map_err(|e| at("deleting", e))?;
     conditional?;
     Ok(format!(
-        "lake store {root}: list, write, read, delete and conditional writes work"
+        "lake store {root}: list, write, read, delete and conditional writes (If-None-Match, \
+         If-Match) work"
     ))
 }
 
@@ -348,6 +386,7 @@ pub fn register(root: &Url, options: &StorageOptions) {
     };
     let stores = Arc::new(LakeStores {
         options: options.clone(),
+        built: Default::default(),
     });
     for scheme in schemes {
         let Ok(url) = Url::parse(&format!("{scheme}://")) else {
@@ -358,14 +397,33 @@ pub fn register(root: &Url, options: &StorageOptions) {
     }
 }
 
-/// deltalake's store factory for the lake's scheme.
+/// deltalake's store factory for the lake's scheme. One client per bucket (or container),
+/// so credentials are fetched once, not once per table.
 struct LakeStores {
     options: StorageOptions,
+    built: std::sync::Mutex<std::collections::HashMap<String, ObjectStoreRef>>,
 }
 
 impl ObjectStoreFactory for LakeStores {
     fn parse_url_opts(&self, url: &Url, _: &StorageConfig) -> DeltaResult<(ObjectStoreRef, Path)> {
-        let store = cloud_store(url, &self.options)?;
+        let key = format!("{}://{}", url.scheme(), url.authority());
+        let cached = self
+            .built
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .cloned();
+        let store = match cached {
+            Some(store) => store,
+            None => {
+                let store = cloud_store(url, &self.options)?;
+                self.built
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(key, store.clone());
+                store
+            }
+        };
         let path = Path::from_url_path(url.path())
             .map_err(|e| DeltaTableError::InvalidTableLocation(format!("{url}: {e}")))?;
         Ok((store, path))

@@ -94,6 +94,15 @@ impl PipelineError {
 /// Runs the daemon until `cancel` fires (clean exit) or a definite error.
 pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), PipelineError> {
     let lake = Lake::open(&settings.lake)?;
+    if lake.is_object_store() {
+        // Fail closed on a store that would let two writers commit the same version.
+        crate::lake::storage::probe(lake.root(), lake.store().as_ref())
+            .await
+            .map_err(|message| LakeError::Location {
+                location: lake.root().to_string(),
+                message,
+            })?;
+    }
     let lock = LakeLock::acquire(&lake).await?;
     crate::service::spawn_watchdog();
     if let Some(listen) = settings.metrics_listen {

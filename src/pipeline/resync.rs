@@ -70,6 +70,11 @@ pub async fn serve_requests(
                         .finish_resync(&table, &outcome(rows, Some(point), None))
                         .await;
                 }
+                Err(e) if crate::lake::lock::fence().is_err() => {
+                    // This daemon may no longer hold the lake: the request stays for the
+                    // one that does.
+                    tracing::warn!(table = %table, error = %e.message, "resync interrupted: the lake's lease is in doubt; leaving the request");
+                }
                 Err(e) => {
                     let attempts = failures.entry(table.clone()).or_insert(0);
                     *attempts += 1;
