@@ -76,8 +76,8 @@ fn start() -> u16 {
     port
 }
 
-/// Sends one bodiless request and returns the status code.
-fn request(method: &str, path: &str) -> u16 {
+/// Sends one bodiless request; the status code and the response's text.
+fn request(method: &str, path: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(("127.0.0.1", port())).expect("connect to moto");
     write!(
         stream,
@@ -87,11 +87,12 @@ fn request(method: &str, path: &str) -> u16 {
     .expect("send to moto");
     let mut response = String::new();
     let _ = stream.read_to_string(&mut response);
-    response
+    let code = response
         .split_whitespace()
         .nth(1)
         .and_then(|code| code.parse().ok())
-        .unwrap_or(0)
+        .unwrap_or(0);
+    (code, response)
 }
 
 /// A new, empty bucket.
@@ -102,22 +103,14 @@ pub fn bucket() -> String {
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     );
-    let code = request("PUT", &format!("/{name}"));
-    assert_eq!(code, 200, "moto did not create bucket {name}");
+    let (code, response) = request("PUT", &format!("/{name}"));
+    assert_eq!(code, 200, "moto did not create bucket {name}: {response}");
     name
 }
 
 /// Every object key in `bucket` under `prefix` (moto's ListObjectsV2, up to 1000 keys).
 pub fn keys(bucket: &str, prefix: &str) -> Vec<String> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port())).expect("connect to moto");
-    write!(
-        stream,
-        "GET /{bucket}?list-type=2&prefix={prefix} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n\r\n",
-        port()
-    )
-    .expect("send to moto");
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
+    let (_, response) = request("GET", &format!("/{bucket}?list-type=2&prefix={prefix}"));
     response
         .split("<Key>")
         .skip(1)
