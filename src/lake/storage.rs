@@ -204,28 +204,20 @@ fn cloud_store(url: &Url, options: &StorageOptions) -> Result<ObjectStoreRef, ob
         store: "lake.storage",
         source: format!("unknown option {key}").into(),
     };
+    // The three builders share no trait: the same steps, spelled once.
+    macro_rules! build {
+        ($builder:ty) => {{
+            let mut builder = <$builder>::from_env().with_url(url.as_str());
+            for (key, value) in options.pairs() {
+                builder = builder.with_config(key.parse().map_err(|_| unknown(key))?, value);
+            }
+            Ok(Arc::new(builder.build()?))
+        }};
+    }
     match Cloud::of(url) {
-        Some(Cloud::S3) => {
-            let mut builder = AmazonS3Builder::from_env().with_url(url.as_str());
-            for (key, value) in options.pairs() {
-                builder = builder.with_config(key.parse().map_err(|_| unknown(key))?, value);
-            }
-            Ok(Arc::new(builder.build()?))
-        }
-        Some(Cloud::Azure) => {
-            let mut builder = MicrosoftAzureBuilder::from_env().with_url(url.as_str());
-            for (key, value) in options.pairs() {
-                builder = builder.with_config(key.parse().map_err(|_| unknown(key))?, value);
-            }
-            Ok(Arc::new(builder.build()?))
-        }
-        Some(Cloud::Gcs) => {
-            let mut builder = GoogleCloudStorageBuilder::from_env().with_url(url.as_str());
-            for (key, value) in options.pairs() {
-                builder = builder.with_config(key.parse().map_err(|_| unknown(key))?, value);
-            }
-            Ok(Arc::new(builder.build()?))
-        }
+        Some(Cloud::S3) => build!(AmazonS3Builder),
+        Some(Cloud::Azure) => build!(MicrosoftAzureBuilder),
+        Some(Cloud::Gcs) => build!(GoogleCloudStorageBuilder),
         None => Err(object_store::Error::Generic {
             store: "lake",
             source: format!(

@@ -252,11 +252,6 @@ async fn two_writers_racing_for_a_version_cannot_both_commit() {
     println!("figure: racing writers on S3: rounds 5, commits {wins}, refused {conflicts}");
 }
 
-/// Waits for the daemon to exit; its status and log.
-fn wait_exit(daemon: &mut Daemon, timeout: Duration) -> std::process::ExitStatus {
-    daemon.wait(timeout)
-}
-
 /// `Env::wait_caught_up`, showing the log of the daemon that should be catching up.
 async fn caught_up(env: &Env, log: &std::path::Path) {
     let target = env.current_wal_lsn().await;
@@ -311,7 +306,7 @@ async fn one_daemon_per_s3_lake_a_killed_one_is_replaced_and_a_paused_one_fenced
     // A second daemon is refused, naming the holder.
     let log2 = env.dir.path().join("second.log");
     let mut second = Daemon::start(&config, &log2, &[]);
-    let status = wait_exit(&mut second, Duration::from_secs(30));
+    let status = second.wait(Duration::from_secs(30));
     let text = std::fs::read_to_string(&log2).unwrap_or_default();
     assert!(
         !status.success(),
@@ -347,7 +342,7 @@ async fn one_daemon_per_s3_lake_a_killed_one_is_replaced_and_a_paused_one_fenced
     );
     caught_up(&env, &log3).await;
     kill(Pid::from_raw(first.pid()), Signal::SIGCONT).unwrap();
-    let status = wait_exit(&mut first, Duration::from_secs(60));
+    let status = first.wait(Duration::from_secs(60));
     let first_log = env.daemon_log();
     assert!(
         !status.success() && first_log.contains("took over this lake's lease"),
