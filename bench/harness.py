@@ -32,12 +32,18 @@ wal2delta daemon (a release build: cargo build --release). Scenarios (quick mode
   sql_load    freshness at 5,000 rows/s (10 s; full: 30 s) with no SQL clients and with 16
               clients running the grouped aggregate of `queries` on the endpoint: commit to
               durable in the lake and commit to visible through the endpoint.
+  object_store
+              the lake on moto's S3 server (PyPI moto[server], started on a free loopback
+              port) against a local lake in the same run: the initial snapshot of the four
+              demo tables into each, then N changes (100k / 500k) drained from two identical
+              slots into each; changes/s, the S3/local ratio, and Delta commit latency per
+              layer (p50/p95 from the daemon's histogram buckets, and the mean).
   large_transaction
               one 2,000,000-row source transaction, drained from identical slots by
               pg_recvlogical and by wal2delta into raw + curated: time, ratio, peak RSS.
 
 --only picks scenarios (snapshot, queries, streaming, merge, verify, neighbour,
-large_transaction, freshness, sql_load);
+large_transaction, freshness, sql_load, object_store);
 --batch-age-ms sets apply.max_batch_age_ms for every daemon. Needs psycopg and deltalake.
 
 Micro-benchmarks of the decoder and the batch builder: cargo bench (benches/).
@@ -47,6 +53,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -62,7 +69,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNING = []  # every daemon started, killed when the harness exits early
 APPLY = ""  # extra [apply] settings for every daemon (--batch-age-ms)
 SCENARIOS = ["snapshot", "queries", "streaming", "merge", "verify", "neighbour", "large_transaction",
-             "freshness", "sql_load"]
+             "freshness", "sql_load", "object_store"]
 TABLES = ["public.condominios", "public.imoveis", "public.moradores", "public.transacoes"]
 
 
@@ -93,9 +100,9 @@ class Daemon:
     """A wal2delta daemon on its own lake, with its peak RSS read at stop."""
 
     def __init__(self, binary, work, dsn, slot, extra_source="", name="d", tables=TABLES,
-                 publication="w2d_pub"):
+                 publication="w2d_pub", lake=None, lake_extra=""):
         self.work = work
-        self.lake = os.path.join(work, f"lake-{name}")
+        self.lake = lake or os.path.join(work, f"lake-{name}")
         self.serve_port = free_port()
         self.metrics_port = free_port()
         self.config = os.path.join(work, f"{name}.toml")
@@ -113,7 +120,7 @@ listen = "127.0.0.1:{self.metrics_port}"
 {APPLY}[serve]
 listen = "127.0.0.1:{self.serve_port}"
 refined_dir = "{ROOT}/sql/refined"
-""")
+{lake_extra}""")
         self.log = open(os.path.join(work, f"{name}.log"), "w")
         self.proc = subprocess.Popen([binary, "run", "--config", self.config],
                                      stdout=self.log, stderr=self.log)
@@ -276,11 +283,9 @@ def scenario_snapshot(args, work, dsn, conn):
             "ratio_vs_copy": round(copy_s / snap_s, 2), "peak_rss_mb": rss}
 
 
-def scenario_streaming(args, work, dsn, conn):
-    conn.execute("SELECT pg_create_logical_replication_slot('bench_recv', 'pgoutput')")
-    conn.execute("SELECT pg_create_logical_replication_slot('bench_w2d', 'pgoutput')")
-    start_lsn = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
-    n = args.changes
+def write_changes(conn, dsn, n):
+    """N changes to transacoes (inserts, updates, deletes in transactions of 1-500 changes,
+    the same sequence every run). Returns (changes made, WAL position after them)."""
     made = 0
     rng = random.Random(42)
     base = conn.execute("SELECT max(id) FROM transacoes").fetchone()[0]
@@ -302,7 +307,14 @@ def scenario_streaming(args, work, dsn, conn):
                 r = w.execute(f"DELETE FROM transacoes WHERE id BETWEEN {lo} AND {lo + size - 1}")
                 size = r.rowcount
             made += size
-    end_lsn = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+    return made, conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+
+
+def scenario_streaming(args, work, dsn, conn):
+    conn.execute("SELECT pg_create_logical_replication_slot('bench_recv', 'pgoutput')")
+    conn.execute("SELECT pg_create_logical_replication_slot('bench_w2d', 'pgoutput')")
+    start_lsn = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+    made, end_lsn = write_changes(conn, dsn, args.changes)
     recv_s = recvlogical_seconds(conn, "bench_recv", end_lsn)
     # wal2delta drains the other slot into raw + curated (no snapshot: the tables are
     # not copied, only the changes streamed).
@@ -659,6 +671,88 @@ def scenario_freshness(args, work, dsn, conn, rate, seconds, svg, load=0):
             "per_batch": where}
 
 
+@contextlib.contextmanager
+def s3_server(work):
+    """moto's standalone S3 server on a free loopback port with one bucket: yields the
+    `[lake.storage]` table reaching it."""
+    import urllib.request
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    RUNNING.append(proc)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/bench", method="PUT"))
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    sys.exit("moto's S3 server did not start: python3 -m pip install 'moto[server]'")
+                time.sleep(0.2)
+        secret = os.path.join(work, "s3-secret")
+        open(secret, "w").write("bench-secret\n")
+        yield (f'[lake.storage]\nendpoint = "http://127.0.0.1:{port}"\nallow_http = true\n'
+               f'region = "us-east-1"\naccess_key_id = "bench"\nsecret_access_key_file = "{secret}"\n')
+    finally:
+        proc.kill()
+
+
+def commit_latency(samples):
+    """Delta commit latency per layer from the daemon's histogram: p50/p95 as the upper
+    bound of the bucket they fall in, and the mean."""
+    out = {}
+    for layer in ("raw", "curated"):
+        buckets = {}
+        for k, v in samples.items():
+            if k.startswith("wal2delta_delta_commit_duration_seconds_bucket") and f'layer="{layer}"' in k:
+                le = re.search(r'[{,]le="([^"]+)"', k).group(1)
+                buckets[float(le)] = buckets.get(float(le), 0) + v
+        count = metric_total(samples, "wal2delta_delta_commit_duration_seconds_count", f'layer="{layer}"')
+        total = metric_total(samples, "wal2delta_delta_commit_duration_seconds_sum", f'layer="{layer}"')
+        if not count:
+            continue
+        ordered = sorted(buckets.items())
+
+        def quantile(q):
+            return next((le for le, n in ordered if n >= q * count), None)
+        out[layer] = {"commits": int(count), "p50_le_s": quantile(0.5), "p95_le_s": quantile(0.95),
+                      "mean_ms": round(1000 * total / count, 1)}
+    return out
+
+
+def scenario_object_store(args, work, dsn, conn):
+    """The same snapshot and the same changes into a local lake and into an S3 lake."""
+    result = {}
+    with s3_server(work) as storage:
+        lakes = {"local": (None, ""), "s3": ("s3://bench/lake", storage)}
+        for kind, (lake, extra) in lakes.items():
+            start = time.perf_counter()
+            d = Daemon(args.binary, work, dsn, f"bench_os_snap_{kind}", name=f"os-snap-{kind}",
+                       lake=lake and f"{lake}-snapshot", lake_extra=extra)
+            d.wait_streaming()
+            snap_s = time.perf_counter() - start
+            d.stop()
+            conn.execute(f"SELECT pg_drop_replication_slot('bench_os_snap_{kind}')")
+            result[kind] = {"snapshot_s": round(snap_s, 2)}
+        for kind in lakes:
+            conn.execute(f"SELECT pg_create_logical_replication_slot('bench_os_{kind}', 'pgoutput')")
+        made, end_lsn = write_changes(conn, dsn, args.os_changes)
+        for kind, (lake, extra) in lakes.items():
+            start = time.perf_counter()
+            d = Daemon(args.binary, work, dsn, f"bench_os_{kind}", 'snapshot = "never"\ncreate_slot = false',
+                       name=f"os-{kind}", lake=lake, lake_extra=extra)
+            d.wait_confirmed(conn, f"bench_os_{kind}", end_lsn)
+            took = time.perf_counter() - start
+            result[kind].update({"changes": made, "changes_per_s": round(made / took),
+                                 "commit_latency": commit_latency(d.metrics()), "peak_rss_mb": d.stop()})
+            conn.execute(f"SELECT pg_drop_replication_slot('bench_os_{kind}')")
+    result["streaming_ratio_s3_vs_local"] = round(result["s3"]["changes_per_s"] / result["local"]["changes_per_s"], 2)
+    result["snapshot_ratio_s3_vs_local"] = round(result["local"]["snapshot_s"] / result["s3"]["snapshot_s"], 2)
+    result["note"] = "the S3 server is moto (Python, in-memory) on the same 2 cores, not AWS"
+    return result
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--full", action="store_true")
@@ -683,6 +777,7 @@ def main():
     args.lookups = 2000 if args.full else 500
     args.merge_sizes = (100_000, 1_000_000, 10_000_000) if args.full else (100_000, 1_000_000)
     args.large_txn = 2_000_000
+    args.os_changes = 500_000 if args.full else 100_000
     if args.svg_dir:
         os.makedirs(args.svg_dir, exist_ok=True)
     if not os.path.exists(args.binary):
@@ -708,6 +803,7 @@ def main():
                 "sql_load": lambda: [
                     scenario_freshness(args, work, dsn, conn, 5000, 30 if args.full else 10, None, load)
                     for load in (0, 16)],
+                "object_store": lambda: scenario_object_store(args, work, dsn, conn),
             }
             for name in SCENARIOS:
                 if name in only:
@@ -759,6 +855,14 @@ def main():
         print(f"{'':<12} {b['batches']} batches; mean per batch: raw commit {b['raw_commit_mean_ms']} ms, "
               f"curated merge {b['curated_merge_mean_ms']} ms, curated commit {b['curated_commit_mean_ms']} ms; "
               f"the polling query p50 {b['endpoint_query_p50_ms']} ms, max {b['endpoint_query_max_ms']} ms")
+    if "object_store" in results:
+        o = results["object_store"]
+        for kind in ("local", "s3"):
+            r = o[kind]
+            lat = ", ".join(f"{layer} commit p50 <= {v['p50_le_s']} s, p95 <= {v['p95_le_s']} s, mean {v['mean_ms']} ms"
+                            for layer, v in r["commit_latency"].items())
+            print(f"{'lake ' + kind:<12} snapshot {r['snapshot_s']} s; {r['changes_per_s']:,} changes/s; {lat} {r['peak_rss_mb']:>7} MB")
+        print(f"{'S3 / local':<12} streaming {o['streaming_ratio_s3_vs_local']}x, snapshot {o['snapshot_ratio_s3_vs_local']}x ({o['note']})")
     text = json.dumps(results, indent=2)
     if args.json:
         open(args.json, "w").write(text)

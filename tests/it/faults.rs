@@ -582,3 +582,174 @@ async fn lake_storage_failure_pauses_without_confirming_and_resumes_exactly_once
     verify_exactly_once(&env, "lake storage failure", 1, Duration::from_secs(180)).await;
     assert!(daemon.terminate(Duration::from_secs(30)).success());
 }
+
+/// An HTTP proxy between the daemon and the S3 server that injects object-store faults on
+/// a share of the connections (`per_mille`): a reset before any answer, `503 SlowDown`,
+/// `500 InternalError`, a stall past the client's timeout, or a forwarded connection cut
+/// after a random number of bytes (a reset mid-request or mid-answer).
+struct S3FaultProxy {
+    port: u16,
+    per_mille: Arc<AtomicU64>,
+    injected: Arc<[AtomicU64; 5]>,
+}
+
+const S3_FAULTS: [&str; 5] = ["reset", "503 SlowDown", "500", "stall", "cut mid-stream"];
+
+impl S3FaultProxy {
+    async fn start(target: u16) -> S3FaultProxy {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let per_mille = Arc::new(AtomicU64::new(0));
+        let injected: Arc<[AtomicU64; 5]> = Arc::new(Default::default());
+        let (rate, counts) = (per_mille.clone(), injected.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (rate, counts) = (rate.clone(), counts.clone());
+                tokio::spawn(async move {
+                    let (roll, kind, cut_after) = {
+                        let mut rng = rand::rng();
+                        (
+                            rng.random_range(0..1000),
+                            rng.random_range(0..S3_FAULTS.len()),
+                            rng.random_range(100..200_000usize),
+                        )
+                    };
+                    let fault = (roll < rate.load(Ordering::Relaxed)).then_some(kind);
+                    if let Some(k) = fault {
+                        counts[k].fetch_add(1, Ordering::Relaxed);
+                    }
+                    let answer = |status: &str, code: &str| {
+                        let body = format!(
+                            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>injected</Message></Error>"
+                        );
+                        format!(
+                            "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        )
+                    };
+                    match fault {
+                        Some(0) => return, // reset: dropped unanswered
+                        Some(k @ (1 | 2)) => {
+                            let mut head = vec![0u8; 16 * 1024];
+                            let _ = client.read(&mut head).await;
+                            let text = if k == 1 {
+                                answer("503 Slow Down", "SlowDown")
+                            } else {
+                                answer("500 Internal Server Error", "InternalError")
+                            };
+                            let _ = client.write_all(text.as_bytes()).await;
+                            return;
+                        }
+                        Some(3) => {
+                            tokio::time::sleep(Duration::from_secs(8)).await;
+                            return;
+                        }
+                        _ => {}
+                    }
+                    let Ok(mut server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    else {
+                        return;
+                    };
+                    if fault == Some(4) {
+                        // Forward until `cut_after` bytes went either way, then drop both.
+                        let (mut cr, mut cw) = client.split();
+                        let (mut sr, mut sw) = server.split();
+                        let mut budget = cut_after;
+                        let mut up = vec![0u8; 16 * 1024];
+                        let mut down = vec![0u8; 16 * 1024];
+                        while budget > 0 {
+                            tokio::select! {
+                                n = cr.read(&mut up) => match n {
+                                    Ok(n) if n > 0 => {
+                                        let n = n.min(budget);
+                                        budget -= n;
+                                        if sw.write_all(&up[..n]).await.is_err() { return; }
+                                    }
+                                    _ => return,
+                                },
+                                n = sr.read(&mut down) => match n {
+                                    Ok(n) if n > 0 => {
+                                        let n = n.min(budget);
+                                        budget -= n;
+                                        if cw.write_all(&down[..n]).await.is_err() { return; }
+                                    }
+                                    _ => return,
+                                },
+                            }
+                        }
+                        return;
+                    }
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                });
+            }
+        });
+        S3FaultProxy {
+            port,
+            per_mille,
+            injected,
+        }
+    }
+
+    fn set_rate(&self, per_mille: u64) {
+        self.per_mille.store(per_mille, Ordering::Relaxed);
+    }
+
+    fn injected(&self) -> Vec<(&'static str, u64)> {
+        S3_FAULTS
+            .iter()
+            .zip(self.injected.iter())
+            .map(|(name, n)| (*name, n.load(Ordering::Relaxed)))
+            .collect()
+    }
+}
+
+/// Object-store faults between the daemon and S3 while a workload runs: the daemon pauses
+/// and retries, never confirms to Postgres what is not durable (a SIGKILL after the faults
+/// and a restart would lose those changes), and the raw tables hold every change once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn object_store_faults_pause_and_retry_and_lose_nothing() {
+    let mut env = Env::new_s3(SETUP).await;
+    let proxy = S3FaultProxy::start(crate::s3_server::port()).await;
+    let lake = env.object_lake.as_mut().unwrap();
+    lake.storage = lake.storage.replace(
+        &crate::s3_server::endpoint(),
+        &format!("http://127.0.0.1:{}", proxy.port),
+    ) + "timeout = \"3s\"\nconnect_timeout = \"2s\"\n";
+    env.write_config("postgres", &["public.acct", "public.item"], "");
+    let mut daemon = env.daemon();
+    env.wait_streaming().await;
+    let workload = Workload::start(env.pg.dsn("postgres"));
+    // One connection in eight gets a fault, for 25 s.
+    proxy.set_rate(125);
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    let injected = proxy.injected();
+    let total: u64 = injected.iter().map(|(_, n)| n).sum();
+    println!("faults injected: {injected:?}");
+    assert!(
+        daemon.is_running(),
+        "the daemon stopped under object-store faults instead of pausing and retrying:\n{}",
+        env.daemon_log()
+    );
+    // Whatever it confirmed must be durable: kill it, clear the faults, start again.
+    daemon.kill9();
+    proxy.set_rate(0);
+    let _daemon = env.daemon();
+    crate::curated::wait_for_lease(&env, 2).await;
+    workload.stop().await;
+    verify_exactly_once(
+        &env,
+        "object-store faults",
+        total as usize,
+        Duration::from_secs(180),
+    )
+    .await;
+    assert!(
+        injected.iter().all(|(_, n)| *n > 0),
+        "not every kind of fault was injected: {injected:?}"
+    );
+}

@@ -318,6 +318,19 @@ impl Env {
         env
     }
 
+    /// Like `new`, with the lake in a new container of Azurite (lease: 3 s).
+    pub async fn new_azure(setup_sql: &str) -> Env {
+        let mut env = Env::new(setup_sql).await;
+        let container = crate::azurite::container();
+        env.object_lake = Some(ObjectLake {
+            url: format!("az://{container}/lake/"),
+            bucket: container,
+            lake_lines: "lease_seconds = 3\n".into(),
+            storage: crate::azurite::storage_toml(&env.dir.path().join("azure-key")),
+        });
+        env
+    }
+
     /// Where a table of `layer` (`raw`, `curated`) is: a local path or an `s3://` URL.
     pub fn table_location(&self, layer: &str, schema: &str, table: &str) -> String {
         match &self.object_lake {
@@ -592,6 +605,9 @@ pub async fn query_delta_at(location: &str, sql: &str) -> Vec<Vec<Option<String>
     let url = if location.starts_with("s3://") {
         crate::s3_server::register_in_process();
         url::Url::parse(location).expect("table URL")
+    } else if location.starts_with("az://") {
+        crate::azurite::register_in_process();
+        url::Url::parse(location).expect("table URL")
     } else {
         let path = Path::new(location);
         if !path.join("_delta_log").exists() {
@@ -693,4 +709,45 @@ pub fn peak_rss(pid: i32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map(|kb| kb * 1024)
         .unwrap_or(0)
+}
+
+/// Starts a test server (`program args`) that lives as long as the test process and
+/// waits until it listens on `port`; fails saying how to `install` it.
+pub fn process_server(program: &str, args: &[String], port: u16, what: &str, install: &str) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (program, args) = (program.to_string(), args.to_vec());
+    // A thread that lives as long as the process: the server dies with it (PDEATHSIG is
+    // tied to the spawning thread).
+    std::thread::spawn(move || {
+        use std::os::unix::process::CommandExt;
+        let mut command = Command::new(&program);
+        command
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: prctl is async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = command.spawn();
+        let _ = tx.send(child.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+        if let Ok(mut child) = child {
+            let _ = child.wait();
+        }
+    });
+    if let Ok(Err(e)) = rx.recv() {
+        panic!("cannot start {what} ({e}): {install}");
+    }
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{what} did not listen on port {port} within 60 s: is it installed? {install}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

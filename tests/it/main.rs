@@ -2,6 +2,7 @@
 //! `testcontainers/pg.sh`, reading back real Delta tables. One test binary, so linking
 //! happens once.
 
+mod azurite;
 mod cli;
 mod curated;
 mod failover;

@@ -377,3 +377,48 @@ async fn one_daemon_per_s3_lake_a_killed_one_is_replaced_and_a_paused_one_fenced
         "figure: lease fencing on S3: refused 1, frozen holder fenced 1, killed holder replaced 1, duplicates 0"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_azure_lake_mirrors_the_source_and_holds_a_lease() {
+    let env = Env::new_azure(SETUP).await;
+    env.write_config("postgres", TABLES, "");
+    let (code, out) = wal2delta(&env, &["validate"]);
+    assert_eq!(code, 0, "validate refused the Azure lake:\n{out}");
+    assert!(
+        out.contains("conditional writes"),
+        "validate does not report the probe:\n{out}"
+    );
+    assert!(
+        !out.contains(crate::azurite::KEY),
+        "validate printed the key:\n{out}"
+    );
+    let first = env.daemon();
+    env.wait_streaming().await;
+    change_rows(&env, 501, 900).await;
+    env.wait_caught_up(Duration::from_secs(120)).await;
+    assert_mirror(&env, "public.conta").await;
+    assert_mirror(&env, "public.\"Pedidos Ñ\"").await;
+    assert_no_duplicates(&env).await;
+    // One daemon per lake there too.
+    let config = env.dir.path().join("second.toml");
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&env.config).unwrap().replace(
+            &format!("127.0.0.1:{}", env.serve_port),
+            &format!("127.0.0.1:{}", crate::harness::free_port()),
+        ),
+    )
+    .unwrap();
+    let log2 = env.dir.path().join("second.log");
+    let mut second = Daemon::start(&config, &log2, &[]);
+    let status = second.wait(Duration::from_secs(30));
+    let text = std::fs::read_to_string(&log2).unwrap_or_default();
+    assert!(
+        !status.success() && text.contains(&format!("pid {}", first.pid())),
+        "a second daemon on the Azure lake was not refused by name:\n{text}"
+    );
+    assert!(
+        !env.daemon_log().contains(crate::azurite::KEY),
+        "the daemon logged the key"
+    );
+}

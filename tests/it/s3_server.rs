@@ -6,12 +6,10 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
 
-use crate::harness::free_port;
+use crate::harness::{free_port, process_server};
 
 /// The access key the tests use (moto accepts any).
 pub const ACCESS_KEY: &str = "w2dtest";
@@ -30,49 +28,22 @@ pub fn endpoint() -> String {
 
 fn start() -> u16 {
     let port = free_port();
-    let (tx, rx) = std::sync::mpsc::channel();
-    // A thread that lives as long as the process: the server dies with it (PDEATHSIG is
-    // tied to the spawning thread).
-    std::thread::spawn(move || {
-        use std::os::unix::process::CommandExt;
-        let mut command = Command::new("python3");
-        command
-            .args([
-                "-m",
-                "moto.server",
-                "-H",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        // SAFETY: prctl is async-signal-safe.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let child = command.spawn();
-        let _ = tx.send(child.as_ref().map(|_| ()).map_err(|e| e.to_string()));
-        if let Ok(mut child) = child {
-            let _ = child.wait();
-        }
-    });
-    if let Ok(Err(e)) = rx.recv() {
-        panic!("cannot start moto's S3 server ({e}): python3 -m pip install 'moto[server]'");
-    }
-    let started = Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "moto's S3 server did not listen on port {port} within 60 s: is it installed? \
-             python3 -m pip install 'moto[server]'"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let args = [
+        "-m",
+        "moto.server",
+        "-H",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+    ]
+    .map(String::from);
+    process_server(
+        "python3",
+        &args,
+        port,
+        "moto's S3 server",
+        "python3 -m pip install 'moto[server]'",
+    );
     port
 }
 
@@ -137,19 +108,23 @@ pub fn register_in_process() {
     DONE.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("w2d-s3-{}", std::process::id()));
         let _ = std::fs::create_dir_all(&dir);
-        let text = storage_toml(&dir.join("secret"));
-        let parsed: toml::Table = toml::from_str(&text).expect("storage TOML");
-        let table: std::collections::BTreeMap<String, toml::Value> = parsed["lake"]["storage"]
-            .as_table()
-            .expect("[lake.storage]")
-            .clone()
-            .into_iter()
-            .collect();
-        let mut problems = Vec::new();
-        let options =
-            wal2delta::lake::storage::StorageOptions::resolve("s3://x/", &table, &mut problems);
-        assert!(problems.is_empty(), "{problems:?}");
-        let url = url::Url::parse("s3://x/").expect("url");
-        wal2delta::lake::storage::register(&url, &options);
+        register_toml("s3://x/", &storage_toml(&dir.join("secret")));
     });
+}
+
+/// Registers the `[lake.storage]` table `text` for lakes like `location`, in this process.
+pub fn register_toml(location: &str, text: &str) {
+    let parsed: toml::Table = toml::from_str(text).expect("storage TOML");
+    let table: std::collections::BTreeMap<String, toml::Value> = parsed["lake"]["storage"]
+        .as_table()
+        .expect("[lake.storage]")
+        .clone()
+        .into_iter()
+        .collect();
+    let mut problems = Vec::new();
+    let options =
+        wal2delta::lake::storage::StorageOptions::resolve(location, &table, &mut problems);
+    assert!(problems.is_empty(), "{problems:?}");
+    let url = url::Url::parse(location).expect("url");
+    wal2delta::lake::storage::register(&url, &options);
 }
