@@ -163,6 +163,43 @@ async fn an_s3_lake_mirrors_the_source_and_serves_sql() {
         "Python deltalake and wal2delta disagree on raw conta"
     );
 
+    // A second independent reader: DuckDB's delta extension (delta-kernel) over httpfs.
+    let script = format!(
+        "import duckdb, glob, os\n\
+         import duckdb_extension_delta as d, duckdb_extension_httpfs as h\n\
+         ext = lambda m, n: glob.glob(os.path.dirname(m.__file__) + f'/extensions/*/{{n}}.duckdb_extension')[0]\n\
+         c = duckdb.connect(config={{'allow_unsigned_extensions': 'true', 'autoinstall_known_extensions': 'false', 'autoload_known_extensions': 'false'}})\n\
+         c.execute(f\"LOAD '{{ext(h, 'httpfs')}}'\"); c.execute(f\"LOAD '{{ext(d, 'delta')}}'\")\n\
+         c.execute(\"CREATE SECRET (TYPE s3, KEY_ID '{key}', SECRET '{secret}', REGION '{region}', ENDPOINT '{host}', URL_STYLE 'path', USE_SSL false)\")\n\
+         cur = c.execute(\"SELECT count(*), sum(saldo) FROM delta_scan('{lake_url}curated/public/conta')\").fetchone()\n\
+         raw = c.execute(\"SELECT count(*) FROM delta_scan('{lake_url}raw/public/conta')\").fetchone()\n\
+         print(cur[0], cur[1], raw[0], flush=True)\n\
+         os._exit(0)\n",
+        host = s3_server::endpoint().trim_start_matches("http://"),
+        region = s3_server::REGION,
+        key = s3_server::ACCESS_KEY,
+        secret = s3_server::SECRET_KEY,
+    );
+    let out = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .expect("run python3");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "DuckDB cannot read the S3 lake (python3 -m pip install duckdb==1.5.5 \
+         duckdb-extension-delta==1.5.5 duckdb-extension-httpfs==1.5.5): {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let duck: Vec<i64> = text
+        .split_whitespace()
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    assert_eq!(
+        duck, fields,
+        "DuckDB and Python deltalake disagree on conta"
+    );
+
     // `wal2delta serve` as a second, read-only process on the same bucket.
     let port = crate::harness::free_port();
     let serve_config = env.dir.path().join("serve.toml");
