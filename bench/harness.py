@@ -35,7 +35,7 @@ wal2delta daemon (a release build: cargo build --release). Scenarios (quick mode
   object_store
               the lake on moto's S3 server (PyPI moto[server], started on a free loopback
               port) against a local lake in the same run: the initial snapshot of the four
-              demo tables into each, then N changes (100k / 500k) drained from two identical
+              demo tables into each, then N changes (300k / 1M) drained from two identical
               slots into each; changes/s, the S3/local ratio, and Delta commit latency per
               layer (p50/p95 from the daemon's histogram buckets, and the mean).
   large_transaction
@@ -777,7 +777,7 @@ def main():
     args.lookups = 2000 if args.full else 500
     args.merge_sizes = (100_000, 1_000_000, 10_000_000) if args.full else (100_000, 1_000_000)
     args.large_txn = 2_000_000
-    args.os_changes = 500_000 if args.full else 100_000
+    args.os_changes = 1_000_000 if args.full else 300_000
     if args.svg_dir:
         os.makedirs(args.svg_dir, exist_ok=True)
     if not os.path.exists(args.binary):

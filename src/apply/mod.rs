@@ -893,18 +893,27 @@ impl Applier {
                     state.write_chunk(batch).await?;
                 }
                 // A table never moves its position back (after a crash between the two
-                // commits, one of them may already hold the batch).
+                // commits, one of them may already hold the batch). The two commits are
+                // independent (each carries its own position), so they go out together: on
+                // an object store each is a round trip.
                 let label = name.to_string();
-                if state.raw.applied().is_none_or(|a| a < through) {
-                    let started = Instant::now();
-                    state.raw.commit(through).await?;
-                    crate::telemetry::commit_duration(&label, "raw", started.elapsed());
-                }
-                if state.curated.applied().is_none_or(|a| a < through) {
-                    let started = Instant::now();
-                    state.curated.commit(through).await?;
-                    crate::telemetry::commit_duration(&label, "curated", started.elapsed());
-                }
+                let raw = async {
+                    if state.raw.applied().is_none_or(|a| a < through) {
+                        let started = Instant::now();
+                        state.raw.commit(through).await?;
+                        crate::telemetry::commit_duration(&label, "raw", started.elapsed());
+                    }
+                    Ok::<_, LakeError>(())
+                };
+                let curated = async {
+                    if state.curated.applied().is_none_or(|a| a < through) {
+                        let started = Instant::now();
+                        state.curated.commit(through).await?;
+                        crate::telemetry::commit_duration(&label, "curated", started.elapsed());
+                    }
+                    Ok::<_, LakeError>(())
+                };
+                tokio::try_join!(raw, curated)?;
                 Ok::<_, LakeError>(())
             });
         }
