@@ -21,6 +21,7 @@
 //! written as `~XX`, so two schemas may hold tables of the same name and no name escapes
 //! its directory. Every table is a standard Delta table: any Delta reader can open it.
 
+pub mod aws_profile;
 pub mod checkpoint;
 pub mod commit;
 pub mod curated;

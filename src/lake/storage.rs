@@ -5,8 +5,9 @@
 //! - **Credentials as each cloud's users expect.** A store starts from its cloud's standard
 //!   environment variables and credential chain (`object_store`'s builders `from_env`:
 //!   `AWS_*`, `AZURE_*`, `GOOGLE_*`; instance, task and pod roles, web identity, managed
-//!   identity, service-account files), then takes the `[lake.storage]` options, whose keys
-//!   are `object_store`'s option names (`endpoint`, `region`, `allow_http`, …).
+//!   identity, service-account files; for S3 also the AWS profile, `super::aws_profile`),
+//!   then takes the `[lake.storage]` options, whose keys are `object_store`'s option names
+//!   (`endpoint`, `region`, `allow_http`, …).
 //! - **No secret in the file.** A secret option (`secret_access_key`, `session_token`,
 //!   `access_key`, `sas_key`, `client_secret`, `service_account_key`, …) is refused as a
 //!   literal; it is given as `<key>_env = "VARIABLE"` or `<key>_file = "/path"` and held as a
@@ -34,6 +35,7 @@ use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
 use object_store::path::Path;
 use url::Url;
 
+use super::aws_profile::{self, Profile};
 use crate::secret::Secret;
 
 /// The object stores a lake URL may name.
@@ -96,6 +98,8 @@ impl Cloud {
 pub struct StorageOptions {
     plain: BTreeMap<String, String>,
     secret: BTreeMap<String, Secret>,
+    /// S3: the AWS profile in effect (`super::aws_profile`).
+    profile: Option<Profile>,
 }
 
 impl StorageOptions {
@@ -106,10 +110,24 @@ impl StorageOptions {
         problems: &mut Vec<String>,
     ) -> StorageOptions {
         let mut options = StorageOptions::default();
+        let cloud = Url::parse(location).ok().as_ref().and_then(Cloud::of);
+        if cloud == Some(Cloud::S3) {
+            let named = match table.get("profile") {
+                None => None,
+                Some(toml::Value::String(s)) => Some(s.as_str()),
+                Some(_) => {
+                    problems.push("lake.storage.profile: give the profile's name".into());
+                    None
+                }
+            };
+            match aws_profile::load(named) {
+                Ok(profile) => options.profile = profile,
+                Err(e) => problems.push(format!("lake.storage: {e}")),
+            }
+        }
         if table.is_empty() {
             return options;
         }
-        let cloud = Url::parse(location).ok().as_ref().and_then(Cloud::of);
         let Some(cloud) = cloud else {
             problems.push(format!(
                 "lake.storage: options apply to object-store lakes only (s3://, az://, \
@@ -119,6 +137,9 @@ impl StorageOptions {
             return options;
         };
         for (key, value) in table {
+            if cloud == Cloud::S3 && key == "profile" {
+                continue; // read above
+            }
             let value = match value {
                 toml::Value::String(s) => s.clone(),
                 toml::Value::Boolean(b) => b.to_string(),
@@ -193,8 +214,54 @@ impl StorageOptions {
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
             .chain(self.secret.keys().map(|k| format!("{k}=<redacted>")))
+            .chain(self.profile.iter().map(|p| {
+                format!(
+                    "AWS profile {} ({}, unless set in the environment)",
+                    p.name,
+                    p.plain
+                        .keys()
+                        .chain(p.secret.keys())
+                        .map(String::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }))
             .collect::<Vec<_>>()
             .join(", ")
+    }
+
+    /// An S3 builder from the environment, with the AWS profile's values where the
+    /// environment set none (credentials only when it set no access key at all).
+    fn s3_defaults(&self) -> AmazonS3Builder {
+        let mut builder = AmazonS3Builder::from_env();
+        let Some(profile) = &self.profile else {
+            return builder;
+        };
+        let has_key = builder
+            .get_config_value(&AmazonS3ConfigKey::AccessKeyId)
+            .is_some();
+        let values = profile
+            .plain
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .chain(profile.secret.iter().map(|(k, v)| (k.as_str(), v.expose())));
+        for (key, value) in values {
+            let Ok(key) = key.parse::<AmazonS3ConfigKey>() else {
+                continue;
+            };
+            let credential = matches!(
+                key,
+                AmazonS3ConfigKey::AccessKeyId
+                    | AmazonS3ConfigKey::SecretAccessKey
+                    | AmazonS3ConfigKey::Token
+            );
+            if (credential && has_key) || (!credential && builder.get_config_value(&key).is_some())
+            {
+                continue;
+            }
+            builder = builder.with_config(key, value);
+        }
+        builder
     }
 }
 
@@ -206,8 +273,8 @@ fn cloud_store(url: &Url, options: &StorageOptions) -> Result<ObjectStoreRef, ob
     };
     // The three builders share no trait: the same steps, spelled once.
     macro_rules! build {
-        ($builder:ty) => {{
-            let mut builder = <$builder>::from_env().with_url(url.as_str());
+        ($start:expr) => {{
+            let mut builder = $start.with_url(url.as_str());
             for (key, value) in options.pairs() {
                 builder = builder.with_config(key.parse().map_err(|_| unknown(key))?, value);
             }
@@ -215,9 +282,9 @@ fn cloud_store(url: &Url, options: &StorageOptions) -> Result<ObjectStoreRef, ob
         }};
     }
     match Cloud::of(url) {
-        Some(Cloud::S3) => build!(AmazonS3Builder),
-        Some(Cloud::Azure) => build!(MicrosoftAzureBuilder),
-        Some(Cloud::Gcs) => build!(GoogleCloudStorageBuilder),
+        Some(Cloud::S3) => build!(options.s3_defaults()),
+        Some(Cloud::Azure) => build!(MicrosoftAzureBuilder::from_env()),
+        Some(Cloud::Gcs) => build!(GoogleCloudStorageBuilder::from_env()),
         None => Err(object_store::Error::Generic {
             store: "lake",
             source: format!(

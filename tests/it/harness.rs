@@ -684,10 +684,16 @@ pub async fn count_delta_at(location: &str) -> i64 {
 
 /// Runs `wal2delta <args[0]> --config <env's config> <args[1..]>`: exit code and output.
 pub fn wal2delta(env: &Env, args: &[&str]) -> (i32, String) {
+    wal2delta_with(env, args, &[])
+}
+
+/// Like `wal2delta`, with `vars` added to the environment.
+pub fn wal2delta_with(env: &Env, args: &[&str], vars: &[(&str, &str)]) -> (i32, String) {
     let mut all = vec![args[0], "--config", env.config.to_str().unwrap()];
     all.extend(&args[1..]);
     let out = Command::new(binary())
         .args(&all)
+        .envs(vars.iter().copied())
         .output()
         .expect("run wal2delta");
     (

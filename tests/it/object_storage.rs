@@ -11,7 +11,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use crate::curated::assert_mirror;
-use crate::harness::{Daemon, Env, psql, query_delta_at, wait_for, wal2delta};
+use crate::harness::{Daemon, Env, psql, query_delta_at, wait_for, wal2delta, wal2delta_with};
 use crate::s3_server;
 
 const SETUP: &str = r#"
@@ -458,4 +458,300 @@ async fn an_azure_lake_mirrors_the_source_and_holds_a_lease() {
         !env.daemon_log().contains(crate::azurite::KEY),
         "the daemon logged the key"
     );
+}
+
+/// Data files (`.parquet` outside `_delta_log`) under `prefix`, and Delta checkpoints.
+fn objects(bucket: &str, prefix: &str) -> (usize, usize) {
+    let keys = s3_server::keys(bucket, prefix);
+    let data = keys
+        .iter()
+        .filter(|k| k.ends_with(".parquet") && !k.contains("/_delta_log/"))
+        .count();
+    let checkpoints = keys
+        .iter()
+        .filter(|k| k.contains("/_delta_log/") && k.ends_with(".checkpoint.parquet"))
+        .count();
+    (data, checkpoints)
+}
+
+/// Everything else works on S3 unchanged: schema changes mid-stream, compaction, vacuum
+/// (including a SIGKILLed batch's files), Delta checkpoints, time travel, `status`,
+/// `resync` while the daemon runs, `reset-checkpoint` (refused while a daemon holds the
+/// lease) and `teardown`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_changes_maintenance_time_travel_and_operator_commands_work_on_s3() {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    s3_server::register_in_process();
+    let env = Env::new_s3(SETUP).await;
+    env.write_config(
+        "postgres",
+        TABLES,
+        "[maintenance]\ncompact_min_files = 8\ncheck_interval_secs = 1\n\
+         vacuum_retention_hours = 0\nvacuum_interval_hours = 0.003",
+    );
+    // One batch per transaction: many commits and small files for maintenance to handle.
+    let text = std::fs::read_to_string(&env.config)
+        .unwrap()
+        .replace("max_batch_age_ms = 200", "max_batch_age_ms = 10");
+    std::fs::write(&env.config, text).unwrap();
+    let mut daemon = env.daemon();
+    env.wait_streaming().await;
+    env.wait_caught_up(Duration::from_secs(60)).await;
+    let bucket = env.object_lake.as_ref().unwrap().bucket.clone();
+
+    // Where time travel will go back to: right after the snapshot.
+    let lake = crate::sql::connect(&crate::sql::endpoint_dsn(env.serve_port, "analyst"))
+        .await
+        .expect("connect to the endpoint");
+    let first_lsn = wait_for_position(&lake, "500").await;
+
+    // A column added mid-stream, inside the transaction that first fills it, and one dropped.
+    let client = env.pg.client().await;
+    client
+        .batch_execute(
+            "BEGIN; ALTER TABLE conta ADD COLUMN categoria text; \
+             INSERT INTO conta VALUES (1001, 1, 'com categoria', 'A'); \
+             UPDATE conta SET categoria = 'B' WHERE id = 1; COMMIT; \
+             ALTER TABLE \"Pedidos Ñ\" DROP COLUMN item; INSERT INTO \"Pedidos Ñ\" VALUES (1001);",
+        )
+        .await
+        .unwrap();
+
+    // Many one-transaction batches, with a SIGKILL among them, until the curated table and
+    // the checkpoint table both have a Delta checkpoint.
+    let mut rng = StdRng::seed_from_u64(15);
+    let mut next_id = 2000;
+    let mut i = 0;
+    let started = Instant::now();
+    loop {
+        let sql = match rng.random_range(0..3) {
+            0 => {
+                next_id += 1;
+                format!("INSERT INTO conta VALUES ({next_id}, {i}, 'n', 'C')")
+            }
+            1 => format!(
+                "UPDATE conta SET saldo = saldo + 1 WHERE id = {}",
+                rng.random_range(1..600)
+            ),
+            _ => format!("DELETE FROM conta WHERE id = {}", rng.random_range(1..600)),
+        };
+        client.batch_execute(&sql).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        i += 1;
+        if i == 120 {
+            daemon.kill9();
+            daemon = env.daemon();
+        }
+        if i % 40 == 0 && i >= 200 {
+            // Batches group transactions while S3 commits run: wait for 100 commits by time.
+            let (_, curated) = objects(&bucket, "lake/curated/public/conta/");
+            let (_, checkpoint) = objects(&bucket, "lake/_wal2delta/checkpoint/");
+            if curated > 0 && checkpoint > 0 {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(300),
+                "no Delta checkpoint after {i} transactions: {:?}",
+                s3_server::keys(&bucket, "lake/_wal2delta/checkpoint/_delta_log/")
+                    .iter()
+                    .rev()
+                    .take(5)
+                    .collect::<Vec<_>>(),
+            );
+            assert!(
+                daemon.is_running(),
+                "the daemon stopped:\n{}",
+                env.daemon_log()
+            );
+        }
+    }
+    env.wait_caught_up(Duration::from_secs(120)).await;
+    assert_mirror(&env, "public.conta").await;
+    assert_mirror(&env, "public.\"Pedidos Ñ\"").await;
+    assert_no_duplicates(&env).await;
+    let log = env.daemon_log();
+    assert!(
+        log.contains("compacted small files"),
+        "no compaction ran:\n{log}"
+    );
+    assert!(
+        log.contains("vacuumed unreferenced files"),
+        "no vacuum ran:\n{log}"
+    );
+
+    // Vacuum keeps the bucket near the live files (the last batch's may still be running).
+    let location = env.table_location("curated", "public", "conta");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (live, on_store) = loop {
+        let table = deltalake::open_table(url::Url::parse(&location).unwrap())
+            .await
+            .unwrap();
+        let live = table.snapshot().unwrap().log_data().iter().count();
+        let (on_store, _) = objects(&bucket, "lake/curated/public/conta/");
+        if on_store <= live + 24 || Instant::now() > deadline {
+            break (live, on_store);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    println!(
+        "figure: S3 maintenance: {i} transactions in {:?}, curated conta {live} live files, {on_store} on the store",
+        started.elapsed()
+    );
+    assert!(
+        live <= 24,
+        "{live} live files after {i} batches: compaction did not keep up"
+    );
+    assert!(
+        on_store <= live + 24,
+        "{on_store} data files on S3 for {live} live ones: vacuum did not run"
+    );
+
+    // Time travel back to right after the snapshot, then to the present (the endpoint
+    // went down with the SIGKILLed daemon: connect again).
+    let lake = crate::sql::connect(&crate::sql::endpoint_dsn(env.serve_port, "analyst"))
+        .await
+        .expect("connect to the endpoint");
+    lake.batch_execute(&format!("SET wal2delta.as_of = '{first_lsn}'"))
+        .await
+        .unwrap();
+    assert_eq!(
+        crate::sql::rows(&lake, "SELECT count(*) FROM conta").await,
+        vec!["500"],
+        "as of the snapshot"
+    );
+    lake.batch_execute("RESET wal2delta.as_of").await.unwrap();
+    let now: i64 = client
+        .query_one("SELECT count(*) FROM conta", &[])
+        .await
+        .unwrap()
+        .get(0);
+    wait_for_position(&lake, &now.to_string()).await;
+
+    // status, and resync while the daemon runs.
+    let (code, out) = wal2delta(&env, &["status"]);
+    assert_eq!(code, 0, "status on S3:\n{out}");
+    assert!(out.contains("conta"), "status names no table:\n{out}");
+    let (code, out) = tokio::task::block_in_place(|| {
+        wal2delta(
+            &env,
+            &["resync", "--table", "public.conta", "--wait", "120"],
+        )
+    });
+    assert_eq!(code, 0, "resync on S3: {out}\n{}", env.daemon_log());
+    assert_mirror(&env, "public.conta").await;
+
+    // reset-checkpoint: refused while the lease is held, then copies the table again.
+    let (code, out) = wal2delta(&env, &["reset-checkpoint", "--resnapshot", "--yes"]);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("daemon is running on this lake"), "{out}");
+    assert!(daemon.terminate(Duration::from_secs(30)).success());
+    let (code, out) = wal2delta(
+        &env,
+        &[
+            "reset-checkpoint",
+            "--resnapshot",
+            "--table",
+            "public.conta",
+            "--yes",
+        ],
+    );
+    assert_eq!(code, 0, "reset-checkpoint on S3: {out}");
+    client
+        .batch_execute("INSERT INTO conta VALUES (9999, 9, 'depois', 'D')")
+        .await
+        .unwrap();
+    let mut daemon = env.daemon();
+    env.wait_streaming().await;
+    env.wait_caught_up(Duration::from_secs(120)).await;
+    assert_mirror(&env, "public.conta").await;
+    assert!(daemon.terminate(Duration::from_secs(30)).success());
+
+    // teardown drops the slot and the publication it did not create is kept.
+    let (code, out) = wal2delta(&env, &["teardown", "--yes"]);
+    assert_eq!(code, 0, "teardown on S3: {out}");
+    let slots: i64 = client
+        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 0, "teardown left the slot: {out}");
+}
+
+/// Waits until the endpoint counts `count` rows of `conta`; returns its position's LSN.
+async fn wait_for_position(lake: &tokio_postgres::Client, count: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let position = crate::sql::rows(lake, "SHOW wal2delta.position").await[0].clone();
+        let seen = crate::sql::rows(lake, "SELECT count(*) FROM conta").await;
+        let again = crate::sql::rows(lake, "SHOW wal2delta.position").await[0].clone();
+        if seen == vec![count.to_string()] && position == again {
+            return position.split('|').next().unwrap().to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the endpoint serves {seen:?} rows of conta, not {count}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// An AWS profile in the shared files supplies the credentials, region and endpoint, as
+/// the AWS CLI's users expect; a profile named but absent is refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aws_profile_supplies_credentials_region_and_endpoint() {
+    let mut env = Env::new_s3(SETUP).await;
+    let dir = env.dir.path().to_path_buf();
+    let (credentials, config) = (dir.join("aws-credentials"), dir.join("aws-config"));
+    std::fs::write(
+        &credentials,
+        format!(
+            "[default]\naws_access_key_id = WRONG\naws_secret_access_key = wrong\n\n\
+             [w2d]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            s3_server::ACCESS_KEY,
+            s3_server::SECRET_KEY
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "[profile w2d]\nregion = {}\nendpoint_url = {}\n",
+            s3_server::REGION,
+            s3_server::endpoint()
+        ),
+    )
+    .unwrap();
+    // Only what a profile cannot say stays in the file.
+    env.object_lake.as_mut().unwrap().storage = "[lake.storage]\nallow_http = true\n".into();
+    env.write_config("postgres", TABLES, "");
+    let files = [
+        ("AWS_SHARED_CREDENTIALS_FILE", credentials.to_str().unwrap()),
+        ("AWS_CONFIG_FILE", config.to_str().unwrap()),
+    ];
+    let with = |profile: &'static str| {
+        let mut vars = files.to_vec();
+        vars.push(("AWS_PROFILE", profile));
+        vars
+    };
+
+    let (code, out) = wal2delta_with(&env, &["validate"], &with("w2d"));
+    assert_eq!(code, 0, "validate with AWS_PROFILE=w2d:\n{out}");
+    assert!(
+        out.contains("AWS profile w2d") && out.contains("conditional writes"),
+        "validate does not say where the credentials came from:\n{out}"
+    );
+    assert!(!out.contains(s3_server::SECRET_KEY), "{out}");
+    let (code, out) = wal2delta_with(&env, &["validate"], &with("nope"));
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("the AWS profile `nope` is in neither"),
+        "a missing profile is not named:\n{out}"
+    );
+
+    let mut daemon = Daemon::start(&env.config, &dir.join("daemon.log"), &with("w2d"));
+    env.wait_streaming().await;
+    env.wait_caught_up(Duration::from_secs(60)).await;
+    assert_mirror(&env, "public.conta").await;
+    assert!(daemon.terminate(Duration::from_secs(30)).success());
 }

@@ -41,7 +41,7 @@ pub async fn connect(dsn: &str) -> Result<tokio_postgres::Client, tokio_postgres
 }
 
 /// The text of every row of a simple query (cells joined by `|`).
-async fn rows(client: &tokio_postgres::Client, sql: &str) -> Vec<String> {
+pub async fn rows(client: &tokio_postgres::Client, sql: &str) -> Vec<String> {
     client
         .simple_query(sql)
         .await
