@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use crate::apply::config::ApplyConfig;
 use crate::apply::normalize::{Normalization, TransformConfig};
+use crate::lake::curated::CuratedConfig;
 use crate::lake::maintenance::{MaintenanceConfig, Policy};
 use crate::lake::{LakeConfig, LakeSettings};
 use crate::serve::config::{ServeConfig, ServeSettings};
@@ -33,6 +34,8 @@ pub struct Config {
     pub serve: ServeConfig,
     #[serde(default)]
     pub maintenance: MaintenanceConfig,
+    #[serde(default)]
+    pub curated: CuratedConfig,
 }
 
 /// The configuration could not be read or breaks a rule. The message names the field.
@@ -66,6 +69,8 @@ pub struct Settings {
     /// The SQL endpoint; `None` when `serve.listen = "off"`.
     pub serve: Option<ServeSettings>,
     pub maintenance: Policy,
+    /// `[curated]`: how curated tables are written.
+    pub curated: CuratedConfig,
 }
 
 impl Config {
@@ -115,6 +120,7 @@ impl Config {
                 normalization,
                 serve,
                 maintenance,
+                curated: self.curated,
             }),
             _ => Err(ConfigError::Invalid(problems)),
         }

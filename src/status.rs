@@ -175,7 +175,11 @@ async fn layer(
     for file in table.snapshot().map_err(delta_err)?.log_data().iter() {
         status.files += 1;
         status.bytes += file.size();
-        status.rows += file.num_records().unwrap_or(0) as i64;
+        // Rows a deletion vector marks deleted are not in the table.
+        let deleted = file
+            .deletion_vector_descriptor()
+            .map_or(0, |dv| dv.cardinality);
+        status.rows += file.num_records().unwrap_or(0) as i64 - deleted;
     }
     Ok((status, Some(table)))
 }

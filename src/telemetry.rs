@@ -39,6 +39,7 @@ pub const MERGE_SECONDS: &str = "wal2delta_merge_seconds";
 pub const MERGE_SCANNED: &str = "wal2delta_merge_scanned_files_total";
 pub const MERGE_REWRITTEN_FILES: &str = "wal2delta_merge_rewritten_files_total";
 pub const MERGE_REWRITTEN_BYTES: &str = "wal2delta_merge_rewritten_bytes_total";
+pub const MERGE_MARKED_ROWS: &str = "wal2delta_merge_marked_rows_total";
 
 /// `[metrics]`: the Prometheus endpoint.
 #[derive(Debug, Default, Deserialize)]
@@ -237,16 +238,22 @@ pub fn install(listen: SocketAddr) -> Result<(), String> {
         Unit::Bytes,
         "Bytes of the curated data files merges rewrote (write amplification), by table."
     );
+    describe_counter!(
+        MERGE_MARKED_ROWS,
+        Unit::Count,
+        "Curated rows merges marked deleted in deletion vectors instead of rewriting their files, by table."
+    );
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     Ok(())
 }
 
 /// One chunk merged into a curated table: its duration, files scanned and rewritten.
-pub fn merged(table: &str, took: Duration, scanned: u64, rewritten: u64, bytes: u64) {
+pub fn merged(table: &str, took: Duration, scanned: u64, rewritten: u64, bytes: u64, marked: u64) {
     histogram!(MERGE_SECONDS, "table" => table.to_string()).record(took.as_secs_f64());
     counter!(MERGE_SCANNED, "table" => table.to_string()).increment(scanned);
     counter!(MERGE_REWRITTEN_FILES, "table" => table.to_string()).increment(rewritten);
     counter!(MERGE_REWRITTEN_BYTES, "table" => table.to_string()).increment(bytes);
+    counter!(MERGE_MARKED_ROWS, "table" => table.to_string()).increment(marked);
 }
 
 pub fn table_files(table: &str, layer: &'static str, files: usize) {

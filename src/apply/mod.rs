@@ -35,7 +35,7 @@ use self::normalize::{Normalization, Normalizer};
 use crate::change::message::{OldTuple, PgOutputMessage, Relation, Tuple};
 use crate::change::{ChangeMeta, ColumnSpec, Op, RelId, ReplicaIdentity, SourceEvent, Xid};
 use crate::lake::checkpoint::{Checkpoint, CheckpointRecord, RecordSender, TableVersions};
-use crate::lake::curated::CuratedTable;
+use crate::lake::curated::{CuratedConfig, CuratedTable};
 use crate::lake::maintenance::Policy;
 use crate::lake::raw::RawTable;
 use crate::lake::raw::layout::RawBatchBuilder;
@@ -87,6 +87,7 @@ impl TableState {
         slot: &str,
         info: &TableInfo,
         normalization: &Normalization,
+        curated_config: &CuratedConfig,
     ) -> Result<TableState, ApplyError> {
         let name = &info.name;
         let existing = RawTable::stored_schema(lake, name).await?;
@@ -100,6 +101,7 @@ impl TableState {
             &columns,
             &info.key_columns,
             &normalizer.stored_types(),
+            curated_config.deletion_vectors,
         )
         .await?;
         Ok(TableState {
@@ -291,13 +293,15 @@ impl Applier {
         slot: &str,
         tables: &[TableInfo],
         normalization: &Normalization,
+        curated_config: &CuratedConfig,
         config: ApplyConfig,
         durable: watch::Sender<Lsn>,
         records: Option<RecordSender>,
     ) -> Result<Applier, ApplyError> {
         let mut states = HashMap::new();
         for info in tables {
-            let mut state = TableState::open(lake, slot, info, normalization).await?;
+            let mut state =
+                TableState::open(lake, slot, info, normalization, curated_config).await?;
             state.catch_up().await?;
             states.insert(info.name.clone(), state);
         }

@@ -124,7 +124,7 @@ pub struct Checkpoint {
 impl Checkpoint {
     pub async fn open(lake: &Lake, slot: &str) -> Result<Checkpoint, LakeError> {
         let schema = Arc::new(Schema::new(vec![Field::new("lsn", DataType::Int64, true)]));
-        let table = open_or_create(&lake.checkpoint_url(), LABEL, &schema).await?;
+        let table = open_or_create(&lake.checkpoint_url(), LABEL, &schema, &[]).await?;
         let app_id = AppId::checkpoint(slot);
         let position = applied(&table, LABEL, &app_id).await?;
         let slot_created_at = applied(&table, LABEL, &AppId::slot_created(slot)).await?;

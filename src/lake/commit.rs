@@ -139,6 +139,15 @@ impl Commit {
         })
     }
 
+    /// A rewrite that changes no rows (purging deleted rows out of files): its actions
+    /// carry `dataChange: false`.
+    pub fn rewrite() -> Commit {
+        Commit::new(DeltaOperation::Optimize {
+            predicate: None,
+            target_size: 0,
+        })
+    }
+
     /// A commit with no data (the checkpoint table's records and markers).
     pub fn record() -> Commit {
         Commit::new(DeltaOperation::Update { predicate: None })

@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use deltalake::DeltaTable;
 use deltalake::operations::vacuum::VacuumMode;
+use object_store::ObjectStoreExt;
 use serde::Deserialize;
 
 use super::LakeError;
@@ -227,6 +228,11 @@ pub async fn vacuum(
         source,
     };
     let retention = chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::days(7));
+    if super::deletion_vector::supported(table) {
+        return vacuum_keeping_deletion_vectors(table, retention)
+            .await
+            .map_err(delta_err);
+    }
     let (vacuumed, metrics) = table
         .clone()
         .vacuum()
@@ -237,4 +243,33 @@ pub async fn vacuum(
         .map_err(delta_err)?;
     *table = vacuumed;
     Ok(metrics.files_deleted.len())
+}
+
+/// Vacuum of a table with deletion vectors: delta-rs's plan, less the DV files a version
+/// within the retention still references (which delta-rs does not track), deleted here.
+async fn vacuum_keeping_deletion_vectors(
+    table: &mut DeltaTable,
+    retention: chrono::Duration,
+) -> Result<usize, deltalake::DeltaTableError> {
+    let protected = super::deletion_vector::protected(table, retention).await?;
+    let (_, plan) = table
+        .clone()
+        .vacuum()
+        .with_retention_period(retention)
+        .with_enforce_retention_duration(false)
+        .with_mode(VacuumMode::Full)
+        .with_dry_run(true)
+        .await?;
+    let store = table.object_store();
+    let mut deleted = 0;
+    for path in plan.files_deleted {
+        if super::deletion_vector::is_dv_file(&path) && protected.contains(&path) {
+            continue;
+        }
+        match store.delete(&deltalake::Path::from(path.as_str())).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => deleted += 1,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(deleted)
 }

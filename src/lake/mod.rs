@@ -25,6 +25,7 @@ pub mod aws_profile;
 pub mod checkpoint;
 pub mod commit;
 pub mod curated;
+pub mod deletion_vector;
 pub mod lock;
 pub mod maintenance;
 pub mod raw;

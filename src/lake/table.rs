@@ -128,11 +128,13 @@ fn writer_properties() -> WriterProperties {
         .build()
 }
 
-/// Opens a Delta table, or creates it with `schema` when it does not exist yet.
+/// Opens a Delta table, or creates it with `schema` (and the table `properties`) when it
+/// does not exist yet.
 pub async fn open_or_create(
     url: &Url,
     label: &str,
     schema: &SchemaRef,
+    properties: &[(&str, &str)],
 ) -> Result<DeltaTable, LakeError> {
     let delta_err = |source| LakeError::Delta {
         table: label.to_string(),
@@ -160,6 +162,7 @@ pub async fn open_or_create(
         .create()
         .with_columns(kernel.fields().cloned())
         .with_table_name(label)
+        .with_configuration(properties.iter().map(|(k, v)| (*k, Some(*v))))
         .with_save_mode(SaveMode::Ignore)
         .await
         .map_err(delta_err)
@@ -172,8 +175,9 @@ pub async fn open_for_schema(
     url: &Url,
     label: &str,
     schema: &SchemaRef,
+    properties: &[(&str, &str)],
 ) -> Result<(DeltaTable, bool), LakeError> {
-    let table = open_or_create(url, label, schema).await?;
+    let table = open_or_create(url, label, schema, properties).await?;
     let existing: Vec<String> = table
         .snapshot()
         .map_err(|source| LakeError::Delta {

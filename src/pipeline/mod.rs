@@ -276,6 +276,7 @@ async fn open_applier(
         &settings.source.slot,
         tables,
         &settings.normalization,
+        &settings.curated,
         settings.apply.clone(),
         durable_tx,
         records,

@@ -5,6 +5,7 @@
 mod azurite;
 mod cli;
 mod curated;
+mod deletion_vectors;
 mod failover;
 mod faults;
 mod harness;

@@ -114,7 +114,9 @@ async fn an_s3_lake_mirrors_the_source_and_serves_sql() {
         "import deltalake\n\
          o = {{'AWS_ENDPOINT_URL': '{endpoint}', 'AWS_ALLOW_HTTP': 'true', 'AWS_REGION': '{region}', \
          'AWS_ACCESS_KEY_ID': '{key}', 'AWS_SECRET_ACCESS_KEY': '{secret}'}}\n\
-         cur = deltalake.DeltaTable('{lake_url}curated/public/conta/', storage_options=o).to_pyarrow_table()\n\
+         import pyarrow\n\
+         q = lambda t: pyarrow.table(deltalake.QueryBuilder().register('t', t).execute('SELECT * FROM t').read_all())\n\
+         cur = q(deltalake.DeltaTable('{lake_url}curated/public/conta/', storage_options=o))\n\
          raw = deltalake.DeltaTable('{lake_url}raw/public/conta/', storage_options=o).to_pyarrow_table()\n\
          print(cur.num_rows, sum(cur.column('saldo').to_pylist()), raw.num_rows, flush=True)\n\
          import os; os._exit(0)  # deltalake's runtime can abort at interpreter exit\n",
@@ -260,7 +262,7 @@ async fn two_writers_racing_for_a_version_cannot_both_commit() {
     let bucket = s3_server::bucket();
     let url = url::Url::parse(&format!("s3://{bucket}/race/")).unwrap();
     let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
-    let table = wal2delta::lake::table::open_or_create(&url, "race", &schema)
+    let table = wal2delta::lake::table::open_or_create(&url, "race", &schema, &[])
         .await
         .expect("create the table on S3");
     let start = table.version().unwrap_or(0);

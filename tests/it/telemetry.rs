@@ -108,11 +108,12 @@ async fn metrics_endpoint_serves_the_documented_metrics() {
         ) >= 1.0
     );
     assert!(get("wal2delta_batch_rows_count", &[]) >= 1.0);
-    // The update of id 1 rewrote the snapshot's curated file, which holds that key.
+    // The update of id 1 marked its row in the snapshot's curated file deleted (a
+    // deletion vector) instead of rewriting the file.
     assert!(get("wal2delta_merge_seconds_count", &[table]) >= 1.0);
     assert!(get("wal2delta_merge_scanned_files_total", &[table]) >= 1.0);
-    assert!(get("wal2delta_merge_rewritten_files_total", &[table]) >= 1.0);
-    assert!(get("wal2delta_merge_rewritten_bytes_total", &[table]) > 0.0);
+    assert!(get("wal2delta_merge_marked_rows_total", &[table]) >= 1.0);
+    assert_eq!(get("wal2delta_merge_rewritten_files_total", &[table]), 0.0);
     assert_eq!(get("wal2delta_build_info", &["version="]), 1.0);
     assert!(
         text.contains("# HELP wal2delta_replication_lag_bytes"),

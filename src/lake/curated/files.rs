@@ -11,6 +11,7 @@ use deltalake::arrow::compute::cast;
 use deltalake::arrow::datatypes::DataType;
 use deltalake::arrow::error::ArrowError;
 use deltalake::kernel::{Add, Remove};
+use roaring::RoaringTreemap;
 
 use super::CuratedTable;
 use super::reduce::Reduced;
@@ -33,10 +34,35 @@ pub(super) struct DataFile {
 }
 
 pub(super) enum FileState {
-    /// In the table; the action that removes it.
-    Committed(Remove),
+    /// In the table.
+    Committed(Committed),
     /// Written by the open batch; the action that adds it.
     New(Add),
+}
+
+/// A file in the table, as its `add` action is in the log (with its deletion vector).
+pub(super) struct Committed {
+    pub(super) add: Add,
+    /// The row positions deleted: read from its DV when first needed, grown by the open
+    /// batch.
+    pub(super) deleted: Option<RoaringTreemap>,
+    /// The open batch deleted rows of it (by deletion vector).
+    pub(super) changed: bool,
+}
+
+impl Committed {
+    pub(super) fn new(add: Add) -> Committed {
+        Committed {
+            add,
+            deleted: None,
+            changed: false,
+        }
+    }
+
+    /// The action that removes the file as the log has it.
+    pub(super) fn remove(&self) -> Remove {
+        remove_for(&self.add)
+    }
 }
 
 impl DataFile {
@@ -56,10 +82,23 @@ impl CuratedTable {
         let snapshot = self.table.snapshot().map_err(self.delta_err())?;
         let mut files = Vec::new();
         for view in snapshot.log_data().iter() {
-            files.push(DataFile {
+            let add = Add {
                 path: view.path().to_string(),
-                range: view.stats().and_then(|s| self.key_range(&s)),
-                state: FileState::Committed(view.remove_action(true)),
+                partition_values: view.partition_values_map(),
+                size: view.size(),
+                modification_time: view.modification_time(),
+                data_change: true,
+                stats: view.stats(),
+                tags: None,
+                deletion_vector: view.deletion_vector_descriptor(),
+                base_row_id: None,
+                default_row_commit_version: None,
+                clustering_provider: None,
+            };
+            files.push(DataFile {
+                path: add.path.clone(),
+                range: add.stats.as_deref().and_then(|s| self.key_range(s)),
+                state: FileState::Committed(Committed::new(add)),
             });
         }
         self.files = files;
@@ -120,7 +159,7 @@ impl CuratedTable {
     }
 }
 
-/// The action that removes a file this daemon added.
+/// The action that removes the file `add` added (with the deletion vector it has).
 pub(super) fn remove_for(add: &Add) -> Remove {
     Remove {
         path: add.path.clone(),
@@ -130,7 +169,7 @@ pub(super) fn remove_for(add: &Add) -> Remove {
         partition_values: Some(add.partition_values.clone()),
         size: Some(add.size),
         tags: None,
-        deletion_vector: None,
+        deletion_vector: add.deletion_vector.clone(),
         base_row_id: None,
         default_row_commit_version: None,
     }

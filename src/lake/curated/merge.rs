@@ -39,12 +39,14 @@ use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use deltalake::writer::DeltaWriter;
 use object_store::ObjectStoreExt;
 
+use roaring::RoaringTreemap;
+
 use super::CuratedTable;
 use super::files::{DataFile, FileState};
 use super::reduce::{Cell, Change, Final, Reduced, reduce};
 use crate::change::Op;
-use crate::lake::LakeError;
 use crate::lake::raw::layout::parse_column;
+use crate::lake::{LakeError, deletion_vector};
 
 impl CuratedTable {
     /// Merges a chunk of raw change rows (stream order) into the open batch; `values`
@@ -198,18 +200,50 @@ impl CuratedTable {
         let mut captured_at: HashMap<u32, (usize, usize)> = HashMap::new();
         let mut replaced: Vec<usize> = Vec::new();
         let mut new_files: Vec<Add> = Vec::new();
+        let mut marked = 0u64;
         for fi in 0..self.files.len() {
             if !self.files[fi].may_hold(key_values.as_deref()) {
                 continue;
             }
+            self.load_deleted(fi).await?;
             let data = self.fetch(fi).await?;
             scanned += 1;
-            if !self.file_holds_any(&data, &reduced)? {
+            let deleted = match &self.files[fi].state {
+                FileState::Committed(c) => c.deleted.as_ref(),
+                FileState::New(_) => None,
+            };
+            let found = self.positions_of(&data, &reduced, deleted)?;
+            if found.is_empty() {
+                continue;
+            }
+            let by_dv =
+                self.deletion_vectors && matches!(self.files[fi].state, FileState::Committed(_));
+            if by_dv {
+                // Mark the rows deleted; the file stays. Rows the TOAST fill needs are
+                // read back first.
+                if found
+                    .iter()
+                    .any(|(_, id)| reduced.needs_target.contains(id))
+                {
+                    self.capture(data, &found, &reduced, &mut captured, &mut captured_at)?;
+                }
+                marked += found.len() as u64;
+                if let FileState::Committed(c) = &mut self.files[fi].state {
+                    let deleted = c.deleted.get_or_insert_with(RoaringTreemap::new);
+                    deleted.extend(found.iter().map(|(pos, _)| *pos));
+                    c.changed = true;
+                }
                 continue;
             }
             rewritten_bytes += data.len() as u64;
             let adds = self
-                .rewrite(data, &reduced, &mut captured, &mut captured_at)
+                .rewrite(
+                    data,
+                    deleted.cloned(),
+                    &reduced,
+                    &mut captured,
+                    &mut captured_at,
+                )
                 .await?;
             new_files.extend(adds);
             replaced.push(fi);
@@ -239,11 +273,12 @@ impl CuratedTable {
             scanned,
             replaced.len() as u64,
             rewritten_bytes,
+            marked,
         );
         replaced.sort_unstable();
         for fi in replaced.into_iter().rev() {
-            if let FileState::Committed(remove) = self.files.remove(fi).state {
-                self.removes.push(remove);
+            if let FileState::Committed(c) = self.files.remove(fi).state {
+                self.removes.push(c.remove());
             }
         }
         for add in new_files {
@@ -257,15 +292,38 @@ impl CuratedTable {
     }
 
     /// Fetches a data file (at most the target file size).
-    async fn fetch(&self, fi: usize) -> Result<Bytes, LakeError> {
+    pub(super) async fn fetch(&self, fi: usize) -> Result<Bytes, LakeError> {
         let path = deltalake::Path::from(self.files[fi].path.as_str());
         let store = self.table.object_store();
         let fetched = async { store.get(&path).await?.bytes().await }.await;
         fetched.map_err(|e| (self.delta_err())(DeltaTableError::from(e)))
     }
 
-    /// Says whether a file holds any affected key, reading its key columns only.
-    fn file_holds_any(&self, data: &Bytes, reduced: &Reduced) -> Result<bool, LakeError> {
+    /// Reads a committed file's deletion vector into its state, once.
+    pub(super) async fn load_deleted(&mut self, fi: usize) -> Result<(), LakeError> {
+        let FileState::Committed(c) = &self.files[fi].state else {
+            return Ok(());
+        };
+        let (Some(dv), None) = (&c.add.deletion_vector, &c.deleted) else {
+            return Ok(());
+        };
+        let read = deletion_vector::read(&self.table, dv)
+            .await
+            .map_err(self.delta_err())?;
+        if let FileState::Committed(c) = &mut self.files[fi].state {
+            c.deleted = Some(read);
+        }
+        Ok(())
+    }
+
+    /// The position in the file and the key id of every live row (not in `deleted`) that
+    /// holds an affected key, reading the key columns only.
+    fn positions_of(
+        &self,
+        data: &Bytes,
+        reduced: &Reduced,
+        deleted: Option<&RoaringTreemap>,
+    ) -> Result<Vec<(u64, u32)>, LakeError> {
         let parquet_err = |e: deltalake::parquet::errors::ParquetError| {
             (self.delta_err())(DeltaTableError::from(e))
         };
@@ -286,14 +344,64 @@ impl CuratedTable {
             .collect();
         let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
         let reader = builder.with_projection(mask).build().map_err(parquet_err)?;
+        let mut found = Vec::new();
+        let mut offset = 0u64;
         for batch in reader {
             let batch = batch.map_err(self.arrow_err())?;
             let keys = self.batch_keys(&batch).map_err(self.arrow_err())?;
-            if keys.iter().any(|k| reduced.index.contains_key(k.as_ref())) {
-                return Ok(true);
+            for i in 0..batch.num_rows() {
+                let pos = offset + i as u64;
+                if let Some(&id) = reduced.index.get(keys.row(i).as_ref())
+                    && !deleted.is_some_and(|d| d.contains(pos))
+                {
+                    found.push((pos, id));
+                }
             }
+            offset += batch.num_rows() as u64;
         }
-        Ok(false)
+        Ok(found)
+    }
+
+    /// Captures the current rows at `found` positions that the TOAST fill needs.
+    fn capture(
+        &self,
+        data: Bytes,
+        found: &[(u64, u32)],
+        reduced: &Reduced,
+        captured: &mut Vec<RecordBatch>,
+        captured_at: &mut HashMap<u32, (usize, usize)>,
+    ) -> Result<(), LakeError> {
+        let wanted: HashMap<u64, u32> = found
+            .iter()
+            .filter(|(_, id)| reduced.needs_target.contains(id))
+            .copied()
+            .collect();
+        let reader = ParquetRecordBatchReaderBuilder::try_new(data)
+            .and_then(|b| b.build())
+            .map_err(|e| (self.delta_err())(DeltaTableError::from(e)))?;
+        let mut offset = 0u64;
+        for batch in reader {
+            let batch = batch.map_err(self.arrow_err())?;
+            let batch = align(&batch, &self.schema).map_err(self.arrow_err())?;
+            let mut take = Vec::with_capacity(batch.num_rows());
+            let mut ids = Vec::new();
+            for i in 0..batch.num_rows() {
+                let id = wanted.get(&(offset + i as u64));
+                take.push(id.is_some());
+                ids.extend(id.copied());
+            }
+            offset += batch.num_rows() as u64;
+            if ids.is_empty() {
+                continue;
+            }
+            let rows =
+                filter_record_batch(&batch, &BooleanArray::from(take)).map_err(self.arrow_err())?;
+            for (r, id) in ids.into_iter().enumerate() {
+                captured_at.insert(id, (captured.len(), r));
+            }
+            captured.push(rows);
+        }
+        Ok(())
     }
 
     /// Key rows of a batch read from a file (any column order, older schemas).
@@ -313,11 +421,13 @@ impl CuratedTable {
         self.converter.convert_columns(&arrays)
     }
 
-    /// Rewrites file `fi` without the affected keys' rows, capturing those the TOAST fill
-    /// needs. Returns the replacement file(s).
-    async fn rewrite(
+    /// Rewrites a file without the affected keys' rows and without the rows its
+    /// deletion vector (`deleted`) marks, capturing those the TOAST fill needs. Returns
+    /// the replacement file(s).
+    pub(super) async fn rewrite(
         &self,
         data: Bytes,
+        deleted: Option<RoaringTreemap>,
         reduced: &Reduced,
         captured: &mut Vec<RecordBatch>,
         captured_at: &mut HashMap<u32, (usize, usize)>,
@@ -326,6 +436,7 @@ impl CuratedTable {
             .and_then(|b| b.build())
             .map_err(|e| (self.delta_err())(DeltaTableError::from(e)))?;
         let mut writer = self.writer()?;
+        let mut offset = 0u64;
         for batch in reader {
             let batch = batch.map_err(self.arrow_err())?;
             let batch = align(&batch, &self.schema).map_err(self.arrow_err())?;
@@ -334,6 +445,14 @@ impl CuratedTable {
             let mut take = Vec::with_capacity(batch.num_rows());
             let mut taken_ids = Vec::new();
             for i in 0..batch.num_rows() {
+                if deleted
+                    .as_ref()
+                    .is_some_and(|d| d.contains(offset + i as u64))
+                {
+                    keep.push(false);
+                    take.push(false);
+                    continue;
+                }
                 let id = reduced.index.get(keys.row(i).as_ref()).copied();
                 keep.push(id.is_none());
                 let wanted = id.filter(|id| reduced.needs_target.contains(id));
@@ -348,6 +467,7 @@ impl CuratedTable {
                 }
                 captured.push(rows);
             }
+            offset += batch.num_rows() as u64;
             let kept =
                 filter_record_batch(&batch, &BooleanArray::from(keep)).map_err(self.arrow_err())?;
             if kept.num_rows() > 0 {

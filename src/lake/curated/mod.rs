@@ -25,8 +25,9 @@ use deltalake::kernel::{Action, Add, Remove};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::{DeltaTable, DeltaTableError};
 
-use self::files::{DataFile, FileState, remove_for};
+use self::files::{Committed, DataFile, FileState};
 use super::commit::{AppId, Commit, InfoKey, applied};
+use super::deletion_vector;
 use super::maintenance::{self, Compacted, Policy};
 use super::table::{
     CURATED_FILE_SIZE, existing_schema, keyed_properties, keyed_writer_for, open_for_schema,
@@ -36,6 +37,32 @@ use super::{Lake, LakeError};
 use crate::change::ColumnSpec;
 use crate::lsn::Lsn;
 use crate::table_name::TableName;
+
+/// `[curated]`: how curated tables are written.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CuratedConfig {
+    /// Mark deleted and replaced rows in deletion vectors instead of rewriting their files
+    /// (default); `false` for lakes read by tools without deletion-vector support.
+    #[serde(default = "default_true")]
+    pub deletion_vectors: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Default for CuratedConfig {
+    fn default() -> Self {
+        CuratedConfig {
+            deletion_vectors: true,
+        }
+    }
+}
+
+/// A file whose deletion vector marks at least this share of its rows is rewritten
+/// without them at the next maintenance check, so reads do not slow down over time.
+pub const PURGE_FRACTION: f64 = 0.3;
 
 /// Columns after the source columns.
 pub const CURATED_METADATA: [&str; 3] = ["_commit_lsn", "_commit_ts", "_fallback"];
@@ -59,6 +86,9 @@ pub struct CuratedTable {
     bulk: Option<RecordBatchWriter>,
     /// The schema has columns the table's log does not record yet.
     schema_grew: bool,
+    /// Deleted and replaced rows are marked in deletion vectors instead of rewriting
+    /// their files (`[curated] deletion_vectors`, `lake::deletion_vector`).
+    deletion_vectors: bool,
 }
 
 /// The curated schema for `columns`, each stored as `stored_types[i]` when given (a
@@ -225,6 +255,7 @@ impl CuratedTable {
         columns: &[ColumnSpec],
         key_columns: &[String],
         stored_types: &[Option<DataType>],
+        deletion_vectors: bool,
     ) -> Result<CuratedTable, LakeError> {
         let label = format!("curated.{name}");
         let key: Vec<usize> = key_columns
@@ -252,8 +283,23 @@ impl CuratedTable {
                 }
             }
         }
-        let (table, schema_grew) =
-            open_for_schema(&lake.curated_table_url(name), &label, &schema).await?;
+        // A new table starts with the feature when it is on; an existing one is upgraded.
+        let properties: &[(&str, &str)] = if deletion_vectors {
+            &[(deletion_vector::ENABLE, "true")]
+        } else {
+            &[]
+        };
+        let (mut table, schema_grew) =
+            open_for_schema(&lake.curated_table_url(name), &label, &schema, properties).await?;
+        if deletion_vectors && !deletion_vector::supported(&table) {
+            deletion_vector::enable(&mut table)
+                .await
+                .map_err(|source| LakeError::Delta {
+                    table: label.clone(),
+                    source,
+                })?;
+            tracing::info!(table = %label, "deletion vectors turned on: the table's protocol is now reader 3 / writer 7 with the deletionVectors feature; readers must support it (README › Deletion vectors)");
+        }
         let app_id = AppId::curated(slot, name);
         let applied = applied(&table, &label, &app_id).await?;
         let converter = RowConverter::new(
@@ -278,6 +324,7 @@ impl CuratedTable {
             removes: Vec::new(),
             bulk: None,
             schema_grew,
+            deletion_vectors,
         };
         curated.load_files()?;
         Ok(curated)
@@ -375,8 +422,8 @@ impl CuratedTable {
     /// Starts replacing the whole table (a snapshot): every current file goes at commit.
     pub fn begin_replace(&mut self) {
         for file in self.files.drain(..) {
-            if let FileState::Committed(remove) = file.state {
-                self.removes.push(remove);
+            if let FileState::Committed(c) = file.state {
+                self.removes.push(c.remove());
             }
         }
     }
@@ -456,6 +503,7 @@ impl CuratedTable {
             actions.push(schema_action(&self.table, &self.schema).map_err(self.delta_err())?);
         }
         actions.extend(self.removes.drain(..).map(Action::Remove));
+        let marked = self.deletion_vector_actions(&mut actions).await?;
         let new_paths: HashSet<String> = self
             .files
             .iter()
@@ -479,10 +527,79 @@ impl CuratedTable {
             if let FileState::New(add) = &file.state
                 && new_paths.contains(&add.path)
             {
-                file.state = FileState::Committed(remove_for(add));
+                file.state = FileState::Committed(Committed::new(add.clone()));
             }
         }
+        // Files that lost rows by DV now are as committed; files that lost all are gone.
+        let mut marked = marked
+            .into_iter()
+            .collect::<std::collections::HashMap<_, _>>();
+        self.files.retain_mut(|file| {
+            let FileState::Committed(c) = &mut file.state else {
+                return true;
+            };
+            if !c.changed {
+                return true;
+            }
+            match marked.remove(&file.path) {
+                Some(Some(add)) => {
+                    c.add = add;
+                    c.changed = false;
+                    true
+                }
+                _ => false,
+            }
+        });
         Ok(version)
+    }
+
+    /// The actions for files the open batch deleted rows of by deletion vector: the new
+    /// DVs written into one file, then per file `remove` (old DV) + `add` (new DV), or
+    /// only `remove` when no row is left. Returns per path the new `add` (`None`: gone).
+    async fn deletion_vector_actions(
+        &self,
+        actions: &mut Vec<Action>,
+    ) -> Result<Vec<(String, Option<Add>)>, LakeError> {
+        let mut kept: Vec<&Committed> = Vec::new();
+        let mut out = Vec::new();
+        for file in &self.files {
+            let FileState::Committed(c) = &file.state else {
+                continue;
+            };
+            if !c.changed {
+                continue;
+            }
+            let deleted = c.deleted.as_ref().map_or(0, |d| d.len());
+            actions.push(Action::Remove(c.remove()));
+            if deletion_vector::num_records(c.add.stats.as_deref()) == Some(deleted) {
+                out.push((c.add.path.clone(), None));
+            } else {
+                kept.push(c);
+            }
+        }
+        if kept.is_empty() {
+            return Ok(out);
+        }
+        let empty = roaring::RoaringTreemap::new();
+        let dvs: Vec<&roaring::RoaringTreemap> = kept
+            .iter()
+            .map(|c| c.deleted.as_ref().unwrap_or(&empty))
+            .collect();
+        let descriptors = deletion_vector::write(&self.table, &dvs)
+            .await
+            .map_err(self.delta_err())?;
+        for (c, dv) in kept.into_iter().zip(descriptors) {
+            let add = Add {
+                deletion_vector: Some(dv),
+                stats: deletion_vector::loose_stats(c.add.stats.as_deref())
+                    .or_else(|| c.add.stats.clone()),
+                data_change: true,
+                ..c.add.clone()
+            };
+            actions.push(Action::Add(add.clone()));
+            out.push((c.add.path.clone(), Some(add)));
+        }
+        Ok(out)
     }
 
     /// Compacts small files when due and vacuums when `vacuum` is given; call only between
@@ -505,6 +622,66 @@ impl CuratedTable {
         if compacted.is_some() || vacuumed > 0 {
             self.load_files()?;
         }
+        let purged = self.purge().await?;
+        if purged > 0 {
+            tracing::info!(table = %self.label, files = purged, "purged rows marked deleted out of their files");
+        }
         Ok((self.files.len(), compacted, vacuumed))
+    }
+
+    /// Rewrites without their deleted rows the files whose deletion vectors mark at
+    /// least [`PURGE_FRACTION`] of their rows (every file with one when deletion vectors
+    /// are off), in one commit that changes no rows. Returns how many were purged.
+    async fn purge(&mut self) -> Result<usize, LakeError> {
+        let due: Vec<usize> = (0..self.files.len())
+            .filter(|&fi| {
+                let FileState::Committed(c) = &self.files[fi].state else {
+                    return false;
+                };
+                let Some(dv) = &c.add.deletion_vector else {
+                    return false;
+                };
+                let total = deletion_vector::num_records(c.add.stats.as_deref()).unwrap_or(0);
+                !self.deletion_vectors
+                    || total == 0
+                    || dv.cardinality as f64 >= PURGE_FRACTION * total as f64
+            })
+            .collect();
+        if due.is_empty() {
+            return Ok(0);
+        }
+        let nothing = reduce::Reduced::default();
+        let mut actions = Vec::new();
+        for &fi in &due {
+            self.load_deleted(fi).await?;
+            let data = self.fetch(fi).await?;
+            let FileState::Committed(c) = &self.files[fi].state else {
+                continue;
+            };
+            let mut remove = c.remove();
+            remove.data_change = false;
+            let adds = self
+                .rewrite(
+                    data,
+                    c.deleted.clone(),
+                    &nothing,
+                    &mut Vec::new(),
+                    &mut Default::default(),
+                )
+                .await?;
+            actions.push(Action::Remove(remove));
+            actions.extend(adds.into_iter().map(|add| {
+                Action::Add(Add {
+                    data_change: false,
+                    ..add
+                })
+            }));
+        }
+        Commit::rewrite()
+            .actions(actions)
+            .write(&mut self.table, &self.label)
+            .await?;
+        self.load_files()?;
+        Ok(due.len())
     }
 }

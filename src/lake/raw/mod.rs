@@ -113,7 +113,8 @@ impl RawTable {
     ) -> Result<RawTable, LakeError> {
         let label = label(name);
         let schema = raw_schema(columns);
-        let (table, grew) = open_for_schema(&lake.raw_table_url(name), &label, &schema).await?;
+        let (table, grew) =
+            open_for_schema(&lake.raw_table_url(name), &label, &schema, &[]).await?;
         let delta_err = |source| LakeError::Delta {
             table: label.clone(),
             source,

@@ -1,0 +1,267 @@
+//! Deletion vectors in curated tables: updates, deletes and key changes mark rows in
+//! deletion vectors instead of rewriting files; every reader (the SQL endpoint, Python
+//! `deltalake`, DuckDB's delta extension) agrees with the source, also across several DVs
+//! on one file; vacuum keeps the DV files the table references; switching them off purges.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::curated::assert_mirror;
+use crate::harness::{Env, psql, require_python_deltalake};
+
+const SETUP: &str = "
+CREATE TABLE dv (id bigint PRIMARY KEY, grupo int NOT NULL, v text);
+INSERT INTO dv SELECT g, g % 7, 'v' || g FROM generate_series(1, 20000) g;
+CREATE PUBLICATION w2d_pub FOR TABLE dv;
+";
+
+/// The live files of a local Delta table: path → (DV cardinality, numRecords).
+async fn live_files(path: &std::path::Path) -> BTreeMap<String, (i64, Option<usize>)> {
+    let url = url::Url::from_directory_path(path).unwrap();
+    let table = deltalake::open_table(url).await.unwrap();
+    table
+        .snapshot()
+        .unwrap()
+        .log_data()
+        .iter()
+        .map(|f| {
+            (
+                f.path().to_string(),
+                (
+                    f.deletion_vector_descriptor().map_or(0, |d| d.cardinality),
+                    f.num_records(),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// count, sum(id), sum(grupo) as an independent reader sees them.
+fn python_reads(path: &std::path::Path) -> Result<String, String> {
+    require_python_deltalake();
+    let script = "import sys, os, deltalake\n\
+        t = deltalake.DeltaTable(sys.argv[1])\n\
+        r = deltalake.QueryBuilder().register('t', t).execute('SELECT count(*), sum(id), sum(grupo) FROM t').read_all()\n\
+        print(*[r.column(i)[0].as_py() for i in range(3)], flush=True)\n\
+        os._exit(0)\n";
+    run_python(script, path)
+}
+
+fn duckdb_reads(path: &std::path::Path) -> Result<String, String> {
+    let script = "import sys, os, glob, duckdb\n\
+        import duckdb_extension_delta as d\n\
+        ext = glob.glob(os.path.dirname(d.__file__) + '/extensions/*/delta.duckdb_extension')[0]\n\
+        c = duckdb.connect(config={'allow_unsigned_extensions': 'true', 'autoinstall_known_extensions': 'false', 'autoload_known_extensions': 'false'})\n\
+        c.execute(f\"LOAD '{ext}'\")\n\
+        r = c.execute(f\"SELECT count(*), sum(id), sum(grupo) FROM delta_scan('{sys.argv[1]}')\").fetchone()\n\
+        print(*r, flush=True)\n\
+        os._exit(0)\n";
+    run_python(script, path)
+}
+
+fn run_python(script: &str, path: &std::path::Path) -> Result<String, String> {
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, path.to_str().unwrap()])
+        .output()
+        .expect("run python3");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+async fn source_figures(env: &Env) -> String {
+    let row = env
+        .pg
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*), sum(id)::bigint, sum(grupo)::bigint FROM dv",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (a, b, c): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    format!("{a} {b} {c}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletion_vectors_mark_rows_and_every_reader_sees_the_truth() {
+    let env = Env::new(SETUP).await;
+    env.write_config(
+        "postgres",
+        &["public.dv"],
+        "[maintenance]\ncheck_interval_secs = 1\nvacuum_retention_hours = 0\n\
+         vacuum_interval_hours = 0.0005",
+    );
+    let mut daemon = env.daemon();
+    env.wait_streaming().await;
+    env.wait_caught_up(Duration::from_secs(60)).await;
+    let curated = env.lake.join("curated/public/dv");
+    let snapshot_files: BTreeSet<String> = live_files(&curated).await.into_keys().collect();
+
+    // Updates, deletes, key changes and inserts in many small batches.
+    let client = env.pg.client().await;
+    let mut rng = StdRng::seed_from_u64(16);
+    let mut next = 1_000_000;
+    for round in 0..30 {
+        let mut sql = String::from("BEGIN;");
+        for _ in 0..20 {
+            sql += &format!(
+                "UPDATE dv SET v = 'u{round}', grupo = grupo + 1 WHERE id = {};",
+                rng.random_range(1..20000)
+            );
+        }
+        for _ in 0..8 {
+            sql += &format!("DELETE FROM dv WHERE id = {};", rng.random_range(1..20000));
+        }
+        for _ in 0..3 {
+            next += 1;
+            sql += &format!(
+                "UPDATE dv SET id = {next} WHERE id = {};",
+                rng.random_range(1..20000)
+            );
+        }
+        sql += &format!(
+            "INSERT INTO dv VALUES ({}, 1, 'novo'); COMMIT;",
+            50_000 + round
+        );
+        client.batch_execute(&sql).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    env.wait_caught_up(Duration::from_secs(60)).await;
+    assert_mirror(&env, "public.dv").await;
+
+    // The snapshot's file was not rewritten: it carries a DV with the rows changed since.
+    let live = live_files(&curated).await;
+    let marked: i64 = snapshot_files
+        .iter()
+        .filter_map(|p| live.get(p))
+        .map(|(dv, _)| *dv)
+        .sum();
+    assert!(
+        marked >= 500,
+        "the snapshot's files carry {marked} deleted rows in DVs: {live:?}"
+    );
+    // Several DVs replaced each other on one file over the run.
+    let mut dvs_per_file: BTreeMap<String, usize> = BTreeMap::new();
+    for entry in std::fs::read_dir(curated.join("_delta_log")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        for line in std::fs::read_to_string(&path).unwrap().lines() {
+            let action: serde_json::Value = serde_json::from_str(line).unwrap();
+            if let Some(add) = action.get("add")
+                && add.get("deletionVector").is_some_and(|d| !d.is_null())
+            {
+                *dvs_per_file
+                    .entry(add["path"].as_str().unwrap().to_string())
+                    .or_default() += 1;
+                let stats: serde_json::Value =
+                    serde_json::from_str(add["stats"].as_str().unwrap()).unwrap();
+                assert_eq!(stats["tightBounds"], false, "{add}");
+            }
+        }
+    }
+    let most = dvs_per_file.values().max().copied().unwrap_or(0);
+    assert!(
+        most >= 5,
+        "at most {most} DVs on one file: {dvs_per_file:?}"
+    );
+    // Every DV file a live file references exists (vacuum keeps them).
+    let dv_files: Vec<String> = std::fs::read_dir(&curated)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("deletion_vector_"))
+        .collect();
+    assert!(!dv_files.is_empty(), "no DV file in {curated:?}");
+
+    // Every reader agrees with the source.
+    let source = source_figures(&env).await;
+    let (ok, out) = psql(
+        env.serve_port,
+        "postgres",
+        &[],
+        &[
+            "-c",
+            "SELECT count(*), sum(id), sum(grupo) FROM dv",
+            "-A",
+            "-t",
+            "-F",
+            " ",
+        ],
+    );
+    assert!(ok, "psql: {out}");
+    assert_eq!(out.trim(), source, "the SQL endpoint");
+    assert_eq!(
+        python_reads(&curated).expect("Python deltalake reads a table with DVs"),
+        source,
+        "Python deltalake"
+    );
+    assert_eq!(
+        duckdb_reads(&curated).expect("DuckDB reads a table with DVs"),
+        source,
+        "DuckDB's delta extension"
+    );
+    println!(
+        "figure: deletion vectors: {marked} rows marked in the snapshot's file, up to {most} DVs on one file, {} DV files on disk",
+        dv_files.len()
+    );
+
+    // Switched off: the next maintenance purges every DV, and the table stays exact.
+    assert!(daemon.terminate(Duration::from_secs(30)).success());
+    let text = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(
+        &env.config,
+        format!("{text}\n[curated]\ndeletion_vectors = false\n"),
+    )
+    .unwrap();
+    let _daemon = env.daemon();
+    env.wait_streaming().await;
+    client
+        .batch_execute("INSERT INTO dv VALUES (900000, 1, 'after')")
+        .await
+        .unwrap();
+    env.wait_caught_up(Duration::from_secs(60)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut nudge = 900_001;
+    loop {
+        let live = live_files(&curated).await;
+        if live.values().all(|(dv, _)| *dv == 0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "DVs left after switching them off: {live:?}\n{}",
+            env.daemon_log()
+        );
+        // Maintenance runs after a batch.
+        client
+            .batch_execute(&format!("INSERT INTO dv VALUES ({nudge}, 1, 'nudge')"))
+            .await
+            .unwrap();
+        nudge += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        env.daemon_log().contains("purged rows marked deleted"),
+        "{}",
+        env.daemon_log()
+    );
+    env.wait_caught_up(Duration::from_secs(60)).await;
+    assert_mirror(&env, "public.dv").await;
+    assert_eq!(
+        duckdb_reads(&curated).unwrap(),
+        source_figures(&env).await,
+        "DuckDB after the purge"
+    );
+}
