@@ -332,12 +332,19 @@ def scenario_streaming(args, work, dsn, conn):
             "note": "wal2delta time includes start-up, writing raw + curated Delta tables and the checkpoint"}
 
 
-def scenario_merge(args, work, dsn, conn, size):
+def dir_bytes(path):
+    """Bytes of every file under `path`."""
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def scenario_merge(args, work, dsn, conn, size, dv):
     """10,000 updates, in one transaction, into a curated table of `size` rows: once at
-    keys drawn uniformly from the whole table, once at 10,000 consecutive keys. The merge
-    time and the bytes rewritten come from the daemon's metrics; `durable_s` is commit to
-    confirmed_flush (it includes the batch's max_batch_age_ms wait)."""
-    t = f"merge_{size}"
+    keys drawn uniformly from the whole table, once at 10,000 consecutive keys; with
+    deletion vectors on (`dv`) or off (files rewritten). The merge time and the bytes
+    rewritten come from the daemon's metrics, the bytes written from the table's
+    directory; `durable_s` is commit to confirmed_flush (it includes the batch's
+    max_batch_age_ms wait)."""
+    t = f"merge_{size}_{'dv' if dv else 'cow'}"
     conn.execute(f"DROP TABLE IF EXISTS {t}")
     conn.execute(f"""CREATE TABLE {t} (id bigint PRIMARY KEY, account int NOT NULL,
         amount numeric(12,2) NOT NULL, status text NOT NULL, note text,
@@ -348,13 +355,14 @@ def scenario_merge(args, work, dsn, conn, size):
     conn.execute(f"VACUUM ANALYZE {t}")
     conn.execute(f"CREATE PUBLICATION {t}_pub FOR TABLE {t}")
     slot = f"bench_{t}"
-    d = Daemon(args.binary, work, dsn, slot, name=t, tables=[f"public.{t}"], publication=f"{t}_pub")
+    d = Daemon(args.binary, work, dsn, slot, name=t, tables=[f"public.{t}"], publication=f"{t}_pub",
+               lake_extra=f"[curated]\ndeletion_vectors = {'true' if dv else 'false'}\n")
     start = time.perf_counter()
     d.wait_streaming()
     snapshot_s = time.perf_counter() - start
     rng = random.Random(size)
     label = f'table="public.{t}"'
-    out = {"rows": size, "snapshot_s": round(snapshot_s, 1)}
+    out = {"rows": size, "deletion_vectors": dv, "snapshot_s": round(snapshot_s, 1)}
     for pattern in ("random", "clustered"):
         if pattern == "random":
             ids = rng.sample(range(1, size + 1), 10_000)
@@ -362,6 +370,8 @@ def scenario_merge(args, work, dsn, conn, size):
             lo = rng.randint(1, size - 10_000)
             ids = list(range(lo, lo + 10_000))
         before = d.metrics()
+        table_dir = os.path.join(d.lake, "curated", "public", t)
+        bytes_before = dir_bytes(table_dir)
         committed = time.perf_counter()
         conn.execute(f"UPDATE {t} SET amount = amount + 1, updated_at = now() WHERE id = ANY(%s)", (ids,))
         lsn = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
@@ -372,7 +382,6 @@ def scenario_merge(args, work, dsn, conn, size):
         def delta(name, *labels):
             return metric_total(after, name, label, *labels) - metric_total(before, name, label, *labels)
         from deltalake import DeltaTable
-        table_dir = os.path.join(d.lake, "curated", "public", t)
         files = [u.removeprefix("file://") for u in DeltaTable(table_dir).file_uris()]
         table_bytes = sum(os.path.getsize(f) for f in files)
         out[pattern] = {
@@ -382,6 +391,8 @@ def scenario_merge(args, work, dsn, conn, size):
             "files_scanned": int(delta("wal2delta_merge_scanned_files_total")),
             "files_rewritten": int(delta("wal2delta_merge_rewritten_files_total")),
             "bytes_rewritten": int(delta("wal2delta_merge_rewritten_bytes_total")),
+            "bytes_written": dir_bytes(table_dir) - bytes_before,
+            "rows_marked": int(delta("wal2delta_merge_marked_rows_total")),
             "table_files": len(files),
             "table_bytes": table_bytes,
         }
@@ -792,7 +803,8 @@ def main():
                 "snapshot": lambda: scenario_snapshot(args, work, dsn, conn),
                 "queries": lambda: scenario_queries(args, work, dsn, conn),
                 "streaming": lambda: scenario_streaming(args, work, dsn, conn),
-                "merge": lambda: [scenario_merge(args, work, dsn, conn, n) for n in args.merge_sizes],
+                "merge": lambda: [scenario_merge(args, work, dsn, conn, n, dv)
+                                  for dv in (False, True) for n in args.merge_sizes],
                 "verify": lambda: scenario_verify(args, work, dsn, conn),
                 "neighbour": lambda: scenario_neighbour(args, work, dsn, conn),
                 "large_transaction": lambda: scenario_large_transaction(args, work, dsn, conn),
@@ -823,14 +835,18 @@ def main():
     for m in results.get("merge", []):
         for pattern in ("random", "clustered"):
             r = m[pattern]
-            print(f"{'merge':<12} 10k {pattern:<9} keys into {m['rows']:>10,} rows: {r['merge_s']:>7} s, "
-                  f"{r['bytes_rewritten'] / 2**20:>8.1f} of {r['table_bytes'] / 2**20:.1f} MB rewritten ({r['files_rewritten']}/{r['table_files']} files) {m['peak_rss_mb']:>7} MB")
-    if len(results.get("merge", [])) > 1:
-        for pattern in ("random", "clustered"):
-            small, large = results["merge"][0][pattern], results["merge"][-1][pattern]
-            if small["merge_s"]:
-                print(f"{'merge ratio':<12} {pattern}: {results['merge'][-1]['rows']:,} rows vs {results['merge'][0]['rows']:,} rows: "
-                      f"{large['merge_s'] / small['merge_s']:.2f}x the time")
+            mode = "DV" if m["deletion_vectors"] else "CoW"
+            print(f"{'merge ' + mode:<12} 10k {pattern:<9} keys into {m['rows']:>10,} rows: {r['merge_s']:>7} s "
+                  f"(+commit {r['commit_s']} s), {r['bytes_written'] / 2**20:>6.1f} MB written of {r['table_bytes'] / 2**20:.1f} MB, "
+                  f"{r['files_rewritten']}/{r['table_files']} files rewritten, {r['rows_marked']} rows marked {m['peak_rss_mb']:>7} MB")
+    for dv in (False, True):
+        runs_dv = [m for m in results.get("merge", []) if m["deletion_vectors"] == dv]
+        if len(runs_dv) > 1:
+            for pattern in ("random", "clustered"):
+                small, large = runs_dv[0][pattern], runs_dv[-1][pattern]
+                if small["merge_s"]:
+                    print(f"{'merge ratio':<12} {'DV' if dv else 'CoW'} {pattern}: {runs_dv[-1]['rows']:,} rows vs {runs_dv[0]['rows']:,} rows: "
+                          f"{large['merge_s'] / small['merge_s']:.2f}x the time")
     if "verify" in results:
         v = results["verify"]
         print(f"{'verify':<12} {v['rows']:,} rows: {v['verify_s']} s (source {v['verify_source_read_s']} s, lake {v['verify_lake_read_s']} s) "

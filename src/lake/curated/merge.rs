@@ -31,15 +31,24 @@ use deltalake::arrow::array::{
 };
 use deltalake::arrow::compute::{cast, filter_record_batch, interleave};
 use deltalake::arrow::datatypes::SchemaRef;
+use deltalake::arrow::datatypes::{DataType, Int64Type};
 use deltalake::arrow::error::ArrowError;
 use deltalake::arrow::row::Rows;
 use deltalake::kernel::Add;
-use deltalake::parquet::arrow::ProjectionMask;
+// Deprecated in parquet 59.3 in favour of each caller's own `AsyncFileReader`; it still
+// does exactly what a key read needs (footer, then the key columns' ranges).
 use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+#[allow(deprecated)]
+use deltalake::parquet::arrow::async_reader::ParquetObjectReader;
+use deltalake::parquet::arrow::{ParquetRecordBatchStreamBuilder, ProjectionMask};
 use deltalake::writer::DeltaWriter;
+use futures::TryStreamExt;
 use object_store::ObjectStoreExt;
 
 use roaring::RoaringTreemap;
+
+/// Affected keys by value, for a single integer key column.
+type IntKeys = HashMap<i64, u32, ahash::RandomState>;
 
 use super::CuratedTable;
 use super::files::{DataFile, FileState};
@@ -196,6 +205,7 @@ impl CuratedTable {
         }
         // Which files may hold an affected key.
         let key_values = self.key_scalars(&reduced).map_err(self.arrow_err())?;
+        let int_keys = self.int_keys(&reduced).map_err(self.arrow_err())?;
         let mut captured: Vec<RecordBatch> = Vec::new();
         let mut captured_at: HashMap<u32, (usize, usize)> = HashMap::new();
         let mut replaced: Vec<usize> = Vec::new();
@@ -206,13 +216,14 @@ impl CuratedTable {
                 continue;
             }
             self.load_deleted(fi).await?;
-            let data = self.fetch(fi).await?;
+            let keys = self.key_batches(fi).await?;
             scanned += 1;
             let deleted = match &self.files[fi].state {
                 FileState::Committed(c) => c.deleted.as_ref(),
                 FileState::New(_) => None,
             };
-            let found = self.positions_of(&data, &reduced, deleted)?;
+            let found = self.positions_of(&keys, &reduced, int_keys.as_ref(), deleted)?;
+            drop(keys);
             if found.is_empty() {
                 continue;
             }
@@ -225,6 +236,7 @@ impl CuratedTable {
                     .iter()
                     .any(|(_, id)| reduced.needs_target.contains(id))
                 {
+                    let data = self.fetch(fi).await?;
                     self.capture(data, &found, &reduced, &mut captured, &mut captured_at)?;
                 }
                 marked += found.len() as u64;
@@ -235,6 +247,7 @@ impl CuratedTable {
                 }
                 continue;
             }
+            let data = self.fetch(fi).await?;
             rewritten_bytes += data.len() as u64;
             let adds = self
                 .rewrite(
@@ -316,19 +329,26 @@ impl CuratedTable {
         Ok(())
     }
 
-    /// The position in the file and the key id of every live row (not in `deleted`) that
-    /// holds an affected key, reading the key columns only.
-    fn positions_of(
-        &self,
-        data: &Bytes,
-        reduced: &Reduced,
-        deleted: Option<&RoaringTreemap>,
-    ) -> Result<Vec<(u64, u32)>, LakeError> {
+    /// The key columns of data file `fi`, reading from the store only the footer and
+    /// their byte ranges.
+    async fn key_batches(&self, fi: usize) -> Result<Vec<RecordBatch>, LakeError> {
         let parquet_err = |e: deltalake::parquet::errors::ParquetError| {
             (self.delta_err())(DeltaTableError::from(e))
         };
-        let builder =
-            ParquetRecordBatchReaderBuilder::try_new(data.clone()).map_err(parquet_err)?;
+        let file = &self.files[fi];
+        let size = match &file.state {
+            FileState::Committed(c) => c.add.size,
+            FileState::New(add) => add.size,
+        };
+        #[allow(deprecated)]
+        let reader = ParquetObjectReader::new(
+            self.table.object_store(),
+            deltalake::Path::from(file.path.as_str()),
+        )
+        .with_file_size(size as u64);
+        let builder = ParquetRecordBatchStreamBuilder::new(reader)
+            .await
+            .map_err(parquet_err)?;
         let names: Vec<&str> = self
             .key
             .iter()
@@ -343,18 +363,81 @@ impl CuratedTable {
             .map(|(i, _)| i)
             .collect();
         let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
-        let reader = builder.with_projection(mask).build().map_err(parquet_err)?;
+        builder
+            .with_projection(mask)
+            .build()
+            .map_err(parquet_err)?
+            .try_collect()
+            .await
+            .map_err(parquet_err)
+    }
+
+    /// For a single integer key column, the affected keys by value (a fast path around
+    /// the row format).
+    fn int_keys(&self, reduced: &Reduced) -> Result<Option<IntKeys>, ArrowError> {
+        let field = self.schema.field(self.key[0]);
+        if self.key.len() != 1
+            || !matches!(
+                field.data_type(),
+                DataType::Int16 | DataType::Int32 | DataType::Int64
+            )
+            || reduced.keys.is_empty()
+        {
+            return Ok(None);
+        }
+        let parser = self.converter.parser();
+        let arrays = self
+            .converter
+            .convert_rows(reduced.keys.iter().map(|k| parser.parse(k)))?;
+        let values = cast(&arrays[0], &DataType::Int64)?;
+        let values = values.as_primitive::<Int64Type>();
+        let mut map = IntKeys::with_capacity_and_hasher(values.len(), Default::default());
+        for (id, v) in values.iter().enumerate() {
+            if let Some(v) = v {
+                map.insert(v, id as u32);
+            }
+        }
+        Ok(Some(map))
+    }
+
+    /// The position in the file and the key id of every live row (not in `deleted`) that
+    /// holds an affected key, from the file's key columns (`key_batches`).
+    fn positions_of(
+        &self,
+        batches: &[RecordBatch],
+        reduced: &Reduced,
+        int_keys: Option<&IntKeys>,
+        deleted: Option<&RoaringTreemap>,
+    ) -> Result<Vec<(u64, u32)>, LakeError> {
         let mut found = Vec::new();
         let mut offset = 0u64;
-        for batch in reader {
-            let batch = batch.map_err(self.arrow_err())?;
-            let keys = self.batch_keys(&batch).map_err(self.arrow_err())?;
-            for i in 0..batch.num_rows() {
-                let pos = offset + i as u64;
-                if let Some(&id) = reduced.index.get(keys.row(i).as_ref())
-                    && !deleted.is_some_and(|d| d.contains(pos))
-                {
-                    found.push((pos, id));
+        let live = |pos: u64| !deleted.is_some_and(|d| d.contains(pos));
+        for batch in batches {
+            match int_keys {
+                Some(map) => {
+                    let name = &self.columns[self.key[0]].name;
+                    if let Some(column) = batch.column_by_name(name) {
+                        let column = cast(column, &DataType::Int64).map_err(self.arrow_err())?;
+                        for (i, v) in column.as_primitive::<Int64Type>().iter().enumerate() {
+                            let pos = offset + i as u64;
+                            if let Some(&id) = v.and_then(|v| map.get(&v))
+                                && live(pos)
+                            {
+                                found.push((pos, id));
+                            }
+                        }
+                    }
+                }
+                None => {
+                    let keys = self.batch_keys(batch).map_err(self.arrow_err())?;
+                    for i in 0..batch.num_rows() {
+                        let pos = offset + i as u64;
+                        if let Some(&id) = reduced.index.get(keys.row(i).as_ref())
+                            && live(pos)
+                        {
+                            found.push((pos, id));
+                        }
+                    }
                 }
             }
             offset += batch.num_rows() as u64;
