@@ -251,7 +251,7 @@ async fn vacuum_keeping_deletion_vectors(
     table: &mut DeltaTable,
     retention: chrono::Duration,
 ) -> Result<usize, deltalake::DeltaTableError> {
-    let protected = super::deletion_vector::protected(table, retention).await?;
+    let keep = super::deletion_vector::keep(table, retention).await;
     let (_, plan) = table
         .clone()
         .vacuum()
@@ -263,10 +263,18 @@ async fn vacuum_keeping_deletion_vectors(
     let store = table.object_store();
     let mut deleted = 0;
     for path in plan.files_deleted {
-        if super::deletion_vector::is_dv_file(&path) && protected.contains(&path) {
-            continue;
+        let location = deltalake::Path::from(path.as_str());
+        if super::deletion_vector::is_dv_file(&path) {
+            let modified = match store.head(&location).await {
+                Ok(meta) => meta.last_modified,
+                Err(object_store::Error::NotFound { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            if keep.keeps(&path, modified) {
+                continue;
+            }
         }
-        match store.delete(&deltalake::Path::from(path.as_str())).await {
+        match store.delete(&location).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => deleted += 1,
             Err(e) => return Err(e.into()),
         }
