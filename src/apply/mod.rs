@@ -288,7 +288,7 @@ pub type StagedCopies = Arc<tokio::sync::Mutex<mpsc::Receiver<StagedCopy>>>;
 impl Applier {
     /// Opens every raw and curated table and the checkpoint, reading back their positions.
     /// New checkpoint records are published on `records` when given.
-    // The settings come in pieces: `crate::config` depends on this module's `[apply]`.
+    // The settings come in pieces: the configuration module depends on this one (`[apply]`).
     #[allow(clippy::too_many_arguments)]
     pub async fn open(
         lake: &Lake,
