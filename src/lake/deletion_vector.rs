@@ -43,6 +43,18 @@ pub fn supported(table: &DeltaTable) -> bool {
             .is_some_and(|f| f.iter().any(|f| f.as_ref() == "deletionVectors"))
 }
 
+/// Whether writers may add DVs to the table: the feature, and the property `true` (a
+/// table whose property was set `false` gets it back when the switch is on).
+pub fn enabled(table: &DeltaTable) -> bool {
+    supported(table)
+        && table.snapshot().is_ok_and(|s| {
+            s.metadata()
+                .configuration()
+                .get(ENABLE)
+                .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+        })
+}
+
 /// Turns the feature on for `table` (protocol reader 3 / writer 7 and the property), in
 /// one commit.
 pub async fn enable(table: &mut DeltaTable) -> Result<(), DeltaTableError> {

@@ -263,7 +263,8 @@ async fn vacuum_keeping_deletion_vectors(
     let store = table.object_store();
     let mut deleted = 0;
     for path in plan.files_deleted {
-        let location = deltalake::Path::from(path.as_str());
+        // The plan's paths are already encoded object paths.
+        let location = deltalake::Path::parse(&path).unwrap_or_else(|_| path.as_str().into());
         if super::deletion_vector::is_dv_file(&path) {
             let modified = match store.head(&location).await {
                 Ok(meta) => meta.last_modified,

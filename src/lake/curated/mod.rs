@@ -63,6 +63,8 @@ impl Default for CuratedConfig {
 /// A file whose deletion vector marks at least this share of its rows is rewritten
 /// without them at the next maintenance check, so reads do not slow down over time.
 pub const PURGE_FRACTION: f64 = 0.3;
+/// Files purged at most per maintenance check (4 MiB each).
+pub const PURGE_FILES: usize = 16;
 
 /// Columns after the source columns.
 pub const CURATED_METADATA: [&str; 3] = ["_commit_lsn", "_commit_ts", "_fallback"];
@@ -291,7 +293,7 @@ impl CuratedTable {
         };
         let (mut table, schema_grew) =
             open_for_schema(&lake.curated_table_url(name), &label, &schema, properties).await?;
-        if deletion_vectors && !deletion_vector::supported(&table) {
+        if deletion_vectors && !deletion_vector::enabled(&table) {
             deletion_vector::enable(&mut table)
                 .await
                 .map_err(|source| LakeError::Delta {
@@ -610,7 +612,8 @@ impl CuratedTable {
         vacuum: Option<std::time::Duration>,
     ) -> Result<(usize, Option<Compacted>, usize), LakeError> {
         let properties = keyed_properties(&self.bloom_key());
-        let (compacted, vacuumed) = maintenance::run(
+        let before = self.table.version();
+        let result = maintenance::run(
             &mut self.table,
             &self.label,
             policy,
@@ -618,10 +621,13 @@ impl CuratedTable {
             properties,
             vacuum,
         )
-        .await?;
-        if compacted.is_some() || vacuumed > 0 {
+        .await;
+        // A compaction that committed before a failing vacuum changed the files too: the
+        // file index must follow, or the next merge would remove files no longer there.
+        if self.table.version() != before {
             self.load_files()?;
         }
+        let (compacted, vacuumed) = result?;
         let purged = self.purge().await?;
         if purged > 0 {
             tracing::info!(table = %self.label, files = purged, "purged rows marked deleted out of their files");
@@ -631,7 +637,8 @@ impl CuratedTable {
 
     /// Rewrites without their deleted rows the files whose deletion vectors mark at
     /// least [`PURGE_FRACTION`] of their rows (every file with one when deletion vectors
-    /// are off), in one commit that changes no rows. Returns how many were purged.
+    /// are off), at most [`PURGE_FILES`] per check so replication pauses briefly, in one
+    /// commit that changes no rows. Returns how many were purged.
     async fn purge(&mut self) -> Result<usize, LakeError> {
         let due: Vec<usize> = (0..self.files.len())
             .filter(|&fi| {
@@ -646,6 +653,7 @@ impl CuratedTable {
                     || total == 0
                     || dv.cardinality as f64 >= PURGE_FRACTION * total as f64
             })
+            .take(PURGE_FILES)
             .collect();
         if due.is_empty() {
             return Ok(0);
