@@ -101,7 +101,7 @@ impl TableState {
             &columns,
             &info.key_columns,
             &normalizer.stored_types(),
-            curated_config.deletion_vectors,
+            curated_config,
         )
         .await?;
         Ok(TableState {

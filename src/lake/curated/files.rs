@@ -102,6 +102,8 @@ impl CuratedTable {
             });
         }
         self.files = files;
+        self.key_index
+            .keep_only(self.files.iter().map(|f| f.path.as_str()));
         Ok(())
     }
 

@@ -51,7 +51,7 @@ use roaring::RoaringTreemap;
 type IntKeys = HashMap<i64, u32, ahash::RandomState>;
 
 use super::CuratedTable;
-use super::files::{DataFile, FileState};
+use super::files::{DataFile, FileState, KeyScalar};
 use super::reduce::{Cell, Change, Final, Reduced, reduce};
 use crate::change::Op;
 use crate::lake::raw::layout::parse_column;
@@ -206,6 +206,13 @@ impl CuratedTable {
         // Which files may hold an affected key.
         let key_values = self.key_scalars(&reduced).map_err(self.arrow_err())?;
         let int_keys = self.int_keys(&reduced).map_err(self.arrow_err())?;
+        // The same, in key order, for files the key index answers for.
+        self.key_index.settle();
+        let sorted_int_keys: Option<Vec<(i64, u32)>> = int_keys.as_ref().map(|map| {
+            let mut keys: Vec<(i64, u32)> = map.iter().map(|(&k, &id)| (k, id)).collect();
+            keys.sort_unstable();
+            keys
+        });
         let mut captured: Vec<RecordBatch> = Vec::new();
         let mut captured_at: HashMap<u32, (usize, usize)> = HashMap::new();
         let mut replaced: Vec<usize> = Vec::new();
@@ -216,14 +223,40 @@ impl CuratedTable {
                 continue;
             }
             self.load_deleted(fi).await?;
-            let keys = self.key_batches(fi).await?;
-            scanned += 1;
-            let deleted = match &self.files[fi].state {
+            let file = &self.files[fi];
+            let deleted = match &file.state {
                 FileState::Committed(c) => c.deleted.as_ref(),
                 FileState::New(_) => None,
             };
-            let found = self.positions_of(&keys, &reduced, int_keys.as_ref(), deleted)?;
-            drop(keys);
+            let found = match (&sorted_int_keys, self.key_index.get(&file.path)) {
+                (Some(sorted), Some(index)) => {
+                    let candidates = match &file.range {
+                        Some((KeyScalar::Int(lo), KeyScalar::Int(hi))) => {
+                            let start = sorted.partition_point(|(k, _)| k < lo);
+                            let end = sorted.partition_point(|(k, _)| k <= hi);
+                            &sorted[start..end.max(start)]
+                        }
+                        _ => &sorted[..],
+                    };
+                    let mut found: Vec<(u64, u32)> = candidates
+                        .iter()
+                        .filter_map(|&(key, id)| index.row_of(key).map(|pos| (pos, id)))
+                        .filter(|(pos, _)| !deleted.is_some_and(|d| d.contains(*pos)))
+                        .collect();
+                    found.sort_unstable();
+                    found
+                }
+                _ => {
+                    let keys = self.key_batches(fi).await?;
+                    scanned += 1;
+                    let found = self.positions_of(&keys, &reduced, int_keys.as_ref(), deleted)?;
+                    if int_keys.is_some() {
+                        let column = &self.columns[self.key[0]].name;
+                        self.key_index.learn(&file.path, keys, column);
+                    }
+                    found
+                }
+            };
             if found.is_empty() {
                 continue;
             }

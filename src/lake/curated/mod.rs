@@ -11,6 +11,7 @@
 //! (exact text of values with no typed form, as in raw).
 
 mod files;
+mod key_index;
 mod merge;
 pub mod reduce;
 
@@ -26,6 +27,7 @@ use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::{DeltaTable, DeltaTableError};
 
 use self::files::{Committed, DataFile, FileState};
+use self::key_index::KeyIndex;
 use super::commit::{AppId, Commit, InfoKey, applied};
 use super::deletion_vector;
 use super::maintenance::{self, Compacted, Policy};
@@ -46,6 +48,14 @@ pub struct CuratedConfig {
     /// (default); `false` for lakes read by tools without deletion-vector support.
     #[serde(default = "default_true")]
     pub deletion_vectors: bool,
+    /// Memory, in MiB, all curated tables together may hold in their key indexes
+    /// (`key_index`); 0 turns the index off.
+    #[serde(default = "default_key_index_mb")]
+    pub key_index_mb: usize,
+}
+
+fn default_key_index_mb() -> usize {
+    64
 }
 
 fn default_true() -> bool {
@@ -56,6 +66,7 @@ impl Default for CuratedConfig {
     fn default() -> Self {
         CuratedConfig {
             deletion_vectors: true,
+            key_index_mb: default_key_index_mb(),
         }
     }
 }
@@ -91,6 +102,8 @@ pub struct CuratedTable {
     /// Deleted and replaced rows are marked in deletion vectors instead of rewriting
     /// their files (`[curated] deletion_vectors`, `lake::deletion_vector`).
     deletion_vectors: bool,
+    /// Where the rows of integer keys are, per data file (`key_index`).
+    key_index: KeyIndex,
 }
 
 /// The curated schema for `columns`, each stored as `stored_types[i]` when given (a
@@ -257,8 +270,9 @@ impl CuratedTable {
         columns: &[ColumnSpec],
         key_columns: &[String],
         stored_types: &[Option<DataType>],
-        deletion_vectors: bool,
+        config: &CuratedConfig,
     ) -> Result<CuratedTable, LakeError> {
+        let deletion_vectors = config.deletion_vectors;
         let label = format!("curated.{name}");
         let key: Vec<usize> = key_columns
             .iter()
@@ -327,6 +341,7 @@ impl CuratedTable {
             bulk: None,
             schema_grew,
             deletion_vectors,
+            key_index: KeyIndex::new(config.key_index_mb.saturating_mul(1 << 20)),
         };
         curated.load_files()?;
         Ok(curated)
@@ -552,6 +567,8 @@ impl CuratedTable {
                 _ => false,
             }
         });
+        self.key_index
+            .keep_only(self.files.iter().map(|f| f.path.as_str()));
         Ok(version)
     }
 
@@ -590,6 +607,7 @@ impl CuratedTable {
         let descriptors = deletion_vector::write(&self.table, &dvs)
             .await
             .map_err(self.delta_err())?;
+        crate::crash_point::reached("deletion_vector_written");
         for (c, dv) in kept.into_iter().zip(descriptors) {
             let add = Add {
                 deletion_vector: Some(dv),

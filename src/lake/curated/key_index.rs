@@ -1,0 +1,245 @@
+//! The key index: for data files of tables keyed by one integer column, which keys a file
+//! holds and at which row, kept in memory so a merge finds the rows a change touches
+//! without reading the file's key column again.
+//!
+//! A file's key column is read the first time a merge has to look into the file (its
+//! min/max statistics admit a changed key); the entry is built from it on a blocking
+//! thread, off the merge's path, and from the next merge on the file's entry answers. Data
+//! files never change once written (a deletion vector marks rows, it does not move them),
+//! so an entry stays right for as long as the file is in the table; it is dropped when
+//! the file leaves. Keys are held as a compressed bitmap (a few KB for a file of
+//! consecutive ids) plus, for a file whose rows are not in key order, the row of each key
+//! (4 bytes a row).
+//!
+//! All curated tables share one memory budget (`[curated] key_index_mb`); a file whose
+//! entry does not fit is read as before, every time.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use deltalake::arrow::array::{Array, AsArray, RecordBatch};
+use deltalake::arrow::compute::cast;
+use deltalake::arrow::datatypes::{DataType, Int64Type};
+use roaring::RoaringTreemap;
+
+/// Bytes held by every table's entries.
+static USED: AtomicUsize = AtomicUsize::new(0);
+
+/// Maps an `i64` to a `u64` in the same order.
+fn ordered(v: i64) -> u64 {
+    (v as u64) ^ (1 << 63)
+}
+
+/// The keys of one data file.
+pub(super) struct FileKeys {
+    keys: RoaringTreemap,
+    /// The row of the n-th smallest key, when the rows are not in key order.
+    rows: Option<Vec<u32>>,
+    bytes: usize,
+}
+
+impl FileKeys {
+    /// From the key column of a whole file (its batches in order); `None` when a key is
+    /// NULL or repeats (no index then).
+    fn build(batches: &[RecordBatch], column: &str) -> Option<FileKeys> {
+        let mut pairs: Vec<(i64, u32)> = Vec::new();
+        for batch in batches {
+            let values = cast(batch.column_by_name(column)?, &DataType::Int64).ok()?;
+            let values = values.as_primitive::<Int64Type>();
+            if values.null_count() > 0 {
+                return None;
+            }
+            let start = u32::try_from(pairs.len()).ok()?;
+            let end = start.checked_add(u32::try_from(values.len()).ok()?)?;
+            pairs.extend(values.values().iter().copied().zip(start..end));
+        }
+        let in_order = pairs.windows(2).all(|w| w[0].0 < w[1].0);
+        if !in_order {
+            pairs.sort_unstable();
+            if pairs.windows(2).any(|w| w[0].0 == w[1].0) {
+                return None;
+            }
+        }
+        // Runs of consecutive keys (dense ids) go in as ranges, far faster than key by key.
+        let mut keys = RoaringTreemap::new();
+        let mut i = 0;
+        while i < pairs.len() {
+            let start = pairs[i].0;
+            let mut end = start;
+            i += 1;
+            while i < pairs.len() && Some(pairs[i].0) == end.checked_add(1) {
+                end = pairs[i].0;
+                i += 1;
+            }
+            keys.insert_range(ordered(start)..=ordered(end));
+        }
+        keys.optimize();
+        let rows = (!in_order).then(|| pairs.iter().map(|p| p.1).collect::<Vec<u32>>());
+        let bytes = keys.serialized_size() + rows.as_ref().map_or(0, |r| r.len() * 4) + 64;
+        Some(FileKeys { keys, rows, bytes })
+    }
+
+    /// The row that holds `key`, if any.
+    pub(super) fn row_of(&self, key: i64) -> Option<u64> {
+        let k = ordered(key);
+        if !self.keys.contains(k) {
+            return None;
+        }
+        let n = self.keys.rank(k) - 1;
+        match &self.rows {
+            Some(rows) => rows.get(n as usize).map(|&r| r as u64),
+            None => Some(n),
+        }
+    }
+}
+
+/// One table's entries, by data file path.
+pub(super) struct KeyIndex {
+    files: HashMap<String, FileKeys>,
+    /// Entries being built, by path.
+    building: HashMap<String, tokio::task::JoinHandle<Option<FileKeys>>>,
+    /// The shared budget in bytes.
+    limit: usize,
+}
+
+impl KeyIndex {
+    pub(super) fn new(limit_bytes: usize) -> KeyIndex {
+        KeyIndex {
+            files: HashMap::new(),
+            building: HashMap::new(),
+            limit: limit_bytes,
+        }
+    }
+
+    pub(super) fn get(&self, path: &str) -> Option<&FileKeys> {
+        self.files.get(path)
+    }
+
+    /// Starts indexing file `path` from its key column `column` (all of its batches);
+    /// the entry is there from a later [`KeyIndex::settle`] on, when the keys allow it and
+    /// the budget has room.
+    pub(super) fn learn(&mut self, path: &str, batches: Vec<RecordBatch>, column: &str) {
+        if self.limit == 0 || self.files.contains_key(path) || self.building.contains_key(path) {
+            return;
+        }
+        let column = column.to_string();
+        let build = tokio::task::spawn_blocking(move || FileKeys::build(&batches, &column));
+        self.building.insert(path.to_string(), build);
+    }
+
+    /// Takes in the entries whose building has finished.
+    pub(super) fn settle(&mut self) {
+        let done: Vec<String> = self
+            .building
+            .iter()
+            .filter(|(_, build)| build.is_finished())
+            .map(|(path, _)| path.clone())
+            .collect();
+        for path in done {
+            let Some(build) = self.building.remove(&path) else {
+                continue;
+            };
+            let Some(Ok(Some(keys))) = futures::FutureExt::now_or_never(build) else {
+                continue;
+            };
+            let reserved = USED.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                (used + keys.bytes <= self.limit).then_some(used + keys.bytes)
+            });
+            if reserved.is_ok() {
+                self.files.insert(path, keys);
+            }
+        }
+    }
+
+    /// Drops the entries of files not in `paths` (they left the table).
+    pub(super) fn keep_only<'a>(&mut self, paths: impl Iterator<Item = &'a str>) {
+        let live: std::collections::HashSet<&str> = paths.collect();
+        self.building.retain(|path, _| live.contains(path.as_str()));
+        let gone: Vec<String> = self
+            .files
+            .keys()
+            .filter(|p| !live.contains(p.as_str()))
+            .cloned()
+            .collect();
+        for path in gone {
+            if let Some(keys) = self.files.remove(&path) {
+                USED.fetch_sub(keys.bytes, Ordering::AcqRel);
+            }
+        }
+    }
+}
+
+impl Drop for KeyIndex {
+    fn drop(&mut self) {
+        self.keep_only(std::iter::empty());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use deltalake::arrow::array::{Int32Array, Int64Array};
+    use deltalake::arrow::datatypes::{Field, Schema};
+    use std::sync::Arc;
+
+    fn batch(values: Vec<Option<i64>>) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, true)]));
+        RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(values))]).unwrap()
+    }
+
+    #[test]
+    fn rows_are_found_in_key_order_and_out_of_it() {
+        let sorted = FileKeys::build(
+            &[
+                batch(vec![Some(-5), Some(3)]),
+                batch(vec![Some(7), Some(1 << 40)]),
+            ],
+            "id",
+        )
+        .unwrap();
+        assert!(sorted.rows.is_none());
+        assert_eq!(sorted.row_of(-5), Some(0));
+        assert_eq!(sorted.row_of(7), Some(2));
+        assert_eq!(sorted.row_of(1 << 40), Some(3));
+        assert_eq!(sorted.row_of(4), None);
+        let shuffled = FileKeys::build(&[batch(vec![Some(9), Some(-1), Some(4)])], "id").unwrap();
+        assert_eq!(shuffled.row_of(9), Some(0));
+        assert_eq!(shuffled.row_of(-1), Some(1));
+        assert_eq!(shuffled.row_of(4), Some(2));
+        assert_eq!(shuffled.row_of(5), None);
+    }
+
+    #[test]
+    fn repeated_or_null_keys_are_not_indexed() {
+        assert!(FileKeys::build(&[batch(vec![Some(2), Some(1), Some(2)])], "id").is_none());
+        assert!(FileKeys::build(&[batch(vec![Some(1), None])], "id").is_none());
+        let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int32, false)]));
+        let narrow =
+            RecordBatch::try_new(schema, vec![Arc::new(Int32Array::from(vec![3, 1]))]).unwrap();
+        assert_eq!(FileKeys::build(&[narrow], "id").unwrap().row_of(3), Some(0));
+    }
+
+    async fn settled(index: &mut KeyIndex) {
+        while !index.building.is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            index.settle();
+        }
+    }
+
+    #[tokio::test]
+    async fn the_budget_is_shared_and_given_back() {
+        let dense = vec![batch((0..100_000).map(Some).collect())];
+        let mut a = KeyIndex::new(usize::MAX);
+        a.learn("a", dense.clone(), "id");
+        settled(&mut a).await;
+        assert!(a.get("a").is_some());
+        // Dense keys in order take a few KB, not 8 bytes a row.
+        assert!(a.get("a").unwrap().bytes < 64 * 1024);
+        let mut none = KeyIndex::new(0);
+        none.learn("b", dense, "id");
+        settled(&mut none).await;
+        assert!(none.get("b").is_none());
+        a.keep_only(std::iter::once("x"));
+        assert!(a.get("a").is_none());
+    }
+}
