@@ -132,7 +132,7 @@ fn file_name(uuid: &uuid::Uuid) -> String {
 }
 
 /// The table-relative file of a DV stored as a file next to the data (`u`).
-fn relative_file(dv: &DeletionVectorDescriptor) -> Option<String> {
+pub fn relative_file(dv: &DeletionVectorDescriptor) -> Option<String> {
     if dv.storage_type != StorageType::UuidRelativePath || dv.path_or_inline_dv.len() < 20 {
         return None;
     }

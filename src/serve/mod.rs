@@ -20,6 +20,7 @@
 pub mod auth;
 pub mod budget;
 pub mod config;
+pub mod dv_scan;
 pub mod growth;
 pub mod held_batches;
 pub mod read_only;

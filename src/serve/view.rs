@@ -101,6 +101,8 @@ pub struct Views {
     runtime: Arc<deltalake::datafusion::execution::runtime_env::RuntimeEnv>,
     refined: Vec<(String, String)>,
     tables: Mutex<HashMap<Url, DeltaTable>>,
+    /// Deletion vectors of curated tables as row selections (`dv_scan`).
+    selections: super::dv_scan::Selections,
     latest: Mutex<Option<Arc<View>>>,
     past: Mutex<Vec<Arc<View>>>,
     /// Refined views that failed to plan, with the error: logged once per change.
@@ -181,6 +183,7 @@ impl Views {
             lake,
             refined,
             tables: Mutex::new(HashMap::new()),
+            selections: Default::default(),
             latest: Mutex::new(None),
             past: Mutex::new(Vec::new()),
             refined_errors: Default::default(),
@@ -327,15 +330,23 @@ impl Views {
         ctx: &SessionContext,
         url: &Url,
         version: u64,
+        curated: bool,
     ) -> Result<Arc<dyn TableProvider>, DataFusionError> {
         let table = self.table_at(url, version).await?;
         table
             .update_datafusion_session(&ctx.state())
             .map_err(|e| DataFusionError::External(Box::new(e)))?;
-        table
+        let provider = table
             .table_provider()
             .await
-            .map_err(|e| DataFusionError::External(Box::new(e)))
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+        if !curated {
+            return Ok(provider);
+        }
+        let runtime = ctx.runtime_env();
+        let dv =
+            super::dv_scan::provider(&runtime, &table, provider.schema(), Some(&self.selections));
+        Ok(dv.await?.unwrap_or(provider))
     }
 
     async fn build(&self, position: Position) -> Result<View, DataFusionError> {
@@ -365,7 +376,9 @@ impl Views {
                 } else {
                     self.lake.curated_table_url(&name)
                 };
-                let provider = self.provider(&ctx, &url, *version).await?;
+                let provider = self
+                    .provider(&ctx, &url, *version, kind == "curated")
+                    .await?;
                 let sql_name = names
                     .get(table)
                     .cloned()
@@ -451,6 +464,7 @@ fn install_functions(ctx: &SessionContext, lake: Lake, names: HashMap<String, St
         "table_at_version",
         Arc::new(TableAtVersion {
             lake,
+            runtime: ctx.runtime_env(),
             by_sql_name: names.into_iter().map(|(k, v)| (v, k)).collect(),
         }),
     );
@@ -460,6 +474,7 @@ fn install_functions(ctx: &SessionContext, lake: Lake, names: HashMap<String, St
 #[derive(Debug)]
 struct TableAtVersion {
     lake: Lake,
+    runtime: Arc<deltalake::datafusion::execution::runtime_env::RuntimeEnv>,
     /// SQL table name → checkpoint key (`schema.table`).
     by_sql_name: HashMap<String, String>,
 }
@@ -511,9 +526,12 @@ impl TableFunctionImpl for TableAtVersion {
                         "table_at_version: {name} has no version {version} ({e})"
                     ))
                 })?;
-                t.table_provider()
+                let provider = t
+                    .table_provider()
                     .await
-                    .map_err(|e| DataFusionError::External(Box::new(e)))
+                    .map_err(|e| DataFusionError::External(Box::new(e)))?;
+                let dv = super::dv_scan::provider(&self.runtime, &t, provider.schema(), None);
+                Ok(dv.await?.unwrap_or(provider))
             })
         })
     }

@@ -10,7 +10,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::curated::assert_mirror;
-use crate::harness::{Env, psql, require_python_deltalake};
+use crate::harness::{Daemon, Env, psql, require_python_deltalake};
 
 const SETUP: &str = "
 CREATE TABLE dv (id bigint PRIMARY KEY, grupo int NOT NULL, v text);
@@ -202,6 +202,44 @@ async fn deletion_vectors_mark_rows_and_every_reader_sees_the_truth() {
     );
     assert!(ok, "psql: {out}");
     assert_eq!(out.trim(), source, "the SQL endpoint");
+    // Row by row through key lookups (pruned scans), where the selections of deleted rows
+    // must line up with the rows read.
+    let lookup =
+        "SELECT id, grupo, v FROM dv WHERE id BETWEEN 1 AND 400 OR id > 999999 ORDER BY id";
+    let (ok, served) = psql(
+        env.serve_port,
+        "postgres",
+        &[],
+        &["-c", lookup, "-A", "-t", "-F", " "],
+    );
+    assert!(ok, "psql: {served}");
+    let expected: Vec<String> = client
+        .query(lookup, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let (id, grupo, v): (i64, i32, Option<String>) = (r.get(0), r.get(1), r.get(2));
+            format!("{id} {grupo} {}", v.unwrap_or_default())
+        })
+        .collect();
+    assert!(expected.len() > 300, "{expected:?}");
+    assert_eq!(
+        served.trim(),
+        expected.join("\n"),
+        "the SQL endpoint, row by row"
+    );
+    let (ok, plan) = psql(
+        env.serve_port,
+        "postgres",
+        &[],
+        &["-c", "EXPLAIN SELECT v FROM dv WHERE id = 7", "-A", "-t"],
+    );
+    assert!(ok, "psql: {plan}");
+    assert!(
+        plan.contains("DataSourceExec") && !plan.contains("DeltaScan"),
+        "a table with DVs is read as a plain Parquet scan with row selections: {plan}"
+    );
     assert_eq!(
         python_reads(&curated).expect("Python deltalake reads a table with DVs"),
         source,
@@ -264,4 +302,129 @@ async fn deletion_vectors_mark_rows_and_every_reader_sees_the_truth() {
         source_figures(&env).await,
         "DuckDB after the purge"
     );
+}
+
+/// The DV files in a curated table's directory.
+fn dv_files_on_disk(curated: &std::path::Path) -> BTreeSet<String> {
+    std::fs::read_dir(curated)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("deletion_vector_"))
+        .collect()
+}
+
+/// The DV files the current version of a local Delta table references.
+async fn referenced_dv_files(curated: &std::path::Path) -> BTreeSet<String> {
+    let url = url::Url::from_directory_path(curated).unwrap();
+    let table = deltalake::open_table(url).await.unwrap();
+    table
+        .snapshot()
+        .unwrap()
+        .log_data()
+        .iter()
+        .filter_map(|f| f.deletion_vector_descriptor())
+        .map(|d| {
+            wal2delta::lake::deletion_vector::relative_file(&d)
+                .unwrap_or_else(|| panic!("a DV stored next to the data: {d:?}"))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_a_deletion_vector_file_and_its_commit_leaves_only_an_unreferenced_file() {
+    let env = Env::new(SETUP).await;
+    env.write_config(
+        "postgres",
+        &["public.dv"],
+        "[maintenance]\ncheck_interval_secs = 1\nvacuum_retention_hours = 0\n\
+         vacuum_interval_hours = 0.0005",
+    );
+    let log = env.dir.path().join("daemon.log");
+    let mut daemon = Daemon::start(
+        &env.config,
+        &log,
+        &[("WAL2DELTA_CRASH_AT", "deletion_vector_written")],
+    );
+    env.wait_streaming().await;
+    env.wait_caught_up(Duration::from_secs(60)).await;
+    let curated = env.lake.join("curated/public/dv");
+    assert!(dv_files_on_disk(&curated).is_empty());
+
+    // The first merge that marks rows writes its DV file, then dies before the commit.
+    let client = env.pg.client().await;
+    client
+        .batch_execute(
+            "UPDATE dv SET v = 'after the crash' WHERE id <= 5; DELETE FROM dv WHERE id = 6",
+        )
+        .await
+        .unwrap();
+    let status = daemon.wait(Duration::from_secs(60));
+    assert!(
+        !status.success(),
+        "the daemon should have aborted: {status:?}"
+    );
+    assert!(
+        env.daemon_log()
+            .contains("WAL2DELTA_CRASH_AT=deletion_vector_written")
+    );
+    let orphans = dv_files_on_disk(&curated);
+    assert_eq!(
+        orphans.len(),
+        1,
+        "one DV file written before the crash: {orphans:?}"
+    );
+    assert!(
+        referenced_dv_files(&curated).await.is_empty(),
+        "no version references a DV yet"
+    );
+    assert!(
+        live_files(&curated).await.values().all(|(dv, _)| *dv == 0),
+        "the table's files carry no DV after the crash"
+    );
+
+    // Restarted without the crash point: the batch is applied once, by a new DV file.
+    let _daemon = env.daemon();
+    env.wait_streaming().await;
+    env.wait_caught_up(Duration::from_secs(60)).await;
+    assert_mirror(&env, "public.dv").await;
+    let marked: i64 = live_files(&curated).await.values().map(|(dv, _)| *dv).sum();
+    assert_eq!(marked, 6, "five updated rows and one deleted, marked once");
+    let referenced = referenced_dv_files(&curated).await;
+    assert_eq!(referenced.len(), 1, "{referenced:?}");
+    assert!(
+        !orphans.is_subset(&referenced),
+        "the DV file of the crashed batch is not reused"
+    );
+    assert_eq!(
+        source_figures(&env).await,
+        python_reads(&curated).expect("Python deltalake reads the table"),
+    );
+
+    // Vacuum removes the unreferenced file and keeps the referenced one.
+    let orphan = orphans.into_iter().next().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut nudge = 900_000;
+    while dv_files_on_disk(&curated).contains(&orphan) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "vacuum left the unreferenced DV file {orphan}: {:?}\n{}",
+            dv_files_on_disk(&curated),
+            env.daemon_log()
+        );
+        // Maintenance runs after a batch.
+        client
+            .batch_execute(&format!("INSERT INTO dv VALUES ({nudge}, 1, 'nudge')"))
+            .await
+            .unwrap();
+        nudge += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let on_disk = dv_files_on_disk(&curated);
+    let referenced = referenced_dv_files(&curated).await;
+    assert!(
+        referenced.is_subset(&on_disk),
+        "a referenced DV file is missing: {referenced:?} of {on_disk:?}"
+    );
+    env.wait_caught_up(Duration::from_secs(60)).await;
+    assert_mirror(&env, "public.dv").await;
 }
