@@ -311,25 +311,33 @@ def write_changes(conn, dsn, n):
 
 
 def scenario_streaming(args, work, dsn, conn):
+    """The same changes drained from three slots: by pg_recvlogical, and by wal2delta
+    into raw + curated with deletion vectors on (the default) and off (copy-on-write)."""
     conn.execute("SELECT pg_create_logical_replication_slot('bench_recv', 'pgoutput')")
     conn.execute("SELECT pg_create_logical_replication_slot('bench_w2d', 'pgoutput')")
+    conn.execute("SELECT pg_create_logical_replication_slot('bench_w2d_cow', 'pgoutput')")
     start_lsn = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
     made, end_lsn = write_changes(conn, dsn, args.changes)
     recv_s = recvlogical_seconds(conn, "bench_recv", end_lsn)
-    # wal2delta drains the other slot into raw + curated (no snapshot: the tables are
+    # wal2delta drains the other slots into raw + curated (no snapshot: the tables are
     # not copied, only the changes streamed).
-    start = time.perf_counter()
-    d = Daemon(args.binary, work, dsn, "bench_w2d", 'snapshot = "never"\ncreate_slot = false', name="stream")
-    d.wait_confirmed(conn, "bench_w2d", end_lsn)
-    w2d_s = time.perf_counter() - start
-    rss = d.stop()
-    for s in ("bench_recv", "bench_w2d"):
+    out = {"changes": made, "wal_bytes": int(conn.execute("SELECT %s::pg_lsn - %s::pg_lsn",
+                                                          (str(end_lsn), str(start_lsn))).fetchone()[0]),
+           "pg_recvlogical_changes_per_s": round(made / recv_s),
+           "note": "wal2delta time includes start-up, writing raw + curated Delta tables and the checkpoint"}
+    for slot, name, extra, suffix in (("bench_w2d", "stream", "", ""),
+                                      ("bench_w2d_cow", "stream_cow", "[curated]\ndeletion_vectors = false\n", "_cow")):
+        start = time.perf_counter()
+        d = Daemon(args.binary, work, dsn, slot, 'snapshot = "never"\ncreate_slot = false', name=name,
+                   lake_extra=extra)
+        d.wait_confirmed(conn, slot, end_lsn)
+        w2d_s = time.perf_counter() - start
+        out[f"wal2delta{suffix}_changes_per_s"] = round(made / w2d_s)
+        out[f"ratio{suffix}_vs_pg_recvlogical"] = round(recv_s / w2d_s, 2)
+        out[f"peak_rss{suffix}_mb"] = d.stop()
+    for s in ("bench_recv", "bench_w2d", "bench_w2d_cow"):
         conn.execute(f"SELECT pg_drop_replication_slot('{s}')")
-    return {"changes": made, "wal_bytes": int(conn.execute("SELECT %s::pg_lsn - %s::pg_lsn",
-                                                            (str(end_lsn), str(start_lsn))).fetchone()[0]),
-            "pg_recvlogical_changes_per_s": round(made / recv_s), "wal2delta_changes_per_s": round(made / w2d_s),
-            "ratio_vs_pg_recvlogical": round(recv_s / w2d_s, 2), "peak_rss_mb": rss,
-            "note": "wal2delta time includes start-up, writing raw + curated Delta tables and the checkpoint"}
+    return out
 
 
 def dir_bytes(path):
@@ -338,12 +346,15 @@ def dir_bytes(path):
 
 
 def scenario_merge(args, work, dsn, conn, size, dv):
-    """10,000 updates, in one transaction, into a curated table of `size` rows: once at
-    keys drawn uniformly from the whole table, once at 10,000 consecutive keys; with
-    deletion vectors on (`dv`) or off (files rewritten). The merge time and the bytes
-    rewritten come from the daemon's metrics, the bytes written from the table's
-    directory; `durable_s` is commit to confirmed_flush (it includes the batch's
-    max_batch_age_ms wait)."""
+    """10,000 updates, in one transaction, into a curated table of `size` rows: twice at
+    keys drawn uniformly from the whole table (the first merge after the snapshot reads
+    every file's key column and fills the key index, the second finds its rows in the
+    index), once at 10,000 consecutive keys; with deletion vectors on (`dv`) or off
+    (files rewritten). The merge time and the bytes rewritten come from the daemon's
+    metrics, the bytes written from the table's directory; `durable_s` is commit to
+    confirmed_flush (it includes the batch's max_batch_age_ms wait). On the largest
+    table, 18 more uniform merges follow (20 in all), then point lookups and a grouped
+    aggregate through the SQL endpoint."""
     t = f"merge_{size}_{'dv' if dv else 'cow'}"
     conn.execute(f"DROP TABLE IF EXISTS {t}")
     conn.execute(f"""CREATE TABLE {t} (id bigint PRIMARY KEY, account int NOT NULL,
@@ -363,8 +374,13 @@ def scenario_merge(args, work, dsn, conn, size, dv):
     rng = random.Random(size)
     label = f'table="public.{t}"'
     out = {"rows": size, "deletion_vectors": dv, "snapshot_s": round(snapshot_s, 1)}
-    for pattern in ("random", "clustered"):
-        if pattern == "random":
+    def update(ids):
+        conn.execute(f"UPDATE {t} SET amount = amount + 1, updated_at = now() WHERE id = ANY(%s)", (ids,))
+        lsn = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+        d.wait_confirmed(conn, slot, lsn)
+
+    for pattern in MERGE_PATTERNS:
+        if pattern.startswith("random"):
             ids = rng.sample(range(1, size + 1), 10_000)
         else:
             lo = rng.randint(1, size - 10_000)
@@ -373,9 +389,7 @@ def scenario_merge(args, work, dsn, conn, size, dv):
         table_dir = os.path.join(d.lake, "curated", "public", t)
         bytes_before = dir_bytes(table_dir)
         committed = time.perf_counter()
-        conn.execute(f"UPDATE {t} SET amount = amount + 1, updated_at = now() WHERE id = ANY(%s)", (ids,))
-        lsn = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
-        d.wait_confirmed(conn, slot, lsn)
+        update(ids)
         durable_s = time.perf_counter() - committed
         after = d.metrics()
 
@@ -396,11 +410,38 @@ def scenario_merge(args, work, dsn, conn, size, dv):
             "table_files": len(files),
             "table_bytes": table_bytes,
         }
+    if size == args.merge_sizes[-1]:
+        before = d.metrics()
+        for _ in range(18):
+            update(rng.sample(range(1, size + 1), 10_000))
+        after = d.metrics()
+        out["absorbed"] = {"merges": 20, "merge_mean_s": round(
+            (metric_total(after, "wal2delta_merge_seconds_sum", label)
+             - metric_total(before, "wal2delta_merge_seconds_sum", label)) / 18, 3)}
+        lookup = f"SELECT id, account, amount, status FROM {t} WHERE id = %s"
+        aggregate = f"SELECT status, account % 10, count(*), sum(amount), avg(amount) FROM {t} GROUP BY 1, 2 ORDER BY 1, 2"
+        with psycopg.connect(d.lake_dsn(), autocommit=True) as c:
+            def timed(sql, params=None, prepare=None):
+                t0 = time.perf_counter()
+                c.execute(sql, params, prepare=prepare).fetchall()
+                return time.perf_counter() - t0
+            ids = [rng.randint(1, size) for _ in range(args.lookups)]
+            for i in ids[:50]:
+                timed(lookup, (i,), True)
+            lat = sorted(timed(lookup, (i,), True) for i in ids)
+            timed(aggregate)
+            aggs = [timed(aggregate) for _ in range(5)]
+        out["absorbed"].update({"lookup_p50_ms": round(lat[len(lat) // 2] * 1e3, 2),
+                                "lookup_p99_ms": round(lat[int(len(lat) * 0.99)] * 1e3, 2),
+                                "aggregate_median_ms": round(statistics.median(aggs) * 1e3, 1)})
     out["peak_rss_mb"] = d.stop()
     conn.execute(f"SELECT pg_drop_replication_slot('{slot}')")
     conn.execute(f"DROP PUBLICATION {t}_pub")
     conn.execute(f"DROP TABLE {t}")
     return out
+
+
+MERGE_PATTERNS = ("random", "random_again", "clustered")
 
 
 def copy_seconds(dsn, table):
@@ -770,6 +811,8 @@ def main():
     ap.add_argument("--binary", default=os.path.join(
         os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release", "wal2delta"))
     ap.add_argument("--json", default=None)
+    ap.add_argument("--merge-sizes", dest="merge_sizes_override", default=None,
+                    help="table sizes for the merge scenario, comma-separated (default: by mode)")
     ap.add_argument("--svg-dir", default=None, help="write freshness-<rate>.svg charts here")
     ap.add_argument("--only", default=",".join(SCENARIOS),
                     help=f"comma-separated scenarios to run (default all: {','.join(SCENARIOS)})")
@@ -787,6 +830,8 @@ def main():
     args.transacoes = 1_200_000 if args.full else 300_000
     args.lookups = 2000 if args.full else 500
     args.merge_sizes = (100_000, 1_000_000, 10_000_000) if args.full else (100_000, 1_000_000)
+    if args.merge_sizes_override:
+        args.merge_sizes = tuple(int(n) for n in args.merge_sizes_override.split(","))
     args.large_txn = 2_000_000
     args.os_changes = 1_000_000 if args.full else 300_000
     if args.svg_dir:
@@ -825,6 +870,7 @@ def main():
     if "streaming" in results:
         st = results["streaming"]
         print(f"{'streaming':<12} {st['wal2delta_changes_per_s']:>14,} changes/s {st['pg_recvlogical_changes_per_s']:>12,} ch/s recvlogical {st['ratio_vs_pg_recvlogical']:>7}x {st['peak_rss_mb']:>7} MB")
+        print(f"{'  (CoW)':<12} {st['wal2delta_cow_changes_per_s']:>14,} changes/s {st['pg_recvlogical_changes_per_s']:>12,} ch/s recvlogical {st['ratio_cow_vs_pg_recvlogical']:>7}x {st['peak_rss_cow_mb']:>7} MB")
     if "snapshot" in results:
         s = results["snapshot"]
         print(f"{'snapshot':<12} {s['wal2delta_s']:>20} s {s['copy_one_connection_s']:>19} s COPY {s['ratio_vs_copy']:>7}x {s['peak_rss_mb']:>7} MB")
@@ -833,16 +879,21 @@ def main():
         print(f"{'lookup p50':<12} {q['wal2delta']['lookup_p50_ms']:>19} ms {q['postgres']['lookup_p50_ms']:>16} ms Postgres")
         print(f"{'aggregate':<12} {q['wal2delta']['aggregate_median_ms']:>19} ms {q['postgres']['aggregate_median_ms']:>16} ms Postgres {q['aggregate_speedup_vs_postgres']:>4}x {q['peak_rss_mb']:>7} MB")
     for m in results.get("merge", []):
-        for pattern in ("random", "clustered"):
+        for pattern in MERGE_PATTERNS:
             r = m[pattern]
             mode = "DV" if m["deletion_vectors"] else "CoW"
             print(f"{'merge ' + mode:<12} 10k {pattern:<9} keys into {m['rows']:>10,} rows: {r['merge_s']:>7} s "
                   f"(+commit {r['commit_s']} s), {r['bytes_written'] / 2**20:>6.1f} MB written of {r['table_bytes'] / 2**20:.1f} MB, "
-                  f"{r['files_rewritten']}/{r['table_files']} files rewritten, {r['rows_marked']} rows marked {m['peak_rss_mb']:>7} MB")
+                  f"{r['files_rewritten']}/{r['table_files']} files rewritten, {r['files_scanned']} read, "
+                  f"{r['rows_marked']} rows marked {m['peak_rss_mb']:>7} MB")
+        if "absorbed" in m:
+            a = m["absorbed"]
+            print(f"{'merge ' + mode:<12} after 20 uniform merges into {m['rows']:,} rows: merge mean {a['merge_mean_s']} s, "
+                  f"lookup p50 {a['lookup_p50_ms']} ms (p99 {a['lookup_p99_ms']} ms), aggregate {a['aggregate_median_ms']} ms")
     for dv in (False, True):
         runs_dv = [m for m in results.get("merge", []) if m["deletion_vectors"] == dv]
         if len(runs_dv) > 1:
-            for pattern in ("random", "clustered"):
+            for pattern in MERGE_PATTERNS:
                 small, large = runs_dv[0][pattern], runs_dv[-1][pattern]
                 if small["merge_s"]:
                     print(f"{'merge ratio':<12} {'DV' if dv else 'CoW'} {pattern}: {runs_dv[-1]['rows']:,} rows vs {runs_dv[0]['rows']:,} rows: "

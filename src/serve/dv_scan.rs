@@ -10,8 +10,8 @@
 //! on every partition, with statistics, page-index and bloom-filter pruning — and the
 //! deleted rows are never decoded.
 //!
-//! Files carry the min/max of their integer columns from the Delta log as statistics, so
-//! a point lookup skips the files whose key range excludes it without opening them.
+//! A point lookup (`col = v`, `col IN (…)` on an integer column) skips the files whose
+//! min/max in the Delta log excludes it without opening them, as delta-rs's scan does.
 //!
 //! It is used only where it is exact: tables without partition columns or column mapping,
 //! whose reader features are `deletionVectors` (and `timestampNtz`), and whose DV'd files
@@ -23,10 +23,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use deltalake::DeltaTable;
-use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use deltalake::arrow::datatypes::{DataType, Schema, SchemaRef};
 use deltalake::datafusion::catalog::Session;
-use deltalake::datafusion::common::stats::Precision;
-use deltalake::datafusion::common::{DFSchema, DataFusionError, Result, ScalarValue, Statistics};
+use deltalake::datafusion::common::{DFSchema, DataFusionError, Result, ScalarValue};
 use deltalake::datafusion::datasource::TableProvider;
 use deltalake::datafusion::datasource::listing::PartitionedFile;
 use deltalake::datafusion::datasource::physical_plan::parquet::ParquetRowSelection;
@@ -37,7 +36,7 @@ use deltalake::datafusion::datasource::source::DataSourceExec;
 use deltalake::datafusion::execution::object_store::ObjectStoreUrl;
 use deltalake::datafusion::execution::runtime_env::RuntimeEnv;
 use deltalake::datafusion::logical_expr::utils::conjunction;
-use deltalake::datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
+use deltalake::datafusion::logical_expr::{Expr, Operator, TableProviderFilterPushDown, TableType};
 use deltalake::datafusion::physical_plan::ExecutionPlan;
 use deltalake::logstore::LogStore;
 use deltalake::parquet::arrow::arrow_reader::{RowSelection, RowSelector};
@@ -54,15 +53,25 @@ const UNDERSTOOD: [&str; 2] = ["deletionVectors", "timestampNtz"];
 /// run of kept or deleted rows; purging bounds the deleted share of a file).
 #[derive(Default)]
 pub struct Selections {
-    by_table: Mutex<HashMap<String, HashMap<(String, String), PartitionedFile>>>,
+    by_table: Mutex<HashMap<String, HashMap<(String, String), ScanFile>>>,
 }
+
+/// A file as DataFusion scans it, with the bounds of its integer columns.
+#[derive(Debug, Clone)]
+struct ScanFile {
+    file: PartitionedFile,
+    bounds: Arc<Bounds>,
+}
+
+/// Min and max of a file's integer columns (Delta statistics), by column name.
+type Bounds = HashMap<String, (i64, i64)>;
 
 /// A table whose live files skip their deleted rows through row selections.
 #[derive(Debug)]
 pub struct DvScan {
     schema: SchemaRef,
     store: ObjectStoreUrl,
-    files: Vec<PartitionedFile>,
+    files: Vec<ScanFile>,
 }
 
 /// The provider for `table` when its files carry deletion vectors and this module can
@@ -116,14 +125,12 @@ pub async fn provider(
         let file = match cached.remove(&id) {
             Some(file) => file,
             None => {
-                let location = deltalake::Path::parse(&path).map_err(|e| {
-                    DataFusionError::Execution(format!("data file path {path:?} in the log: {e}"))
-                })?;
+                // As delta-rs does: the log's (decoded) path, or its parts when it does
+                // not parse as a store path.
+                let location = deltalake::Path::parse(&path)
+                    .unwrap_or_else(|_| deltalake::Path::from(path.as_str()));
                 let mut file = PartitionedFile::new(location.to_string(), view.size() as u64);
                 file.object_meta.location = location;
-                if let Some(statistics) = file_statistics(&logical, view.stats().as_deref()) {
-                    file = file.with_statistics(statistics);
-                }
                 if let Some(dv) = &dv {
                     let Some(rows) = view.num_records() else {
                         return Ok(None);
@@ -132,7 +139,10 @@ pub async fn provider(
                     file = file
                         .with_extension(ParquetRowSelection::new(selection(&deleted, rows as u64)));
                 }
-                file
+                ScanFile {
+                    file,
+                    bounds: Arc::new(bounds(&logical, view.stats().as_deref())),
+                }
             }
         };
         kept.insert(id, file.clone());
@@ -152,36 +162,96 @@ pub async fn provider(
     })))
 }
 
-/// File statistics DataFusion can prune whole files by: the min and max of integer
-/// columns from the file's Delta statistics, as bounds (a DV only removes rows, so they
-/// stay bounds). Other types are left out: Delta truncates long strings in statistics, and
-/// DataFusion would take a column whose exact min equals its max for a constant.
-fn file_statistics(schema: &Schema, stats: Option<&str>) -> Option<Arc<Statistics>> {
-    let stats: serde_json::Value = serde_json::from_str(stats?).ok()?;
-    let bound = |side: &str, field: &Field| -> Option<ScalarValue> {
-        let n = stats.get(side)?.get(field.name())?.as_i64()?;
-        Some(match field.data_type() {
-            DataType::Int8 => ScalarValue::Int8(Some(i8::try_from(n).ok()?)),
-            DataType::Int16 => ScalarValue::Int16(Some(i16::try_from(n).ok()?)),
-            DataType::Int32 => ScalarValue::Int32(Some(i32::try_from(n).ok()?)),
-            DataType::Int64 => ScalarValue::Int64(Some(n)),
-            _ => return None,
-        })
+/// The min and max of a file's integer columns from its Delta statistics. A DV only
+/// removes rows, so they stay bounds of the rows left. (Handed to DataFusion as inexact
+/// statistics they would be ignored, and exact ones could answer `min()` from a deleted
+/// row; strings are left out as Delta truncates them.)
+fn bounds(schema: &Schema, stats: Option<&str>) -> Bounds {
+    let Some(stats) = stats.and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok()) else {
+        return Bounds::new();
     };
-    let mut statistics = Statistics::new_unknown(schema);
-    let mut any = false;
-    for (field, column) in schema
+    schema
         .fields()
         .iter()
-        .zip(&mut statistics.column_statistics)
-    {
-        if let (Some(min), Some(max)) = (bound("minValues", field), bound("maxValues", field)) {
-            column.min_value = Precision::Inexact(min);
-            column.max_value = Precision::Inexact(max);
-            any = true;
+        .filter(|f| {
+            matches!(
+                f.data_type(),
+                DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64
+            )
+        })
+        .filter_map(|f| {
+            let side = |s: &str| stats.get(s)?.get(f.name())?.as_i64();
+            Some((f.name().clone(), (side("minValues")?, side("maxValues")?)))
+        })
+        .collect()
+}
+
+/// The integer values `filters` pin columns to (`col = v`, `col IN (v, …)`), by column
+/// name; several filters on one column keep the values all of them allow.
+fn pinned(filters: &[Expr]) -> HashMap<String, Vec<i64>> {
+    fn column(e: &Expr) -> Option<&str> {
+        match e {
+            Expr::Column(c) => Some(&c.name),
+            // A cast keeps an integer or makes it NULL (never another integer).
+            Expr::Cast(c) => column(&c.expr),
+            Expr::TryCast(c) => column(&c.expr),
+            _ => None,
         }
     }
-    any.then(|| Arc::new(statistics))
+    fn int(e: &Expr) -> Option<i64> {
+        match e {
+            Expr::Literal(v, _) => match v {
+                ScalarValue::Int8(Some(v)) => Some(*v as i64),
+                ScalarValue::Int16(Some(v)) => Some(*v as i64),
+                ScalarValue::Int32(Some(v)) => Some(*v as i64),
+                ScalarValue::Int64(Some(v)) => Some(*v),
+                ScalarValue::UInt8(Some(v)) => Some(*v as i64),
+                ScalarValue::UInt16(Some(v)) => Some(*v as i64),
+                ScalarValue::UInt32(Some(v)) => Some(*v as i64),
+                ScalarValue::UInt64(Some(v)) => i64::try_from(*v).ok(),
+                _ => None,
+            },
+            Expr::Cast(c) => int(&c.expr),
+            _ => None,
+        }
+    }
+    let mut out: HashMap<String, Vec<i64>> = HashMap::new();
+    for filter in filters {
+        let found = match filter {
+            Expr::BinaryExpr(b) if b.op == Operator::Eq => {
+                match (
+                    column(&b.left),
+                    int(&b.right),
+                    column(&b.right),
+                    int(&b.left),
+                ) {
+                    (Some(c), Some(v), _, _) | (_, _, Some(c), Some(v)) => Some((c, vec![v])),
+                    _ => None,
+                }
+            }
+            Expr::InList(l) if !l.negated => column(&l.expr).and_then(|c| {
+                let values: Option<Vec<i64>> = l.list.iter().map(int).collect();
+                values.map(|v| (c, v))
+            }),
+            _ => None,
+        };
+        if let Some((c, values)) = found {
+            out.entry(c.to_string())
+                .and_modify(|held| held.retain(|v| values.contains(v)))
+                .or_insert(values);
+        }
+    }
+    out
+}
+
+/// Whether a file with `bounds` may hold a row with the `pinned` values.
+fn may_match(bounds: &Bounds, pinned: &HashMap<String, Vec<i64>>) -> bool {
+    pinned
+        .iter()
+        .all(|(column, values)| match bounds.get(column) {
+            Some((min, max)) => values.iter().any(|v| min <= v && v <= max),
+            None => true,
+        })
 }
 
 /// The rows of a file of `rows` rows that are not in `deleted`.
@@ -234,8 +304,15 @@ impl TableProvider for DvScan {
             let df_schema = DFSchema::try_from(self.schema.as_ref().clone())?;
             source = source.with_predicate(state.create_physical_expr(predicate, &df_schema)?);
         }
+        let pinned = pinned(filters);
+        let files: Vec<PartitionedFile> = self
+            .files
+            .iter()
+            .filter(|f| may_match(&f.bounds, &pinned))
+            .map(|f| f.file.clone())
+            .collect();
         let partitions = state.config_options().execution.target_partitions.max(1);
-        let groups = FileGroup::new(self.files.clone()).split_files(partitions);
+        let groups = FileGroup::new(files).split_files(partitions);
         let config = FileScanConfigBuilder::new(self.store.clone(), Arc::new(source))
             .with_file_groups(groups)
             .with_projection_indices(projection.cloned())?
@@ -267,5 +344,40 @@ mod tests {
         assert_eq!(s.row_count(), 6);
         let none = selection(&RoaringTreemap::new(), 5);
         assert_eq!(none.row_count(), 5);
+    }
+}
+
+#[cfg(test)]
+mod pruning_tests {
+    use super::*;
+    use deltalake::datafusion::prelude::{col, in_list, lit};
+
+    #[test]
+    fn lookups_pin_integer_values_and_files_outside_them_are_skipped() {
+        let filters = vec![col("id").eq(lit(7i64)), col("v").eq(lit("x"))];
+        let id = pinned(&filters);
+        assert_eq!(id.len(), 1, "{id:?}");
+        let file = |min, max| Bounds::from([("id".to_string(), (min, max))]);
+        assert!(may_match(&file(1, 10), &id));
+        assert!(!may_match(&file(8, 10), &id));
+        // No bounds for the column: the file is read.
+        assert!(may_match(&Bounds::new(), &id));
+        let listed = pinned_of(in_list(col("id"), vec![lit(3i32), lit(40i32)], false));
+        assert!(may_match(&file(30, 50), &listed));
+        assert!(!may_match(&file(5, 30), &listed));
+        // NOT IN, ranges and ORs pin nothing.
+        assert!(pinned_of(in_list(col("id"), vec![lit(3i32)], true)).is_empty());
+        assert!(pinned_of(col("id").gt(lit(3i64))).is_empty());
+        assert!(pinned_of(col("id").eq(lit(3i64)).or(col("id").eq(lit(9i64)))).is_empty());
+        // Two filters on one column keep what both allow.
+        let both = pinned(&[
+            in_list(col("id"), vec![lit(1i64), lit(2i64)], false),
+            col("id").eq(lit(2i64)),
+        ]);
+        assert_eq!(both["id"], vec![2]);
+    }
+
+    fn pinned_of(e: Expr) -> HashMap<String, Vec<i64>> {
+        pinned(&[e])
     }
 }

@@ -25,6 +25,19 @@ use roaring::RoaringTreemap;
 /// Bytes held by every table's entries.
 static USED: AtomicUsize = AtomicUsize::new(0);
 
+/// Bytes of key columns held by builds still running (every table's); a build also needs
+/// 16 bytes a row while it runs. Kept under the same budget.
+static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+/// Gives back a build's share of [`IN_FLIGHT`] when the build ends, however it ends.
+struct InFlight(usize);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        IN_FLIGHT.fetch_sub(self.0, Ordering::AcqRel);
+    }
+}
+
 /// Maps an `i64` to a `u64` in the same order.
 fn ordered(v: i64) -> u64 {
     (v as u64) ^ (1 << 63)
@@ -96,8 +109,10 @@ impl FileKeys {
 /// One table's entries, by data file path.
 pub(super) struct KeyIndex {
     files: HashMap<String, FileKeys>,
-    /// Entries being built, by path.
+    /// Entries being built, by path (their key columns count in [`IN_FLIGHT`]).
     building: HashMap<String, tokio::task::JoinHandle<Option<FileKeys>>>,
+    /// Files that cannot be indexed (NULL or repeated keys) or did not fit the budget.
+    refused: std::collections::HashSet<String>,
     /// The shared budget in bytes.
     limit: usize,
 }
@@ -107,6 +122,7 @@ impl KeyIndex {
         KeyIndex {
             files: HashMap::new(),
             building: HashMap::new(),
+            refused: Default::default(),
             limit: limit_bytes,
         }
     }
@@ -119,11 +135,29 @@ impl KeyIndex {
     /// the entry is there from a later [`KeyIndex::settle`] on, when the keys allow it and
     /// the budget has room.
     pub(super) fn learn(&mut self, path: &str, batches: Vec<RecordBatch>, column: &str) {
-        if self.limit == 0 || self.files.contains_key(path) || self.building.contains_key(path) {
+        if self.limit == 0
+            || USED.load(Ordering::Acquire) >= self.limit
+            || self.files.contains_key(path)
+            || self.building.contains_key(path)
+            || self.refused.contains(path)
+        {
             return;
         }
+        let bytes: usize = batches.iter().map(|b| b.get_array_memory_size()).sum();
+        let limit = self.limit;
+        let reserved = IN_FLIGHT.fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+            (held + bytes * 3 <= limit).then_some(held + bytes * 3)
+        });
+        if reserved.is_err() {
+            // A later merge that reads the file tries again.
+            return;
+        }
+        let guard = InFlight(bytes * 3);
         let column = column.to_string();
-        let build = tokio::task::spawn_blocking(move || FileKeys::build(&batches, &column));
+        let build = tokio::task::spawn_blocking(move || {
+            let _guard = guard;
+            FileKeys::build(&batches, &column)
+        });
         self.building.insert(path.to_string(), build);
     }
 
@@ -136,10 +170,19 @@ impl KeyIndex {
             .map(|(path, _)| path.clone())
             .collect();
         for path in done {
-            let Some(build) = self.building.remove(&path) else {
+            let Some(mut build) = self.building.remove(&path) else {
                 continue;
             };
-            let Some(Ok(Some(keys))) = futures::FutureExt::now_or_never(build) else {
+            // Polling a finished task can still be refused by tokio's cooperative budget.
+            let built = match futures::FutureExt::now_or_never(&mut build) {
+                Some(built) => built,
+                None => {
+                    self.building.insert(path, build);
+                    continue;
+                }
+            };
+            let Ok(Some(keys)) = built else {
+                self.refused.insert(path);
                 continue;
             };
             let reserved = USED.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
@@ -147,6 +190,8 @@ impl KeyIndex {
             });
             if reserved.is_ok() {
                 self.files.insert(path, keys);
+            } else {
+                self.refused.insert(path);
             }
         }
     }
@@ -155,6 +200,7 @@ impl KeyIndex {
     pub(super) fn keep_only<'a>(&mut self, paths: impl Iterator<Item = &'a str>) {
         let live: std::collections::HashSet<&str> = paths.collect();
         self.building.retain(|path, _| live.contains(path.as_str()));
+        self.refused.retain(|path| live.contains(path.as_str()));
         let gone: Vec<String> = self
             .files
             .keys()
