@@ -415,10 +415,14 @@ impl Env {
 
     /// Waits until the slot exists and is streaming (a daemon is attached).
     pub async fn wait_streaming(&self) {
+        // The walsender's state, not just the slot's `active`: the connection that
+        // creates the slot holds it active through the whole initial snapshot, and a
+        // `wait_caught_up` then could pass before the snapshot is in the lake.
         self.wait_sql(
-            "the daemon to attach to the slot",
+            "the daemon to stream from the slot",
             Duration::from_secs(60),
-            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
+            "SELECT 1 FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid \
+             WHERE s.slot_name = $1 AND r.state IN ('streaming', 'catchup')",
             &[&self.slot],
         )
         .await;
