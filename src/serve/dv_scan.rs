@@ -53,8 +53,11 @@ const UNDERSTOOD: [&str; 2] = ["deletionVectors", "timestampNtz"];
 /// run of kept or deleted rows; purging bounds the deleted share of a file).
 #[derive(Default)]
 pub struct Selections {
-    by_table: Mutex<HashMap<String, HashMap<(String, String), ScanFile>>>,
+    by_table: Mutex<HashMap<String, TableFiles>>,
 }
+
+/// One table's files by (path, DV).
+type TableFiles = HashMap<(String, String), ScanFile>;
 
 /// A file as DataFusion scans it, with the bounds of its integer columns.
 #[derive(Debug, Clone)]
@@ -296,8 +299,10 @@ impl TableProvider for DvScan {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let mut options = deltalake::datafusion::config::TableParquetOptions::default();
-        options.global = state.config_options().execution.parquet.clone();
+        let options = deltalake::datafusion::config::TableParquetOptions {
+            global: state.config_options().execution.parquet.clone(),
+            ..Default::default()
+        };
         let mut source =
             ParquetSource::new(self.schema.clone()).with_table_parquet_options(options);
         if let Some(predicate) = conjunction(filters.to_vec()) {
