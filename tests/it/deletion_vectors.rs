@@ -270,26 +270,14 @@ async fn deletion_vectors_mark_rows_and_every_reader_sees_the_truth() {
         .await
         .unwrap();
     env.wait_caught_up(Duration::from_secs(60)).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let mut nudge = 900_001;
-    loop {
-        let live = live_files(&curated).await;
-        if live.values().all(|(dv, _)| *dv == 0) {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "DVs left after switching them off: {live:?}\n{}",
-            env.daemon_log()
-        );
-        // Maintenance runs after a batch.
-        client
-            .batch_execute(&format!("INSERT INTO dv VALUES ({nudge}, 1, 'nudge')"))
-            .await
-            .unwrap();
-        nudge += 1;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    nudge_until(
+        &env,
+        &client,
+        900_001,
+        "DVs gone after switching them off",
+        || async { live_files(&curated).await.values().all(|(dv, _)| *dv == 0) },
+    )
+    .await;
     assert!(
         env.daemon_log().contains("purged rows marked deleted"),
         "{}",
@@ -402,23 +390,14 @@ async fn a_crash_between_a_deletion_vector_file_and_its_commit_leaves_only_an_un
 
     // Vacuum removes the unreferenced file and keeps the referenced one.
     let orphan = orphans.into_iter().next().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let mut nudge = 900_000;
-    while dv_files_on_disk(&curated).contains(&orphan) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "vacuum left the unreferenced DV file {orphan}: {:?}\n{}",
-            dv_files_on_disk(&curated),
-            env.daemon_log()
-        );
-        // Maintenance runs after a batch.
-        client
-            .batch_execute(&format!("INSERT INTO dv VALUES ({nudge}, 1, 'nudge')"))
-            .await
-            .unwrap();
-        nudge += 1;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    nudge_until(
+        &env,
+        &client,
+        900_000,
+        "vacuum to remove the unreferenced DV file",
+        || async { !dv_files_on_disk(&curated).contains(&orphan) },
+    )
+    .await;
     let on_disk = dv_files_on_disk(&curated);
     let referenced = referenced_dv_files(&curated).await;
     assert!(
@@ -427,4 +406,33 @@ async fn a_crash_between_a_deletion_vector_file_and_its_commit_leaves_only_an_un
     );
     env.wait_caught_up(Duration::from_secs(60)).await;
     assert_mirror(&env, "public.dv").await;
+}
+
+/// Inserts a row into `dv` (ids from `first`) every 500 ms until `done` holds (maintenance
+/// runs after a batch), at most 30 s.
+async fn nudge_until<F, Fut>(
+    env: &Env,
+    client: &tokio_postgres::Client,
+    first: i64,
+    what: &str,
+    mut done: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut nudge = first;
+    while !done().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited 30 s for {what}\n{}",
+            env.daemon_log()
+        );
+        client
+            .batch_execute(&format!("INSERT INTO dv VALUES ({nudge}, 1, 'nudge')"))
+            .await
+            .unwrap();
+        nudge += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
