@@ -257,13 +257,19 @@ async fn curated_tables_mirror_a_random_workload_during_and_after_the_snapshot()
     for table in FOUR_TABLES {
         assert_mirror(&env, table).await;
     }
-    // Snapshot rows are in raw with op `r`.
+    // Snapshot rows are in raw with op `r`: the 10 seeded ones, plus any the workload
+    // inserted before the slot's snapshot point (it starts with the daemon); the mirror
+    // checks above show none of those came twice.
     let raw_reads = query_delta(
         &env.raw_path("public", "condominios"),
         "SELECT count(*) FROM t WHERE _op = 'r'",
     )
     .await;
-    assert_eq!(raw_reads[0][0].as_deref(), Some("10"));
+    let reads: i64 = raw_reads[0][0].as_deref().unwrap_or("0").parse().unwrap();
+    assert!(
+        reads >= 10,
+        "{reads} snapshot reads of condominios, expected at least 10"
+    );
     // An independent Delta reader (Python deltalake) sees the same curated rows.
     assert_python_reader_agrees(&env).await;
     // The workload did exercise TOAST-only updates, key changes and the truncate.
