@@ -18,11 +18,16 @@ INSERT INTO dv SELECT g, g % 7, 'v' || g FROM generate_series(1, 20000) g;
 CREATE PUBLICATION w2d_pub FOR TABLE dv;
 ";
 
+/// The current version of a local Delta table.
+async fn open_local(path: &std::path::Path) -> deltalake::DeltaTable {
+    let url = url::Url::from_directory_path(path).unwrap();
+    deltalake::open_table(url).await.unwrap()
+}
+
 /// The live files of a local Delta table: path → (DV cardinality, numRecords).
 async fn live_files(path: &std::path::Path) -> BTreeMap<String, (i64, Option<usize>)> {
-    let url = url::Url::from_directory_path(path).unwrap();
-    let table = deltalake::open_table(url).await.unwrap();
-    table
+    open_local(path)
+        .await
         .snapshot()
         .unwrap()
         .log_data()
@@ -178,11 +183,7 @@ async fn deletion_vectors_mark_rows_and_every_reader_sees_the_truth() {
         "at most {most} DVs on one file: {dvs_per_file:?}"
     );
     // Every DV file a live file references exists (vacuum keeps them).
-    let dv_files: Vec<String> = std::fs::read_dir(&curated)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("deletion_vector_"))
-        .collect();
+    let dv_files = dv_files_on_disk(&curated);
     assert!(!dv_files.is_empty(), "no DV file in {curated:?}");
 
     // Every reader agrees with the source.
@@ -303,9 +304,8 @@ fn dv_files_on_disk(curated: &std::path::Path) -> BTreeSet<String> {
 
 /// The DV files the current version of a local Delta table references.
 async fn referenced_dv_files(curated: &std::path::Path) -> BTreeSet<String> {
-    let url = url::Url::from_directory_path(curated).unwrap();
-    let table = deltalake::open_table(url).await.unwrap();
-    table
+    open_local(curated)
+        .await
         .snapshot()
         .unwrap()
         .log_data()
