@@ -431,6 +431,9 @@ def scenario_merge(args, work, dsn, conn, size, dv):
             lat = sorted(timed(lookup, (i,), True) for i in ids)
             timed(aggregate)
             aggs = [timed(aggregate) for _ in range(5)]
+            if os.environ.get("BENCH_EXPLAIN"):
+                plan = c.execute(f"EXPLAIN ANALYZE SELECT id, account, amount, status FROM {t} WHERE id = {ids[0]}").fetchall()
+                print("\n".join(str(r[-1]) for r in plan), file=sys.stderr)
         out["absorbed"].update({"lookup_p50_ms": round(lat[len(lat) // 2] * 1e3, 2),
                                 "lookup_p99_ms": round(lat[int(len(lat) * 0.99)] * 1e3, 2),
                                 "aggregate_median_ms": round(statistics.median(aggs) * 1e3, 1)})

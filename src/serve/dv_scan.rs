@@ -28,7 +28,9 @@ use deltalake::datafusion::catalog::Session;
 use deltalake::datafusion::common::{DFSchema, DataFusionError, Result, ScalarValue};
 use deltalake::datafusion::datasource::TableProvider;
 use deltalake::datafusion::datasource::listing::PartitionedFile;
-use deltalake::datafusion::datasource::physical_plan::parquet::ParquetRowSelection;
+use deltalake::datafusion::datasource::physical_plan::parquet::{
+    CachedParquetFileReaderFactory, ParquetRowSelection,
+};
 use deltalake::datafusion::datasource::physical_plan::{
     FileGroup, FileScanConfigBuilder, ParquetSource,
 };
@@ -303,8 +305,20 @@ impl TableProvider for DvScan {
             global: state.config_options().execution.parquet.clone(),
             ..Default::default()
         };
-        let mut source =
-            ParquetSource::new(self.schema.clone()).with_table_parquet_options(options);
+        // Footers and page indexes come from the session's metadata cache (bounded by
+        // DataFusion's `metadata_cache_limit`), as DataFusion's own Parquet tables do: read
+        // from disk at every query they made a lookup 1.35× slower than copy-on-write.
+        let runtime = state.runtime_env();
+        let readers = CachedParquetFileReaderFactory::new(
+            runtime.object_store(&self.store)?,
+            runtime.cache_manager.get_file_metadata_cache(),
+        );
+        let mut source = ParquetSource::new(self.schema.clone())
+            .with_table_parquet_options(options)
+            .with_parquet_file_reader_factory(Arc::new(readers))
+            // Filters run inside the reader (late materialization), as delta-rs's own
+            // scans do: a lookup decodes the other columns of the matching rows only.
+            .with_pushdown_filters(true);
         if let Some(predicate) = conjunction(filters.to_vec()) {
             let df_schema = DFSchema::try_from(self.schema.as_ref().clone())?;
             source = source.with_predicate(state.create_physical_expr(predicate, &df_schema)?);
