@@ -31,6 +31,7 @@ pub const BUILD_INFO: &str = "wal2delta_build_info";
 pub const TABLE_FILES: &str = "wal2delta_table_files";
 pub const COMPACTED: &str = "wal2delta_compacted_files_total";
 pub const VACUUMED: &str = "wal2delta_vacuumed_files_total";
+pub const LOG_CLEANED: &str = "wal2delta_log_files_removed_total";
 pub const SQL_DURATION: &str = "wal2delta_sql_statement_duration_seconds";
 pub const SQL_CONNECTIONS: &str = "wal2delta_sql_connections";
 pub const SQL_REFUSED: &str = "wal2delta_sql_connections_refused_total";
@@ -198,6 +199,11 @@ pub fn install(listen: SocketAddr) -> Result<(), String> {
         Unit::Count,
         "Unreferenced files deleted by vacuum, by table and layer."
     );
+    describe_counter!(
+        LOG_CLEANED,
+        Unit::Count,
+        "Delta log entries (commits, checkpoints) older than maintenance.log_retention_hours deleted, by table and layer (raw, curated, checkpoint)."
+    );
     describe_histogram!(
         SQL_DURATION,
         Unit::Seconds,
@@ -266,6 +272,10 @@ pub fn compacted(table: &str, layer: &'static str, files: u64) {
 
 pub fn vacuumed(table: &str, layer: &'static str, files: usize) {
     counter!(VACUUMED, "table" => table.to_string(), "layer" => layer).increment(files as u64);
+}
+
+pub fn log_cleaned(table: &str, layer: &'static str, files: usize) {
+    counter!(LOG_CLEANED, "table" => table.to_string(), "layer" => layer).increment(files as u64);
 }
 
 pub fn sql_statement_duration(took: Duration) {

@@ -441,6 +441,56 @@ impl Applier {
                 }
             }
         }
+        if vacuum.is_some() {
+            self.clean_logs(policy.log_retention).await;
+        }
+    }
+
+    /// Deletes log entries older than `retention` from the checkpoint table, then from
+    /// every table, keeping each table's version in the oldest checkpoint record left
+    /// loadable (readers may still pick that record). Runs with vacuum, after it: vacuum
+    /// reads the log back to the retention.
+    async fn clean_logs(&mut self, retention: std::time::Duration) {
+        let failed = |label: &str, layer: &str, e: &dyn std::fmt::Display| {
+            crate::telemetry::error("maintenance");
+            tracing::warn!(table = %label, layer, error = %e, "Delta log cleanup failed; replication continues, retrying at the next vacuum");
+        };
+        let oldest = match self.checkpoint.clean_log(retention).await {
+            Ok((removed, oldest)) => {
+                crate::telemetry::log_cleaned("_wal2delta.checkpoint", "checkpoint", removed);
+                oldest
+            }
+            Err(e) => {
+                failed("_wal2delta.checkpoint", "checkpoint", &e);
+                return;
+            }
+        };
+        for (name, state) in self.tables.iter() {
+            let label = name.to_string();
+            // A table the oldest record does not list joined the lake after it: records
+            // since then may point to any of its versions, so all are kept for now.
+            let (raw_keep, curated_keep) = match &oldest {
+                Some(r) => (
+                    Some(r.versions.raw.get(&label).copied().unwrap_or(0)),
+                    Some(r.versions.curated.get(&label).copied().unwrap_or(0)),
+                ),
+                None => (None, None),
+            };
+            for (layer, result) in [
+                ("raw", state.raw.clean_log(raw_keep, retention).await),
+                ("curated", state.curated.clean_log(curated_keep, retention).await),
+            ] {
+                match result {
+                    Ok(removed) => {
+                        crate::telemetry::log_cleaned(&label, layer, removed);
+                        if removed > 0 {
+                            tracing::info!(table = %label, layer, removed, "deleted Delta log entries older than the log retention");
+                        }
+                    }
+                    Err(e) => failed(&label, layer, &e),
+                }
+            }
+        }
     }
 
     /// Where streaming should restart: the global checkpoint.

@@ -116,6 +116,8 @@ pub struct Checkpoint {
     slot: String,
     app_id: AppId,
     position: Option<Lsn>,
+    /// The Delta version of the newest record this process wrote.
+    record_version: Option<u64>,
     slot_created_at: Option<Lsn>,
     publication_created: bool,
     published: Option<RecordSender>,
@@ -135,6 +137,7 @@ impl Checkpoint {
             slot: slot.to_string(),
             app_id,
             position,
+            record_version: None,
             slot_created_at,
             publication_created: created > dropped,
             published: None,
@@ -247,10 +250,11 @@ impl Checkpoint {
             commit_ts: None,
             versions,
         };
-        Commit::record()
+        let version = Commit::record()
             .info_entries(record.to_commit_info())
             .write(&mut self.table, LABEL)
             .await?;
+        self.record_version = Some(version);
         self.publish(record);
         Ok(())
     }
@@ -260,14 +264,79 @@ impl Checkpoint {
     /// commit time of that transaction: the SQL endpoint reads these records to serve
     /// every table at one source position.
     pub async fn record(&mut self, record: CheckpointRecord) -> Result<(), LakeError> {
-        Commit::record()
+        let version = Commit::record()
             .position(&self.app_id, record.lsn)
             .info_entries(record.to_commit_info())
             .write(&mut self.table, LABEL)
             .await?;
+        self.record_version = Some(version);
         self.position = Some(record.lsn);
         self.publish(record);
         Ok(())
+    }
+
+    /// Deletes this table's log entries older than `retention` (never the newest record
+    /// this process wrote, nor anything it needs), then returns the oldest record still
+    /// in the log: readers can still pick it (`SET wal2delta.as_of`), so every table must
+    /// keep its version there loadable. `None` when the log holds no record.
+    pub async fn clean_log(
+        &self,
+        retention: std::time::Duration,
+    ) -> Result<(usize, Option<CheckpointRecord>), LakeError> {
+        let removed = match self.record_version {
+            Some(keep_from) => {
+                super::maintenance::clean_log(&self.table, LABEL, keep_from, retention).await?
+            }
+            None => 0,
+        };
+        Ok((removed, self.oldest_record().await?))
+    }
+
+    /// The oldest record in the log (reads commits from the oldest on; a record is
+    /// almost always the first or second commit kept).
+    async fn oldest_record(&self) -> Result<Option<CheckpointRecord>, LakeError> {
+        use futures::TryStreamExt;
+        let delta_err = |source| LakeError::Delta {
+            table: LABEL.to_string(),
+            source,
+        };
+        let store = self.table.log_store();
+        let listed: Vec<deltalake::ObjectMeta> = store
+            .object_store(None)
+            .list(Some(store.log_path()))
+            .try_collect()
+            .await
+            .map_err(|e| delta_err(e.into()))?;
+        let mut versions: Vec<u64> = listed
+            .iter()
+            .filter_map(|m| m.location.filename())
+            .filter_map(|name| name.strip_suffix(".json"))
+            .filter(|stem| stem.len() == 20)
+            .filter_map(|stem| stem.parse().ok())
+            .collect();
+        versions.sort_unstable();
+        for version in versions.into_iter().take(1000) {
+            let Some(bytes) = store
+                .read_commit_entry(version as _)
+                .await
+                .map_err(delta_err)?
+            else {
+                continue;
+            };
+            for line in bytes.split(|&b| b == b'\n') {
+                let Ok(action) = serde_json::from_slice::<serde_json::Value>(line) else {
+                    continue;
+                };
+                if let Some(serde_json::Value::Object(info)) = action.get("commitInfo") {
+                    let info: HashMap<String, serde_json::Value> =
+                        info.clone().into_iter().collect();
+                    if let Some(record) = CheckpointRecord::from_commit_info(&info) {
+                        return Ok(Some(record));
+                    }
+                }
+            }
+        }
+        Ok(None)
     }
 
     fn publish(&self, record: CheckpointRecord) {

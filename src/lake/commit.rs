@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::fmt;
 
 use deltalake::DeltaTable;
-use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake::kernel::transaction::CommitBuilder;
 use deltalake::kernel::{Action, Transaction};
 use deltalake::protocol::DeltaOperation;
 
@@ -212,7 +212,7 @@ impl Commit {
         };
         // A daemon that may have lost its lease on an object-store lake commits nothing.
         super::lock::fence()?;
-        let properties = CommitProperties::default()
+        let properties = super::maintenance::no_log_cleanup()
             .with_application_transactions(self.txns)
             .with_metadata(self.info);
         let snapshot = table.snapshot().map_err(delta_err)?;

@@ -63,6 +63,7 @@ pub async fn enable(table: &mut DeltaTable) -> Result<(), DeltaTableError> {
         .clone()
         .set_tbl_properties()
         .with_properties([(ENABLE.to_string(), "true".to_string())].into())
+        .with_commit_properties(super::maintenance::no_log_cleanup())
         .await?;
     *table = upgraded;
     Ok(())

@@ -19,14 +19,22 @@
 //!   days), so a running query or a time-travel read within the retention still finds its
 //!   files. Full mode also removes files a crashed batch wrote but never committed.
 //! - **Delta checkpoints** are written by delta-rs after every 100th commit (the
-//!   `delta.checkpointInterval` default), and expired log files are cleaned up after
-//!   checkpoints (`delta.logRetentionDuration`, 30 days): the log never needs replaying
-//!   from version 0 and stays bounded. `wal2delta status` shows each table's files.
+//!   `delta.checkpointInterval` default): opening a table replays at most 99 commits.
+//! - **Log cleanup runs with vacuum, not at every commit.** delta-rs would list the
+//!   whole `_delta_log` after every commit to clean it (`delta.enableExpiredLogCleanup`),
+//!   a cost that grows with the log; our commits turn that off ([`NO_LOG_CLEANUP`]) and
+//!   each vacuum pass deletes the commits and Delta checkpoints older than
+//!   `log_retention_hours` ([`clean_log`]). It deletes only below a Delta checkpoint that
+//!   every kept version can be rebuilt from, and never a version a kept checkpoint
+//!   record of the lake still points to (the applier passes the oldest such version), so
+//!   time travel within the retention keeps working. At one batch a second and the
+//!   default week, a busy table's log holds about 600,000 commits.
 
 use std::num::NonZeroU64;
 use std::time::Duration;
 
 use deltalake::DeltaTable;
+use deltalake::kernel::transaction::CommitProperties;
 use deltalake::operations::vacuum::VacuumMode;
 use object_store::ObjectStoreExt;
 use serde::Deserialize;
@@ -49,6 +57,9 @@ pub struct MaintenanceConfig {
     /// Hours between vacuums (fractions allowed); 0: never vacuum.
     #[serde(default = "default_vacuum_interval")]
     pub vacuum_interval_hours: f64,
+    /// Each vacuum pass deletes Delta log entries older than this many hours.
+    #[serde(default = "default_retention_hours")]
+    pub log_retention_hours: f64,
 }
 
 impl Default for MaintenanceConfig {
@@ -58,6 +69,7 @@ impl Default for MaintenanceConfig {
             check_interval_secs: default_check_interval(),
             vacuum_retention_hours: default_retention_hours(),
             vacuum_interval_hours: default_vacuum_interval(),
+            log_retention_hours: default_retention_hours(),
         }
     }
 }
@@ -100,11 +112,13 @@ impl MaintenanceConfig {
             self.vacuum_interval_hours,
             problems,
         );
+        let log_retention = hours("log_retention_hours", self.log_retention_hours, problems);
         Policy {
             compact_min_files: self.compact_min_files,
             check_interval: Duration::from_secs(self.check_interval_secs.max(1)),
             vacuum_retention: (!vacuum_every.is_zero()).then_some(retention),
             vacuum_interval: vacuum_every,
+            log_retention,
         }
     }
 }
@@ -118,8 +132,10 @@ pub struct Policy {
     pub check_interval: Duration,
     /// Vacuum deletes unreferenced files older than this; `None`: no vacuum.
     pub vacuum_retention: Option<Duration>,
-    /// How often tables are vacuumed.
+    /// How often tables are vacuumed (and their logs cleaned).
     pub vacuum_interval: Duration,
+    /// Vacuum passes delete log entries older than this.
+    pub log_retention: Duration,
 }
 
 impl Default for Policy {
@@ -129,6 +145,7 @@ impl Default for Policy {
             check_interval: Duration::from_secs(60),
             vacuum_retention: Some(Duration::from_secs(7 * 24 * 3600)),
             vacuum_interval: Duration::from_secs(24 * 3600),
+            log_retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -188,6 +205,7 @@ pub async fn compact(
         .with_target_size(NonZeroU64::new(target_size.max(1)).expect("non-zero"))
         .with_max_concurrent_tasks(1)
         .with_writer_properties(properties)
+        .with_commit_properties(no_log_cleanup())
         .await
         .map_err(delta_err)?;
     *table = compacted;
@@ -215,6 +233,38 @@ pub async fn run(
     Ok((compacted, vacuumed))
 }
 
+/// Commit properties that leave log cleanup to [`clean_log`] (delta-rs would otherwise
+/// list the whole `_delta_log` after each commit).
+pub fn no_log_cleanup() -> CommitProperties {
+    CommitProperties::default().with_cleanup_expired_logs(Some(false))
+}
+
+/// Deletes the table's log entries (commits, Delta checkpoints) older than `retention`,
+/// keeping every version from `keep_from` on loadable (delta-rs deletes only below a
+/// Delta checkpoint at or before both `keep_from` and the oldest version within the
+/// retention). Returns how many files were deleted.
+pub async fn clean_log(
+    table: &DeltaTable,
+    label: &str,
+    keep_from: u64,
+    retention: Duration,
+) -> Result<usize, LakeError> {
+    super::lock::fence()?;
+    let cutoff = chrono::Utc::now().timestamp_millis()
+        - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+    deltalake::checkpoints::cleanup_expired_logs_for(
+        keep_from as _,
+        table.log_store().as_ref(),
+        cutoff,
+        None,
+    )
+    .await
+    .map_err(|source| LakeError::Delta {
+        table: label.to_string(),
+        source,
+    })
+}
+
 /// Deletes files no current version references that are older than the retention.
 /// Returns how many were deleted; `table` moves to the version vacuum committed.
 pub async fn vacuum(
@@ -239,6 +289,7 @@ pub async fn vacuum(
         .with_retention_period(retention)
         .with_enforce_retention_duration(false)
         .with_mode(VacuumMode::Full)
+        .with_commit_properties(no_log_cleanup())
         .await
         .map_err(delta_err)?;
     *table = vacuumed;

@@ -465,7 +465,7 @@ impl Session {
                         user_error(
                             "22023",
                             format!(
-                                "the lake has no position at or before {text}: nothing had been replicated yet (or that history was vacuumed)"
+                                "the lake has no position at or before {text}: nothing had been replicated yet, or that history is older than the daemon's maintenance.log_retention_hours and was cleaned up"
                             ),
                         )
                     })?;

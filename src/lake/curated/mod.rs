@@ -622,6 +622,20 @@ impl CuratedTable {
         Ok(out)
     }
 
+    /// Deletes log entries older than `retention`, keeping every version from
+    /// `keep_from` on (the oldest a checkpoint record still points to) loadable.
+    pub async fn clean_log(
+        &self,
+        keep_from: Option<u64>,
+        retention: std::time::Duration,
+    ) -> Result<usize, LakeError> {
+        let Some(current) = self.table.version() else {
+            return Ok(0);
+        };
+        let keep_from = keep_from.map_or(current, |v| v.min(current));
+        maintenance::clean_log(&self.table, &self.label, keep_from, retention).await
+    }
+
     /// Compacts small files when due and vacuums when `vacuum` is given; call only between
     /// batches. Returns (files, compacted, vacuumed).
     pub async fn maintain(
