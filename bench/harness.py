@@ -625,6 +625,9 @@ def scenario_freshness(args, work, dsn, conn, rate, seconds, svg, load=0):
         done.set()
 
     def poller():
+        if os.environ.get("BENCH_NO_POLL"):  # experiment: the daemon without SQL readers
+            done.wait()
+            return
         with psycopg.connect(lake_dsn, autocommit=True) as r:
             while True:
                 asked = time.perf_counter()
@@ -821,10 +824,16 @@ def main():
                     help=f"comma-separated scenarios to run (default all: {','.join(SCENARIOS)})")
     ap.add_argument("--batch-age-ms", type=int, default=None,
                     help="apply.max_batch_age_ms for every daemon (default: the daemon's default)")
+    ap.add_argument("--min-batch-age-ms", type=int, default=None,
+                    help="apply.min_batch_age_ms for every daemon (default: the daemon's default)")
     args = ap.parse_args()
+    global APPLY
     if args.batch_age_ms is not None:
-        global APPLY
-        APPLY = f"[apply]\nmax_batch_age_ms = {args.batch_age_ms}\n"
+        APPLY += f"max_batch_age_ms = {args.batch_age_ms}\n"
+    if args.min_batch_age_ms is not None:
+        APPLY += f"min_batch_age_ms = {args.min_batch_age_ms}\n"
+    if APPLY:
+        APPLY = "[apply]\n" + APPLY
     only = args.only.split(",")
     unknown = set(only) - set(SCENARIOS)
     if unknown:

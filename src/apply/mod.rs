@@ -263,6 +263,7 @@ pub struct Applier {
     maintenance: Policy,
     next_check: Instant,
     next_vacuum: Instant,
+    next_log_cleanup: Instant,
     /// Tables copied again while streaming (`resync`), waiting to be swapped in.
     copies: Option<StagedCopies>,
 }
@@ -323,6 +324,7 @@ impl Applier {
             maintenance: Default::default(),
             next_check: Instant::now(),
             next_vacuum: Instant::now(),
+            next_log_cleanup: Instant::now(),
             copies: None,
         })
     }
@@ -396,6 +398,7 @@ impl Applier {
         let now = Instant::now();
         self.next_check = now + policy.check_interval;
         self.next_vacuum = now + policy.check_interval;
+        self.next_log_cleanup = now + policy.check_interval;
         self.maintenance = policy;
     }
 
@@ -441,19 +444,20 @@ impl Applier {
                 }
             }
         }
-        if vacuum.is_some() {
+        // After vacuum, which reads the log back to the vacuum retention.
+        if now >= self.next_log_cleanup {
+            self.next_log_cleanup = now + policy.log_cleanup_interval();
             self.clean_logs(policy.log_retention).await;
         }
     }
 
     /// Deletes log entries older than `retention` from the checkpoint table, then from
     /// every table, keeping each table's version in the oldest checkpoint record left
-    /// loadable (readers may still pick that record). Runs with vacuum, after it: vacuum
-    /// reads the log back to the retention.
+    /// loadable (readers may still pick that record).
     async fn clean_logs(&mut self, retention: std::time::Duration) {
         let failed = |label: &str, layer: &str, e: &dyn std::fmt::Display| {
             crate::telemetry::error("maintenance");
-            tracing::warn!(table = %label, layer, error = %e, "Delta log cleanup failed; replication continues, retrying at the next vacuum");
+            tracing::warn!(table = %label, layer, error = %e, "Delta log cleanup failed; replication continues, retrying at the next cleanup");
         };
         let oldest = match self.checkpoint.clean_log(retention).await {
             Ok((removed, oldest)) => {
@@ -478,7 +482,10 @@ impl Applier {
             };
             for (layer, result) in [
                 ("raw", state.raw.clean_log(raw_keep, retention).await),
-                ("curated", state.curated.clean_log(curated_keep, retention).await),
+                (
+                    "curated",
+                    state.curated.clean_log(curated_keep, retention).await,
+                ),
             ] {
                 match result {
                     Ok(removed) => {
@@ -600,11 +607,20 @@ impl Applier {
         let mut idle = tokio::time::interval(std::time::Duration::from_secs(5));
         idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // Group commit: a batch at a transaction boundary is committed once it is
+            // `min_batch_age_ms` old if nothing more is waiting (what arrived during the
+            // last commit has been taken in), else at `max_batch_age_ms`, so a backlog
+            // still gathers into large batches.
+            let age = if events.is_empty() {
+                self.config.min_batch_age()
+            } else {
+                self.config.max_batch_age_ms
+            };
             let deadline = self
                 .batch
                 .started
                 .filter(|_| self.txn.is_none())
-                .map(|s| s + std::time::Duration::from_millis(self.config.max_batch_age_ms));
+                .map(|s| s + std::time::Duration::from_millis(age));
             crate::service::beat();
             let copies = self.copies.clone().filter(|_| self.txn.is_none());
             let event = tokio::select! {

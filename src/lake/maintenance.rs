@@ -20,15 +20,18 @@
 //!   files. Full mode also removes files a crashed batch wrote but never committed.
 //! - **Delta checkpoints** are written by delta-rs after every 100th commit (the
 //!   `delta.checkpointInterval` default): opening a table replays at most 99 commits.
-//! - **Log cleanup runs with vacuum, not at every commit.** delta-rs would list the
-//!   whole `_delta_log` after every commit to clean it (`delta.enableExpiredLogCleanup`),
-//!   a cost that grows with the log; our commits turn that off ([`NO_LOG_CLEANUP`]) and
-//!   each vacuum pass deletes the commits and Delta checkpoints older than
-//!   `log_retention_hours` ([`clean_log`]). It deletes only below a Delta checkpoint that
-//!   every kept version can be rebuilt from, and never a version a kept checkpoint
-//!   record of the lake still points to (the applier passes the oldest such version), so
-//!   time travel within the retention keeps working. At one batch a second and the
-//!   default week, a busy table's log holds about 600,000 commits.
+//! - **A short log.** Every commit lists the table's `_delta_log` (delta-rs moves its
+//!   snapshot forward that way), and on a local disk that listing reads the whole
+//!   directory: measured with deltalake 1.6.6, an append took 0.02 s with 120 log
+//!   entries, 0.40 s with 100,000 and 1.60 s with 400,000. At up to five batches a
+//!   second (group commit) and delta-rs's 30-day default, commits would slow down by
+//!   seconds within days. So log cleanup is ours: our commits turn delta-rs's per-commit
+//!   cleanup off ([`no_log_cleanup`]; it would list the log once more each time), and
+//!   every [`Policy::log_cleanup_interval`] the applier deletes the commits and Delta
+//!   checkpoints older than `log_retention_hours` (default 1) ([`clean_log`]). It deletes
+//!   only below a Delta checkpoint that every kept version can be rebuilt from, and never
+//!   a version a kept checkpoint record of the lake still points to (the applier passes
+//!   the oldest such version), so time travel within the retention keeps working.
 
 use std::num::NonZeroU64;
 use std::time::Duration;
@@ -57,8 +60,8 @@ pub struct MaintenanceConfig {
     /// Hours between vacuums (fractions allowed); 0: never vacuum.
     #[serde(default = "default_vacuum_interval")]
     pub vacuum_interval_hours: f64,
-    /// Each vacuum pass deletes Delta log entries older than this many hours.
-    #[serde(default = "default_retention_hours")]
+    /// Log cleanup deletes Delta log entries older than this many hours.
+    #[serde(default = "default_log_retention_hours")]
     pub log_retention_hours: f64,
 }
 
@@ -69,7 +72,7 @@ impl Default for MaintenanceConfig {
             check_interval_secs: default_check_interval(),
             vacuum_retention_hours: default_retention_hours(),
             vacuum_interval_hours: default_vacuum_interval(),
-            log_retention_hours: default_retention_hours(),
+            log_retention_hours: default_log_retention_hours(),
         }
     }
 }
@@ -82,6 +85,9 @@ fn default_check_interval() -> u64 {
 }
 fn default_retention_hours() -> f64 {
     168.0
+}
+fn default_log_retention_hours() -> f64 {
+    1.0
 }
 fn default_vacuum_interval() -> f64 {
     24.0
@@ -134,8 +140,17 @@ pub struct Policy {
     pub vacuum_retention: Option<Duration>,
     /// How often tables are vacuumed (and their logs cleaned).
     pub vacuum_interval: Duration,
-    /// Vacuum passes delete log entries older than this.
+    /// Log cleanup deletes log entries older than this.
     pub log_retention: Duration,
+}
+
+impl Policy {
+    /// How often logs are cleaned: a tenth of the retention (so a log holds at most
+    /// 1.1 retentions and two checkpoint intervals), at most once per check. Each cleanup
+    /// lists the table's `_delta_log` once.
+    pub fn log_cleanup_interval(&self) -> Duration {
+        (self.log_retention / 10).max(self.check_interval)
+    }
 }
 
 impl Default for Policy {
@@ -145,7 +160,7 @@ impl Default for Policy {
             check_interval: Duration::from_secs(60),
             vacuum_retention: Some(Duration::from_secs(7 * 24 * 3600)),
             vacuum_interval: Duration::from_secs(24 * 3600),
-            log_retention: Duration::from_secs(7 * 24 * 3600),
+            log_retention: Duration::from_secs(3600),
         }
     }
 }
