@@ -99,9 +99,10 @@ async fn sigterm_commits_complete_transactions_and_reports_the_final_position() 
     let env = Env::new(SETUP).await;
     env.write_config("postgres", &["public.published"], "");
     // A ten-minute batch age: only the shutdown path can commit this write in time.
-    let config = std::fs::read_to_string(&env.config)
-        .unwrap()
-        .replace("max_batch_age_ms = 200", "max_batch_age_ms = 600000");
+    let config = std::fs::read_to_string(&env.config).unwrap().replace(
+        "max_batch_age_ms = 200",
+        "max_batch_age_ms = 600000\nmin_batch_age_ms = 600000",
+    );
     std::fs::write(&env.config, config).unwrap();
     let mut daemon = env.daemon();
     env.wait_streaming().await;
