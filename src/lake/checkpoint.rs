@@ -285,7 +285,8 @@ impl Checkpoint {
     ) -> Result<(usize, Option<CheckpointRecord>), LakeError> {
         let removed = match self.record_version {
             Some(keep_from) => {
-                super::maintenance::clean_log(&self.table, LABEL, keep_from, retention).await?
+                super::maintenance::clean_log(&self.table, LABEL, Some(keep_from), retention)
+                    .await?
             }
             None => 0,
         };

@@ -255,16 +255,20 @@ pub fn no_log_cleanup() -> CommitProperties {
 }
 
 /// Deletes the table's log entries (commits, Delta checkpoints) older than `retention`,
-/// keeping every version from `keep_from` on loadable (delta-rs deletes only below a
-/// Delta checkpoint at or before both `keep_from` and the oldest version within the
-/// retention). Returns how many files were deleted.
+/// keeping every version from `keep_from` (default: the current one) on loadable
+/// (delta-rs deletes only below a Delta checkpoint at or before both `keep_from` and the
+/// oldest version within the retention). Returns how many files were deleted.
 pub async fn clean_log(
     table: &DeltaTable,
     label: &str,
-    keep_from: u64,
+    keep_from: Option<u64>,
     retention: Duration,
 ) -> Result<usize, LakeError> {
     super::lock::fence()?;
+    let Some(current) = table.version() else {
+        return Ok(0);
+    };
+    let keep_from = keep_from.map_or(current, |v| v.min(current));
     let cutoff = chrono::Utc::now().timestamp_millis()
         - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
     deltalake::checkpoints::cleanup_expired_logs_for(

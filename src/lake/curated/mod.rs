@@ -629,10 +629,6 @@ impl CuratedTable {
         keep_from: Option<u64>,
         retention: std::time::Duration,
     ) -> Result<usize, LakeError> {
-        let Some(current) = self.table.version() else {
-            return Ok(0);
-        };
-        let keep_from = keep_from.map_or(current, |v| v.min(current));
         maintenance::clean_log(&self.table, &self.label, keep_from, retention).await
     }
 
