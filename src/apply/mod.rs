@@ -444,7 +444,7 @@ impl Applier {
                 }
             }
         }
-        // After vacuum, which reads the log back to the vacuum retention.
+        // After vacuum: its DV bookkeeping loads the oldest version still in the log.
         if now >= self.next_log_cleanup {
             self.next_log_cleanup = now + policy.log_cleanup_interval();
             self.clean_logs(policy.log_retention).await;

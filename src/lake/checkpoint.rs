@@ -32,6 +32,7 @@ use std::sync::Arc;
 
 use deltalake::DeltaTable;
 use deltalake::arrow::datatypes::{DataType, Field, Schema};
+use deltalake::kernel::Action;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -324,16 +325,13 @@ impl Checkpoint {
             else {
                 continue;
             };
-            for line in bytes.split(|&b| b == b'\n') {
-                let Ok(action) = serde_json::from_slice::<serde_json::Value>(line) else {
-                    continue;
-                };
-                if let Some(serde_json::Value::Object(info)) = action.get("commitInfo") {
-                    let info: HashMap<String, serde_json::Value> =
-                        info.clone().into_iter().collect();
-                    if let Some(record) = CheckpointRecord::from_commit_info(&info) {
-                        return Ok(Some(record));
-                    }
+            // As delta-rs reads a commit's info for `history()`.
+            let actions = serde_json::Deserializer::from_slice(&bytes).into_iter::<Action>();
+            for action in actions.flatten() {
+                if let Action::CommitInfo(commit) = action
+                    && let Some(record) = CheckpointRecord::from_commit_info(&commit.info)
+                {
+                    return Ok(Some(record));
                 }
             }
         }

@@ -138,7 +138,7 @@ pub struct Policy {
     pub check_interval: Duration,
     /// Vacuum deletes unreferenced files older than this; `None`: no vacuum.
     pub vacuum_retention: Option<Duration>,
-    /// How often tables are vacuumed (and their logs cleaned).
+    /// How often tables are vacuumed.
     pub vacuum_interval: Duration,
     /// Log cleanup deletes log entries older than this.
     pub log_retention: Duration,
