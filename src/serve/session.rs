@@ -21,7 +21,7 @@
 //!   57014…).
 
 use std::fmt::Debug;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -32,6 +32,7 @@ use datafusion_postgres::pgwire;
 use deltalake::datafusion::common::DataFusionError;
 use deltalake::datafusion::execution::SessionStateBuilder;
 use deltalake::datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use deltalake::datafusion::execution::memory_pool::MemoryPool;
 use deltalake::datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use deltalake::datafusion::logical_expr::LogicalPlan;
 use deltalake::datafusion::prelude::SessionContext;
@@ -297,12 +298,13 @@ async fn view_for(
     })
 }
 
-/// A context over `view` for one statement: own memory pool, the client's time zone.
+/// A context over `view` for one statement: own memory pool (returned too, to wait for
+/// its end), the client's time zone.
 fn service_for<C: ClientInfo + ?Sized>(
     shared: &Shared,
     view: &View,
     client: &C,
-) -> PgWireResult<Arc<DfSessionService>> {
+) -> PgWireResult<(Arc<DfSessionService>, Weak<StatementPool>)> {
     let base = view.state.runtime_env();
     let pool = Arc::new(StatementPool::new(
         shared.budget.clone(),
@@ -331,22 +333,45 @@ fn service_for<C: ClientInfo + ?Sized>(
         .with_physical_optimizer_rule(Arc::new(super::held_batches::CountHeld))
         .build();
     super::growth::guard(&mut state, &pool);
-    Ok(Arc::new(DfSessionService::new(Arc::new(
+    let service = Arc::new(DfSessionService::new(Arc::new(
         SessionContext::new_with_state(state),
-    ))))
+    )));
+    Ok((service, Arc::downgrade(&pool)))
+}
+
+/// How long a finished statement waits for its plan's tasks to end.
+const RELEASE_WAIT: Duration = Duration::from_secs(2);
+
+/// Waits until the statement whose pool is `pool` holds no memory any more (or is gone):
+/// its plan's tasks ended and gave their memory back to the shared budget. A failed plan's other tasks stop at their
+/// next await, which can take a moment on a busy host; without this wait, the client's
+/// next statement could be refused for `serve.memory_mb` by memory its last one held.
+async fn released(pool: Weak<StatementPool>) {
+    let until = Instant::now() + RELEASE_WAIT;
+    while pool.upgrade().is_some_and(|p| p.reserved() > 0) {
+        if Instant::now() >= until {
+            tracing::debug!(
+                "a finished statement's tasks still hold its memory after {RELEASE_WAIT:?}"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 /// Rows of `response` stop with 57014 at `deadline` and with 54000 past the `output`
 /// caps, errors get their SQLSTATE, and the statement's duration (from `started` to the
 /// last row) is recorded. `service` (the statement's context and memory pool) is kept
-/// until the last row: the running plan does not hold it.
+/// until the last row: the running plan does not hold it. Before the last message (the
+/// end or the error), the plan is dropped and its memory waited for ([`released`]).
 fn limited(
     response: Response,
     deadline: Option<Instant>,
     started: Instant,
     output: Output,
-    service: Arc<DfSessionService>,
+    statement: (Arc<DfSessionService>, Weak<StatementPool>),
 ) -> Response {
+    let (service, pool) = statement;
     let Response::Query(mut query) = response else {
         crate::telemetry::sql_statement_duration(started.elapsed());
         return response;
@@ -355,40 +380,28 @@ fn limited(
     let tag = query.command_tag().to_string();
     let rows = std::mem::replace(query.data_rows(), Box::pin(futures::stream::empty()));
     let sent = Sent::new(output);
-    let stream = futures::stream::unfold((rows, sent, false), move |(mut rows, mut sent, done)| {
-        // Captured by the closure, which lives as long as the stream.
-        let _statement = &service;
+    let stream = futures::stream::unfold(Some((rows, sent, service)), move |running| {
+        let pool = pool.clone();
         async move {
-            if done {
-                return None;
-            }
+            let (mut rows, mut sent, service) = running?;
             let next = match deadline {
-                Some(d) => match tokio::time::timeout_at(d.into(), rows.next()).await {
-                    Ok(next) => next,
-                    Err(_) => {
-                        crate::telemetry::sql_statement_duration(started.elapsed());
-                        return Some((Err(timeout_error()), (rows, sent, true)));
-                    }
-                },
+                Some(d) => tokio::time::timeout_at(d.into(), rows.next())
+                    .await
+                    .unwrap_or_else(|_| Some(Err(timeout_error()))),
                 None => rows.next().await,
             };
-            match next {
+            let last = match next {
                 Some(Ok(row)) => match sent.row(&row.data) {
-                    Ok(()) => Some((Ok(row), (rows, sent, false))),
-                    Err(message) => {
-                        crate::telemetry::sql_statement_duration(started.elapsed());
-                        Some((Err(user_error("54000", message)), (rows, sent, true)))
-                    }
+                    Ok(()) => return Some((Ok(row), Some((rows, sent, service)))),
+                    Err(message) => Some(user_error("54000", message)),
                 },
-                Some(Err(e)) => {
-                    crate::telemetry::sql_statement_duration(started.elapsed());
-                    Some((Err(classify(e)), (rows, sent, true)))
-                }
-                None => {
-                    crate::telemetry::sql_statement_duration(started.elapsed());
-                    None
-                }
-            }
+                Some(Err(e)) => Some(classify(e)),
+                None => None,
+            };
+            drop((rows, service));
+            released(pool).await;
+            crate::telemetry::sql_statement_duration(started.elapsed());
+            last.map(|e| (Err(e), None))
         }
     });
     let mut limited = QueryResponse::new(fields, stream);
@@ -515,7 +528,7 @@ impl SimpleQueryHandler for Session {
                     let started = Instant::now();
                     let deadline = self.deadline();
                     let view = view_for(&self.shared, &self.as_of).await?;
-                    let service = service_for(&self.shared, &view, client)?;
+                    let (service, pool) = service_for(&self.shared, &view, client)?;
                     let sql = if single {
                         query.to_string()
                     } else {
@@ -528,7 +541,8 @@ impl SimpleQueryHandler for Session {
                     .await
                     .map_err(classify)?;
                     responses.extend(results.into_iter().map(|r| {
-                        limited(r, deadline, started, self.shared.output, service.clone())
+                        let statement = (service.clone(), pool.clone());
+                        limited(r, deadline, started, self.shared.output, statement)
                     }));
                 }
                 Ok(responses)
@@ -593,7 +607,7 @@ impl QueryParser for SessionParser {
             }
             return Ok(Some((sql, Some((statement, plan)))));
         }
-        let service = service_for(&self.shared, &view, client)?;
+        let (service, _) = service_for(&self.shared, &view, client)?;
         service
             .query_parser()
             .parse_sql(client, sql, types)
@@ -654,7 +668,7 @@ impl ExtendedQueryHandler for Session {
                 let started = Instant::now();
                 let deadline = self.deadline();
                 let view = view_for(&self.shared, &self.as_of).await?;
-                let service = service_for(&self.shared, &view, client)?;
+                let (service, pool) = service_for(&self.shared, &view, client)?;
                 // Planned again on the current view: a prepared statement sees new data.
                 let replanned = within(
                     deadline,
@@ -692,7 +706,7 @@ impl ExtendedQueryHandler for Session {
                     deadline,
                     started,
                     self.shared.output,
-                    service,
+                    (service, pool),
                 ))
             }
             .await,
