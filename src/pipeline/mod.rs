@@ -34,6 +34,7 @@ use crate::source::catalog::{self, CatalogError, TableInfo};
 use crate::source::diagnosis::{self, SourceUnusable};
 use crate::source::replication::{ReplicationConnection, ReplicationError};
 use crate::source::snapshot::SnapshotError;
+use crate::source::spill::Spills;
 use crate::source::stream;
 
 /// Events buffered between the source and apply tasks.
@@ -314,6 +315,8 @@ async fn session(
     // invalidated slot with a clear message.
     let client = catalog::connect(&source.conn).await?;
     let slot = catalog::slot_info(&client, &source.slot).await?;
+    // Running transactions are streamed from PostgreSQL 14 (pgoutput protocol 2).
+    let streaming = source.stream_in_progress && catalog::server_version(&client).await? >= 140000;
     drop(client);
     let confirmed = diagnosis::usable_slot(source, slot, settings.config_path.as_deref())?;
     let (mut applier, durable_rx) =
@@ -326,7 +329,13 @@ async fn session(
     }
     let mut conn = ReplicationConnection::connect(&source.conn).await?;
     let identity = conn.identify_system().await?;
-    conn.start_replication(&source.slot, start, &source.publication)
+    let spills = match streaming {
+        true => Some(
+            Spills::open(&source.spill_dir).map_err(|e| ReplicationError::Streamed(e.into()))?,
+        ),
+        false => None,
+    };
+    conn.start_replication(&source.slot, start, &source.publication, streaming)
         .await?;
     tracing::info!(slot = %source.slot, from = %start, checkpoint = %applier.restart_position(), server_wal = %identity.xlogpos, "streaming");
     crate::service::ready(&format!("streaming slot {} from {start}", source.slot));
@@ -337,6 +346,7 @@ async fn session(
         durable_rx,
         cancel.clone(),
         source.status_interval,
+        spills,
     ));
     let applied = applier.run(events_rx).await;
     // The applier is gone, and with it the durable-position channel: the source task

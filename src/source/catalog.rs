@@ -133,13 +133,18 @@ pub struct TableInfo {
     pub partitioned: bool,
 }
 
+/// The server's `server_version_num` (170002 for 17.2).
+pub async fn server_version(client: &Client) -> Result<i32, CatalogError> {
+    Ok(client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await?
+        .get(0))
+}
+
 /// Whether `publication` publishes stored generated columns (PostgreSQL 18's
 /// `publish_generated_columns = stored`). Before 18 pgoutput never sends them.
 pub async fn publishes_generated(client: &Client, publication: &str) -> Result<bool, CatalogError> {
-    let version: i32 = client
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
-        .await?
-        .get(0);
+    let version = server_version(client).await?;
     if version < 180000 {
         return Ok(false);
     }
@@ -323,10 +328,7 @@ pub async fn publication_state(
     let Some(tables) = publication_tables(client, publication).await? else {
         return Ok(None);
     };
-    let version: i32 = client
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
-        .await?
-        .get(0);
+    let version = server_version(client).await?;
     if version < 150000 {
         // No row filters or column lists before Postgres 15.
         return Ok(Some(
@@ -447,10 +449,7 @@ async fn check_failover(
     source: &SourceSettings,
     report: &mut Report,
 ) -> Result<(), CatalogError> {
-    let version: i32 = client
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
-        .await?
-        .get(0);
+    let version = server_version(client).await?;
     if version < 170000 {
         report.problems.push(format!(
             "source.failover = true needs PostgreSQL 17 or newer (this server is {}); set failover = false, or upgrade",

@@ -64,6 +64,13 @@ pub struct SourceConfig {
     pub snapshot_table_limits: std::collections::BTreeMap<String, TableLimitConfig>,
     /// Seconds between heartbeats (`pg_logical_emit_message`); unset: none.
     pub heartbeat_secs: Option<u64>,
+    /// Ask PostgreSQL 14+ to send large transactions while they run (protocol 2,
+    /// `streaming 'on'`) instead of decoding them after their commit.
+    #[serde(default = "yes")]
+    pub stream_in_progress: bool,
+    /// Where running transactions are kept until they commit; default: a directory named
+    /// after the slot in the system's temporary directory.
+    pub spill_dir: Option<PathBuf>,
 }
 
 /// `source.snapshot_table_limits."schema.table"`: one table's copy rate (0: no limit).
@@ -135,6 +142,10 @@ pub struct SourceSettings {
     pub snapshot_limits: SnapshotLimits,
     /// Interval of the optional WAL heartbeat.
     pub heartbeat: Option<Duration>,
+    /// Stream running transactions when the server can (PostgreSQL 14+).
+    pub stream_in_progress: bool,
+    /// Where streamed transactions wait for their commit.
+    pub spill_dir: PathBuf,
 }
 
 impl SourceConfig {
@@ -248,6 +259,11 @@ impl SourceConfig {
             snapshot_chunk_bytes: (self.snapshot_chunk_mb * 1024 * 1024) as i64,
             snapshot_limits,
             heartbeat: self.heartbeat_secs.map(|s| Duration::from_secs(s.max(1))),
+            stream_in_progress: self.stream_in_progress,
+            spill_dir: self
+                .spill_dir
+                .clone()
+                .unwrap_or_else(|| std::env::temp_dir().join(format!("wal2delta-{}", self.slot))),
         })
     }
 

@@ -6,7 +6,8 @@
 //! - [`replication`] speaks the streaming replication protocol itself;
 //! - [`pgoutput`] decodes the logical replication messages into the change model;
 //! - [`snapshot`] copies tables as of a slot's exported snapshot;
-//! - [`stream`] is the task that reads the stream and reports progress;
+//! - [`stream`] is the task that reads the stream and reports progress; [`spill`] keeps
+//!   the transactions the server streams before their commit;
 //! - [`sqlstate`] names the server error codes we act on, and [`diagnosis`] turns a
 //!   refusal into the slot or publication problem and its fix.
 //!
@@ -22,6 +23,7 @@ pub mod dsn;
 pub mod pgoutput;
 pub mod replication;
 pub mod snapshot;
+pub mod spill;
 pub mod sqlstate;
 pub mod stream;
 pub mod tls;

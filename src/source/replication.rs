@@ -79,6 +79,8 @@ pub enum ReplicationError {
     Server(ServerError),
     #[error("protocol error on the replication connection: {0}")]
     Protocol(String),
+    #[error(transparent)]
+    Streamed(#[from] super::spill::StreamedError),
 }
 
 impl From<Malformed> for ReplicationError {
@@ -93,7 +95,8 @@ impl ReplicationError {
         match self {
             ReplicationError::Connect { .. }
             | ReplicationError::ConnectTimeout(_)
-            | ReplicationError::Io(_) => true,
+            | ReplicationError::Io(_)
+            | ReplicationError::Streamed(super::spill::StreamedError::Spill(_)) => true,
             ReplicationError::Server(e) => sqlstate::is_transient(&e.code),
             _ => false,
         }
@@ -512,16 +515,24 @@ impl ReplicationConnection {
         Ok((lsn, snapshot))
     }
 
-    /// `START_REPLICATION SLOT … LOGICAL start (proto_version '1', publication_names …)`.
-    /// Returns once the server switched to CopyBoth mode.
+    /// `START_REPLICATION SLOT … LOGICAL start (proto_version '1', publication_names …)`,
+    /// or with `streaming`, protocol 2 and `streaming 'on'` (PostgreSQL 14+): running
+    /// transactions are sent before their commit. Returns once the server switched to
+    /// CopyBoth mode.
     pub async fn start_replication(
         &mut self,
         slot: &str,
         start: Lsn,
         publication: &str,
+        streaming: bool,
     ) -> Result<(), ReplicationError> {
+        let protocol = if streaming {
+            "proto_version '2', streaming 'on'"
+        } else {
+            "proto_version '1'"
+        };
         let sql = format!(
-            "START_REPLICATION SLOT {} LOGICAL {} (proto_version '1', publication_names {}, messages 'true')",
+            "START_REPLICATION SLOT {} LOGICAL {} ({protocol}, publication_names {}, messages 'true')",
             quote_ident(slot),
             start,
             quote_literal(&quote_ident(publication)),

@@ -1,6 +1,7 @@
 //! The source task: reads the replication stream, decodes pgoutput, hands events to apply.
 //!
-//! It owns the replication connection. Besides forwarding events through a bounded
+//! It owns the replication connection. Transactions the server streams before their
+//! commit (protocol 2) go to [`super::spill`] and are handed on whole at their commit. Besides forwarding events through a bounded
 //! channel (backpressure: when apply is busy committing, we stop reading, and Postgres
 //! buffers), it answers keepalives and sends standby status updates carrying only the
 //! *durable* LSN that apply publishes, never what was merely received.
@@ -10,8 +11,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::pgoutput;
+use super::pgoutput::{self, Frame};
 use super::replication::{ReplicationConnection, ReplicationError, StreamMessage};
+use super::spill::{Replay, Spills};
 use crate::change::SourceEvent;
 use crate::change::message::PgOutputMessage;
 use crate::lsn::Lsn;
@@ -23,13 +25,15 @@ const IN_FLIGHT_BYTES: usize = 64 * 1024 * 1024;
 /// How long a stop request waits for the transaction being read to complete.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// Streams until cancelled, the apply side goes away, or an error occurs.
+/// Streams until cancelled, the apply side goes away, or an error occurs. `spills` is set
+/// when the server was asked to stream running transactions (protocol 2).
 pub async fn run(
     mut conn: ReplicationConnection,
     events: mpsc::Sender<SourceEvent>,
     mut durable: watch::Receiver<Lsn>,
     cancel: CancellationToken,
     status_interval: Duration,
+    mut spills: Option<Spills>,
 ) -> Result<(), ReplicationError> {
     let mut ticker = tokio::time::interval(status_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -46,12 +50,33 @@ pub async fn run(
     let budget = std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_BYTES));
     // Bytes the pending message needs from the budget (a huge one takes all of it).
     let mut pending_bytes = 0usize;
+    // A committed streamed transaction being read back from its spill file.
+    let mut replay: Option<Replay> = None;
     loop {
         if let Some(deadline) = stop_by {
             let finished = !in_transaction || tokio::time::Instant::now() >= deadline;
             if events.is_some() && pending.is_none() && finished {
                 // Closing the channel tells apply to commit what is complete.
                 events = None;
+                replay = None;
+            }
+        }
+        if pending.is_none() && events.is_some() {
+            if let Some(r) = &mut replay {
+                match r.next()? {
+                    Some(next) => {
+                        if matches!(next.message, PgOutputMessage::Commit { .. }) {
+                            in_transaction = false;
+                        }
+                        pending_bytes = next.bytes.min(IN_FLIGHT_BYTES);
+                        pending = Some(SourceEvent::Message {
+                            wal_start: next.wal_start,
+                            message: next.message,
+                            budget: None,
+                        });
+                    }
+                    None => replay = None,
+                }
             }
         }
         // The reserve future owns its own sender clone, so stopping (events = None) closes
@@ -111,52 +136,109 @@ pub async fn run(
                     }
                 }
             }
-            message = conn.recv(), if pending.is_none() && events.is_some() => {
+            message = conn.recv(), if pending.is_none() && replay.is_none() && events.is_some() => {
                 let durable_now = *durable.borrow();
-                let staged = stage(message?, &mut received, &mut in_transaction, durable_now)?;
-                if staged.reply_requested {
-                    conn.send_status(received, durable_now).await?;
-                    last_sent = durable_now;
+                let mut position = Position {
+                    received: &mut received,
+                    in_transaction: &mut in_transaction,
+                    durable: durable_now,
+                };
+                match stage(message?, &mut position, &mut spills)? {
+                    Staged::Event { event, bytes, reply_requested } => {
+                        if reply_requested {
+                            conn.send_status(received, durable_now).await?;
+                            last_sent = durable_now;
+                        }
+                        pending_bytes = bytes;
+                        pending = Some(event);
+                    }
+                    Staged::Spilled => {}
+                    Staged::Committed(r) => replay = Some(r),
                 }
-                pending_bytes = staged.bytes;
-                pending = Some(staged.event);
             }
         }
     }
 }
 
-/// A stream message ready to hand over.
-struct Staged {
-    event: SourceEvent,
-    /// Its share of the in-flight byte budget.
-    bytes: usize,
-    /// The server asked for a status update now.
-    reply_requested: bool,
+/// The spill files, when streaming was asked for.
+fn streamed(spills: &mut Option<Spills>) -> Result<&mut Spills, ReplicationError> {
+    spills.as_mut().ok_or_else(|| {
+        ReplicationError::Protocol(
+            "the server streams a running transaction, which was not asked for".into(),
+        )
+    })
 }
 
-/// Decodes a stream message into the event for apply, noting transaction boundaries and
-/// the position received so far (a commit's end, a keepalive's WAL end).
+/// What a stream message became.
+enum Staged {
+    /// An event to hand over.
+    Event {
+        event: SourceEvent,
+        /// Its share of the in-flight byte budget.
+        bytes: usize,
+        /// The server asked for a status update now.
+        reply_requested: bool,
+    },
+    /// Part of a running transaction, kept in its spill file.
+    Spilled,
+    /// A streamed transaction committed: hand it over from its spill file.
+    Committed(Replay),
+}
+
+/// What the task knows of the stream's position.
+struct Position<'a> {
+    /// Commit ends and keepalive positions read so far.
+    received: &'a mut Lsn,
+    /// Between a Begin and its Commit (or reading a committed streamed transaction back).
+    in_transaction: &'a mut bool,
+    durable: Lsn,
+}
+
+impl Position<'_> {
+    fn receive(&mut self, lsn: Lsn) {
+        *self.received = (*self.received).max(lsn);
+        crate::telemetry::lag_bytes(self.received.as_i64(), self.durable.as_i64());
+    }
+}
+
+/// Decodes a stream message into the event for apply (or into a running transaction's
+/// spill file), noting transaction boundaries and the position received so far.
 fn stage(
     message: StreamMessage,
-    received: &mut Lsn,
-    in_transaction: &mut bool,
-    durable: Lsn,
+    position: &mut Position<'_>,
+    spills: &mut Option<Spills>,
 ) -> Result<Staged, ReplicationError> {
-    let staged = match message {
+    let (wal_start, data) = match message {
         StreamMessage::XLogData {
             wal_start, data, ..
+        } => (wal_start, data),
+        StreamMessage::Keepalive {
+            wal_end,
+            reply_requested,
         } => {
-            let message = pgoutput::decode(&data)?;
+            position.receive(wal_end);
+            return Ok(Staged::Event {
+                event: SourceEvent::Keepalive { wal_end },
+                bytes: 0,
+                reply_requested,
+            });
+        }
+    };
+    let frame = match spills {
+        Some(s) => pgoutput::decode_frame(&data, s.in_block())?,
+        None => Frame::Message(pgoutput::decode(&data)?),
+    };
+    match frame {
+        Frame::Message(message) => {
             match &message {
-                PgOutputMessage::Begin { .. } => *in_transaction = true,
+                PgOutputMessage::Begin { .. } => *position.in_transaction = true,
                 PgOutputMessage::Commit { end_lsn, .. } => {
-                    *in_transaction = false;
-                    *received = (*received).max(*end_lsn);
-                    crate::telemetry::lag_bytes(received.as_i64(), durable.as_i64());
+                    *position.in_transaction = false;
+                    position.receive(*end_lsn);
                 }
                 _ => {}
             }
-            Staged {
+            Ok(Staged::Event {
                 event: SourceEvent::Message {
                     wal_start,
                     message,
@@ -164,20 +246,34 @@ fn stage(
                 },
                 bytes: data.len().clamp(1, IN_FLIGHT_BYTES),
                 reply_requested: false,
-            }
+            })
         }
-        StreamMessage::Keepalive {
-            wal_end,
-            reply_requested,
+        Frame::StreamStart { xid, first_segment } => {
+            streamed(spills)?.start(xid, first_segment)?;
+            Ok(Staged::Spilled)
+        }
+        Frame::StreamStop => {
+            streamed(spills)?.stop()?;
+            Ok(Staged::Spilled)
+        }
+        Frame::Streamed { xid, message } => {
+            streamed(spills)?.write(xid, wal_start, &message)?;
+            Ok(Staged::Spilled)
+        }
+        Frame::StreamAbort { xid, subxid } => {
+            streamed(spills)?.abort(xid, subxid)?;
+            Ok(Staged::Spilled)
+        }
+        Frame::StreamCommit {
+            xid,
+            commit_lsn,
+            end_lsn,
+            commit_ts,
         } => {
-            *received = (*received).max(wal_end);
-            crate::telemetry::lag_bytes(received.as_i64(), durable.as_i64());
-            Staged {
-                event: SourceEvent::Keepalive { wal_end },
-                bytes: 0,
-                reply_requested,
-            }
+            let replay = streamed(spills)?.commit(xid, commit_lsn, end_lsn, commit_ts)?;
+            *position.in_transaction = true;
+            position.receive(end_lsn);
+            Ok(Staged::Committed(replay))
         }
-    };
-    Ok(staged)
+    }
 }

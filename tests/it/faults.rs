@@ -1,7 +1,7 @@
 //! Faults: the daemon SIGKILLed at random moments, Postgres restarted mid-stream. After
 //! recovery every source change is in the raw tables exactly once, compared against a
 //! ground truth recorded on the source side by triggers (an unpublished `audit` table that
-//! commits or rolls back together with the change itself).
+//! commits or rolls back together with the change itself, savepoints included).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -37,11 +37,26 @@ struct Workload {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// What the workload's transactions look like.
+#[derive(Clone, Copy)]
+enum Shape {
+    /// Mostly 1 to 8 changes, 3% of 400.
+    Small,
+    /// As `Small`, and one in five of 1,500 changes with savepoints, some rolled back,
+    /// a quarter of them aborted whole: past a 64 kB `logical_decoding_work_mem`, Postgres
+    /// streams them while they run.
+    Large,
+}
+
 impl Workload {
     fn start(dsn: String) -> Workload {
+        Workload::start_shaped(dsn, Shape::Small)
+    }
+
+    fn start_shaped(dsn: String, shape: Shape) -> Workload {
         let stop = Arc::new(AtomicBool::new(false));
         let committed = Arc::new(AtomicU64::new(0));
-        let task = spawn_workload(dsn, stop.clone(), committed.clone());
+        let task = spawn_workload(dsn, stop.clone(), committed.clone(), shape);
         Workload {
             stop,
             committed,
@@ -64,6 +79,7 @@ fn spawn_workload(
     dsn: String,
     stop: Arc<AtomicBool>,
     committed: Arc<AtomicU64>,
+    shape: Shape,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         while !stop.load(Ordering::Relaxed) {
@@ -78,13 +94,26 @@ fn spawn_workload(
             while !stop.load(Ordering::Relaxed) {
                 let sql = {
                     let mut rng = rand::rng();
-                    let ops = if rng.random_bool(0.03) {
+                    let large = matches!(shape, Shape::Large) && rng.random_bool(0.2);
+                    let ops = if large {
+                        1500
+                    } else if rng.random_bool(0.03) {
                         400
                     } else {
                         rng.random_range(1..=8)
                     };
                     let mut sql = String::from("BEGIN;");
-                    for _ in 0..ops {
+                    for op in 0..ops {
+                        if large && op % 250 == 0 {
+                            if op > 0 {
+                                sql.push_str(if rng.random_bool(0.4) {
+                                    "ROLLBACK TO SAVEPOINT s;"
+                                } else {
+                                    "RELEASE SAVEPOINT s;"
+                                });
+                            }
+                            sql.push_str("SAVEPOINT s;");
+                        }
                         let table = if rng.random_bool(0.5) { "acct" } else { "item" };
                         let id: u32 = rng.random_range(1..=300);
                         let v: u32 = rng.random_range(0..1_000_000);
@@ -98,7 +127,11 @@ fn spawn_workload(
                             _ => sql.push_str(&format!("DELETE FROM {table} WHERE id = {id};")),
                         }
                     }
-                    sql.push_str("COMMIT;");
+                    sql.push_str(if large && rng.random_bool(0.25) {
+                        "ROLLBACK;"
+                    } else {
+                        "COMMIT;"
+                    });
                     sql
                 };
                 if client.batch_execute(&sql).await.is_err() {
@@ -199,6 +232,38 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     sigkill_rounds(env, daemon, "sigkill").await;
 }
 
+/// Transactions past `logical_decoding_work_mem` stream while they run (protocol 2):
+/// SIGKILLs land in the middle of streamed, aborted and partly rolled-back ones, and the
+/// lake still holds every committed change once and nothing of the aborted ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_while_transactions_stream_loses_and_duplicates_nothing() {
+    let env = Env::new(SETUP).await;
+    let pg = env.pg.client().await;
+    pg.batch_execute("ALTER SYSTEM SET logical_decoding_work_mem = '64kB'")
+        .await
+        .unwrap();
+    pg.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    env.write_config("postgres", &["public.acct", "public.item"], "");
+    let daemon = env.daemon();
+    env.wait_streaming().await;
+    let label = "sigkill with streamed transactions";
+    let daemon = kill_rounds(&env, daemon, Shape::Large, label).await;
+    let streamed: i64 = pg
+        .query_one(
+            "SELECT stream_txns FROM pg_stat_replication_slots WHERE slot_name = $1",
+            &[&env.slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    println!("figure: {label}: transactions streamed by Postgres {streamed}");
+    assert!(streamed > 0, "Postgres streamed no transaction");
+    for table in ["acct", "item"] {
+        crate::curated::assert_mirror(&env, table).await;
+    }
+    stop_cleanly(&env, daemon);
+}
+
 /// The same on a lake in S3: each new daemon first waits out the killed one's lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_on_an_s3_lake_loses_and_duplicates_nothing() {
@@ -211,8 +276,29 @@ async fn sigkill_at_random_moments_on_an_s3_lake_loses_and_duplicates_nothing() 
 
 /// SIGKILLs the daemon at random moments under a random workload, then checks the raw
 /// tables against the source's audit log.
-async fn sigkill_rounds(env: Env, mut daemon: crate::harness::Daemon, label: &str) {
-    let workload = Workload::start(env.pg.dsn("postgres"));
+async fn sigkill_rounds(env: Env, daemon: crate::harness::Daemon, label: &str) {
+    let daemon = kill_rounds(&env, daemon, Shape::Small, label).await;
+    stop_cleanly(&env, daemon);
+}
+
+/// A clean stop after all that exits 0.
+fn stop_cleanly(env: &Env, mut daemon: crate::harness::Daemon) {
+    let status = daemon.terminate(Duration::from_secs(30));
+    assert!(
+        status.success(),
+        "SIGTERM exit status {status:?}\n{}",
+        env.daemon_log()
+    );
+}
+
+/// The kills of [`sigkill_rounds`] and the comparison; the last daemon is still running.
+async fn kill_rounds(
+    env: &Env,
+    mut daemon: crate::harness::Daemon,
+    shape: Shape,
+    label: &str,
+) -> crate::harness::Daemon {
+    let workload = Workload::start_shaped(env.pg.dsn("postgres"), shape);
     // W2D_FAULT_ROUNDS raises the count for the extended run (bench/reliability.sh --extended).
     let kills = std::env::var("W2D_FAULT_ROUNDS")
         .ok()
@@ -228,17 +314,11 @@ async fn sigkill_rounds(env: Env, mut daemon: crate::harness::Daemon, label: &st
             workload.committed()
         );
         daemon = env.daemon();
-        crate::curated::wait_for_lease(&env, i + 2).await;
+        crate::curated::wait_for_lease(env, i + 2).await;
     }
     workload.stop().await;
-    verify_exactly_once(&env, label, kills, Duration::from_secs(180)).await;
-    // A clean stop after all that exits 0.
-    let status = daemon.terminate(Duration::from_secs(30));
-    assert!(
-        status.success(),
-        "SIGTERM exit status {status:?}\n{}",
-        env.daemon_log()
-    );
+    verify_exactly_once(env, label, kills, Duration::from_secs(180)).await;
+    daemon
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,456 @@
+//! Transactions Postgres streams while they run (pgoutput protocol 2, `streaming 'on'`):
+//! their messages go to a spill file per transaction as they arrive; at the commit the
+//! file is read back and handed on as one ordinary transaction (Begin, the messages,
+//! Commit), so nothing downstream knows it was streamed.
+//!
+//! - Nothing of a transaction is handed on before its commit. An abort deletes its file;
+//!   a subtransaction's abort cuts the file back to where that subtransaction's first
+//!   message begins, as Postgres's own apply worker does (within one transaction, what
+//!   follows a subtransaction's first change until its abort is that subtransaction's or
+//!   its children's: only one subtransaction runs at a time).
+//! - Memory stays bounded: a message is written as it arrives, and read back one at a time.
+//! - The files live as long as one replication connection. After a restart Postgres
+//!   streams every transaction not yet committed from its start again (the slot's
+//!   confirmed position never passes an uncommitted transaction's commit), so the
+//!   directory is emptied when a connection starts.
+//!
+//! A record is the message's WAL position (u64), its length (u32), then the message in
+//! protocol 1 form.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+
+use super::pgoutput;
+use crate::change::Xid;
+use crate::change::message::PgOutputMessage;
+use crate::lsn::Lsn;
+
+/// A spill file could not be written or read back.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot {what} {path} (a transaction Postgres streams before its commit is kept there \
+     until it commits): {source}; free space there or set source.spill_dir to a directory \
+     with room for the largest transaction"
+)]
+pub struct SpillError {
+    what: &'static str,
+    path: PathBuf,
+    #[source]
+    source: std::io::Error,
+}
+
+/// The stream did not follow the protocol's order of stream messages.
+#[derive(Debug, thiserror::Error)]
+#[error("the server's stream of running transactions is out of order: {0}")]
+pub struct OutOfOrder(pub String);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StreamedError {
+    #[error(transparent)]
+    Spill(#[from] SpillError),
+    #[error(transparent)]
+    OutOfOrder(#[from] OutOfOrder),
+    #[error("a spilled message does not decode: {0}")]
+    Malformed(#[from] super::cursor::Malformed),
+}
+
+const SUFFIX: &str = ".spill";
+
+/// One running transaction's file.
+struct Spill {
+    path: PathBuf,
+    file: BufWriter<File>,
+    /// Bytes written.
+    len: u64,
+    /// Where each subtransaction's first message begins.
+    subxacts: HashMap<Xid, u64>,
+}
+
+/// The running transactions of one replication connection.
+pub struct Spills {
+    dir: PathBuf,
+    open: HashMap<Xid, Spill>,
+    /// The transaction whose block is being received (between Stream Start and Stop).
+    block: Option<Xid>,
+}
+
+impl Spills {
+    /// Creates `dir` if needed and deletes the spill files a previous connection left.
+    pub fn open(dir: &Path) -> Result<Spills, SpillError> {
+        let failed = |what, source| SpillError {
+            what,
+            path: dir.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| failed("create the spill directory", e))?;
+        for entry in std::fs::read_dir(dir).map_err(|e| failed("list the spill directory", e))? {
+            let path = entry
+                .map_err(|e| failed("list the spill directory", e))?
+                .path();
+            if path.to_string_lossy().ends_with(SUFFIX) {
+                std::fs::remove_file(&path).map_err(|e| SpillError {
+                    what: "delete the old spill file",
+                    path,
+                    source: e,
+                })?;
+            }
+        }
+        Ok(Spills {
+            dir: dir.to_path_buf(),
+            open: HashMap::new(),
+            block: None,
+        })
+    }
+
+    /// Between a Stream Start and its Stop.
+    pub fn in_block(&self) -> bool {
+        self.block.is_some()
+    }
+
+    /// Transactions streamed but neither committed nor aborted yet.
+    pub fn running(&self) -> usize {
+        self.open.len()
+    }
+
+    /// Stream Start.
+    pub fn start(&mut self, xid: Xid, first_segment: bool) -> Result<(), StreamedError> {
+        if let Some(open) = self.block {
+            return Err(OutOfOrder(format!(
+                "Stream Start for transaction {xid} inside the block of {open}"
+            ))
+            .into());
+        }
+        if first_segment || !self.open.contains_key(&xid) {
+            if !first_segment {
+                return Err(OutOfOrder(format!(
+                    "transaction {xid} continues, but its first block was not received"
+                ))
+                .into());
+            }
+            let path = self.dir.join(format!("{}{SUFFIX}", xid.0));
+            let file = File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .map_err(|e| SpillError {
+                    what: "create the spill file",
+                    path: path.clone(),
+                    source: e,
+                })?;
+            self.open.insert(
+                xid,
+                Spill {
+                    path,
+                    file: BufWriter::with_capacity(1 << 20, file),
+                    len: 0,
+                    subxacts: HashMap::new(),
+                },
+            );
+        }
+        self.block = Some(xid);
+        Ok(())
+    }
+
+    /// Stream Stop.
+    pub fn stop(&mut self) -> Result<(), StreamedError> {
+        self.block
+            .take()
+            .map(|_| ())
+            .ok_or_else(|| OutOfOrder("Stream Stop without a Stream Start".into()).into())
+    }
+
+    /// A message of the block's transaction (or of its subtransaction `xid`).
+    pub fn write(&mut self, xid: Xid, wal_start: Lsn, message: &[u8]) -> Result<(), StreamedError> {
+        let top = self
+            .block
+            .ok_or_else(|| OutOfOrder("a streamed message outside a block".into()))?;
+        let spill = self
+            .open
+            .get_mut(&top)
+            .ok_or_else(|| OutOfOrder(format!("no spill file for transaction {top}")))?;
+        if xid != top {
+            spill.subxacts.entry(xid).or_insert(spill.len);
+        }
+        let len = u32::try_from(message.len())
+            .map_err(|_| OutOfOrder(format!("a message of {} bytes", message.len())))?;
+        let written = spill
+            .file
+            .write_all(&wal_start.0.to_be_bytes())
+            .and_then(|()| spill.file.write_all(&len.to_be_bytes()))
+            .and_then(|()| spill.file.write_all(message));
+        written.map_err(|e| SpillError {
+            what: "write the spill file",
+            path: spill.path.clone(),
+            source: e,
+        })?;
+        spill.len += 12 + u64::from(len);
+        Ok(())
+    }
+
+    /// Stream Abort: the transaction's file goes, or is cut back to where the aborted
+    /// subtransaction began.
+    pub fn abort(&mut self, xid: Xid, subxid: Xid) -> Result<(), StreamedError> {
+        if xid == subxid {
+            if let Some(spill) = self.open.remove(&xid) {
+                remove(spill.path);
+            }
+            return Ok(());
+        }
+        let Some(spill) = self.open.get_mut(&xid) else {
+            return Ok(());
+        };
+        let Some(&cut) = spill.subxacts.get(&subxid) else {
+            return Ok(()); // nothing of it was streamed
+        };
+        let failed = |e| SpillError {
+            what: "cut back the spill file",
+            path: spill.path.clone(),
+            source: e,
+        };
+        spill.file.flush().map_err(failed)?;
+        spill.file.get_ref().set_len(cut).map_err(failed)?;
+        spill
+            .file
+            .get_mut()
+            .seek(SeekFrom::Start(cut))
+            .map_err(failed)?;
+        spill.len = cut;
+        spill.subxacts.retain(|_, start| *start < cut);
+        Ok(())
+    }
+
+    /// Stream Commit: the transaction, ready to be read back.
+    pub fn commit(
+        &mut self,
+        xid: Xid,
+        commit_lsn: Lsn,
+        end_lsn: Lsn,
+        commit_ts: i64,
+    ) -> Result<Replay, StreamedError> {
+        let mut spill = self.open.remove(&xid).ok_or_else(|| {
+            OutOfOrder(format!(
+                "Stream Commit for transaction {xid}, which was never streamed"
+            ))
+        })?;
+        let path = spill.path.clone();
+        let failed = |what, e| SpillError {
+            what,
+            path: path.clone(),
+            source: e,
+        };
+        spill
+            .file
+            .flush()
+            .map_err(|e| failed("write the spill file", e))?;
+        let mut file = spill
+            .file
+            .into_inner()
+            .map_err(|e| failed("write the spill file", e.into_error()))?;
+        file.seek(SeekFrom::Start(0))
+            .map_err(|e| failed("read back the spill file", e))?;
+        Ok(Replay {
+            reader: BufReader::with_capacity(1 << 20, file),
+            path,
+            left: spill.len,
+            xid,
+            commit_lsn,
+            end_lsn,
+            commit_ts,
+            begun: false,
+            ended: false,
+        })
+    }
+}
+
+fn remove(path: PathBuf) {
+    if let Err(e) = std::fs::remove_file(&path) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot delete a spill file");
+    }
+}
+
+/// A committed streamed transaction read back: Begin, its messages, Commit.
+pub struct Replay {
+    reader: BufReader<File>,
+    path: PathBuf,
+    /// Bytes of records not read yet.
+    left: u64,
+    xid: Xid,
+    commit_lsn: Lsn,
+    end_lsn: Lsn,
+    commit_ts: i64,
+    begun: bool,
+    ended: bool,
+}
+
+/// One message read back: its WAL position, the message, its size.
+pub struct Replayed {
+    pub wal_start: Lsn,
+    pub message: PgOutputMessage,
+    pub bytes: usize,
+}
+
+impl Replay {
+    /// The next message; `None` after the Commit.
+    pub fn next(&mut self) -> Result<Option<Replayed>, StreamedError> {
+        if !self.begun {
+            self.begun = true;
+            return Ok(Some(Replayed {
+                wal_start: self.commit_lsn,
+                message: PgOutputMessage::Begin {
+                    final_lsn: self.commit_lsn,
+                    commit_ts: self.commit_ts,
+                    xid: self.xid,
+                },
+                bytes: 1,
+            }));
+        }
+        if self.left == 0 {
+            if self.ended {
+                return Ok(None);
+            }
+            self.ended = true;
+            return Ok(Some(Replayed {
+                wal_start: self.end_lsn,
+                message: PgOutputMessage::Commit {
+                    flags: 0,
+                    commit_lsn: self.commit_lsn,
+                    end_lsn: self.end_lsn,
+                    commit_ts: self.commit_ts,
+                },
+                bytes: 1,
+            }));
+        }
+        let failed = |e| SpillError {
+            what: "read back the spill file",
+            path: self.path.clone(),
+            source: e,
+        };
+        let mut head = [0u8; 12];
+        self.reader.read_exact(&mut head).map_err(failed)?;
+        let wal_start = Lsn(u64::from_be_bytes(head[..8].try_into().expect("8 bytes")));
+        let len = u32::from_be_bytes(head[8..].try_into().expect("4 bytes"));
+        let mut data = vec![0; len as usize];
+        self.reader.read_exact(&mut data).map_err(failed)?;
+        self.left = self.left.saturating_sub(12 + u64::from(len));
+        let message = pgoutput::decode(&Bytes::from(data))?;
+        Ok(Some(Replayed {
+            wal_start,
+            message,
+            bytes: (len as usize).max(1),
+        }))
+    }
+}
+
+impl Drop for Replay {
+    fn drop(&mut self) {
+        remove(std::mem::take(&mut self.path));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn insert(id: &str) -> Vec<u8> {
+        let mut b = vec![b'I'];
+        b.extend(16384u32.to_be_bytes());
+        b.push(b'N');
+        b.extend(1i16.to_be_bytes());
+        b.push(b't');
+        b.extend((id.len() as i32).to_be_bytes());
+        b.extend(id.as_bytes());
+        b
+    }
+
+    fn replayed(mut replay: Replay) -> Vec<String> {
+        let mut out = vec![];
+        while let Some(r) = replay.next().unwrap() {
+            out.push(match r.message {
+                PgOutputMessage::Begin { xid, .. } => format!("begin {xid}"),
+                PgOutputMessage::Commit { end_lsn, .. } => format!("commit {end_lsn}"),
+                PgOutputMessage::Insert { new, .. } => match &new.0[0] {
+                    crate::change::message::TupleValue::Text(t) => {
+                        String::from_utf8(t.to_vec()).unwrap()
+                    }
+                    other => format!("{other:?}"),
+                },
+                other => format!("{other:?}"),
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn a_streamed_transaction_is_replayed_whole_without_its_aborted_subtransactions() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("7.spill"), b"left by a crash").unwrap();
+        let mut spills = Spills::open(dir.path()).unwrap();
+        assert!(
+            !dir.path().join("7.spill").exists(),
+            "leftovers are deleted"
+        );
+        let (top, sub, nested) = (Xid(10), Xid(11), Xid(12));
+        spills.start(top, true).unwrap();
+        spills.write(top, Lsn(1), &insert("1")).unwrap();
+        spills.write(sub, Lsn(2), &insert("2")).unwrap();
+        spills.stop().unwrap();
+        // Another transaction's block in between.
+        spills.start(Xid(20), true).unwrap();
+        spills.write(Xid(20), Lsn(3), &insert("x")).unwrap();
+        spills.stop().unwrap();
+        spills.start(top, false).unwrap();
+        spills.write(nested, Lsn(4), &insert("3")).unwrap();
+        spills.stop().unwrap();
+        // ROLLBACK TO the savepoint of `sub`: its child aborts first, then itself.
+        spills.abort(top, nested).unwrap();
+        spills.abort(top, sub).unwrap();
+        spills.start(top, false).unwrap();
+        spills.write(top, Lsn(5), &insert("4")).unwrap();
+        spills.stop().unwrap();
+        spills.abort(Xid(20), Xid(20)).unwrap();
+        assert_eq!(spills.running(), 1);
+        let replay = spills.commit(top, Lsn(6), Lsn(7), 0).unwrap();
+        assert_eq!(
+            replayed(replay),
+            ["begin 10", "1", "4", "commit 0/7"],
+            "the aborted subtransactions' rows are gone"
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "no file is left"
+        );
+    }
+
+    #[test]
+    fn a_restarted_stream_starts_the_transaction_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spills = Spills::open(dir.path()).unwrap();
+        spills.start(Xid(10), true).unwrap();
+        spills.write(Xid(10), Lsn(1), &insert("1")).unwrap();
+        spills.stop().unwrap();
+        spills.start(Xid(10), true).unwrap();
+        spills.write(Xid(10), Lsn(1), &insert("1")).unwrap();
+        spills.stop().unwrap();
+        let replay = spills.commit(Xid(10), Lsn(6), Lsn(7), 0).unwrap();
+        assert_eq!(replayed(replay), ["begin 10", "1", "commit 0/7"]);
+    }
+
+    #[test]
+    fn stream_messages_out_of_order_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spills = Spills::open(dir.path()).unwrap();
+        assert!(spills.stop().is_err());
+        assert!(spills.write(Xid(1), Lsn(1), &insert("1")).is_err());
+        assert!(spills.start(Xid(1), false).is_err(), "never started");
+        assert!(spills.commit(Xid(1), Lsn(1), Lsn(2), 0).is_err());
+        spills.start(Xid(1), true).unwrap();
+        assert!(spills.start(Xid(2), true).is_err(), "nested block");
+    }
+}
