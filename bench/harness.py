@@ -525,32 +525,71 @@ def scenario_neighbour(args, work, dsn, conn):
 
 
 def scenario_large_transaction(args, work, dsn, conn):
-    """One source transaction of `rows` inserts into transacoes, streamed into raw and
-    curated: the daemon's peak RSS, and the time from commit to durable next to
-    pg_recvlogical draining the same transaction from an identical slot."""
+    """One source transaction of `rows` inserts into transacoes while the daemon runs
+    (streaming running transactions, the default on PostgreSQL 14+): the time from its
+    commit to durable in raw and curated, the daemon's peak RSS, and what Postgres
+    spilled to pg_replslot or streamed for it (pg_stat_replication_slots). Next to it,
+    from slots made at the same position and drained after the commit: the daemon with
+    stream_in_progress = false (protocol 1: Postgres decodes the transaction only after
+    its commit) and pg_recvlogical (protocol 1)."""
+    import threading
     rows = args.large_txn
-    conn.execute("SELECT pg_create_logical_replication_slot('bench_big', 'pgoutput')")
-    conn.execute("SELECT pg_create_logical_replication_slot('bench_big_recv', 'pgoutput')")
+    slots = ("bench_big", "bench_big_v1", "bench_big_recv")
+    for s in slots:
+        conn.execute(f"SELECT pg_create_logical_replication_slot('{s}', 'pgoutput')")
+    conn.execute("SELECT pg_stat_reset_replication_slot(NULL)")
     base = conn.execute("SELECT max(id) FROM transacoes").fetchone()[0] + 10_000_000
+    d = Daemon(args.binary, work, dsn, "bench_big", 'snapshot = "never"\ncreate_slot = false', name="big")
+    while "streaming" not in open(d.log.name).read():
+        d.alive()
+        time.sleep(0.05)
+    running = [True]
+    def sample():
+        while running[0]:
+            d.sample_rss()
+            time.sleep(0.1)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
     start = time.perf_counter()
     conn.execute(f"""INSERT INTO transacoes (id, imovel_id, tipo, status, valor, competencia, vencimento, detalhes)
         SELECT g, 1 + g % 400, 'multa', 'aberta', 10.5, '2025-04', date '2025-04-10', jsonb_build_object('lote', g)
         FROM generate_series({base + 1}, {base + rows}) g""")
-    insert_s = time.perf_counter() - start
+    committed = time.perf_counter()
+    insert_s = committed - start
+    # BENCH_PERF=FILE: a `perf record` profile of the daemon from the commit to durable.
+    perf = os.environ.get("BENCH_PERF") and subprocess.Popen(
+        ["perf", "record", "-g", "-p", str(d.proc.pid), "-o", os.environ["BENCH_PERF"]],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     lsn = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
-    recv_s = recvlogical_seconds(conn, "bench_big_recv", lsn)
-    start = time.perf_counter()
-    d = Daemon(args.binary, work, dsn, "bench_big", 'snapshot = "never"\ncreate_slot = false', name="big")
     d.wait_confirmed(conn, "bench_big", lsn)
-    w2d_s = time.perf_counter() - start
+    streamed_s = time.perf_counter() - committed
+    if perf:
+        perf.send_signal(signal.SIGINT)
+        perf.wait()
+    running[0] = False
+    sampler.join()
     rss = d.stop()
-    for s in ("bench_big", "bench_big_recv"):
+    start = time.perf_counter()
+    d1 = Daemon(args.binary, work, dsn, "bench_big_v1",
+                'snapshot = "never"\ncreate_slot = false\nstream_in_progress = false', name="big_v1")
+    d1.wait_confirmed(conn, "bench_big_v1", lsn)
+    v1_s = time.perf_counter() - start
+    rss_v1 = d1.stop()
+    recv_s = recvlogical_seconds(conn, "bench_big_recv", lsn)
+    stats = {r[0]: {"spill_txns": r[1], "spill_mb": round(r[2] / 2**20, 1), "stream_txns": r[3],
+                    "stream_mb": round(r[4] / 2**20, 1)}
+             for r in conn.execute("""SELECT slot_name, spill_txns, spill_bytes, stream_txns, stream_bytes
+                                      FROM pg_stat_replication_slots WHERE slot_name LIKE 'bench_big%'""")}
+    for s in slots:
         conn.execute(f"SELECT pg_drop_replication_slot('{s}')")
     conn.execute(f"DELETE FROM transacoes WHERE id > {base}")
-    return {"rows": rows, "source_insert_s": round(insert_s, 1), "wal2delta_s": round(w2d_s, 1),
-            "pg_recvlogical_s": round(recv_s, 1), "ratio_vs_pg_recvlogical": round(recv_s / w2d_s, 2),
-            "peak_rss_mb": rss,
-            "note": "both drain the committed transaction from their slot; wal2delta's time includes start-up"}
+    return {"rows": rows, "source_insert_s": round(insert_s, 1),
+            "commit_to_durable_s": round(streamed_s, 1), "peak_rss_mb": rss, "postgres": stats["bench_big"],
+            "protocol_1_drain_s": round(v1_s, 1), "protocol_1_peak_rss_mb": rss_v1,
+            "protocol_1_postgres": stats["bench_big_v1"],
+            "pg_recvlogical_s": round(recv_s, 1), "pg_recvlogical_postgres": stats["bench_big_recv"],
+            "note": "commit_to_durable_s: the daemon ran during the transaction; the protocol 1 drain and "
+                    "pg_recvlogical read the committed transaction from their slots (the drain includes start-up)"}
 
 
 def scenario_queries(args, work, dsn, conn):
@@ -922,8 +961,10 @@ def main():
                   + (f", {r['lat_vs_alone']}x alone, snapshot {r['snapshot_s']} s" if label != "alone" else ""))
     if "large_transaction" in results:
         lt = results["large_transaction"]
-        print(f"{'large txn':<12} {lt['rows']:,} rows in one transaction: {lt['wal2delta_s']} s into raw + curated, "
-              f"{lt['pg_recvlogical_s']} s pg_recvlogical {lt['ratio_vs_pg_recvlogical']:>7}x {lt['peak_rss_mb']:>7} MB")
+        print(f"{'large txn':<12} {lt['rows']:,} rows in one transaction ({lt['source_insert_s']} s at the source): "
+              f"commit to durable {lt['commit_to_durable_s']} s streamed ({lt['peak_rss_mb']} MB; Postgres {lt['postgres']}); "
+              f"protocol 1 drain {lt['protocol_1_drain_s']} s ({lt['protocol_1_peak_rss_mb']} MB; Postgres {lt['protocol_1_postgres']}); "
+              f"pg_recvlogical {lt['pg_recvlogical_s']} s")
     for f in results.get("freshness", []):
         print(f"{'freshness':<12} {f['rate_rows_per_s']:>8,} rows/s: p50 {f['p50_s']} s, p95 {f['p95_s']} s, p99 {f['p99_s']} s, max {f['max_s']} s ({f['seen']}/{f['samples']} samples) {f['peak_rss_mb']:>7} MB")
     for f in results.get("sql_load", []):

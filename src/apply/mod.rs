@@ -642,9 +642,11 @@ impl Applier {
                 _ = idle.tick() => continue,
             };
             match event {
-                Some(SourceEvent::Message {
-                    wal_start, message, ..
-                }) => self.handle(wal_start, message).await?,
+                Some(SourceEvent::Messages { messages, .. }) => {
+                    for (wal_start, message) in messages {
+                        self.handle(wal_start, message).await?;
+                    }
+                }
                 Some(SourceEvent::Keepalive { wal_end }) => self.keepalive(wal_end),
                 None => break,
             }

@@ -168,11 +168,12 @@ pub struct ChangeMeta {
 /// What the source stage hands to apply, in stream order.
 #[derive(Debug)]
 pub enum SourceEvent {
-    /// A decoded pgoutput message and the WAL position it was sent at. `budget` holds the
-    /// message's share of the in-flight byte budget until apply drops the event.
-    Message {
-        wal_start: Lsn,
-        message: PgOutputMessage,
+    /// Decoded pgoutput messages in stream order, each with the WAL position it was sent
+    /// at: as many as the source had ready together (one channel hand-over each, not one
+    /// per message). `budget` holds their share of the in-flight byte budget until apply
+    /// drops the event.
+    Messages {
+        messages: Vec<(Lsn, PgOutputMessage)>,
         budget: Option<tokio::sync::OwnedSemaphorePermit>,
     },
     /// A server keepalive: everything before `wal_end` has been sent.

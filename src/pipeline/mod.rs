@@ -37,8 +37,9 @@ use crate::source::snapshot::SnapshotError;
 use crate::source::spill::Spills;
 use crate::source::stream;
 
-/// Events buffered between the source and apply tasks.
-const CHANNEL_CAPACITY: usize = 4096;
+/// Events buffered between the source and apply tasks. An event carries up to 512
+/// messages (`stream::HAND_OVER_MESSAGES`): at most 16,384 decoded messages wait.
+const CHANNEL_CAPACITY: usize = 32;
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How long a session waits for its source task to report the final position after the
 /// apply stage stopped.

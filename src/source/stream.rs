@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use futures::FutureExt;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -21,6 +22,66 @@ use crate::lsn::Lsn;
 /// Bytes of decoded-but-unapplied messages in flight between source and apply. The
 /// channel also caps the number of events; this caps their size (large TOAST values).
 const IN_FLIGHT_BYTES: usize = 64 * 1024 * 1024;
+
+/// The most messages and bytes handed over as one event.
+const HAND_OVER_MESSAGES: usize = 512;
+const HAND_OVER_BYTES: usize = 4 * 1024 * 1024;
+
+/// Events ready to hand over, oldest first, each with its share of the byte budget.
+/// Messages gather into one event while they arrive together.
+#[derive(Default)]
+struct Outbox {
+    events: std::collections::VecDeque<(SourceEvent, usize)>,
+}
+
+impl Outbox {
+    fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    /// Whether the newest event can take no more messages.
+    fn full(&self) -> bool {
+        match self.events.back() {
+            Some((SourceEvent::Messages { messages, .. }, bytes)) => {
+                messages.len() >= HAND_OVER_MESSAGES || *bytes >= HAND_OVER_BYTES
+            }
+            _ => false,
+        }
+    }
+
+    fn push_message(&mut self, wal_start: Lsn, message: PgOutputMessage, bytes: usize) {
+        let full = self.full();
+        if let Some((SourceEvent::Messages { messages, .. }, held)) = self.events.back_mut() {
+            if !full {
+                messages.push((wal_start, message));
+                *held = (*held + bytes).min(IN_FLIGHT_BYTES);
+                return;
+            }
+        }
+        let event = SourceEvent::Messages {
+            messages: vec![(wal_start, message)],
+            budget: None,
+        };
+        self.events.push_back((event, bytes.min(IN_FLIGHT_BYTES)));
+    }
+
+    fn push(&mut self, event: SourceEvent) {
+        self.events.push_back((event, 0));
+    }
+
+    /// Bytes the oldest event needs from the budget.
+    fn front_bytes(&self) -> usize {
+        self.events.front().map_or(0, |(_, bytes)| *bytes)
+    }
+
+    fn pop(&mut self) -> Option<SourceEvent> {
+        self.events.pop_front().map(|(event, _)| event)
+    }
+
+    fn clear(&mut self) {
+        self.events.clear();
+    }
+}
 
 /// How long a stop request waits for the transaction being read to complete.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -37,7 +98,7 @@ pub async fn run(
 ) -> Result<(), ReplicationError> {
     let mut ticker = tokio::time::interval(status_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut pending: Option<SourceEvent> = None;
+    let mut pending = Outbox::default();
     let mut events = Some(events);
     let mut last_sent = Lsn::ZERO;
     // What we have read: commit end LSNs and keepalive positions.
@@ -48,37 +109,32 @@ pub async fn run(
     // (so it can be committed), at most until this instant.
     let mut stop_by: Option<tokio::time::Instant> = None;
     let budget = std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_BYTES));
-    // Bytes the pending message needs from the budget (a huge one takes all of it).
-    let mut pending_bytes = 0usize;
     // A committed streamed transaction being read back from its spill file.
     let mut replay: Option<Replay> = None;
     loop {
         if let Some(deadline) = stop_by {
             let finished = !in_transaction || tokio::time::Instant::now() >= deadline;
-            if events.is_some() && pending.is_none() && finished {
+            if events.is_some() && pending.is_empty() && finished {
                 // Closing the channel tells apply to commit what is complete.
                 events = None;
                 replay = None;
             }
         }
-        if pending.is_none() && events.is_some() {
+        if pending.is_empty() && events.is_some() {
             if let Some(r) = &mut replay {
-                match r.next()? {
-                    Some(next) => {
-                        if matches!(next.message, PgOutputMessage::Commit { .. }) {
-                            in_transaction = false;
-                        }
-                        pending_bytes = next.bytes.min(IN_FLIGHT_BYTES);
-                        pending = Some(SourceEvent::Message {
-                            wal_start: next.wal_start,
-                            message: next.message,
-                            budget: None,
-                        });
+                while !pending.full() {
+                    let Some(next) = r.next()? else {
+                        replay = None;
+                        break;
+                    };
+                    if matches!(next.message, PgOutputMessage::Commit { .. }) {
+                        in_transaction = false;
                     }
-                    None => replay = None,
+                    pending.push_message(next.wal_start, next.message, next.bytes);
                 }
             }
         }
+        let pending_bytes = pending.front_bytes();
         // The reserve future owns its own sender clone, so stopping (events = None) closes
         // the channel as soon as this iteration's futures are dropped.
         let sender = events.clone();
@@ -93,7 +149,7 @@ pub async fn run(
             _ = tokio::time::sleep_until(stop_by.unwrap_or_else(tokio::time::Instant::now)), if stop_by.is_some() && events.is_some() => {
                 // The grace period is over in the middle of a transaction: stop anyway;
                 // apply commits nothing of the partial batch and it is read again later.
-                pending = None;
+                pending.clear();
                 events = None;
             }
             changed = durable.changed() => {
@@ -120,11 +176,11 @@ pub async fn run(
                 let bytes = budget_for_send.acquire_many_owned(pending_bytes as u32).await.ok()?;
                 let permit = sender?.reserve_owned().await.ok()?;
                 Some((bytes, permit))
-            }, if pending.is_some() => {
+            }, if !pending.is_empty() => {
                 match slot {
                     Some((bytes, permit)) => {
-                        if let Some(mut event) = pending.take() {
-                            if let SourceEvent::Message { budget, .. } = &mut event {
+                        if let Some(mut event) = pending.pop() {
+                            if let SourceEvent::Messages { budget, .. } = &mut event {
                                 *budget = Some(bytes);
                             }
                             permit.send(event);
@@ -136,24 +192,39 @@ pub async fn run(
                     }
                 }
             }
-            message = conn.recv(), if pending.is_none() && replay.is_none() && events.is_some() => {
+            message = conn.recv(), if pending.is_empty() && replay.is_none() && events.is_some() => {
                 let durable_now = *durable.borrow();
-                let mut position = Position {
-                    received: &mut received,
-                    in_transaction: &mut in_transaction,
-                    durable: durable_now,
-                };
-                match stage(message?, &mut position, &mut spills)? {
-                    Staged::Event { event, bytes, reply_requested } => {
-                        if reply_requested {
-                            conn.send_status(received, durable_now).await?;
-                            last_sent = durable_now;
+                let mut message = Some(message?);
+                let mut read = 0;
+                // What else has arrived already goes into the same hand-over.
+                while let Some(next) = message.take() {
+                    read += 1;
+                    let mut position = Position {
+                        received: &mut received,
+                        in_transaction: &mut in_transaction,
+                        durable: durable_now,
+                    };
+                    match stage(next, &mut position, &mut spills)? {
+                        Staged::Message { wal_start, message, bytes } => {
+                            pending.push_message(wal_start, message, bytes);
                         }
-                        pending_bytes = bytes;
-                        pending = Some(event);
+                        Staged::Keepalive { wal_end, reply_requested } => {
+                            if reply_requested {
+                                conn.send_status(received, durable_now).await?;
+                                last_sent = durable_now;
+                            }
+                            pending.push(SourceEvent::Keepalive { wal_end });
+                        }
+                        Staged::Spilled => {}
+                        Staged::Committed(r) => {
+                            replay = Some(r);
+                            break;
+                        }
                     }
-                    Staged::Spilled => {}
-                    Staged::Committed(r) => replay = Some(r),
+                    if pending.full() || read >= HAND_OVER_MESSAGES || stop_by.is_some() {
+                        break;
+                    }
+                    message = conn.recv().now_or_never().transpose()?;
                 }
             }
         }
@@ -171,11 +242,15 @@ fn streamed(spills: &mut Option<Spills>) -> Result<&mut Spills, ReplicationError
 
 /// What a stream message became.
 enum Staged {
-    /// An event to hand over.
-    Event {
-        event: SourceEvent,
+    /// A message to hand over.
+    Message {
+        wal_start: Lsn,
+        message: PgOutputMessage,
         /// Its share of the in-flight byte budget.
         bytes: usize,
+    },
+    Keepalive {
+        wal_end: Lsn,
         /// The server asked for a status update now.
         reply_requested: bool,
     },
@@ -217,9 +292,8 @@ fn stage(
             reply_requested,
         } => {
             position.receive(wal_end);
-            return Ok(Staged::Event {
-                event: SourceEvent::Keepalive { wal_end },
-                bytes: 0,
+            return Ok(Staged::Keepalive {
+                wal_end,
                 reply_requested,
             });
         }
@@ -238,14 +312,10 @@ fn stage(
                 }
                 _ => {}
             }
-            Ok(Staged::Event {
-                event: SourceEvent::Message {
-                    wal_start,
-                    message,
-                    budget: None,
-                },
-                bytes: data.len().clamp(1, IN_FLIGHT_BYTES),
-                reply_requested: false,
+            Ok(Staged::Message {
+                wal_start,
+                message,
+                bytes: data.len().max(1),
             })
         }
         Frame::StreamStart { xid, first_segment } => {
