@@ -1,10 +1,11 @@
 //! The source task: reads the replication stream, decodes pgoutput, hands events to apply.
 //!
 //! It owns the replication connection. Transactions the server streams before their
-//! commit (protocol 2) go to [`super::spill`] and are handed on whole at their commit. Besides forwarding events through a bounded
-//! channel (backpressure: when apply is busy committing, we stop reading, and Postgres
-//! buffers), it answers keepalives and sends standby status updates carrying only the
-//! *durable* LSN that apply publishes, never what was merely received.
+//! commit (protocol 2) go to [`super::spill`] and are handed on whole at their commit.
+//! Besides forwarding events through a bounded channel (backpressure: when apply is busy
+//! committing, we stop reading, and Postgres buffers), it answers keepalives and sends
+//! standby status updates carrying only the *durable* LSN that apply publishes, never
+//! what was merely received.
 
 use std::time::Duration;
 
