@@ -13,11 +13,10 @@
 //!   DV) plus `add` of the same path with the union of old and new positions; its stats
 //!   stay those of the physical file (`numRecords` counts every row), marked
 //!   `tightBounds: false`. A file whose every row is deleted is only removed.
-//! - **Vacuum keeps what time travel needs** ([`keep`]): a DV file no current version
-//!   references may still be referenced by a version within the retention, which
-//!   delta-rs's full vacuum does not know.
-
-use std::collections::HashSet;
+//! - **Vacuum keeps what time travel needs**: a DV file no current version references,
+//!   or a data file whose earlier same-path `remove`s have expired, may still be read by
+//!   a version within the retention; `lake::maintenance::vacuum` keeps them (delta-rs's
+//!   full vacuum does not).
 
 use delta_kernel::actions::deletion_vector_writer::{
     KernelDeletionVector, StreamingDeletionVectorWriter,
@@ -165,67 +164,6 @@ pub fn num_records(stats: Option<&str>) -> Option<u64> {
     value.get("numRecords")?.as_u64()
 }
 
-/// Which unreferenced DV files vacuum must keep for readers travelling back up to the
-/// retention ([`keep`]).
-pub enum Keep {
-    /// Every DV file: the table has no version older than the retention, so any version
-    /// may still be read.
-    All,
-    /// Those the version a reader travelling back the retention sees references, and
-    /// those written after `written_after` (later versions' DV files: a DV file is written
-    /// just before the commit that adds it, and every later commit is younger than the
-    /// retention).
-    Some {
-        referenced: HashSet<String>,
-        written_after: chrono::DateTime<chrono::Utc>,
-    },
-}
-
-impl Keep {
-    pub fn keeps(&self, path: &str, modified: chrono::DateTime<chrono::Utc>) -> bool {
-        match self {
-            Keep::All => true,
-            Keep::Some {
-                referenced,
-                written_after,
-            } => referenced.contains(path) || modified > *written_after,
-        }
-    }
-}
-
-/// The DV files vacuum must keep although the current version does not reference them
-/// (delta-rs's vacuum does not track superseded DV files).
-pub async fn keep(table: &DeltaTable, retention: chrono::Duration) -> Keep {
-    let since = chrono::Utc::now() - retention;
-    let mut then = table.clone();
-    // No version that old (or its log is gone): keep them all.
-    if then.load_with_datetime(since).await.is_err() {
-        return Keep::All;
-    }
-    let Ok(snapshot) = then.snapshot() else {
-        return Keep::All;
-    };
-    let referenced = snapshot
-        .log_data()
-        .iter()
-        .filter_map(|view| view.deletion_vector_descriptor())
-        .filter_map(|dv| relative_file(&dv))
-        .collect();
-    // Slack for the time between writing a DV file and committing it.
-    let slack = retention.min(chrono::Duration::hours(1));
-    Keep::Some {
-        referenced,
-        written_after: since - slack,
-    }
-}
-
-/// Whether a table-relative path is a DV file.
-pub fn is_dv_file(path: &str) -> bool {
-    path.rsplit('/')
-        .next()
-        .is_some_and(|name| name.starts_with("deletion_vector_") && name.ends_with(".bin"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,31 +179,9 @@ mod tests {
             cardinality: 2,
         };
         assert_eq!(relative_file(&dv).unwrap(), file_name(&uuid));
-        assert!(is_dv_file(&file_name(&uuid)));
-        assert!(!is_dv_file("part-0001.parquet"));
         let stats = loose_stats(Some(r#"{"numRecords":3,"minValues":{"id":1}}"#)).unwrap();
         assert!(stats.contains(r#""tightBounds":false"#), "{stats}");
         assert_eq!(num_records(Some(&stats)), Some(3));
-    }
-
-    #[test]
-    fn vacuum_keeps_dv_files_a_version_within_the_retention_may_read() {
-        let now = chrono::Utc::now();
-        let keep = Keep::Some {
-            referenced: ["deletion_vector_old.bin".to_string()].into(),
-            written_after: now - chrono::Duration::hours(2),
-        };
-        let long_ago = now - chrono::Duration::days(30);
-        assert!(
-            keep.keeps("deletion_vector_old.bin", long_ago),
-            "referenced then"
-        );
-        assert!(keep.keeps("deletion_vector_new.bin", now), "written since");
-        assert!(
-            !keep.keeps("deletion_vector_gone.bin", long_ago),
-            "superseded long ago"
-        );
-        assert!(Keep::All.keeps("deletion_vector_gone.bin", long_ago));
     }
 
     #[test]

@@ -14,10 +14,12 @@
 //!   smaller than half its target file size (raw 128 MiB, curated
 //!   [`CURATED_FILE_SIZE`](super::table::CURATED_FILE_SIZE)); a run rewrites only those
 //!   small files.
-//! - **Vacuum keeps what readers may need.** Files are deleted only when no current
-//!   version references them and they are older than `vacuum_retention_hours` (default 7
-//!   days), so a running query or a time-travel read within the retention still finds its
-//!   files. Full mode also removes files a crashed batch wrote but never committed.
+//! - **Vacuum keeps what readers may need.** Files are deleted only when no version
+//!   within `vacuum_retention_hours` (default 7 days) references them, so a running query
+//!   or a time-travel read within the retention still finds its files. delta-rs's plan
+//!   alone is not enough: it tracks neither superseded deletion-vector files nor a data
+//!   file removed again after an expired same-path `remove` ([`vacuum`]). Full mode also
+//!   removes files a crashed batch wrote but never committed.
 //! - **Delta checkpoints** are written by delta-rs after every 100th commit (the
 //!   `delta.checkpointInterval` default): opening a table replays at most 99 commits.
 //! - **A short log.** Every commit lists the table's `_delta_log` (delta-rs moves its
@@ -33,12 +35,14 @@
 //!   a version a kept checkpoint record of the lake still points to (the applier passes
 //!   the oldest such version), so time travel within the retention keeps working.
 
+use std::collections::HashSet;
 use std::num::NonZeroU64;
 use std::time::Duration;
 
 use deltalake::DeltaTable;
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::operations::vacuum::VacuumMode;
+use futures::StreamExt;
 use object_store::ObjectStoreExt;
 use serde::Deserialize;
 
@@ -284,44 +288,38 @@ pub async fn clean_log(
     })
 }
 
-/// Deletes files no current version references that are older than the retention.
-/// Returns how many were deleted; `table` moves to the version vacuum committed.
+/// Deletes files no version within the retention references. Returns how many were
+/// deleted.
+///
+/// delta-rs's full-mode plan is the starting point (unreferenced files older than the
+/// retention, expired tombstones); [`Keep`] then takes out what it misses:
+/// - a data file that a deletion-vector merge removed and re-added long ago and a
+///   compaction removed just now: its old tombstone is expired, so delta-rs deletes it
+///   while the endpoint still serves the version before the compaction (found by the
+///   maintenance test: "Failed to fetch metadata … not found");
+/// - DV files of superseded DVs, which delta-rs does not track at all;
+/// - the files of the version a reader started within the retention may still read, when
+///   the compactions after it are older than the retention (an idle source).
 pub async fn vacuum(
     table: &mut DeltaTable,
     label: &str,
     retention: Duration,
 ) -> Result<usize, LakeError> {
     super::lock::fence()?;
-    let delta_err = |source| LakeError::Delta {
-        table: label.to_string(),
-        source,
-    };
     let retention = chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::days(7));
-    if super::deletion_vector::supported(table) {
-        return vacuum_keeping_deletion_vectors(table, retention)
-            .await
-            .map_err(delta_err);
-    }
-    let (vacuumed, metrics) = table
-        .clone()
-        .vacuum()
-        .with_retention_period(retention)
-        .with_enforce_retention_duration(false)
-        .with_mode(VacuumMode::Full)
-        .with_commit_properties(no_log_cleanup())
+    vacuum_keeping_readers_files(table, retention)
         .await
-        .map_err(delta_err)?;
-    *table = vacuumed;
-    Ok(metrics.files_deleted.len())
+        .map_err(|source| LakeError::Delta {
+            table: label.to_string(),
+            source,
+        })
 }
 
-/// Vacuum of a table with deletion vectors: delta-rs's plan, less the DV files a version
-/// within the retention still references (which delta-rs does not track), deleted here.
-async fn vacuum_keeping_deletion_vectors(
+async fn vacuum_keeping_readers_files(
     table: &mut DeltaTable,
     retention: chrono::Duration,
 ) -> Result<usize, deltalake::DeltaTableError> {
-    let keep = super::deletion_vector::keep(table, retention).await;
+    let keep = Keep::find(table, retention).await?;
     let (_, plan) = table
         .clone()
         .vacuum()
@@ -335,15 +333,16 @@ async fn vacuum_keeping_deletion_vectors(
     for path in plan.files_deleted {
         // The plan's paths are already encoded object paths.
         let location = deltalake::Path::parse(&path).unwrap_or_else(|_| path.as_str().into());
-        if super::deletion_vector::is_dv_file(&path) {
-            let modified = match store.head(&location).await {
-                Ok(meta) => meta.last_modified,
-                Err(object_store::Error::NotFound { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            };
-            if keep.keeps(&path, modified) {
-                continue;
-            }
+        if keep.referenced.contains(&location) {
+            continue;
+        }
+        let modified = match store.head(&location).await {
+            Ok(meta) => meta.last_modified,
+            Err(object_store::Error::NotFound { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if modified > keep.written_after {
+            continue;
         }
         match store.delete(&location).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => deleted += 1,
@@ -351,4 +350,140 @@ async fn vacuum_keeping_deletion_vectors(
         }
     }
     Ok(deleted)
+}
+
+/// The files vacuum keeps although the current version does not reference them.
+struct Keep {
+    /// Files (data and DV) of the oldest version a reader may still read, and files with a
+    /// tombstone younger than the retention.
+    referenced: HashSet<deltalake::Path>,
+    /// Files written after this may belong to a later version: kept. A file is written
+    /// just before the commit that adds it; the slack covers that time.
+    written_after: chrono::DateTime<chrono::Utc>,
+}
+
+/// How far back [`Keep::find`] steps over commits that changed no data.
+const MAX_STEPS_OVER_MAINTENANCE: u64 = 32;
+
+impl Keep {
+    /// The oldest version a reader may read is the one current at `now - retention`, or
+    /// before it: the endpoint serves the versions of the last checkpoint record, which
+    /// precede the compaction and vacuum commits that follow a batch. So this steps back
+    /// over commits that changed no data.
+    async fn find(
+        table: &DeltaTable,
+        retention: chrono::Duration,
+    ) -> Result<Keep, deltalake::DeltaTableError> {
+        let since = chrono::Utc::now() - retention;
+        let mut referenced = HashSet::new();
+        let log_store = table.log_store();
+        let current = table.snapshot()?;
+        let mut tombstones = current.all_tombstones(log_store.as_ref());
+        while let Some(tombstone) = tombstones.next().await {
+            let tombstone = tombstone?;
+            if tombstone
+                .deletion_timestamp()
+                .is_none_or(|t| t >= since.timestamp_millis())
+            {
+                let path = tombstone.path();
+                referenced.insert(
+                    deltalake::Path::parse(path.as_ref())
+                        .unwrap_or_else(|_| deltalake::Path::from(path.as_ref())),
+                );
+            }
+        }
+        drop(tombstones);
+
+        // The version at `since` (the oldest one whose log is kept, if the log is shorter).
+        let mut then = table.clone();
+        then.load_with_datetime(since).await?;
+        let mut version = then.version().unwrap_or(0);
+        let mut then_ts = None;
+        for step in 0..=MAX_STEPS_OVER_MAINTENANCE {
+            let Ok(Some(commit)) = log_store.read_commit_entry(version).await else {
+                break;
+            };
+            let (data, timestamp) = commit_facts(&commit);
+            then_ts = timestamp;
+            if data || version == 0 || step == MAX_STEPS_OVER_MAINTENANCE {
+                break;
+            }
+            version -= 1;
+        }
+        if Some(version) != then.version() && then.load_version(version).await.is_err() {
+            then.load_with_datetime(since).await?; // its log is gone: the step back stops
+            then_ts = None;
+        }
+        let then_ts = then_ts
+            .and_then(chrono::DateTime::from_timestamp_millis)
+            .map_or(since, |t| t.min(since));
+        let snapshot = then.snapshot()?;
+        for view in snapshot.log_data().iter() {
+            referenced.insert(view.object_store_path());
+            if let Some(dv) = view
+                .deletion_vector_descriptor()
+                .and_then(|dv| super::deletion_vector::relative_file(&dv))
+            {
+                referenced.insert(deltalake::Path::from(dv.as_str()));
+            }
+        }
+        let slack = retention.min(chrono::Duration::hours(1));
+        Ok(Keep {
+            referenced,
+            written_after: then_ts - slack,
+        })
+    }
+}
+
+/// Whether a commit's JSON lines add or remove a file with `dataChange: true`, and its
+/// `commitInfo.timestamp`.
+fn commit_facts(commit: &[u8]) -> (bool, Option<i64>) {
+    let mut data = false;
+    let mut timestamp = None;
+    for action in commit
+        .split(|b| *b == b'\n')
+        .filter_map(|line| serde_json::from_slice::<serde_json::Value>(line).ok())
+    {
+        data |= ["add", "remove"].iter().any(|kind| {
+            action
+                .get(kind)
+                .and_then(|a| a.get("dataChange"))
+                .and_then(|d| d.as_bool())
+                .unwrap_or(false)
+        });
+        if let Some(t) = action
+            .get("commitInfo")
+            .and_then(|c| c.get("timestamp"))
+            .and_then(|t| t.as_i64())
+        {
+            timestamp = Some(t);
+        }
+    }
+    (data, timestamp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_commit_changes_data_only_with_a_data_change_add_or_remove() {
+        let merge = br#"{"commitInfo":{"timestamp":1796094555712,"operation":"MERGE"}}
+{"remove":{"path":"a.parquet","dataChange":true,"deletionTimestamp":1}}
+{"add":{"path":"a.parquet","dataChange":true}}"#;
+        assert_eq!(commit_facts(merge), (true, Some(1796094555712)));
+        let optimize = br#"{"commitInfo":{"timestamp":7,"operation":"OPTIMIZE"}}
+{"remove":{"path":"a.parquet","dataChange":false}}
+{"add":{"path":"b.parquet","dataChange":false}}"#;
+        assert_eq!(commit_facts(optimize), (false, Some(7)));
+        let vacuum = br#"{"commitInfo":{"timestamp":8,"operation":"VACUUM END"}}"#;
+        assert_eq!(commit_facts(vacuum), (false, Some(8)));
+        assert_eq!(
+            commit_facts(
+                b"not json
+"
+            ),
+            (false, None)
+        );
+    }
 }

@@ -290,6 +290,8 @@ impl Env {
             .expect("setup SQL");
         let dir = tempfile::Builder::new()
             .prefix("w2d-env-")
+            // W2D_KEEP_TEST_DIRS=1 keeps the lake and logs of every test for a post-mortem.
+            .disable_cleanup(std::env::var_os("W2D_KEEP_TEST_DIRS").is_some())
             .tempdir()
             .expect("temp dir");
         let lake = dir.path().join("lake");
