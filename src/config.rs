@@ -109,6 +109,9 @@ impl Config {
         let normalization = self.transform.validate(&mut problems);
         let lake = self.lake.validate(&mut problems);
         self.apply.validate(&mut problems);
+        if let (Some(source), Some(serve)) = (&source, &serve) {
+            problems.extend(serve.namespace.clashes(&source.tables));
+        }
         match (problems.is_empty(), source) {
             (true, Some(source)) => Ok(Settings {
                 config_path: None,
@@ -153,6 +156,21 @@ mod tests {
         assert_eq!(s.source.tables[1].name, "Big Table");
         assert_eq!(s.apply.max_batch_rows, 100_000);
         assert!(s.source.create_slot);
+    }
+
+    #[test]
+    fn a_source_schema_named_like_an_endpoint_schema_is_refused_with_the_fix() {
+        let clash = GOOD.replace(r#""public.a""#, r#""raw.events""#);
+        let err = parse(&clash).unwrap_err();
+        assert!(
+            err.contains("source schema `raw`") && err.contains("serve.raw_schema"),
+            "{err}"
+        );
+        let moved = clash.replace("[lake]", "[serve]\nraw_schema = \"changes\"\n[lake]");
+        assert!(parse(&moved).is_ok());
+        let err = parse(&GOOD.replace("[lake]", "[serve]\nrefined_schema = \"raw_x\"\n[lake]"))
+            .unwrap_err();
+        assert!(err.contains("serve.refined_schema"), "{err}");
     }
 
     #[test]

@@ -51,6 +51,13 @@ pub struct ServeConfig {
     /// How often `wal2delta serve` looks for new lake versions (milliseconds).
     #[serde(default = "default_poll_ms")]
     pub poll_interval_ms: u64,
+    /// Schema of the raw change logs of source schema `public`; those of schema S are in
+    /// `<raw_schema>_S`.
+    #[serde(default = "default_raw_schema")]
+    pub raw_schema: String,
+    /// Schema of the refined views.
+    #[serde(default = "default_refined_schema")]
+    pub refined_schema: String,
 }
 
 impl Default for ServeConfig {
@@ -69,6 +76,8 @@ impl Default for ServeConfig {
             max_result_mb: 0,
             refined_dir: None,
             poll_interval_ms: default_poll_ms(),
+            raw_schema: default_raw_schema(),
+            refined_schema: default_refined_schema(),
         }
     }
 }
@@ -103,6 +112,12 @@ fn default_max_value() -> u64 {
 fn default_poll_ms() -> u64 {
     1000
 }
+fn default_raw_schema() -> String {
+    super::namespace::DEFAULT_RAW_SCHEMA.to_string()
+}
+fn default_refined_schema() -> String {
+    super::namespace::DEFAULT_REFINED_SCHEMA.to_string()
+}
 
 /// The validated `[serve]` section.
 #[derive(Debug, Clone)]
@@ -119,6 +134,8 @@ pub struct ServeSettings {
     pub output: super::budget::Output,
     pub refined_dir: PathBuf,
     pub poll_interval: std::time::Duration,
+    /// Where each lake table is served.
+    pub namespace: super::namespace::Namespace,
 }
 
 impl ServeConfig {
@@ -195,6 +212,28 @@ impl ServeConfig {
         if self.poll_interval_ms < 10 {
             problems.push("serve.poll_interval_ms: must be at least 10".into());
         }
+        for (field, name) in [
+            ("raw_schema", &self.raw_schema),
+            ("refined_schema", &self.refined_schema),
+        ] {
+            if name.is_empty() || name.starts_with("pg_") || name == "information_schema" {
+                problems.push(format!(
+                    "serve.{field}: `{name}` cannot name a schema (empty, `pg_…` and \
+                     information_schema are Postgres's own)"
+                ));
+            }
+        }
+        if self.refined_schema == self.raw_schema
+            || self
+                .refined_schema
+                .starts_with(&format!("{}_", self.raw_schema))
+        {
+            problems.push(format!(
+                "serve.refined_schema: `{}` is a raw change-log schema (serve.raw_schema is \
+                 `{}`); choose another name",
+                self.refined_schema, self.raw_schema
+            ));
+        }
         Some(ServeSettings {
             listen: listen?,
             users,
@@ -215,6 +254,7 @@ impl ServeConfig {
                 .clone()
                 .unwrap_or_else(|| PathBuf::from("sql/refined")),
             poll_interval: std::time::Duration::from_millis(self.poll_interval_ms),
+            namespace: super::namespace::Namespace::new(&self.raw_schema, &self.refined_schema),
         })
     }
 }

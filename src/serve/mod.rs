@@ -23,6 +23,7 @@ pub mod config;
 pub mod dv_scan;
 pub mod growth;
 pub mod held_batches;
+pub mod namespace;
 pub mod read_only;
 pub mod session;
 pub mod view;
@@ -263,7 +264,7 @@ pub async fn start(
     };
     let refined = view::load_refined(&settings.refined_dir)?;
     let refined_count = refined.len();
-    let views = Arc::new(Views::new(lake, refined));
+    let views = Arc::new(Views::new(lake, refined, settings.namespace.clone()));
     let first = views
         .latest_position()
         .await

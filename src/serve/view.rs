@@ -15,10 +15,9 @@
 //! incrementally. Older positions (time travel, `SET wal2delta.as_of`) are found by
 //! walking the checkpoint's history; a few such views are kept.
 //!
-//! Names: curated tables are `public.<table>`, raw change logs `raw.<table>`, views from
-//! `<refined_dir>/<name>.sql` are `refined.<name>`. A table outside the source schema
-//! `public` keeps its bare name unless two source schemas share it; then both are named
-//! `<schema>_<table>`.
+//! Names ([`Namespace`]): curated tables keep their source schema and name, raw change
+//! logs are `raw.<table>` (source schema `public`) or `raw_<schema>.<table>`, views from
+//! `<refined_dir>/<name>.sql` are `refined.<name>`.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -36,6 +35,7 @@ use futures::StreamExt;
 use tokio::sync::Mutex;
 use url::Url;
 
+use super::namespace::Namespace;
 use crate::lake::Lake;
 use crate::lake::checkpoint::{CheckpointRecord, TableVersions};
 use crate::lsn::Lsn;
@@ -112,6 +112,7 @@ pub struct Views {
     /// Object stores and caches (Parquet metadata) shared by every view.
     runtime: Arc<deltalake::datafusion::execution::runtime_env::RuntimeEnv>,
     refined: Vec<(String, String)>,
+    namespace: Namespace,
     tables: Mutex<HashMap<Url, DeltaTable>>,
     /// Deletion vectors of curated tables as row selections (`dv_scan`).
     selections: super::dv_scan::Selections,
@@ -187,8 +188,9 @@ pub fn load_refined(dir: &Path) -> Result<Vec<(String, String)>, RefinedError> {
 }
 
 impl Views {
-    pub fn new(lake: Lake, refined: Vec<(String, String)>) -> Views {
+    pub fn new(lake: Lake, refined: Vec<(String, String)>, namespace: Namespace) -> Views {
         Views {
+            namespace,
             checkpoint_url: lake.checkpoint_url(),
             checkpoint: Mutex::new(None),
             runtime: Arc::new(deltalake::datafusion::execution::runtime_env::RuntimeEnv::default()),
@@ -370,41 +372,52 @@ impl Views {
         let catalog = ctx
             .catalog(DATABASE)
             .ok_or_else(|| DataFusionError::Internal("default catalog missing".into()))?;
-        for schema in ["raw", "refined"] {
+        let versions = &position.versions;
+        let tables: Vec<TableName> = versions
+            .raw
+            .keys()
+            .chain(versions.curated.keys())
+            .filter_map(|t| TableName::parse(t).ok())
+            .collect();
+        let clashes = self.namespace.clashes(&tables);
+        if let Some(clash) = clashes.first() {
+            return Err(DataFusionError::Configuration(clash.clone()));
+        }
+        let ns = &self.namespace;
+        for schema in [ns.raw_schema_of("public").as_str(), ns.refined()] {
             catalog.register_schema(schema, Arc::new(MemorySchemaProvider::new()))?;
         }
-        let versions = &position.versions;
-        let names = sql_names(versions.raw.keys().chain(versions.curated.keys()));
-        for (kind, schema, versions) in [
-            ("raw", "raw", &versions.raw),
-            ("curated", "public", &versions.curated),
-        ] {
+        for (kind, versions) in [("raw", &versions.raw), ("curated", &versions.curated)] {
             for (table, version) in versions {
                 let Ok(name) = TableName::parse(table) else {
                     continue;
                 };
-                let url = if kind == "raw" {
-                    self.lake.raw_table_url(&name)
+                let (url, served) = if kind == "raw" {
+                    (self.lake.raw_table_url(&name), ns.raw(&name))
                 } else {
-                    self.lake.curated_table_url(&name)
+                    (self.lake.curated_table_url(&name), ns.curated(&name))
                 };
                 let provider = self
                     .provider(&ctx, &url, *version, kind == "curated")
                     .await?;
-                let sql_name = names
-                    .get(table)
-                    .cloned()
-                    .unwrap_or_else(|| name.name.clone());
-                catalog
-                    .schema(schema)
-                    .ok_or_else(|| DataFusionError::Internal(format!("schema {schema} missing")))?
-                    .register_table(sql_name, provider)?;
+                let schema = match catalog.schema(&served.schema) {
+                    Some(schema) => schema,
+                    None => {
+                        let schema = Arc::new(MemorySchemaProvider::new());
+                        catalog.register_schema(&served.schema, schema.clone())?;
+                        schema
+                    }
+                };
+                schema.register_table(served.name, provider)?;
             }
         }
-        install_functions(&ctx, self.lake.clone(), names);
+        install_functions(&ctx, self.lake.clone(), ns.clone(), tables);
         for (name, sql) in &self.refined {
             let result = ctx
-                .sql(&format!("CREATE VIEW refined.{name} AS {sql}"))
+                .sql(&format!(
+                    "CREATE VIEW {}.{name} AS {sql}",
+                    crate::table_name::quote_ident(ns.refined())
+                ))
                 .await;
             let mut errors = self.refined_errors.lock().expect("refined errors lock");
             match result {
@@ -433,30 +446,13 @@ impl Views {
     }
 }
 
-/// SQL names of lake tables (keys as in the checkpoint: `schema.table`).
-fn sql_names<'a>(tables: impl Iterator<Item = &'a String>) -> HashMap<String, String> {
-    let parsed: Vec<(String, TableName)> = tables
-        .filter_map(|t| TableName::parse(t).ok().map(|n| (t.clone(), n)))
-        .collect();
-    let mut count: HashMap<&str, std::collections::HashSet<&str>> = HashMap::new();
-    for (_, n) in &parsed {
-        count.entry(&n.name).or_default().insert(&n.schema);
-    }
-    parsed
-        .iter()
-        .map(|(key, n)| {
-            let name = if count[n.name.as_str()].len() > 1 {
-                format!("{}_{}", n.schema, n.name)
-            } else {
-                n.name.clone()
-            };
-            (key.clone(), name)
-        })
-        .collect()
-}
-
 /// `version()` in Postgres form, and `table_at_version('<schema>.<table>', <version>)`.
-fn install_functions(ctx: &SessionContext, lake: Lake, names: HashMap<String, String>) {
+fn install_functions(
+    ctx: &SessionContext,
+    lake: Lake,
+    namespace: Namespace,
+    tables: Vec<TableName>,
+) {
     let version = format!(
         "PostgreSQL 16.6 (wal2delta {}, Apache DataFusion) on x86_64-pc-linux-gnu",
         env!("CARGO_PKG_VERSION")
@@ -477,7 +473,8 @@ fn install_functions(ctx: &SessionContext, lake: Lake, names: HashMap<String, St
         Arc::new(TableAtVersion {
             lake,
             runtime: ctx.runtime_env(),
-            by_sql_name: names.into_iter().map(|(k, v)| (v, k)).collect(),
+            namespace,
+            tables,
         }),
     );
 }
@@ -487,14 +484,16 @@ fn install_functions(ctx: &SessionContext, lake: Lake, names: HashMap<String, St
 struct TableAtVersion {
     lake: Lake,
     runtime: Arc<deltalake::datafusion::execution::runtime_env::RuntimeEnv>,
-    /// SQL table name → checkpoint key (`schema.table`).
-    by_sql_name: HashMap<String, String>,
+    namespace: Namespace,
+    /// The lake's tables (source names).
+    tables: Vec<TableName>,
 }
 
 impl TableFunctionImpl for TableAtVersion {
     #[allow(deprecated)]
     fn call(&self, exprs: &[Expr]) -> Result<Arc<dyn TableProvider>, DataFusionError> {
-        let usage = "table_at_version('<public|raw>.<table>', <delta version>)";
+        let usage =
+            "table_at_version('<schema>.<table>', <delta version>), the table named as in \\dt";
         let (Some(Expr::Literal(ScalarValue::Utf8(Some(name)), _)), Some(Expr::Literal(v, _))) =
             (exprs.first(), exprs.get(1))
         else {
@@ -505,19 +504,13 @@ impl TableFunctionImpl for TableAtVersion {
             ScalarValue::Int32(Some(v)) if *v >= 0 => *v as i64,
             _ => return plan_err!("use {usage}: the version is a whole number ≥ 0"),
         };
-        let (kind, table) = match name.split_once('.') {
-            Some(("raw", t)) => ("raw", t),
-            Some(("public", t)) => ("curated", t),
-            None => ("curated", name.as_str()),
-            _ => return plan_err!("use {usage}: the schema is public or raw"),
+        let Some((source, raw)) = TableName::parse(name)
+            .ok()
+            .and_then(|served| self.namespace.resolve(&served, &self.tables))
+        else {
+            return plan_err!("table_at_version: no table `{name}` in the lake; use {usage}");
         };
-        let Some(key) = self.by_sql_name.get(table) else {
-            return plan_err!("table_at_version: no table `{table}` in the lake");
-        };
-        let Ok(source) = TableName::parse(key) else {
-            return plan_err!("table_at_version: no table `{table}` in the lake");
-        };
-        let url = if kind == "raw" {
+        let url = if raw {
             self.lake.raw_table_url(&source)
         } else {
             self.lake.curated_table_url(&source)
@@ -562,7 +555,7 @@ mod tests {
             lease: std::time::Duration::from_secs(60),
         })
         .unwrap();
-        let views = Views::new(lake, Vec::new());
+        let views = Views::new(lake, Vec::new(), Namespace::default());
         let view = views
             .build(Position {
                 lsn: Lsn(0),

@@ -976,3 +976,125 @@ async fn malformed_and_hostile_clients_do_not_hurt_the_endpoint() {
     );
     healthy().await;
 }
+
+/// Tables are served under their source names, as a new user tries it: a same-named table
+/// in a second schema, mixed-case and non-ASCII names, and a table added later that must
+/// not rename the one already served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_are_served_under_their_source_names() {
+    let env = Env::new(
+        r#"CREATE TABLE transacoes (id int PRIMARY KEY, valor numeric(12,2) NOT NULL);
+           INSERT INTO transacoes SELECT g, g * 1.5 FROM generate_series(1, 30) g;
+           CREATE SCHEMA arquivo;
+           CREATE TABLE arquivo.transacoes (id int PRIMARY KEY, valor numeric(12,2) NOT NULL);
+           INSERT INTO arquivo.transacoes SELECT g, g FROM generate_series(1, 7) g;
+           CREATE SCHEMA "Vendas";
+           CREATE TABLE "Vendas"."Pedidos" (id int PRIMARY KEY, "Cliente" text);
+           INSERT INTO "Vendas"."Pedidos" VALUES (1, 'Ana'), (2, 'Bia');
+           CREATE TABLE "Ocorrências" (id int PRIMARY KEY, descrição text);
+           INSERT INTO "Ocorrências" VALUES (1, 'vazamento');
+           CREATE PUBLICATION w2d_pub FOR TABLE transacoes, arquivo.transacoes,
+             "Vendas"."Pedidos", "Ocorrências";"#,
+    )
+    .await;
+    let first = [
+        "public.transacoes",
+        r#""Vendas"."Pedidos""#,
+        r#"public."Ocorrências""#,
+    ];
+    env.write_config("postgres", &first, "");
+    let mut daemon = env.daemon();
+    for sql in [
+        "SELECT count(*), sum(valor) FROM transacoes",
+        r#"SELECT count(*) FROM "Vendas"."Pedidos""#,
+        r#"SELECT descrição FROM "Ocorrências""#,
+    ] {
+        wait_same(&env, sql, sql).await;
+    }
+    let port = env.serve_port;
+    let source = env.pg.client().await;
+
+    // A same-named table in another schema is added: nothing already served is renamed.
+    daemon.terminate(Duration::from_secs(30));
+    env.write_config(
+        "postgres",
+        &[first.as_slice(), &["arquivo.transacoes"]].concat(),
+        "",
+    );
+    let _daemon = env.daemon();
+    wait_same(
+        &env,
+        "arquivo.transacoes served",
+        "SELECT count(*), sum(valor) FROM arquivo.transacoes",
+    )
+    .await;
+    let lake = connect(&endpoint_dsn(port, "analyst")).await.unwrap();
+    for sql in [
+        "SELECT count(*), sum(valor) FROM transacoes",
+        "SELECT count(*), sum(valor) FROM public.transacoes",
+        r#"SELECT id, "Cliente" FROM "Vendas"."Pedidos" ORDER BY id"#,
+        r#"SELECT id, descrição FROM public."Ocorrências""#,
+    ] {
+        assert_eq!(rows(&lake, sql).await, rows(&source, sql).await, "{sql}");
+    }
+    // One raw schema per source schema: `raw` for public, `raw_<schema>` for the others.
+    for (raw, table) in [
+        ("raw.transacoes", "public.transacoes"),
+        ("raw_arquivo.transacoes", "arquivo.transacoes"),
+        (r#""raw_Vendas"."Pedidos""#, r#""Vendas"."Pedidos""#),
+        (r#"raw."Ocorrências""#, r#""Ocorrências""#),
+    ] {
+        assert_eq!(
+            rows(
+                &lake,
+                &format!("SELECT count(*) FROM {raw} WHERE _op = 'r'")
+            )
+            .await,
+            rows(&source, &format!("SELECT count(*) FROM {table}")).await,
+            "{raw}"
+        );
+    }
+    assert_eq!(
+        rows(
+            &lake,
+            "SELECT count(*) > 0 FROM table_at_version('raw_arquivo.transacoes', 1)"
+        )
+        .await,
+        vec!["t".to_string()],
+        "table_at_version takes the served name"
+    );
+
+    // The catalogs and psql show the same names.
+    let listed = rows(
+        &lake,
+        "SELECT table_schema, table_name FROM information_schema.tables \
+         WHERE table_schema NOT IN ('pg_catalog', 'information_schema') \
+         ORDER BY table_schema, table_name",
+    )
+    .await;
+    for expected in [
+        "Vendas|Pedidos",
+        "arquivo|transacoes",
+        "public|Ocorrências",
+        "public|transacoes",
+        "raw|Ocorrências",
+        "raw|transacoes",
+        "raw_Vendas|Pedidos",
+        "raw_arquivo|transacoes",
+    ] {
+        assert!(
+            listed.contains(&expected.to_string()),
+            "information_schema.tables lacks {expected}: {listed:?}"
+        );
+    }
+    let (ok, out) = psql(port, "analyst", &[], &["-c", r"\dt arquivo.*"]);
+    assert!(
+        ok && out.contains("arquivo|transacoes|table"),
+        "\\dt arquivo.*:\n{out}"
+    );
+    let (ok, out) = psql(port, "analyst", &[], &["-c", r#"\d "Vendas"."Pedidos""#]);
+    assert!(
+        ok && out.lines().any(|l| l.starts_with("Cliente|text")),
+        "\\d \"Vendas\".\"Pedidos\":\n{out}"
+    );
+}
