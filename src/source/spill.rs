@@ -297,7 +297,7 @@ pub struct Replayed {
 
 impl Replay {
     /// The next message; `None` after the Commit.
-    pub fn next(&mut self) -> Result<Option<Replayed>, StreamedError> {
+    pub fn next_replayed(&mut self) -> Result<Option<Replayed>, StreamedError> {
         if !self.begun {
             self.begun = true;
             return Ok(Some(Replayed {
@@ -370,7 +370,7 @@ mod tests {
 
     fn replayed(mut replay: Replay) -> Vec<String> {
         let mut out = vec![];
-        while let Some(r) = replay.next().unwrap() {
+        while let Some(r) = replay.next_replayed().unwrap() {
             out.push(match r.message {
                 PgOutputMessage::Begin { xid, .. } => format!("begin {xid}"),
                 PgOutputMessage::Commit { end_lsn, .. } => format!("commit {end_lsn}"),
