@@ -27,9 +27,7 @@ use pgwire::api::auth::{
     DefaultServerParameterProvider, StartupHandler, finish_authentication, protocol_negotiation,
     save_startup_parameters_to_metadata,
 };
-use pgwire::api::{
-    ClientInfo, PgWireConnectionState, PidSecretKeyGenerator, RandomPidSecretKeyGenerator,
-};
+use pgwire::api::{ClientInfo, PgWireConnectionState};
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use pgwire::messages::startup::Authentication;
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
@@ -129,14 +127,20 @@ enum Exchange {
 /// The start-up handler of one connection (pgwire asks for one per connection).
 pub struct Startup {
     policy: Arc<Policy>,
+    cancels: Arc<super::cancel::Cancels>,
     refusal: Option<Refusal>,
     exchange: Mutex<Exchange>,
 }
 
 impl Startup {
-    pub fn new(policy: Arc<Policy>, refusal: Option<Refusal>) -> Startup {
+    pub fn new(
+        policy: Arc<Policy>,
+        cancels: Arc<super::cancel::Cancels>,
+        refusal: Option<Refusal>,
+    ) -> Startup {
         Startup {
             policy,
+            cancels,
             refusal,
             exchange: Mutex::new(Exchange::Initial),
         }
@@ -171,14 +175,13 @@ fn server_parameters() -> DefaultServerParameterProvider {
     params
 }
 
-async fn finish<C>(client: &mut C) -> PgWireResult<()>
+async fn finish<C>(client: &mut C, cancels: &super::cancel::Cancels) -> PgWireResult<()>
 where
     C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
     C::Error: Debug,
     PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
 {
-    let (pid, key) = RandomPidSecretKeyGenerator::default().generate(&*client);
-    client.set_pid_and_secret_key(pid, key);
+    cancels.register(client);
     finish_authentication(client, &server_parameters()).await
 }
 
@@ -327,7 +330,7 @@ impl StartupHandler for Startup {
                     ));
                 }
                 if self.policy.users.is_empty() {
-                    return finish(client).await;
+                    return finish(client, &self.cancels).await;
                 }
                 client.set_state(PgWireConnectionState::AuthenticationInProgress);
                 client
@@ -379,7 +382,7 @@ impl StartupHandler for Startup {
                             Authentication::SASLFinal(server_final.into_bytes().into()),
                         ))
                         .await?;
-                    finish(client).await?;
+                    finish(client, &self.cancels).await?;
                 }
             }
             _ => {}
@@ -414,7 +417,7 @@ mod tests {
             require_tls: false,
         });
         for (password, ok) in [("right", true), ("wrong", false)] {
-            let startup = Startup::new(policy.clone(), None);
+            let startup = Startup::new(policy.clone(), Default::default(), None);
             let client_first_bare = "n=ana,r=abcdefgh";
             let (server_first, exchange) = startup
                 .client_first("ana", format!("n,,{client_first_bare}").as_bytes())

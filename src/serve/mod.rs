@@ -19,6 +19,7 @@
 
 pub mod auth;
 pub mod budget;
+pub mod cancel;
 pub mod config;
 pub mod dv_scan;
 pub mod growth;
@@ -166,6 +167,7 @@ fn tls_acceptor(cert: &Path, key: &Path) -> Result<pgwire::tokio::TlsAcceptor, S
 struct Connection {
     session: Arc<Session>,
     startup: Arc<Startup>,
+    cancels: Arc<cancel::Cancels>,
 }
 
 impl PgWireServerHandlers for Connection {
@@ -179,6 +181,10 @@ impl PgWireServerHandlers for Connection {
 
     fn startup_handler(&self) -> Arc<impl pgwire::api::auth::StartupHandler> {
         self.startup.clone()
+    }
+
+    fn cancel_handler(&self) -> Arc<impl pgwire::api::cancel::CancelHandler> {
+        self.cancels.handler()
     }
 }
 
@@ -300,6 +306,7 @@ pub async fn start(
         users: settings.users.clone(),
         require_tls: settings.require_tls,
     });
+    let cancels = Arc::new(cancel::Cancels::default());
     let max = settings.max_connections;
     let slots = Arc::new(Semaphore::new(max));
     let runtime = SqlRuntime::start()?;
@@ -329,7 +336,8 @@ pub async fn start(
             });
             let handlers = Connection {
                 session: Arc::new(Session::new(shared.clone())),
-                startup: Arc::new(Startup::new(policy.clone(), refusal)),
+                startup: Arc::new(Startup::new(policy.clone(), cancels.clone(), refusal)),
+                cancels: cancels.clone(),
             };
             let tls = tls.clone();
             // Registered again with the SQL threads' reactor, where the session runs.

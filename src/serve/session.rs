@@ -124,6 +124,30 @@ pub fn user_error(code: &str, message: impl Into<String>) -> PgWireError {
     )))
 }
 
+/// What stops a running statement: its deadline (`serve.query_timeout_secs`) or a cancel
+/// request from the client (`cancel`).
+#[derive(Clone)]
+struct Stop {
+    deadline: Option<Instant>,
+    cancelled: tokio_util::sync::CancellationToken,
+}
+
+impl Stop {
+    /// Resolves, with the error to send, when the statement must stop.
+    async fn reached(&self) -> PgWireError {
+        let deadline = async {
+            match self.deadline {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = deadline => timeout_error(),
+            _ = self.cancelled.cancelled() => user_error("57014", "canceling statement due to user request"),
+        }
+    }
+}
+
 fn timeout_error() -> PgWireError {
     user_error(
         "57014",
@@ -359,14 +383,14 @@ async fn released(pool: Weak<StatementPool>) {
     }
 }
 
-/// Rows of `response` stop with 57014 at `deadline` and with 54000 past the `output`
+/// Rows of `response` stop with 57014 at `stop` and with 54000 past the `output`
 /// caps, errors get their SQLSTATE, and the statement's duration (from `started` to the
 /// last row) is recorded. `service` (the statement's context and memory pool) is kept
 /// until the last row: the running plan does not hold it. Before the last message (the
 /// end or the error), the plan is dropped and its memory waited for ([`released`]).
 fn limited(
     response: Response,
-    deadline: Option<Instant>,
+    stop: Stop,
     started: Instant,
     output: Output,
     statement: (Arc<DfSessionService>, Weak<StatementPool>),
@@ -381,14 +405,13 @@ fn limited(
     let rows = std::mem::replace(query.data_rows(), Box::pin(futures::stream::empty()));
     let sent = Sent::new(output);
     let stream = futures::stream::unfold(Some((rows, sent, service)), move |running| {
-        let pool = pool.clone();
+        let (pool, stop) = (pool.clone(), stop.clone());
         async move {
             let (mut rows, mut sent, service) = running?;
-            let next = match deadline {
-                Some(d) => tokio::time::timeout_at(d.into(), rows.next())
-                    .await
-                    .unwrap_or_else(|_| Some(Err(timeout_error()))),
-                None => rows.next().await,
+            let next = tokio::select! {
+                biased;
+                next = rows.next() => next,
+                error = stop.reached() => Some(Err(error)),
             };
             let last = match next {
                 Some(Ok(row)) => match sent.row(&row.data) {
@@ -410,14 +433,13 @@ fn limited(
 }
 
 async fn within<T>(
-    deadline: Option<Instant>,
+    stop: &Stop,
     work: impl std::future::Future<Output = PgWireResult<T>>,
 ) -> PgWireResult<T> {
-    match deadline {
-        Some(d) => tokio::time::timeout_at(d.into(), work)
-            .await
-            .map_err(|_| timeout_error())?,
-        None => work.await,
+    tokio::select! {
+        biased;
+        result = work => result,
+        error = stop.reached() => Err(error),
     }
 }
 
@@ -497,8 +519,12 @@ impl Session {
         }
     }
 
-    fn deadline(&self) -> Option<Instant> {
-        self.shared.timeout.map(|t| Instant::now() + t)
+    /// The limits of a statement the session starts now.
+    async fn stop(&self, client: &impl ClientInfo) -> Stop {
+        Stop {
+            deadline: self.shared.timeout.map(|t| Instant::now() + t),
+            cancelled: super::cancel::statement_token(client).await,
+        }
     }
 }
 
@@ -526,7 +552,7 @@ impl SimpleQueryHandler for Session {
                         continue;
                     }
                     let started = Instant::now();
-                    let deadline = self.deadline();
+                    let stop = self.stop(client).await;
                     let view = view_for(&self.shared, &self.as_of).await?;
                     let (service, pool) = service_for(&self.shared, &view, client)?;
                     let sql = if single {
@@ -535,14 +561,14 @@ impl SimpleQueryHandler for Session {
                         statement.to_string()
                     };
                     let results = within(
-                        deadline,
+                        &stop,
                         SimpleQueryHandler::do_query(service.as_ref(), client, &sql),
                     )
                     .await
                     .map_err(classify)?;
                     responses.extend(results.into_iter().map(|r| {
                         let statement = (service.clone(), pool.clone());
-                        limited(r, deadline, started, self.shared.output, statement)
+                        limited(r, stop.clone(), started, self.shared.output, statement)
                     }));
                 }
                 Ok(responses)
@@ -666,12 +692,12 @@ impl ExtendedQueryHandler for Session {
                     return self.answer(s, &portal.result_column_format).await;
                 }
                 let started = Instant::now();
-                let deadline = self.deadline();
+                let stop = self.stop(client).await;
                 let view = view_for(&self.shared, &self.as_of).await?;
                 let (service, pool) = service_for(&self.shared, &view, client)?;
                 // Planned again on the current view: a prepared statement sees new data.
                 let replanned = within(
-                    deadline,
+                    &stop,
                     service.query_parser().parse_sql(
                         &*client,
                         sql,
@@ -696,14 +722,14 @@ impl ExtendedQueryHandler for Session {
                 current.result_column_format = portal.result_column_format.clone();
                 current.state = portal.state.clone();
                 let response = within(
-                    deadline,
+                    &stop,
                     ExtendedQueryHandler::do_query(service.as_ref(), client, &current, max_rows),
                 )
                 .await
                 .map_err(classify)?;
                 Ok(limited(
                     response,
-                    deadline,
+                    stop,
                     started,
                     self.shared.output,
                     (service, pool),

@@ -53,11 +53,12 @@ impl Outbox {
     fn push_message(&mut self, wal_start: Lsn, message: PgOutputMessage, bytes: usize) {
         let full = self.full();
         if let Some((SourceEvent::Messages { messages, .. }, held)) = self.events.back_mut()
-            && !full {
-                messages.push((wal_start, message));
-                *held = (*held + bytes).min(IN_FLIGHT_BYTES);
-                return;
-            }
+            && !full
+        {
+            messages.push((wal_start, message));
+            *held = (*held + bytes).min(IN_FLIGHT_BYTES);
+            return;
+        }
         let event = SourceEvent::Messages {
             messages: vec![(wal_start, message)],
             budget: None,
@@ -120,19 +121,21 @@ pub async fn run(
                 replay = None;
             }
         }
-        if pending.is_empty() && events.is_some()
-            && let Some(r) = &mut replay {
-                while !pending.full() {
-                    let Some(next) = r.next_replayed()? else {
-                        replay = None;
-                        break;
-                    };
-                    if matches!(next.message, PgOutputMessage::Commit { .. }) {
-                        in_transaction = false;
-                    }
-                    pending.push_message(next.wal_start, next.message, next.bytes);
+        if pending.is_empty()
+            && events.is_some()
+            && let Some(r) = &mut replay
+        {
+            while !pending.full() {
+                let Some(next) = r.next_replayed()? else {
+                    replay = None;
+                    break;
+                };
+                if matches!(next.message, PgOutputMessage::Commit { .. }) {
+                    in_transaction = false;
                 }
+                pending.push_message(next.wal_start, next.message, next.bytes);
             }
+        }
         let pending_bytes = pending.front_bytes();
         // The reserve future owns its own sender clone, so stopping (events = None) closes
         // the channel as soon as this iteration's futures are dropped.

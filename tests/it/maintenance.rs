@@ -102,7 +102,9 @@ async fn compaction_and_vacuum_keep_files_bounded_and_changes_exactly_once() {
             1 => format!(
                 "UPDATE t SET v = 'u{i}' WHERE id = (SELECT id FROM t ORDER BY random() LIMIT 1)"
             ),
-            _ => "DELETE FROM t WHERE id = (SELECT id FROM t ORDER BY random() LIMIT 1)".to_string(),
+            _ => {
+                "DELETE FROM t WHERE id = (SELECT id FROM t ORDER BY random() LIMIT 1)".to_string()
+            }
         };
         let n = client.execute(sql.as_str(), &[]).await.unwrap();
         changes += n as i64;

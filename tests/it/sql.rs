@@ -1098,3 +1098,129 @@ async fn tables_are_served_under_their_source_names() {
         "\\d \"Vendas\".\"Pedidos\":\n{out}"
     );
 }
+
+/// Ctrl-C in psql and a driver's cancel stop a running statement with 57014 within a
+/// fraction of a second, and the session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_statements_are_cancelled_by_psql_and_drivers() {
+    let env = Env::new(
+        "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1); \
+         CREATE PUBLICATION w2d_pub FOR TABLE t;",
+    )
+    .await;
+    env.write_config("postgres", &["public.t"], "");
+    let _daemon = env.daemon();
+    wait_same(&env, "t served", "SELECT count(*) FROM t").await;
+    let port = env.serve_port;
+    // Minutes of work if nothing stops it.
+    let long = "SELECT sum(value) FROM generate_series(1, 100000000000)";
+
+    // A driver's cancel (tokio-postgres sends CancelRequest with the key from start-up).
+    let lake = connect(&endpoint_dsn(port, "analyst")).await.unwrap();
+    let token = lake.cancel_token();
+    let running = tokio::spawn({
+        let started = std::time::Instant::now();
+        async move {
+            let result = lake.simple_query(long).await;
+            (result.map(|_| ()), started.elapsed(), lake)
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let sent = std::time::Instant::now();
+    token
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .expect("cancel request");
+    let (result, _, lake) = running.await.unwrap();
+    let stopped_after = sent.elapsed();
+    let err = result.expect_err("the statement was cancelled");
+    assert_eq!(sqlstate(&err), "57014", "{err:?}");
+    assert!(
+        err.as_db_error()
+            .is_some_and(|e| e.message().contains("user request")),
+        "{err:?}"
+    );
+    assert!(
+        stopped_after < Duration::from_millis(900),
+        "the statement stopped {stopped_after:?} after the cancel request"
+    );
+    eprintln!("cancel figures: driver cancel stopped the statement in {stopped_after:?}");
+    assert_eq!(rows(&lake, "SELECT count(*) FROM t").await, vec!["1"]);
+    // A cancel while the session is idle does nothing.
+    token
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .expect("idle cancel request");
+    assert_eq!(rows(&lake, "SELECT 2").await, vec!["2"]);
+
+    // psql's Ctrl-C (SIGINT) sends the same request.
+    let child = Command::new(psql_binary())
+        .args(["-X", "-At", "-h", "127.0.0.1", "-p"])
+        .arg(port.to_string())
+        .args(["-U", "analyst", "-d", "wal2delta", "-c", long])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run psql");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let sent = std::time::Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stopped_after = sent.elapsed();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("canceling statement due to user request"),
+        "psql after Ctrl-C:\n{text}"
+    );
+    eprintln!("cancel figures: psql Ctrl-C stopped the statement in {stopped_after:?}");
+
+    // psycopg's cancel, from another thread, with a server-side (extended) statement.
+    let script = format!(
+        r#"
+import sys, threading, time, os
+import psycopg
+with psycopg.connect("host=127.0.0.1 port={port} user=analyst dbname=wal2delta sslmode=disable") as conn:
+    timer = threading.Timer(1.5, conn.cancel_safe)
+    timer.start()
+    started = time.monotonic()
+    try:
+        conn.execute("{long} WHERE value > %s", (0,))
+        print("not cancelled")
+    except psycopg.errors.QueryCanceled as e:
+        print("cancelled after", round(time.monotonic() - started, 2), "s:", e)
+    conn.rollback()
+    print("then", conn.execute("SELECT 3").fetchone()[0])
+sys.stdout.flush()
+os._exit(0)
+"#
+    );
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .expect("python3 with psycopg 3 (python3 -m pip install 'psycopg[binary]')");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("cancelled after") && text.contains("then 3"),
+        "psycopg cancel:\n{text}"
+    );
+    eprintln!("cancel figures: psycopg: {}", text.trim());
+    assert!(
+        stopped_after < Duration::from_secs(2),
+        "psql ended {stopped_after:?} after Ctrl-C"
+    );
+}
