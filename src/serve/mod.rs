@@ -21,6 +21,7 @@ pub mod auth;
 pub mod budget;
 pub mod cancel;
 pub mod config;
+pub mod copy_out;
 pub mod dv_scan;
 pub mod growth;
 pub mod held_batches;

@@ -8,7 +8,9 @@
 
 use std::ops::ControlFlow;
 
-use deltalake::datafusion::sql::sqlparser::ast::{Query, SetExpr, Statement, visit_statements};
+use deltalake::datafusion::sql::sqlparser::ast::{
+    CopySource, CopyTarget, Query, SetExpr, Statement, visit_statements,
+};
 
 /// Why a statement is refused: the command's name, for the message.
 #[derive(Debug, PartialEq, Eq)]
@@ -39,6 +41,16 @@ pub fn check(statement: &Statement) -> Result<(), Refused> {
 fn allowed(statement: &Statement) -> Result<(), Refused> {
     match statement {
         Statement::Query(q) => query(q),
+        // COPY … TO STDOUT only reads (`copy_out`); FROM, or TO a file or program, writes.
+        Statement::Copy {
+            to: true,
+            target: CopyTarget::Stdout,
+            source,
+            ..
+        } => match source {
+            CopySource::Query(q) => query(q),
+            CopySource::Table { .. } => Ok(()),
+        },
         Statement::Explain { .. }
         | Statement::ExplainTable { .. }
         | Statement::Set(_)
@@ -142,6 +154,8 @@ mod tests {
             "ROLLBACK",
             "DISCARD ALL",
             "RESET ALL",
+            "COPY t TO STDOUT",
+            "COPY (SELECT 1) TO STDOUT WITH (FORMAT csv, HEADER)",
         ] {
             assert_eq!(verdict(sql), Ok(()), "{sql}");
         }
@@ -159,6 +173,8 @@ mod tests {
             ("ALTER TABLE t ADD COLUMN b int", "ALTER TABLE"),
             ("TRUNCATE t", "TRUNCATE"),
             ("COPY t FROM STDIN", "COPY"),
+            ("COPY t TO '/tmp/lake.csv'", "COPY"),
+            ("COPY t TO PROGRAM 'rm -rf /'", "COPY"),
             (
                 "MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN DELETE",
                 "MERGE",

@@ -133,6 +133,19 @@ struct Stop {
 }
 
 impl Stop {
+    /// The error to send if the statement must stop now. Checked before each row: a
+    /// result whose rows are always ready (a fast scan, a COPY) never waits on
+    /// [`Stop::reached`].
+    fn passed(&self) -> Option<PgWireError> {
+        if self.cancelled.is_cancelled() {
+            Some(cancel_error())
+        } else if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            Some(timeout_error())
+        } else {
+            None
+        }
+    }
+
     /// Resolves, with the error to send, when the statement must stop.
     async fn reached(&self) -> PgWireError {
         let deadline = async {
@@ -143,9 +156,13 @@ impl Stop {
         };
         tokio::select! {
             _ = deadline => timeout_error(),
-            _ = self.cancelled.cancelled() => user_error("57014", "canceling statement due to user request"),
+            _ = self.cancelled.cancelled() => cancel_error(),
         }
     }
+}
+
+fn cancel_error() -> PgWireError {
+    user_error("57014", "canceling statement due to user request")
 }
 
 fn timeout_error() -> PgWireError {
@@ -328,7 +345,11 @@ fn service_for<C: ClientInfo + ?Sized>(
     shared: &Shared,
     view: &View,
     client: &C,
-) -> PgWireResult<(Arc<DfSessionService>, Weak<StatementPool>)> {
+) -> PgWireResult<(
+    Arc<DfSessionService>,
+    Weak<StatementPool>,
+    Arc<SessionContext>,
+)> {
     let base = view.state.runtime_env();
     let pool = Arc::new(StatementPool::new(
         shared.budget.clone(),
@@ -357,10 +378,9 @@ fn service_for<C: ClientInfo + ?Sized>(
         .with_physical_optimizer_rule(Arc::new(super::held_batches::CountHeld))
         .build();
     super::growth::guard(&mut state, &pool);
-    let service = Arc::new(DfSessionService::new(Arc::new(
-        SessionContext::new_with_state(state),
-    )));
-    Ok((service, Arc::downgrade(&pool)))
+    let ctx = Arc::new(SessionContext::new_with_state(state));
+    let service = Arc::new(DfSessionService::new(ctx.clone()));
+    Ok((service, Arc::downgrade(&pool), ctx))
 }
 
 /// How long a finished statement waits for its plan's tasks to end.
@@ -408,10 +428,13 @@ fn limited(
         let (pool, stop) = (pool.clone(), stop.clone());
         async move {
             let (mut rows, mut sent, service) = running?;
-            let next = tokio::select! {
-                biased;
-                next = rows.next() => next,
-                error = stop.reached() => Some(Err(error)),
+            let next = match stop.passed() {
+                Some(error) => Some(Err(error)),
+                None => tokio::select! {
+                    biased;
+                    next = rows.next() => next,
+                    error = stop.reached() => Some(Err(error)),
+                },
             };
             let last = match next {
                 Some(Ok(row)) => match sent.row(&row.data) {
@@ -519,6 +542,46 @@ impl Session {
         }
     }
 
+    /// Runs a `COPY … TO STDOUT`: its query on the statement's context, the rows as COPY
+    /// data.
+    async fn copy(
+        &self,
+        copy: super::copy_out::CopyOut,
+        stop: Stop,
+        started: Instant,
+        statement: (
+            Arc<DfSessionService>,
+            Weak<StatementPool>,
+            Arc<SessionContext>,
+        ),
+    ) -> PgWireResult<Response> {
+        let (service, pool, ctx) = statement;
+        let format = if copy.format.binary() {
+            Format::UnifiedBinary
+        } else {
+            Format::UnifiedText
+        };
+        let rows = within(&stop, async {
+            let df = ctx
+                .sql(&copy.query)
+                .await
+                .map_err(|e| PgWireError::ApiError(Box::new(e)))?;
+            encode_dataframe(df, &format, None).await
+        })
+        .await
+        .map_err(classify)?;
+        match limited(
+            Response::Query(rows),
+            stop,
+            started,
+            self.shared.output,
+            (service, pool),
+        ) {
+            Response::Query(rows) => Ok(super::copy_out::response(copy.format, rows)),
+            other => Ok(other),
+        }
+    }
+
     /// The limits of a statement the session starts now.
     async fn stop(&self, client: &impl ClientInfo) -> Stop {
         Stop {
@@ -530,6 +593,46 @@ impl Session {
 
 #[async_trait]
 impl SimpleQueryHandler for Session {
+    /// pgwire's handling, except for a lone `COPY … TO STDOUT`, whose response the session
+    /// sends itself so that an error ends it the Postgres way (`copy_out::send`).
+    async fn on_query<C>(
+        &self,
+        client: &mut C,
+        query: pgwire::messages::simplequery::Query,
+    ) -> PgWireResult<()>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let lone_copy = matches!(parse(&query.query).as_deref(), Ok([s]) if super::copy_out::parse(s).is_some());
+        if !lone_copy
+            || !matches!(
+                client.state(),
+                pgwire::api::PgWireConnectionState::ReadyForQuery
+            )
+        {
+            return self._on_query(client, query).await;
+        }
+        let status = client.transaction_status();
+        client.set_state(pgwire::api::PgWireConnectionState::QueryInProgress);
+        for response in SimpleQueryHandler::do_query(self, client, &query.query).await? {
+            match response {
+                Response::CopyOut(copy) => super::copy_out::send(client, copy).await?,
+                other => {
+                    return Err(user_error(
+                        "XX000",
+                        format!("COPY answered with an unexpected response: {other:?}"),
+                    ));
+                }
+            }
+        }
+        client.set_state(pgwire::api::PgWireConnectionState::ReadyForQuery);
+        client.set_transaction_status(status);
+        pgwire::api::query::send_ready_for_query(client, status).await
+    }
+
     async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
     where
         C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
@@ -554,7 +657,12 @@ impl SimpleQueryHandler for Session {
                     let started = Instant::now();
                     let stop = self.stop(client).await;
                     let view = view_for(&self.shared, &self.as_of).await?;
-                    let (service, pool) = service_for(&self.shared, &view, client)?;
+                    let (service, pool, ctx) = service_for(&self.shared, &view, client)?;
+                    if let Some(copy) = super::copy_out::parse(&statement) {
+                        let (stop, statement) = (stop.clone(), (service, pool, ctx));
+                        responses.push(self.copy(copy?, stop, started, statement).await?);
+                        continue;
+                    }
                     let sql = if single {
                         query.to_string()
                     } else {
@@ -633,7 +741,17 @@ impl QueryParser for SessionParser {
             }
             return Ok(Some((sql, Some((statement, plan)))));
         }
-        let (service, _) = service_for(&self.shared, &view, client)?;
+        if let Some(copy) = super::copy_out::parse(&statement) {
+            copy?;
+            // Described as returning no rows (NoData), as Postgres does; run at Execute.
+            let plan =
+                LogicalPlan::EmptyRelation(deltalake::datafusion::logical_expr::EmptyRelation {
+                    produce_one_row: false,
+                    schema: Arc::new(deltalake::datafusion::common::DFSchema::empty()),
+                });
+            return Ok(Some((sql.to_string(), Some((statement, plan)))));
+        }
+        let (service, _, _) = service_for(&self.shared, &view, client)?;
         service
             .query_parser()
             .parse_sql(client, sql, types)
@@ -665,6 +783,48 @@ impl ExtendedQueryHandler for Session {
     type Statement = DfStatement;
     type QueryParser = SessionParser;
 
+    /// pgwire's handling, except for a portal of a `COPY … TO STDOUT`, whose response the
+    /// session sends itself (`copy_out::send`).
+    async fn on_execute<C>(
+        &self,
+        client: &mut C,
+        message: pgwire::messages::extendedquery::Execute,
+    ) -> PgWireResult<()>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = DfStatement>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        use pgwire::api::PgWireConnectionState;
+        let name = message.name.as_deref().unwrap_or(pgwire::api::DEFAULT_NAME);
+        let portal = match client.portal_store().get_portal(name) {
+            Some(pgwire::api::store::Entry::Value(portal)) => Some(portal),
+            _ => None,
+        };
+        let copy = portal.filter(|p| {
+            matches!(&p.statement.statement.1, Some((s, _)) if super::copy_out::parse(s).is_some())
+        });
+        let Some(portal) = copy else {
+            return self._on_execute(client, message).await;
+        };
+        if !matches!(client.state(), PgWireConnectionState::ReadyForQuery) {
+            return Err(PgWireError::NotReadyForQuery);
+        }
+        client.set_state(PgWireConnectionState::QueryInProgress);
+        match ExtendedQueryHandler::do_query(self, client, &portal, 0).await? {
+            Response::CopyOut(copy) => super::copy_out::send(client, copy).await?,
+            other => {
+                return Err(user_error(
+                    "XX000",
+                    format!("COPY answered with an unexpected response: {other:?}"),
+                ));
+            }
+        }
+        client.set_state(PgWireConnectionState::ReadyForQuery);
+        Ok(())
+    }
+
     fn query_parser(&self) -> Arc<SessionParser> {
         self.parser.clone()
     }
@@ -694,7 +854,10 @@ impl ExtendedQueryHandler for Session {
                 let started = Instant::now();
                 let stop = self.stop(client).await;
                 let view = view_for(&self.shared, &self.as_of).await?;
-                let (service, pool) = service_for(&self.shared, &view, client)?;
+                let (service, pool, ctx) = service_for(&self.shared, &view, client)?;
+                if let Some(copy) = super::copy_out::parse(statement) {
+                    return self.copy(copy?, stop, started, (service, pool, ctx)).await;
+                }
                 // Planned again on the current view: a prepared statement sees new data.
                 let replanned = within(
                     &stop,

@@ -1224,3 +1224,133 @@ os._exit(0)
         "psql ended {stopped_after:?} after Ctrl-C"
     );
 }
+
+/// `COPY … TO STDOUT`, as psql's `\copy` sends it, writes what Postgres writes: the same
+/// file from the endpoint and from the source, in text, CSV with a header, and binary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_to_stdout_writes_what_postgres_writes() {
+    let env = Env::new(
+        r#"CREATE TABLE "Notas" (id int PRIMARY KEY, texto text, valor numeric(12,2),
+             em timestamptz, dia date, ok boolean, n bigint);
+           INSERT INTO "Notas" VALUES
+             (1, 'simples', 10.50, '2026-01-02 03:04:05+00', '2026-01-02', true, 7),
+             (2, E'tab\there, "aspas", vírgula; e\nlinha', -0.01, NULL, NULL, false, NULL),
+             (3, '', 0, '2026-06-30 23:59:59.123456+00', '1999-12-31', NULL, -9),
+             (4, NULL, NULL, NULL, NULL, NULL, NULL),
+             (5, E'barra \\ invertida', 123456.78, '2026-03-01 12:00:00+00', '2026-03-01', true, 0);
+           CREATE PUBLICATION w2d_pub FOR TABLE "Notas";"#,
+    )
+    .await;
+    env.write_config("postgres", &[r#"public."Notas""#], "");
+    let _daemon = env.daemon();
+    wait_same(&env, "Notas served", r#"SELECT count(*) FROM "Notas""#).await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = env.serve_port;
+    let source_port = env.pg.port;
+    for (name, command) in [
+        // A table's COPY has the lake's columns (`\d`), so the source's are named here.
+        // Timestamps are left out: the endpoint writes six fractional digits always
+        // (`03:04:05.000000+00`, README "Limitations"), Postgres only those needed.
+        (
+            "text",
+            r#"\copy "Notas" (id, texto, valor, dia, ok, n) to '{file}'"#,
+        ),
+        (
+            "csv",
+            r#"\copy (select id, texto, valor, dia, ok, n from "Notas" order by id) to '{file}' csv header"#,
+        ),
+        (
+            "options",
+            r#"\copy (select texto, n from "Notas" order by id) to '{file}' with (format csv, delimiter ';', null 'NA', header)"#,
+        ),
+        (
+            "binary-ints",
+            r#"\copy (select cast(id as bigint) as id, n, ok from "Notas" order by id) to '{file}' with (format binary)"#,
+        ),
+    ] {
+        let mut files = Vec::new();
+        for (who, port, user) in [
+            ("lake", port, "analyst"),
+            ("source", source_port, "postgres"),
+        ] {
+            let file = dir.path().join(format!("{name}-{who}"));
+            let sql = command.replace("{file}", file.to_str().unwrap());
+            let db = if who == "lake" {
+                "wal2delta"
+            } else {
+                "postgres"
+            };
+            let (ok, out) = psql(port, user, &[("PGTZ", "UTC")], &["-d", db, "-c", &sql]);
+            assert!(ok && out.contains("COPY 5"), "{who} {name}: {sql}\n{out}");
+            files.push(std::fs::read(&file).unwrap());
+        }
+        assert_eq!(
+            String::from_utf8_lossy(&files[0]),
+            String::from_utf8_lossy(&files[1]),
+            "{name}: the endpoint's COPY differs from Postgres's"
+        );
+    }
+
+    // Streamed: a result far larger than the statement memory limit.
+    let file = dir.path().join("big.csv");
+    let (ok, out) = psql(
+        port,
+        "analyst",
+        &[],
+        &[
+            "-c",
+            &format!(
+                r"\copy (select value, 'linha ' || value from generate_series(1, 3000000)) to '{}' csv",
+                file.display()
+            ),
+        ],
+    );
+    assert!(ok && out.contains("COPY 3000000"), "{out}");
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap().lines().count(),
+        3_000_000
+    );
+
+    // A cancelled COPY ends with 57014 (an ErrorResponse, not a cut-off file taken for a
+    // whole one), and the session goes on.
+    let lake = connect(&endpoint_dsn(port, "analyst")).await.unwrap();
+    let token = lake.cancel_token();
+    let copy = lake
+        .copy_out("COPY (SELECT value FROM generate_series(1, 10000000000)) TO STDOUT")
+        .await
+        .unwrap();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    });
+    futures::pin_mut!(copy);
+    let mut bytes = 0usize;
+    let err = loop {
+        match futures::StreamExt::next(&mut copy).await {
+            Some(Ok(chunk)) => bytes += chunk.len(),
+            Some(Err(e)) => break e,
+            None => panic!("the cancelled COPY ended as if complete after {bytes} bytes"),
+        }
+    };
+    canceller.await.unwrap();
+    assert_eq!(sqlstate(&err), "57014", "{err:?}");
+    assert_eq!(rows(&lake, "SELECT 5").await, vec!["5"]);
+
+    // Over the extended protocol too (tokio-postgres prepares its COPY).
+    let copy = lake
+        .copy_out(r#"COPY (SELECT id FROM "Notas" ORDER BY id) TO STDOUT"#)
+        .await
+        .unwrap();
+    futures::pin_mut!(copy);
+    let mut text = Vec::new();
+    while let Some(chunk) = futures::StreamExt::next(&mut copy).await {
+        text.extend_from_slice(&chunk.unwrap());
+    }
+    assert_eq!(String::from_utf8_lossy(&text), "1\n2\n3\n4\n5\n");
+
+    // Writes stay refused.
+    let (ok, out) = psql(port, "analyst", &[], &["-c", r#"COPY "Notas" FROM STDIN"#]);
+    assert!(!ok && out.contains("read-only"), "{out}");
+    let (ok, out) = psql(port, "analyst", &[], &["-c", r#"COPY "Notas" TO '/tmp/x'"#]);
+    assert!(!ok && out.contains("read-only"), "{out}");
+}
