@@ -89,6 +89,8 @@ impl Default for ServeConfig {
 pub struct UserConfig {
     pub name: String,
     pub scram: String,
+    /// Served tables the user may read (`schema.table`, `schema.*`); absent: all.
+    pub tables: Option<Vec<String>>,
 }
 
 fn default_serve_listen() -> String {
@@ -136,6 +138,8 @@ pub struct ServeSettings {
     pub poll_interval: std::time::Duration,
     /// Where each lake table is served.
     pub namespace: super::namespace::Namespace,
+    /// Users restricted to some tables (`[[serve.users]] tables`).
+    pub grants: std::collections::HashMap<String, std::sync::Arc<super::grants::Grants>>,
 }
 
 impl ServeConfig {
@@ -156,7 +160,18 @@ impl ServeConfig {
             }
         };
         let mut users = Vec::new();
+        let mut grants = std::collections::HashMap::new();
         for (i, user) in self.users.iter().enumerate() {
+            if let Some(tables) = &user.tables {
+                match super::grants::Grants::parse(tables) {
+                    Ok(g) => {
+                        grants.insert(user.name.clone(), std::sync::Arc::new(g));
+                    }
+                    Err(e) => problems.push(format!(
+                        "serve.users[{i}].tables: {e}; or schema.* for a whole schema"
+                    )),
+                }
+            }
             if user.name.is_empty() {
                 problems.push(format!("serve.users[{i}].name: must not be empty"));
             }
@@ -255,6 +270,7 @@ impl ServeConfig {
                 .unwrap_or_else(|| PathBuf::from("sql/refined")),
             poll_interval: std::time::Duration::from_millis(self.poll_interval_ms),
             namespace: super::namespace::Namespace::new(&self.raw_schema, &self.refined_schema),
+            grants,
         })
     }
 }

@@ -23,6 +23,7 @@ pub mod cancel;
 pub mod config;
 pub mod copy_out;
 pub mod dv_scan;
+pub mod grants;
 pub mod growth;
 pub mod held_batches;
 pub mod namespace;

@@ -68,6 +68,8 @@ pub struct Shared {
     pub output: Output,
     /// Answers describe requests, which only look at a plan.
     describer: Arc<DfSessionService>,
+    /// Users restricted to some tables.
+    grants: std::collections::HashMap<String, Arc<super::grants::Grants>>,
 }
 
 impl Shared {
@@ -82,6 +84,7 @@ impl Shared {
             timeout: settings.query_timeout,
             statement_memory: settings.query_memory_bytes,
             budget: Arc::new(Budget::new(settings.memory_bytes)),
+            grants: settings.grants.clone(),
             output: settings.output,
             describer: Arc::new(DfSessionService::new(Arc::new(SessionContext::new()))),
         }
@@ -190,7 +193,9 @@ fn sqlstate(e: &DataFusionError) -> &'static str {
             }
         }
         DataFusionError::Plan(m) => {
-            if m.contains("table") && m.contains("not found") {
+            if m.starts_with("permission denied") {
+                "42501"
+            } else if m.contains("table") && m.contains("not found") {
                 "42P01"
             } else if m.contains("function") || m.contains("Function") {
                 "42883"
@@ -372,13 +377,23 @@ fn service_for<C: ClientInfo + ?Sized>(
     if let Some(tz) = client.metadata().get("timezone") {
         config.options_mut().execution.time_zone = Some(tz.clone());
     }
-    let mut state = SessionStateBuilder::new_from_existing(view.state.clone())
+    let mut builder = SessionStateBuilder::new_from_existing(view.state.clone())
         .with_config(config)
         .with_runtime_env(runtime)
-        .with_physical_optimizer_rule(Arc::new(super::held_batches::CountHeld))
-        .build();
+        .with_physical_optimizer_rule(Arc::new(super::held_batches::CountHeld));
+    let user = client.metadata().get(pgwire::api::METADATA_USER);
+    let grants = user.and_then(|u| shared.grants.get(u));
+    if let Some(grants) = grants {
+        let restricted = super::grants::restrict(view.state.catalog_list().clone(), grants.clone())
+            .map_err(|e| user_error("XX000", e.to_string()))?;
+        builder = builder.with_catalog_list(restricted);
+    }
+    let mut state = builder.build();
     super::growth::guard(&mut state, &pool);
     let ctx = Arc::new(SessionContext::new_with_state(state));
+    if let Some(grants) = grants {
+        shared.views.restrict_functions(&ctx, view, grants.clone());
+    }
     let service = Arc::new(DfSessionService::new(ctx.clone()));
     Ok((service, Arc::downgrade(&pool), ctx))
 }

@@ -312,6 +312,33 @@ impl Views {
         self.view(position, true).await
     }
 
+    /// Replaces `table_at_version` in a restricted user's statement context by one that
+    /// checks the user's grants.
+    pub fn restrict_functions(
+        &self,
+        ctx: &SessionContext,
+        view: &View,
+        grants: Arc<super::grants::Grants>,
+    ) {
+        let versions = &view.position.versions;
+        let tables = versions
+            .raw
+            .keys()
+            .chain(versions.curated.keys())
+            .filter_map(|t| TableName::parse(t).ok())
+            .collect();
+        ctx.register_udtf(
+            "table_at_version",
+            Arc::new(TableAtVersion {
+                lake: self.lake.clone(),
+                runtime: view.state.runtime_env().clone(),
+                namespace: self.namespace.clone(),
+                tables,
+                grants: Some(grants),
+            }),
+        );
+    }
+
     /// A Delta table at `version`, from the cache moved forward or loaded.
     async fn table_at(&self, url: &Url, version: u64) -> Result<DeltaTable, DataFusionError> {
         let to_df = |e: deltalake::DeltaTableError| DataFusionError::External(Box::new(e));
@@ -475,6 +502,7 @@ fn install_functions(
             runtime: ctx.runtime_env(),
             namespace,
             tables,
+            grants: None,
         }),
     );
 }
@@ -487,6 +515,8 @@ struct TableAtVersion {
     namespace: Namespace,
     /// The lake's tables (source names).
     tables: Vec<TableName>,
+    /// A restricted user's grants.
+    grants: Option<Arc<super::grants::Grants>>,
 }
 
 impl TableFunctionImpl for TableAtVersion {
@@ -510,6 +540,16 @@ impl TableFunctionImpl for TableAtVersion {
         else {
             return plan_err!("table_at_version: no table `{name}` in the lake; use {usage}");
         };
+        let served = if raw {
+            self.namespace.raw(&source)
+        } else {
+            self.namespace.curated(&source)
+        };
+        if let Some(grants) = &self.grants
+            && !grants.allows(&served.schema, &served.name)
+        {
+            return Err(super::grants::denied(&served.schema, &served.name));
+        }
         let url = if raw {
             self.lake.raw_table_url(&source)
         } else {

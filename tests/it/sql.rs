@@ -1354,3 +1354,113 @@ async fn copy_to_stdout_writes_what_postgres_writes() {
     let (ok, out) = psql(port, "analyst", &[], &["-c", r#"COPY "Notas" TO '/tmp/x'"#]);
     assert!(!ok && out.contains("read-only"), "{out}");
 }
+
+/// `[[serve.users]] tables` limits what a user reads: other tables are absent from the
+/// catalogs and `\dt`, and naming one gets 42501, also through `table_at_version`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_read_only_the_tables_granted_to_them() {
+    let env = Env::new(
+        r#"CREATE TABLE transacoes (id int PRIMARY KEY, valor numeric(12,2) NOT NULL);
+           INSERT INTO transacoes SELECT g, g FROM generate_series(1, 10) g;
+           CREATE SCHEMA arquivo;
+           CREATE TABLE arquivo.transacoes (id int PRIMARY KEY, valor numeric(12,2) NOT NULL);
+           INSERT INTO arquivo.transacoes SELECT g, g FROM generate_series(1, 4) g;
+           CREATE PUBLICATION w2d_pub FOR TABLE transacoes, arquivo.transacoes;"#,
+    )
+    .await;
+    let verifier = hash_password("s3cret");
+    env.write_config_serving(
+        "postgres",
+        &["public.transacoes", "arquivo.transacoes"],
+        "",
+        &format!(
+            "[[serve.users]]\nname = \"analyst\"\nscram = \"{verifier}\"\n\
+             [[serve.users]]\nname = \"auditor\"\nscram = \"{verifier}\"\n\
+             tables = [\"public.*\", \"raw.*\"]\n"
+        ),
+    );
+    let _daemon = env.daemon();
+    let port = env.serve_port;
+    let dsn = |user: &str| format!("{} password=s3cret", endpoint_dsn(port, user));
+    let log = || env.daemon_log();
+    wait_for(
+        "both tables served",
+        Duration::from_secs(60),
+        || {
+            let dsn = dsn("analyst");
+            async move {
+                let Ok(lake) = connect(&dsn).await else {
+                    return false;
+                };
+                lake.simple_query("SELECT count(*) FROM arquivo.transacoes")
+                    .await
+                    .is_ok()
+            }
+        },
+        log,
+    )
+    .await;
+    let analyst = connect(&dsn("analyst")).await.unwrap();
+    let auditor = connect(&dsn("auditor")).await.unwrap();
+
+    assert_eq!(
+        rows(&auditor, "SELECT count(*) FROM transacoes").await,
+        vec!["10"]
+    );
+    assert_eq!(
+        rows(&auditor, "SELECT count(*) FROM raw.transacoes").await,
+        vec!["10"]
+    );
+    for sql in [
+        "SELECT count(*) FROM arquivo.transacoes",
+        "SELECT count(*) FROM raw_arquivo.transacoes",
+        "SELECT count(*) FROM table_at_version('arquivo.transacoes', 1)",
+        "SELECT t.id FROM transacoes t JOIN arquivo.transacoes a ON a.id = t.id",
+    ] {
+        let err = auditor.simple_query(sql).await.expect_err(sql);
+        assert_eq!(sqlstate(&err), "42501", "{sql}: {err:?}");
+        assert!(
+            err.as_db_error()
+                .is_some_and(|e| e.message().contains("permission denied for table")),
+            "{sql}: {err:?}"
+        );
+    }
+    assert_eq!(
+        rows(&analyst, "SELECT count(*) FROM arquivo.transacoes").await,
+        vec!["4"]
+    );
+
+    // The catalogs show each user what they may read.
+    let tables = "SELECT table_schema || '.' || table_name FROM information_schema.tables \
+                  WHERE table_schema NOT IN ('pg_catalog', 'information_schema') \
+                  ORDER BY 1";
+    assert_eq!(
+        rows(&auditor, tables).await,
+        vec!["public.transacoes", "raw.transacoes"]
+    );
+    assert!(
+        rows(&analyst, tables)
+            .await
+            .contains(&"arquivo.transacoes".to_string())
+    );
+    let in_pg_class = "SELECT count(*) FROM pg_catalog.pg_class WHERE relname = 'transacoes'";
+    assert_eq!(rows(&auditor, in_pg_class).await, vec!["2"]); // public and raw
+    assert_eq!(rows(&analyst, in_pg_class).await, vec!["4"]);
+    let (ok, out) = psql(
+        port,
+        "auditor",
+        &[("PGPASSWORD", "s3cret")],
+        &["-c", r"\dt *.*"],
+    );
+    assert!(
+        ok && out.contains("public|transacoes|table") && !out.contains("arquivo"),
+        "\\dt *.* as auditor:\n{out}"
+    );
+    let (ok, out) = psql(
+        port,
+        "auditor",
+        &[("PGPASSWORD", "s3cret")],
+        &["-c", r"\dn"],
+    );
+    assert!(ok && !out.contains("arquivo"), "\\dn as auditor:\n{out}");
+}
