@@ -95,7 +95,11 @@ pub fn parse(statement: &Statement) -> Option<Result<CopyOut, PgWireError>> {
         return None;
     };
     let query = match source {
-        CopySource::Query(q) => q.to_string(),
+        CopySource::Query(q) => {
+            let mut query = Statement::Query(q.clone());
+            super::rewrite::rewrite(&mut query);
+            query.to_string()
+        }
         CopySource::Table {
             table_name,
             columns,

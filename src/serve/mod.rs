@@ -20,6 +20,8 @@
 pub mod auth;
 pub mod budget;
 pub mod cancel;
+pub mod catalog_functions;
+pub mod column_names;
 pub mod config;
 pub mod copy_out;
 pub mod dv_scan;
@@ -28,6 +30,7 @@ pub mod growth;
 pub mod held_batches;
 pub mod namespace;
 pub mod read_only;
+pub mod rewrite;
 pub mod session;
 pub mod view;
 

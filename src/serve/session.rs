@@ -203,6 +203,14 @@ fn sqlstate(e: &DataFusionError) -> &'static str {
                 "42601"
             }
         }
+        DataFusionError::ArrowError(e, _)
+            if matches!(
+                **e,
+                deltalake::datafusion::arrow::error::ArrowError::DivideByZero
+            ) =>
+        {
+            "22012"
+        }
         DataFusionError::ArrowError(..) => "22000",
         _ => "XX000",
     }
@@ -230,6 +238,11 @@ fn classify(e: PgWireError) -> PgWireError {
             {
                 Some(DataFusionError::External(e)) if e.is::<TooLarge>() => e.to_string(),
                 _ => message,
+            };
+            let message = if code == "22012" {
+                "division by zero".to_string()
+            } else {
+                message
             };
             // Some operators replace the pool's message with their own.
             let message = if code == "53200" && !message.contains("serve.") {
@@ -391,6 +404,21 @@ fn service_for<C: ClientInfo + ?Sized>(
     let mut state = builder.build();
     super::growth::guard(&mut state, &pool);
     let ctx = Arc::new(SessionContext::new_with_state(state));
+    // `current_user`, `session_user` and `user` (rewritten to `session_user()`): the
+    // session's user, where datafusion-postgres answers `postgres`.
+    if let Some(user) = user.cloned() {
+        ctx.register_udf(deltalake::datafusion::logical_expr::create_udf(
+            "session_user",
+            vec![],
+            deltalake::datafusion::arrow::datatypes::DataType::Utf8,
+            deltalake::datafusion::logical_expr::Volatility::Stable,
+            Arc::new(move |_| {
+                Ok(deltalake::datafusion::logical_expr::ColumnarValue::Scalar(
+                    deltalake::datafusion::common::ScalarValue::Utf8(Some(user.clone())),
+                ))
+            }),
+        ));
+    }
     if let Some(grants) = grants {
         shared.views.restrict_functions(&ctx, view, grants.clone());
     }
@@ -425,6 +453,7 @@ async fn released(pool: Weak<StatementPool>) {
 /// end or the error), the plan is dropped and its memory waited for ([`released`]).
 fn limited(
     response: Response,
+    names: Option<&[Option<String>]>,
     stop: Stop,
     started: Instant,
     output: Output,
@@ -436,6 +465,10 @@ fn limited(
         return response;
     };
     let fields = query.row_schema();
+    let fields = names
+        .and_then(|n| super::column_names::rename(&fields, n))
+        .map(Arc::new)
+        .unwrap_or(fields);
     let tag = query.command_tag().to_string();
     let rows = std::mem::replace(query.data_rows(), Box::pin(futures::stream::empty()));
     let sent = Sent::new(output);
@@ -587,6 +620,7 @@ impl Session {
         .map_err(classify)?;
         match limited(
             Response::Query(rows),
+            None,
             stop,
             started,
             self.shared.output,
@@ -663,8 +697,9 @@ impl SimpleQueryHandler for Session {
                 }
                 let single = statements.len() == 1;
                 let mut responses = Vec::new();
-                for statement in statements {
+                for mut statement in statements {
                     guard(&statement)?;
+                    let rewritten = super::rewrite::rewrite(&mut statement);
                     if let Some(s) = setting(&statement) {
                         responses.push(self.answer(s, &Format::UnifiedText).await?);
                         continue;
@@ -678,7 +713,7 @@ impl SimpleQueryHandler for Session {
                         responses.push(self.copy(copy?, stop, started, statement).await?);
                         continue;
                     }
-                    let sql = if single {
+                    let sql = if single && !rewritten {
                         query.to_string()
                     } else {
                         statement.to_string()
@@ -689,9 +724,18 @@ impl SimpleQueryHandler for Session {
                     )
                     .await
                     .map_err(classify)?;
+                    let names = super::column_names::of(&statement);
                     responses.extend(results.into_iter().map(|r| {
                         let statement = (service.clone(), pool.clone());
-                        limited(r, stop.clone(), started, self.shared.output, statement)
+                        let stop = stop.clone();
+                        limited(
+                            r,
+                            names.as_deref(),
+                            stop,
+                            started,
+                            self.shared.output,
+                            statement,
+                        )
                     }));
                 }
                 Ok(responses)
@@ -730,8 +774,10 @@ impl QueryParser for SessionParser {
                 "cannot insert multiple commands into a prepared statement",
             ));
         }
-        let statement = statements.remove(0);
+        let mut statement = statements.remove(0);
         guard(&statement)?;
+        let rewritten = super::rewrite::rewrite(&mut statement).then(|| statement.to_string());
+        let sql = rewritten.as_deref().unwrap_or(sql);
         let view = view_for(&self.shared, &self.as_of).await?;
         if let Some(s) = setting(&statement) {
             // The plan only describes the result; `answer` produces it at execution.
@@ -786,10 +832,17 @@ impl QueryParser for SessionParser {
         stmt: &DfStatement,
         column_format: Option<&Format>,
     ) -> PgWireResult<Vec<FieldInfo>> {
-        self.shared
+        let fields = self
+            .shared
             .describer
             .query_parser()
-            .get_result_schema(stmt, column_format)
+            .get_result_schema(stmt, column_format)?;
+        let renamed = stmt
+            .1
+            .as_ref()
+            .and_then(|(statement, _)| super::column_names::of(statement))
+            .and_then(|names| super::column_names::rename(&fields, &names));
+        Ok(renamed.unwrap_or(fields))
     }
 }
 
@@ -907,6 +960,7 @@ impl ExtendedQueryHandler for Session {
                 .map_err(classify)?;
                 Ok(limited(
                     response,
+                    None, // named at Describe (get_result_schema)
                     stop,
                     started,
                     self.shared.output,

@@ -466,6 +466,7 @@ impl Views {
             datafusion_postgres::datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider,
         )
         .map_err(|e| *e)?;
+        super::catalog_functions::register(&ctx);
         Ok(View {
             position,
             state: ctx.state(),

@@ -1464,3 +1464,72 @@ async fn users_read_only_the_tables_granted_to_them() {
     );
     assert!(ok && !out.contains("arquivo"), "\\dn as auditor:\n{out}");
 }
+
+/// psql's describe commands work, and plain statements answer with Postgres's column
+/// names, values and SQLSTATEs: each is run on the endpoint and on the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_answers_as_postgres_does() {
+    let env = Env::new(
+        "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'a'), (2, 'b'); \
+         CREATE PUBLICATION w2d_pub FOR TABLE t;",
+    )
+    .await;
+    env.write_config("postgres", &["public.t"], "");
+    let _daemon = env.daemon();
+    wait_same(&env, "t served", "SELECT count(*) FROM t").await;
+    let run = |port: u16, db: &str, user: &str, command: &str| {
+        psql(
+            port,
+            user,
+            &[],
+            &[
+                "-d",
+                db,
+                "-P",
+                "tuples_only=off",
+                "-P",
+                "footer=off",
+                "-c",
+                command,
+            ],
+        )
+    };
+    let (lake, source) = ((env.serve_port, "wal2delta"), (env.pg.port, "postgres"));
+    // Same header (and for queries, same rows) on both.
+    for command in [
+        "select 1",
+        "select 1, 2",
+        "select count(*) from t",
+        "select id::text, v, length(v) from t order by id",
+        "select (select max(id) from t), case when true then 1 end, upper(v) from t order by 1, 3",
+        r"\dt+",
+        r"\dv+",
+        r"\l+",
+        r"\du",
+        r"\d t",
+    ] {
+        let (ok_lake, out_lake) = run(lake.0, lake.1, "analyst", command);
+        let (ok_source, out_source) = run(source.0, source.1, "postgres", command);
+        assert!(
+            ok_lake && ok_source,
+            "{command}:\nlake: {out_lake}\nsource: {out_source}"
+        );
+        let header = |out: &str| out.lines().next().unwrap_or_default().to_string();
+        assert_eq!(header(&out_lake), header(&out_source), "{command}: header");
+        if !command.starts_with('\\') {
+            assert_eq!(out_lake, out_source, "{command}");
+        }
+    }
+    let (_, out) = run(lake.0, lake.1, "analyst", "select current_user");
+    assert!(out.lines().nth(1) == Some("analyst"), "current_user: {out}");
+    let lake = connect(&endpoint_dsn(env.serve_port, "analyst"))
+        .await
+        .unwrap();
+    let err = lake.simple_query("select 1/0").await.expect_err("1/0");
+    assert_eq!(sqlstate(&err), "22012", "{err:?}");
+    assert_eq!(err.as_db_error().unwrap().message(), "division by zero");
+    // The extended protocol describes the same names.
+    let stmt = lake.prepare("select 1, count(*) from t").await.unwrap();
+    let names: Vec<&str> = stmt.columns().iter().map(|c| c.name()).collect();
+    assert_eq!(names, ["?column?", "count"]);
+}
