@@ -38,6 +38,8 @@ use pgwire::messages::copy::{CopyData, CopyDone, CopyOutResponse};
 pub struct CopyOut {
     pub query: String,
     pub format: CopyFormat,
+    /// The query's column names as Postgres gives them (`column_names`), for the header.
+    pub names: Option<Vec<Option<String>>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +63,14 @@ impl CopyFormat {
     /// Whether the rows are needed in Postgres's binary encoding.
     pub fn binary(&self) -> bool {
         matches!(self, CopyFormat::Binary)
+    }
+
+    /// Whether a header message (the binary signature, a header line) precedes the rows.
+    pub fn header_message(&self) -> bool {
+        match self {
+            CopyFormat::Binary => true,
+            CopyFormat::Text { header, .. } | CopyFormat::Csv { header, .. } => *header,
+        }
     }
 }
 
@@ -94,9 +104,11 @@ pub fn parse(statement: &Statement) -> Option<Result<CopyOut, PgWireError>> {
     else {
         return None;
     };
+    let mut names = None;
     let query = match source {
         CopySource::Query(q) => {
             let mut query = Statement::Query(q.clone());
+            names = super::column_names::of(&query);
             super::rewrite::rewrite(&mut query);
             query.to_string()
         }
@@ -112,7 +124,11 @@ pub fn parse(statement: &Statement) -> Option<Result<CopyOut, PgWireError>> {
             format!("SELECT {} FROM {table_name}", columns.join(", "))
         }
     };
-    Some(format(options, legacy_options).map(|format| CopyOut { query, format }))
+    Some(format(options, legacy_options).map(|format| CopyOut {
+        query,
+        format,
+        names,
+    }))
 }
 
 fn single_byte(option: &str, c: char) -> Result<u8, PgWireError> {
@@ -211,8 +227,8 @@ fn format(options: &[CopyOption], legacy: &[CopyLegacyOption]) -> Result<CopyFor
 const BINARY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
 
 /// The rows of `rows` (encoded in text format, or binary for [`CopyFormat::Binary`]) as
-/// a COPY OUT response. The header (a CSV or text header line, the binary signature) goes
-/// with the first row, so the command tag counts rows.
+/// a COPY OUT response: the header (a CSV or text header line, the binary signature) as
+/// its own first message, then one message per row.
 pub fn response(format: CopyFormat, mut rows: QueryResponse) -> Response {
     let names: Vec<String> = rows
         .row_schema()
@@ -241,32 +257,28 @@ pub fn response(format: CopyFormat, mut rows: QueryResponse) -> Response {
         _ => {}
     }
     let data = std::mem::replace(rows.data_rows(), Box::pin(futures::stream::empty()));
-    let stream = futures::stream::unfold(
-        (data, Some(head), format),
-        |(mut data, mut head, format)| async move {
-            match data.next().await {
-                Some(Ok(row)) => {
-                    let mut out = BytesMut::from(head.take().unwrap_or_default().as_slice());
-                    encode_row(&format, &row.data, row.field_count, &mut out);
-                    Some((Ok(CopyData::new(out.freeze())), (data, None, format)))
-                }
-                Some(Err(e)) => Some((Err(e), (data, None, format))),
-                // No rows: the header alone.
-                None => head
-                    .take()
-                    .filter(|h| !h.is_empty())
-                    .map(|h| (Ok(CopyData::new(Bytes::from(h))), (data, None, format))),
+    // The header, if any, is a message of its own, which `send` does not count as a row.
+    let header = (!head.is_empty()).then(|| Ok(CopyData::new(Bytes::from(head))));
+    let rows = futures::stream::unfold((data, format), |(mut data, format)| async move {
+        match data.next().await {
+            Some(Ok(row)) => {
+                let mut out = BytesMut::new();
+                encode_row(&format, &row.data, row.field_count, &mut out);
+                Some((Ok(CopyData::new(out.freeze())), (data, format)))
             }
-        },
-    );
+            Some(Err(e)) => Some((Err(e), (data, format))),
+            None => None,
+        }
+    });
+    let stream = futures::stream::iter(header).chain(rows);
     // Binary: pgwire appends the trailer.
     Response::CopyOut(CopyResponse::new(i8::from(binary), columns, stream))
 }
 
-/// Sends a COPY OUT response: the header, the rows, `CopyDone` and `COPY <rows>`. An
-/// error from the rows is returned before `CopyDone`; the caller reports it with an
-/// `ErrorResponse`, which ends the COPY for the client.
-pub async fn send<C>(client: &mut C, copy: CopyResponse) -> PgWireResult<()>
+/// Sends a COPY OUT response: the header (its own first message when `header`), the rows,
+/// `CopyDone` and `COPY <rows>`. An error from the rows is returned before `CopyDone`;
+/// the caller reports it with an `ErrorResponse`, which ends the COPY for the client.
+pub async fn send<C>(client: &mut C, copy: CopyResponse, header: bool) -> PgWireResult<()>
 where
     C: futures::Sink<PgWireBackendMessage> + Unpin,
     C::Error: std::fmt::Debug,
@@ -287,11 +299,11 @@ where
             formats,
         )))
         .await?;
-    let mut rows = 0usize;
+    let mut messages = 0usize;
     while let Some(data) = data_stream.next().await {
         let data = data?;
         if data.data.as_ref() != [0xff, 0xff] {
-            rows += 1; // not the binary trailer
+            messages += 1; // not the binary trailer
         }
         client.feed(PgWireBackendMessage::CopyData(data)).await?;
     }
@@ -301,7 +313,7 @@ where
     client
         .send(PgWireBackendMessage::CommandComplete(
             pgwire::api::results::Tag::new("COPY")
-                .with_rows(rows)
+                .with_rows(messages - usize::from(header && messages > 0))
                 .into(),
         ))
         .await?;

@@ -74,6 +74,8 @@ pub enum ServeError {
     Refined(#[from] view::RefinedError),
     #[error("cannot read the lake's checkpoint: {0}")]
     Lake(String),
+    #[error("the lake cannot be served under its source names: {0}")]
+    Namespace(String),
     #[error(
         "cannot start the SQL endpoint's threads: {0}; the host may be out of threads or memory (check ulimit -u and the unit's TasksMax)"
     )]
@@ -280,6 +282,19 @@ pub async fn start(
         .latest_position()
         .await
         .map_err(|e| ServeError::Lake(e.to_string()))?;
+    // `run` checks the configured tables; `serve` may read a lake with others.
+    if let Some(p) = &first {
+        let tables: Vec<crate::table_name::TableName> = p
+            .versions
+            .raw
+            .keys()
+            .chain(p.versions.curated.keys())
+            .filter_map(|t| crate::table_name::TableName::parse(t).ok())
+            .collect();
+        if let Some(clash) = settings.namespace.clashes(&tables).into_iter().next() {
+            return Err(ServeError::Namespace(clash));
+        }
+    }
     let (latest, latest_rx) = watch::channel(first);
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await

@@ -8,50 +8,88 @@
 //!   shows an empty cell instead of `{}`.
 //! - **`SELECT x::text … ORDER BY x`**: DataFusion names a cast after what it casts, then
 //!   adds the sort's `x` as a hidden column of the same name and refuses the plan
-//!   ("Projections require unique expression names"). An unaliased cast of a column gets
-//!   that column's name as an explicit alias, which is also the name Postgres gives it;
-//!   `ORDER BY x` then sorts by the output column, as Postgres does.
+//!   ("Projections require unique expression names"). A bare `ORDER BY x` that names
+//!   exactly one output column, an unaliased cast of `x`, becomes `ORDER BY <its
+//!   position>`: Postgres's own rule (a bare name in ORDER BY is an output column first).
+//!   Nothing else changes, so HAVING, expressions in ORDER BY and joins mean what they
+//!   meant.
 
 use std::ops::ControlFlow;
 
 use deltalake::datafusion::sql::sqlparser::ast::{
     Expr, Function, FunctionArg, FunctionArgExpr, FunctionArgumentList, FunctionArguments, Ident,
-    ObjectName, SelectItem, SetExpr, Statement, visit_expressions_mut,
+    ObjectName, OrderBy, OrderByKind, SelectItem, SetExpr, Statement, Value, visit_expressions_mut,
 };
 
 /// Applies the rewrites; returns whether anything changed.
 pub fn rewrite(statement: &mut Statement) -> bool {
-    let casts = alias_column_casts(statement);
+    let casts = order_by_cast_columns(statement);
     array_subqueries(statement) || casts
 }
 
-fn alias_column_casts(statement: &mut Statement) -> bool {
+fn order_by_cast_columns(statement: &mut Statement) -> bool {
     let Statement::Query(query) = statement else {
         return false;
     };
-    let SetExpr::Select(select) = query.body.as_mut() else {
+    let SetExpr::Select(select) = query.body.as_ref() else {
         return false;
     };
+    let Some(OrderBy {
+        kind: OrderByKind::Expressions(order),
+        ..
+    }) = query.order_by.as_mut()
+    else {
+        return false;
+    };
+    fn folded(i: &Ident) -> String {
+        if i.quote_style.is_some() {
+            i.value.clone()
+        } else {
+            i.value.to_lowercase()
+        }
+    }
+    // The output name of each select item, when the syntax tells it.
+    let names: Vec<Option<String>> = select
+        .projection
+        .iter()
+        .map(|item| match item {
+            SelectItem::UnnamedExpr(Expr::Identifier(i)) => Some(folded(i)),
+            SelectItem::UnnamedExpr(Expr::CompoundIdentifier(p)) => p.last().map(folded),
+            SelectItem::UnnamedExpr(Expr::Cast { expr, .. }) => match expr.as_ref() {
+                Expr::Identifier(i) => Some(folded(i)),
+                Expr::CompoundIdentifier(p) => p.last().map(folded),
+                _ => None,
+            },
+            SelectItem::ExprWithAlias { alias, .. } => Some(folded(alias)),
+            _ => None,
+        })
+        .collect();
+    if select.projection.iter().any(|i| {
+        matches!(
+            i,
+            SelectItem::Wildcard(_) | SelectItem::QualifiedWildcard(..)
+        )
+    }) {
+        return false;
+    }
     let mut rewritten = false;
-    for item in select.projection.iter_mut() {
-        if let SelectItem::UnnamedExpr(Expr::Cast { expr, .. }) = item {
-            let column = match expr.as_ref() {
-                Expr::Identifier(i) => i.clone(),
-                Expr::CompoundIdentifier(parts) => match parts.last() {
-                    Some(i) => i.clone(),
-                    None => continue,
-                },
-                _ => continue,
-            };
-            let SelectItem::UnnamedExpr(cast) =
-                std::mem::replace(item, SelectItem::Wildcard(Default::default()))
-            else {
-                unreachable!("matched above")
-            };
-            *item = SelectItem::ExprWithAlias {
-                expr: cast,
-                alias: column,
-            };
+    for entry in order.iter_mut() {
+        let Expr::Identifier(i) = &entry.expr else {
+            continue;
+        };
+        let name = folded(i);
+        let mut matching = names
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.as_deref() == Some(name.as_str()));
+        let (Some((position, _)), None) = (matching.next(), matching.next()) else {
+            continue;
+        };
+        if matches!(
+            &select.projection[position],
+            SelectItem::UnnamedExpr(Expr::Cast { .. })
+        ) {
+            entry.expr = Expr::value(Value::Number((position + 1).to_string(), false));
             rewritten = true;
         }
     }
@@ -104,18 +142,27 @@ mod tests {
     use deltalake::datafusion::sql::sqlparser::parser::Parser;
 
     #[test]
-    fn casts_of_columns_are_named_after_them() {
-        let mut s = Parser::parse_sql(
-            &PostgreSqlDialect {},
-            "SELECT id::text, CAST(t.\"V\" AS int), 1::int, x AS y FROM t ORDER BY id",
-        )
-        .unwrap()
-        .remove(0);
-        assert!(rewrite(&mut s));
+    fn a_bare_order_by_of_a_cast_column_becomes_its_position() {
+        let rewritten = |sql: &str| {
+            let mut s = Parser::parse_sql(&PostgreSqlDialect {}, sql)
+                .unwrap()
+                .remove(0);
+            rewrite(&mut s).then(|| s.to_string())
+        };
         assert_eq!(
-            s.to_string(),
-            "SELECT id::TEXT AS id, CAST(t.\"V\" AS INT) AS \"V\", 1::INT, x AS y FROM t ORDER BY id"
+            rewritten("SELECT v, id::text FROM t ORDER BY ID DESC, v").as_deref(),
+            Some("SELECT v, id::TEXT FROM t ORDER BY 2 DESC, v")
         );
+        // Not a cast, an expression, ambiguous, or with a wildcard: unchanged.
+        for sql in [
+            "SELECT id FROM t ORDER BY id",
+            "SELECT id::text FROM t ORDER BY id + 1",
+            "SELECT a.id::text, b.id FROM a JOIN b ON true ORDER BY id",
+            "SELECT *, id::text FROM t ORDER BY id",
+            "SELECT d::date, count(*) FROM t GROUP BY d HAVING d > '2024-06-01'",
+        ] {
+            assert_eq!(rewritten(sql), None, "{sql}");
+        }
     }
 
     #[test]

@@ -395,9 +395,10 @@ fn service_for<C: ClientInfo + ?Sized>(
         .with_runtime_env(runtime)
         .with_physical_optimizer_rule(Arc::new(super::held_batches::CountHeld));
     let user = client.metadata().get(pgwire::api::METADATA_USER);
-    let grants = user.and_then(|u| shared.grants.get(u));
-    if let Some(grants) = grants {
-        let restricted = super::grants::restrict(view.state.catalog_list().clone(), grants.clone())
+    let grants = user.and_then(|u| shared.grants.get(u).map(|g| (u, g)));
+    if let Some((user, grants)) = grants {
+        let restricted = view
+            .restricted(user, grants)
             .map_err(|e| user_error("XX000", e.to_string()))?;
         builder = builder.with_catalog_list(restricted);
     }
@@ -419,7 +420,7 @@ fn service_for<C: ClientInfo + ?Sized>(
             }),
         ));
     }
-    if let Some(grants) = grants {
+    if let Some((_, grants)) = grants {
         shared.views.restrict_functions(&ctx, view, grants.clone());
     }
     let service = Arc::new(DfSessionService::new(ctx.clone()));
@@ -620,7 +621,7 @@ impl Session {
         .map_err(classify)?;
         match limited(
             Response::Query(rows),
-            None,
+            copy.names.as_deref(),
             stop,
             started,
             self.shared.output,
@@ -655,20 +656,24 @@ impl SimpleQueryHandler for Session {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        let lone_copy = matches!(parse(&query.query).as_deref(), Ok([s]) if super::copy_out::parse(s).is_some());
-        if !lone_copy
-            || !matches!(
-                client.state(),
-                pgwire::api::PgWireConnectionState::ReadyForQuery
-            )
-        {
+        let lone_copy = match parse(&query.query).as_deref() {
+            Ok([s]) => super::copy_out::parse(s).and_then(Result::ok),
+            _ => None,
+        };
+        let Some(header) = lone_copy.map(|c| c.format.header_message()) else {
+            return self._on_query(client, query).await;
+        };
+        if !matches!(
+            client.state(),
+            pgwire::api::PgWireConnectionState::ReadyForQuery
+        ) {
             return self._on_query(client, query).await;
         }
         let status = client.transaction_status();
         client.set_state(pgwire::api::PgWireConnectionState::QueryInProgress);
         for response in SimpleQueryHandler::do_query(self, client, &query.query).await? {
             match response {
-                Response::CopyOut(copy) => super::copy_out::send(client, copy).await?,
+                Response::CopyOut(copy) => super::copy_out::send(client, copy, header).await?,
                 other => {
                     return Err(user_error(
                         "XX000",
@@ -697,6 +702,9 @@ impl SimpleQueryHandler for Session {
                 }
                 let single = statements.len() == 1;
                 let mut responses = Vec::new();
+                // One token for the whole message: its statements' rows stream only after
+                // all are planned, and a cancel stops whichever is running.
+                let cancelled = super::cancel::statement_token(client).await;
                 for mut statement in statements {
                     guard(&statement)?;
                     let rewritten = super::rewrite::rewrite(&mut statement);
@@ -705,10 +713,19 @@ impl SimpleQueryHandler for Session {
                         continue;
                     }
                     let started = Instant::now();
-                    let stop = self.stop(client).await;
+                    let stop = Stop {
+                        deadline: self.shared.timeout.map(|t| Instant::now() + t),
+                        cancelled: cancelled.clone(),
+                    };
                     let view = view_for(&self.shared, &self.as_of).await?;
                     let (service, pool, ctx) = service_for(&self.shared, &view, client)?;
                     if let Some(copy) = super::copy_out::parse(&statement) {
+                        if !single {
+                            return Err(user_error(
+                                "0A000",
+                                "COPY … TO STDOUT must be sent alone, not with other statements in one query string",
+                            ));
+                        }
                         let (stop, statement) = (stop.clone(), (service, pool, ctx));
                         responses.push(self.copy(copy?, stop, started, statement).await?);
                         continue;
@@ -870,10 +887,14 @@ impl ExtendedQueryHandler for Session {
             Some(pgwire::api::store::Entry::Value(portal)) => Some(portal),
             _ => None,
         };
-        let copy = portal.filter(|p| {
-            matches!(&p.statement.statement.1, Some((s, _)) if super::copy_out::parse(s).is_some())
+        let copy = portal.and_then(|p| {
+            let header = match &p.statement.statement.1 {
+                Some((s, _)) => super::copy_out::parse(s)?.ok()?.format.header_message(),
+                None => return None,
+            };
+            Some((p, header))
         });
-        let Some(portal) = copy else {
+        let Some((portal, header)) = copy else {
             return self._on_execute(client, message).await;
         };
         if !matches!(client.state(), PgWireConnectionState::ReadyForQuery) {
@@ -881,7 +902,7 @@ impl ExtendedQueryHandler for Session {
         }
         client.set_state(PgWireConnectionState::QueryInProgress);
         match ExtendedQueryHandler::do_query(self, client, &portal, 0).await? {
-            Response::CopyOut(copy) => super::copy_out::send(client, copy).await?,
+            Response::CopyOut(copy) => super::copy_out::send(client, copy, header).await?,
             other => {
                 return Err(user_error(
                     "XX000",

@@ -90,6 +90,29 @@ impl Target {
 pub struct View {
     pub position: Position,
     pub state: SessionState,
+    /// Restricted users' catalog lists, kept with the view so that the OIDs their
+    /// `pg_catalog` hands out stay the same from one statement to the next (psql's `\d`
+    /// looks a table up in one statement and its columns in the next).
+    restricted: std::sync::Mutex<
+        HashMap<String, Arc<dyn deltalake::datafusion::catalog::CatalogProviderList>>,
+    >,
+}
+
+impl View {
+    /// The catalog list `user` sees with `grants` (`grants::restrict`), built once per view.
+    pub fn restricted(
+        &self,
+        user: &str,
+        grants: &Arc<super::grants::Grants>,
+    ) -> Result<Arc<dyn deltalake::datafusion::catalog::CatalogProviderList>, DataFusionError> {
+        let mut cache = self.restricted.lock().expect("restricted catalogs lock");
+        if let Some(list) = cache.get(user) {
+            return Ok(list.clone());
+        }
+        let list = super::grants::restrict(self.state.catalog_list().clone(), grants.clone())?;
+        cache.insert(user.to_string(), list.clone());
+        Ok(list)
+    }
 }
 
 impl Drop for View {
@@ -470,6 +493,7 @@ impl Views {
         Ok(View {
             position,
             state: ctx.state(),
+            restricted: Default::default(),
         })
     }
 }
