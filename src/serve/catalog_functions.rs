@@ -1,6 +1,6 @@
 //! Catalog functions psql's describe commands call that datafusion-postgres lacks:
 //! `pg_size_pretty`, the size functions, `obj_description` and its kin,
-//! `pg_function_is_visible`.
+//! `pg_function_is_visible` and the function-signature functions of `\df`.
 //!
 //! # Design
 //! - `pg_size_pretty` is Postgres's own algorithm (units up to PB, the same rounding), so
@@ -8,7 +8,9 @@
 //! - The lake has no Postgres relation sizes or comments: `pg_table_size`,
 //!   `pg_database_size`, `pg_indexes_size` answer NULL (psql shows an empty Size) and the
 //!   description functions NULL (no comments are replicated). `pg_function_is_visible`
-//!   answers true: every function the endpoint lists is callable.
+//!   answers true: every function the endpoint lists is callable. The emulated
+//!   `pg_proc` carries no signatures, so `pg_get_function_result`/`…_arguments` answer
+//!   NULL.
 
 use std::sync::Arc;
 
@@ -34,6 +36,21 @@ pub fn register(ctx: &SessionContext) {
         ("obj_description", DataType::Utf8, ScalarValue::Utf8(None)),
         ("col_description", DataType::Utf8, ScalarValue::Utf8(None)),
         ("shobj_description", DataType::Utf8, ScalarValue::Utf8(None)),
+        (
+            "pg_get_function_result",
+            DataType::Utf8,
+            ScalarValue::Utf8(None),
+        ),
+        (
+            "pg_get_function_arguments",
+            DataType::Utf8,
+            ScalarValue::Utf8(None),
+        ),
+        (
+            "pg_get_function_identity_arguments",
+            DataType::Utf8,
+            ScalarValue::Utf8(None),
+        ),
         (
             "pg_function_is_visible",
             DataType::Boolean,
@@ -82,7 +99,8 @@ struct SizePretty {
 impl SizePretty {
     fn new() -> SizePretty {
         SizePretty {
-            signature: Signature::exact(vec![DataType::Int64], Volatility::Immutable),
+            // Any number, cast to bigint (`coerce_types`), as Postgres takes bigint and numeric.
+            signature: Signature::user_defined(Volatility::Immutable),
         }
     }
 }
@@ -98,7 +116,12 @@ impl ScalarUDFImpl for SizePretty {
         Ok(DataType::Utf8)
     }
     fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>, DataFusionError> {
-        Ok(vec![DataType::Int64; arg_types.len()])
+        match arg_types {
+            [t] if t.is_numeric() || t.is_null() => Ok(vec![DataType::Int64]),
+            _ => Err(DataFusionError::Plan(
+                "pg_size_pretty takes one number (bytes)".into(),
+            )),
+        }
     }
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue, DataFusionError> {
         let [arg] = args.args.as_slice() else {

@@ -1534,6 +1534,9 @@ async fn psql_answers_as_postgres_does() {
         r"\l+",
         r"\du",
         r"\d t",
+        r"\df",
+        r"\dn",
+        "select pg_size_pretty(12345::numeric), pg_size_pretty(cast(21474836480 as bigint))",
     ] {
         let (ok_lake, out_lake) = run(lake.0, lake.1, "analyst", command);
         let (ok_source, out_source) = run(source.0, source.1, "postgres", command);
