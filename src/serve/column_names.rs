@@ -19,6 +19,17 @@ use deltalake::datafusion::sql::sqlparser::ast::{
 
 const UNNAMED: &str = "?column?";
 
+/// The names of the columns of `sql`, a single statement as the client sent it: parsed
+/// without datafusion-postgres's rewrites, which turn `current_user` into
+/// `session_user()`. Falls back to `statement`, the rewritten parse.
+pub fn of_text(sql: &str, statement: &Statement) -> Option<Vec<Option<String>>> {
+    use deltalake::datafusion::sql::sqlparser::{dialect::PostgreSqlDialect, parser::Parser};
+    match Parser::parse_sql(&PostgreSqlDialect {}, sql).as_deref() {
+        Ok([original]) => of(original),
+        _ => of(statement),
+    }
+}
+
 /// The Postgres name of each column of `statement`'s result, or `None` when the names
 /// cannot be told from the syntax (not a query, `*` in the select list).
 pub fn of(statement: &Statement) -> Option<Vec<Option<String>>> {

@@ -741,7 +741,11 @@ impl SimpleQueryHandler for Session {
                     )
                     .await
                     .map_err(classify)?;
-                    let names = super::column_names::of(&statement);
+                    let names = if single {
+                        super::column_names::of_text(query, &statement)
+                    } else {
+                        super::column_names::of(&statement)
+                    };
                     responses.extend(results.into_iter().map(|r| {
                         let statement = (service.clone(), pool.clone());
                         let stop = stop.clone();
@@ -857,7 +861,7 @@ impl QueryParser for SessionParser {
         let renamed = stmt
             .1
             .as_ref()
-            .and_then(|(statement, _)| super::column_names::of(statement))
+            .and_then(|(statement, _)| super::column_names::of_text(&stmt.0, statement))
             .and_then(|names| super::column_names::rename(&fields, &names));
         Ok(renamed.unwrap_or(fields))
     }

@@ -1551,7 +1551,11 @@ async fn psql_answers_as_postgres_does() {
         }
     }
     let (_, out) = run(lake.0, lake.1, "analyst", "select current_user");
-    assert!(out.lines().nth(1) == Some("analyst"), "current_user: {out}");
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["current_user", "analyst"],
+        "current_user: {out}"
+    );
     let lake = connect(&endpoint_dsn(env.serve_port, "analyst"))
         .await
         .unwrap();
