@@ -284,6 +284,17 @@ async fn open_applier(
         records,
     )
     .await?;
+    if let Some(vacuum) = settings.maintenance.vacuum_retention
+        && vacuum < settings.maintenance.log_retention
+    {
+        tracing::warn!(
+            vacuum_retention_hours = vacuum.as_secs_f64() / 3600.0,
+            log_retention_hours = settings.maintenance.log_retention.as_secs_f64() / 3600.0,
+            "maintenance.vacuum_retention_hours is shorter than maintenance.log_retention_hours: \
+             time travel (SET wal2delta.as_of) to a position older than the vacuum retention may \
+             find its files deleted; raise vacuum_retention_hours to at least log_retention_hours"
+        );
+    }
     applier.set_maintenance(settings.maintenance.clone());
     Ok((applier, durable_rx))
 }
