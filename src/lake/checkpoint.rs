@@ -73,6 +73,18 @@ pub struct TableVersions {
     pub curated: BTreeMap<String, u64>,
 }
 
+impl TableVersions {
+    /// The source tables these versions cover (raw and curated), each once.
+    pub fn tables(&self) -> Vec<crate::table_name::TableName> {
+        let names: std::collections::BTreeSet<&String> =
+            self.raw.keys().chain(self.curated.keys()).collect();
+        names
+            .into_iter()
+            .filter_map(|t| crate::table_name::TableName::parse(t).ok())
+            .collect()
+    }
+}
+
 impl CheckpointRecord {
     /// The record a checkpoint commit's info holds; `None` for other commits (markers,
     /// resets) and for info this version cannot read.

@@ -284,14 +284,12 @@ pub async fn start(
         .map_err(|e| ServeError::Lake(e.to_string()))?;
     // `run` checks the configured tables; `serve` may read a lake with others.
     if let Some(p) = &first {
-        let tables: Vec<crate::table_name::TableName> = p
-            .versions
-            .raw
-            .keys()
-            .chain(p.versions.curated.keys())
-            .filter_map(|t| crate::table_name::TableName::parse(t).ok())
-            .collect();
-        if let Some(clash) = settings.namespace.clashes(&tables).into_iter().next() {
+        if let Some(clash) = settings
+            .namespace
+            .clashes(&p.versions.tables())
+            .into_iter()
+            .next()
+        {
             return Err(ServeError::Namespace(clash));
         }
     }

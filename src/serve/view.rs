@@ -343,13 +343,7 @@ impl Views {
         view: &View,
         grants: Arc<super::grants::Grants>,
     ) {
-        let versions = &view.position.versions;
-        let tables = versions
-            .raw
-            .keys()
-            .chain(versions.curated.keys())
-            .filter_map(|t| TableName::parse(t).ok())
-            .collect();
+        let tables = view.position.versions.tables();
         ctx.register_udtf(
             "table_at_version",
             Arc::new(TableAtVersion {
@@ -423,12 +417,7 @@ impl Views {
             .catalog(DATABASE)
             .ok_or_else(|| DataFusionError::Internal("default catalog missing".into()))?;
         let versions = &position.versions;
-        let tables: Vec<TableName> = versions
-            .raw
-            .keys()
-            .chain(versions.curated.keys())
-            .filter_map(|t| TableName::parse(t).ok())
-            .collect();
+        let tables = versions.tables();
         let clashes = self.namespace.clashes(&tables);
         if let Some(clash) = clashes.first() {
             return Err(DataFusionError::Configuration(clash.clone()));
