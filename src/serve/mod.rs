@@ -283,15 +283,14 @@ pub async fn start(
         .await
         .map_err(|e| ServeError::Lake(e.to_string()))?;
     // `run` checks the configured tables; `serve` may read a lake with others.
-    if let Some(p) = &first {
-        if let Some(clash) = settings
+    if let Some(p) = &first
+        && let Some(clash) = settings
             .namespace
             .clashes(&p.versions.tables())
             .into_iter()
             .next()
-        {
-            return Err(ServeError::Namespace(clash));
-        }
+    {
+        return Err(ServeError::Namespace(clash));
     }
     let (latest, latest_rx) = watch::channel(first);
     let listener = tokio::net::TcpListener::bind(settings.listen)
