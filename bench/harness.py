@@ -68,6 +68,17 @@ import psycopg
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNING = []  # every daemon started, killed when the harness exits early
 APPLY = ""  # extra [apply] settings for every daemon (--batch-age-ms)
+
+
+def add_binary_argument(ap):
+    """`--binary`: the wal2delta to run (default: the release build in the target directory)."""
+    ap.add_argument("--binary", default=os.path.join(
+        os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release", "wal2delta"))
+
+
+def require_binary(path):
+    if not os.path.exists(path):
+        sys.exit(f"no wal2delta binary at {path}; build it (cargo build --release) or pass --binary")
 SCENARIOS = ["snapshot", "queries", "streaming", "merge", "verify", "neighbour", "large_transaction",
              "freshness", "sql_load", "object_store"]
 TABLES = ["public.condominios", "public.imoveis", "public.moradores", "public.transacoes"]
@@ -853,8 +864,7 @@ def scenario_object_store(args, work, dsn, conn):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--full", action="store_true")
-    ap.add_argument("--binary", default=os.path.join(
-        os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release", "wal2delta"))
+    add_binary_argument(ap)
     ap.add_argument("--json", default=None)
     ap.add_argument("--merge-sizes", dest="merge_sizes_override", default=None,
                     help="table sizes for the merge scenario, comma-separated (default: by mode)")
@@ -887,8 +897,7 @@ def main():
     args.os_changes = 1_000_000 if args.full else 300_000
     if args.svg_dir:
         os.makedirs(args.svg_dir, exist_ok=True)
-    if not os.path.exists(args.binary):
-        sys.exit(f"no wal2delta binary at {args.binary}; cargo build --release, or pass --binary")
+    require_binary(args.binary)
     results = {"mode": "full" if args.full else "quick", "cores": os.cpu_count(),
                "max_batch_age_ms": args.batch_age_ms}
     with disposable_postgres("w2d-harness") as (work, dsn):

@@ -30,9 +30,9 @@ import time
 import psycopg
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Daemon, bindir_tool, disposable_postgres, load_demo  # noqa: E402
+from harness import (Daemon, add_binary_argument, bindir_tool, disposable_postgres,  # noqa: E402
+                     load_demo, require_binary)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def scripts(work, ids):
@@ -91,11 +91,9 @@ def main():
     ap.add_argument("--protocols", default="simple,prepared")
     ap.add_argument("--scripts", default="lookup,aggregate")
     ap.add_argument("--write-rate", type=int, default=100, help="source updates per second")
-    ap.add_argument("--binary", default=os.path.join(
-        os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release", "wal2delta"))
+    add_binary_argument(ap)
     args = ap.parse_args()
-    if not os.path.exists(args.binary):
-        sys.exit(f"no wal2delta binary at {args.binary}; build it (cargo build --release) or pass --binary")
+    require_binary(args.binary)
 
     with disposable_postgres("w2d-pgbench") as (work, src_dsn):
         with psycopg.connect(src_dsn, autocommit=True) as c:

@@ -25,7 +25,7 @@ import time
 import psycopg
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Daemon, disposable_postgres  # noqa: E402
+from harness import Daemon, add_binary_argument, disposable_postgres, require_binary  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGGREGATE = """
@@ -54,11 +54,9 @@ def main():
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--lookups", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--binary", default=os.path.join(
-        os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release", "wal2delta"))
+    add_binary_argument(ap)
     args = ap.parse_args()
-    if not os.path.exists(args.binary):
-        sys.exit(f"no wal2delta binary at {args.binary}; build it (cargo build --release) or pass --binary")
+    require_binary(args.binary)
 
     with disposable_postgres("w2d-bench") as (work, src_dsn):
         with psycopg.connect(src_dsn, autocommit=True) as c:
