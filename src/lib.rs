@@ -13,6 +13,7 @@ pub mod apply;
 pub mod change;
 pub mod config;
 pub mod crash_point;
+pub mod init;
 pub mod lake;
 pub mod lsn;
 pub mod ops;

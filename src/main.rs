@@ -113,6 +113,46 @@ enum Command {
     /// Print the SCRAM-SHA-256 verifier of a password, for `[[serve.users]] scram = "…"`.
     /// Reads the password from the terminal (not echoed) or one line from stdin.
     HashPassword,
+    /// Prepare a source database and write a configuration: prints the SQL replication
+    /// needs (role, grants, replica identity, publication), or runs it with --apply.
+    Init {
+        /// An administrator's connection: a superuser (or the tables' owner with
+        /// CREATEROLE) to run the SQL with --apply; any user can print it. The password
+        /// comes from the DSN or PGPASSWORD.
+        #[arg(long)]
+        dsn: String,
+        /// A table to replicate (schema.table; quote mixed case: 'sales."Orders"');
+        /// repeatable.
+        #[arg(long)]
+        table: Vec<String>,
+        /// Replicate every table of this schema (partitions come with their partitioned
+        /// table); repeatable.
+        #[arg(long)]
+        schema: Vec<String>,
+        /// The configuration file to write.
+        #[arg(long, short, default_value = "wal2delta.toml")]
+        config: PathBuf,
+        /// The file for the new role's password (default: the config's name with the
+        /// extension `.password`).
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        /// Where the lake goes: a directory, or an s3://, az://, gs:// URL.
+        #[arg(long, default_value = "/var/lib/wal2delta/lake")]
+        lake: String,
+        /// wal2delta's role on the source.
+        #[arg(long, default_value = "wal2delta")]
+        role: String,
+        #[arg(long, default_value = "wal2delta")]
+        slot: String,
+        #[arg(long, default_value = "wal2delta")]
+        publication: String,
+        /// Run the SQL (in one transaction) instead of only printing it.
+        #[arg(long)]
+        apply: bool,
+        /// Replace an existing configuration file.
+        #[arg(long)]
+        force: bool,
+    },
     /// Drop the replication slot, and the publication if wal2delta created it, so an
     /// uninstalled wal2delta leaves no WAL pinned. The lake is kept.
     Teardown {
@@ -172,6 +212,39 @@ fn main() -> ExitCode {
             } => resync(config, table, json, wait).await,
             Command::Teardown { config, yes } => teardown(config, yes).await,
             Command::Serve { config } => serve(config).await,
+            Command::Init {
+                dsn,
+                table,
+                schema,
+                config,
+                password_file,
+                lake,
+                role,
+                slot,
+                publication,
+                apply,
+                force,
+            } => {
+                // Absolute paths: the config names the password file, and the daemon may
+                // start from another directory.
+                let config = std::path::absolute(&config).unwrap_or(config);
+                let password_file = password_file
+                    .map(|p| std::path::absolute(&p).unwrap_or(p))
+                    .unwrap_or_else(|| config.with_extension("password"));
+                let request = wal2delta::init::InitRequest {
+                    dsn,
+                    tables: table,
+                    schemas: schema,
+                    role,
+                    slot,
+                    publication,
+                    lake,
+                    config,
+                    password_file,
+                    force,
+                };
+                init(request, apply).await
+            }
             Command::HashPassword => hash_password(),
         }
     });
@@ -406,6 +479,47 @@ async fn wait_for_shutdown_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+async fn init(request: wal2delta::init::InitRequest, apply: bool) -> anyhow::Result<ExitCode> {
+    let (client, admin) = wal2delta::init::connect(&request).await?;
+    let plan = wal2delta::init::plan(&client, &admin, &request).await?;
+    let tables: Vec<String> = plan.tables.iter().map(|t| t.to_string()).collect();
+    eprintln!("tables: {}", tables.join(", "));
+    for warning in &plan.warnings {
+        eprintln!("warning: {warning}");
+    }
+    let password_note = |wrote: bool| {
+        if wrote {
+            eprintln!(
+                "wrote the role's password to {0} (mode 0600); the daemon's user must read it \
+                 (packaged service: chgrp wal2delta {0} && chmod 0640 {0})",
+                request.password_file.display()
+            );
+        }
+    };
+    if apply {
+        plan.apply(&client).await?;
+        password_note(plan.write_files(&request)?);
+        eprintln!(
+            "applied {} statement(s); wrote {}",
+            plan.steps.len(),
+            request.config.display()
+        );
+        eprintln!(
+            "next: wal2delta validate --config {0} && wal2delta run --config {0}",
+            request.config.display()
+        );
+    } else {
+        password_note(plan.write_files(&request)?);
+        print!("{}", plan.script());
+        eprintln!(
+            "wrote {}; the SQL above is not run: run it as a superuser (psql -1 -f), or run              init again with --apply; then: wal2delta validate --config {}",
+            request.config.display(),
+            request.config.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn validate(config: PathBuf) -> anyhow::Result<ExitCode> {

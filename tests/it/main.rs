@@ -9,6 +9,7 @@ mod deletion_vectors;
 mod failover;
 mod faults;
 mod harness;
+mod init;
 mod maintenance;
 mod memory;
 mod neighbour;
