@@ -1,6 +1,6 @@
 //! The TOML configuration file: its structure, and the validated [`Settings`].
 //!
-//! Every key is listed in the README's configuration reference. Unknown keys are errors
+//! Every key is listed in docs/configuration.md (Configuration reference). Unknown keys are errors
 //! (a typo must not silently fall back to a default). Each stage owns its section — its
 //! fields, defaults and checks — and [`Config::validate`] collects every section's
 //! problems, each naming its field and the rule it breaks.
@@ -95,6 +95,16 @@ impl Config {
         {
             let base = path.parent().unwrap_or(Path::new("."));
             serve.refined_dir = base.join(&serve.refined_dir);
+        }
+        if let Some(serve) = &settings.serve
+            && serve.refined_dir_set
+            && !serve.refined_dir.is_dir()
+        {
+            return Err(ConfigError::Invalid(vec![format!(
+                "serve.refined_dir: {} is not a directory; create it, correct the path, or \
+                 remove the key to serve no refined views",
+                serve.refined_dir.display()
+            )]));
         }
         Ok(settings)
     }

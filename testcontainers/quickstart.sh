@@ -29,6 +29,9 @@ psql_() { bash testcontainers/pg.sh psql "$pgdir" -q -v ON_ERROR_STOP=1 "$@"; }
 psql_ -f sql/schema.sql
 psql_ -v password=quickstart -f sql/setup.sql
 
+# The SQL endpoint and the metrics listen on loopback; override the ports if taken.
+sql_port="${QUICKSTART_SQL_PORT:-5480}"
+metrics_port="${QUICKSTART_METRICS_PORT:-9734}"
 cat > "$work/wal2delta.toml" <<TOML
 [source]
 dsn = "host=127.0.0.1 port=$PGPORT user=wal2delta dbname=postgres sslmode=disable"
@@ -39,6 +42,14 @@ tables = ["public.condominios", "public.imoveis", "public.moradores", "public.tr
 
 [lake]
 path = "$work/lake"
+
+[metrics]
+listen = "127.0.0.1:$metrics_port"
+
+[serve]
+listen = "127.0.0.1:$sql_port"
+# The shipped gold-layer views over the sample schema, served as refined.<name>.
+refined_dir = "$root/sql/refined"
 TOML
 
 export WAL2DELTA_PASSWORD=quickstart
@@ -54,5 +65,27 @@ for _ in $(seq 1 100); do
 done
 psql_ -f sql/sample_data.sql
 echo "==> sample data committed; change logs in $work/lake/raw/public/, current rows in $work/lake/curated/public/"
-echo "    config: $work/wal2delta.toml   (Ctrl-C to stop)"
+# The rows are in the lake once the slot confirms the position the sample data ended at.
+target=$(psql_ -At -c "SELECT pg_current_wal_lsn()")
+for _ in $(seq 1 300); do
+  done_=$(psql_ -At -c "SELECT confirmed_flush_lsn >= '$target' FROM pg_replication_slots WHERE slot_name = 'wal2delta'")
+  [ "$done_" = t ] && break
+  sleep 0.2
+done
+cat <<TEXT
+
+==> wal2delta is replicating. Query the lake over the Postgres protocol (any user name on
+    loopback; see docs/sql-endpoint.md for users, passwords and TLS):
+
+    psql "host=127.0.0.1 port=$sql_port dbname=wal2delta user=analyst"
+
+      SELECT status, count(*), sum(valor) FROM transacoes GROUP BY status;  -- current rows
+      SELECT _op, count(*) FROM raw.transacoes GROUP BY _op;              -- the change log
+      SELECT * FROM refined.saldo_em_atraso LIMIT 5;                      -- a refined view
+      \dt  and  \dn                                                  -- tables, schemas
+
+    Metrics:  curl -s http://127.0.0.1:$metrics_port/metrics | grep '^wal2delta_'
+    Status:   WAL2DELTA_PASSWORD=quickstart $bin status --config $work/wal2delta.toml
+    Config:   $work/wal2delta.toml   (Ctrl-C stops the daemon and the disposable Postgres)
+TEXT
 wait $daemon

@@ -135,6 +135,8 @@ pub struct ServeSettings {
     pub memory_bytes: usize,
     pub output: super::budget::Output,
     pub refined_dir: PathBuf,
+    /// `serve.refined_dir` was set: a missing directory is a mistake, not "no views".
+    pub refined_dir_set: bool,
     pub poll_interval: std::time::Duration,
     /// Where each lake table is served.
     pub namespace: super::namespace::Namespace,
@@ -268,6 +270,7 @@ impl ServeConfig {
                 .refined_dir
                 .clone()
                 .unwrap_or_else(|| PathBuf::from("sql/refined")),
+            refined_dir_set: self.refined_dir.is_some(),
             poll_interval: std::time::Duration::from_millis(self.poll_interval_ms),
             namespace: super::namespace::Namespace::new(&self.raw_schema, &self.refined_schema),
             grants,

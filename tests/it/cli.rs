@@ -47,6 +47,20 @@ fn bad_config_names_the_key_and_fails() {
         out.contains("source.slot") && out.contains("source.tables"),
         "{out}"
     );
+    // A refined-views directory set but missing is a mistake (the default may be absent).
+    std::fs::write(
+        &cfg,
+        "[source]\ndsn = \"host=127.0.0.1\"\nslot = \"s\"\npublication = \"p\"\ntables = [\"a\"]\n[lake]\npath = \"/tmp/x\"\n[serve]\nrefined_dir = \"views\"\n",
+    )
+    .unwrap();
+    for cmd in ["validate", "run", "serve"] {
+        let (ok, out) = run(&[cmd, "--config", cfg.to_str().unwrap()]);
+        assert!(!ok, "{cmd} accepted a missing refined_dir");
+        assert!(
+            out.contains("serve.refined_dir") && out.contains(&format!("{}", dir.path().join("views").display())),
+            "{cmd}: {out}"
+        );
+    }
     let (ok, out) = run(&[
         "validate",
         "--config",
