@@ -5,7 +5,7 @@
 #   bash bench/reliability.sh --extended   # 50 SIGKILLs instead of 12
 #
 # Needs what the test suite needs (PostgreSQL server binaries, psql, Python deltalake and
-# psycopg); see the README's Tests section.
+# psycopg); see docs/testing.md › Tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/wal2delta-target}"

@@ -4,7 +4,7 @@
 //! hold has an exact typed form, or when the few that do not (NaN in `numeric(p,s)`,
 //! `infinity` dates and timestamps, years outside Arrow's range) can be kept as text in the
 //! row's `_fallback` column. Types Delta cannot represent (time, interval, uuid, json, …)
-//! are stored as their canonical Postgres text. See the README's type table.
+//! are stored as their canonical Postgres text. See docs/lake.md › Type mapping.
 
 use std::sync::Arc;
 

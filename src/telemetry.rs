@@ -2,7 +2,7 @@
 //! listener (`[metrics] listen`).
 //!
 //! Metrics are recorded where things happen (apply, source, snapshot, pipeline) through
-//! the functions below, so names and labels live in one place; the README lists them.
+//! the functions below, so names and labels live in one place; docs/operations.md lists them.
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -189,8 +189,8 @@ impl StorageOptions {
                             }
                         }
                         _ => problems.push(format!(
-                            "lake.storage.{key}: not an option of {} storage (README › Lakes \
-                             on object storage lists them)",
+                            "lake.storage.{key}: not an option of {} storage (docs/lake.md › \
+                             Lakes on object storage lists them)",
                             cloud.name()
                         )),
                     }
@@ -415,7 +415,7 @@ fn explain(root: &Url, what: &str, error: object_store::Error) -> String {
         || lower.contains("403")
     {
         "permission denied: grant the daemon's identity list, get, put and delete on the \
-         lake's prefix (README › Lakes on object storage has the minimal policy)"
+         lake's prefix (docs/lake.md › Lakes on object storage has the minimal policy)"
     } else if lower.contains("nosuchbucket")
         || lower.contains("containernotfound")
         || lower.contains("bucket") && lower.contains("not found")

@@ -228,8 +228,8 @@ async fn sql_statements_stay_within_the_memory_budget() {
     );
     // The budget counts what the pools, the guarded functions and the held batches
     // report, not every copy (an aggregate's value on its way into its result batch).
-    // Measured here: 380 to 475 MB over the daemon's own peak; README › Protecting
-    // Postgres sizes MemoryMax with twice serve.memory_mb.
+    // Measured here: 380 to 475 MB over the daemon's own peak; docs/install.md ›
+    // Protecting Postgres sizes MemoryMax with twice serve.memory_mb.
     assert!(
         after < before + 2 * (256 << 20) + (128 << 20),
         "peak RSS went from {} MB to {} MB with serve.memory_mb = 256",

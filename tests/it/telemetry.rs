@@ -130,7 +130,7 @@ async fn metrics_endpoint_serves_the_documented_metrics() {
 fn the_dashboard_and_the_readme_name_only_real_metrics() {
     let root = env!("CARGO_MANIFEST_DIR");
     let source = std::fs::read_to_string(format!("{root}/src/telemetry.rs")).unwrap();
-    let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
+    let readme = std::fs::read_to_string(format!("{root}/docs/operations.md")).unwrap();
     let dashboard = std::fs::read_to_string(format!("{root}/docs/grafana-dashboard.json")).unwrap();
     serde_json::from_str::<serde_json::Value>(&dashboard).expect("the dashboard is JSON");
     let names = |text: &str| -> std::collections::BTreeSet<String> {
@@ -154,7 +154,7 @@ fn the_dashboard_and_the_readme_name_only_real_metrics() {
     for name in &defined {
         assert!(
             readme.contains(&format!("`{name}`")),
-            "the README does not document {name}"
+            "docs/operations.md does not document {name}"
         );
     }
 }

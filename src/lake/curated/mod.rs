@@ -314,7 +314,7 @@ impl CuratedTable {
                     table: label.clone(),
                     source,
                 })?;
-            tracing::info!(table = %label, "deletion vectors turned on: the table's protocol is now reader 3 / writer 7 with the deletionVectors feature; readers must support it (README › Deletion vectors)");
+            tracing::info!(table = %label, "deletion vectors turned on: the table's protocol is now reader 3 / writer 7 with the deletionVectors feature; readers must support it (docs/lake.md › Deletion vectors)");
         }
         let app_id = AppId::curated(slot, name);
         let applied = applied(&table, &label, &app_id).await?;
