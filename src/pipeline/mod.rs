@@ -114,9 +114,17 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pi
     let mut background = Background::new(&cancel);
     // Checkpoint records flow from the applier to the SQL endpoint in this process.
     let (records, records_rx) = watch::channel(None::<CheckpointRecord>);
+    // The source's primary keys, read at the start of replication, for the endpoint.
+    let keys = crate::serve::primary_keys::PrimaryKeys::default();
     if let Some(serve) = &settings.serve {
-        let endpoint =
-            crate::serve::start(serve, lake.clone(), Some(records_rx), background.token()).await?;
+        let endpoint = crate::serve::start(
+            serve,
+            lake.clone(),
+            Some(records_rx),
+            keys.clone(),
+            background.token(),
+        )
+        .await?;
         background.add(endpoint);
     }
     // Replication stops on shutdown, or when the publication guard finds a table it can
@@ -148,7 +156,7 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pi
         background.token(),
     ));
     let copies: StagedCopies = Arc::new(tokio::sync::Mutex::new(copies));
-    let result = replicate(&settings, &lake, &records, &copies, replication).await;
+    let result = replicate(&settings, &lake, &records, &copies, &keys, replication).await;
     background.stop().await;
     if let Ok(holder) = lease_holder.try_recv() {
         return Err(LakeError::LeaseLost { holder }.into());
@@ -169,6 +177,7 @@ async fn replicate(
     lake: &Lake,
     records: &RecordSender,
     copies: &StagedCopies,
+    keys: &crate::serve::primary_keys::PrimaryKeys,
     cancel: CancellationToken,
 ) -> Result<(), PipelineError> {
     let Prepared {
@@ -176,6 +185,11 @@ async fn replicate(
         created_slot,
         created_publication,
     } = prepare(settings).await?;
+    keys.set(
+        tables
+            .iter()
+            .map(|t| (t.name.clone(), t.primary_key.clone())),
+    );
     if created_publication {
         // So that `teardown` knows it may drop it.
         Checkpoint::open(lake, &settings.source.slot)

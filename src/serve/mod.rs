@@ -29,6 +29,7 @@ pub mod grants;
 pub mod growth;
 pub mod held_batches;
 pub mod namespace;
+pub mod primary_keys;
 pub mod read_only;
 pub mod rewrite;
 pub mod session;
@@ -269,6 +270,7 @@ pub async fn start(
     settings: &ServeSettings,
     lake: Lake,
     records: Option<watch::Receiver<Option<CheckpointRecord>>>,
+    keys: primary_keys::PrimaryKeys,
     cancel: CancellationToken,
 ) -> Result<impl std::future::Future<Output = ()> + Send + 'static, ServeError> {
     let tls = match &settings.tls {
@@ -318,7 +320,7 @@ pub async fn start(
         settings.poll_interval,
         cancel.clone(),
     ));
-    let shared = Arc::new(Shared::new(views, latest_rx, settings));
+    let shared = Arc::new(Shared::new(views, latest_rx, settings, keys));
     let policy = Arc::new(Policy {
         users: settings.users.clone(),
         require_tls: settings.require_tls,
@@ -388,7 +390,8 @@ pub async fn serve_only(
     lake: Lake,
     cancel: CancellationToken,
 ) -> Result<(), ServeError> {
-    let endpoint = start(settings, lake, None, cancel).await?;
+    // No source connection: no primary keys to report.
+    let endpoint = start(settings, lake, None, Default::default(), cancel).await?;
     crate::service::ready("serving the lake read-only");
     endpoint.await;
     Ok(())

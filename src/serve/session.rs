@@ -70,6 +70,8 @@ pub struct Shared {
     describer: Arc<DfSessionService>,
     /// Users restricted to some tables.
     grants: std::collections::HashMap<String, Arc<super::grants::Grants>>,
+    /// The source's primary keys, for JDBC's `getPrimaryKeys`.
+    keys: super::primary_keys::PrimaryKeys,
 }
 
 impl Shared {
@@ -77,6 +79,7 @@ impl Shared {
         views: Arc<Views>,
         latest: watch::Receiver<Option<Position>>,
         settings: &super::config::ServeSettings,
+        keys: super::primary_keys::PrimaryKeys,
     ) -> Shared {
         Shared {
             views,
@@ -86,6 +89,7 @@ impl Shared {
             budget: Arc::new(Budget::new(settings.memory_bytes)),
             grants: settings.grants.clone(),
             output: settings.output,
+            keys,
             describer: Arc::new(DfSessionService::new(Arc::new(SessionContext::new()))),
         }
     }
@@ -359,6 +363,23 @@ async fn view_for(
 
 /// A context over `view` for one statement: own memory pool (returned too, to wait for
 /// its end), the client's time zone.
+/// pgjdbc's `getPrimaryKeys`, answered from the source's keys for the tables the user
+/// may read (`primary_keys`).
+fn primary_keys<C: ClientInfo + ?Sized>(
+    shared: &Shared,
+    client: &C,
+    sql: &str,
+    statement: &mut Statement,
+) -> bool {
+    let grants = client
+        .metadata()
+        .get(pgwire::api::METADATA_USER)
+        .and_then(|u| shared.grants.get(u));
+    super::primary_keys::answer_jdbc(sql, statement, &shared.keys, |schema, table| {
+        grants.is_none_or(|g| g.allows(schema, table))
+    })
+}
+
 fn service_for<C: ClientInfo + ?Sized>(
     shared: &Shared,
     view: &View,
@@ -707,7 +728,8 @@ impl SimpleQueryHandler for Session {
                 let cancelled = super::cancel::statement_token(client).await;
                 for mut statement in statements {
                     guard(&statement)?;
-                    let rewritten = super::rewrite::rewrite(&mut statement);
+                    let rewritten = super::rewrite::rewrite(&mut statement)
+                        | primary_keys(&self.shared, client, query, &mut statement);
                     if let Some(s) = setting(&statement) {
                         responses.push(self.answer(s, &Format::UnifiedText).await?);
                         continue;
@@ -797,7 +819,9 @@ impl QueryParser for SessionParser {
         }
         let mut statement = statements.remove(0);
         guard(&statement)?;
-        let rewritten = super::rewrite::rewrite(&mut statement).then(|| statement.to_string());
+        let rewritten = (super::rewrite::rewrite(&mut statement)
+            | primary_keys(&self.shared, client, sql, &mut statement))
+        .then(|| statement.to_string());
         let sql = rewritten.as_deref().unwrap_or(sql);
         let view = view_for(&self.shared, &self.as_of).await?;
         if let Some(s) = setting(&statement) {

@@ -127,6 +127,8 @@ pub struct TableInfo {
     pub name: TableName,
     pub columns: Vec<ColumnSpec>,
     pub key_columns: Vec<String>,
+    /// The primary key's columns (none without one), whatever identifies the changes.
+    pub primary_key: Vec<String>,
     pub replica_identity: ReplicaIdentity,
     pub can_select: bool,
     /// A partitioned table (its rows live in its partitions).
@@ -210,17 +212,28 @@ pub async fn table_info(
             kind: ColumnKind::from_pg(r.get(3), r.get(4)),
         })
         .collect();
+    // The primary key's columns and the replica identity index's, each in index order.
     let keys = client
         .query(
-            "SELECT a.attname::text FROM pg_index i \
+            "SELECT a.attname::text, i.indisprimary, i.indisreplident FROM pg_index i \
              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
-             WHERE i.indrelid = $1 \
-               AND CASE WHEN $2 = 'i' THEN i.indisreplident ELSE i.indisprimary END \
-             ORDER BY array_position(i.indkey, a.attnum)",
-            &[&oid, &ident],
+             WHERE i.indrelid = $1 AND (i.indisprimary OR i.indisreplident) \
+             ORDER BY i.indexrelid, array_position(i.indkey, a.attnum)",
+            &[&oid],
         )
         .await?;
-    let mut key_columns: Vec<String> = keys.iter().map(|r| r.get(0)).collect();
+    let columns_where = |col: usize| -> Vec<String> {
+        keys.iter()
+            .filter(|r| r.get::<_, bool>(col))
+            .map(|r| r.get(0))
+            .collect()
+    };
+    let primary_key = columns_where(1);
+    let mut key_columns = if ident == "i" {
+        columns_where(2)
+    } else {
+        primary_key.clone()
+    };
     if key_columns.is_empty() && ident == "f" {
         // REPLICA IDENTITY FULL without a primary key: the whole row identifies it.
         key_columns = columns
@@ -232,6 +245,7 @@ pub async fn table_info(
         name: table.clone(),
         columns,
         key_columns,
+        primary_key,
         replica_identity: ReplicaIdentity::from_code(ident.bytes().next().unwrap_or(b'd')),
         can_select,
         partitioned,
