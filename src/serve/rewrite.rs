@@ -13,18 +13,64 @@
 //!   position>`: Postgres's own rule (a bare name in ORDER BY is an output column first).
 //!   Nothing else changes, so HAVING, expressions in ORDER BY and joins mean what they
 //!   meant.
+//! - **`typinput = 'array_in'::regproc`**: `pg_type`'s function columns hold names here,
+//!   so a comparison with a `regproc` literal compares names (pgjdbc asks it of every
+//!   array type it meets).
 
 use std::ops::ControlFlow;
 
 use deltalake::datafusion::sql::sqlparser::ast::{
-    Expr, Function, FunctionArg, FunctionArgExpr, FunctionArgumentList, FunctionArguments, Ident,
-    ObjectName, OrderBy, OrderByKind, SelectItem, SetExpr, Statement, Value, visit_expressions_mut,
+    BinaryOperator, Expr, Function, FunctionArg, FunctionArgExpr, FunctionArgumentList,
+    FunctionArguments, Ident, ObjectName, OrderBy, OrderByKind, SelectItem, SetExpr, Statement,
+    Value, visit_expressions_mut,
 };
 
 /// Applies the rewrites; returns whether anything changed.
 pub fn rewrite(statement: &mut Statement) -> bool {
     let casts = order_by_cast_columns(statement);
-    array_subqueries(statement) || casts
+    let procs = regproc_names(statement);
+    array_subqueries(statement) || casts || procs
+}
+
+/// `pg_type`'s function columns hold the function's name here, where Postgres holds a
+/// `regproc`: `typinput = 'pg_catalog.array_in'::regproc` (pgjdbc's array-type check),
+/// which the pg_catalog parser turns into a comparison with `pg_proc`'s oid, becomes a
+/// comparison of names.
+fn regproc_names(statement: &mut Statement) -> bool {
+    const COLUMNS: [&str; 7] = [
+        "typinput",
+        "typoutput",
+        "typreceive",
+        "typsend",
+        "typmodin",
+        "typmodout",
+        "typanalyze",
+    ];
+    const PREFIX: &str = "SELECT oid FROM pg_catalog.pg_proc WHERE proname = '";
+    let mut rewritten = false;
+    let _ = visit_expressions_mut(statement, |expr| {
+        if let Expr::BinaryOp { left, op, right } = expr
+            && matches!(op, BinaryOperator::Eq | BinaryOperator::NotEq)
+            && let Some(column) = match left.as_ref() {
+                Expr::Identifier(i) => Some(i),
+                Expr::CompoundIdentifier(parts) => parts.last(),
+                _ => None,
+            }
+            && COLUMNS.contains(&column.value.to_ascii_lowercase().as_str())
+            && let Expr::Subquery(query) = right.as_ref()
+            && let Some(name) = query
+                .to_string()
+                .strip_prefix(PREFIX)
+                .and_then(|rest| rest.strip_suffix('\''))
+                .filter(|name| !name.contains('\''))
+        {
+            let name = name.strip_prefix("pg_catalog.").unwrap_or(name).to_string();
+            **right = Expr::Value(Value::SingleQuotedString(name).into());
+            rewritten = true;
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    rewritten
 }
 
 fn order_by_cast_columns(statement: &mut Statement) -> bool {
@@ -163,6 +209,19 @@ mod tests {
         ] {
             assert_eq!(rewritten(sql), None, "{sql}");
         }
+    }
+
+    #[test]
+    fn regproc_comparisons_of_type_functions_compare_names() {
+        let mut s = datafusion_postgres::datafusion_pg_catalog::sql::PostgresCompatibilityParser::new()
+            .parse("SELECT typinput='pg_catalog.array_in'::regproc as is_array FROM pg_catalog.pg_type WHERE pg_type.oid = 1034")
+            .unwrap()
+            .remove(0);
+        assert!(rewrite(&mut s));
+        assert_eq!(
+            s.to_string(),
+            "SELECT typinput = 'array_in' AS is_array FROM pg_catalog.pg_type WHERE pg_type.oid = 1034"
+        );
     }
 
     #[test]
