@@ -10,6 +10,7 @@ mod failover;
 mod faults;
 mod harness;
 mod init;
+mod jdbc;
 mod maintenance;
 mod memory;
 mod neighbour;

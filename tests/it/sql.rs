@@ -66,7 +66,7 @@ fn sqlstate(e: &tokio_postgres::Error) -> String {
 }
 
 /// Waits until the endpoint serves `sql` with the same single value as the source.
-async fn wait_same(env: &Env, what: &str, sql: &str) {
+pub async fn wait_same(env: &Env, what: &str, sql: &str) {
     let source = env.pg.client().await;
     let dsn = endpoint_dsn(env.serve_port, "analyst");
     let log = || env.daemon_log();
