@@ -88,8 +88,8 @@ impl From<tokio_postgres::Error> for InitError {
 
 /// Connects with the administrator's DSN (`PGPASSWORD` when it carries no password).
 pub async fn connect(request: &InitRequest) -> Result<(Client, ConnParams), InitError> {
-    let mut params = ConnParams::parse(&request.dsn)
-        .map_err(|e| InitError(format!("--dsn: {e}")))?;
+    let mut params =
+        ConnParams::parse(&request.dsn).map_err(|e| InitError(format!("--dsn: {e}")))?;
     if params.password.is_none()
         && let Ok(pw) = std::env::var("PGPASSWORD")
     {
@@ -162,7 +162,10 @@ pub async fn plan(
             let (login, replication): (bool, bool) = (row.get(0), row.get(1));
             if !login || !replication {
                 steps.push(Step {
-                    why: format!("role {} exists but cannot log in and replicate", request.role),
+                    why: format!(
+                        "role {} exists but cannot log in and replicate",
+                        request.role
+                    ),
                     sql: format!("ALTER ROLE {role} LOGIN REPLICATION;"),
                 });
             }
@@ -211,7 +214,9 @@ pub async fn plan(
             });
         }
         let Some(info) = catalog::table_info(client, table, &request.publication).await? else {
-            return Err(InitError(format!("table {table} disappeared while init ran")));
+            return Err(InitError(format!(
+                "table {table} disappeared while init ran"
+            )));
         };
         partitioned |= info.partitioned;
         let needs_full = match info.replica_identity {
@@ -375,14 +380,19 @@ fn check_names(request: &InitRequest) -> Result<(), InitError> {
         )));
     }
     if request.role.is_empty() || request.publication.is_empty() {
-        return Err(InitError("--role and --publication must not be empty".into()));
+        return Err(InitError(
+            "--role and --publication must not be empty".into(),
+        ));
     }
     Ok(())
 }
 
 /// The tables named, and those of the schemas named (partitions aside: their changes
 /// arrive under their partitioned table), each checked to exist.
-async fn resolve_tables(client: &Client, request: &InitRequest) -> Result<Vec<TableName>, InitError> {
+async fn resolve_tables(
+    client: &Client,
+    request: &InitRequest,
+) -> Result<Vec<TableName>, InitError> {
     let mut tables = Vec::new();
     for text in &request.tables {
         let table = TableName::parse(text).map_err(|e| InitError(format!("--table: {e}")))?;
@@ -434,7 +444,10 @@ async fn resolve_tables(client: &Client, request: &InitRequest) -> Result<Vec<Ta
                 "--schema {schema}: schema {name} has no tables (or does not exist)"
             )));
         }
-        tables.extend(rows.iter().map(|r| TableName::new(name.clone(), r.get::<_, String>(0))));
+        tables.extend(
+            rows.iter()
+                .map(|r| TableName::new(name.clone(), r.get::<_, String>(0))),
+        );
     }
     let mut seen = BTreeSet::new();
     tables.retain(|t| seen.insert(t.clone()));
@@ -579,14 +592,19 @@ mod tests {
 
     #[test]
     fn the_role_dsn_keeps_where_and_how_but_not_who_or_the_password() {
-        let a = admin("postgresql://root:s3cret@db1:6543/app?sslmode=verify-full&sslrootcert=/etc/ca.pem");
+        let a = admin(
+            "postgresql://root:s3cret@db1:6543/app?sslmode=verify-full&sslrootcert=/etc/ca.pem",
+        );
         assert_eq!(
             role_dsn(&a, "wal2delta"),
             "host=db1 port=6543 user=wal2delta dbname=app sslmode=verify-full sslrootcert=/etc/ca.pem"
         );
         let a = admin("host=/var/run/postgresql dbname='my db' user=postgres");
         let dsn = role_dsn(&a, "w2d");
-        assert_eq!(dsn, "host=/var/run/postgresql port=5432 user=w2d dbname='my db'");
+        assert_eq!(
+            dsn,
+            "host=/var/run/postgresql port=5432 user=w2d dbname='my db'"
+        );
         let back = ConnParams::parse(&dsn).unwrap();
         assert_eq!(back.dbname, "my db");
         assert_eq!(back.user, "w2d");
@@ -610,7 +628,11 @@ mod tests {
             TableName::new("public", "orders"),
             TableName::new("Vendas", "Itens \"2024\""),
         ];
-        let text = config_text(&admin("host=127.0.0.1 user=postgres dbname=app"), &request, &tables);
+        let text = config_text(
+            &admin("host=127.0.0.1 user=postgres dbname=app"),
+            &request,
+            &tables,
+        );
         let value: toml::Value = toml::from_str(&text).unwrap();
         let listed: Vec<TableName> = value["source"]["tables"]
             .as_array()

@@ -57,7 +57,8 @@ fn bad_config_names_the_key_and_fails() {
         let (ok, out) = run(&[cmd, "--config", cfg.to_str().unwrap()]);
         assert!(!ok, "{cmd} accepted a missing refined_dir");
         assert!(
-            out.contains("serve.refined_dir") && out.contains(&format!("{}", dir.path().join("views").display())),
+            out.contains("serve.refined_dir")
+                && out.contains(&format!("{}", dir.path().join("views").display())),
             "{cmd}: {out}"
         );
     }

@@ -70,7 +70,10 @@ async fn init_prepares_a_fresh_database_and_validate_then_passes() {
     ] {
         assert!(sql.contains(expected), "missing {expected:?} in:\n{sql}");
     }
-    assert!(!sql.contains("measures_2025"), "a partition was listed:\n{sql}");
+    assert!(
+        !sql.contains("measures_2025"),
+        "a partition was listed:\n{sql}"
+    );
     for keyed in ["orders", "measures", "Itens"] {
         assert!(
             !sql.contains(&format!("\"{keyed}\" REPLICA IDENTITY")),
@@ -84,7 +87,10 @@ async fn init_prepares_a_fresh_database_and_validate_then_passes() {
     assert!(!sql.contains(password), "the password itself was printed");
     assert!(!err.contains(password), "the password itself was printed");
     use std::os::unix::fs::PermissionsExt as _;
-    let mode = std::fs::metadata(&password_file).unwrap().permissions().mode();
+    let mode = std::fs::metadata(&password_file)
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600, "password file mode {mode:o}");
     let client = env.pg.client().await;
     let roles = client
@@ -103,8 +109,14 @@ async fn init_prepares_a_fresh_database_and_validate_then_passes() {
     assert!(err.contains("applied 9 statement(s)"), "{err}");
     // The password file is kept: the role got the password it holds. Make the server ask
     // for it (the test clusters trust loopback users outside w2d_scram).
-    assert_eq!(std::fs::read_to_string(&password_file).unwrap().trim_end(), password);
-    client.batch_execute("GRANT w2d_scram TO w2d_init").await.unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&password_file).unwrap().trim_end(),
+        password
+    );
+    client
+        .batch_execute("GRANT w2d_scram TO w2d_init")
+        .await
+        .unwrap();
 
     // A second run finds nothing to do.
     let (code, sql, err) = init(&env, &["--force"]);
@@ -140,7 +152,10 @@ async fn init_prepares_a_fresh_database_and_validate_then_passes() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(walsender, "w2d_init", "the daemon replicates as init's role");
+    assert_eq!(
+        walsender, "w2d_init",
+        "the daemon replicates as init's role"
+    );
     daemon.terminate(Duration::from_secs(30));
 }
 
