@@ -275,7 +275,10 @@ fn counted<T>(result: PgWireResult<T>) -> PgWireResult<T> {
 }
 
 fn parse(sql: &str) -> PgWireResult<Vec<Statement>> {
-    PostgresCompatibilityParser::new()
+    // Built once: its blacklist and rewrite rules took part of every statement's time.
+    static PARSER: std::sync::LazyLock<PostgresCompatibilityParser> =
+        std::sync::LazyLock::new(PostgresCompatibilityParser::new);
+    PARSER
         .parse(sql)
         .map_err(|e| user_error("42601", format!("syntax error: {e}")))
 }
