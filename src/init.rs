@@ -268,8 +268,24 @@ pub async fn plan(
                     ),
                 });
             }
+            // Members named in the publication: a partitioned table published through
+            // its partitions (no publish_via_partition_root) is a member too, though
+            // pg_publication_tables lists only its partitions.
+            let named: Vec<TableName> = client
+                .query(
+                    "SELECT n.nspname::text, c.relname::text FROM pg_publication_rel pr \
+                     JOIN pg_publication p ON p.oid = pr.prpubid \
+                     JOIN pg_class c ON c.oid = pr.prrelid \
+                     JOIN pg_namespace n ON n.oid = c.relnamespace WHERE p.pubname = $1",
+                    &[&request.publication],
+                )
+                .await?
+                .iter()
+                .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+                .collect();
             for table in &tables {
                 match published.iter().find(|p| &p.table == table) {
+                    None if named.contains(table) => {}
                     None => steps.push(Step {
                         why: format!("publication {} does not publish {table} yet", request.publication),
                         sql: format!("ALTER PUBLICATION {publication} ADD TABLE {};", table.quoted()),

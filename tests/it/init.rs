@@ -183,3 +183,68 @@ fn init_names_a_missing_table_and_what_to_write() {
     );
     assert!(!dir.path().join("w.toml").exists());
 }
+
+/// An existing publication: a partitioned table published through its partitions and a
+/// missing table are put right, and `--apply` runs what was printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_completes_an_existing_publication() {
+    let env = Env::new(
+        "CREATE TABLE m (id int, at date, PRIMARY KEY (id, at)) PARTITION BY RANGE (at); \
+         CREATE TABLE m_1 PARTITION OF m FOR VALUES FROM ('2025-01-01') TO ('2026-01-01'); \
+         CREATE TABLE o (id int PRIMARY KEY); \
+         CREATE PUBLICATION w2d_init_pub FOR TABLE m;",
+    )
+    .await;
+    let dsn = env.pg.dsn("postgres");
+    let args = |apply: bool| {
+        let mut a = vec![
+            "init".to_string(),
+            "--dsn".into(),
+            dsn.clone(),
+            "--table".into(),
+            "m".into(),
+            "--table".into(),
+            "o".into(),
+            "--config".into(),
+            env.config.to_str().unwrap().into(),
+            "--publication".into(),
+            "w2d_init_pub".into(),
+            "--force".into(),
+        ];
+        if apply {
+            a.push("--apply".into());
+        }
+        a
+    };
+    let out = Command::new(binary()).args(args(false)).output().unwrap();
+    let sql = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{sql}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        sql.contains("ALTER PUBLICATION \"w2d_init_pub\" SET (publish_via_partition_root = true);")
+            && sql.contains("ALTER PUBLICATION \"w2d_init_pub\" ADD TABLE \"public\".\"o\";")
+            && !sql.contains("ADD TABLE \"public\".\"m\""),
+        "{sql}"
+    );
+    let out = Command::new(binary()).args(args(true)).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let published = env
+        .pg
+        .client()
+        .await
+        .query(
+            "SELECT tablename::text FROM pg_publication_tables WHERE pubname = 'w2d_init_pub' ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let names: Vec<String> = published.iter().map(|r| r.get(0)).collect();
+    assert_eq!(names, ["m", "o"]);
+}
