@@ -364,8 +364,6 @@ async fn view_for(
     })
 }
 
-/// A context over `view` for one statement: own memory pool (returned too, to wait for
-/// its end), the client's time zone.
 /// pgjdbc's `getPrimaryKeys`, answered from the source's keys for the tables the user
 /// may read (`primary_keys`).
 fn primary_keys<C: ClientInfo + ?Sized>(
@@ -383,6 +381,8 @@ fn primary_keys<C: ClientInfo + ?Sized>(
     })
 }
 
+/// A context over `view` for one statement: own memory pool (returned too, to wait for
+/// its end), the client's time zone.
 fn service_for<C: ClientInfo + ?Sized>(
     shared: &Shared,
     view: &View,
