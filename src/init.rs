@@ -240,10 +240,9 @@ pub async fn plan(
         None => {
             let list: Vec<String> = tables.iter().map(TableName::quoted).collect();
             steps.push(Step {
-                why: format!(
-                    "the publication the slot streams: exactly these tables, partitioned ones \
-                     under their own names"
-                ),
+                why: "the publication the slot streams: exactly these tables, partitioned \
+                      ones under their own names"
+                    .into(),
                 sql: format!(
                     "CREATE PUBLICATION {publication} FOR TABLE {} WITH (publish_via_partition_root = true);",
                     list.join(", ")
