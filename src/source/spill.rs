@@ -20,6 +20,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -78,6 +79,40 @@ pub struct Spills {
     block: Option<Xid>,
 }
 
+/// Creates `dir` (mode 0700) or checks an existing one: a directory, not a link, owned by
+/// this user, and closed to others (tightened to 0700 if it is not). Spill files hold
+/// source rows, and the default directory is in the shared temporary directory, where
+/// someone else could have created it first.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let refuse = |why: String| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("{why}; remove it, or set source.spill_dir to a directory of this user's"),
+        ))
+    };
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !meta.file_type().is_dir() {
+        return refuse("it is a symbolic link or not a directory".into());
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return refuse(format!(
+            "it belongs to user id {}, not to this process's ({me})",
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
 impl Spills {
     /// Creates `dir` if needed and deletes the spill files a previous connection left.
     pub fn open(dir: &Path) -> Result<Spills, SpillError> {
@@ -86,7 +121,7 @@ impl Spills {
             path: dir.to_path_buf(),
             source,
         };
-        std::fs::create_dir_all(dir).map_err(|e| failed("create the spill directory", e))?;
+        private_dir(dir).map_err(|e| failed("use the spill directory", e))?;
         for entry in std::fs::read_dir(dir).map_err(|e| failed("list the spill directory", e))? {
             let path = entry
                 .map_err(|e| failed("list the spill directory", e))?
@@ -132,11 +167,15 @@ impl Spills {
                 .into());
             }
             let path = self.dir.join(format!("{}{SUFFIX}", xid.0));
+            // Source rows: readable by this user only, and never through a link someone
+            // else put in the directory.
             let file = File::options()
                 .read(true)
                 .write(true)
                 .create(true)
                 .truncate(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
                 .open(&path)
                 .map_err(|e| SpillError {
                     what: "create the spill file",
@@ -384,6 +423,35 @@ mod tests {
             });
         }
         out
+    }
+
+    #[test]
+    fn the_spill_directory_and_files_are_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("spill");
+        let mut spills = Spills::open(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        spills.start(Xid(9), true).unwrap();
+        assert_eq!(mode(&dir.join("9.spill")), 0o600);
+        // An existing directory open to others is closed.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Spills::open(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        // A link planted where the directory goes is refused.
+        let target = root.path().join("elsewhere");
+        std::fs::create_dir(&target).unwrap();
+        let link = root.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let err = Spills::open(&link)
+            .err()
+            .expect("a symbolic link is refused")
+            .to_string();
+        assert!(
+            err.contains("symbolic link") && err.contains("source.spill_dir"),
+            "{err}"
+        );
     }
 
     #[test]
