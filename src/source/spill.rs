@@ -64,7 +64,9 @@ const SUFFIX: &str = ".spill";
 /// One running transaction's file.
 struct Spill {
     path: PathBuf,
-    file: BufWriter<File>,
+    /// Open only during the transaction's block: one write buffer (1 MiB) and one file
+    /// descriptor at a time, however many transactions are running.
+    file: Option<BufWriter<File>>,
     /// Bytes written.
     len: u64,
     /// Where each subtransaction's first message begins.
@@ -167,41 +169,51 @@ impl Spills {
                 .into());
             }
             let path = self.dir.join(format!("{}{SUFFIX}", xid.0));
-            // Source rows: readable by this user only, and never through a link someone
-            // else put in the directory.
-            let file = File::options()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&path)
-                .map_err(|e| SpillError {
-                    what: "create the spill file",
-                    path: path.clone(),
-                    source: e,
-                })?;
+            let file = spill_file(&path, true).map_err(|e| SpillError {
+                what: "create the spill file",
+                path: path.clone(),
+                source: e,
+            })?;
             self.open.insert(
                 xid,
                 Spill {
                     path,
-                    file: BufWriter::with_capacity(1 << 20, file),
+                    file: Some(BufWriter::with_capacity(1 << 20, file)),
                     len: 0,
                     subxacts: HashMap::new(),
                 },
             );
+        } else if let Some(spill) = self.open.get_mut(&xid) {
+            // The next block of a running transaction: append where the last one ended.
+            let failed = |e| SpillError {
+                what: "reopen the spill file",
+                path: spill.path.clone(),
+                source: e,
+            };
+            let mut file = spill_file(&spill.path, false).map_err(failed)?;
+            file.seek(SeekFrom::Start(spill.len)).map_err(failed)?;
+            spill.file = Some(BufWriter::with_capacity(1 << 20, file));
         }
         self.block = Some(xid);
         Ok(())
     }
 
-    /// Stream Stop.
+    /// Stream Stop: the block's transaction's file is written out and closed.
     pub fn stop(&mut self) -> Result<(), StreamedError> {
-        self.block
+        let xid = self
+            .block
             .take()
-            .map(|_| ())
-            .ok_or_else(|| OutOfOrder("Stream Stop without a Stream Start".into()).into())
+            .ok_or_else(|| OutOfOrder("Stream Stop without a Stream Start".into()))?;
+        if let Some(spill) = self.open.get_mut(&xid)
+            && let Some(writer) = spill.file.take()
+        {
+            writer.into_inner().map_err(|e| SpillError {
+                what: "write the spill file",
+                path: spill.path.clone(),
+                source: e.into_error(),
+            })?;
+        }
+        Ok(())
     }
 
     /// A message of the block's transaction (or of its subtransaction `xid`).
@@ -218,11 +230,14 @@ impl Spills {
         }
         let len = u32::try_from(message.len())
             .map_err(|_| OutOfOrder(format!("a message of {} bytes", message.len())))?;
-        let written = spill
+        let file = spill
             .file
+            .as_mut()
+            .ok_or_else(|| OutOfOrder(format!("the spill file of {top} is not open")))?;
+        let written = file
             .write_all(&wal_start.0.to_be_bytes())
-            .and_then(|()| spill.file.write_all(&len.to_be_bytes()))
-            .and_then(|()| spill.file.write_all(message));
+            .and_then(|()| file.write_all(&len.to_be_bytes()))
+            .and_then(|()| file.write_all(message));
         written.map_err(|e| SpillError {
             what: "write the spill file",
             path: spill.path.clone(),
@@ -252,13 +267,17 @@ impl Spills {
             path: spill.path.clone(),
             source: e,
         };
-        spill.file.flush().map_err(failed)?;
-        spill.file.get_ref().set_len(cut).map_err(failed)?;
-        spill
-            .file
-            .get_mut()
-            .seek(SeekFrom::Start(cut))
-            .map_err(failed)?;
+        match spill.file.as_mut() {
+            Some(file) => {
+                file.flush().map_err(failed)?;
+                file.get_ref().set_len(cut).map_err(failed)?;
+                file.get_mut().seek(SeekFrom::Start(cut)).map_err(failed)?;
+            }
+            // Between blocks, where Stream Abort comes: the file is closed.
+            None => spill_file(&spill.path, false)
+                .and_then(|f| f.set_len(cut))
+                .map_err(failed)?,
+        }
         spill.len = cut;
         spill.subxacts.retain(|_, start| *start < cut);
         Ok(())
@@ -283,14 +302,12 @@ impl Spills {
             path: path.clone(),
             source: e,
         };
-        spill
-            .file
-            .flush()
-            .map_err(|e| failed("write the spill file", e))?;
-        let mut file = spill
-            .file
-            .into_inner()
-            .map_err(|e| failed("write the spill file", e.into_error()))?;
+        let mut file = match spill.file.take() {
+            Some(writer) => writer
+                .into_inner()
+                .map_err(|e| failed("write the spill file", e.into_error()))?,
+            None => spill_file(&path, false).map_err(|e| failed("read back the spill file", e))?,
+        };
         file.seek(SeekFrom::Start(0))
             .map_err(|e| failed("read back the spill file", e))?;
         Ok(Replay {
@@ -305,6 +322,19 @@ impl Spills {
             ended: false,
         })
     }
+}
+
+/// A spill file opened to read and write: source rows, so readable by this user only, and
+/// never through a link someone else put in the directory. `create` starts it empty.
+fn spill_file(path: &Path, create: bool) -> std::io::Result<File> {
+    File::options()
+        .read(true)
+        .write(true)
+        .create(create)
+        .truncate(create)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
 }
 
 fn remove(path: PathBuf) {
