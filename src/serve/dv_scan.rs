@@ -13,8 +13,6 @@
 //! A point lookup (`col = v`, `col IN (…)` on an integer column) skips the files whose
 //! min/max in the Delta log excludes it without opening them, as delta-rs's scan does.
 //!
-//! The endpoint reads every curated table through it (the file list and statistics are
-//! then built once per lake position, not at every scan as delta-rs's provider does).
 //! It is used only where it is exact: tables without partition columns or column mapping,
 //! whose reader features are `deletionVectors` (and `timestampNtz`), and whose DV'd files
 //! record `numRecords`; anything else is read by delta-rs's provider as before. Files are
@@ -105,10 +103,16 @@ pub async fn provider(
     if !readable {
         return Ok(None);
     }
-    // Tables without any DV too: the file list is then built once per lake position,
-    // where delta-rs's provider replays the log at every scan (11% of a point lookup's
-    // time in the pgbench profile).
+    // Tables without any DV stay with delta-rs's provider, which answers `count(*)` from
+    // the log's statistics: reading them here (tried, for its per-position file list)
+    // broke time travel to a version whose files vacuum had already removed.
     let views: Vec<_> = snapshot.log_data().iter().collect();
+    if views
+        .iter()
+        .all(|v| v.deletion_vector_descriptor().is_none())
+    {
+        return Ok(None);
+    }
     let key = table.table_url().to_string();
     let mut cached = match selections {
         Some(s) => s.by_table.lock().await.remove(&key).unwrap_or_default(),
