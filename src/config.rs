@@ -112,12 +112,12 @@ impl Config {
     /// Checks every section and collects every problem, each naming its field.
     pub fn validate(self) -> Result<Settings, ConfigError> {
         let mut problems = Vec::new();
-        let source = self.source.validate(&mut problems);
+        let lake = self.lake.validate(&mut problems);
+        let source = self.source.validate(&lake.path, &mut problems);
         let (metrics_listen, retained_wal_warn_bytes) = self.metrics.validate(&mut problems);
         let serve = self.serve.validate(&mut problems);
         let maintenance = self.maintenance.validate(&mut problems);
         let normalization = self.transform.validate(&mut problems);
-        let lake = self.lake.validate(&mut problems);
         self.apply.validate(&mut problems);
         if let (Some(source), Some(serve)) = (&source, &serve) {
             problems.extend(serve.namespace.clashes(&source.tables));
@@ -158,6 +158,20 @@ mod tests {
         [lake]
         path = "/tmp/lake"
     "#;
+
+    #[test]
+    fn the_default_spill_directory_is_the_slots_and_the_lakes() {
+        let one = parse(GOOD).unwrap().source.spill_dir;
+        let again = parse(GOOD).unwrap().source.spill_dir;
+        let other = parse(&GOOD.replace("/tmp/lake", "/tmp/lake2"))
+            .unwrap()
+            .source
+            .spill_dir;
+        assert_eq!(one, again, "a restart finds the same directory");
+        assert_ne!(one, other, "two lakes, one slot name: two directories");
+        let name = one.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.starts_with("wal2delta-w2d-"), "{name}");
+    }
 
     #[test]
     fn accepts_minimal_config_with_defaults() {

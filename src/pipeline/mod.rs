@@ -106,6 +106,14 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pi
             })?;
     }
     let lock = LakeLock::acquire(&lake).await?;
+    // Held until the daemon ends: no other daemon on this host may use the directory.
+    let _spill_dir = match settings.source.stream_in_progress {
+        true => Some(
+            crate::source::spill::SpillDirLock::acquire(&settings.source.spill_dir)
+                .map_err(ReplicationError::Streamed)?,
+        ),
+        false => None,
+    };
     crate::service::spawn_watchdog();
     if let Some(listen) = settings.metrics_listen {
         crate::telemetry::install(listen).map_err(PipelineError::Metrics)?;

@@ -69,7 +69,7 @@ pub struct SourceConfig {
     #[serde(default = "yes")]
     pub stream_in_progress: bool,
     /// Where running transactions are kept until they commit; default: a directory named
-    /// after the slot in the system's temporary directory.
+    /// after the slot and the lake in the system's temporary directory.
     pub spill_dir: Option<PathBuf>,
 }
 
@@ -148,10 +148,22 @@ pub struct SourceSettings {
     pub spill_dir: PathBuf,
 }
 
+/// `$TMPDIR/wal2delta-<slot>-<lake>`: named after the lake as well as the slot, since two
+/// daemons on one host may replicate slots of the same name from two databases (each
+/// into its own lake). The lake's part is a hash of its location (FNV-1a, stable across
+/// builds), so a restart finds the same directory.
+fn default_spill_dir(slot: &str, lake: &str) -> PathBuf {
+    let hash = lake.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    std::env::temp_dir().join(format!("wal2delta-{slot}-{:08x}", hash as u32))
+}
+
 impl SourceConfig {
     /// Checks every field, adding each problem to `problems`; the settings when the
-    /// connection string at least parses.
-    pub fn validate(&self, problems: &mut Vec<String>) -> Option<SourceSettings> {
+    /// connection string at least parses. `lake` is the lake's location, which names the
+    /// default spill directory.
+    pub fn validate(&self, lake: &str, problems: &mut Vec<String>) -> Option<SourceSettings> {
         let conn = ConnParams::parse(&self.dsn)
             .map_err(|e| problems.push(format!("source.dsn: {e}")))
             .ok();
@@ -263,7 +275,7 @@ impl SourceConfig {
             spill_dir: self
                 .spill_dir
                 .clone()
-                .unwrap_or_else(|| std::env::temp_dir().join(format!("wal2delta-{}", self.slot))),
+                .unwrap_or_else(|| default_spill_dir(&self.slot, lake)),
         })
     }
 

@@ -57,6 +57,13 @@ pub enum StreamedError {
     OutOfOrder(#[from] OutOfOrder),
     #[error("a spilled message does not decode: {0}")]
     Malformed(#[from] super::cursor::Malformed),
+    #[error(
+        "another process holds the spill directory {0}: two daemons sharing it would read \
+         each other's streamed transactions (files are named by transaction id, and ids \
+         repeat across servers); stop the other daemon, or give each its own \
+         source.spill_dir"
+    )]
+    InUse(PathBuf),
 }
 
 const SUFFIX: &str = ".spill";
@@ -115,6 +122,42 @@ fn private_dir(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The spill directory, held by one daemon: an exclusive lock (`flock`) on its `lock`
+/// file for as long as the daemon runs, so that no other process on the host empties it
+/// or writes its transactions there. The kernel drops the lock when the process ends,
+/// however it ends.
+#[derive(Debug)]
+pub struct SpillDirLock {
+    _file: File,
+}
+
+impl SpillDirLock {
+    /// Creates `dir` if needed and locks it; [`StreamedError::InUse`] when another process
+    /// holds it.
+    pub fn acquire(dir: &Path) -> Result<SpillDirLock, StreamedError> {
+        let failed = |source| SpillError {
+            what: "lock the spill directory",
+            path: dir.to_path_buf(),
+            source,
+        };
+        private_dir(dir).map_err(failed)?;
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(dir.join("lock"))
+            .map_err(failed)?;
+        match file.try_lock() {
+            Ok(()) => Ok(SpillDirLock { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(StreamedError::InUse(dir.to_path_buf())),
+            Err(std::fs::TryLockError::Error(e)) => Err(failed(e).into()),
+        }
+    }
+}
+
 impl Spills {
     /// Creates `dir` if needed and deletes the spill files a previous connection left.
     pub fn open(dir: &Path) -> Result<Spills, SpillError> {
@@ -169,6 +212,7 @@ impl Spills {
                 .into());
             }
             let path = self.dir.join(format!("{}{SUFFIX}", xid.0));
+            tracing::debug!(xid = xid.0, "the server streams a running transaction");
             let file = spill_file(&path, true).map_err(|e| SpillError {
                 what: "create the spill file",
                 path: path.clone(),
@@ -310,6 +354,7 @@ impl Spills {
         };
         file.seek(SeekFrom::Start(0))
             .map_err(|e| failed("read back the spill file", e))?;
+        tracing::debug!(xid = xid.0, bytes = spill.len, %commit_lsn, "streamed transaction committed");
         Ok(Replay {
             reader: BufReader::with_capacity(1 << 20, file),
             path,
@@ -453,6 +498,22 @@ mod tests {
             });
         }
         out
+    }
+
+    #[test]
+    fn one_process_at_a_time_holds_a_spill_directory() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("spill");
+        let held = SpillDirLock::acquire(&dir).unwrap();
+        // flock locks open files: a second open conflicts, in this process as in another.
+        let err = SpillDirLock::acquire(&dir).expect_err("the directory is held");
+        assert!(
+            matches!(&err, StreamedError::InUse(d) if d == &dir)
+                && err.to_string().contains("source.spill_dir"),
+            "{err}"
+        );
+        drop(held);
+        SpillDirLock::acquire(&dir).expect("released when its holder ends");
     }
 
     #[test]

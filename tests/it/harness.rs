@@ -474,7 +474,15 @@ impl Env {
             &format!("{rows} rows in raw.{schema}.{table}"),
             timeout,
             || async { count_delta_at(&raw).await >= rows },
-            || self.daemon_log(),
+            || {
+                let server = self.pg.server_log();
+                let lines: Vec<&str> = server.lines().collect();
+                format!(
+                    "{}\n--- the server's newest lines ---\n{}",
+                    self.daemon_log(),
+                    lines[lines.len().saturating_sub(4)..].join("\n"),
+                )
+            },
         )
         .await;
     }
@@ -585,16 +593,17 @@ where
         }
         if Instant::now() > deadline {
             let ctx = context();
-            let tail: String = ctx
-                .lines()
-                .rev()
-                .take(40)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect::<Vec<_>>()
-                .join("\n");
-            panic!("timed out after {timeout:?} waiting for {what}\n--- context ---\n{tail}");
+            let tail = |n: usize| {
+                let lines: Vec<&str> = ctx.lines().collect();
+                lines[lines.len().saturating_sub(n)..].join("\n")
+            };
+            // The newest lines first: a truncated report still shows where it stood.
+            panic!(
+                "timed out after {timeout:?} waiting for {what}\n--- newest lines ---\n{}\n\
+                 --- context ---\n{}",
+                tail(10),
+                tail(40)
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

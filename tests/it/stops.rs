@@ -343,3 +343,69 @@ async fn renamed_table_stops_with_what_to_do() {
         "the daemon must stop when a table is renamed"
     );
 }
+
+/// Two daemons on one host replicating slots of the same name, each into its own lake:
+/// each keeps its streamed transactions in a directory of its own (the default is named
+/// after the lake as well as the slot), although both servers stream the same transaction
+/// ids; a third daemon given a directory another one holds refuses to start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemons_on_one_host_never_share_a_spill_directory() {
+    let setup = "CREATE TABLE t1 (id int PRIMARY KEY, v text); \
+                 CREATE PUBLICATION w2d_pub FOR TABLE t1;";
+    let (a, b, c) = (
+        Env::new(setup).await,
+        Env::new(setup).await,
+        Env::new(setup).await,
+    );
+    for env in [&a, &b] {
+        let pg = env.pg.client().await;
+        pg.batch_execute("ALTER SYSTEM SET logical_decoding_work_mem = '64kB'")
+            .await
+            .unwrap();
+        pg.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    }
+    let held = a.dir.path().join("spill");
+    a.write_config("postgres", &["public.t1"], &format!("spill_dir = {held:?}"));
+    b.write_config("postgres", &["public.t1"], "");
+    let (_da, _db) = (a.daemon(), b.daemon());
+    a.wait_streaming().await;
+    b.wait_streaming().await;
+    // Both servers stream the same transaction id at the same time.
+    let (pa, pb) = (a.pg.client().await, b.pg.client().await);
+    let insert = |tag: &str| {
+        format!("INSERT INTO t1 SELECT g, '{tag}' || g FROM generate_series(1, 20000) g")
+    };
+    let (ia, ib) = (insert("a"), insert("b"));
+    let (ra, rb) = tokio::join!(pa.batch_execute(&ia), pb.batch_execute(&ib));
+    ra.unwrap();
+    rb.unwrap();
+    for (env, tag) in [(&a, "a"), (&b, "b")] {
+        env.wait_raw_rows("public", "t1", 20000, Duration::from_secs(120))
+            .await;
+        let rows = crate::harness::query_delta(
+            &env.raw_path("public", "t1"),
+            &format!("SELECT count(*) FROM t WHERE v LIKE '{tag}%'"),
+        )
+        .await;
+        assert_eq!(rows[0][0].as_deref(), Some("20000"), "lake {tag}");
+        assert_eq!(
+            crate::harness::count_delta(&env.raw_path("public", "t1")).await,
+            20000,
+            "lake {tag} holds only its own source's rows"
+        );
+        assert!(
+            env.daemon_log()
+                .contains("the server streams a running transaction"),
+            "the transaction was not streamed (protocol 2) in lake {tag}"
+        );
+    }
+    c.write_config("postgres", &["public.t1"], &format!("spill_dir = {held:?}"));
+    let status = c.daemon().wait(Duration::from_secs(60));
+    assert!(!status.success(), "a daemon shared a held spill directory");
+    let log = c.daemon_log();
+    assert!(
+        log.contains("another process holds the spill directory")
+            && log.contains("source.spill_dir"),
+        "{log}"
+    );
+}
