@@ -11,7 +11,10 @@
 //! deleted rows are never decoded.
 //!
 //! A point lookup (`col = v`, `col IN (…)` on an integer column) skips the files whose
-//! min/max in the Delta log excludes it without opening them, as delta-rs's scan does.
+//! min/max in the Delta log excludes it without opening them, as delta-rs's scan does;
+//! on the key column of a table this process's daemon keeps a key index of, it also
+//! skips every indexed file that does not hold the key (`lake::curated::published_keys`):
+//! the upsert files of changes spread over the key range each span all of it.
 //!
 //! It is used only where it is exact: tables without partition columns or column mapping,
 //! whose reader features are `deletionVectors` (and `timestampNtz`), and whose DV'd files
@@ -45,6 +48,7 @@ use deltalake::parquet::arrow::arrow_reader::{RowSelection, RowSelector};
 use roaring::RoaringTreemap;
 use tokio::sync::Mutex;
 
+use crate::lake::curated::{PublishedKeys, published_keys};
 use crate::lake::deletion_vector;
 
 /// Reader features a table may have for this provider to read it.
@@ -64,6 +68,8 @@ type TableFiles = HashMap<(String, String), ScanFile>;
 /// A file as DataFusion scans it, with the bounds of its integer columns.
 #[derive(Debug, Clone)]
 struct ScanFile {
+    /// As the Delta log names it.
+    path: String,
     file: PartitionedFile,
     bounds: Arc<Bounds>,
 }
@@ -72,11 +78,21 @@ struct ScanFile {
 type Bounds = HashMap<String, (i64, i64)>;
 
 /// A table whose live files skip their deleted rows through row selections.
-#[derive(Debug)]
 pub struct DvScan {
     schema: SchemaRef,
     store: ObjectStoreUrl,
     files: Vec<ScanFile>,
+    /// The keys of each file, when the daemon in this process indexes them.
+    keys: Option<Arc<PublishedKeys>>,
+}
+
+impl std::fmt::Debug for DvScan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DvScan")
+            .field("files", &self.files.len())
+            .field("keys", &self.keys.as_ref().map(|k| k.column()))
+            .finish()
+    }
 }
 
 /// The provider for `table` when its files carry deletion vectors and this module can
@@ -148,6 +164,7 @@ pub async fn provider(
                         .with_extension(ParquetRowSelection::new(selection(&deleted, rows as u64)));
                 }
                 ScanFile {
+                    path: path.clone(),
                     file,
                     bounds: Arc::new(bounds(&logical, view.stats().as_deref())),
                 }
@@ -167,6 +184,7 @@ pub async fn provider(
         schema: logical,
         store,
         files,
+        keys: published_keys(table.table_url().as_str()),
     })))
 }
 
@@ -327,10 +345,15 @@ impl TableProvider for DvScan {
             source = source.with_predicate(state.create_physical_expr(predicate, &df_schema)?);
         }
         let pinned = pinned(filters);
+        let key_values = self
+            .keys
+            .as_ref()
+            .and_then(|k| Some((k, pinned.get(k.column())?)));
         let files: Vec<PartitionedFile> = self
             .files
             .iter()
             .filter(|f| may_match(&f.bounds, &pinned))
+            .filter(|f| key_values.is_none_or(|(keys, values)| keys.may_hold(&f.path, values)))
             .map(|f| f.file.clone())
             .collect();
         let partitions = state.config_options().execution.target_partitions.max(1);

@@ -251,6 +251,46 @@ async fn deletion_vectors_mark_rows_and_every_reader_sees_the_truth() {
         source,
         "DuckDB's delta extension"
     );
+    // Point lookups by key: the endpoint skips every file the daemon's key index says
+    // does not hold the key, and still finds changed, moved, deleted and missing keys as
+    // the source has them.
+    let mut keys: Vec<i64> = (0..40).map(|_| rng.random_range(1..20000)).collect();
+    keys.extend([50_000, 50_029, next, next + 1, 999_999]);
+    for key in &keys {
+        let one = format!("SELECT id, grupo, v FROM dv WHERE id = {key}");
+        let (ok, served) = psql(
+            env.serve_port,
+            "postgres",
+            &[],
+            &["-c", &one, "-A", "-t", "-F", " "],
+        );
+        assert!(ok, "psql: {served}");
+        let expected: Vec<String> = client
+            .query(one.as_str(), &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let (id, grupo, v): (i64, i32, Option<String>) = (r.get(0), r.get(1), r.get(2));
+                format!("{id} {grupo} {}", v.unwrap_or_default())
+            })
+            .collect();
+        assert_eq!(served.trim(), expected.join("\n"), "lookup of key {key}");
+    }
+    let (ok, plan) = psql(
+        env.serve_port,
+        "postgres",
+        &[],
+        &["-c", &format!("EXPLAIN SELECT v FROM dv WHERE id = {}", keys[0]), "-A", "-t"],
+    );
+    assert!(ok, "psql: {plan}");
+    let opened = plan.matches(".parquet").count();
+    let live_now = live_files(&curated).await.len();
+    println!("figure: a key lookup opens {opened} of {live_now} live files");
+    assert!(
+        opened * 2 <= live_now,
+        "a key lookup opens {opened} of {live_now} files: the key index did not prune\n{plan}"
+    );
     println!(
         "figure: deletion vectors: {marked} rows marked in the snapshot's file, up to {most} DVs on one file, {} DV files on disk",
         dv_files.len()

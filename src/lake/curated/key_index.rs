@@ -13,9 +13,15 @@
 //!
 //! All curated tables share one memory budget (`[curated] key_index_mb`); a file whose
 //! entry does not fit is read as before, every time.
+//!
+//! The SQL endpoint of the same process reads the entries too ([`published`]): a point
+//! lookup on the key skips every indexed file that does not hold the key, where the
+//! files' min/max statistics (which the upsert files of uniform changes stretch over the
+//! whole key range) would have it open them all. A file without an entry is read.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, RwLock, Weak};
 
 use deltalake::arrow::array::{Array, AsArray, RecordBatch};
 use deltalake::arrow::compute::cast;
@@ -106,9 +112,44 @@ impl FileKeys {
     }
 }
 
+/// One table's entries as the SQL endpoint sees them: the key column and, by data file
+/// path (as the Delta log names it), the file's keys.
+pub struct Published {
+    column: String,
+    files: RwLock<HashMap<String, Arc<FileKeys>>>,
+}
+
+impl Published {
+    /// The key column the entries are of.
+    pub fn column(&self) -> &str {
+        &self.column
+    }
+
+    /// Whether the file at `path` may hold one of `keys`: false only when its entry says
+    /// it holds none of them (a key whose row a deletion vector removed still counts).
+    pub fn may_hold(&self, path: &str, keys: &[i64]) -> bool {
+        let files = self.files.read().unwrap_or_else(|e| e.into_inner());
+        match files.get(path) {
+            Some(entry) => keys.iter().any(|&k| entry.keys.contains(ordered(k))),
+            None => true,
+        }
+    }
+}
+
+/// Each key-indexed table's entries, by table location (without a trailing `/`).
+static PUBLISHED: LazyLock<Mutex<HashMap<String, Weak<Published>>>> =
+    LazyLock::new(Default::default);
+
+/// The entries of the curated table at `location`, when a daemon in this process keeps
+/// them (`wal2delta serve` has none).
+pub fn published(location: &str) -> Option<Arc<Published>> {
+    let all = PUBLISHED.lock().unwrap_or_else(|e| e.into_inner());
+    all.get(location.trim_end_matches('/'))?.upgrade()
+}
+
 /// One table's entries, by data file path.
 pub(super) struct KeyIndex {
-    files: HashMap<String, FileKeys>,
+    shared: Arc<Published>,
     /// Entries being built, by path (their key columns count in [`IN_FLIGHT`]).
     building: HashMap<String, tokio::task::JoinHandle<Option<FileKeys>>>,
     /// Files that cannot be indexed (NULL or repeated keys) or did not fit the budget.
@@ -118,17 +159,42 @@ pub(super) struct KeyIndex {
 }
 
 impl KeyIndex {
-    pub(super) fn new(limit_bytes: usize) -> KeyIndex {
+    /// An index of the table at `location` keyed by `column`, shared with this process's
+    /// SQL endpoint.
+    pub(super) fn new(limit_bytes: usize, location: &str, column: &str) -> KeyIndex {
+        let shared = Arc::new(Published {
+            column: column.to_string(),
+            files: RwLock::new(HashMap::new()),
+        });
+        PUBLISHED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, table| table.strong_count() > 0);
+        PUBLISHED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                location.trim_end_matches('/').to_string(),
+                Arc::downgrade(&shared),
+            );
         KeyIndex {
-            files: HashMap::new(),
+            shared,
             building: HashMap::new(),
             refused: Default::default(),
             limit: limit_bytes,
         }
     }
 
-    pub(super) fn get(&self, path: &str) -> Option<&FileKeys> {
-        self.files.get(path)
+    fn files(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<FileKeys>>> {
+        self.shared.files.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn files_mut(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<FileKeys>>> {
+        self.shared.files.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn get(&self, path: &str) -> Option<Arc<FileKeys>> {
+        self.files().get(path).cloned()
     }
 
     /// Starts indexing file `path` from its key column `column` (all of its batches);
@@ -137,7 +203,7 @@ impl KeyIndex {
     pub(super) fn learn(&mut self, path: &str, batches: Vec<RecordBatch>, column: &str) {
         if self.limit == 0
             || USED.load(Ordering::Acquire) >= self.limit
-            || self.files.contains_key(path)
+            || self.files().contains_key(path)
             || self.building.contains_key(path)
             || self.refused.contains(path)
         {
@@ -189,7 +255,7 @@ impl KeyIndex {
                 (used + keys.bytes <= self.limit).then_some(used + keys.bytes)
             });
             if reserved.is_ok() {
-                self.files.insert(path, keys);
+                self.files_mut().insert(path, Arc::new(keys));
             } else {
                 self.refused.insert(path);
             }
@@ -201,14 +267,14 @@ impl KeyIndex {
         let live: std::collections::HashSet<&str> = paths.collect();
         self.building.retain(|path, _| live.contains(path.as_str()));
         self.refused.retain(|path| live.contains(path.as_str()));
-        let gone: Vec<String> = self
-            .files
+        let mut files = self.files_mut();
+        let gone: Vec<String> = files
             .keys()
             .filter(|p| !live.contains(p.as_str()))
             .cloned()
             .collect();
         for path in gone {
-            if let Some(keys) = self.files.remove(&path) {
+            if let Some(keys) = files.remove(&path) {
                 USED.fetch_sub(keys.bytes, Ordering::AcqRel);
             }
         }
@@ -275,17 +341,37 @@ mod tests {
     #[tokio::test]
     async fn the_budget_is_shared_and_given_back() {
         let dense = vec![batch((0..100_000).map(Some).collect())];
-        let mut a = KeyIndex::new(usize::MAX);
+        let mut a = KeyIndex::new(usize::MAX, "mem:///a", "id");
         a.learn("a", dense.clone(), "id");
         settled(&mut a).await;
         assert!(a.get("a").is_some());
         // Dense keys in order take a few KB, not 8 bytes a row.
         assert!(a.get("a").unwrap().bytes < 64 * 1024);
-        let mut none = KeyIndex::new(0);
+        let mut none = KeyIndex::new(0, "mem:///none", "id");
         none.learn("b", dense, "id");
         settled(&mut none).await;
         assert!(none.get("b").is_none());
         a.keep_only(std::iter::once("x"));
         assert!(a.get("a").is_none());
+    }
+
+    #[tokio::test]
+    async fn the_endpoint_skips_only_indexed_files_without_the_key() {
+        let mut index = KeyIndex::new(usize::MAX, "mem:///t/", "id");
+        index.learn("a", vec![batch(vec![Some(1), Some(5), Some(9)])], "id");
+        settled(&mut index).await;
+        let keys = published("mem:///t").expect("published under its location");
+        assert_eq!(keys.column(), "id");
+        assert!(keys.may_hold("a", &[5]));
+        assert!(keys.may_hold("a", &[2, 9]));
+        assert!(!keys.may_hold("a", &[2, 3]));
+        // A file without an entry may hold anything.
+        assert!(keys.may_hold("b", &[2]));
+        // The file left the table: no entry, so it is read.
+        index.keep_only(std::iter::empty());
+        assert!(keys.may_hold("a", &[2]));
+        drop(index);
+        drop(keys);
+        assert!(published("mem:///t").is_none(), "gone with its table");
     }
 }

@@ -28,6 +28,7 @@ use deltalake::{DeltaTable, DeltaTableError};
 
 use self::files::{Committed, DataFile, FileState};
 use self::key_index::KeyIndex;
+pub use self::key_index::{Published as PublishedKeys, published as published_keys};
 use super::commit::{AppId, Commit, InfoKey, applied};
 use super::deletion_vector;
 use super::maintenance::{self, Compacted, Policy};
@@ -327,6 +328,11 @@ impl CuratedTable {
             table: label.clone(),
             source,
         })?;
+        let key_index = KeyIndex::new(
+            config.key_index_mb.saturating_mul(1 << 20),
+            table.table_url().as_str(),
+            &columns[key[0]].name,
+        );
         let mut curated = CuratedTable {
             label,
             table,
@@ -341,7 +347,7 @@ impl CuratedTable {
             bulk: None,
             schema_grew,
             deletion_vectors,
-            key_index: KeyIndex::new(config.key_index_mb.saturating_mul(1 << 20)),
+            key_index,
         };
         curated.load_files()?;
         Ok(curated)
