@@ -281,7 +281,12 @@ async fn deletion_vectors_mark_rows_and_every_reader_sees_the_truth() {
         env.serve_port,
         "postgres",
         &[],
-        &["-c", &format!("EXPLAIN SELECT v FROM dv WHERE id = {}", keys[0]), "-A", "-t"],
+        &[
+            "-c",
+            &format!("EXPLAIN SELECT v FROM dv WHERE id = {}", keys[0]),
+            "-A",
+            "-t",
+        ],
     );
     assert!(ok, "psql: {plan}");
     let opened = plan.matches(".parquet").count();

@@ -170,13 +170,10 @@ impl KeyIndex {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|_, table| table.strong_count() > 0);
-        PUBLISHED
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                location.trim_end_matches('/').to_string(),
-                Arc::downgrade(&shared),
-            );
+        PUBLISHED.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            location.trim_end_matches('/').to_string(),
+            Arc::downgrade(&shared),
+        );
         KeyIndex {
             shared,
             building: HashMap::new(),
