@@ -29,13 +29,14 @@ use deltalake::datafusion::arrow::datatypes::{
     DataType, Int64Type, IntervalMonthDayNanoType, TimeUnit, TimestampNanosecondType,
 };
 use deltalake::datafusion::common::ExprSchema;
+use deltalake::datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use deltalake::datafusion::common::{Result, ScalarValue};
 use deltalake::datafusion::config::ConfigOptions;
 use deltalake::datafusion::execution::FunctionRegistry;
 use deltalake::datafusion::execution::SessionState;
 use deltalake::datafusion::logical_expr::{
-    ColumnarValue, Documentation, Expr, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF,
-    ScalarUDFImpl, Signature,
+    ColumnarValue, Documentation, Expr, LogicalPlan, ReturnFieldArgs, ScalarFunctionArgs,
+    ScalarUDF, ScalarUDFImpl, Signature,
 };
 
 use super::budget::StatementPool;
@@ -78,6 +79,36 @@ pub fn guard(state: &mut SessionState, pool: &Arc<StatementPool>) {
         // Registered under the function's name and aliases; replaces the plain one.
         let _ = state.register_udf(Arc::new(ScalarUDF::new_from_impl(guarded)));
     }
+}
+
+/// Whether `plan` (or a subquery of it) calls a guarded function: such a plan holds the
+/// guard of its statement's memory pool and must not run in another statement.
+pub fn calls_guarded(plan: &LogicalPlan) -> bool {
+    // A wrapper answers to its function's name and aliases.
+    let guarded = |f: &ScalarUDF| {
+        GUARDED
+            .iter()
+            .any(|(name, _)| f.name() == *name || f.aliases().iter().any(|a| a == name))
+    };
+    let mut found = false;
+    let _ = plan.apply_with_subqueries(|node| {
+        node.apply_expressions(|e| {
+            e.apply(|e| {
+                if let Expr::ScalarFunction(call) = e
+                    && guarded(&call.func)
+                {
+                    found = true;
+                    return Ok(TreeNodeRecursion::Stop);
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+        })?;
+        Ok(match found {
+            true => TreeNodeRecursion::Stop,
+            false => TreeNodeRecursion::Continue,
+        })
+    });
+    found
 }
 
 /// Estimated output of one call: all rows, and the largest value.
@@ -645,5 +676,33 @@ mod sql_tests {
             outcome("SELECT repeat(CAST(v AS VARCHAR), 100000) FROM generate_series(1, 1000) t(v)")
                 .await;
         assert!(out.contains("serve.query_memory_mb"), "{out}");
+    }
+
+    #[tokio::test]
+    async fn plans_that_call_a_guarded_function_are_found() {
+        let pool = Arc::new(StatementPool::new(
+            Arc::new(Budget::new(64 << 20)),
+            32 << 20,
+            1 << 20,
+        ));
+        let ctx = SessionContext::new();
+        let mut state = ctx.state();
+        guard(&mut state, &pool);
+        let ctx = SessionContext::new_with_state(state);
+        let plan = |sql: &'static str| {
+            let ctx = ctx.clone();
+            async move { ctx.state().create_logical_plan(sql).await.unwrap() }
+        };
+        for sql in [
+            "SELECT repeat('x', 3)",
+            "SELECT upper(lpad('x', 4))",
+            "SELECT 1 WHERE EXISTS (SELECT replace('a', 'a', 'b'))",
+            "SELECT v FROM (VALUES (1)) t(v) WHERE v IN (SELECT cardinality(range(1, 3)))",
+        ] {
+            assert!(calls_guarded(&plan(sql).await), "{sql}");
+        }
+        for sql in ["SELECT 1", "SELECT upper('x'), length('abc')"] {
+            assert!(!calls_guarded(&plan(sql).await), "{sql}");
+        }
     }
 }

@@ -29,6 +29,7 @@ pub mod grants;
 pub mod growth;
 pub mod held_batches;
 pub mod namespace;
+pub mod plan_cache;
 pub mod primary_keys;
 pub mod read_only;
 pub mod rewrite;

@@ -107,6 +107,8 @@ pub struct Session {
     shared: Arc<Shared>,
     as_of: Arc<std::sync::Mutex<Option<AsOf>>>,
     parser: Arc<SessionParser>,
+    /// Plans of prepared statements on the current view.
+    plans: std::sync::Mutex<super::plan_cache::PlanCache>,
 }
 
 impl Session {
@@ -119,6 +121,7 @@ impl Session {
             }),
             shared,
             as_of,
+            plans: Default::default(),
         }
     }
 }
@@ -978,19 +981,40 @@ impl ExtendedQueryHandler for Session {
                 if let Some(copy) = super::copy_out::parse(statement) {
                     return self.copy(copy?, stop, started, (service, pool, ctx)).await;
                 }
-                // Planned again on the current view: a prepared statement sees new data.
-                let replanned = within(
-                    &stop,
-                    service.query_parser().parse_sql(
-                        &*client,
-                        sql,
-                        &portal.statement.parameter_types,
-                    ),
-                )
-                .await
-                .map_err(classify)?;
-                let Some(replanned) = replanned else {
-                    return Ok(Response::EmptyQuery);
+                // Planned again on the current view (a prepared statement sees new data),
+                // unless this session planned it on this view already.
+                let key = (
+                    sql.clone(),
+                    format!("{:?}", portal.statement.parameter_types),
+                    client.metadata().get("timezone").cloned(),
+                );
+                let kept = self
+                    .plans
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&view, &key);
+                let replanned = match kept {
+                    Some(plan) => plan,
+                    None => {
+                        let planned = within(
+                            &stop,
+                            service.query_parser().parse_sql(
+                                &*client,
+                                sql,
+                                &portal.statement.parameter_types,
+                            ),
+                        )
+                        .await
+                        .map_err(classify)?;
+                        let Some(planned) = planned else {
+                            return Ok(Response::EmptyQuery);
+                        };
+                        self.plans
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .put(&view, key, &planned);
+                        planned
+                    }
                 };
                 let mut current = Portal::new_cursor(
                     portal.name.clone(),

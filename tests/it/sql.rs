@@ -336,6 +336,47 @@ async fn psql_drivers_and_bi_clients_query_the_lake() {
 
     // psycopg 3, server-side parameters, text and binary results.
     psycopg_reads(&env, paid).await;
+
+    // A session keeps a prepared statement's plan only for the view it was made on:
+    // executed again after a change, the statement reads the new position.
+    let before: String = lake.query_one(&stmt, &[&paid]).await.unwrap().get(4);
+    let after = if before == "cancelada" {
+        "paga"
+    } else {
+        "cancelada"
+    };
+    source
+        .execute(
+            "UPDATE transacoes SET status = $1 WHERE id = $2",
+            &[&after, &paid],
+        )
+        .await
+        .unwrap();
+    wait_for(
+        "the prepared statement to read the update",
+        Duration::from_secs(60),
+        || async {
+            lake.query_one(&stmt, &[&paid])
+                .await
+                .unwrap()
+                .get::<_, String>(4)
+                == after
+        },
+        || env.daemon_log(),
+    )
+    .await;
+    // A guarded function keeps its limit however often its statement runs.
+    let grow = lake
+        .prepare("SELECT length(repeat('x', $1::int))")
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let err = lake
+            .query_one(&grow, &[&2_000_000_000i32])
+            .await
+            .expect_err("a 2 GB value is refused");
+        assert_eq!(sqlstate(&err), "54000", "{err:?}");
+    }
 }
 
 /// psycopg binds parameters on the server and reads numeric, timestamptz, date and text
