@@ -207,29 +207,9 @@ async fn deletion_vectors_mark_rows_and_every_reader_sees_the_truth() {
     // must line up with the rows read.
     let lookup =
         "SELECT id, grupo, v FROM dv WHERE id BETWEEN 1 AND 400 OR id > 999999 ORDER BY id";
-    let (ok, served) = psql(
-        env.serve_port,
-        "postgres",
-        &[],
-        &["-c", lookup, "-A", "-t", "-F", " "],
-    );
-    assert!(ok, "psql: {served}");
-    let expected: Vec<String> = client
-        .query(lookup, &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| {
-            let (id, grupo, v): (i64, i32, Option<String>) = (r.get(0), r.get(1), r.get(2));
-            format!("{id} {grupo} {}", v.unwrap_or_default())
-        })
-        .collect();
+    let (served, expected) = served_and_source(&env, &client, lookup).await;
     assert!(expected.len() > 300, "{expected:?}");
-    assert_eq!(
-        served.trim(),
-        expected.join("\n"),
-        "the SQL endpoint, row by row"
-    );
+    assert_eq!(served, expected.join("\n"), "the SQL endpoint, row by row");
     let (ok, plan) = psql(
         env.serve_port,
         "postgres",
@@ -258,24 +238,8 @@ async fn deletion_vectors_mark_rows_and_every_reader_sees_the_truth() {
     keys.extend([50_000, 50_029, next, next + 1, 999_999]);
     for key in &keys {
         let one = format!("SELECT id, grupo, v FROM dv WHERE id = {key}");
-        let (ok, served) = psql(
-            env.serve_port,
-            "postgres",
-            &[],
-            &["-c", &one, "-A", "-t", "-F", " "],
-        );
-        assert!(ok, "psql: {served}");
-        let expected: Vec<String> = client
-            .query(one.as_str(), &[])
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| {
-                let (id, grupo, v): (i64, i32, Option<String>) = (r.get(0), r.get(1), r.get(2));
-                format!("{id} {grupo} {}", v.unwrap_or_default())
-            })
-            .collect();
-        assert_eq!(served.trim(), expected.join("\n"), "lookup of key {key}");
+        let (served, expected) = served_and_source(&env, &client, &one).await;
+        assert_eq!(served, expected.join("\n"), "lookup of key {key}");
     }
     let (ok, plan) = psql(
         env.serve_port,
@@ -339,6 +303,33 @@ async fn deletion_vectors_mark_rows_and_every_reader_sees_the_truth() {
 }
 
 /// The DV files in a curated table's directory.
+/// `sql` (selecting `id, grupo, v` of `dv`) through psql on the endpoint, and its rows
+/// from the source in the same text form.
+async fn served_and_source(
+    env: &Env,
+    client: &tokio_postgres::Client,
+    sql: &str,
+) -> (String, Vec<String>) {
+    let (ok, served) = psql(
+        env.serve_port,
+        "postgres",
+        &[],
+        &["-c", sql, "-A", "-t", "-F", " "],
+    );
+    assert!(ok, "psql: {served}");
+    let expected = client
+        .query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let (id, grupo, v): (i64, i32, Option<String>) = (r.get(0), r.get(1), r.get(2));
+            format!("{id} {grupo} {}", v.unwrap_or_default())
+        })
+        .collect();
+    (served.trim().to_string(), expected)
+}
+
 fn dv_files_on_disk(curated: &std::path::Path) -> BTreeSet<String> {
     std::fs::read_dir(curated)
         .unwrap()
