@@ -106,12 +106,15 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pi
             })?;
     }
     let lock = LakeLock::acquire(&lake).await?;
-    // Held until the daemon ends: no other daemon on this host may use the directory.
+    // This daemon's own subdirectory of the spill directory, held until it ends.
+    let mut settings = settings;
     let _spill_dir = match settings.source.stream_in_progress {
-        true => Some(
-            crate::source::spill::SpillDirLock::acquire(&settings.source.spill_dir)
-                .map_err(ReplicationError::Streamed)?,
-        ),
+        true => {
+            let own = crate::source::spill::SpillDir::acquire(&settings.source.spill_dir)
+                .map_err(|e| ReplicationError::Streamed(e.into()))?;
+            settings.source.spill_dir = own.path().to_path_buf();
+            Some(own)
+        }
         false => None,
     };
     crate::service::spawn_watchdog();

@@ -57,13 +57,6 @@ pub enum StreamedError {
     OutOfOrder(#[from] OutOfOrder),
     #[error("a spilled message does not decode: {0}")]
     Malformed(#[from] super::cursor::Malformed),
-    #[error(
-        "another process holds the spill directory {0}: two daemons sharing it would read \
-         each other's streamed transactions (files are named by transaction id, and ids \
-         repeat across servers); stop the other daemon, or give each its own \
-         source.spill_dir"
-    )]
-    InUse(PathBuf),
 }
 
 const SUFFIX: &str = ".spill";
@@ -122,38 +115,101 @@ fn private_dir(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The spill directory, held by one daemon: an exclusive lock (`flock`) on its `lock`
-/// file for as long as the daemon runs, so that no other process on the host empties it
-/// or writes its transactions there. The kernel drops the lock when the process ends,
-/// however it ends.
+/// This daemon's own spill directory: a subdirectory `<pid>-<random>` of the configured
+/// one, marked live by an exclusive lock (`flock`) on its `lock` file for as long as the
+/// daemon runs. Two daemons given the same directory (two sources whose slots share a
+/// name, or a daemon taking over the lease of a frozen one) each write their own
+/// subdirectory, so neither reads or deletes the other's transactions, although
+/// transaction ids repeat across servers. The kernel drops the lock when its process
+/// ends, however it ends; the next daemon to start deletes such subdirectories.
 #[derive(Debug)]
-pub struct SpillDirLock {
-    _file: File,
+pub struct SpillDir {
+    dir: PathBuf,
+    _lock: File,
 }
 
-impl SpillDirLock {
-    /// Creates `dir` if needed and locks it; [`StreamedError::InUse`] when another process
-    /// holds it.
-    pub fn acquire(dir: &Path) -> Result<SpillDirLock, StreamedError> {
-        let failed = |source| SpillError {
-            what: "lock the spill directory",
-            path: dir.to_path_buf(),
+/// A subdirectory without a `lock` file this old is a start that never finished.
+const UNFINISHED: std::time::Duration = std::time::Duration::from_secs(3600);
+
+impl SpillDir {
+    /// Creates this process's subdirectory of `base` (and `base` if needed) and locks it,
+    /// then deletes the subdirectories of processes that have ended.
+    pub fn acquire(base: &Path) -> Result<SpillDir, SpillError> {
+        let failed = |path: &Path, source| SpillError {
+            what: "set up the spill directory",
+            path: path.to_path_buf(),
             source,
         };
-        private_dir(dir).map_err(failed)?;
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(dir.join("lock"))
-            .map_err(failed)?;
-        match file.try_lock() {
-            Ok(()) => Ok(SpillDirLock { _file: file }),
-            Err(std::fs::TryLockError::WouldBlock) => Err(StreamedError::InUse(dir.to_path_buf())),
-            Err(std::fs::TryLockError::Error(e)) => Err(failed(e).into()),
+        private_dir(base).map_err(|e| failed(base, e))?;
+        let unique = uuid::Uuid::new_v4().simple().to_string();
+        let dir = base.join(format!("{}-{}", std::process::id(), &unique[..8]));
+        private_dir(&dir).map_err(|e| failed(&dir, e))?;
+        // Locked under a temporary name and renamed: a `lock` file is always held by its
+        // owner, never seen unlocked by a sweeping daemon in between.
+        let pending = dir.join("lock.new");
+        let lock = lock_file(&pending, true).map_err(|e| failed(&pending, e))?;
+        lock.try_lock().map_err(|e| failed(&pending, e.into()))?;
+        std::fs::rename(&pending, dir.join("lock")).map_err(|e| failed(&dir, e))?;
+        sweep(base, &dir);
+        Ok(SpillDir { dir, _lock: lock })
+    }
+
+    /// Where this daemon's spill files go.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for SpillDir {
+    fn drop(&mut self) {
+        // Still locked: no other daemon touches it meanwhile.
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn lock_file(path: &Path, create: bool) -> std::io::Result<File> {
+    File::options()
+        .read(true)
+        .write(true)
+        .create(create)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+/// Deletes the subdirectories of `base` (other than `own`) whose daemon has ended: those
+/// whose lock can be taken, and those without a lock an hour after they were made.
+/// Spill files left in `base` itself by versions before subdirectories go too.
+fn sweep(base: &Path, own: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path == own {
+            continue;
+        }
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if !meta.is_dir() {
+            if path.to_string_lossy().ends_with(SUFFIX) {
+                remove(path);
+            }
+            continue;
+        }
+        // A lock taken is held until the directory is gone: no other sweeper races us.
+        let (ended, _held) = match lock_file(&path.join("lock"), false) {
+            Ok(lock) => (lock.try_lock().is_ok(), Some(lock)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let age = meta.modified().ok().and_then(|m| m.elapsed().ok());
+                (age.is_some_and(|age| age > UNFINISHED), None)
+            }
+            Err(_) => (false, None),
+        };
+        if ended && let Err(e) = std::fs::remove_dir_all(&path) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot delete the spill directory of an ended daemon");
         }
     }
 }
@@ -501,19 +557,34 @@ mod tests {
     }
 
     #[test]
-    fn one_process_at_a_time_holds_a_spill_directory() {
+    fn each_daemon_spills_into_its_own_directory_and_ended_ones_are_swept() {
         let root = tempfile::tempdir().unwrap();
-        let dir = root.path().join("spill");
-        let held = SpillDirLock::acquire(&dir).unwrap();
-        // flock locks open files: a second open conflicts, in this process as in another.
-        let err = SpillDirLock::acquire(&dir).expect_err("the directory is held");
+        let base = root.path().join("spill");
+        let first = SpillDir::acquire(&base).unwrap();
+        let second = SpillDir::acquire(&base).unwrap();
+        assert_ne!(first.path(), second.path());
+        assert!(first.path().starts_with(&base) && first.path().join("lock").exists());
+        // A daemon that ended without cleaning up (its lock is free) and a spill file
+        // of the layout before subdirectories.
+        let ended = base.join("1-dead");
+        std::fs::create_dir(&ended).unwrap();
+        std::fs::write(ended.join("lock"), "").unwrap();
+        std::fs::write(ended.join("7.spill"), "x").unwrap();
+        std::fs::write(base.join("9.spill"), "x").unwrap();
+        let third = SpillDir::acquire(&base).unwrap();
+        assert!(!ended.exists(), "an ended daemon's directory is swept");
+        assert!(!base.join("9.spill").exists());
         assert!(
-            matches!(&err, StreamedError::InUse(d) if d == &dir)
-                && err.to_string().contains("source.spill_dir"),
-            "{err}"
+            first.path().exists() && second.path().exists(),
+            "live daemons' directories stay"
         );
-        drop(held);
-        SpillDirLock::acquire(&dir).expect("released when its holder ends");
+        let gone = first.path().to_path_buf();
+        drop(first);
+        assert!(
+            !gone.exists(),
+            "a daemon removes its own directory when it ends"
+        );
+        drop((second, third));
     }
 
     #[test]
