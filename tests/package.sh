@@ -25,7 +25,10 @@ out=$(mktemp -d)
 trap 'dpkg -P wal2delta >/dev/null 2>&1 || true; rm -rf "$out"' EXIT
 deb=$(bash packaging/deb/build.sh --binary "$binary" --out "$out" --fast)
 echo "package: $deb ($(du -h "$deb" | cut -f1))"
-dpkg-deb --info "$deb" | grep -q "Package: wal2delta" || fail "no control file in $deb"
+# Output is captured before grep reads it: `cmd | grep -q` fails under pipefail whenever
+# grep's early exit kills cmd with SIGPIPE.
+info=$(dpkg-deb --info "$deb") || fail "dpkg-deb --info $deb"
+grep -q "Package: wal2delta" <<<"$info" || fail "no control file in $deb: $info"
 user_existed=$(getent passwd wal2delta >/dev/null && echo yes || echo no)
 
 dpkg -i "$deb" >/dev/null || fail "dpkg -i $deb"
@@ -35,13 +38,13 @@ for f in /usr/bin/wal2delta /lib/systemd/system/wal2delta.service \
          /usr/share/doc/wal2delta/copyright; do
   [ -e "$f" ] || fail "$f is not installed"
 done
-getent passwd wal2delta | grep -q ":/var/lib/wal2delta:/usr/sbin/nologin$" \
+grep -q ":/var/lib/wal2delta:/usr/sbin/nologin$" <<<"$(getent passwd wal2delta)" \
   || fail "no wal2delta system user: $(getent passwd wal2delta)"
 [ "$(stat -c '%U:%G %a' /var/lib/wal2delta)" = "wal2delta:wal2delta 750" ] \
   || fail "/var/lib/wal2delta is $(stat -c '%U:%G %a' /var/lib/wal2delta)"
 [ "$(stat -c '%U:%G %a' /etc/wal2delta/wal2delta.toml)" = "root:wal2delta 640" ] \
   || fail "/etc/wal2delta/wal2delta.toml is $(stat -c '%U:%G %a' /etc/wal2delta/wal2delta.toml)"
-dpkg-query -W -f='${Conffiles}\n' wal2delta | grep -q /etc/wal2delta/wal2delta.toml \
+grep -q /etc/wal2delta/wal2delta.toml <<<"$(dpkg-query -W -f='${Conffiles}\n' wal2delta)" \
   || fail "the configuration is not a conffile"
 grep -q "ExecStart=/usr/bin/wal2delta run" /lib/systemd/system/wal2delta.service \
   || fail "the unit does not run /usr/bin/wal2delta"
@@ -56,7 +59,7 @@ if [ -d /run/systemd/system ]; then
   [ "$state" != enabled ] || fail "the package enabled the service"
 fi
 version=$(/usr/bin/wal2delta --version) || fail "wal2delta --version"
-grep -q "^wal2delta $(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)$" <<<"$version" \
+grep -q "^wal2delta $(awk -F'"' '/^version = /{print $2; exit}' Cargo.toml)$" <<<"$version" \
   || fail "wal2delta --version says $version"
 # The service user reads the packaged configuration and a password file written as the
 # docs say; validate then names what is not there yet (the example's database), not a

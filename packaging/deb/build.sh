@@ -33,7 +33,7 @@ if [ -z "$binary" ]; then
 fi
 [ -x "$binary" ] || { echo "no wal2delta binary at $binary" >&2; exit 1; }
 
-version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$root/Cargo.toml" | head -1)
+version=$(awk -F'"' '/^version = /{print $2; exit}' "$root/Cargo.toml")
 arch=$(dpkg --print-architecture)
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
