@@ -40,12 +40,16 @@ pub struct PlanCache {
 impl PlanCache {
     /// The plan made for `key` on `view`, if kept.
     pub fn get(&mut self, view: &Arc<View>, key: &PlanKey) -> Option<DfStatement> {
+        self.on(view);
+        self.plans.get(key).cloned()
+    }
+
+    /// Forgets the plans of any other view.
+    fn on(&mut self, view: &Arc<View>) {
         if !Weak::ptr_eq(&self.view, &Arc::downgrade(view)) {
             self.view = Arc::downgrade(view);
             self.plans.clear();
-            return None;
         }
-        self.plans.get(key).cloned()
     }
 
     /// Keeps `plan`, made for `key` on `view`, unless it calls a guarded function.
@@ -56,10 +60,7 @@ impl PlanCache {
         if super::growth::calls_guarded(logical) {
             return;
         }
-        if !Weak::ptr_eq(&self.view, &Arc::downgrade(view)) {
-            self.view = Arc::downgrade(view);
-            self.plans.clear();
-        }
+        self.on(view);
         if self.plans.len() >= MOST {
             self.plans.clear();
         }

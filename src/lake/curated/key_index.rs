@@ -166,14 +166,13 @@ impl KeyIndex {
             column: column.to_string(),
             files: RwLock::new(HashMap::new()),
         });
-        PUBLISHED
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|_, table| table.strong_count() > 0);
-        PUBLISHED.lock().unwrap_or_else(|e| e.into_inner()).insert(
+        let mut all = PUBLISHED.lock().unwrap_or_else(|e| e.into_inner());
+        all.retain(|_, table| table.strong_count() > 0);
+        all.insert(
             location.trim_end_matches('/').to_string(),
             Arc::downgrade(&shared),
         );
+        drop(all);
         KeyIndex {
             shared,
             building: HashMap::new(),

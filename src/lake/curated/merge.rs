@@ -312,21 +312,17 @@ impl CuratedTable {
             // The new file's keys are at hand: index it now, so that the next merge and
             // the endpoint's lookups need not open it (when it is one file, its rows are
             // the batch's, in order).
-            let key_column = (int_keys.is_some())
-                .then(|| {
-                    batch
-                        .schema()
-                        .index_of(&self.columns[self.key[0]].name)
-                        .ok()
-                })
-                .flatten()
-                .and_then(|i| batch.project(&[i]).ok());
+            let column = self.columns[self.key[0]].name.clone();
+            let keys = match int_keys {
+                Some(_) => batch.schema().index_of(&column).ok(),
+                None => None,
+            }
+            .and_then(|i| batch.project(&[i]).ok());
             let mut writer = self.writer()?;
             writer.write(batch).await.map_err(self.delta_err())?;
             let adds = writer.flush().await.map_err(self.delta_err())?;
-            if let (Some(keys), [add]) = (key_column, adds.as_slice()) {
-                let column = &self.columns[self.key[0]].name;
-                self.key_index.learn(&add.path, vec![keys], column);
+            if let (Some(keys), [add]) = (keys, adds.as_slice()) {
+                self.key_index.learn(&add.path, vec![keys], &column);
             }
             new_files.extend(adds);
         }
