@@ -283,24 +283,20 @@ pub async fn plan(
                 .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
                 .collect();
             for table in &tables {
-                match published.iter().find(|p| &p.table == table) {
-                    None if named.contains(table) => {}
-                    None => steps.push(Step {
-                        why: format!("publication {} does not publish {table} yet", request.publication),
-                        sql: format!("ALTER PUBLICATION {publication} ADD TABLE {};", table.quoted()),
-                    }),
-                    Some(p) if p.row_filter.is_some() || p.columns.is_some() => steps.push(Step {
+                // A row filter or column list is the operator's choice: the lake holds
+                // that part of the table.
+                let listed = published.iter().any(|p| &p.table == table);
+                if !listed && !named.contains(table) {
+                    steps.push(Step {
                         why: format!(
-                            "publication {} publishes only part of {table} (a row filter or a \
-                             column list): the lake would miss changes",
+                            "publication {} does not publish {table} yet",
                             request.publication
                         ),
                         sql: format!(
-                            "ALTER PUBLICATION {publication} DROP TABLE {t}; ALTER PUBLICATION {publication} ADD TABLE {t};",
-                            t = table.quoted()
+                            "ALTER PUBLICATION {publication} ADD TABLE {};",
+                            table.quoted()
                         ),
-                    }),
-                    Some(_) => {}
+                    });
                 }
             }
         }

@@ -234,7 +234,12 @@ async fn carry_out(
 
 async fn current_wal_lsn(client: &Client) -> Result<Lsn, OpsError> {
     let row = client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        // On a standby (the source may be one, PostgreSQL 16+): what it has replayed.
+        .query_one(
+            "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+                     ELSE pg_current_wal_lsn() END)::text",
+            &[],
+        )
         .await
         .map_err(sql_err("reading the WAL position"))?;
     row.get::<_, String>(0)

@@ -276,6 +276,9 @@ pub struct StagedCopy {
     pub point: Lsn,
     /// The columns the copy was written with (the lake's at the time).
     pub columns: Vec<ColumnSpec>,
+    /// The fingerprint of the publication's row filter and column list it copied with
+    /// (`None`: the whole table).
+    pub part: Option<String>,
     pub raw: Vec<Add>,
     pub curated: Vec<Add>,
     pub rows: u64,
@@ -346,6 +349,7 @@ impl Applier {
             table,
             point,
             columns,
+            part,
             raw,
             curated,
             rows,
@@ -369,7 +373,10 @@ impl Applier {
         }
         let held = Lsn::from_i64(point.as_i64().saturating_sub(1));
         state.curated.replace_with(curated, held, point).await?;
-        state.raw.add_copy(raw, held, point).await?;
+        state
+            .raw
+            .add_copy(raw, held, point, part.as_deref())
+            .await?;
         state.catch_up().await?;
         let versions = self.versions();
         // Shown at the checkpoint's own position: the copy may be ahead of the stream.
@@ -528,6 +535,19 @@ impl Applier {
         self.tables.get(table).and_then(|t| t.raw.snapshot_at())
     }
 
+    /// Whether `table`'s snapshot copied the `part` the publication publishes now (see
+    /// [`crate::source::catalog::PublishedPart::fingerprint`]).
+    pub async fn copied_part(
+        &self,
+        table: &TableName,
+        part: Option<&str>,
+    ) -> Result<bool, ApplyError> {
+        match self.tables.get(table) {
+            Some(t) => Ok(t.raw.copied_part(part).await?),
+            None => Ok(true),
+        }
+    }
+
     /// The tables the latest checkpoint covered (`None` when no checkpoint says): one left
     /// out of the configuration for a while missed changes.
     pub async fn tracked_tables(&self) -> Option<std::collections::HashSet<String>> {
@@ -582,6 +602,7 @@ impl Applier {
         &mut self,
         table: &TableName,
         point: Lsn,
+        part: Option<&str>,
     ) -> Result<(), ApplyError> {
         let state = self
             .tables
@@ -592,7 +613,7 @@ impl Applier {
         // everything up to the point minus one.
         let held = Lsn::from_i64(point.as_i64().saturating_sub(1));
         state.curated.commit_snapshot(held, point).await?;
-        state.raw.commit_snapshot(held, point).await?;
+        state.raw.commit_snapshot(held, point, part).await?;
         // A checkpoint record with the new versions makes the copy visible to the SQL
         // endpoint now, not at the next change. The replication position does not move.
         let versions = self.versions();

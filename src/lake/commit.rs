@@ -46,6 +46,14 @@ impl AppId {
         AppId(format!("wal2delta:{slot}:snapshot:{table}"))
     }
 
+    /// A raw table's snapshot copied only part of the source table, the part a
+    /// publication's row filter and column list publish (version: the snapshot's
+    /// consistent point): `part` is `partial` for every such copy, and the part's
+    /// fingerprint for the one it was.
+    pub fn published(slot: &str, table: &TableName, part: &str) -> AppId {
+        AppId(format!("wal2delta:{slot}:published-{part}:{table}"))
+    }
+
     /// An operator's request to copy `table` again (version: the WAL position then).
     pub fn resnapshot(slot: &str, table: &TableName) -> AppId {
         AppId(format!("wal2delta:{slot}:resnapshot:{table}"))

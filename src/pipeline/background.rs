@@ -17,7 +17,7 @@ use crate::config::Settings;
 use crate::lake::requests::Requests;
 use crate::source::catalog;
 use crate::source::config::SourceSettings;
-use crate::source::diagnosis::{self, SourceUnusable, TableShape};
+use crate::source::diagnosis::{self, CopiedParts, SourceUnusable, TableShape};
 use crate::source::dsn::ConnParams;
 use crate::table_name::TableName;
 
@@ -50,6 +50,7 @@ impl Background {
         &mut self,
         settings: &Settings,
         requests: Option<Requests>,
+        copied: CopiedParts,
         replication: CancellationToken,
         diverged: oneshot::Sender<SourceUnusable>,
     ) {
@@ -59,6 +60,7 @@ impl Background {
             settings.source.clone(),
             settings.config_path.clone(),
             requests,
+            copied,
             replication,
             diverged,
             self.token(),
@@ -134,6 +136,7 @@ async fn guard_publication(
     source: SourceSettings,
     config_path: Option<std::path::PathBuf>,
     requests: Option<Requests>,
+    copied: CopiedParts,
     replication: CancellationToken,
     diverged: oneshot::Sender<SourceUnusable>,
     cancel: CancellationToken,
@@ -231,6 +234,33 @@ async fn guard_publication(
                 Ok(_) => {}
             }
         }
+        for table in reshaped(&copied, &now) {
+            crate::telemetry::divergence(&table.to_string(), "publication_reshaped");
+            let asked = match &requests {
+                Some(requests) => requests.ask_resync(&table).await.map_err(|e| e.to_string()),
+                None => Err("no resync here".to_string()),
+            };
+            match asked {
+                Ok(()) => {
+                    tracing::warn!(table = %table, "the publication's row filter or column list of this table changed: copying the table again (resync)")
+                }
+                Err(e) => {
+                    tracing::error!(table = %table, error = %e, "cannot ask for a resync");
+                    let found = SourceUnusable::PublicationChanged {
+                        table: table.to_string(),
+                        quoted: table.quoted(),
+                        publication: crate::table_name::quote_ident(&source.publication),
+                        gap: "the publication's row filter or column list of it changed".into(),
+                        config: config_path
+                            .as_ref()
+                            .map(|p| p.display().to_string())
+                            .unwrap_or_else(|| "<config file>".into()),
+                    };
+                    stop(found, diverged, &replication);
+                    return;
+                }
+            }
+        }
         if was.as_ref() != Some(&now)
             && let Some(requests) = &requests
         {
@@ -241,6 +271,26 @@ async fn guard_publication(
         }
         shapes = Some(now);
     }
+}
+
+/// The tables whose published part (row filter, column list) differs from the part
+/// their copy holds; each is recorded as copied anew (the resync asked for copies what
+/// the publication publishes then; a later change is found at a later look).
+fn reshaped(copied: &CopiedParts, now: &BTreeMap<String, TableShape>) -> Vec<TableName> {
+    let Ok(mut copied) = copied.lock() else {
+        return Vec::new();
+    };
+    let mut changed = Vec::new();
+    for (table, shape) in now {
+        if let Some(part) = copied.get_mut(table)
+            && *part != shape.part
+            && let Ok(name) = TableName::parse(table)
+        {
+            *part = shape.part.clone();
+            changed.push(name);
+        }
+    }
+    changed
 }
 
 /// Stops replication for a divergence the guard cannot repair.

@@ -31,7 +31,7 @@ use crate::lake::lock::LakeLock;
 use crate::lake::{Lake, LakeError};
 use crate::lsn::Lsn;
 use crate::source::catalog::{self, CatalogError, TableInfo};
-use crate::source::diagnosis::{self, SourceUnusable};
+use crate::source::diagnosis::{self, CopiedParts, SourceUnusable};
 use crate::source::replication::{ReplicationConnection, ReplicationError};
 use crate::source::snapshot::SnapshotError;
 use crate::source::spill::Spills;
@@ -157,7 +157,14 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pi
         }
     });
     let requests = Some(crate::lake::requests::Requests::open(&lake));
-    background.spawn_source_tasks(&settings, requests, replication.clone(), diverged);
+    let copied = CopiedParts::default();
+    background.spawn_source_tasks(
+        &settings,
+        requests,
+        copied.clone(),
+        replication.clone(),
+        diverged,
+    );
     // Tables copied again on request (`resync`) are swapped in by whichever session runs.
     let (staged, copies) = mpsc::channel(1);
     background.add(resync::serve_requests(
@@ -167,7 +174,16 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Pi
         background.token(),
     ));
     let copies: StagedCopies = Arc::new(tokio::sync::Mutex::new(copies));
-    let result = replicate(&settings, &lake, &records, &copies, &keys, replication).await;
+    let result = replicate(
+        &settings,
+        &lake,
+        &records,
+        &copies,
+        &keys,
+        &copied,
+        replication,
+    )
+    .await;
     background.stop().await;
     if let Ok(holder) = lease_holder.try_recv() {
         return Err(LakeError::LeaseLost { holder }.into());
@@ -189,6 +205,7 @@ async fn replicate(
     records: &RecordSender,
     copies: &StagedCopies,
     keys: &crate::serve::primary_keys::PrimaryKeys,
+    copied: &CopiedParts,
     cancel: CancellationToken,
 ) -> Result<(), PipelineError> {
     let Prepared {
@@ -228,6 +245,14 @@ async fn replicate(
                 }
             }
             Err(e) => return Err(explain(e, settings).await),
+        }
+    }
+    // Every table's copy now holds the part the publication published when the start
+    // read it (copied now, or checked against the lake's record of its copy): the
+    // publication guard compares later changes with it.
+    if let Ok(mut parts) = copied.lock() {
+        for t in &tables {
+            parts.insert(t.name.to_string(), t.published.fingerprint());
         }
     }
     let mut backoff = Backoff::new("replication");

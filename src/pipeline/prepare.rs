@@ -163,6 +163,7 @@ async fn tables_to_copy<'a>(
                 slot_born.is_some_and(|born| at < born)
                     || !was_tracked(t)
                     || requested.is_some_and(|r| at < r)
+                    || reshaped(applier, t).await?
             }
         };
         if needed {
@@ -170,6 +171,24 @@ async fn tables_to_copy<'a>(
         }
     }
     Ok(missing)
+}
+
+/// Whether the publication now publishes another part of `table` (row filter, column
+/// list) than its copy holds: changed while wal2delta was stopped, so rows that entered
+/// the part unchanged, or columns added to it, are not in the lake.
+async fn reshaped(applier: &Applier, table: &TableInfo) -> Result<bool, PipelineError> {
+    let part = table.published.fingerprint();
+    if applier.copied_part(&table.name, part.as_deref()).await? {
+        return Ok(false);
+    }
+    crate::telemetry::divergence(&table.name.to_string(), "publication_reshaped");
+    tracing::warn!(
+        table = %table.name,
+        published = %table.published,
+        "the publication publishes another part of this table (row filter or column list) \
+         than the lake copied; copying it again"
+    );
+    Ok(true)
 }
 
 /// Copies `tables` as of the exported snapshot `name` taken at `point`, committing each
@@ -209,7 +228,9 @@ async fn copy_tables(
         // error is the cause.
         written?;
         let rows = copied?;
-        applier.commit_snapshot(&info.name, point).await?;
+        applier
+            .commit_snapshot(&info.name, point, info.published.fingerprint().as_deref())
+            .await?;
         crate::telemetry::change(&info.name.to_string(), crate::change::Op::Read.code(), rows);
         tracing::info!(table = %info.name, rows, elapsed_ms = started.elapsed().as_millis() as u64, "table snapshot committed");
     }

@@ -228,6 +228,7 @@ async fn resync(
         table: table.clone(),
         point,
         columns,
+        part: info.published.fingerprint(),
         raw,
         curated,
         rows,

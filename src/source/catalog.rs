@@ -133,6 +133,52 @@ pub struct TableInfo {
     pub can_select: bool,
     /// A partitioned table (its rows live in its partitions).
     pub partitioned: bool,
+    /// How the publication publishes it: only rows matching a row filter, only the
+    /// columns of a column list (PostgreSQL 15+). `columns` holds only published ones.
+    pub published: PublishedPart,
+}
+
+/// The part of a table a publication publishes: a row filter (the `WHERE` clause, as
+/// Postgres prints it) and a column list; `None` for each when the whole is published.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PublishedPart {
+    pub row_filter: Option<String>,
+    pub columns: Option<Vec<String>>,
+}
+
+impl PublishedPart {
+    /// `None` for the whole table, else a fingerprint of the filter and the column list:
+    /// the lake records the one each copy was made with, and a table copied with
+    /// another is copied again.
+    pub fn fingerprint(&self) -> Option<String> {
+        if self.row_filter.is_none() && self.columns.is_none() {
+            return None;
+        }
+        let mut text = format!("filter:{}", self.row_filter.as_deref().unwrap_or(""));
+        for column in self.columns.iter().flatten() {
+            text.push('\0');
+            text.push_str(column);
+        }
+        Some(format!(
+            "{:016x}",
+            super::config::stable_hash(text.as_bytes())
+        ))
+    }
+}
+
+impl std::fmt::Display for PublishedPart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.row_filter, &self.columns) {
+            (None, None) => write!(f, "every row and column"),
+            (Some(filter), None) => write!(f, "only rows WHERE {filter}"),
+            (None, Some(columns)) => write!(f, "only columns ({})", columns.join(", ")),
+            (Some(filter), Some(columns)) => write!(
+                f,
+                "only rows WHERE {filter}, only columns ({})",
+                columns.join(", ")
+            ),
+        }
+    }
 }
 
 /// The server's `server_version_num` (170002 for 17.2).
@@ -203,6 +249,7 @@ pub async fn table_info(
             &[&oid, &generated],
         )
         .await?;
+    let published = published_part(client, table, publication).await?;
     let columns: Vec<ColumnSpec> = cols
         .iter()
         .map(|r| ColumnSpec {
@@ -210,6 +257,13 @@ pub async fn table_info(
             type_oid: r.get(1),
             type_modifier: r.get(2),
             kind: ColumnKind::from_pg(r.get(3), r.get(4)),
+        })
+        // A column the publication's column list leaves out is not in the lake at all.
+        .filter(|c: &ColumnSpec| {
+            published
+                .columns
+                .as_ref()
+                .is_none_or(|list| list.contains(&c.name))
         })
         .collect();
     // The primary key's columns and the replica identity index's, each in index order.
@@ -249,8 +303,43 @@ pub async fn table_info(
         replica_identity: ReplicaIdentity::from_code(ident.bytes().next().unwrap_or(b'd')),
         can_select,
         partitioned,
+        published,
     }))
 }
+
+/// How `publication` publishes `table` (whole when it does not publish it, or before
+/// PostgreSQL 15).
+async fn published_part(
+    client: &Client,
+    table: &TableName,
+    publication: &str,
+) -> Result<PublishedPart, CatalogError> {
+    if server_version(client).await? < 150000 {
+        return Ok(PublishedPart::default());
+    }
+    let row = client
+        .query_opt(
+            &format!("{PUBLISHED_PARTS} AND p.schemaname = $2 AND p.tablename = $3"),
+            &[&publication, &table.schema, &table.name],
+        )
+        .await?;
+    Ok(row
+        .map(|r| PublishedPart {
+            row_filter: r.get(2),
+            columns: r.get(3),
+        })
+        .unwrap_or_default())
+}
+
+/// Each table a publication (`$1`) publishes with its row filter and column list
+/// (`attnames` lists every column when the publication has no column list).
+const PUBLISHED_PARTS: &str = "SELECT p.schemaname::text, p.tablename::text, p.rowfilter, \
+        CASE WHEN pr.prattrs IS NULL THEN NULL ELSE p.attnames::text[] END \
+     FROM pg_publication_tables p \
+     JOIN pg_publication pub ON pub.pubname = p.pubname \
+     LEFT JOIN pg_publication_rel pr ON pr.prpubid = pub.oid \
+          AND pr.prrelid = format('%I.%I', p.schemaname, p.tablename)::regclass \
+     WHERE p.pubname = $1";
 
 /// The slot as `pg_replication_slots` shows it.
 #[derive(Debug, Clone)]
@@ -323,14 +412,11 @@ pub async fn publication_tables(
 }
 
 /// How a publication publishes one table: a row filter or a column list (Postgres 15+)
-/// means the stream would carry only part of it.
+/// means the stream carries only that part of it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Published {
     pub table: TableName,
-    /// The `WHERE` clause of a row filter.
-    pub row_filter: Option<String>,
-    /// The published columns, when the publication lists columns.
-    pub columns: Option<Vec<String>>,
+    pub part: PublishedPart,
 }
 
 /// The tables `publication` publishes with their row filters and column lists, or `None`
@@ -350,62 +436,41 @@ pub async fn publication_state(
                 .into_iter()
                 .map(|table| Published {
                     table,
-                    row_filter: None,
-                    columns: None,
+                    part: PublishedPart::default(),
                 })
                 .collect(),
         ));
     }
-    // `attnames` lists every column when the publication has no column list.
-    let rows = client
-        .query(
-            "SELECT p.schemaname::text, p.tablename::text, p.rowfilter, \
-                    CASE WHEN pr.prattrs IS NULL THEN NULL ELSE p.attnames::text[] END \
-             FROM pg_publication_tables p \
-             JOIN pg_publication pub ON pub.pubname = p.pubname \
-             LEFT JOIN pg_publication_rel pr ON pr.prpubid = pub.oid \
-                  AND pr.prrelid = format('%I.%I', p.schemaname, p.tablename)::regclass \
-             WHERE p.pubname = $1",
-            &[&publication],
-        )
-        .await?;
+    let rows = client.query(PUBLISHED_PARTS, &[&publication]).await?;
     Ok(Some(
         rows.iter()
             .map(|r| Published {
                 table: TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
-                row_filter: r.get(2),
-                columns: r.get(3),
+                part: PublishedPart {
+                    row_filter: r.get(2),
+                    columns: r.get(3),
+                },
             })
             .collect(),
     ))
 }
 
-/// What keeps the stream from carrying every change of `table` exactly, by the
+/// What keeps the stream from carrying the changes of `table` at all, by the
 /// publication's state (`None` when the publication is missing: the stream reports it).
+/// A row filter or column list is no gap: the lake holds that part of the table, and a
+/// change of it is the guard's to find (the lake records what each copy was made with).
 pub fn publication_gap(
     publication: &str,
     published: &[Published],
     table: &TableName,
 ) -> Option<String> {
-    let Some(entry) = published.iter().find(|p| &p.table == table) else {
-        return Some(format!(
+    (!published.iter().any(|p| &p.table == table)).then(|| {
+        format!(
             "publication {publication} no longer includes it (a partitioned table is \
              published through its partitions unless the publication sets \
              publish_via_partition_root = true)"
-        ));
-    };
-    if let Some(filter) = &entry.row_filter {
-        return Some(format!(
-            "publication {publication} publishes only its rows WHERE {filter}"
-        ));
-    }
-    if let Some(columns) = &entry.columns {
-        return Some(format!(
-            "publication {publication} publishes only its columns {}",
-            columns.join(", ")
-        ));
-    }
-    None
+        )
+    })
 }
 
 /// What `validate` found: problems (each with its fix) and notes on what `run` will do.
@@ -431,6 +496,7 @@ pub async fn check(
 ) -> Result<Report, CatalogError> {
     let mut report = Report::default();
     let user = check_server(client, &mut report).await?;
+    check_standby(client, source, &mut report).await?;
     check_connections(client, source, &mut report).await?;
     let published = publication_state(client, &source.publication).await?;
     for table in &source.tables {
@@ -560,6 +626,67 @@ async fn check_server(client: &Client, report: &mut Report) -> Result<String, Ca
     Ok(user)
 }
 
+/// A hot standby as the source (logical decoding on a standby, PostgreSQL 16+): the
+/// slot lives on the standby, which needs `hot_standby_feedback` (else the primary's
+/// vacuum removes rows the slot still needs and the slot is invalidated), and wal2delta
+/// writes nothing to it (no heartbeats, no failover slot).
+async fn check_standby(
+    client: &Client,
+    source: &SourceSettings,
+    report: &mut Report,
+) -> Result<(), CatalogError> {
+    let row = client
+        .query_one(
+            "SELECT pg_is_in_recovery(), current_setting('server_version_num')::int / 10000, \
+                    current_setting('hot_standby_feedback')::bool",
+            &[],
+        )
+        .await?;
+    let (standby, major, feedback): (bool, i32, bool) = (row.get(0), row.get(1), row.get(2));
+    if !standby {
+        return Ok(());
+    }
+    if major < 16 {
+        report.problems.push(format!(
+            "this server is a standby (in recovery), and logical decoding on a standby needs \
+             PostgreSQL 16 or newer (this one is {major}); point source.dsn at the primary, or \
+             upgrade"
+        ));
+        return Ok(());
+    }
+    report.notes.push(
+        "this server is a standby: wal2delta decodes here (the primary needs wal_level = logical \
+         too); creating the slot waits until the primary logs its running transactions, which \
+         SELECT pg_log_standby_snapshot(); on the primary does at once"
+            .into(),
+    );
+    if !feedback {
+        report.problems.push(
+            "hot_standby_feedback is off on this standby, so the primary's vacuum may remove rows \
+             the slot still needs and Postgres then invalidates the slot; on the standby run \
+             ALTER SYSTEM SET hot_standby_feedback = on; SELECT pg_reload_conf(); (and give it a \
+             physical slot on the primary: primary_slot_name)"
+                .into(),
+        );
+    }
+    if source.heartbeat.is_some() {
+        report.problems.push(
+            "source.heartbeat_secs is set, but heartbeats write to the source \
+             (pg_logical_emit_message), which a standby cannot; remove heartbeat_secs (the \
+             primary's own WAL traffic moves the slot)"
+                .into(),
+        );
+    }
+    if source.failover {
+        report.problems.push(
+            "source.failover = true, but Postgres makes failover slots on a primary only; set \
+             failover = false for a slot on a standby"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
 /// The connections wal2delta opens at once during a snapshot or resync (replication,
 /// control, publication guard, and `snapshot_workers` copying connections) against what
 /// the server has free: running out would fail the copy, or worse, other clients.
@@ -667,16 +794,14 @@ async fn check_table(
             source.publication,
             table.quoted()
         )),
-        Some(list) => {
-            if let Some(gap) = publication_gap(&source.publication, list, table) {
-                report.problems.push(format!(
-                    "table {table}: {gap}, so the lake would miss changes; publish the whole \
-                     table: ALTER PUBLICATION {pub_sql} DROP TABLE {t}; ALTER PUBLICATION \
-                     {pub_sql} ADD TABLE {t};",
-                    t = table.quoted()
-                ))
-            }
+        Some(_) if info.published != PublishedPart::default() => {
+            report.notes.push(format!(
+                "publication {} publishes {} of {table}: the lake holds the same part (a \
+                 change of the row filter or column list copies the table again)",
+                source.publication, info.published
+            ))
         }
+        Some(_) => {}
         None => {}
     }
     report.tables.push(info);
@@ -775,4 +900,42 @@ pub async fn create_publication(
             describe(&e)
         )])
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PublishedPart;
+
+    #[test]
+    fn a_published_part_is_fingerprinted_by_its_filter_and_columns() {
+        let whole = PublishedPart::default();
+        assert_eq!(whole.fingerprint(), None);
+        let part = |filter: Option<&str>, columns: Option<&[&str]>| PublishedPart {
+            row_filter: filter.map(str::to_string),
+            columns: columns.map(|c| c.iter().map(|s| s.to_string()).collect()),
+        };
+        let eu = part(Some("(region = 'eu'::text)"), None);
+        // The same in every build: the lake keeps it across upgrades.
+        assert_eq!(
+            eu.fingerprint(),
+            part(Some("(region = 'eu'::text)"), None).fingerprint()
+        );
+        let all = [
+            eu.fingerprint(),
+            part(Some("(region = 'us'::text)"), None).fingerprint(),
+            part(None, Some(&["id", "name"])).fingerprint(),
+            part(None, Some(&["id", "name", "note"])).fingerprint(),
+            part(Some("(region = 'eu'::text)"), Some(&["id", "name"])).fingerprint(),
+        ];
+        for (i, a) in all.iter().enumerate() {
+            assert!(a.is_some());
+            for b in &all[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+        assert_eq!(
+            part(Some("(id > 10)"), Some(&["id"])).to_string(),
+            "only rows WHERE (id > 10), only columns (id)"
+        );
+    }
 }

@@ -153,10 +153,16 @@ pub struct SourceSettings {
 /// into its own lake). The lake's part is a hash of its location (FNV-1a, stable across
 /// builds), so a restart finds the same directory.
 fn default_spill_dir(slot: &str, lake: &str) -> PathBuf {
-    let hash = lake.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
+    let hash = stable_hash(lake.as_bytes());
     std::env::temp_dir().join(format!("wal2delta-{slot}-{:08x}", hash as u32))
+}
+
+/// FNV-1a of `data`: the same in every build and on every machine, for names and
+/// fingerprints kept across restarts.
+pub(crate) fn stable_hash(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 impl SourceConfig {

@@ -108,7 +108,17 @@ pub struct TableShape {
     pub key: Vec<String>,
     #[serde(default)]
     pub partitions: std::collections::BTreeMap<String, i64>,
+    /// The fingerprint of the part the publication publishes (row filter, column list;
+    /// `None`: all of it).
+    #[serde(default)]
+    pub part: Option<String>,
 }
+
+/// The part of each table (by `schema.table`) the lake's copy holds, as
+/// [`crate::source::catalog::PublishedPart::fingerprint`]: filled once the start's copies
+/// are done, and compared by the publication guard with what the publication publishes.
+pub type CopiedParts =
+    std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, Option<String>>>>;
 
 /// How a partitioned table's partitions changed without their rows passing through the
 /// stream (`ATTACH`/`DETACH PARTITION`, `TRUNCATE` of one partition, which Postgres does
@@ -205,7 +215,15 @@ pub async fn table_shapes(
         } else {
             info.key_columns
         };
-        shapes.insert(table.to_string(), TableShape { key, partitions });
+        let part = info.published.fingerprint();
+        shapes.insert(
+            table.to_string(),
+            TableShape {
+                key,
+                partitions,
+                part,
+            },
+        );
     }
     Ok(shapes)
 }

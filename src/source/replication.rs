@@ -30,6 +30,9 @@ use crate::table_name::{quote_ident, quote_literal};
 /// Largest backend message accepted: Postgres cannot build a message over 1 GB.
 const MAX_MESSAGE_LEN: usize = 1 << 30;
 
+/// How long slot creation may wait before the log says what it waits for.
+const SLOW_SLOT_CREATION: Duration = Duration::from_secs(10);
+
 /// Microseconds between the Unix epoch and the Postgres epoch (2000-01-01).
 pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 
@@ -501,7 +504,24 @@ impl ReplicationConnection {
             quote_ident(slot),
             if temporary { " TEMPORARY" } else { "" },
         );
-        let rows = self.simple_query(&sql).await?;
+        // Postgres answers once every transaction running at the call has ended (on a
+        // standby: once the primary has logged its running transactions), which can take
+        // long on a busy or an idle server; say what it waits for.
+        let query = self.simple_query(&sql);
+        tokio::pin!(query);
+        let rows = tokio::select! {
+            rows = &mut query => rows?,
+            _ = tokio::time::sleep(SLOW_SLOT_CREATION) => {
+                tracing::warn!(
+                    slot,
+                    "creating the replication slot is waiting for the transactions running on the \
+                     source to end (see pg_stat_activity for long ones); on a standby it waits for \
+                     the primary to log its running transactions: SELECT pg_log_standby_snapshot(); \
+                     on the primary ends the wait"
+                );
+                query.await?
+            }
+        };
         let row = rows.first();
         let lsn = row
             .and_then(|r| r.get(1).cloned().flatten())

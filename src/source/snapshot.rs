@@ -204,6 +204,7 @@ impl SnapshotReader {
         let job = Arc::new(CopyJob {
             table: table.name.to_string(),
             select: select_sql(table, lake_columns),
+            row_filter: table.published.row_filter.clone(),
             columns: lake_columns.to_vec(),
             positions: copied_positions(table, lake_columns),
             point,
@@ -293,14 +294,12 @@ struct PageRange {
 }
 
 impl PageRange {
-    /// The `WHERE` clause selecting the range's rows.
-    fn filter(&self) -> String {
+    /// The condition selecting the range's rows (`None`: every row).
+    fn condition(&self) -> Option<String> {
         match (self.start, self.end) {
-            (Some(s), Some(e)) => {
-                format!(" WHERE ctid >= '({s},0)'::tid AND ctid < '({e},0)'::tid")
-            }
-            (Some(s), None) => format!(" WHERE ctid >= '({s},0)'::tid"),
-            _ => String::new(),
+            (Some(s), Some(e)) => Some(format!("ctid >= '({s},0)'::tid AND ctid < '({e},0)'::tid")),
+            (Some(s), None) => Some(format!("ctid >= '({s},0)'::tid")),
+            _ => None,
         }
     }
 }
@@ -338,6 +337,8 @@ fn copied_positions(table: &TableInfo, lake_columns: &[ColumnSpec]) -> Vec<Optio
 struct CopyJob {
     table: String,
     select: String,
+    /// The publication's row filter: the copy holds the rows the stream publishes.
+    row_filter: Option<String>,
     columns: Vec<ColumnSpec>,
     positions: Vec<Option<usize>>,
     point: Lsn,
@@ -384,7 +385,21 @@ impl CopyJob {
             table: self.table.clone(),
             message: message.to_string(),
         };
-        let sql = format!("COPY ({}{}) TO STDOUT", self.select, range.filter());
+        let conditions: Vec<String> = self
+            .row_filter
+            .iter()
+            .map(|f| format!("({f})"))
+            .chain(range.condition())
+            .collect();
+        let sql = if conditions.is_empty() {
+            format!("COPY ({}) TO STDOUT", self.select)
+        } else {
+            format!(
+                "COPY ({} WHERE {}) TO STDOUT",
+                self.select,
+                conditions.join(" AND ")
+            )
+        };
         let stream = client.copy_out(&sql).await.map_err(CatalogError::from)?;
         let mut stream = std::pin::pin!(stream);
         let field_count = self.positions.iter().flatten().count();

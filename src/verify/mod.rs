@@ -393,7 +393,13 @@ async fn check_table(
 
     // The source at the finest split too; the ranges are sized by the larger side.
     let source_started = Instant::now();
-    let query = TableQuery::new(name, info.partitioned, &columns, &key);
+    let query = TableQuery::new(
+        name,
+        info.partitioned,
+        info.published.row_filter.as_deref(),
+        &columns,
+        &key,
+    );
     let source_fine = match snapshot.buckets(&query, MAX_RANGE_BITS).await {
         Ok(b) => b,
         Err(e) => return Err((report, e)),

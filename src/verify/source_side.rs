@@ -109,9 +109,11 @@ impl TableQuery {
     /// `columns` are compared; those at `key` (indices into `columns`) are the key. A
     /// partitioned table is read through its root (its partitions' rows); any other
     /// table without the rows of tables inheriting from it, which are not published.
+    /// With the publication's `row_filter`, only the rows it publishes.
     pub fn new(
         table: &TableName,
         partitioned: bool,
+        row_filter: Option<&str>,
         columns: &[Compared],
         key: &[usize],
     ) -> TableQuery {
@@ -127,10 +129,13 @@ impl TableQuery {
         let (kb, rb) = sql_hashes(&key_sql, &row_sql);
         let hashed = format!(
             "SELECT {kb} AS kb, {rb} AS rb, {key_sql} AS k \
-             FROM (SELECT {} FROM {}{} AS s) AS v",
+             FROM (SELECT {} FROM {}{} AS s{}) AS v",
             values.join(", "),
             if partitioned { "" } else { "ONLY " },
-            table.quoted()
+            table.quoted(),
+            row_filter
+                .map(|f| format!(" WHERE ({f})"))
+                .unwrap_or_default(),
         );
         TableQuery {
             table: table.to_string(),

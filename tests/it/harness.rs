@@ -107,6 +107,12 @@ impl PgCluster {
     /// is stopped cleanly (the server packages tests use have no pg_basebackup); both run
     /// when this returns, this one on its port.
     pub fn standby(&self, slot: &str) -> PgCluster {
+        self.standby_with(slot, true)
+    }
+
+    /// Like `standby`; with `sync_slots` false, neither server is set up for failover
+    /// slots (the settings exist on 17+ only).
+    pub fn standby_with(&self, slot: &str, sync_slots: bool) -> PgCluster {
         let data = self.dir.path().join("data");
         let append = |path: &Path, text: &str| {
             use std::io::Write;
@@ -131,18 +137,24 @@ impl PgCluster {
             &copy.join("postgresql.conf"),
             &format!(
                 "primary_conninfo = 'host=127.0.0.1 port={} user=postgres dbname=postgres'\n\
-                 primary_slot_name = '{slot}'\nhot_standby_feedback = on\n\
-                 sync_replication_slots = on\n",
-                self.port
+                 primary_slot_name = '{slot}'\nhot_standby_feedback = on\n{sync}",
+                self.port,
+                sync = if sync_slots {
+                    "sync_replication_slots = on\n"
+                } else {
+                    ""
+                },
             ),
         );
         std::fs::write(copy.join("standby.signal"), "").expect("standby.signal");
         // Only here: a promoted standby naming a standby it does not have would hold
         // logical replication back.
-        append(
-            &data.join("postgresql.conf"),
-            &format!("\nsynchronized_standby_slots = '{slot}'\n"),
-        );
+        if sync_slots {
+            append(
+                &data.join("postgresql.conf"),
+                &format!("\nsynchronized_standby_slots = '{slot}'\n"),
+            );
+        }
         // As root, the server runs as another user, who must own what was just written.
         let _ = Command::new("chown")
             .args([
@@ -434,6 +446,11 @@ impl Env {
     /// i.e. everything written so far is durable in the lake.
     pub async fn wait_caught_up(&self, timeout: Duration) {
         let target = self.current_wal_lsn().await;
+        self.wait_confirmed(&target, timeout).await;
+    }
+
+    /// Waits until the slot's confirmed flush position reaches `target`.
+    pub async fn wait_confirmed(&self, target: &str, timeout: Duration) {
         self.wait_sql(
             &format!("the slot to confirm {target}"),
             timeout,

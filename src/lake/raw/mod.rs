@@ -29,6 +29,8 @@ pub struct RawTable {
     label: String,
     table: DeltaTable,
     writer: RecordBatchWriter,
+    slot: String,
+    name: TableName,
     app_id: AppId,
     /// Commit LSN of the last source transaction durably in this table.
     applied: Option<Lsn>,
@@ -129,6 +131,8 @@ impl RawTable {
             label,
             table,
             writer,
+            slot: slot.to_string(),
+            name: name.clone(),
             app_id,
             applied: applied_at,
             snapshot_at,
@@ -159,6 +163,33 @@ impl RawTable {
     /// Commit LSN of the last source transaction this table holds, if any.
     pub fn applied(&self) -> Option<Lsn> {
         self.applied
+    }
+
+    /// Marks a snapshot taken at `point` as a copy of only `part` of the source table
+    /// (a publication's row filter or column list, by its fingerprint).
+    fn mark_part(&self, commit: Commit, point: Lsn, part: Option<&str>) -> Commit {
+        match part {
+            None => commit,
+            Some(part) => commit
+                .position(&AppId::published(&self.slot, &self.name, "partial"), point)
+                .position(&AppId::published(&self.slot, &self.name, part), point),
+        }
+    }
+
+    /// Whether the table's snapshot copied `part` of the source table (`None`: all of
+    /// it), as the publication publishes it now; `true` without a snapshot.
+    pub async fn copied_part(&self, part: Option<&str>) -> Result<bool, LakeError> {
+        let Some(at) = self.snapshot_at else {
+            return Ok(true);
+        };
+        let marked = |part: &str| AppId::published(&self.slot, &self.name, part);
+        let partial = applied(&self.table, &self.label, &marked("partial")).await? == Some(at);
+        Ok(match part {
+            None => !partial,
+            Some(part) => {
+                partial && applied(&self.table, &self.label, &marked(part)).await? == Some(at)
+            }
+        })
     }
 
     /// Where the table's completed snapshot was taken, if it has one.
@@ -229,10 +260,16 @@ impl RawTable {
 
     /// Commits a completely copied snapshot taken at `point` that holds the source
     /// through `held`, with the snapshot marker in the same commit.
-    pub async fn commit_snapshot(&mut self, held: Lsn, point: Lsn) -> Result<u64, LakeError> {
+    pub async fn commit_snapshot(
+        &mut self,
+        held: Lsn,
+        point: Lsn,
+        part: Option<&str>,
+    ) -> Result<u64, LakeError> {
         let commit = Commit::append()
             .info_lsn(InfoKey::SnapshotLsn, point)
             .position(&self.snapshot_id, point);
+        let commit = self.mark_part(commit, point, part);
         let version = self.commit_data(commit, held).await?;
         self.snapshot_at = Some(point);
         Ok(version)
@@ -246,11 +283,14 @@ impl RawTable {
         copy: Vec<deltalake::kernel::Add>,
         held: Lsn,
         point: Lsn,
+        part: Option<&str>,
     ) -> Result<u64, LakeError> {
         let through = self.applied.unwrap_or(held);
-        let version = Commit::append()
+        let commit = Commit::append()
             .info_lsn(InfoKey::SnapshotLsn, point)
-            .position(&self.snapshot_id, point)
+            .position(&self.snapshot_id, point);
+        let version = self
+            .mark_part(commit, point, part)
             .actions(copy.into_iter().map(deltalake::kernel::Action::Add))
             .position(&self.app_id, through)
             .write(&mut self.table, &self.label)
