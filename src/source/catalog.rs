@@ -350,7 +350,8 @@ pub struct SlotInfo {
     pub confirmed_flush: Option<Lsn>,
     pub wal_status: Option<String>,
     pub restart_lsn: Option<Lsn>,
-    /// WAL the slot keeps from being recycled: current WAL position minus `restart_lsn`.
+    /// WAL the slot keeps from being recycled: current WAL position (on a standby: the
+    /// replayed one) minus `restart_lsn`.
     pub retained_bytes: Option<i64>,
 }
 
@@ -367,8 +368,8 @@ pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, 
         .query_opt(
             "SELECT plugin::text, database::text, active, confirmed_flush_lsn::text, wal_status, \
                     restart_lsn::text, \
-                    CASE WHEN pg_is_in_recovery() THEN NULL \
-                         ELSE pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint END \
+                    pg_wal_lsn_diff(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+                                         ELSE pg_current_wal_lsn() END, restart_lsn)::bigint \
              FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )

@@ -50,10 +50,9 @@ pub enum SourceUnusable {
     #[error(
         "table {table} can no longer be followed exactly: {gap}; its changes since then are \
          not in the stream. wal2delta stopped rather than miss them silently. Publish the \
-         whole table again (ALTER PUBLICATION {publication} ADD TABLE {quoted}; after \
-         dropping a row filter or column list with ALTER PUBLICATION {publication} DROP \
-         TABLE {quoted};), then run `wal2delta reset-checkpoint --config {config} \
-         --resnapshot --table {table} --yes` and start wal2delta: the table is copied afresh"
+         table again (ALTER PUBLICATION {publication} ADD TABLE {quoted};), then run \
+         `wal2delta reset-checkpoint --config {config} --resnapshot --table {table} --yes` \
+         and start wal2delta: the table is copied afresh"
     )]
     PublicationChanged {
         table: String,

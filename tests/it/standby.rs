@@ -127,6 +127,10 @@ async fn a_hot_standby_is_replicated_from_on_16_and_refused_before() {
     let (code, text) = tokio::task::block_in_place(|| wal2delta(&env, &["verify", "--wait", "60"]));
     assert_eq!(code, 0, "{text}\n{}", env.daemon_log());
     assert!(text.contains("public.t: equal"), "{text}");
+    // status reads the slot on the standby, with the WAL it retains there.
+    let (code, text) = tokio::task::block_in_place(|| wal2delta(&env, &["status"]));
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("w2d_test"), "{text}");
     stop.store(true, Ordering::Relaxed);
     nudging.await.unwrap();
     assert!(daemon.terminate(Duration::from_secs(30)).success());
