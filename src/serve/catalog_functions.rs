@@ -1,6 +1,6 @@
 //! Catalog functions psql's describe commands call that datafusion-postgres lacks:
 //! `pg_size_pretty`, the size functions, `obj_description` and its kin,
-//! `pg_function_is_visible` and the function-signature functions of `\df`.
+//! `pg_function_is_visible` and the function-signature functions of `\df` and `\df+`.
 //!
 //! # Design
 //! - `pg_size_pretty` is Postgres's own algorithm (units up to PB, the same rounding), so
@@ -9,8 +9,8 @@
 //!   `pg_database_size`, `pg_indexes_size` answer NULL (psql shows an empty Size) and the
 //!   description functions NULL (no comments are replicated). `pg_function_is_visible`
 //!   answers true: every function the endpoint lists is callable. The emulated
-//!   `pg_proc` carries no signatures, so `pg_get_function_result`/`…_arguments` answer
-//!   NULL.
+//!   `pg_proc` carries no signatures or bodies, so `pg_get_function_result`/`…_arguments`/
+//!   `…_sqlbody` answer NULL.
 
 use std::sync::Arc;
 
@@ -48,6 +48,11 @@ pub fn register(ctx: &SessionContext) {
         ),
         (
             "pg_get_function_identity_arguments",
+            DataType::Utf8,
+            ScalarValue::Utf8(None),
+        ),
+        (
+            "pg_get_function_sqlbody",
             DataType::Utf8,
             ScalarValue::Utf8(None),
         ),

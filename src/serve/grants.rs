@@ -19,7 +19,6 @@
 use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
-use datafusion_postgres::datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider;
 use datafusion_postgres::datafusion_pg_catalog::pg_catalog::{
     PgCatalogSchemaProvider, PgCatalogStaticTables,
 };
@@ -36,6 +35,8 @@ const SYSTEM_SCHEMAS: [&str; 2] = ["pg_catalog", "information_schema"];
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grants {
     patterns: Vec<Pattern>,
+    /// Every table (a user `[[serve.users]]` does not restrict).
+    all: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,12 +63,24 @@ impl Grants {
                 }),
             })
             .collect::<Result<_, _>>()?;
-        Ok(Grants { patterns })
+        Ok(Grants {
+            patterns,
+            all: false,
+        })
+    }
+
+    /// Every table: what a user without `tables` in `[[serve.users]]` reads.
+    pub fn everything() -> Grants {
+        Grants {
+            patterns: Vec::new(),
+            all: true,
+        }
     }
 
     /// Whether the user may read the served table `schema.table`.
     pub fn allows(&self, schema: &str, table: &str) -> bool {
-        SYSTEM_SCHEMAS.contains(&schema)
+        self.all
+            || SYSTEM_SCHEMAS.contains(&schema)
             || self
                 .patterns
                 .iter()
@@ -88,6 +101,7 @@ pub fn denied(schema: &str, table: &str) -> DataFusionError {
 pub fn restrict(
     catalog_list: Arc<dyn CatalogProviderList>,
     grants: Arc<Grants>,
+    user: &str,
 ) -> Result<Arc<dyn CatalogProviderList>, DataFusionError> {
     static STATIC_TABLES: OnceLock<Arc<PgCatalogStaticTables>> = OnceLock::new();
     let static_tables = match STATIC_TABLES.get() {
@@ -102,11 +116,15 @@ pub fn restrict(
         grants: grants.clone(),
         pg_catalog: None,
     });
-    let pg_catalog: Arc<dyn SchemaProvider> = Arc::new(PgCatalogSchemaProvider::try_new(
-        listed,
-        static_tables,
-        EmptyContextProvider,
-    )?);
+    let pg_catalog: Arc<dyn SchemaProvider> = Arc::new(super::catalog_columns::Patched {
+        inner: Arc::new(PgCatalogSchemaProvider::try_new(
+            listed,
+            static_tables,
+            super::catalog_columns::SessionRole {
+                user: user.to_string(),
+            },
+        )?),
+    });
     Ok(Arc::new(Filtered {
         inner: catalog_list,
         grants,
@@ -157,7 +175,9 @@ impl CatalogProvider for FilteredCatalog {
             .schema_names()
             .into_iter()
             .filter(|s| {
-                SYSTEM_SCHEMAS.contains(&s.as_str())
+                // Unrestricted: every schema, empty ones too (as Postgres lists them).
+                self.filter.grants.all
+                    || SYSTEM_SCHEMAS.contains(&s.as_str())
                     || self.inner.schema(s).is_some_and(|schema| {
                         schema
                             .table_names()

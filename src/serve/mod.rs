@@ -20,6 +20,7 @@
 pub mod auth;
 pub mod budget;
 pub mod cancel;
+pub mod catalog_columns;
 pub mod catalog_functions;
 pub mod column_names;
 pub mod config;

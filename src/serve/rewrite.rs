@@ -13,6 +13,17 @@
 //!   position>`: Postgres's own rule (a bare name in ORDER BY is an output column first).
 //!   Nothing else changes, so HAVING, expressions in ORDER BY and joins mean what they
 //!   meant.
+//!   An `ARRAY(SELECT … FROM unnest(<column>) …)` over one of the catalog columns that are
+//!   always NULL here ([`super::catalog_columns::NULL_ARRAY_COLUMNS`]) is NULL itself:
+//!   DataFusion cannot plan an `unnest` of an outer query's column.
+//! - **`pg_table_is_visible(oid)`** (psql's `\d name` and `\dt` without a schema):
+//!   datafusion-postgres answers true for every table, so `\d transacoes` described
+//!   `arquivo.transacoes` and the raw tables too. It becomes "the relation is in `public`
+//!   or `pg_catalog`", the schemas of the endpoint's search path, as in Postgres.
+//! - **`FROM unnest(a) x`**: in Postgres the alias of a one-column function names its
+//!   column too, which psql's `\d+` relies on (`select 'toast.' || x from
+//!   unnest(tc.reloptions) x`); DataFusion names the column after the call. The alias
+//!   gets the column alias `x (x)` when it has none.
 //! - **`typinput = 'array_in'::regproc`**: `pg_type`'s function columns hold names here,
 //!   so a comparison with a `regproc` literal compares names (pgjdbc asks it of every
 //!   array type it meets).
@@ -20,16 +31,99 @@
 use std::ops::ControlFlow;
 
 use deltalake::datafusion::sql::sqlparser::ast::{
-    BinaryOperator, Expr, Function, FunctionArg, FunctionArgExpr, FunctionArgumentList,
-    FunctionArguments, Ident, ObjectName, OrderBy, OrderByKind, SelectItem, SetExpr, Statement,
-    Value, visit_expressions_mut,
+    ArrayElemTypeDef, BinaryOperator, CastKind, DataType, Expr, Function, FunctionArg,
+    FunctionArgExpr, FunctionArgumentList, FunctionArguments, Ident, ObjectName, OrderBy,
+    OrderByKind, Select, SelectItem, SetExpr, Statement, TableAliasColumnDef, TableFactor, Value,
+    VisitMut, VisitorMut, visit_expressions_mut,
 };
+use deltalake::datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
+use deltalake::datafusion::sql::sqlparser::parser::Parser;
 
 /// Applies the rewrites; returns whether anything changed.
 pub fn rewrite(statement: &mut Statement) -> bool {
     let casts = order_by_cast_columns(statement);
     let procs = regproc_names(statement);
-    array_subqueries(statement) || casts || procs
+    let unnests = unnest_aliases(statement);
+    let visible = table_visibility(statement);
+    array_subqueries(statement) || casts || procs || unnests || visible
+}
+
+/// The relations `pg_table_is_visible` accepts: those of the search path's schemas.
+const VISIBLE_RELATIONS: &str = "SELECT visible_c.oid FROM pg_catalog.pg_class visible_c \
+     JOIN pg_catalog.pg_namespace visible_n ON visible_n.oid = visible_c.relnamespace \
+     WHERE visible_n.nspname IN ('public', 'pg_catalog')";
+
+/// `pg_table_is_visible(x)` → `x IN (<the relations of public and pg_catalog>)`.
+fn table_visibility(statement: &mut Statement) -> bool {
+    let mut rewritten = false;
+    let _ = visit_expressions_mut(statement, |expr| {
+        if let Expr::Function(f) = expr
+            && f.name
+                .0
+                .last()
+                .and_then(|p| p.as_ident())
+                .is_some_and(|i| i.value.eq_ignore_ascii_case("pg_table_is_visible"))
+            && let FunctionArguments::List(list) = &f.args
+            && let [FunctionArg::Unnamed(FunctionArgExpr::Expr(arg))] = list.args.as_slice()
+            && let Ok(subquery) = Parser::new(&PostgreSqlDialect {})
+                .try_with_sql(VISIBLE_RELATIONS)
+                .and_then(|mut p| p.parse_query())
+        {
+            *expr = Expr::Nested(Box::new(Expr::InSubquery {
+                expr: Box::new(arg.clone()),
+                subquery,
+                negated: false,
+            }));
+            rewritten = true;
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    rewritten
+}
+
+/// `FROM unnest(a) x` → `FROM unnest(a) AS x (x)`: the alias names the column too.
+fn unnest_aliases(statement: &mut Statement) -> bool {
+    struct Aliases(bool);
+    impl VisitorMut for Aliases {
+        type Break = ();
+        fn pre_visit_table_factor(&mut self, factor: &mut TableFactor) -> ControlFlow<()> {
+            let is_unnest = |name: &ObjectName| {
+                name.0
+                    .last()
+                    .and_then(|p| p.as_ident())
+                    .is_some_and(|i| i.value.eq_ignore_ascii_case("unnest"))
+            };
+            let alias = match factor {
+                TableFactor::Table {
+                    name,
+                    args: Some(args),
+                    alias: Some(alias),
+                    ..
+                } if is_unnest(name) && args.args.len() == 1 => alias,
+                TableFactor::Function {
+                    name,
+                    args,
+                    alias: Some(alias),
+                    ..
+                } if is_unnest(name) && args.len() == 1 => alias,
+                TableFactor::UNNEST {
+                    array_exprs,
+                    alias: Some(alias),
+                    with_offset: false,
+                    ..
+                } if array_exprs.len() == 1 => alias,
+                _ => return ControlFlow::Continue(()),
+            };
+            if alias.columns.is_empty() {
+                alias.columns = vec![TableAliasColumnDef::from_name(alias.name.value.clone())];
+                self.0 = true;
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    let mut aliases = Aliases(false);
+    let _ = statement.visit(&mut aliases);
+    aliases.0
 }
 
 /// `pg_type`'s function columns hold the function's name here, where Postgres holds a
@@ -156,6 +250,20 @@ fn array_subqueries(statement: &mut Statement) -> bool {
                 SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => e.clone(),
                 _ => return ControlFlow::<()>::Continue(()),
             };
+            if unnests_a_null_column(select) {
+                *expr = Expr::Cast {
+                    kind: CastKind::DoubleColon,
+                    expr: Box::new(Expr::Value(Value::Null.into())),
+                    data_type: DataType::Array(ArrayElemTypeDef::SquareBracket(
+                        Box::new(DataType::Text),
+                        None,
+                    )),
+                    array: false,
+                    format: None,
+                };
+                rewritten = true;
+                return ControlFlow::Continue(());
+            }
             let mut query = query.clone();
             if let SetExpr::Select(select) = query.body.as_mut() {
                 select.projection = vec![SelectItem::UnnamedExpr(Expr::Function(Function {
@@ -181,11 +289,47 @@ fn array_subqueries(statement: &mut Statement) -> bool {
     rewritten
 }
 
+/// `… FROM unnest(<alias>.<column>) …` with one of the always-NULL catalog columns.
+fn unnests_a_null_column(select: &Select) -> bool {
+    let [from] = select.from.as_slice() else {
+        return false;
+    };
+    let arg = match &from.relation {
+        TableFactor::Table {
+            name,
+            args: Some(args),
+            ..
+        } if name
+            .0
+            .last()
+            .and_then(|p| p.as_ident())
+            .is_some_and(|i| i.value.eq_ignore_ascii_case("unnest")) =>
+        {
+            match args.args.as_slice() {
+                [FunctionArg::Unnamed(FunctionArgExpr::Expr(e))] => e,
+                _ => return false,
+            }
+        }
+        TableFactor::UNNEST { array_exprs, .. } => match array_exprs.as_slice() {
+            [e] => e,
+            _ => return false,
+        },
+        _ => return false,
+    };
+    let column = match arg {
+        Expr::Identifier(i) => i,
+        Expr::CompoundIdentifier(parts) => match parts.last() {
+            Some(i) => i,
+            None => return false,
+        },
+        _ => return false,
+    };
+    super::catalog_columns::NULL_ARRAY_COLUMNS.contains(&column.value.to_ascii_lowercase().as_str())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use deltalake::datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
-    use deltalake::datafusion::sql::sqlparser::parser::Parser;
 
     #[test]
     fn a_bare_order_by_of_a_cast_column_becomes_its_position() {
@@ -222,6 +366,44 @@ mod tests {
             s.to_string(),
             "SELECT typinput = 'array_in' AS is_array FROM pg_catalog.pg_type WHERE pg_type.oid = 1034"
         );
+    }
+
+    #[test]
+    fn table_visibility_is_the_search_paths_schemas() {
+        let sql = "SELECT c.oid FROM pg_catalog.pg_class c WHERE c.relname ~ '^(t)$' \
+                   AND pg_catalog.pg_table_is_visible(c.oid)";
+        let mut statement = Parser::parse_sql(&PostgreSqlDialect {}, sql)
+            .unwrap()
+            .remove(0);
+        assert!(rewrite(&mut statement));
+        let text = statement.to_string();
+        assert!(
+            text.contains("AND (c.oid IN (SELECT visible_c.oid FROM pg_catalog.pg_class")
+                && text.contains("nspname IN ('public', 'pg_catalog')")
+                && !text.contains("pg_table_is_visible"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn an_unnest_alias_names_its_column_too() {
+        let sql = "SELECT pg_catalog.array_to_string(c.reloptions || array(select 'toast.' || x \
+                   from pg_catalog.unnest(tc.reloptions) x), ', ') FROM pg_catalog.pg_class c \
+                   LEFT JOIN pg_catalog.pg_class tc ON (c.reltoastrelid = tc.oid)";
+        let mut statement = Parser::parse_sql(&PostgreSqlDialect {}, sql)
+            .unwrap()
+            .remove(0);
+        assert!(rewrite(&mut statement));
+        let text = statement.to_string();
+        assert!(
+            text.contains("c.reloptions || NULL::TEXT[]"),
+            "the always-NULL reloptions' array subquery is NULL: {text}"
+        );
+        let mut plain =
+            Parser::parse_sql(&PostgreSqlDialect {}, "SELECT x FROM unnest(a) AS x (y)")
+                .unwrap()
+                .remove(0);
+        assert!(!unnest_aliases(&mut plain), "an alias with columns stays");
     }
 
     #[test]

@@ -70,6 +70,8 @@ pub struct Shared {
     describer: Arc<DfSessionService>,
     /// Users restricted to some tables.
     grants: std::collections::HashMap<String, Arc<super::grants::Grants>>,
+    /// What the other users read: every table.
+    everything: Arc<super::grants::Grants>,
     /// The source's primary keys, for JDBC's `getPrimaryKeys`.
     keys: super::primary_keys::PrimaryKeys,
 }
@@ -88,6 +90,7 @@ impl Shared {
             statement_memory: settings.query_memory_bytes,
             budget: Arc::new(Budget::new(settings.memory_bytes)),
             grants: settings.grants.clone(),
+            everything: Arc::new(super::grants::Grants::everything()),
             output: settings.output,
             keys,
             describer: Arc::new(DfSessionService::new(Arc::new(SessionContext::new()))),
@@ -422,10 +425,15 @@ fn service_for<C: ClientInfo + ?Sized>(
         .with_runtime_env(runtime)
         .with_physical_optimizer_rule(Arc::new(super::held_batches::CountHeld));
     let user = client.metadata().get(pgwire::api::METADATA_USER);
-    let grants = user.and_then(|u| shared.grants.get(u).map(|g| (u, g)));
-    if let Some((user, grants)) = grants {
+    // Every session gets its own `pg_catalog` (its role, and only the tables it may read).
+    if let Some(user) = user {
+        let grants = shared
+            .grants
+            .get(user)
+            .cloned()
+            .unwrap_or_else(|| shared.everything.clone());
         let restricted = view
-            .restricted(user, grants)
+            .restricted(user, &grants)
             .map_err(|e| user_error("XX000", e.to_string()))?;
         builder = builder.with_catalog_list(restricted);
     }
@@ -447,7 +455,7 @@ fn service_for<C: ClientInfo + ?Sized>(
             }),
         ));
     }
-    if let Some((_, grants)) = grants {
+    if let Some(grants) = user.and_then(|u| shared.grants.get(u)) {
         shared.views.restrict_functions(&ctx, view, grants.clone());
     }
     let service = Arc::new(DfSessionService::new(ctx.clone()));

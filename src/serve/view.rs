@@ -109,7 +109,8 @@ impl View {
         if let Some(list) = cache.get(user) {
             return Ok(list.clone());
         }
-        let list = super::grants::restrict(self.state.catalog_list().clone(), grants.clone())?;
+        let list =
+            super::grants::restrict(self.state.catalog_list().clone(), grants.clone(), user)?;
         cache.insert(user.to_string(), list.clone());
         Ok(list)
     }

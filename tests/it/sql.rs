@@ -1575,8 +1575,11 @@ async fn psql_answers_as_postgres_does() {
         r"\l+",
         r"\du",
         r"\d t",
+        r"\d+ t",
         r"\df",
+        r"\df+",
         r"\dn",
+        r"\dn+",
         "select pg_size_pretty(12345::numeric), pg_size_pretty(cast(21474836480 as bigint))",
     ] {
         let (ok_lake, out_lake) = run(lake.0, lake.1, "analyst", command);
@@ -1591,6 +1594,12 @@ async fn psql_answers_as_postgres_does() {
             assert_eq!(out_lake, out_source, "{command}");
         }
     }
+    // \du lists the session's own role (and no other user's name).
+    let (_, out) = run(lake.0, lake.1, "analyst", r"\du");
+    assert!(
+        out.lines().any(|l| l.trim_start().starts_with("analyst")),
+        "\\du: {out}"
+    );
     let (_, out) = run(lake.0, lake.1, "analyst", "select current_user");
     assert_eq!(
         out.lines().collect::<Vec<_>>(),
