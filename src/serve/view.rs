@@ -409,6 +409,7 @@ impl Views {
     }
 
     async fn build(&self, position: Position) -> Result<View, DataFusionError> {
+        let build_started = std::time::Instant::now();
         let mut config = SessionConfig::new()
             .with_default_catalog_and_schema(DATABASE, "public")
             .with_information_schema(true);
@@ -473,6 +474,7 @@ impl Views {
                 }
             }
         }
+        let catalog_started = std::time::Instant::now();
         datafusion_postgres::datafusion_pg_catalog::setup_pg_catalog(
             &ctx,
             DATABASE,
@@ -480,6 +482,11 @@ impl Views {
         )
         .map_err(|e| *e)?;
         super::catalog_functions::register(&ctx);
+        tracing::debug!(
+            total_us = build_started.elapsed().as_micros() as u64,
+            pg_catalog_us = catalog_started.elapsed().as_micros() as u64,
+            "view built"
+        );
         Ok(View {
             position,
             state: ctx.state(),
