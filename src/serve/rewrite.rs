@@ -368,15 +368,20 @@ mod tests {
         );
     }
 
+    /// `sql` parsed and rewritten (which must change it), as text.
+    fn rewritten(sql: &str) -> String {
+        let mut statement = Parser::parse_sql(&PostgreSqlDialect {}, sql)
+            .unwrap()
+            .remove(0);
+        assert!(rewrite(&mut statement), "{sql} is rewritten");
+        statement.to_string()
+    }
+
     #[test]
     fn table_visibility_is_the_search_paths_schemas() {
         let sql = "SELECT c.oid FROM pg_catalog.pg_class c WHERE c.relname ~ '^(t)$' \
                    AND pg_catalog.pg_table_is_visible(c.oid)";
-        let mut statement = Parser::parse_sql(&PostgreSqlDialect {}, sql)
-            .unwrap()
-            .remove(0);
-        assert!(rewrite(&mut statement));
-        let text = statement.to_string();
+        let text = rewritten(sql);
         assert!(
             text.contains("AND (c.oid IN (SELECT visible_c.oid FROM pg_catalog.pg_class")
                 && text.contains("nspname IN ('public', 'pg_catalog')")
@@ -390,11 +395,7 @@ mod tests {
         let sql = "SELECT pg_catalog.array_to_string(c.reloptions || array(select 'toast.' || x \
                    from pg_catalog.unnest(tc.reloptions) x), ', ') FROM pg_catalog.pg_class c \
                    LEFT JOIN pg_catalog.pg_class tc ON (c.reltoastrelid = tc.oid)";
-        let mut statement = Parser::parse_sql(&PostgreSqlDialect {}, sql)
-            .unwrap()
-            .remove(0);
-        assert!(rewrite(&mut statement));
-        let text = statement.to_string();
+        let text = rewritten(sql);
         assert!(
             text.contains("c.reloptions || NULL::TEXT[]"),
             "the always-NULL reloptions' array subquery is NULL: {text}"

@@ -455,7 +455,7 @@ impl Env {
             &format!("the slot to confirm {target}"),
             timeout,
             "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND confirmed_flush_lsn >= $2::text::pg_lsn",
-            &[&self.slot, &target],
+            &[&self.slot, target],
         )
         .await;
     }
@@ -624,6 +624,27 @@ where
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Asserts how many changes of each operation (`_op`, sorted) the raw table of
+/// `public.<table>` holds: every change exactly once.
+pub async fn assert_raw_ops(env: &Env, table: &str, expected: &[(&str, i64)]) {
+    let ops: Vec<(String, i64)> = query_delta(
+        &env.raw_path("public", table),
+        "SELECT _op, count(*) FROM t GROUP BY _op ORDER BY _op",
+    )
+    .await
+    .into_iter()
+    .map(|r| {
+        let count = r[1].as_deref().and_then(|c| c.parse().ok()).unwrap_or(-1);
+        (r[0].clone().unwrap_or_default(), count)
+    })
+    .collect();
+    let expected: Vec<(String, i64)> = expected.iter().map(|(o, n)| (o.to_string(), *n)).collect();
+    assert_eq!(
+        ops, expected,
+        "raw changes of {table} by operation, each once"
+    );
 }
 
 /// Runs `sql` over the Delta table at `path` (registered as `t`) and returns the rows as
