@@ -156,6 +156,10 @@ async fn tables_to_copy<'a>(
         let needed = match taken {
             // An operator's request is honoured even with snapshot = "never".
             _ if settings.source.snapshot == SnapshotMode::Never => {
+                if taken.is_some() {
+                    // Said, not done: the operator chose never to copy.
+                    reshaped(applier, t, false).await?;
+                }
                 requested.is_some_and(|r| taken.is_none_or(|at| at < r))
             }
             None => true,
@@ -163,7 +167,7 @@ async fn tables_to_copy<'a>(
                 slot_born.is_some_and(|born| at < born)
                     || !was_tracked(t)
                     || requested.is_some_and(|r| at < r)
-                    || reshaped(applier, t).await?
+                    || reshaped(applier, t, true).await?
             }
         };
         if needed {
@@ -175,19 +179,31 @@ async fn tables_to_copy<'a>(
 
 /// Whether the publication now publishes another part of `table` (row filter, column
 /// list) than its copy holds: changed while wal2delta was stopped, so rows that entered
-/// the part unchanged, or columns added to it, are not in the lake.
-async fn reshaped(applier: &Applier, table: &TableInfo) -> Result<bool, PipelineError> {
+/// the part unchanged, or columns added to it, are not in the lake. Logged and counted;
+/// `copy` says whether the start copies the table again (not with `snapshot = "never"`).
+async fn reshaped(applier: &Applier, table: &TableInfo, copy: bool) -> Result<bool, PipelineError> {
     let part = table.published.fingerprint();
     if applier.copied_part(&table.name, part.as_deref()).await? {
         return Ok(false);
     }
     crate::telemetry::divergence(&table.name.to_string(), "publication_reshaped");
-    tracing::warn!(
-        table = %table.name,
-        published = %table.published,
-        "the publication publishes another part of this table (row filter or column list) \
-         than the lake copied; copying it again"
-    );
+    if copy {
+        tracing::warn!(
+            table = %table.name,
+            published = %table.published,
+            "the publication publishes another part of this table (row filter or column list) \
+             than the lake copied; copying it again"
+        );
+    } else {
+        tracing::warn!(
+            table = %table.name,
+            published = %table.published,
+            "the publication publishes another part of this table (row filter or column list) \
+             than the lake copied, and source.snapshot = \"never\" copies nothing: the lake \
+             lacks the rows and columns the new part adds; run `wal2delta resync --table {}`",
+            table.name
+        );
+    }
     Ok(true)
 }
 

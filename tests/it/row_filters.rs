@@ -201,4 +201,27 @@ async fn row_filters_and_column_lists_are_honoured_and_their_changes_copy_again(
         "{text}"
     );
     assert!(daemon.terminate(Duration::from_secs(30)).success());
+
+    // With snapshot = "never" a changed part is not copied, but said, not silent.
+    pg.batch_execute(
+        "ALTER PUBLICATION w2d_pub SET TABLE orders WHERE (region = 'us'), \
+         people (id, name, ssn, note), events WHERE (kind = 'a')",
+    )
+    .await
+    .unwrap();
+    env.write_config(
+        "postgres",
+        &["public.orders", "public.people", "public.events"],
+        "snapshot = \"never\"",
+    );
+    let mut daemon = env.daemon();
+    env.wait_streaming().await;
+    assert!(
+        env.daemon_log().contains(
+            "source.snapshot = \"never\" copies nothing: the lake lacks the rows and columns"
+        ) && env.daemon_log().contains("resync --table public.orders"),
+        "{}",
+        env.daemon_log()
+    );
+    assert!(daemon.terminate(Duration::from_secs(30)).success());
 }
