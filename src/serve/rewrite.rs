@@ -58,11 +58,7 @@ fn table_visibility(statement: &mut Statement) -> bool {
     let mut rewritten = false;
     let _ = visit_expressions_mut(statement, |expr| {
         if let Expr::Function(f) = expr
-            && f.name
-                .0
-                .last()
-                .and_then(|p| p.as_ident())
-                .is_some_and(|i| i.value.eq_ignore_ascii_case("pg_table_is_visible"))
+            && names(&f.name, "pg_table_is_visible")
             && let FunctionArguments::List(list) = &f.args
             && let [FunctionArg::Unnamed(FunctionArgExpr::Expr(arg))] = list.args.as_slice()
             && let Ok(subquery) = Parser::new(&PostgreSqlDialect {})
@@ -81,18 +77,21 @@ fn table_visibility(statement: &mut Statement) -> bool {
     rewritten
 }
 
+/// Whether `name` (possibly schema-qualified) names `function`, in any case.
+fn names(name: &ObjectName, function: &str) -> bool {
+    name.0
+        .last()
+        .and_then(|p| p.as_ident())
+        .is_some_and(|i| i.value.eq_ignore_ascii_case(function))
+}
+
 /// `FROM unnest(a) x` → `FROM unnest(a) AS x (x)`: the alias names the column too.
 fn unnest_aliases(statement: &mut Statement) -> bool {
     struct Aliases(bool);
     impl VisitorMut for Aliases {
         type Break = ();
         fn pre_visit_table_factor(&mut self, factor: &mut TableFactor) -> ControlFlow<()> {
-            let is_unnest = |name: &ObjectName| {
-                name.0
-                    .last()
-                    .and_then(|p| p.as_ident())
-                    .is_some_and(|i| i.value.eq_ignore_ascii_case("unnest"))
-            };
+            let is_unnest = |name: &ObjectName| names(name, "unnest");
             let alias = match factor {
                 TableFactor::Table {
                     name,
@@ -299,17 +298,10 @@ fn unnests_a_null_column(select: &Select) -> bool {
             name,
             args: Some(args),
             ..
-        } if name
-            .0
-            .last()
-            .and_then(|p| p.as_ident())
-            .is_some_and(|i| i.value.eq_ignore_ascii_case("unnest")) =>
-        {
-            match args.args.as_slice() {
-                [FunctionArg::Unnamed(FunctionArgExpr::Expr(e))] => e,
-                _ => return false,
-            }
-        }
+        } if names(name, "unnest") => match args.args.as_slice() {
+            [FunctionArg::Unnamed(FunctionArgExpr::Expr(e))] => e,
+            _ => return false,
+        },
         TableFactor::UNNEST { array_exprs, .. } => match array_exprs.as_slice() {
             [e] => e,
             _ => return false,

@@ -190,9 +190,13 @@ pub async fn server_version(client: &Client) -> Result<i32, CatalogError> {
 }
 
 /// Whether `publication` publishes stored generated columns (PostgreSQL 18's
-/// `publish_generated_columns = stored`). Before 18 pgoutput never sends them.
-pub async fn publishes_generated(client: &Client, publication: &str) -> Result<bool, CatalogError> {
-    let version = server_version(client).await?;
+/// `publish_generated_columns = stored`) on a server of `version`. Before 18 pgoutput
+/// never sends them.
+async fn publishes_generated(
+    client: &Client,
+    publication: &str,
+    version: i32,
+) -> Result<bool, CatalogError> {
     if version < 180000 {
         return Ok(false);
     }
@@ -215,7 +219,8 @@ pub async fn table_info(
     table: &TableName,
     publication: &str,
 ) -> Result<Option<TableInfo>, CatalogError> {
-    let generated = publishes_generated(client, publication).await?;
+    let version = server_version(client).await?;
+    let generated = publishes_generated(client, publication, version).await?;
     let row = client
         .query_opt(
             "SELECT c.oid, c.relreplident::text, has_table_privilege(c.oid, 'SELECT'), \
@@ -249,7 +254,7 @@ pub async fn table_info(
             &[&oid, &generated],
         )
         .await?;
-    let published = published_part(client, table, publication).await?;
+    let published = published_part(client, table, publication, version).await?;
     let columns: Vec<ColumnSpec> = cols
         .iter()
         .map(|r| ColumnSpec {
@@ -307,14 +312,15 @@ pub async fn table_info(
     }))
 }
 
-/// How `publication` publishes `table` (whole when it does not publish it, or before
-/// PostgreSQL 15).
+/// How `publication` publishes `table` on a server of `version` (whole when it does not
+/// publish it, or before PostgreSQL 15).
 async fn published_part(
     client: &Client,
     table: &TableName,
     publication: &str,
+    version: i32,
 ) -> Result<PublishedPart, CatalogError> {
-    if server_version(client).await? < 150000 {
+    if version < 150000 {
         return Ok(PublishedPart::default());
     }
     let row = client
