@@ -47,6 +47,10 @@ pub struct TableStatus {
     pub curated: LayerStatus,
     /// The consistent point of the table's completed snapshot, if it has one.
     pub snapshot_lsn: Option<String>,
+    /// For a chunked copy under way: the last key durably copied (`Some(None)`: begun,
+    /// no row yet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chunked_key: Option<Option<i64>>,
 }
 
 /// One Delta table of a source table.
@@ -124,11 +128,26 @@ async fn table_status(lake: &Lake, slot: &str, name: &TableName) -> Result<Table
         &AppId::raw(slot, name),
     )
     .await?;
-    let snapshot_lsn = match snapshot {
-        Some(table) => applied(&table, &format!("raw.{name}"), &AppId::snapshot(slot, name))
-            .await?
-            .map(|l| l.to_string()),
-        None => None,
+    let (snapshot_lsn, chunked_key) = match snapshot {
+        Some(table) => {
+            let label = format!("raw.{name}");
+            let at = applied(&table, &label, &AppId::snapshot(slot, name)).await?;
+            // A chunked copy under way: the last key its durable chunks hold.
+            let begun = at.is_none()
+                && applied(&table, &label, &AppId::chunked_start(slot, name))
+                    .await?
+                    .is_some();
+            let key = match begun {
+                true => Some(
+                    applied(&table, &label, &AppId::chunked_key(slot, name))
+                        .await?
+                        .map(|k| k.as_i64()),
+                ),
+                false => None,
+            };
+            (at.map(|l| l.to_string()), key)
+        }
+        None => (None, None),
     };
     let (curated, _) = layer(
         &lake.curated_table_url(name),
@@ -141,6 +160,7 @@ async fn table_status(lake: &Lake, slot: &str, name: &TableName) -> Result<Table
         raw,
         curated,
         snapshot_lsn,
+        chunked_key,
     })
 }
 
@@ -238,7 +258,12 @@ pub fn render(status: &Status) -> String {
                 human_bytes(l.bytes),
                 l.rows.to_string(),
                 if i == 0 {
-                    t.snapshot_lsn.clone().unwrap_or_else(|| "none".into())
+                    match (&t.snapshot_lsn, t.chunked_key) {
+                        (Some(at), _) => at.clone(),
+                        (None, Some(Some(key))) => format!("copying, through key {key}"),
+                        (None, Some(None)) => "copying".into(),
+                        (None, None) => "none".into(),
+                    }
                 } else {
                     String::new()
                 },

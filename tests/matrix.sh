@@ -14,7 +14,8 @@
 # unchanged TOAST values, stored generated columns, a replica identity index, verify,
 # what validate says of the server, a failover slot (17+, and on 17+ a promoted standby
 # taking over), a dropped and an invalidated slot, replicating from a hot standby (16+;
-# refused before), and publication row filters and column lists (15+).
+# refused before), publication row filters and column lists (15+), and a watermark
+# (chunked) snapshot resumed after SIGKILLs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,6 +37,7 @@ CORE=(
   stops::dropped_slot_stops_with_what_to_do
   stops::invalidated_slot_names_the_recovery_and_the_recovery_works
   standby::
+  watermark::
 )
 
 summary=()

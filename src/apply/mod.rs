@@ -17,6 +17,7 @@
 pub mod config;
 pub mod normalize;
 pub mod schema;
+mod watermark;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -32,13 +33,13 @@ use deltalake::arrow::record_batch::RecordBatch;
 
 use self::config::ApplyConfig;
 use self::normalize::{Normalization, Normalizer};
-use crate::change::message::{OldTuple, PgOutputMessage, Relation, Tuple};
+use crate::change::message::{OldTuple, PgOutputMessage, Relation, Tuple, TupleValue};
 use crate::change::{ChangeMeta, ColumnSpec, Op, RelId, ReplicaIdentity, SourceEvent, Xid};
 use crate::lake::checkpoint::{Checkpoint, CheckpointRecord, RecordSender, TableVersions};
 use crate::lake::curated::{CuratedConfig, CuratedTable};
 use crate::lake::maintenance::Policy;
-use crate::lake::raw::RawTable;
 use crate::lake::raw::layout::RawBatchBuilder;
+use crate::lake::raw::{ChunkedProgress, RawTable};
 use crate::lake::{Lake, LakeError};
 use crate::lsn::Lsn;
 use crate::source::catalog::TableInfo;
@@ -266,6 +267,9 @@ pub struct Applier {
     next_log_cleanup: Instant,
     /// Tables copied again while streaming (`resync`), waiting to be swapped in.
     copies: Option<StagedCopies>,
+    /// Chunked copies running beside the stream, and their reconciliation with it.
+    watermarks: Option<Arc<crate::source::watermark::Watermarks>>,
+    reconciler: watermark::Reconciler,
 }
 
 /// A table copied again while the daemon streams (`resync`): the copy's files, written
@@ -329,7 +333,19 @@ impl Applier {
             next_vacuum: Instant::now(),
             next_log_cleanup: Instant::now(),
             copies: None,
+            watermarks: None,
+            reconciler: Default::default(),
         })
+    }
+
+    /// Takes the chunks of copies running beside the stream from `watermarks`.
+    pub fn take_chunks_from(&mut self, watermarks: Arc<crate::source::watermark::Watermarks>) {
+        self.watermarks = Some(watermarks);
+    }
+
+    /// How far `table`'s chunked copy is, as durable in the lake.
+    pub fn chunked_progress(&self, table: &TableName) -> Option<ChunkedProgress> {
+        self.tables.get(table)?.raw.chunked().cloned()
     }
 
     /// Swaps in the copies arriving on `copies` between batches.
@@ -750,6 +766,7 @@ impl Applier {
                         txn.commit_lsn
                     )));
                 }
+                self.reconciler.committed(txn.xid.0, commit_lsn);
                 self.batch.last_commit_lsn = commit_lsn;
                 self.batch.last_end_lsn = end_lsn;
                 self.batch.last_commit_ts = txn.commit_ts;
@@ -784,6 +801,14 @@ impl Applier {
                 }
             }
             PgOutputMessage::Origin { .. } | PgOutputMessage::Type { .. } => {}
+            PgOutputMessage::Message {
+                prefix,
+                content,
+                transactional: true,
+                ..
+            } if prefix == crate::source::watermark::PREFIX => {
+                self.watermark(wal_start, &content).await?
+            }
             PgOutputMessage::Message { prefix, .. } => {
                 tracing::debug!(%prefix, "logical decoding message ignored");
             }
@@ -898,6 +923,29 @@ impl Applier {
         let Some(state) = self.tables.get_mut(name) else {
             return Ok(());
         };
+        if self.reconciler.watching(name) {
+            // A chunked copy's window is open: note the keys this change touches.
+            match row {
+                None => self.reconciler.saw_truncate(name, txn.xid.0),
+                Some(row) => {
+                    let index = state.key_columns.first().and_then(|k| {
+                        let lake = state.builder.columns().iter().position(|c| &c.name == k)?;
+                        map.positions.get(lake).copied().flatten()
+                    });
+                    let key =
+                        |t: &Tuple| index.and_then(|i| crate::source::watermark::key_of(t, i));
+                    let mut keys = vec![key(row)];
+                    if let Some(before) = before {
+                        keys.push(key(before.tuple()));
+                    }
+                    let unsent = row
+                        .0
+                        .iter()
+                        .any(|v| matches!(v, TupleValue::UnchangedToast));
+                    self.reconciler.saw(name, txn.xid.0, &keys, unsent);
+                }
+            }
+        }
         if state.held().is_some_and(|held| txn.commit_lsn <= held) {
             return Ok(()); // already durable in this table
         }
@@ -937,6 +985,102 @@ impl Applier {
             })?;
             state.write_chunk(batch).await?;
         }
+        Ok(())
+    }
+
+    /// A watermark of a chunked copy (`source::watermark`): a low one opens its table's
+    /// window; a high one reconciles the chunk and adds its rows to the batch as `r` rows
+    /// of this transaction, with the copy's progress for the raw table's next commit.
+    async fn watermark(&mut self, wal_start: Lsn, content: &[u8]) -> Result<(), ApplyError> {
+        let (Some(watermarks), Some(txn)) = (&self.watermarks, &self.txn) else {
+            return Ok(());
+        };
+        let Some((low, token)) = crate::source::watermark::parse_message(content) else {
+            return Ok(());
+        };
+        if low {
+            if let Some(table) = watermarks.low(token) {
+                self.reconciler.low(table, token, txn.commit_lsn);
+            }
+            return Ok(());
+        }
+        let Some(chunk) = watermarks.high(token) else {
+            return Ok(()); // an earlier run's, or another daemon's
+        };
+        let Some(taken) = self.reconciler.high(token, chunk) else {
+            return Ok(());
+        };
+        let watermark::Taken { chunk, keep, start } = taken;
+        let Some(txn) = self.txn.as_mut() else {
+            return Ok(());
+        };
+        let Some(state) = self.tables.get_mut(&chunk.table) else {
+            let _ = chunk.verdict.send(crate::source::watermark::Verdict::Again(
+                "the table is not configured".into(),
+            ));
+            return Ok(());
+        };
+        // Chunks are taken in key order without gaps: the progress recorded is a prefix.
+        if chunk.after != state.raw.chunked_last_key() {
+            let _ = chunk.verdict.send(crate::source::watermark::Verdict::Again(
+                "it does not follow the last chunk taken".into(),
+            ));
+            return Ok(());
+        }
+        // Chunks read ahead of a copy's first verdict do not know where it began.
+        let start = state.raw.chunked_start().unwrap_or(start);
+        let positions: Vec<Option<usize>> = state
+            .builder
+            .columns()
+            .iter()
+            .map(|lc| chunk.columns.iter().position(|c| *c == lc.name))
+            .collect();
+        let bytes_before = state.builder.bytes();
+        for &i in &keep {
+            let meta = ChangeMeta {
+                commit_lsn: txn.commit_lsn,
+                lsn: wal_start,
+                commit_ts: txn.commit_ts,
+                xid: txn.xid,
+                seq: txn.seq,
+            };
+            txn.seq += 1;
+            state
+                .builder
+                .append(Op::Read, meta, Some(&chunk.rows[i]), &positions, None);
+            if state.builder.rows() >= self.config.spill_rows
+                || state.builder.bytes() >= self.config.spill_bytes
+            {
+                let batch = state.builder.finish().map_err(|source| LakeError::Arrow {
+                    table: chunk.table.to_string(),
+                    source,
+                })?;
+                state.write_chunk(batch).await?;
+            }
+        }
+        state.raw.set_chunked(ChunkedProgress {
+            start,
+            last_key: chunk.keys.last().copied(),
+            done: chunk.last.then(|| (txn.commit_lsn, chunk.part.clone())),
+        });
+        let added = keep.len();
+        self.batch.rows += added;
+        self.batch.bytes += state.builder.bytes().saturating_sub(bytes_before);
+        self.batch.started.get_or_insert_with(Instant::now);
+        *self
+            .batch
+            .changes
+            .entry(chunk.table.clone())
+            .or_default()
+            .entry(Op::Read)
+            .or_insert(0) += added as u64;
+        self.batch.touched.insert(chunk.table.clone());
+        if chunk.last {
+            tracing::info!(table = %chunk.table, at = %txn.commit_lsn, "chunked copy complete");
+        }
+        let _ = chunk
+            .verdict
+            .send(crate::source::watermark::Verdict::Taken { start, added });
         Ok(())
     }
 

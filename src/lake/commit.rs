@@ -54,6 +54,17 @@ impl AppId {
         AppId(format!("wal2delta:{slot}:published-{part}:{table}"))
     }
 
+    /// Where a raw table's chunked (watermark) copy began (version: the WAL position of
+    /// its first low watermark).
+    pub fn chunked_start(slot: &str, table: &TableName) -> AppId {
+        AppId(format!("wal2delta:{slot}:chunked-start:{table}"))
+    }
+
+    /// The last key a raw table's chunked copy holds (version: the key itself).
+    pub fn chunked_key(slot: &str, table: &TableName) -> AppId {
+        AppId(format!("wal2delta:{slot}:chunked-key:{table}"))
+    }
+
     /// An operator's request to copy `table` again (version: the WAL position then).
     pub fn resnapshot(slot: &str, table: &TableName) -> AppId {
         AppId(format!("wal2delta:{slot}:resnapshot:{table}"))

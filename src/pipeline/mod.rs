@@ -13,6 +13,7 @@
 //! endpoint, the slot watcher and the heartbeat.
 
 mod background;
+mod chunked;
 mod prepare;
 mod resync;
 
@@ -228,7 +229,7 @@ async fn replicate(
     tracing::info!(source = %settings.source.conn, lake = %lake.root(), tables = tables.len(), "source ready");
     let mut created_slot = created_slot;
     let mut backoff = Backoff::new("snapshot");
-    loop {
+    let chunked = loop {
         let result = tokio::select! {
             result = snapshot_missing(settings, lake, &tables, created_slot.take(), records) => result,
             _ = cancel.cancelled() => {
@@ -237,7 +238,7 @@ async fn replicate(
             }
         };
         match result {
-            Ok(()) => break,
+            Ok(chunked) => break chunked,
             Err(e) if e.is_transient() => {
                 let what = "initial snapshot interrupted; unfinished tables are copied again";
                 if !backoff.pause(&e, what, &cancel).await {
@@ -246,7 +247,7 @@ async fn replicate(
             }
             Err(e) => return Err(explain(e, settings).await),
         }
-    }
+    };
     // Every table's copy now holds the part the publication published when the start
     // read it (copied now, or checked against the lake's record of its copy): the
     // publication guard compares later changes with it.
@@ -258,7 +259,17 @@ async fn replicate(
     let mut backoff = Backoff::new("replication");
     loop {
         let started = std::time::Instant::now();
-        match session(settings, lake, &tables, records, copies, cancel.clone()).await {
+        match session(
+            settings,
+            lake,
+            &tables,
+            &chunked,
+            records,
+            copies,
+            cancel.clone(),
+        )
+        .await
+        {
             Ok(()) => return Ok(()),
             Err(e) if e.is_transient() && !cancel.is_cancelled() => {
                 if started.elapsed() > Duration::from_secs(60) {
@@ -366,6 +377,7 @@ async fn session(
     settings: &Settings,
     lake: &Lake,
     tables: &[TableInfo],
+    chunked: &[crate::table_name::TableName],
     records: &RecordSender,
     copies: &StagedCopies,
     cancel: CancellationToken,
@@ -410,7 +422,15 @@ async fn session(
         source.status_interval,
         spills,
     ));
+    // Tables copied in chunks beside the stream, from where the lake says they are.
+    let watermarks = Arc::new(crate::source::watermark::Watermarks::default());
+    applier.take_chunks_from(watermarks.clone());
+    let copying = cancel.child_token();
+    let mut copiers =
+        chunked::spawn_copies(settings, &applier, tables, chunked, &watermarks, &copying);
     let applied = applier.run(events_rx).await;
+    copying.cancel();
+    while copiers.join_next().await.is_some() {}
     // The applier is gone, and with it the durable-position channel: the source task
     // reports the final durable position and ends by itself.
     let read = match tokio::time::timeout(SOURCE_STOP_WAIT, &mut reader).await {

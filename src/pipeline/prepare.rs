@@ -15,10 +15,11 @@ use crate::lake::checkpoint::RecordSender;
 use crate::lake::raw::layout::RawBatchBuilder;
 use crate::lsn::Lsn;
 use crate::source::catalog::{self, CatalogError, TableInfo};
-use crate::source::config::SnapshotMode;
+use crate::source::config::{SnapshotMethod, SnapshotMode};
 use crate::source::diagnosis::SourceUnusable;
 use crate::source::replication::ReplicationConnection;
 use crate::source::snapshot::SnapshotReader;
+use crate::table_name::TableName;
 
 /// A slot this start created.
 pub struct CreatedSlot {
@@ -101,7 +102,7 @@ pub async fn snapshot_missing(
     tables: &[TableInfo],
     created: Option<CreatedSlot>,
     records: &RecordSender,
-) -> Result<(), PipelineError> {
+) -> Result<Vec<TableName>, PipelineError> {
     let (mut applier, _durable) =
         open_applier(settings, lake, tables, Some(records.clone())).await?;
     let (created_point, export) = match created {
@@ -111,12 +112,20 @@ pub async fn snapshot_missing(
         }
         None => (None, None),
     };
-    let missing = tables_to_copy(settings, &applier, tables).await?;
+    let (missing, chunked) = tables_to_copy(settings, &applier, tables).await?;
+    for table in &chunked {
+        match applier.chunked_progress(table) {
+            Some(p) => {
+                tracing::info!(table = %table, last_key = ?p.last_key, "the table's chunked copy resumes while streaming")
+            }
+            None => tracing::info!(table = %table, "the table is copied in chunks while streaming"),
+        }
+    }
     if missing.is_empty() {
         if let Some((conn, _)) = export {
             conn.close().await;
         }
-        return Ok(());
+        return Ok(chunked);
     }
     let (conn, point, name) = match (export, created_point) {
         (Some((conn, name)), Some(point)) => (conn, point, name),
@@ -131,17 +140,18 @@ pub async fn snapshot_missing(
     };
     copy_tables(settings, &mut applier, &missing, point, &name).await?;
     conn.close().await;
-    Ok(())
+    Ok(chunked)
 }
 
 /// The tables whose snapshot is missing, from an older slot of the same name, from a
 /// time the table was left out of the configuration, or older than an operator's
-/// `reset-checkpoint --resnapshot`.
+/// `reset-checkpoint --resnapshot`: those to copy from an exported snapshot now, and
+/// those to copy in chunks while streaming (`source.snapshot_method = "watermark"`).
 async fn tables_to_copy<'a>(
     settings: &Settings,
     applier: &Applier,
     tables: &'a [TableInfo],
-) -> Result<Vec<&'a TableInfo>, PipelineError> {
+) -> Result<(Vec<&'a TableInfo>, Vec<TableName>), PipelineError> {
     let slot_born = applier.slot_created_at();
     let tracked = applier.tracked_tables().await;
     let was_tracked = |t: &TableInfo| {
@@ -150,6 +160,7 @@ async fn tables_to_copy<'a>(
             .is_none_or(|set| set.contains(&t.name.to_string()))
     };
     let mut missing = Vec::new();
+    let mut chunked = Vec::new();
     for t in tables {
         let requested = applier.resnapshot_requested(&t.name).await?;
         let taken = applier.snapshot_position(&t.name);
@@ -170,11 +181,27 @@ async fn tables_to_copy<'a>(
                     || reshaped(applier, t, true).await?
             }
         };
-        if needed {
+        if !needed {
+            continue;
+        }
+        // In chunks only a table never copied whole: chunks add and update rows but
+        // remove none, so a table whose lake rows may be stale is copied whole. A
+        // chunked copy begun before the slot or before a request is stale too.
+        let resumable = applier.chunked_progress(&t.name).is_none_or(|p| {
+            slot_born.is_none_or(|born| p.start >= born) && requested.is_none_or(|r| r <= p.start)
+        });
+        if settings.source.snapshot_method == SnapshotMethod::Watermark
+            && settings.source.snapshot == SnapshotMode::Initial
+            && taken.is_none()
+            && resumable
+            && crate::source::watermark::chunk_key(t).is_some()
+        {
+            chunked.push(t.name.clone());
+        } else {
             missing.push(t);
         }
     }
-    Ok(missing)
+    Ok((missing, chunked))
 }
 
 /// Whether the publication now publishes another part of `table` (row filter, column

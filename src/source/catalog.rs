@@ -522,7 +522,55 @@ pub async fn check(
     if source.failover {
         check_failover(client, source, &mut report).await?;
     }
+    if source.snapshot_method == super::config::SnapshotMethod::Watermark {
+        check_watermarks(client, &mut report).await?;
+    }
     Ok(report)
+}
+
+/// `source.snapshot_method = "watermark"` writes watermarks into the WAL
+/// (`pg_logical_emit_message`): the role must be allowed to, and the server must be a
+/// primary.
+async fn check_watermarks(client: &Client, report: &mut Report) -> Result<(), CatalogError> {
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT pg_is_in_recovery(), ({})",
+                super::watermark::CAN_EMIT
+            ),
+            &[],
+        )
+        .await?;
+    let (standby, can_emit): (bool, bool) = (row.get(0), row.get(1));
+    let whole: Vec<String> = report
+        .tables
+        .iter()
+        .filter(|t| super::watermark::chunk_key(t).is_none())
+        .map(|t| t.name.to_string())
+        .collect();
+    if !whole.is_empty() {
+        report.notes.push(format!(
+            "not keyed by one integer column, so copied from an exported snapshot before they \
+             stream (not in chunks): {}",
+            whole.join(", ")
+        ));
+    }
+    if standby {
+        report.problems.push(
+            "source.snapshot_method = \"watermark\" writes watermarks into the WAL, which a \
+             standby cannot; use snapshot_method = \"exported\" on a standby"
+                .into(),
+        );
+    } else if !can_emit {
+        report.problems.push(
+            "source.snapshot_method = \"watermark\" writes watermarks into the WAL with \
+             pg_logical_emit_message, which this role may not call; as a superuser run: GRANT \
+             EXECUTE ON FUNCTION pg_catalog.pg_logical_emit_message(boolean, text, text) TO \
+             <this role>; or use snapshot_method = \"exported\""
+                .into(),
+        );
+    }
+    Ok(())
 }
 
 /// The PostgreSQL majors the test suite runs on (`tests/matrix.sh`).

@@ -51,6 +51,14 @@ pub struct SourceConfig {
     /// Size of the table ranges (in MiB of heap) the snapshot copies as one unit.
     #[serde(default = "default_snapshot_chunk_mb")]
     pub snapshot_chunk_mb: u64,
+    /// `exported`: copy a table as of an exported snapshot before streaming it;
+    /// `watermark`: copy tables keyed by one integer column in key-ordered chunks while
+    /// streaming, resumable after a crash (others as `exported`).
+    #[serde(default = "default_snapshot_method")]
+    pub snapshot_method: String,
+    /// Rows per chunk of a watermark snapshot.
+    #[serde(default = "default_snapshot_chunk_rows")]
+    pub snapshot_chunk_rows: usize,
     /// The most COPY data (MiB per second) a snapshot or resync reads, all its connections
     /// together; 0: as fast as the source sends it.
     #[serde(default)]
@@ -105,6 +113,21 @@ pub enum SnapshotMode {
     Never,
 }
 
+/// How a table is copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotMethod {
+    /// From an exported snapshot, before the table is streamed.
+    Exported,
+    /// In key-ordered chunks between watermarks, while streaming.
+    Watermark,
+}
+
+fn default_snapshot_method() -> String {
+    "exported".into()
+}
+fn default_snapshot_chunk_rows() -> usize {
+    50_000
+}
 fn default_snapshot() -> String {
     "initial".into()
 }
@@ -138,6 +161,8 @@ pub struct SourceSettings {
     pub snapshot: SnapshotMode,
     pub snapshot_workers: usize,
     pub snapshot_chunk_bytes: i64,
+    pub snapshot_method: SnapshotMethod,
+    pub snapshot_chunk_rows: usize,
     /// The copy's rate limits, overall and by table.
     pub snapshot_limits: SnapshotLimits,
     /// Interval of the optional WAL heartbeat.
@@ -210,6 +235,19 @@ impl SourceConfig {
                 SnapshotMode::Initial
             }
         };
+        let snapshot_method = match self.snapshot_method.as_str() {
+            "exported" => SnapshotMethod::Exported,
+            "watermark" => SnapshotMethod::Watermark,
+            other => {
+                problems.push(format!(
+                    "source.snapshot_method: `{other}` is not a snapshot method; use \"exported\" or \"watermark\""
+                ));
+                SnapshotMethod::Exported
+            }
+        };
+        if !(100..=10_000_000).contains(&self.snapshot_chunk_rows) {
+            problems.push("source.snapshot_chunk_rows: must be from 100 to 10000000".into());
+        }
         if !(1..=64).contains(&self.snapshot_workers) {
             problems.push("source.snapshot_workers: must be from 1 to 64".into());
         }
@@ -275,6 +313,8 @@ impl SourceConfig {
             snapshot,
             snapshot_workers: self.snapshot_workers,
             snapshot_chunk_bytes: (self.snapshot_chunk_mb * 1024 * 1024) as i64,
+            snapshot_method,
+            snapshot_chunk_rows: self.snapshot_chunk_rows,
             snapshot_limits,
             heartbeat: self.heartbeat_secs.map(|s| Duration::from_secs(s.max(1))),
             stream_in_progress: self.stream_in_progress,

@@ -5,7 +5,8 @@
 //! - [`catalog`] is the control connection (tokio-postgres) for checks and set-up SQL;
 //! - [`replication`] speaks the streaming replication protocol itself;
 //! - [`pgoutput`] decodes the logical replication messages into the change model;
-//! - [`snapshot`] copies tables as of a slot's exported snapshot;
+//! - [`snapshot`] copies tables as of a slot's exported snapshot; [`watermark`] copies
+//!   them in key-ordered chunks while the stream runs;
 //! - [`stream`] is the task that reads the stream and reports progress; [`spill`] keeps
 //!   the transactions the server streams before their commit;
 //! - [`sqlstate`] names the server error codes we act on, and [`diagnosis`] turns a
@@ -27,3 +28,4 @@ pub mod spill;
 pub mod sqlstate;
 pub mod stream;
 pub mod tls;
+pub mod watermark;

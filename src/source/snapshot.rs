@@ -458,12 +458,12 @@ async fn send(
 
 /// Splits COPY data (arbitrary chunks) into complete lines.
 #[derive(Default)]
-struct LineSplitter {
+pub(super) struct LineSplitter {
     partial: BytesMut,
 }
 
 impl LineSplitter {
-    fn push(&mut self, chunk: &Bytes) -> Vec<Bytes> {
+    pub(super) fn push(&mut self, chunk: &Bytes) -> Vec<Bytes> {
         self.partial.extend_from_slice(chunk);
         let mut lines = Vec::new();
         while let Some(i) = self.partial.iter().position(|b| *b == b'\n') {
@@ -474,13 +474,13 @@ impl LineSplitter {
         lines
     }
 
-    fn is_empty(&self) -> bool {
+    pub(super) fn is_empty(&self) -> bool {
         self.partial.is_empty()
     }
 }
 
 /// One line of COPY text format → a tuple of text values (`\N` is NULL).
-fn parse_copy_line(line: &Bytes, columns: usize) -> Option<Tuple> {
+pub(super) fn parse_copy_line(line: &Bytes, columns: usize) -> Option<Tuple> {
     let mut values = Vec::with_capacity(columns);
     let mut start = 0;
     for i in 0..=line.len() {

@@ -30,3 +30,4 @@ mod stops;
 mod telemetry;
 mod tls;
 mod verify;
+mod watermark;

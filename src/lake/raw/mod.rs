@@ -41,6 +41,22 @@ pub struct RawTable {
     new_schema: Option<SchemaRef>,
     /// Files written under the previous schema, waiting for the next commit.
     pending: Vec<deltalake::kernel::Add>,
+    /// The chunked copy's progress as durable in the table, and as the next commit
+    /// records it.
+    chunked: Option<ChunkedProgress>,
+    chunked_next: Option<ChunkedProgress>,
+}
+
+/// How far a table's chunked (watermark) copy is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChunkedProgress {
+    /// Where the copy began (its first low watermark).
+    pub start: Lsn,
+    /// The last key copied (`None`: no row yet).
+    pub last_key: Option<i64>,
+    /// Set on the last chunk: the copy is complete at this position, and holds this
+    /// part of the table (a publication's row filter and column list, by fingerprint).
+    pub done: Option<(Lsn, Option<String>)>,
 }
 
 /// A copy of a whole table (`resync`): op `r` rows written into uncommitted files while
@@ -126,6 +142,16 @@ impl RawTable {
         let snapshot_id = AppId::snapshot(slot, name);
         let applied_at = applied(&table, &label, &app_id).await?;
         let snapshot_at = applied(&table, &label, &snapshot_id).await?;
+        let chunked = match applied(&table, &label, &AppId::chunked_start(slot, name)).await? {
+            Some(start) => Some(ChunkedProgress {
+                start,
+                last_key: applied(&table, &label, &AppId::chunked_key(slot, name))
+                    .await?
+                    .map(|k| k.as_i64()),
+                done: None,
+            }),
+            None => None,
+        };
         let writer = writer_for(&table, &schema).map_err(delta_err)?;
         Ok(RawTable {
             label,
@@ -139,6 +165,8 @@ impl RawTable {
             snapshot_id,
             new_schema,
             pending: Vec::new(),
+            chunked,
+            chunked_next: None,
         })
     }
 
@@ -254,8 +282,55 @@ impl RawTable {
     /// position `through` (the commit LSN of the last transaction included).
     /// Returns the new Delta version.
     pub async fn commit(&mut self, through: Lsn) -> Result<u64, LakeError> {
-        let commit = Commit::append().info_lsn(InfoKey::CommitLsn, through);
-        self.commit_data(commit, through).await
+        let mut commit = Commit::append().info_lsn(InfoKey::CommitLsn, through);
+        let progress = self.chunked_next.take();
+        if let Some(p) = &progress {
+            commit = commit.position(&AppId::chunked_start(&self.slot, &self.name), p.start);
+            if let Some(key) = p.last_key {
+                commit = commit.txn(&AppId::chunked_key(&self.slot, &self.name), key);
+            }
+            if let Some((point, part)) = &p.done {
+                commit = commit
+                    .info_lsn(InfoKey::SnapshotLsn, *point)
+                    .position(&self.snapshot_id, *point);
+                commit = self.mark_part(commit, *point, part.as_deref());
+            }
+        }
+        let version = self.commit_data(commit, through).await?;
+        if let Some(p) = progress {
+            if let Some((point, _)) = p.done {
+                self.snapshot_at = Some(point);
+            }
+            self.chunked = Some(p);
+        }
+        Ok(version)
+    }
+
+    /// The chunked copy's progress durable in the table, if one began.
+    pub fn chunked(&self) -> Option<&ChunkedProgress> {
+        self.chunked.as_ref()
+    }
+
+    /// The last key of the chunked copy's latest chunk, committed or not.
+    pub fn chunked_last_key(&self) -> Option<i64> {
+        (self.chunked_next.as_ref())
+            .or(self.chunked.as_ref())
+            .and_then(|p| p.last_key)
+    }
+
+    /// Where the chunked copy under way began, committed or not.
+    pub fn chunked_start(&self) -> Option<Lsn> {
+        (self.chunked_next.as_ref())
+            .or(self.chunked.as_ref())
+            .map(|p| p.start)
+    }
+
+    /// Records `progress` with the next commit.
+    pub fn set_chunked(&mut self, mut progress: ChunkedProgress) {
+        if progress.last_key.is_none() {
+            progress.last_key = self.chunked_last_key();
+        }
+        self.chunked_next = Some(progress);
     }
 
     /// Commits a completely copied snapshot taken at `point` that holds the source
@@ -319,9 +394,13 @@ impl RawTable {
             .update_datafusion_session(&ctx.state())
             .map_err(self.delta_err())?;
         let provider = self.table.table_provider().await.map_err(df_err)?;
-        let mut filter = col("_commit_lsn")
-            .lt_eq(lit(through.as_i64()))
-            .and(col("_op").not_eq(lit(crate::change::Op::Read.code())));
+        // Snapshot and resync copies (`r` rows of no transaction) are not changes; a
+        // chunked copy's rows are, of their high watermark's transaction.
+        let mut filter = col("_commit_lsn").lt_eq(lit(through.as_i64())).and(
+            col("_op")
+                .not_eq(lit(crate::change::Op::Read.code()))
+                .or(col("_xid").not_eq(lit(0i64))),
+        );
         if let Some(after) = after {
             filter = filter.and(col("_commit_lsn").gt(lit(after.as_i64())));
         }

@@ -1,0 +1,509 @@
+//! Watermark snapshots: a table copied in key-ordered chunks while the stream runs, the
+//! DBLog way, so that a copy resumes at its next chunk after a crash and never holds the
+//! stream or the other tables back (`source.snapshot_method = "watermark"`).
+//!
+//! For each chunk the copier
+//! 1. writes a **low watermark** into the WAL (`pg_logical_emit_message`, transactional,
+//!    in its own transaction);
+//! 2. opens a `REPEATABLE READ` transaction, reads its snapshot S
+//!    (`pg_current_snapshot()`) and copies the next rows by key
+//!    (`WHERE key > last ORDER BY key LIMIT n`);
+//! 3. hands the rows to the apply stage through [`Watermarks`], then writes the **high
+//!    watermark** in the same transaction and commits it.
+//!
+//! The stream delivers the high watermark after every transaction S sees (those committed
+//! before S was taken) and the apply stage reconciles there (`apply::watermark`): it drops
+//! the chunk's rows whose keys a transaction invisible to S changed between the two
+//! watermarks (the stream carries their newer state), and appends the rest as `r` rows of
+//! the watermark's transaction. A chunk the stream cannot be reconciled with exactly (a
+//! truncate in the window, an update that left a TOAST value unsent, a transaction that
+//! committed before the low watermark yet is invisible to S) is read again.
+//!
+//! Progress (the last key copied) is committed with the chunk's rows in the raw table, so
+//! a restart resumes after the last durable chunk and no chunk lands twice. Only tables
+//! keyed by one integer column are copied this way ([`chunk_key`]); others use the
+//! exported snapshot ([`super::snapshot`]).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::oneshot;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use super::catalog::{self, CatalogError, TableInfo};
+use super::dsn::ConnParams;
+use super::snapshot::{LineSplitter, parse_copy_line};
+use crate::change::message::{Tuple, TupleValue};
+use crate::lsn::Lsn;
+use crate::table_name::{TableName, quote_ident};
+
+/// The prefix of wal2delta's watermark messages.
+pub const PREFIX: &str = "wal2delta.watermark";
+
+/// Integer types a chunk key may have: int2, int4, int8.
+const INTEGER_TYPES: [u32; 3] = [21, 23, 20];
+
+/// The column a table is copied in chunks by: its one integer key column, when it is
+/// copied (a column list may leave it out). `None`: the table needs the exported snapshot.
+pub fn chunk_key(table: &TableInfo) -> Option<&str> {
+    let [key] = table.key_columns.as_slice() else {
+        return None;
+    };
+    table
+        .columns
+        .iter()
+        .find(|c| &c.name == key)
+        .filter(|c| INTEGER_TYPES.contains(&c.type_oid))
+        .map(|c| c.name.as_str())
+}
+
+/// The transactions a snapshot sees, as `pg_current_snapshot()` prints it
+/// (`xmin:xmax:xip,…`), in the stream's 32-bit transaction ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XidSnapshot {
+    xmax: u32,
+    in_progress: Vec<u32>,
+}
+
+impl XidSnapshot {
+    pub fn parse(text: &str) -> Option<XidSnapshot> {
+        let mut parts = text.trim().split(':');
+        let _xmin: u64 = parts.next()?.parse().ok()?;
+        let xmax: u64 = parts.next()?.parse().ok()?;
+        let in_progress = match parts.next()? {
+            "" => Vec::new(),
+            list => list
+                .split(',')
+                .map(|x| x.parse::<u64>().ok().map(|x| x as u32))
+                .collect::<Option<Vec<u32>>>()?,
+        };
+        Some(XidSnapshot {
+            xmax: xmax as u32,
+            in_progress,
+        })
+    }
+
+    /// Whether a transaction with this id committed after the snapshot was taken (it was
+    /// running, or had not started). Ids compare modulo 2³², as Postgres compares them.
+    pub fn invisible(&self, xid: u32) -> bool {
+        self.in_progress.contains(&xid) || (xid.wrapping_sub(self.xmax) as i32) >= 0
+    }
+}
+
+/// A chunk copied and waiting for its high watermark in the stream.
+pub struct Chunk {
+    pub table: TableName,
+    /// The copied columns, in the rows' order.
+    pub columns: Vec<String>,
+    pub rows: Vec<Tuple>,
+    /// Each row's key.
+    pub keys: Vec<i64>,
+    pub snapshot: XidSnapshot,
+    /// Where the copy began (its first low watermark); `None` for a copy's first chunk.
+    pub start: Option<Lsn>,
+    /// The key the chunk's rows follow (`None`: from the first).
+    pub after: Option<i64>,
+    /// Whether this is the table's last chunk (fewer rows than asked for).
+    pub last: bool,
+    /// The part of the table the publication publishes, by fingerprint (`None`: all).
+    pub part: Option<String>,
+    pub verdict: oneshot::Sender<Verdict>,
+}
+
+/// What the apply stage made of a chunk.
+#[derive(Debug)]
+pub enum Verdict {
+    /// Its rows are in the batch: the copy goes on from `start` (the copy's beginning).
+    Taken { start: Lsn, added: usize },
+    /// It could not be reconciled with the stream exactly: read it again.
+    Again(String),
+}
+
+enum Pending {
+    /// The low watermark is on its way.
+    Low(TableName),
+    /// Both are: the chunk waits for the high one.
+    Chunk(Box<Chunk>),
+}
+
+/// Where copiers and the apply stage meet: the watermarks written and the chunks waiting,
+/// by token (unique to this process, so another daemon's or an earlier run's watermarks
+/// in the stream match nothing and are ignored).
+#[derive(Default)]
+pub struct Watermarks {
+    pending: Mutex<HashMap<String, Pending>>,
+}
+
+impl Watermarks {
+    fn expect_low(&self, token: &str, table: &TableName) {
+        if let Ok(mut p) = self.pending.lock() {
+            p.insert(token.to_string(), Pending::Low(table.clone()));
+        }
+    }
+
+    fn offer(&self, token: &str, chunk: Chunk) {
+        if let Ok(mut p) = self.pending.lock() {
+            p.insert(token.to_string(), Pending::Chunk(Box::new(chunk)));
+        }
+    }
+
+    fn forget(&self, token: &str) {
+        if let Ok(mut p) = self.pending.lock() {
+            p.remove(token);
+        }
+    }
+
+    /// The table a low watermark with `token` opens a window for, if it is ours.
+    pub fn low(&self, token: &str) -> Option<TableName> {
+        match self.pending.lock().ok()?.get(token)? {
+            Pending::Low(t) => Some(t.clone()),
+            Pending::Chunk(c) => Some(c.table.clone()),
+        }
+    }
+
+    /// The chunk a high watermark with `token` closes, if it is ours.
+    pub fn high(&self, token: &str) -> Option<Chunk> {
+        let mut p = self.pending.lock().ok()?;
+        match p.remove(token)? {
+            Pending::Chunk(c) => Some(*c),
+            Pending::Low(t) => {
+                p.insert(token.to_string(), Pending::Low(t));
+                None
+            }
+        }
+    }
+}
+
+/// A watermark message's content: `low <token>` or `high <token>`.
+pub fn parse_message(content: &[u8]) -> Option<(bool, &str)> {
+    let text = std::str::from_utf8(content).ok()?;
+    let (kind, token) = text.split_once(' ')?;
+    match kind {
+        "low" => Some((true, token)),
+        "high" => Some((false, token)),
+        _ => None,
+    }
+}
+
+/// Why a copy stopped before its end.
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkError {
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error("copying {table} in chunks: {message}")]
+    Copy { table: String, message: String },
+    /// The session ended (the apply stage went away): the next one resumes.
+    #[error("the replication session ended")]
+    Ended,
+}
+
+/// Where one table's chunked copy starts: after `last_key`, continuing the copy that
+/// began at `start` (both `None` for a fresh copy).
+#[derive(Debug, Clone)]
+pub struct Resume {
+    pub start: Option<Lsn>,
+    pub last_key: Option<i64>,
+}
+
+/// Copies one table in chunks of `chunk_rows` from `resume` on (which follows the chunks
+/// taken), until its last chunk is taken or `cancel` fires. Returns the rows taken.
+pub async fn copy_table(
+    params: &ConnParams,
+    table: &TableInfo,
+    lake_columns: &[String],
+    resume: &mut Resume,
+    chunk_rows: usize,
+    watermarks: Arc<Watermarks>,
+    cancel: CancellationToken,
+) -> Result<u64, ChunkError> {
+    let key = chunk_key(table).ok_or_else(|| ChunkError::Copy {
+        table: table.name.to_string(),
+        message: "the table has no single integer key column".into(),
+    })?;
+    let columns: Vec<String> = lake_columns
+        .iter()
+        .filter(|c| table.columns.iter().any(|s| &s.name == *c))
+        .cloned()
+        .collect();
+    let key_index = columns
+        .iter()
+        .position(|c| c == key)
+        .ok_or_else(|| ChunkError::Copy {
+            table: table.name.to_string(),
+            message: format!("the key column {key} is not copied"),
+        })?;
+    let client = catalog::connect(params).await?;
+    client
+        .batch_execute(
+            "SET DateStyle = ISO; SET TimeZone = 'UTC'; SET IntervalStyle = iso_8601; \
+             SET extra_float_digits = 3; SET bytea_output = hex",
+        )
+        .await
+        .map_err(CatalogError::from)?;
+    let estimate: Option<f32> = client
+        .query_one(
+            "SELECT (SELECT reltuples FROM pg_class WHERE oid = to_regclass($1))",
+            &[&table.name.quoted()],
+        )
+        .await
+        .map_err(CatalogError::from)?
+        .get(0);
+    let estimate = estimate.filter(|e| *e >= 0.0).map(f64::from);
+    crate::telemetry::snapshot_progress(&table.name.to_string(), 0, estimate);
+    let only = if table.partitioned { "" } else { "ONLY " };
+    let select = format!(
+        "SELECT {} FROM {only}{}",
+        columns
+            .iter()
+            .map(|c| quote_ident(c))
+            .collect::<Vec<_>>()
+            .join(", "),
+        table.name.quoted()
+    );
+    let filter = table
+        .published
+        .row_filter
+        .as_ref()
+        .map(|f| format!("({f})"));
+    let nonce: u64 = rand_nonce();
+    let mut copied = 0u64;
+    let mut n = 0u64;
+    let label = table.name.to_string();
+    // Chunks copied and waiting for their verdict, oldest first: the next one is read
+    // while the stream carries the previous one to the apply stage.
+    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+    // Where the next chunk to read starts, and whether the last one has been read.
+    let mut next_after = resume.last_key;
+    let mut read_all = false;
+    loop {
+        while in_flight.len() < AHEAD && !read_all {
+            n += 1;
+            let token = format!("{nonce:016x}-{n}");
+            let conditions: Vec<String> = filter
+                .iter()
+                .cloned()
+                .chain(next_after.map(|k| format!("{} > {k}", quote_ident(key))))
+                .collect();
+            let sql = format!(
+                "COPY ({select}{} ORDER BY {} LIMIT {chunk_rows}) TO STDOUT",
+                if conditions.is_empty() {
+                    String::new()
+                } else {
+                    format!(" WHERE {}", conditions.join(" AND "))
+                },
+                quote_ident(key)
+            );
+            let chunk = tokio::select! {
+                c = copy_chunk(&client, &watermarks, &token, &table.name, &sql, columns.len(), key_index) => c,
+                _ = cancel.cancelled() => {
+                    watermarks.forget(&token);
+                    return Err(ChunkError::Ended);
+                }
+            };
+            let (rows, keys, snapshot) = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    watermarks.forget(&token);
+                    let _ = client.batch_execute("ROLLBACK").await;
+                    return Err(e);
+                }
+            };
+            let last = rows.len() < chunk_rows;
+            let last_key = keys.last().copied().or(next_after);
+            let (tx, verdict) = oneshot::channel();
+            watermarks.offer(
+                &token,
+                Chunk {
+                    table: table.name.clone(),
+                    columns: columns.clone(),
+                    rows,
+                    keys,
+                    snapshot,
+                    start: resume.start,
+                    after: next_after,
+                    last,
+                    part: table.published.fingerprint(),
+                    verdict: tx,
+                },
+            );
+            let high = async {
+                client
+                    .query(
+                        "SELECT pg_logical_emit_message(true, $1, $2)::text",
+                        &[&PREFIX, &format!("high {token}")],
+                    )
+                    .await?;
+                client.batch_execute("COMMIT").await
+            };
+            if let Err(e) = high.await {
+                watermarks.forget(&token);
+                return Err(CatalogError::from(e).into());
+            }
+            in_flight.push_back(InFlight {
+                n,
+                verdict,
+                last_key,
+                last,
+            });
+            next_after = last_key;
+            read_all = last;
+        }
+        let Some(chunk) = in_flight.pop_front() else {
+            return Ok(copied);
+        };
+        let verdict = tokio::select! {
+            v = chunk.verdict => v.map_err(|_| ChunkError::Ended)?,
+            _ = cancel.cancelled() => return Err(ChunkError::Ended),
+        };
+        match verdict {
+            Verdict::Taken { start, added } => {
+                // A copy's first chunk names where it began.
+                resume.start = Some(start);
+                resume.last_key = chunk.last_key;
+                copied += added as u64;
+                crate::telemetry::snapshot_progress(&label, copied, estimate);
+                tracing::debug!(table = %table.name, chunk = chunk.n, added, last_key = ?resume.last_key, "chunk taken");
+                if chunk.last {
+                    return Ok(copied);
+                }
+            }
+            Verdict::Again(why) => {
+                // The chunks read after it do not follow a taken one: all are read again.
+                tracing::info!(table = %table.name, chunk = chunk.n, reason = %why, "chunk read again");
+                in_flight.clear();
+                next_after = resume.last_key;
+                read_all = false;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Chunks read ahead of the oldest one waiting for its verdict.
+const AHEAD: usize = 2;
+
+/// A chunk copied, waiting for the apply stage's verdict.
+struct InFlight {
+    n: u64,
+    verdict: oneshot::Receiver<Verdict>,
+    /// The last key the copy holds once this chunk is taken.
+    last_key: Option<i64>,
+    last: bool,
+}
+
+/// Writes the low watermark, then opens the chunk's transaction and copies its rows.
+/// The transaction stays open: the caller writes the high watermark in it and commits.
+async fn copy_chunk(
+    client: &Client,
+    watermarks: &Watermarks,
+    token: &str,
+    table: &TableName,
+    sql: &str,
+    fields: usize,
+    key_index: usize,
+) -> Result<(Vec<Tuple>, Vec<i64>, XidSnapshot), ChunkError> {
+    let copy_err = |message: String| ChunkError::Copy {
+        table: table.to_string(),
+        message,
+    };
+    watermarks.expect_low(token, table);
+    client
+        .query(
+            "SELECT pg_logical_emit_message(true, $1, $2)::text",
+            &[&PREFIX, &format!("low {token}")],
+        )
+        .await
+        .map_err(CatalogError::from)?;
+    client
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        .await
+        .map_err(CatalogError::from)?;
+    let text: String = client
+        .query_one("SELECT pg_current_snapshot()::text", &[])
+        .await
+        .map_err(CatalogError::from)?
+        .get(0);
+    let snapshot = XidSnapshot::parse(&text)
+        .ok_or_else(|| copy_err(format!("pg_current_snapshot() gave `{text}`")))?;
+    let stream = client.copy_out(sql).await.map_err(CatalogError::from)?;
+    let mut stream = std::pin::pin!(stream);
+    let mut lines = LineSplitter::default();
+    let (mut rows, mut keys) = (Vec::new(), Vec::new());
+    while let Some(data) = stream.next().await {
+        let data = data.map_err(CatalogError::from)?;
+        for line in lines.push(&data) {
+            let tuple = parse_copy_line(&line, fields).ok_or_else(|| {
+                copy_err("COPY sent a row with the wrong number of fields".into())
+            })?;
+            let key = match &tuple.0[key_index] {
+                TupleValue::Text(t) => std::str::from_utf8(t).ok().and_then(|s| s.parse().ok()),
+                _ => None,
+            }
+            .ok_or_else(|| copy_err("a row's key is not an integer".into()))?;
+            keys.push(key);
+            rows.push(tuple);
+        }
+        crate::service::beat();
+    }
+    if !lines.is_empty() {
+        return Err(copy_err("COPY ended in the middle of a row".into()));
+    }
+    Ok((rows, keys, snapshot))
+}
+
+/// A number unique to this process's copies.
+fn rand_nonce() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or_default();
+    crate::source::config::stable_hash(
+        &[t.to_le_bytes(), u64::from(std::process::id()).to_le_bytes()].concat(),
+    )
+}
+
+/// Names the values a key column holds in a tuple (`None`: not an integer).
+pub fn key_of(tuple: &Tuple, index: usize) -> Option<i64> {
+    match tuple.0.get(index)? {
+        TupleValue::Text(t) => std::str::from_utf8(t).ok()?.parse().ok(),
+        _ => None,
+    }
+}
+
+/// SQL that tells whether the role may write watermarks.
+pub const CAN_EMIT: &str = "SELECT has_function_privilege('pg_catalog.pg_logical_emit_message(boolean, text, text)', 'EXECUTE')";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshots_parse_and_tell_what_they_see() {
+        let s = XidSnapshot::parse("100:105:101,103").unwrap();
+        assert!(!s.invisible(99));
+        assert!(!s.invisible(100));
+        assert!(s.invisible(101));
+        assert!(!s.invisible(102));
+        assert!(s.invisible(103));
+        assert!(s.invisible(105));
+        assert!(s.invisible(200));
+        // 64-bit ids with an epoch: compared on their low 32 bits, modulo 2³².
+        let s = XidSnapshot::parse("4294967390:4294967400:").unwrap();
+        assert!(s.invisible(104));
+        assert!(!s.invisible(103));
+        assert!(!s.invisible(u32::MAX - 5));
+        assert!(XidSnapshot::parse("1:2").is_none());
+        assert!(XidSnapshot::parse("a:2:").is_none());
+    }
+
+    #[test]
+    fn messages_parse() {
+        assert_eq!(parse_message(b"low ab-1"), Some((true, "ab-1")));
+        assert_eq!(parse_message(b"high ab-1"), Some((false, "ab-1")));
+        assert_eq!(parse_message(b"middle ab-1"), None);
+        assert_eq!(parse_message(b"\xff"), None);
+    }
+}

@@ -1,0 +1,225 @@
+//! Watermark snapshots (`source.snapshot_method = "watermark"`): a table copied in
+//! key-ordered chunks while the stream runs, SIGKILLed again and again mid-copy with
+//! writes running (updates, deletes, inserts, key changes, unsent TOAST values). The copy
+//! resumes at its next chunk (no key is copied twice into the raw table), the stream never
+//! waits for it, and the curated table ends equal to the source.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+use crate::curated::assert_mirror;
+use crate::harness::{Env, query_delta_at, wal2delta};
+
+const ROWS: i64 = 300_000;
+
+fn setup() -> String {
+    format!(
+        "CREATE TABLE big (id bigint PRIMARY KEY, v int NOT NULL, note text);
+         INSERT INTO big SELECT g, g % 1000, 'n' || g FROM generate_series(1, {ROWS}) g;
+         -- Some rows with a TOASTed value (incompressible, stored out of line).
+         UPDATE big SET note = (SELECT string_agg(md5(id::text || x::text), '') FROM generate_series(1, 100) x)
+           WHERE id % 5000 = 0;
+         CREATE TABLE small (id int PRIMARY KEY, v int);
+         INSERT INTO small SELECT g, g FROM generate_series(1, 100) g;
+         CREATE PUBLICATION w2d_pub FOR TABLE big, small;"
+    )
+}
+
+/// Random writes over the whole key range until stopped.
+fn spawn_writes(dsn: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let mut done = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let Ok((client, conn)) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls).await
+            else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            tokio::spawn(conn);
+            while !stop.load(Ordering::Relaxed) {
+                let sql = {
+                    let mut rng = rand::rng();
+                    let mut sql = String::from("BEGIN;");
+                    for _ in 0..rng.random_range(1..=6) {
+                        let id: i64 = rng.random_range(1..=ROWS + 2_000);
+                        sql.push_str(&match rng.random_range(0..20) {
+                            0..=8 => format!("UPDATE big SET v = v + 1 WHERE id = {id};"),
+                            9..=11 => format!("DELETE FROM big WHERE id = {id};"),
+                            12..=15 => format!(
+                                "INSERT INTO big VALUES ({id}, 7, 'again') ON CONFLICT (id) DO UPDATE SET v = big.v + 5;"
+                            ),
+                            // A key change, to a key far above or back into the range.
+                            16 => format!(
+                                "UPDATE big SET id = id + 10000000 WHERE id = {id};"
+                            ),
+                            17 => format!(
+                                "UPDATE big SET id = id - 10000000 WHERE id = {};",
+                                id + 10_000_000
+                            ),
+                            // Rows with an out-of-line value: updates leave it unsent.
+                            18 => format!(
+                                "UPDATE big SET v = v + 1 WHERE id = {};",
+                                (id / 5000).max(1) * 5000
+                            ),
+                            _ => format!("UPDATE small SET v = v + 1 WHERE id = {};", id % 100 + 1),
+                        });
+                    }
+                    sql.push_str("COMMIT;");
+                    sql
+                };
+                if client.batch_execute(&sql).await.is_err() {
+                    break;
+                }
+                done += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        done
+    })
+}
+
+/// `r` rows in the raw table of `big`, and the most any key has.
+async fn copied(env: &Env) -> (i64, i64) {
+    let rows = query_delta_at(
+        &env.table_location("raw", "public", "big"),
+        "SELECT count(*), coalesce(max(n), 0) FROM (SELECT id, count(*) AS n FROM t WHERE _op = 'r' GROUP BY id) s",
+    )
+    .await;
+    let n = |i: usize| {
+        rows.first()
+            .and_then(|r| r[i].as_deref())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (n(0), n(1))
+}
+
+fn copy_state(env: &Env) -> String {
+    let (code, out) = wal2delta(env, &["status"]);
+    assert_eq!(code, 0, "status failed: {out}");
+    out.lines()
+        .find(|l| l.starts_with("public.big"))
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_snapshot_resumes_after_sigkills_and_mirrors_the_source() {
+    let env = Env::new(&setup()).await;
+    env.write_config(
+        "postgres",
+        &["public.big", "public.small"],
+        "snapshot_method = \"watermark\"\nsnapshot_chunk_rows = 500\n",
+    );
+    let (code, out) = wal2delta(&env, &["validate"]);
+    assert_eq!(code, 0, "validate: {out}");
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = spawn_writes(env.pg.dsn("postgres"), stop.clone());
+    let mut daemon = env.daemon();
+    let mut kills = 0;
+    let mut durable = 0i64;
+    let started = Instant::now();
+    while kills < 6 {
+        // Kill at a random moment once the copy has made progress since the last start.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let (n, most) = copied(&env).await;
+            assert!(
+                most <= 1,
+                "a key was copied twice into raw.big ({most} r rows)"
+            );
+            if n > durable {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the chunked copy made no progress after kill {kills} (at {n} rows); log:\n{}",
+                env.daemon_log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let pause = rand::rng().random_range(0..400);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        daemon.kill9();
+        kills += 1;
+        let (n, most) = copied(&env).await;
+        assert!(
+            most <= 1,
+            "a key was copied twice into raw.big ({most} r rows)"
+        );
+        let state = copy_state(&env);
+        println!("figure: chunked copy: kill {kills}: {n} rows durable; status: {state}");
+        assert!(
+            n < ROWS && state.contains("copying"),
+            "the copy ended before kill {kills} ({n} rows, status {state}); it needs more chunks"
+        );
+        durable = n;
+        daemon = env.daemon();
+    }
+    assert!(
+        env.daemon_log().contains("chunked copy resumes"),
+        "the restarts did not resume the copy:\n{}",
+        env.daemon_log()
+    );
+    // The copy completes while the writes go on.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let state = copy_state(&env);
+        if !state.contains("copying") && !state.contains("none") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the chunked copy did not complete: {state}; log:\n{}",
+            env.daemon_log()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    println!(
+        "figure: chunked copy: complete {:.1} s after the first start, 6 SIGKILLs",
+        started.elapsed().as_secs_f64()
+    );
+    stop.store(true, Ordering::Relaxed);
+    let transactions = writes.await.unwrap();
+    assert!(transactions > 100, "only {transactions} write transactions");
+    env.wait_caught_up(Duration::from_secs(120)).await;
+    let (n, most) = copied(&env).await;
+    assert_eq!(most, 1, "a key was copied twice into raw.big");
+    println!("figure: chunked copy: {n} r rows, {transactions} write transactions");
+    assert_mirror(&env, "public.big").await;
+    assert_mirror(&env, "public.small").await;
+    // No change position repeats in the raw table.
+    let dups = query_delta_at(
+        &env.table_location("raw", "public", "big"),
+        "SELECT _commit_lsn, _seq FROM t GROUP BY 1, 2 HAVING count(*) > 1",
+    )
+    .await;
+    assert!(
+        dups.is_empty(),
+        "raw.big repeats change positions: {dups:?}"
+    );
+    // A clean restart copies nothing again.
+    daemon.terminate(Duration::from_secs(30));
+    let mut daemon = env.daemon();
+    env.wait_streaming().await;
+    env.wait_caught_up(Duration::from_secs(60)).await;
+    assert_eq!(copied(&env).await.0, n, "the restart copied rows again");
+    let keys: HashSet<String> = query_delta_at(
+        &env.table_location("curated", "public", "big"),
+        "SELECT CAST(id AS VARCHAR) FROM t",
+    )
+    .await
+    .into_iter()
+    .filter_map(|r| r[0].clone())
+    .collect();
+    assert!(
+        keys.len() > (ROWS as usize) / 2,
+        "only {} curated rows",
+        keys.len()
+    );
+    daemon.terminate(Duration::from_secs(30));
+}
