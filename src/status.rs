@@ -47,10 +47,32 @@ pub struct TableStatus {
     pub curated: LayerStatus,
     /// The consistent point of the table's completed snapshot, if it has one.
     pub snapshot_lsn: Option<String>,
-    /// For a chunked copy under way: the last key durably copied (`Some(None)`: begun,
-    /// no row yet).
+    /// A chunked (watermark) copy under way.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub chunked_key: Option<Option<i64>>,
+    pub chunked: Option<ChunkedStatus>,
+}
+
+/// How far a table's chunked copy is: the lake's record, and the source's key range.
+#[derive(Debug, Default, Serialize)]
+pub struct ChunkedStatus {
+    /// The last key durably copied (`None`: no chunk yet).
+    pub last_key: Option<i64>,
+    /// When the copy began (RFC 3339).
+    pub began: Option<String>,
+    /// The source table's smallest and largest key now (`None`: source unreachable).
+    pub min_key: Option<i64>,
+    pub max_key: Option<i64>,
+    /// The share of the rows copied, in percent: from the key column's histogram in
+    /// `pg_stats` when the table was analyzed, else from the key range.
+    pub percent: Option<f64>,
+    /// Rows the source's statistics count (`pg_class.reltuples`).
+    pub rows_estimated: Option<f64>,
+    /// Rows copied per second since the copy began (estimated), and the seconds left at
+    /// that rate.
+    pub rows_per_sec: Option<f64>,
+    pub eta_secs: Option<f64>,
+    #[serde(skip)]
+    began_ms: i64,
 }
 
 /// One Delta table of a source table.
@@ -80,6 +102,7 @@ pub async fn gather(settings: &Settings) -> Result<Status, LakeError> {
     for name in &settings.source.tables {
         tables.push(table_status(&lake, &settings.source.slot, name).await?);
     }
+    chunked_progress(settings, &mut tables).await;
     Ok(Status {
         slot,
         daemon_running: daemon.is_some(),
@@ -87,6 +110,78 @@ pub async fn gather(settings: &Settings) -> Result<Status, LakeError> {
         checkpoint_lsn: checkpoint.0.position_lsn,
         tables,
     })
+}
+
+/// For the chunked copies under way: the source's key range, the share copied, the rate
+/// since the copy began and the time left at that rate. Left empty when the source cannot
+/// be read.
+async fn chunked_progress(settings: &Settings, tables: &mut [TableStatus]) {
+    if tables.iter().all(|t| t.chunked.is_none()) {
+        return;
+    }
+    let Ok(client) = catalog::connect(&settings.source.conn).await else {
+        return;
+    };
+    for t in tables.iter_mut() {
+        let Some(c) = t.chunked.as_mut() else {
+            continue;
+        };
+        let Ok(name) = TableName::parse(&t.table) else {
+            continue;
+        };
+        let Ok(Some(info)) =
+            catalog::table_info(&client, &name, &settings.source.publication).await
+        else {
+            continue;
+        };
+        let Some(key_name) = crate::source::watermark::chunk_key(&info) else {
+            continue;
+        };
+        let key = crate::table_name::quote_ident(key_name);
+        let sql = format!(
+            "SELECT min({key})::bigint, max({key})::bigint, \
+                    (SELECT reltuples FROM pg_class WHERE oid = to_regclass($1))::float8, \
+                    (SELECT histogram_bounds::text FROM pg_stats \
+                     WHERE schemaname = $2 AND tablename = $3 AND attname = $4 LIMIT 1) \
+             FROM {}",
+            name.quoted()
+        );
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+            [&name.quoted(), &name.schema, &name.name, &key_name];
+        let Ok(row) = client.query_one(&sql, &params).await else {
+            continue;
+        };
+        c.min_key = row.get(0);
+        c.max_key = row.get(1);
+        c.rows_estimated = row.get::<_, Option<f64>>(2).filter(|r| *r >= 0.0);
+        let bounds: Vec<i64> = row
+            .get::<_, Option<String>>(3)
+            .map(|b| {
+                b.trim_matches(|c| c == '{' || c == '}')
+                    .split(',')
+                    .filter_map(|v| v.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let share = match (c.last_key, c.min_key, c.max_key) {
+            (None, _, _) => Some(0.0),
+            (Some(k), _, _) if bounds.len() >= 2 => Some(share_below(&bounds, k)),
+            (Some(k), Some(min), Some(max)) => {
+                let span = (max as f64 - min as f64 + 1.0).max(1.0);
+                Some(((k as f64 - min as f64 + 1.0) / span).clamp(0.0, 1.0))
+            }
+            _ => None,
+        };
+        if let Some(share) = share {
+            c.percent = Some((1000.0 * share).round() / 10.0);
+            let elapsed = (chrono::Utc::now().timestamp_millis() - c.began_ms) as f64 / 1000.0;
+            if elapsed > 0.0 && c.began_ms > 0 && share > 0.0 {
+                let rows = c.rows_estimated.unwrap_or(0.0);
+                c.rows_per_sec = Some((share * rows / elapsed).round());
+                c.eta_secs = Some((elapsed * (1.0 - share) / share).round());
+            }
+        }
+    }
 }
 
 async fn slot_status(settings: &Settings) -> SlotStatus {
@@ -128,7 +223,7 @@ async fn table_status(lake: &Lake, slot: &str, name: &TableName) -> Result<Table
         &AppId::raw(slot, name),
     )
     .await?;
-    let (snapshot_lsn, chunked_key) = match snapshot {
+    let (snapshot_lsn, chunked) = match snapshot {
         Some(table) => {
             let label = format!("raw.{name}");
             let at = applied(&table, &label, &AppId::snapshot(slot, name)).await?;
@@ -138,11 +233,20 @@ async fn table_status(lake: &Lake, slot: &str, name: &TableName) -> Result<Table
                     .await?
                     .is_some();
             let key = match begun {
-                true => Some(
-                    applied(&table, &label, &AppId::chunked_key(slot, name))
+                true => {
+                    let began_ms = applied(&table, &label, &AppId::chunked_began(slot, name))
                         .await?
-                        .map(|k| k.as_i64()),
-                ),
+                        .map_or(0, |t| t.as_i64());
+                    Some(ChunkedStatus {
+                        last_key: applied(&table, &label, &AppId::chunked_key(slot, name))
+                            .await?
+                            .map(|k| k.as_i64()),
+                        began: chrono::DateTime::from_timestamp_millis(began_ms)
+                            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+                        began_ms,
+                        ..Default::default()
+                    })
+                }
                 false => None,
             };
             (at.map(|l| l.to_string()), key)
@@ -160,7 +264,7 @@ async fn table_status(lake: &Lake, slot: &str, name: &TableName) -> Result<Table
         raw,
         curated,
         snapshot_lsn,
-        chunked_key,
+        chunked,
     })
 }
 
@@ -202,6 +306,46 @@ async fn layer(
         status.rows += file.num_records().unwrap_or(0) as i64 - deleted;
     }
     Ok((status, Some(table)))
+}
+
+/// The share of rows with a key at most `key`, from a histogram's bucket bounds (each
+/// bucket holds as many rows), interpolated within its bucket.
+fn share_below(bounds: &[i64], key: i64) -> f64 {
+    let buckets = (bounds.len() - 1) as f64;
+    if key < bounds[0] {
+        return 0.0;
+    }
+    match bounds.windows(2).position(|w| key < w[1]) {
+        None => 1.0,
+        Some(i) => {
+            let (lo, hi) = (bounds[i] as f64, bounds[i + 1] as f64);
+            (i as f64 + (key as f64 - lo) / (hi - lo).max(1.0)) / buckets
+        }
+    }
+}
+
+/// A chunked copy's progress in a few words: `copying, through key 1200 of 5000, 24% of
+/// the rows, ETA 1m 40s`.
+fn chunked_text(c: &ChunkedStatus) -> String {
+    let mut text = match c.last_key {
+        Some(k) => format!("copying, through key {k}"),
+        None => "copying".to_string(),
+    };
+    if let Some(max) = c.max_key {
+        text.push_str(&format!(" of {max}"));
+    }
+    if let Some(p) = c.percent {
+        text.push_str(&format!(", {p}% of the rows"));
+    }
+    if let Some(eta) = c.eta_secs {
+        let eta = eta as u64;
+        text.push_str(&match eta {
+            0..60 => format!(", ETA {eta}s"),
+            60..3600 => format!(", ETA {}m {}s", eta / 60, eta % 60),
+            _ => format!(", ETA {}h {}m", eta / 3600, eta % 3600 / 60),
+        });
+    }
+    text
 }
 
 /// The report as aligned text for people.
@@ -258,10 +402,9 @@ pub fn render(status: &Status) -> String {
                 human_bytes(l.bytes),
                 l.rows.to_string(),
                 if i == 0 {
-                    match (&t.snapshot_lsn, t.chunked_key) {
+                    match (&t.snapshot_lsn, &t.chunked) {
                         (Some(at), _) => at.clone(),
-                        (None, Some(Some(key))) => format!("copying, through key {key}"),
-                        (None, Some(None)) => "copying".into(),
+                        (None, Some(c)) => chunked_text(c),
                         (None, None) => "none".into(),
                     }
                 } else {
@@ -297,5 +440,33 @@ fn human_bytes(n: i64) -> String {
         format!("{n} B")
     } else {
         format!("{v:.1} {}", units[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_share_copied_follows_the_histogram() {
+        // Four buckets of equal row counts over keys 0..1000, dense at the low end.
+        let bounds = [0, 10, 20, 30, 1000];
+        assert_eq!(share_below(&bounds, -5), 0.0);
+        assert_eq!(share_below(&bounds, 0), 0.0);
+        assert_eq!(share_below(&bounds, 10), 0.25);
+        assert_eq!(share_below(&bounds, 25), 0.625);
+        assert_eq!(share_below(&bounds, 515), 0.875);
+        assert_eq!(share_below(&bounds, 1000), 1.0);
+        let c = ChunkedStatus {
+            last_key: Some(25),
+            max_key: Some(1000),
+            percent: Some(62.5),
+            eta_secs: Some(95.0),
+            ..Default::default()
+        };
+        assert_eq!(
+            chunked_text(&c),
+            "copying, through key 25 of 1000, 62.5% of the rows, ETA 1m 35s"
+        );
     }
 }

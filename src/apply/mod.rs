@@ -1028,7 +1028,10 @@ impl Applier {
             return Ok(());
         }
         // Chunks read ahead of a copy's first verdict do not know where it began.
-        let start = state.raw.chunked_start().unwrap_or(start);
+        let (start, began_ms) = state
+            .raw
+            .chunked_start()
+            .unwrap_or_else(|| (start, chrono::Utc::now().timestamp_millis()));
         let positions: Vec<Option<usize>> = state
             .builder
             .columns()
@@ -1060,6 +1063,7 @@ impl Applier {
         }
         state.raw.set_chunked(ChunkedProgress {
             start,
+            began_ms,
             last_key: chunk.keys.last().copied(),
             done: chunk.last.then(|| (txn.commit_lsn, chunk.part.clone())),
         });

@@ -150,7 +150,9 @@ fn judge(
             "transaction {xid} was streamed before the low watermark but was not visible to the copy"
         ));
     }
-    let chunk_keys: HashSet<i64> = keys.iter().copied().collect();
+    // The chunk's keys, looked up only for an update that left a TOAST value unsent
+    // (the chunk is in key order).
+    let in_chunk = |key: i64| keys.binary_search(&key).is_ok();
     let mut dropped = HashSet::new();
     for seen in window.seen.iter().filter(|s| snapshot.invisible(s.xid)) {
         if seen.truncate {
@@ -162,7 +164,7 @@ fn judge(
                 seen.xid
             ));
         };
-        if seen.unsent_toast && chunk_keys.contains(&key) {
+        if seen.unsent_toast && in_chunk(key) {
             return Err(format!(
                 "transaction {} updated key {key} without sending a TOAST value",
                 seen.xid

@@ -60,6 +60,11 @@ impl AppId {
         AppId(format!("wal2delta:{slot}:chunked-start:{table}"))
     }
 
+    /// When a raw table's chunked copy began (version: milliseconds since the Unix epoch).
+    pub fn chunked_began(slot: &str, table: &TableName) -> AppId {
+        AppId(format!("wal2delta:{slot}:chunked-began:{table}"))
+    }
+
     /// The last key a raw table's chunked copy holds (version: the key itself).
     pub fn chunked_key(slot: &str, table: &TableName) -> AppId {
         AppId(format!("wal2delta:{slot}:chunked-key:{table}"))

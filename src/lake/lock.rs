@@ -47,6 +47,10 @@ const LEASE: &str = "_wal2delta/lease.json";
 
 /// Held while the daemon runs; dropping it releases a file lock at once and stops renewing
 /// a lease (call [`LakeLock::release`] to hand a lease over without waiting it out).
+/// Attempts at the lock file, 50 ms apart, before a start gives up (a `status` probe
+/// holds it for microseconds).
+const PROBE_RETRIES: u32 = 20;
+
 #[derive(Debug)]
 pub enum LakeLock {
     File(File),
@@ -58,9 +62,19 @@ impl LakeLock {
     /// the holder's lease time to see whether the holder is alive.
     pub async fn acquire(lake: &Lake) -> Result<LakeLock, LakeError> {
         if lake.is_object_store() {
-            Lease::take(lake).await.map(LakeLock::Lease)
-        } else {
-            lock_file(lake).map(LakeLock::File)
+            return Lease::take(lake).await.map(LakeLock::Lease);
+        }
+        // `status` (`holder`) probes the lock by taking it for an instant: a start that
+        // meets the probe tries again for a moment before it says another daemon runs.
+        let mut tries = 0;
+        loop {
+            match lock_file(lake) {
+                Err(LakeError::Locked { .. }) if tries < PROBE_RETRIES => {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                result => return result.map(LakeLock::File),
+            }
         }
     }
 

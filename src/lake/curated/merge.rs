@@ -704,7 +704,7 @@ impl CuratedTable {
                 values = missing,
                 "unchanged TOAST values with no current row to take them from were set to NULL; \
                  the curated table did not hold those rows (was it created with snapshot = \
-                 \"never\"?)"
+                 \"never\"? during a chunked copy, the rows' chunk brings the values)"
             );
         }
         RecordBatch::try_new(self.schema.clone(), arrays)

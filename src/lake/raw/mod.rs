@@ -52,6 +52,8 @@ pub struct RawTable {
 pub struct ChunkedProgress {
     /// Where the copy began (its first low watermark).
     pub start: Lsn,
+    /// When it began, in milliseconds since the Unix epoch.
+    pub began_ms: i64,
     /// The last key copied (`None`: no row yet).
     pub last_key: Option<i64>,
     /// Set on the last chunk: the copy is complete at this position, and holds this
@@ -145,6 +147,9 @@ impl RawTable {
         let chunked = match applied(&table, &label, &AppId::chunked_start(slot, name)).await? {
             Some(start) => Some(ChunkedProgress {
                 start,
+                began_ms: applied(&table, &label, &AppId::chunked_began(slot, name))
+                    .await?
+                    .map_or(0, |t| t.as_i64()),
                 last_key: applied(&table, &label, &AppId::chunked_key(slot, name))
                     .await?
                     .map(|k| k.as_i64()),
@@ -285,7 +290,9 @@ impl RawTable {
         let mut commit = Commit::append().info_lsn(InfoKey::CommitLsn, through);
         let progress = self.chunked_next.take();
         if let Some(p) = &progress {
-            commit = commit.position(&AppId::chunked_start(&self.slot, &self.name), p.start);
+            commit = commit
+                .position(&AppId::chunked_start(&self.slot, &self.name), p.start)
+                .txn(&AppId::chunked_began(&self.slot, &self.name), p.began_ms);
             if let Some(key) = p.last_key {
                 commit = commit.txn(&AppId::chunked_key(&self.slot, &self.name), key);
             }
@@ -318,11 +325,12 @@ impl RawTable {
             .and_then(|p| p.last_key)
     }
 
-    /// Where the chunked copy under way began, committed or not.
-    pub fn chunked_start(&self) -> Option<Lsn> {
+    /// Where and when (ms since the Unix epoch) the chunked copy under way began,
+    /// committed or not.
+    pub fn chunked_start(&self) -> Option<(Lsn, i64)> {
         (self.chunked_next.as_ref())
             .or(self.chunked.as_ref())
-            .map(|p| p.start)
+            .map(|p| (p.start, p.began_ms))
     }
 
     /// Records `progress` with the next commit.
