@@ -115,7 +115,7 @@ async fn heartbeat(source: ConnParams, every: Duration, cancel: CancellationToke
             Ok(_) => warned = false,
             Err(e) => {
                 if !warned {
-                    tracing::warn!(error = %e, "heartbeat failed (pg_logical_emit_message); grant it with: GRANT EXECUTE ON FUNCTION pg_catalog.pg_logical_emit_message(boolean, text, text) TO <wal2delta role>");
+                    tracing::warn!(error = %e, "heartbeat failed (pg_logical_emit_message); grant it with: GRANT EXECUTE ON FUNCTION pg_catalog.pg_logical_emit_message(boolean, text, text) TO <wal2delta role> (PostgreSQL 17+: pg_logical_emit_message(boolean, text, text, boolean))");
                     warned = true;
                 }
                 client = None;

@@ -532,16 +532,14 @@ pub async fn check(
 /// (`pg_logical_emit_message`): the role must be allowed to, and the server must be a
 /// primary.
 async fn check_watermarks(client: &Client, report: &mut Report) -> Result<(), CatalogError> {
-    let row = client
-        .query_one(
-            &format!(
-                "SELECT pg_is_in_recovery(), ({})",
-                super::watermark::CAN_EMIT
-            ),
-            &[],
-        )
-        .await?;
-    let (standby, can_emit): (bool, bool) = (row.get(0), row.get(1));
+    let standby: bool = client
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await?
+        .get(0);
+    let row = client.query_one(super::watermark::CAN_EMIT, &[]).await?;
+    let (can_emit, signature): (bool, Option<String>) = (row.get(0), row.get(1));
+    let signature =
+        signature.unwrap_or_else(|| "pg_logical_emit_message(boolean,text,text)".into());
     let whole: Vec<String> = report
         .tables
         .iter()
@@ -562,13 +560,12 @@ async fn check_watermarks(client: &Client, report: &mut Report) -> Result<(), Ca
                 .into(),
         );
     } else if !can_emit {
-        report.problems.push(
+        report.problems.push(format!(
             "source.snapshot_method = \"watermark\" writes watermarks into the WAL with \
              pg_logical_emit_message, which this role may not call; as a superuser run: GRANT \
-             EXECUTE ON FUNCTION pg_catalog.pg_logical_emit_message(boolean, text, text) TO \
-             <this role>; or use snapshot_method = \"exported\""
-                .into(),
-        );
+             EXECUTE ON FUNCTION pg_catalog.{signature} TO <this role>; or use \
+             snapshot_method = \"exported\""
+        ));
     }
     Ok(())
 }

@@ -473,8 +473,12 @@ pub fn key_of(tuple: &Tuple, index: usize) -> Option<i64> {
     }
 }
 
-/// SQL that tells whether the role may write watermarks.
-pub const CAN_EMIT: &str = "SELECT has_function_privilege('pg_catalog.pg_logical_emit_message(boolean, text, text)', 'EXECUTE')";
+/// SQL that tells whether the role may write watermarks, and the function's signature
+/// for a `GRANT` (PostgreSQL 17 added a fourth argument, `flush`).
+pub const CAN_EMIT: &str = "SELECT coalesce(bool_or(has_function_privilege(oid, 'EXECUTE')), false), \
+            min(oid::regprocedure::text) \
+     FROM pg_proc WHERE proname = 'pg_logical_emit_message' \
+       AND pronamespace = 'pg_catalog'::regnamespace AND proargtypes[2] = 'text'::regtype";
 
 #[cfg(test)]
 mod tests {

@@ -111,6 +111,38 @@ fn copy_state(env: &Env) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunked_snapshot_resumes_after_sigkills_and_mirrors_the_source() {
     let env = Env::new(&setup()).await;
+    // A role that may not write watermarks (every role may, unless revoked as here) is
+    // told the GRANT, whose signature differs on 17+.
+    env.pg
+        .client()
+        .await
+        .batch_execute(
+            "CREATE ROLE plain LOGIN REPLICATION; GRANT SELECT ON big, small TO plain;
+             DO $$ DECLARE f regprocedure; BEGIN
+               FOR f IN SELECT oid::regprocedure FROM pg_proc WHERE proname = 'pg_logical_emit_message' LOOP
+                 EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f);
+               END LOOP;
+             END $$;",
+        )
+        .await
+        .unwrap();
+    env.write_config(
+        "plain",
+        &["public.big", "public.small"],
+        "snapshot_method = \"watermark\"\n",
+    );
+    let (code, out) = wal2delta(&env, &["validate"]);
+    assert_ne!(
+        code, 0,
+        "validate passed a role without pg_logical_emit_message: {out}"
+    );
+    assert!(
+        out.contains("which this role may not call")
+            && out.contains(
+                "GRANT EXECUTE ON FUNCTION pg_catalog.pg_logical_emit_message(boolean,text,text"
+            ),
+        "{out}"
+    );
     env.write_config(
         "postgres",
         &["public.big", "public.small"],
