@@ -8,7 +8,7 @@
 use serde::Serialize;
 
 use crate::config::Settings;
-use crate::lake::commit::{AppId, applied};
+use crate::lake::commit::{AppId, applied, txn_version};
 use crate::lake::lock::LakeLock;
 use crate::lake::{Lake, LakeError};
 use crate::source::catalog;
@@ -234,13 +234,12 @@ async fn table_status(lake: &Lake, slot: &str, name: &TableName) -> Result<Table
                     .is_some();
             let key = match begun {
                 true => {
-                    let began_ms = applied(&table, &label, &AppId::chunked_began(slot, name))
+                    let began_ms = txn_version(&table, &label, &AppId::chunked_began(slot, name))
                         .await?
-                        .map_or(0, |t| t.as_i64());
+                        .unwrap_or(0);
                     Some(ChunkedStatus {
-                        last_key: applied(&table, &label, &AppId::chunked_key(slot, name))
-                            .await?
-                            .map(|k| k.as_i64()),
+                        last_key: txn_version(&table, &label, &AppId::chunked_key(slot, name))
+                            .await?,
                         began: chrono::DateTime::from_timestamp_millis(began_ms)
                             .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
                         began_ms,

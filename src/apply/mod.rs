@@ -343,6 +343,14 @@ impl Applier {
         self.watermarks = Some(watermarks);
     }
 
+    /// Whether `table`'s raw or curated table holds any source position (rows streamed
+    /// or copied before).
+    pub fn has_position(&self, table: &TableName) -> bool {
+        self.tables
+            .get(table)
+            .is_some_and(|t| t.raw.applied().is_some() || t.curated.applied().is_some())
+    }
+
     /// How far `table`'s chunked copy is, as durable in the lake.
     pub fn chunked_progress(&self, table: &TableName) -> Option<ChunkedProgress> {
         self.tables.get(table)?.raw.chunked().cloned()
@@ -1000,6 +1008,8 @@ impl Applier {
         };
         if low {
             if let Some(table) = watermarks.low(token) {
+                // Windows of chunks their copier gave up (an error) close here.
+                self.reconciler.retain(|t| watermarks.is_pending(t));
                 self.reconciler.low(table, token, txn.commit_lsn);
             }
             return Ok(());
@@ -1020,11 +1030,28 @@ impl Applier {
             ));
             return Ok(());
         };
+        // A column added since the copier read the lake's columns would be NULL in the
+        // chunk's rows, which replace whole curated rows.
+        let lake: Vec<String> = state
+            .builder
+            .columns()
+            .iter()
+            .map(|c| c.name.clone())
+            .collect();
+        if lake.iter().any(|c| !chunk.lake_columns.contains(c)) {
+            let _ = chunk
+                .verdict
+                .send(crate::source::watermark::Verdict::Reshaped(lake));
+            return Ok(());
+        }
         // Chunks are taken in key order without gaps: the progress recorded is a prefix.
         if chunk.after != state.raw.chunked_last_key() {
-            let _ = chunk.verdict.send(crate::source::watermark::Verdict::Again(
-                "it does not follow the last chunk taken".into(),
-            ));
+            let _ = chunk
+                .verdict
+                .send(crate::source::watermark::Verdict::Behind {
+                    last_key: state.raw.chunked_last_key(),
+                    start: state.raw.chunked_start().map(|(s, _)| s),
+                });
             return Ok(());
         }
         // Chunks read ahead of a copy's first verdict do not know where it began.
@@ -1140,6 +1167,7 @@ impl Applier {
                 // independent (each carries its own position), so they go out together: on
                 // an object store each is a round trip.
                 let label = name.to_string();
+                let chunked = state.raw.chunked_pending();
                 let raw = async {
                     if state.raw.applied().is_none_or(|a| a < through) {
                         let started = Instant::now();
@@ -1156,7 +1184,16 @@ impl Applier {
                     }
                     Ok::<_, LakeError>(())
                 };
-                tokio::try_join!(raw, curated)?;
+                if chunked {
+                    // The raw commit records a chunked copy's progress: it goes last, so a
+                    // chunk counted as copied is in curated too (catch-up does not reach a
+                    // curated table with no position yet, and the stream sends the chunk's
+                    // watermark again with a token no copier waits for).
+                    curated.await?;
+                    raw.await?;
+                } else {
+                    tokio::try_join!(raw, curated)?;
+                }
                 Ok::<_, LakeError>(())
             });
         }

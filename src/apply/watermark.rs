@@ -61,6 +61,11 @@ impl Reconciler {
         !self.windows.is_empty() && self.windows.values().any(|w| &w.table == table)
     }
 
+    /// Keeps the windows whose token `keep` accepts.
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        self.windows.retain(|token, _| keep(token));
+    }
+
     /// A transaction committed at `commit_lsn`.
     pub fn committed(&mut self, xid: u32, commit_lsn: Lsn) {
         if self.recent.len() >= RECENT {

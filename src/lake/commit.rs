@@ -251,6 +251,25 @@ impl Commit {
     }
 }
 
+/// The version a table's log records for `app_id`, if any, as it is (a key, a time).
+pub async fn txn_version(
+    table: &DeltaTable,
+    label: &str,
+    app_id: &AppId,
+) -> Result<Option<i64>, LakeError> {
+    let snapshot = table.snapshot().map_err(|source| LakeError::Delta {
+        table: label.to_string(),
+        source,
+    })?;
+    snapshot
+        .transaction_version(table.log_store().as_ref(), app_id.as_str())
+        .await
+        .map_err(|source| LakeError::Delta {
+            table: label.to_string(),
+            source,
+        })
+}
+
 /// The source position a table's log records for `app_id`, if any.
 pub async fn applied(
     table: &DeltaTable,

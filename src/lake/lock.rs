@@ -45,12 +45,12 @@ use super::{Lake, LakeError};
 /// The lease object, under the lake root.
 const LEASE: &str = "_wal2delta/lease.json";
 
-/// Held while the daemon runs; dropping it releases a file lock at once and stops renewing
-/// a lease (call [`LakeLock::release`] to hand a lease over without waiting it out).
 /// Attempts at the lock file, 50 ms apart, before a start gives up (a `status` probe
 /// holds it for microseconds).
 const PROBE_RETRIES: u32 = 20;
 
+/// Held while the daemon runs; dropping it releases a file lock at once and stops renewing
+/// a lease (call [`LakeLock::release`] to hand a lease over without waiting it out).
 #[derive(Debug)]
 pub enum LakeLock {
     File(File),

@@ -82,6 +82,7 @@ async fn copy_until_done(
     loop {
         let result = watermark::copy_table(
             &settings.source.conn,
+            &settings.source.publication,
             info,
             columns,
             &mut resume,

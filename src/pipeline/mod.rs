@@ -430,7 +430,15 @@ async fn session(
         chunked::spawn_copies(settings, &applier, tables, chunked, &watermarks, &copying);
     let applied = applier.run(events_rx).await;
     copying.cancel();
-    while copiers.join_next().await.is_some() {}
+    // A copier stuck in a statement on a dead network does not hold the session up.
+    if tokio::time::timeout(SOURCE_STOP_WAIT, async {
+        while copiers.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        copiers.abort_all();
+    }
     // The applier is gone, and with it the durable-position channel: the source task
     // reports the final durable position and ends by itself.
     let read = match tokio::time::timeout(SOURCE_STOP_WAIT, &mut reader).await {

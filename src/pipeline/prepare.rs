@@ -184,12 +184,19 @@ async fn tables_to_copy<'a>(
         if !needed {
             continue;
         }
-        // In chunks only a table never copied whole: chunks add and update rows but
-        // remove none, so a table whose lake rows may be stale is copied whole. A
-        // chunked copy begun before the slot or before a request is stale too.
-        let resumable = applier.chunked_progress(&t.name).is_none_or(|p| {
-            slot_born.is_none_or(|born| p.start >= born) && requested.is_none_or(|r| r <= p.start)
-        });
+        // In chunks only a table with nothing in the lake yet, or whose chunked copy can
+        // go on: chunks add and update rows but remove none, so a table whose lake rows
+        // may be stale is copied whole (rows streamed under snapshot = "never", a copy
+        // begun before the slot or before a request, a table left out of the
+        // configuration meanwhile).
+        let resumable = match applier.chunked_progress(&t.name) {
+            None => !applier.has_position(&t.name),
+            Some(p) => {
+                was_tracked(t)
+                    && slot_born.is_none_or(|born| p.start >= born)
+                    && requested.is_none_or(|r| r <= p.start)
+            }
+        };
         if settings.source.snapshot_method == SnapshotMethod::Watermark
             && settings.source.snapshot == SnapshotMode::Initial
             && taken.is_none()

@@ -98,6 +98,9 @@ pub struct Chunk {
     pub table: TableName,
     /// The copied columns, in the rows' order.
     pub columns: Vec<String>,
+    /// The lake's columns when the copier read them (a column added since is missing from
+    /// the rows, and an `r` row replaces the whole curated row).
+    pub lake_columns: Vec<String>,
     pub rows: Vec<Tuple>,
     /// Each row's key.
     pub keys: Vec<i64>,
@@ -120,6 +123,15 @@ pub enum Verdict {
     Taken { start: Lsn, added: usize },
     /// It could not be reconciled with the stream exactly: read it again.
     Again(String),
+    /// It does not follow the last chunk taken (a verdict the copier did not wait for, after
+    /// an error): go on after `last_key`, in the copy that began at `start`.
+    Behind {
+        last_key: Option<i64>,
+        start: Option<Lsn>,
+    },
+    /// The lake's columns changed since the copy read its list: read the table's columns
+    /// again and copy these.
+    Reshaped(Vec<String>),
 }
 
 enum Pending {
@@ -154,6 +166,14 @@ impl Watermarks {
         if let Ok(mut p) = self.pending.lock() {
             p.remove(token);
         }
+    }
+
+    /// Whether a chunk with `token` is still expected (its copier has not given it up).
+    pub fn is_pending(&self, token: &str) -> bool {
+        self.pending
+            .lock()
+            .map(|p| p.contains_key(token))
+            .unwrap_or(false)
     }
 
     /// The table a low watermark with `token` opens a window for, if it is ours.
@@ -210,8 +230,12 @@ pub struct Resume {
 
 /// Copies one table in chunks of `chunk_rows` from `resume` on (which follows the chunks
 /// taken), until its last chunk is taken or `cancel` fires. Returns the rows taken.
+// The copy's settings come in pieces: the source's connection and publication, the
+// table, the lake's columns, the position, the chunk size, the registry and the stop.
+#[allow(clippy::too_many_arguments)]
 pub async fn copy_table(
     params: &ConnParams,
+    publication: &str,
     table: &TableInfo,
     lake_columns: &[String],
     resume: &mut Resume,
@@ -219,22 +243,7 @@ pub async fn copy_table(
     watermarks: Arc<Watermarks>,
     cancel: CancellationToken,
 ) -> Result<u64, ChunkError> {
-    let key = chunk_key(table).ok_or_else(|| ChunkError::Copy {
-        table: table.name.to_string(),
-        message: "the table has no single integer key column".into(),
-    })?;
-    let columns: Vec<String> = lake_columns
-        .iter()
-        .filter(|c| table.columns.iter().any(|s| &s.name == *c))
-        .cloned()
-        .collect();
-    let key_index = columns
-        .iter()
-        .position(|c| c == key)
-        .ok_or_else(|| ChunkError::Copy {
-            table: table.name.to_string(),
-            message: format!("the key column {key} is not copied"),
-        })?;
+    let mut plan = Plan::new(table, lake_columns)?;
     let client = catalog::connect(params).await?;
     client
         .batch_execute(
@@ -253,22 +262,8 @@ pub async fn copy_table(
         .get(0);
     let estimate = estimate.filter(|e| *e >= 0.0).map(f64::from);
     crate::telemetry::snapshot_progress(&table.name.to_string(), 0, estimate);
-    let only = if table.partitioned { "" } else { "ONLY " };
-    let select = format!(
-        "SELECT {} FROM {only}{}",
-        columns
-            .iter()
-            .map(|c| quote_ident(c))
-            .collect::<Vec<_>>()
-            .join(", "),
-        table.name.quoted()
-    );
-    let filter = table
-        .published
-        .row_filter
-        .as_ref()
-        .map(|f| format!("({f})"));
     let nonce: u64 = rand_nonce();
+    let mut table = table.clone();
     let mut copied = 0u64;
     let mut n = 0u64;
     let label = table.name.to_string();
@@ -282,22 +277,9 @@ pub async fn copy_table(
         while in_flight.len() < AHEAD && !read_all {
             n += 1;
             let token = format!("{nonce:016x}-{n}");
-            let conditions: Vec<String> = filter
-                .iter()
-                .cloned()
-                .chain(next_after.map(|k| format!("{} > {k}", quote_ident(key))))
-                .collect();
-            let sql = format!(
-                "COPY ({select}{} ORDER BY {} LIMIT {chunk_rows}) TO STDOUT",
-                if conditions.is_empty() {
-                    String::new()
-                } else {
-                    format!(" WHERE {}", conditions.join(" AND "))
-                },
-                quote_ident(key)
-            );
+            let sql = plan.sql(next_after, chunk_rows);
             let chunk = tokio::select! {
-                c = copy_chunk(&client, &watermarks, &token, &table.name, &sql, columns.len(), key_index) => c,
+                c = copy_chunk(&client, &watermarks, &token, &table.name, &sql, plan.columns.len(), plan.key_index) => c,
                 _ = cancel.cancelled() => {
                     watermarks.forget(&token);
                     return Err(ChunkError::Ended);
@@ -318,7 +300,8 @@ pub async fn copy_table(
                 &token,
                 Chunk {
                     table: table.name.clone(),
-                    columns: columns.clone(),
+                    columns: plan.columns.clone(),
+                    lake_columns: plan.lake_columns.clone(),
                     rows,
                     keys,
                     snapshot,
@@ -369,16 +352,104 @@ pub async fn copy_table(
                 if chunk.last {
                     return Ok(copied);
                 }
+                continue;
             }
             Verdict::Again(why) => {
                 // The chunks read after it do not follow a taken one: all are read again.
                 tracing::info!(table = %table.name, chunk = chunk.n, reason = %why, "chunk read again");
-                in_flight.clear();
-                next_after = resume.last_key;
-                read_all = false;
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
+            Verdict::Behind { last_key, start } => {
+                tracing::info!(table = %table.name, chunk = chunk.n, last_key = ?last_key, "chunks were taken that this copier did not wait for; going on after them");
+                resume.last_key = last_key;
+                resume.start = start.or(resume.start);
+            }
+            Verdict::Reshaped(lake_columns) => {
+                tracing::info!(table = %table.name, columns = ?lake_columns, "the table's columns changed; the copy reads them again");
+                if let Some(info) = catalog::table_info(&client, &table.name, publication).await? {
+                    table = info;
+                }
+                plan = Plan::new(&table, &lake_columns)?;
+            }
         }
+        // Not taken: the chunks read after it do not follow a taken one either.
+        in_flight.clear();
+        next_after = resume.last_key;
+        read_all = false;
+    }
+}
+
+/// What a chunk's `COPY` reads: the columns (the lake's that the source has), where the
+/// key is among them, and the statement's fixed part.
+struct Plan {
+    columns: Vec<String>,
+    lake_columns: Vec<String>,
+    key: String,
+    key_index: usize,
+    select: String,
+    filter: Option<String>,
+}
+
+impl Plan {
+    fn new(table: &TableInfo, lake_columns: &[String]) -> Result<Plan, ChunkError> {
+        let key = chunk_key(table).ok_or_else(|| ChunkError::Copy {
+            table: table.name.to_string(),
+            message: "the table has no single integer key column".into(),
+        })?;
+        let columns: Vec<String> = lake_columns
+            .iter()
+            .filter(|c| table.columns.iter().any(|s| &s.name == *c))
+            .cloned()
+            .collect();
+        let key_index = columns
+            .iter()
+            .position(|c| c == key)
+            .ok_or_else(|| ChunkError::Copy {
+                table: table.name.to_string(),
+                message: format!("the key column {key} is not copied"),
+            })?;
+        let only = if table.partitioned { "" } else { "ONLY " };
+        let select = format!(
+            "SELECT {} FROM {only}{}",
+            columns
+                .iter()
+                .map(|c| quote_ident(c))
+                .collect::<Vec<_>>()
+                .join(", "),
+            table.name.quoted()
+        );
+        Ok(Plan {
+            columns,
+            lake_columns: lake_columns.to_vec(),
+            key: key.to_string(),
+            key_index,
+            select,
+            filter: table
+                .published
+                .row_filter
+                .as_ref()
+                .map(|f| format!("({f})")),
+        })
+    }
+
+    /// The `COPY` of the next `rows` rows after key `after`.
+    fn sql(&self, after: Option<i64>, rows: usize) -> String {
+        let key = quote_ident(&self.key);
+        let conditions: Vec<String> = self
+            .filter
+            .iter()
+            .cloned()
+            .chain(after.map(|k| format!("{key} > {k}")))
+            .collect();
+        format!(
+            "COPY ({}{} ORDER BY {key} LIMIT {rows}) TO STDOUT",
+            self.select,
+            if conditions.is_empty() {
+                String::new()
+            } else {
+                format!(" WHERE {}", conditions.join(" AND "))
+            },
+        )
     }
 }
 
@@ -454,12 +525,15 @@ async fn copy_chunk(
     Ok((rows, keys, snapshot))
 }
 
-/// A number unique to this process's copies.
+/// A number unique to each copy of this process (and, by time and pid, to the process).
 fn rand_nonce() -> u64 {
+    static COPIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
-        .unwrap_or_default();
+        .unwrap_or_default()
+        .wrapping_add(n.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     crate::source::config::stable_hash(
         &[t.to_le_bytes(), u64::from(std::process::id()).to_le_bytes()].concat(),
     )

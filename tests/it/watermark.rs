@@ -204,6 +204,21 @@ async fn a_chunked_snapshot_resumes_after_sigkills_and_mirrors_the_source() {
         );
         durable = n;
         daemon = env.daemon();
+        if kills == 2 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            // A column added mid-copy, while the daemon runs: chunks read with the old
+            // columns would lack it (and their rows replace whole curated rows), so the
+            // copy reads the table's columns again.
+            env.pg
+                .client()
+                .await
+                .batch_execute(
+                    "ALTER TABLE big ADD COLUMN extra int;
+                     UPDATE big SET extra = id % 13 WHERE id % 997 = 0;",
+                )
+                .await
+                .unwrap();
+        }
     }
     assert!(
         env.daemon_log().contains("chunked copy resumes"),

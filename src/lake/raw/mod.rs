@@ -15,7 +15,7 @@ use deltalake::arrow::datatypes::SchemaRef;
 use deltalake::arrow::record_batch::RecordBatch;
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 
-use super::commit::{AppId, Commit, InfoKey, applied};
+use super::commit::{AppId, Commit, InfoKey, applied, txn_version};
 use super::maintenance::{self, Compacted, Policy};
 use super::table::{RAW_FILE_SIZE, keyed_properties, open_for_schema, schema_action, writer_for};
 use super::{Lake, LakeError};
@@ -147,12 +147,10 @@ impl RawTable {
         let chunked = match applied(&table, &label, &AppId::chunked_start(slot, name)).await? {
             Some(start) => Some(ChunkedProgress {
                 start,
-                began_ms: applied(&table, &label, &AppId::chunked_began(slot, name))
+                began_ms: txn_version(&table, &label, &AppId::chunked_began(slot, name))
                     .await?
-                    .map_or(0, |t| t.as_i64()),
-                last_key: applied(&table, &label, &AppId::chunked_key(slot, name))
-                    .await?
-                    .map(|k| k.as_i64()),
+                    .unwrap_or(0),
+                last_key: txn_version(&table, &label, &AppId::chunked_key(slot, name)).await?,
                 done: None,
             }),
             None => None,
@@ -316,6 +314,11 @@ impl RawTable {
     /// The chunked copy's progress durable in the table, if one began.
     pub fn chunked(&self) -> Option<&ChunkedProgress> {
         self.chunked.as_ref()
+    }
+
+    /// Whether the next commit records a chunked copy's progress.
+    pub fn chunked_pending(&self) -> bool {
+        self.chunked_next.is_some()
     }
 
     /// The last key of the chunked copy's latest chunk, committed or not.
