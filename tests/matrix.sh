@@ -37,7 +37,7 @@ CORE=(
   stops::dropped_slot_stops_with_what_to_do
   stops::invalidated_slot_names_the_recovery_and_the_recovery_works
   standby::
-  watermark::
+  watermark::a_chunked_snapshot_resumes_after_sigkills_and_mirrors_the_source
 )
 
 summary=()

@@ -19,7 +19,7 @@ use crate::table_name::{TableName, quote_ident};
 pub enum CatalogError {
     #[error("cannot connect to the source {target}: {message}")]
     Connect { target: String, message: String },
-    #[error("catalog query failed: {0}")]
+    #[error("catalog query failed: {}", describe(.0))]
     Query(#[from] tokio_postgres::Error),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),

@@ -283,3 +283,65 @@ async fn a_chunked_snapshot_resumes_after_sigkills_and_mirrors_the_source() {
     );
     daemon.terminate(Duration::from_secs(30));
 }
+
+/// A table whose chunked copy fails for good (here a publication row filter that divides
+/// by zero at one row, PostgreSQL 15+) is logged and left; the other table's copy
+/// completes and the stream goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_whose_chunked_copy_fails_holds_no_other_table_back() {
+    let env = Env::new(
+        "CREATE TABLE good (id bigint PRIMARY KEY, v int);
+         INSERT INTO good SELECT g, g FROM generate_series(1, 20000) g;
+         CREATE TABLE bad (id bigint PRIMARY KEY, v int);
+         INSERT INTO bad SELECT g, g FROM generate_series(1, 20000) g;",
+    )
+    .await;
+    let pg = env.pg.client().await;
+    pg.batch_execute(
+        "CREATE PUBLICATION w2d_pub FOR TABLE good, bad WHERE (100 / (id - 5000) > -1000);",
+    )
+    .await
+    .expect("a row filter needs PostgreSQL 15+");
+    env.write_config(
+        "postgres",
+        &["public.good", "public.bad"],
+        "snapshot_method = \"watermark\"\nsnapshot_chunk_rows = 1000\n",
+    );
+    let mut daemon = env.daemon();
+    crate::harness::wait_for(
+        "the copy of bad to fail and good's to complete",
+        Duration::from_secs(120),
+        || async {
+            let log = env.daemon_log();
+            let status = wal2delta(&env, &["status"]).1;
+            let good_done = status.lines().any(|l| {
+                l.starts_with("public.good") && !l.contains("copying") && !l.contains("none")
+            });
+            log.contains("chunked copy failed") && log.contains("division by zero") && good_done
+        },
+        || env.daemon_log(),
+    )
+    .await;
+    assert!(
+        daemon.is_running(),
+        "the daemon stopped:\n{}",
+        env.daemon_log()
+    );
+    // The stream goes on for both tables (bad's changes away from the failing row).
+    pg.batch_execute(
+        "UPDATE good SET v = -v WHERE id <= 100; DELETE FROM good WHERE id > 19900;
+         UPDATE bad SET v = -1 WHERE id = 1;",
+    )
+    .await
+    .unwrap();
+    env.wait_caught_up(Duration::from_secs(60)).await;
+    assert_mirror(&env, "public.good").await;
+    let status = wal2delta(&env, &["status"]).1;
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("public.bad") && (l.contains("copying") || l.contains("none"))),
+        "{status}"
+    );
+    daemon.terminate(Duration::from_secs(30));
+}
