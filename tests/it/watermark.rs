@@ -1,8 +1,10 @@
 //! Watermark snapshots (`source.snapshot_method = "watermark"`): a table copied in
 //! key-ordered chunks while the stream runs, SIGKILLed again and again mid-copy with
-//! writes running (updates, deletes, inserts, key changes, unsent TOAST values). The copy
-//! resumes at its next chunk (no key is copied twice into the raw table), the stream never
-//! waits for it, and the curated table ends equal to the source.
+//! writes running (updates, deletes, inserts, key changes, unsent TOAST values, a column
+//! added). The copy resumes at its next chunk (no key is copied twice into the raw
+//! table), the stream never waits for it, and the curated tables (one of them with a
+//! mixed-case, non-ASCII name and negative keys) end equal to the source; a table whose
+//! copy fails holds no other back.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -24,9 +26,10 @@ fn setup() -> String {
          UPDATE big SET note = (SELECT string_agg(md5(id::text || x::text), '') FROM generate_series(1, 100) x)
            WHERE id % 5000 = 0;
          ANALYZE big;
-         CREATE TABLE small (id int PRIMARY KEY, v int);
-         INSERT INTO small SELECT g, g FROM generate_series(1, 100) g;
-         CREATE PUBLICATION w2d_pub FOR TABLE big, small;"
+         -- A mixed-case, non-ASCII name with negative keys, copied in several chunks.
+         CREATE TABLE \"Pequeña Tabela\" (id int PRIMARY KEY, v int);
+         INSERT INTO \"Pequeña Tabela\" SELECT g, g FROM generate_series(-1200, 99) g;
+         CREATE PUBLICATION w2d_pub FOR TABLE big, \"Pequeña Tabela\";"
     )
 }
 
@@ -66,7 +69,10 @@ fn spawn_writes(dsn: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u
                                 "UPDATE big SET v = v + 1 WHERE id = {};",
                                 (id / 5000).max(1) * 5000
                             ),
-                            _ => format!("UPDATE small SET v = v + 1 WHERE id = {};", id % 100 + 1),
+                            _ => format!(
+                                "UPDATE \"Pequeña Tabela\" SET v = v + 1 WHERE id = {};",
+                                id % 1300 - 1200
+                            ),
                         });
                     }
                     sql.push_str("COMMIT;");
@@ -117,7 +123,7 @@ async fn a_chunked_snapshot_resumes_after_sigkills_and_mirrors_the_source() {
         .client()
         .await
         .batch_execute(
-            "CREATE ROLE plain LOGIN REPLICATION; GRANT SELECT ON big, small TO plain;
+            "CREATE ROLE plain LOGIN REPLICATION; GRANT SELECT ON big, \"Pequeña Tabela\" TO plain;
              DO $$ DECLARE f regprocedure; BEGIN
                FOR f IN SELECT oid::regprocedure FROM pg_proc WHERE proname = 'pg_logical_emit_message' LOOP
                  EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f);
@@ -128,7 +134,7 @@ async fn a_chunked_snapshot_resumes_after_sigkills_and_mirrors_the_source() {
         .unwrap();
     env.write_config(
         "plain",
-        &["public.big", "public.small"],
+        &["public.big", "public.\"Pequeña Tabela\""],
         "snapshot_method = \"watermark\"\n",
     );
     let (code, out) = wal2delta(&env, &["validate"]);
@@ -145,7 +151,7 @@ async fn a_chunked_snapshot_resumes_after_sigkills_and_mirrors_the_source() {
     );
     env.write_config(
         "postgres",
-        &["public.big", "public.small"],
+        &["public.big", "public.\"Pequeña Tabela\""],
         "snapshot_method = \"watermark\"\nsnapshot_chunk_rows = 500\n",
     );
     let (code, out) = wal2delta(&env, &["validate"]);
@@ -251,7 +257,7 @@ async fn a_chunked_snapshot_resumes_after_sigkills_and_mirrors_the_source() {
     assert_eq!(most, 1, "a key was copied twice into raw.big");
     println!("figure: chunked copy: {n} r rows, {transactions} write transactions");
     assert_mirror(&env, "public.big").await;
-    assert_mirror(&env, "public.small").await;
+    assert_mirror(&env, "public.\"Pequeña Tabela\"").await;
     // No change position repeats in the raw table.
     let dups = query_delta_at(
         &env.table_location("raw", "public", "big"),
