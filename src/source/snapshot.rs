@@ -57,14 +57,17 @@ impl SnapshotError {
     }
 }
 
+/// The replication connection's text forms (dates, time zone, intervals, floats, bytea),
+/// for connections that copy rows: copied values then parse as streamed ones do.
+pub const TEXT_FORMS: &str = "SET DateStyle = ISO; SET TimeZone = 'UTC'; \
+     SET IntervalStyle = iso_8601; SET extra_float_digits = 3; SET bytea_output = hex";
+
 /// Opens a read-only transaction on `client` that sees the exported snapshot `name`, with
-/// the replication connection's text forms (dates, time zone, floats, bytea).
+/// the replication connection's text forms.
 pub async fn import_snapshot(client: &Client, name: &str) -> Result<(), CatalogError> {
     client
         .batch_execute(&format!(
-            "SET DateStyle = ISO; SET TimeZone = 'UTC'; SET IntervalStyle = iso_8601; \
-             SET extra_float_digits = 3; SET bytea_output = hex; \
-             BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
+            "{TEXT_FORMS}; BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
              SET TRANSACTION SNAPSHOT {}",
             crate::table_name::quote_literal(name)
         ))

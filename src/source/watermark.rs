@@ -246,10 +246,7 @@ pub async fn copy_table(
     let mut plan = Plan::new(table, lake_columns)?;
     let client = catalog::connect(params).await?;
     client
-        .batch_execute(
-            "SET DateStyle = ISO; SET TimeZone = 'UTC'; SET IntervalStyle = iso_8601; \
-             SET extra_float_digits = 3; SET bytea_output = hex",
-        )
+        .batch_execute(super::snapshot::TEXT_FORMS)
         .await
         .map_err(CatalogError::from)?;
     let estimate: Option<f32> = client
