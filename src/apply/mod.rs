@@ -774,7 +774,9 @@ impl Applier {
                         txn.commit_lsn
                     )));
                 }
-                self.reconciler.committed(txn.xid.0, commit_lsn);
+                if self.watermarks.is_some() {
+                    self.reconciler.committed(txn.xid.0, commit_lsn);
+                }
                 self.batch.last_commit_lsn = commit_lsn;
                 self.batch.last_end_lsn = end_lsn;
                 self.batch.last_commit_ts = txn.commit_ts;

@@ -424,10 +424,13 @@ async fn session(
     ));
     // Tables copied in chunks beside the stream, from where the lake says they are.
     let watermarks = Arc::new(crate::source::watermark::Watermarks::default());
-    applier.take_chunks_from(watermarks.clone());
     let copying = cancel.child_token();
     let mut copiers =
         chunked::spawn_copies(settings, &applier, tables, chunked, &watermarks, &copying);
+    if !copiers.is_empty() {
+        // Only then does apply note what it needs to reconcile chunks with the stream.
+        applier.take_chunks_from(watermarks.clone());
+    }
     let applied = applier.run(events_rx).await;
     copying.cancel();
     // A copier stuck in a statement on a dead network does not hold the session up.
