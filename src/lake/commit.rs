@@ -276,14 +276,5 @@ pub async fn applied(
     label: &str,
     app_id: &AppId,
 ) -> Result<Option<Lsn>, LakeError> {
-    let delta_err = |source| LakeError::Delta {
-        table: label.to_string(),
-        source,
-    };
-    let snapshot = table.snapshot().map_err(delta_err)?;
-    let version = snapshot
-        .transaction_version(table.log_store().as_ref(), app_id.as_str())
-        .await
-        .map_err(delta_err)?;
-    Ok(version.map(Lsn::from_i64))
+    Ok(txn_version(table, label, app_id).await?.map(Lsn::from_i64))
 }

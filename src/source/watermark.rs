@@ -506,11 +506,8 @@ async fn copy_chunk(
             let tuple = parse_copy_line(&line, fields).ok_or_else(|| {
                 copy_err("COPY sent a row with the wrong number of fields".into())
             })?;
-            let key = match &tuple.0[key_index] {
-                TupleValue::Text(t) => std::str::from_utf8(t).ok().and_then(|s| s.parse().ok()),
-                _ => None,
-            }
-            .ok_or_else(|| copy_err("a row's key is not an integer".into()))?;
+            let key = key_of(&tuple, key_index)
+                .ok_or_else(|| copy_err("a row's key is not an integer".into()))?;
             keys.push(key);
             rows.push(tuple);
         }
@@ -536,7 +533,7 @@ fn rand_nonce() -> u64 {
     )
 }
 
-/// Names the values a key column holds in a tuple (`None`: not an integer).
+/// The integer value of the key column at `index` of a tuple (`None`: not an integer).
 pub fn key_of(tuple: &Tuple, index: usize) -> Option<i64> {
     match tuple.0.get(index)? {
         TupleValue::Text(t) => std::str::from_utf8(t).ok()?.parse().ok(),
