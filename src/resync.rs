@@ -73,7 +73,7 @@ pub async fn resync(
     let lake = Lake::open(&settings.lake)?;
     let requests = Requests::open(&lake);
     for t in tables {
-        requests.ask_resync(t).await?;
+        requests.ask_resync(t, false).await?;
     }
     let daemon_running = LakeLock::holder(&lake).await?.is_some();
     if !daemon_running {
@@ -131,14 +131,25 @@ pub fn render(report: &ResyncReport) -> String {
     }
     for t in &report.tables {
         let line = match (t.state, &t.outcome) {
-            ("done", Some(o)) => format!(
-                "{}: copied again at {} ({} rows in {:.1} s); the curated table was replaced \
-                 in one commit and caught up with the changes made meanwhile",
-                t.table,
-                o.point.as_deref().unwrap_or("?"),
-                o.rows,
-                o.elapsed_ms as f64 / 1000.0
-            ),
+            ("done", Some(o)) => match o.removed_in_chunks {
+                Some(removed) => format!(
+                    "{}: copied again at {} in chunks, into the live tables (since the \
+                     daemon's last start: {} rows copied, {removed} rows the source no longer \
+                     has deleted, in {:.1} s)",
+                    t.table,
+                    o.point.as_deref().unwrap_or("?"),
+                    o.rows,
+                    o.elapsed_ms as f64 / 1000.0
+                ),
+                None => format!(
+                    "{}: copied again at {} ({} rows in {:.1} s); the curated table was replaced \
+                     in one commit and caught up with the changes made meanwhile",
+                    t.table,
+                    o.point.as_deref().unwrap_or("?"),
+                    o.rows,
+                    o.elapsed_ms as f64 / 1000.0
+                ),
+            },
             ("failed", Some(o)) => format!(
                 "{}: FAILED: {} (the daemon's log has the details; run resync again)",
                 t.table,

@@ -71,6 +71,8 @@ pub struct ChunkedStatus {
     /// that rate.
     pub rows_per_sec: Option<f64>,
     pub eta_secs: Option<f64>,
+    /// The copy is a resync (of a table with a completed copy) asked for and not done.
+    pub resync: bool,
     #[serde(skip)]
     began_ms: i64,
 }
@@ -98,9 +100,12 @@ pub async fn gather(settings: &Settings) -> Result<Status, LakeError> {
         &AppId::checkpoint(&settings.source.slot),
     )
     .await?;
+    let resyncs = crate::lake::requests::Requests::open(&lake)
+        .pending_requests()
+        .await;
     let mut tables = Vec::new();
     for name in &settings.source.tables {
-        tables.push(table_status(&lake, &settings.source.slot, name).await?);
+        tables.push(table_status(&lake, &settings.source.slot, name, &resyncs).await?);
     }
     chunked_progress(settings, &mut tables).await;
     Ok(Status {
@@ -216,7 +221,12 @@ async fn slot_status(settings: &Settings) -> SlotStatus {
     status
 }
 
-async fn table_status(lake: &Lake, slot: &str, name: &TableName) -> Result<TableStatus, LakeError> {
+async fn table_status(
+    lake: &Lake,
+    slot: &str,
+    name: &TableName,
+    resyncs: &[(TableName, i64)],
+) -> Result<TableStatus, LakeError> {
     let (raw, snapshot) = layer(
         &lake.raw_table_url(name),
         &format!("raw.{name}"),
@@ -227,8 +237,14 @@ async fn table_status(lake: &Lake, slot: &str, name: &TableName) -> Result<Table
         Some(table) => {
             let label = format!("raw.{name}");
             let at = applied(&table, &label, &AppId::snapshot(slot, name)).await?;
-            // A chunked copy under way: the last key its durable chunks hold.
-            let begun = at.is_none()
+            // A chunked copy under way: the last key its durable chunks hold. A resync's
+            // is under way while its request is pending.
+            let resync =
+                match txn_version(&table, &label, &AppId::chunked_resync(slot, name)).await? {
+                    Some(id) => resyncs.contains(&(name.clone(), id)),
+                    None => false,
+                };
+            let begun = (at.is_none() || resync)
                 && applied(&table, &label, &AppId::chunked_start(slot, name))
                     .await?
                     .is_some();
@@ -243,6 +259,7 @@ async fn table_status(lake: &Lake, slot: &str, name: &TableName) -> Result<Table
                         began: chrono::DateTime::from_timestamp_millis(began_ms)
                             .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
                         began_ms,
+                        resync,
                         ..Default::default()
                     })
                 }
@@ -326,9 +343,10 @@ fn share_below(bounds: &[i64], key: i64) -> f64 {
 /// A chunked copy's progress in a few words: `copying, through key 1200 of 5000, 24% of
 /// the rows, ETA 1m 40s`.
 fn chunked_text(c: &ChunkedStatus) -> String {
+    let doing = if c.resync { "resyncing" } else { "copying" };
     let mut text = match c.last_key {
-        Some(k) => format!("copying, through key {k}"),
-        None => "copying".to_string(),
+        Some(k) => format!("{doing}, through key {k}"),
+        None => doing.to_string(),
     };
     if let Some(max) = c.max_key {
         text.push_str(&format!(" of {max}"));
@@ -402,6 +420,7 @@ pub fn render(status: &Status) -> String {
                 l.rows.to_string(),
                 if i == 0 {
                     match (&t.snapshot_lsn, &t.chunked) {
+                        (_, Some(c)) if c.resync => chunked_text(c),
                         (Some(at), _) => at.clone(),
                         (None, Some(c)) => chunked_text(c),
                         (None, None) => "none".into(),

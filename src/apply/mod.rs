@@ -1022,7 +1022,12 @@ impl Applier {
         let Some(taken) = self.reconciler.high(token, chunk) else {
             return Ok(());
         };
-        let watermark::Taken { chunk, keep, start } = taken;
+        let watermark::Taken {
+            chunk,
+            keep,
+            dropped,
+            start,
+        } = taken;
         let Some(txn) = self.txn.as_mut() else {
             return Ok(());
         };
@@ -1047,20 +1052,24 @@ impl Applier {
             return Ok(());
         }
         // Chunks are taken in key order without gaps: the progress recorded is a prefix.
-        if chunk.after != state.raw.chunked_last_key() {
+        // A resync's first chunk begins a new copy of a table whose earlier copy (the first
+        // one, or another resync) left its progress.
+        let (after, begun) = match state.raw.chunked_resync() == chunk.resync {
+            true => (state.raw.chunked_last_key(), state.raw.chunked_start()),
+            false => (None, None),
+        };
+        if chunk.after != after {
             let _ = chunk
                 .verdict
                 .send(crate::source::watermark::Verdict::Behind {
-                    last_key: state.raw.chunked_last_key(),
-                    start: state.raw.chunked_start().map(|(s, _)| s),
+                    last_key: after,
+                    start: begun.map(|(s, _)| s),
                 });
             return Ok(());
         }
         // Chunks read ahead of a copy's first verdict do not know where it began.
-        let (start, began_ms) = state
-            .raw
-            .chunked_start()
-            .unwrap_or_else(|| (start, chrono::Utc::now().timestamp_millis()));
+        let (start, began_ms) =
+            begun.unwrap_or_else(|| (start, chrono::Utc::now().timestamp_millis()));
         let positions: Vec<Option<usize>> = state
             .builder
             .columns()
@@ -1090,13 +1099,56 @@ impl Applier {
                 state.write_chunk(batch).await?;
             }
         }
+        // A resync deletes the rows the lake holds in the chunk's range that the source no
+        // longer has: neither in the chunk nor changed by the stream since its snapshot.
+        let mut removed = 0usize;
+        for &key in chunk
+            .stored
+            .iter()
+            .filter(|k| chunk.keys.binary_search(k).is_err() && !dropped.contains(k))
+        {
+            let mut values = vec![TupleValue::Null; chunk.columns.len()];
+            values[chunk.key_index] = TupleValue::Text(key.to_string().into());
+            let meta = ChangeMeta {
+                commit_lsn: txn.commit_lsn,
+                lsn: wal_start,
+                commit_ts: txn.commit_ts,
+                xid: txn.xid,
+                seq: txn.seq,
+            };
+            txn.seq += 1;
+            state
+                .builder
+                .append(Op::Delete, meta, Some(&Tuple(values)), &positions, None);
+            removed += 1;
+            if state.builder.rows() >= self.config.spill_rows
+                || state.builder.bytes() >= self.config.spill_bytes
+            {
+                let batch = state.builder.finish().map_err(|source| LakeError::Arrow {
+                    table: chunk.table.to_string(),
+                    source,
+                })?;
+                state.write_chunk(batch).await?;
+            }
+        }
+        if removed > 0 {
+            tracing::info!(table = %chunk.table, rows = removed, after = ?chunk.after, "resync: deleting rows the source no longer has");
+            *self
+                .batch
+                .changes
+                .entry(chunk.table.clone())
+                .or_default()
+                .entry(Op::Delete)
+                .or_insert(0) += removed as u64;
+        }
         state.raw.set_chunked(ChunkedProgress {
             start,
             began_ms,
             last_key: chunk.keys.last().copied(),
             done: chunk.last.then(|| (txn.commit_lsn, chunk.part.clone())),
+            resync: chunk.resync,
         });
-        let added = keep.len();
+        let added = keep.len() + removed;
         self.batch.rows += added;
         self.batch.bytes += state.builder.bytes().saturating_sub(bytes_before);
         self.batch.started.get_or_insert_with(Instant::now);
@@ -1106,14 +1158,18 @@ impl Applier {
             .entry(chunk.table.clone())
             .or_default()
             .entry(Op::Read)
-            .or_insert(0) += added as u64;
+            .or_insert(0) += keep.len() as u64;
         self.batch.touched.insert(chunk.table.clone());
         if chunk.last {
             tracing::info!(table = %chunk.table, at = %txn.commit_lsn, "chunked copy complete");
         }
         let _ = chunk
             .verdict
-            .send(crate::source::watermark::Verdict::Taken { start, added });
+            .send(crate::source::watermark::Verdict::Taken {
+                start,
+                added: keep.len(),
+                removed,
+            });
         Ok(())
     }
 
@@ -1151,6 +1207,14 @@ impl Applier {
         let started = Instant::now();
         let rows = self.batch.rows;
         let touched = std::mem::take(&mut self.batch.touched);
+        // Chunked copies this batch completes: their copiers learn it once it is durable.
+        let completing: Vec<(TableName, Lsn, Option<i64>)> = touched
+            .iter()
+            .filter_map(|name| {
+                let (at, resync) = self.tables.get(name)?.raw.chunked_completing()?;
+                Some((name.clone(), at, resync))
+            })
+            .collect();
         let mut commits = Vec::new();
         for (name, state) in self.tables.iter_mut() {
             if !touched.contains(name) {
@@ -1206,6 +1270,27 @@ impl Applier {
             versions: self.versions(),
         };
         self.checkpoint.record(record).await?;
+        for (table, at, resync) in completing {
+            if resync.is_some() {
+                // In the checkpoint's reset history, as a resync from an exported snapshot.
+                self.checkpoint
+                    .record_reset(
+                        None,
+                        &[],
+                        serde_json::json!({
+                            "action": "resync",
+                            "method": "chunks",
+                            "tables": [table.to_string()],
+                            "point": at.to_string(),
+                            "at": chrono::Utc::now().to_rfc3339(),
+                        }),
+                    )
+                    .await?;
+            }
+            if let Some(watermarks) = &self.watermarks {
+                watermarks.completed(&table, at, resync);
+            }
+        }
         for (table, ops) in &self.batch.changes {
             let table = table.to_string();
             for (op, n) in ops {

@@ -52,6 +52,9 @@ pub struct Taken {
     pub chunk: Chunk,
     /// The rows of the chunk to add (indexes into `chunk.rows`).
     pub keep: Vec<usize>,
+    /// The keys transactions the chunk's snapshot did not see changed (the stream holds
+    /// their state).
+    pub dropped: HashSet<i64>,
     pub start: Lsn,
 }
 
@@ -129,6 +132,7 @@ impl Reconciler {
                 Some(Taken {
                     start: chunk.start.unwrap_or(window.low),
                     keep,
+                    dropped,
                     chunk,
                 })
             }

@@ -70,6 +70,12 @@ impl AppId {
         AppId(format!("wal2delta:{slot}:chunked-key:{table}"))
     }
 
+    /// The resync a raw table's chunked copy is for (version: the request's time in
+    /// milliseconds since the Unix epoch); absent for the table's first copy.
+    pub fn chunked_resync(slot: &str, table: &TableName) -> AppId {
+        AppId(format!("wal2delta:{slot}:chunked-resync:{table}"))
+    }
+
     /// An operator's request to copy `table` again (version: the WAL position then).
     pub fn resnapshot(slot: &str, table: &TableName) -> AppId {
         AppId(format!("wal2delta:{slot}:resnapshot:{table}"))

@@ -31,9 +31,13 @@ pub struct ResyncOutcome {
     /// The error when it failed.
     pub error: Option<String>,
     pub rows: u64,
-    /// The consistent point of the copy.
+    /// The consistent point of the copy (in chunks: where its last chunk was taken).
     pub point: Option<String>,
     pub elapsed_ms: u64,
+    /// Copied in chunks into the live tables (`pipeline::chunked`): the rows deleted
+    /// because the source no longer has them. `None`: from an exported snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removed_in_chunks: Option<u64>,
 }
 
 /// The request directory of one lake. (No `Debug`: the store's may show credentials.)
@@ -72,7 +76,14 @@ impl Requests {
     }
 
     /// Asks the daemon to copy `table` again (forgetting the outcome of an earlier one).
-    pub async fn ask_resync(&self, table: &TableName) -> Result<(), LakeError> {
+    /// A request still pending is kept unless `again`: its copy goes on (a chunked one
+    /// resumes where it got to, which a new request would not). With `again` (the source
+    /// changed what a copy holds) a new request replaces it, and the copy under way no
+    /// longer answers it.
+    pub async fn ask_resync(&self, table: &TableName, again: bool) -> Result<(), LakeError> {
+        if !again && self.read(&self.path(table, "request")).await.is_some() {
+            return Ok(());
+        }
         let _ = self.store.delete(&self.path(table, "outcome")).await;
         let request = ResyncRequest {
             table: table.to_string(),
@@ -88,8 +99,9 @@ impl Requests {
             .map_err(|e| self.storage_err("cannot write a request", e))
     }
 
-    /// The tables whose resync is asked for and not done yet.
-    pub async fn pending_resyncs(&self) -> Vec<TableName> {
+    /// The tables whose resync is asked for and not done yet, each with its request's
+    /// time (milliseconds since the Unix epoch), which names the request.
+    pub async fn pending_requests(&self) -> Vec<(TableName, i64)> {
         let listed: Vec<ObjectMeta> =
             match self.store.list(Some(&Path::from(DIR))).try_collect().await {
                 Ok(listed) => listed,
@@ -103,14 +115,17 @@ impl Requests {
             let Some(text) = self.read(&meta.location).await else {
                 continue;
             };
-            if let Some(t) = serde_json::from_str::<ResyncRequest>(&text)
-                .ok()
-                .and_then(|r| TableName::parse(&r.table).ok())
-            {
-                tables.push(t);
+            let Ok(request) = serde_json::from_str::<ResyncRequest>(&text) else {
+                continue;
+            };
+            let at = chrono::DateTime::parse_from_rfc3339(&request.requested_at)
+                .map(|t| t.timestamp_millis())
+                .unwrap_or(0);
+            if let Ok(t) = TableName::parse(&request.table) {
+                tables.push((t, at));
             }
         }
-        tables.sort_by_key(|t| t.to_string());
+        tables.sort_by_key(|(t, _)| t.to_string());
         tables
     }
 
@@ -122,8 +137,19 @@ impl Requests {
         )
     }
 
-    /// Records how `table`'s resync ended and drops the request.
-    pub async fn finish_resync(&self, table: &TableName, outcome: &ResyncOutcome) {
+    /// Records how `table`'s resync for request `id` ended and drops the request, unless
+    /// a newer one replaced it meanwhile.
+    pub async fn finish_resync(&self, table: &TableName, outcome: &ResyncOutcome, id: i64) {
+        let current = self
+            .pending_requests()
+            .await
+            .into_iter()
+            .find(|(t, _)| t == table)
+            .map(|(_, at)| at);
+        if current.is_some_and(|at| at != id) {
+            tracing::info!(table = %table, "a newer resync request came while this one was copied; it is copied again");
+            return;
+        }
         let text = serde_json::to_string_pretty(outcome).unwrap_or_default();
         if let Err(e) = self
             .store

@@ -226,7 +226,7 @@ async fn guard_publication(
                     crate::telemetry::divergence(table, changed.reason());
                     tracing::warn!(table = %table, partitions = %changed, "partitions changed without their rows passing through the stream; copying the table again (resync)");
                     if let Some(requests) = &requests
-                        && let Err(e) = requests.ask_resync(&name).await
+                        && let Err(e) = requests.ask_resync(&name, true).await
                     {
                         tracing::error!(table = %table, error = %e, "cannot ask for a resync; run `wal2delta resync --table {table}`");
                     }
@@ -237,7 +237,10 @@ async fn guard_publication(
         for table in reshaped(&copied, &now) {
             crate::telemetry::divergence(&table.to_string(), "publication_reshaped");
             let asked = match &requests {
-                Some(requests) => requests.ask_resync(&table).await.map_err(|e| e.to_string()),
+                Some(requests) => requests
+                    .ask_resync(&table, true)
+                    .await
+                    .map_err(|e| e.to_string()),
                 None => Err("no resync here".to_string()),
             };
             match asked {

@@ -427,10 +427,15 @@ async fn session(
     let copying = cancel.child_token();
     let mut copiers =
         chunked::spawn_copies(settings, &applier, tables, chunked, &watermarks, &copying);
-    if !copiers.is_empty() {
-        // Only then does apply note what it needs to reconcile chunks with the stream.
-        applier.take_chunks_from(watermarks.clone());
-    }
+    // Resyncs of tables copied in chunks run beside the stream too.
+    copiers.spawn(chunked::serve_resyncs(
+        settings.clone(),
+        lake.clone(),
+        tables.to_vec(),
+        watermarks.clone(),
+        copying.clone(),
+    ));
+    applier.take_chunks_from(watermarks.clone());
     let applied = applier.run(events_rx).await;
     copying.cancel();
     // A copier stuck in a statement on a dead network does not hold the session up.

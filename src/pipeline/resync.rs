@@ -10,7 +10,7 @@
 //! one checkpoint record for the SQL endpoint, and the resync in the checkpoint's reset
 //! history. One table is copied at a time.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use deltalake::arrow::record_batch::RecordBatch;
@@ -46,10 +46,17 @@ pub async fn serve_requests(
 ) {
     let requests = Requests::open(&lake);
     let mut failures: HashMap<TableName, u32> = HashMap::new();
+    // Requests the replication session serves (`pipeline::chunked`), while pending.
+    let mut in_chunks: HashSet<TableName> = HashSet::new();
     loop {
-        for table in requests.pending_resyncs().await {
+        let pending = requests.pending_requests().await;
+        in_chunks.retain(|t| pending.iter().any(|(p, _)| p == t));
+        for (table, id) in pending {
             if cancel.is_cancelled() {
                 return;
+            }
+            if in_chunks.contains(&table) {
+                continue;
             }
             let started = Instant::now();
             let result = tokio::select! {
@@ -62,12 +69,16 @@ pub async fn serve_requests(
                 rows,
                 point,
                 elapsed_ms: started.elapsed().as_millis() as u64,
+                removed_in_chunks: None,
             };
             match result {
-                Ok((rows, point)) => {
+                Ok(None) => {
+                    in_chunks.insert(table.clone());
+                }
+                Ok(Some((rows, point))) => {
                     failures.remove(&table);
                     requests
-                        .finish_resync(&table, &outcome(rows, Some(point), None))
+                        .finish_resync(&table, &outcome(rows, Some(point), None), id)
                         .await;
                 }
                 Err(e) if crate::lake::lock::fence().is_err() => {
@@ -83,7 +94,7 @@ pub async fn serve_requests(
                         tracing::error!(table = %table, error = %e.message, "resync failed");
                         failures.remove(&table);
                         requests
-                            .finish_resync(&table, &outcome(0, None, Some(e.message)))
+                            .finish_resync(&table, &outcome(0, None, Some(e.message)), id)
                             .await;
                     } else {
                         tracing::warn!(table = %table, error = %e.message, attempt = *attempts, "resync interrupted; trying again");
@@ -133,13 +144,14 @@ fn refused(message: String) -> Failed {
 }
 
 /// Copies `table` and hands the copy to the apply stage; returns the rows copied and the
-/// copy's point once it is swapped in.
+/// copy's point once it is swapped in, or `None` for a table the replication session
+/// copies again in chunks (`pipeline::chunked`).
 async fn resync(
     settings: &Settings,
     lake: &Lake,
     table: &TableName,
     staged: &mpsc::Sender<StagedCopy>,
-) -> Result<(u64, String), Failed> {
+) -> Result<Option<(u64, String)>, Failed> {
     let source = &settings.source;
     if !source.tables.contains(table) {
         return Err(refused(format!(
@@ -157,6 +169,9 @@ async fn resync(
         return Err(refused(format!(
             "{table} has no lake tables yet; the daemon copies it when it starts"
         )));
+    }
+    if super::chunked::resyncs_in_chunks(settings, &info) {
+        return Ok(None);
     }
     let columns = schema::reconcile(&label, existing.as_deref(), &info.columns)
         .map_err(|e| refused(e.to_string()))?;
@@ -244,7 +259,7 @@ async fn resync(
         Ok(Ok(())) => {
             crate::telemetry::change(&label, crate::change::Op::Read.code(), rows);
             tracing::info!(table = %table, rows, elapsed_ms = started.elapsed().as_millis() as u64, "resync complete");
-            Ok((rows, point.to_string()))
+            Ok(Some((rows, point.to_string())))
         }
         Ok(Err(message)) => Err(Failed {
             message,

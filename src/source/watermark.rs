@@ -24,7 +24,7 @@
 //! keyed by one integer column are copied this way ([`chunk_key`]); others use the
 //! exported snapshot ([`super::snapshot`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -113,14 +113,45 @@ pub struct Chunk {
     pub last: bool,
     /// The part of the table the publication publishes, by fingerprint (`None`: all).
     pub part: Option<String>,
+    /// Where the key is among `columns`.
+    pub key_index: usize,
+    /// The resync the copy is for (its request's time, ms since the Unix epoch); `None`
+    /// for a table's first copy.
+    pub resync: Option<i64>,
+    /// For a resync: the keys the lake held in the chunk's key range when it was copied,
+    /// sorted (those neither in the chunk nor changed by the stream meanwhile are rows the
+    /// source no longer has).
+    pub stored: Vec<i64>,
     pub verdict: oneshot::Sender<Verdict>,
+}
+
+/// The lake's keys of a table in a key range, for a resync's chunks.
+#[async_trait::async_trait]
+pub trait StoredKeys: Send {
+    /// The keys in `(after, through]` (`None`: unbounded).
+    async fn between(
+        &mut self,
+        after: Option<i64>,
+        through: Option<i64>,
+    ) -> Result<Vec<i64>, String>;
+}
+
+/// A copy that resyncs a table already in the lake: its request, and the lake's keys.
+pub struct Resync<'a> {
+    pub id: i64,
+    pub stored: &'a mut dyn StoredKeys,
 }
 
 /// What the apply stage made of a chunk.
 #[derive(Debug)]
 pub enum Verdict {
-    /// Its rows are in the batch: the copy goes on from `start` (the copy's beginning).
-    Taken { start: Lsn, added: usize },
+    /// Its rows are in the batch (and, in a resync, the deletes of rows the source no
+    /// longer has): the copy goes on from `start` (the copy's beginning).
+    Taken {
+        start: Lsn,
+        added: usize,
+        removed: usize,
+    },
     /// It could not be reconciled with the stream exactly: read it again.
     Again(String),
     /// It does not follow the last chunk taken (a verdict the copier did not wait for, after
@@ -147,9 +178,57 @@ enum Pending {
 #[derive(Default)]
 pub struct Watermarks {
     pending: Mutex<HashMap<String, Pending>>,
+    /// The tables a copier is copying now (one copier per table).
+    copying: Mutex<HashSet<TableName>>,
+    /// The copies made durable, by table: where they completed and the resync they were.
+    completed: Mutex<HashMap<TableName, (Lsn, Option<i64>)>>,
+    durable: tokio::sync::Notify,
 }
 
 impl Watermarks {
+    /// Claims `table` for a copier; `false` when another copies it already.
+    pub fn claim(&self, table: &TableName) -> bool {
+        self.copying
+            .lock()
+            .map(|mut c| c.insert(table.clone()))
+            .unwrap_or(false)
+    }
+
+    /// Releases a table [`Watermarks::claim`] gave.
+    pub fn release(&self, table: &TableName) {
+        if let Ok(mut c) = self.copying.lock() {
+            c.remove(table);
+        }
+    }
+
+    /// The apply stage committed the last chunk of `table`'s copy (`resync`'s), complete
+    /// at `at`.
+    pub fn completed(&self, table: &TableName, at: Lsn, resync: Option<i64>) {
+        if let Ok(mut c) = self.completed.lock() {
+            c.insert(table.clone(), (at, resync));
+        }
+        self.durable.notify_waiters();
+    }
+
+    /// Waits until the copy `resync` of `table` is durable; returns where it completed.
+    pub async fn wait_completed(&self, table: &TableName, resync: Option<i64>) -> Lsn {
+        loop {
+            let notified = self.durable.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some((at, r)) = self
+                .completed
+                .lock()
+                .ok()
+                .and_then(|c| c.get(table).copied())
+                && r == resync
+            {
+                return at;
+            }
+            notified.await;
+        }
+    }
+
     fn expect_low(&self, token: &str, table: &TableName) {
         if let Ok(mut p) = self.pending.lock() {
             p.insert(token.to_string(), Pending::Low(table.clone()));
@@ -215,6 +294,9 @@ pub enum ChunkError {
     Catalog(#[from] CatalogError),
     #[error("copying {table} in chunks: {message}")]
     Copy { table: String, message: String },
+    /// The lake's keys could not be read (a resync's chunk); the copy resumes.
+    #[error("reading the lake's keys of {table}: {message}")]
+    Lake { table: String, message: String },
     /// The session ended (the apply stage went away): the next one resumes.
     #[error("the replication session ended")]
     Ended,
@@ -240,9 +322,10 @@ pub async fn copy_table(
     lake_columns: &[String],
     resume: &mut Resume,
     chunk_rows: usize,
+    mut resync: Option<Resync<'_>>,
     watermarks: Arc<Watermarks>,
     cancel: CancellationToken,
-) -> Result<u64, ChunkError> {
+) -> Result<Copied, ChunkError> {
     let mut plan = Plan::new(table, lake_columns)?;
     let client = catalog::connect(params).await?;
     client
@@ -261,7 +344,7 @@ pub async fn copy_table(
     crate::telemetry::snapshot_progress(&table.name.to_string(), 0, estimate);
     let nonce: u64 = rand_nonce();
     let mut table = table.clone();
-    let mut copied = 0u64;
+    let mut copied = Copied::default();
     let mut n = 0u64;
     let label = table.name.to_string();
     // Chunks copied and waiting for their verdict, oldest first: the next one is read
@@ -291,6 +374,30 @@ pub async fn copy_table(
                 }
             };
             let last = rows.len() < chunk_rows;
+            // A resync reads the lake's keys in the chunk's range while the chunk's
+            // transaction is open (the last chunk's range has no end).
+            let stored = match resync.as_mut() {
+                None => Ok(Vec::new()),
+                Some(r) => {
+                    let through = if last { None } else { keys.last().copied() };
+                    r.stored.between(next_after, through).await
+                }
+            };
+            let stored = match stored {
+                Ok(mut k) => {
+                    k.sort_unstable();
+                    k.dedup();
+                    k
+                }
+                Err(message) => {
+                    watermarks.forget(&token);
+                    let _ = client.batch_execute("ROLLBACK").await;
+                    return Err(ChunkError::Lake {
+                        table: table.name.to_string(),
+                        message,
+                    });
+                }
+            };
             let last_key = keys.last().copied().or(next_after);
             let (tx, verdict) = oneshot::channel();
             watermarks.offer(
@@ -306,6 +413,9 @@ pub async fn copy_table(
                     after: next_after,
                     last,
                     part: table.published.fingerprint(),
+                    key_index: plan.key_index,
+                    resync: resync.as_ref().map(|r| r.id),
+                    stored,
                     verdict: tx,
                 },
             );
@@ -339,13 +449,18 @@ pub async fn copy_table(
             _ = cancel.cancelled() => return Err(ChunkError::Ended),
         };
         match verdict {
-            Verdict::Taken { start, added } => {
+            Verdict::Taken {
+                start,
+                added,
+                removed,
+            } => {
                 // A copy's first chunk names where it began.
                 resume.start = Some(start);
                 resume.last_key = chunk.last_key;
-                copied += added as u64;
-                crate::telemetry::snapshot_progress(&label, copied, estimate);
-                tracing::debug!(table = %table.name, chunk = chunk.n, added, last_key = ?resume.last_key, "chunk taken");
+                copied.rows += added as u64;
+                copied.removed += removed as u64;
+                crate::telemetry::snapshot_progress(&label, copied.rows, estimate);
+                tracing::debug!(table = %table.name, chunk = chunk.n, added, removed, last_key = ?resume.last_key, "chunk taken");
                 if chunk.last {
                     return Ok(copied);
                 }
@@ -374,6 +489,14 @@ pub async fn copy_table(
         next_after = resume.last_key;
         read_all = false;
     }
+}
+
+/// What a copy took: the rows copied, and (a resync) the rows deleted because the
+/// source no longer has them.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Copied {
+    pub rows: u64,
+    pub removed: u64,
 }
 
 /// What a chunk's `COPY` reads: the columns (the lake's that the source has), where the

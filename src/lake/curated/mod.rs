@@ -14,6 +14,7 @@ mod files;
 mod key_index;
 mod merge;
 pub mod reduce;
+mod stored_keys;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -29,6 +30,7 @@ use deltalake::{DeltaTable, DeltaTableError};
 use self::files::{Committed, DataFile, FileState};
 use self::key_index::KeyIndex;
 pub use self::key_index::{Published as PublishedKeys, published as published_keys};
+pub use self::stored_keys::StoredKeys;
 use super::commit::{AppId, Commit, InfoKey, applied};
 use super::deletion_vector;
 use super::maintenance::{self, Compacted, Policy};

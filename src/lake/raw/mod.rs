@@ -59,6 +59,30 @@ pub struct ChunkedProgress {
     /// Set on the last chunk: the copy is complete at this position, and holds this
     /// part of the table (a publication's row filter and column list, by fingerprint).
     pub done: Option<(Lsn, Option<String>)>,
+    /// The resync request the copy is for (its time, ms since the Unix epoch); `None`
+    /// for the table's first copy.
+    pub resync: Option<i64>,
+}
+
+/// The chunked copy's progress `table` (the raw table of `name`) records.
+async fn read_progress(
+    table: &DeltaTable,
+    label: &str,
+    slot: &str,
+    name: &TableName,
+) -> Result<Option<ChunkedProgress>, LakeError> {
+    let Some(start) = applied(table, label, &AppId::chunked_start(slot, name)).await? else {
+        return Ok(None);
+    };
+    Ok(Some(ChunkedProgress {
+        start,
+        began_ms: txn_version(table, label, &AppId::chunked_began(slot, name))
+            .await?
+            .unwrap_or(0),
+        last_key: txn_version(table, label, &AppId::chunked_key(slot, name)).await?,
+        done: None,
+        resync: txn_version(table, label, &AppId::chunked_resync(slot, name)).await?,
+    }))
 }
 
 /// A copy of a whole table (`resync`): op `r` rows written into uncommitted files while
@@ -123,6 +147,31 @@ impl RawTable {
         super::table::existing_schema(&lake.raw_table_url(name), &label(name)).await
     }
 
+    /// The chunked copy's progress durable in the raw table of `name` now (read by a
+    /// copier while the apply stage writes the table).
+    pub async fn durable_progress(
+        lake: &Lake,
+        slot: &str,
+        name: &TableName,
+    ) -> Result<Option<ChunkedProgress>, LakeError> {
+        let label = label(name);
+        let url = lake.raw_table_url(name);
+        if super::table::surely_missing(&url) {
+            return Ok(None);
+        }
+        let table = match DeltaTable::try_from_url(url).await {
+            Ok(t) if t.version().is_some() => t,
+            Ok(_) => return Ok(None),
+            Err(source) => {
+                return Err(LakeError::Delta {
+                    table: label,
+                    source,
+                });
+            }
+        };
+        read_progress(&table, &label, slot, name).await
+    }
+
     /// Opens (or creates) the raw table of `name` with these source columns and reads
     /// back the source position and snapshot point it holds.
     pub async fn open(
@@ -144,17 +193,7 @@ impl RawTable {
         let snapshot_id = AppId::snapshot(slot, name);
         let applied_at = applied(&table, &label, &app_id).await?;
         let snapshot_at = applied(&table, &label, &snapshot_id).await?;
-        let chunked = match applied(&table, &label, &AppId::chunked_start(slot, name)).await? {
-            Some(start) => Some(ChunkedProgress {
-                start,
-                began_ms: txn_version(&table, &label, &AppId::chunked_began(slot, name))
-                    .await?
-                    .unwrap_or(0),
-                last_key: txn_version(&table, &label, &AppId::chunked_key(slot, name)).await?,
-                done: None,
-            }),
-            None => None,
-        };
+        let chunked = read_progress(&table, &label, slot, name).await?;
         let writer = writer_for(&table, &schema).map_err(delta_err)?;
         Ok(RawTable {
             label,
@@ -294,6 +333,9 @@ impl RawTable {
             if let Some(key) = p.last_key {
                 commit = commit.txn(&AppId::chunked_key(&self.slot, &self.name), key);
             }
+            if let Some(resync) = p.resync {
+                commit = commit.txn(&AppId::chunked_resync(&self.slot, &self.name), resync);
+            }
             if let Some((point, part)) = &p.done {
                 commit = commit
                     .info_lsn(InfoKey::SnapshotLsn, *point)
@@ -336,9 +378,23 @@ impl RawTable {
             .map(|p| (p.start, p.began_ms))
     }
 
+    /// The resync the chunked copy under way is for, committed or not (`None`: the
+    /// table's first copy, or no copy).
+    pub fn chunked_resync(&self) -> Option<i64> {
+        (self.chunked_next.as_ref())
+            .or(self.chunked.as_ref())
+            .and_then(|p| p.resync)
+    }
+
+    /// The position and resync of a copy the next commit completes.
+    pub fn chunked_completing(&self) -> Option<(Lsn, Option<i64>)> {
+        let next = self.chunked_next.as_ref()?;
+        next.done.as_ref().map(|(at, _)| (*at, next.resync))
+    }
+
     /// Records `progress` with the next commit.
     pub fn set_chunked(&mut self, mut progress: ChunkedProgress) {
-        if progress.last_key.is_none() {
+        if progress.last_key.is_none() && progress.resync == self.chunked_resync() {
             progress.last_key = self.chunked_last_key();
         }
         self.chunked_next = Some(progress);
