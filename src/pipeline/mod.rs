@@ -428,13 +428,15 @@ async fn session(
     let mut copiers =
         chunked::spawn_copies(settings, &applier, tables, chunked, &watermarks, &copying);
     // Resyncs of tables copied in chunks run beside the stream too.
-    copiers.spawn(chunked::serve_resyncs(
-        settings.clone(),
-        lake.clone(),
-        tables.to_vec(),
-        watermarks.clone(),
-        copying.clone(),
-    ));
+    if source.snapshot_method == crate::source::config::SnapshotMethod::Watermark {
+        copiers.spawn(chunked::serve_resyncs(
+            settings.clone(),
+            lake.clone(),
+            tables.to_vec(),
+            watermarks.clone(),
+            copying.clone(),
+        ));
+    }
     applier.take_chunks_from(watermarks.clone());
     let applied = applier.run(events_rx).await;
     copying.cancel();
