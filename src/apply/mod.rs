@@ -1054,7 +1054,16 @@ impl Applier {
         // Chunks are taken in key order without gaps: the progress recorded is a prefix.
         // A resync's first chunk begins a new copy of a table whose earlier copy (the first
         // one, or another resync) left its progress.
-        let (after, begun) = match state.raw.chunked_resync() == chunk.resync {
+        let same = state.raw.chunked_resync() == chunk.resync;
+        if !same && state.raw.chunked_completing().is_some() {
+            // The batch completes the table's previous copy: a new one begins after that
+            // commit (one commit records one copy's progress).
+            let _ = chunk.verdict.send(crate::source::watermark::Verdict::Again(
+                "the table's previous copy completes with the next commit".into(),
+            ));
+            return Ok(());
+        }
+        let (after, begun) = match same {
             true => (state.raw.chunked_last_key(), state.raw.chunked_start()),
             false => (None, None),
         };
@@ -1234,6 +1243,7 @@ impl Applier {
                 // an object store each is a round trip.
                 let label = name.to_string();
                 let chunked = state.raw.chunked_pending();
+                let resync = chunked && state.raw.chunked_resync().is_some();
                 let raw = async {
                     if state.raw.applied().is_none_or(|a| a < through) {
                         let started = Instant::now();
@@ -1250,7 +1260,13 @@ impl Applier {
                     }
                     Ok::<_, LakeError>(())
                 };
-                if chunked {
+                if resync {
+                    // A resync's chunk deletes rows: raw goes first, so a crash between the
+                    // two commits leaves the deletes in raw, and catch-up from raw brings
+                    // the curated table (which has a position) up at the next start.
+                    raw.await?;
+                    curated.await?;
+                } else if chunked {
                     // The raw commit records a chunked copy's progress: it goes last, so a
                     // chunk counted as copied is in curated too (catch-up does not reach a
                     // curated table with no position yet, and the stream sends the chunk's

@@ -118,9 +118,7 @@ impl Requests {
             let Ok(request) = serde_json::from_str::<ResyncRequest>(&text) else {
                 continue;
             };
-            let at = chrono::DateTime::parse_from_rfc3339(&request.requested_at)
-                .map(|t| t.timestamp_millis())
-                .unwrap_or(0);
+            let at = request_time(&request);
             if let Ok(t) = TableName::parse(&request.table) {
                 tables.push((t, at));
             }
@@ -140,12 +138,21 @@ impl Requests {
     /// Records how `table`'s resync for request `id` ended and drops the request, unless
     /// a newer one replaced it meanwhile.
     pub async fn finish_resync(&self, table: &TableName, outcome: &ResyncOutcome, id: i64) {
-        let current = self
-            .pending_requests()
-            .await
-            .into_iter()
-            .find(|(t, _)| t == table)
-            .map(|(_, at)| at);
+        let current = match self.store.get(&self.path(table, "request")).await {
+            Err(object_store::Error::NotFound { .. }) => None,
+            got => {
+                let text = match got {
+                    Ok(got) => got.bytes().await.ok(),
+                    Err(_) => None,
+                };
+                // Unreadable: kept (a newer request is never dropped by mistake).
+                Some(
+                    text.and_then(|b| serde_json::from_slice::<ResyncRequest>(&b).ok())
+                        .map(|r| request_time(&r))
+                        .unwrap_or(i64::MIN),
+                )
+            }
+        };
         if current.is_some_and(|at| at != id) {
             tracing::info!(table = %table, "a newer resync request came while this one was copied; it is copied again");
             return;
@@ -187,4 +194,11 @@ impl Requests {
         let text = self.read(&self.path(table, "outcome")).await?;
         serde_json::from_str(&text).ok()
     }
+}
+
+/// A request's time in milliseconds since the Unix epoch, which names it.
+fn request_time(request: &ResyncRequest) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(&request.requested_at)
+        .map(|t| t.timestamp_millis())
+        .unwrap_or(0)
 }

@@ -11,6 +11,7 @@
 //! resumes after its last durable chunk; its request is answered once its last chunk is
 //! durable.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -115,31 +116,48 @@ pub async fn serve_resyncs(
     let requests = Requests::open(&lake);
     let permits = Arc::new(Semaphore::new(settings.source.snapshot_workers.max(1)));
     let mut running = JoinSet::new();
+    // The request each running resync serves, and its stop.
+    let mut serving: HashMap<TableName, (i64, CancellationToken)> = HashMap::new();
     while !cancel.is_cancelled() {
+        while let Some(done) = running.try_join_next() {
+            if let Ok(table) = done {
+                serving.remove(&table);
+            }
+        }
         for (table, id) in requests.pending_requests().await {
+            if let Some((serves, stop)) = serving.get(&table) {
+                if *serves != id {
+                    // A newer request (the source changed what the copy holds): this
+                    // copy stops, and the next look starts the new one.
+                    tracing::info!(table = %table, "a newer resync request replaced the one being copied; copying again");
+                    stop.cancel();
+                }
+                continue;
+            }
             let Some(info) = tables.iter().find(|t| t.name == table) else {
                 continue; // refused by `pipeline::resync`
             };
             if !resyncs_in_chunks(&settings, info) || !watermarks.claim(&table) {
                 continue;
             }
-            let (settings, lake, info, watermarks, cancel, permits, requests) = (
+            let stop = cancel.child_token();
+            serving.insert(table.clone(), (id, stop.clone()));
+            let (settings, lake, info, watermarks, permits, requests) = (
                 settings.clone(),
                 lake.clone(),
                 info.clone(),
                 watermarks.clone(),
-                cancel.clone(),
                 permits.clone(),
                 requests.clone(),
             );
             running.spawn(async move {
                 if let Ok(_permit) = permits.acquire_owned().await {
-                    resync(&settings, &lake, &info, id, &watermarks, &requests, &cancel).await;
+                    resync(&settings, &lake, &info, id, &watermarks, &requests, &stop).await;
                 }
                 watermarks.release(&info.name);
+                info.name
             });
         }
-        while running.try_join_next().is_some() {}
         tokio::select! {
             _ = tokio::time::sleep(POLL) => {}
             _ = cancel.cancelled() => {}
