@@ -1085,39 +1085,23 @@ impl Applier {
             .iter()
             .map(|lc| chunk.columns.iter().position(|c| *c == lc.name))
             .collect();
-        let bytes_before = state.builder.bytes();
-        for &i in &keep {
-            let meta = ChangeMeta {
-                commit_lsn: txn.commit_lsn,
-                lsn: wal_start,
-                commit_ts: txn.commit_ts,
-                xid: txn.xid,
-                seq: txn.seq,
-            };
-            txn.seq += 1;
-            state
-                .builder
-                .append(Op::Read, meta, Some(&chunk.rows[i]), &positions, None);
-            if state.builder.rows() >= self.config.spill_rows
-                || state.builder.bytes() >= self.config.spill_bytes
-            {
-                let batch = state.builder.finish().map_err(|source| LakeError::Arrow {
-                    table: chunk.table.to_string(),
-                    source,
-                })?;
-                state.write_chunk(batch).await?;
-            }
-        }
         // A resync deletes the rows the lake holds in the chunk's range that the source no
         // longer has: neither in the chunk nor changed by the stream since its snapshot.
-        let mut removed = 0usize;
-        for &key in chunk
+        let deletes: Vec<Tuple> = chunk
             .stored
             .iter()
             .filter(|k| chunk.keys.binary_search(k).is_err() && !dropped.contains(k))
-        {
-            let mut values = vec![TupleValue::Null; chunk.columns.len()];
-            values[chunk.key_index] = TupleValue::Text(key.to_string().into());
+            .map(|key| {
+                let mut values = vec![TupleValue::Null; chunk.columns.len()];
+                values[chunk.key_index] = TupleValue::Text(key.to_string().into());
+                Tuple(values)
+            })
+            .collect();
+        let removed = deletes.len();
+        let rows = (keep.iter().map(|&i| (Op::Read, &chunk.rows[i])))
+            .chain(deletes.iter().map(|t| (Op::Delete, t)));
+        let bytes_before = state.builder.bytes();
+        for (op, row) in rows {
             let meta = ChangeMeta {
                 commit_lsn: txn.commit_lsn,
                 lsn: wal_start,
@@ -1126,10 +1110,7 @@ impl Applier {
                 seq: txn.seq,
             };
             txn.seq += 1;
-            state
-                .builder
-                .append(Op::Delete, meta, Some(&Tuple(values)), &positions, None);
-            removed += 1;
+            state.builder.append(op, meta, Some(row), &positions, None);
             if state.builder.rows() >= self.config.spill_rows
                 || state.builder.bytes() >= self.config.spill_bytes
             {

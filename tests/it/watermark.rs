@@ -89,11 +89,17 @@ fn spawn_writes(dsn: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u
     })
 }
 
-/// `r` rows in the raw table of `big`, and the most any key has.
-async fn copied(env: &Env) -> (i64, i64) {
+/// Keys with `r` rows in the raw table of `public.<table>` (with `rows`: the `r` rows
+/// themselves), and the most any key has.
+async fn copied_in(env: &Env, table: &str, rows: bool) -> (i64, i64) {
+    let what = if rows {
+        "coalesce(sum(n), 0)"
+    } else {
+        "count(*)"
+    };
     let rows = query_delta_at(
-        &env.table_location("raw", "public", "big"),
-        "SELECT count(*), coalesce(max(n), 0) FROM (SELECT id, count(*) AS n FROM t WHERE _op = 'r' GROUP BY id) s",
+        &env.table_location("raw", "public", table),
+        &format!("SELECT {what}, coalesce(max(n), 0) FROM (SELECT id, count(*) AS n FROM t WHERE _op = 'r' GROUP BY id) s"),
     )
     .await;
     let n = |i: usize| {
@@ -105,13 +111,23 @@ async fn copied(env: &Env) -> (i64, i64) {
     (n(0), n(1))
 }
 
-fn copy_state(env: &Env) -> String {
+/// Keys with `r` rows in the raw table of `big`, and the most any key has.
+async fn copied(env: &Env) -> (i64, i64) {
+    copied_in(env, "big", false).await
+}
+
+/// `status`'s line of `public.<table>`.
+fn state_of(env: &Env, table: &str) -> String {
     let (code, out) = wal2delta(env, &["status"]);
     assert_eq!(code, 0, "status failed: {out}");
     out.lines()
-        .find(|l| l.starts_with("public.big"))
+        .find(|l| l.starts_with(&format!("public.{table} ")))
         .unwrap_or_default()
         .to_string()
+}
+
+fn copy_state(env: &Env) -> String {
+    state_of(env, "big")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -352,31 +368,6 @@ async fn a_table_whose_chunked_copy_fails_holds_no_other_table_back() {
     daemon.terminate(Duration::from_secs(30));
 }
 
-/// `r` rows in the raw table of `contas`, and the most any key has.
-async fn copied_contas(env: &Env) -> (i64, i64) {
-    let rows = query_delta_at(
-        &env.table_location("raw", "public", "contas"),
-        "SELECT coalesce(sum(n), 0), coalesce(max(n), 0) FROM (SELECT id, count(*) AS n FROM t WHERE _op = 'r' GROUP BY id) s",
-    )
-    .await;
-    let n = |i: usize| {
-        rows.first()
-            .and_then(|r| r[i].as_deref())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (n(0), n(1))
-}
-
-fn contas_state(env: &Env) -> String {
-    let (code, out) = wal2delta(env, &["status"]);
-    assert_eq!(code, 0, "status failed: {out}");
-    out.lines()
-        .find(|l| l.starts_with("public.contas"))
-        .unwrap_or_default()
-        .to_string()
-}
-
 /// A resync of a table copied in chunks runs in chunks into the live tables while writes
 /// go on: SQL readers never see the table short (only the rows the source no longer has
 /// go), SIGKILLs mid-resync resume it after its last durable chunk (no key copied twice
@@ -403,7 +394,7 @@ async fn a_resync_in_chunks_repairs_a_table_online_and_resumes_after_sigkills() 
         "the first copy to complete",
         Duration::from_secs(120),
         || async {
-            let state = contas_state(&env);
+            let state = state_of(&env, "contas");
             !state.contains("copying") && !state.contains("none")
         },
         || env.daemon_log(),
@@ -442,7 +433,7 @@ async fn a_resync_in_chunks_repairs_a_table_online_and_resumes_after_sigkills() 
     let lsn = env.current_wal_lsn().await;
     let (code, text) = wal2delta(&env, &["reset-checkpoint", "--to-lsn", &lsn, "--yes"]);
     assert_eq!(code, 0, "{text}");
-    let (before, _) = copied_contas(&env).await;
+    let (before, _) = copied_in(&env, "contas", true).await;
 
     // Writes that only insert and update, and a reader counting over the endpoint (it
     // reconnects across the kills).
@@ -507,7 +498,7 @@ async fn a_resync_in_chunks_repairs_a_table_online_and_resumes_after_sigkills() 
     for kill in 1..=3 {
         let deadline = Instant::now() + Duration::from_secs(120);
         let state = loop {
-            let state = contas_state(&env);
+            let state = state_of(&env, "contas");
             if through(&state).is_some() && through(&state) > last {
                 break state;
             }
@@ -519,7 +510,7 @@ async fn a_resync_in_chunks_repairs_a_table_online_and_resumes_after_sigkills() 
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
         daemon.kill9();
-        let (n, most) = copied_contas(&env).await;
+        let (n, most) = copied_in(&env, "contas", true).await;
         println!(
             "figure: chunked resync: kill {kill}: {} rows copied again; status: {state}",
             n - before
@@ -572,7 +563,7 @@ async fn a_resync_in_chunks_repairs_a_table_online_and_resumes_after_sigkills() 
         fell <= 4,
         "the endpoint's count fell by {fell} in all: {seen:?}"
     );
-    let (n, most) = copied_contas(&env).await;
+    let (n, most) = copied_in(&env, "contas", true).await;
     println!(
         "figure: chunked resync: {} rows copied again, {inserted} inserts, {} counts read",
         n - before,
