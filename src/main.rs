@@ -352,9 +352,14 @@ async fn verify(
         if !repair || differing.is_empty() {
             return Ok::<_, anyhow::Error>(report.exit_code());
         }
-        let resynced =
-            wal2delta::resync::resync(&settings, &differing, std::time::Duration::from_secs(3600))
-                .await?;
+        // A fresh copy: one pending from before may already be past the rows found.
+        let resynced = wal2delta::resync::resync(
+            &settings,
+            &differing,
+            std::time::Duration::from_secs(3600),
+            true,
+        )
+        .await?;
         print(
             wal2delta::resync::render(&resynced),
             serde_json::to_value(&resynced)?,
@@ -387,6 +392,7 @@ async fn resync(
         &settings,
         &parse_tables(&tables)?,
         std::time::Duration::from_secs(wait),
+        false,
     )
     .await?;
     if json {

@@ -57,10 +57,12 @@ impl ResyncReport {
 }
 
 /// Asks for `tables` to be copied again and, while a daemon runs, waits up to `wait`.
+/// A table's resync still pending is waited for, unless `again` (a new copy replaces it).
 pub async fn resync(
     settings: &Settings,
     tables: &[TableName],
     wait: Duration,
+    again: bool,
 ) -> Result<ResyncReport, ResyncError> {
     if tables.is_empty() {
         return Err(ResyncError::NoTable);
@@ -73,7 +75,7 @@ pub async fn resync(
     let lake = Lake::open(&settings.lake)?;
     let requests = Requests::open(&lake);
     for t in tables {
-        requests.ask_resync(t, false).await?;
+        requests.ask_resync(t, again).await?;
     }
     let daemon_running = LakeLock::holder(&lake).await?.is_some();
     if !daemon_running {

@@ -169,12 +169,8 @@ pub async fn serve_resyncs(
 /// The lake's curated keys, for a resync's chunks.
 #[async_trait::async_trait]
 impl watermark::StoredKeys for crate::lake::curated::StoredKeys {
-    async fn between(
-        &mut self,
-        after: Option<i64>,
-        through: Option<i64>,
-    ) -> Result<Vec<i64>, String> {
-        crate::lake::curated::StoredKeys::between(self, after, through)
+    async fn first(&mut self, after: Option<i64>, limit: usize) -> Result<Vec<i64>, String> {
+        crate::lake::curated::StoredKeys::first(self, after, limit)
             .await
             .map_err(|e| e.to_string())
     }

@@ -23,6 +23,11 @@
 //! a restart resumes after the last durable chunk and no chunk lands twice. Only tables
 //! keyed by one integer column are copied this way ([`chunk_key`]); others use the
 //! exported snapshot ([`super::snapshot`]).
+//!
+//! A resync ([`Resync`]) copies a table the lake already holds: before each chunk's
+//! transaction the copier reads the lake's keys ahead (a bounded window, [`KeysAhead`]),
+//! the chunk covers no key past them, and the chunk carries the lake's keys of its range;
+//! the apply stage deletes those the source no longer has.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -118,22 +123,82 @@ pub struct Chunk {
     /// The resync the copy is for (its request's time, ms since the Unix epoch); `None`
     /// for a table's first copy.
     pub resync: Option<i64>,
-    /// For a resync: the keys the lake held in the chunk's key range when it was copied,
+    /// The last key of the key range the chunk covers, `(after, through]`: its last row's
+    /// key when it is full, else the end of the lake keys a resync read ahead; `None` for
+    /// the last chunk (the range has no end).
+    pub through: Option<i64>,
+    /// For a resync: the keys the lake held in the chunk's key range before it was copied,
     /// sorted (those neither in the chunk nor changed by the stream meanwhile are rows the
     /// source no longer has).
     pub stored: Vec<i64>,
     pub verdict: oneshot::Sender<Verdict>,
 }
 
-/// The lake's keys of a table in a key range, for a resync's chunks.
+/// The lake's keys of a table, for a resync's chunks.
 #[async_trait::async_trait]
 pub trait StoredKeys: Send {
-    /// The keys in `(after, through]` (`None`: unbounded).
-    async fn between(
+    /// The first `limit` keys after `after` (`None`: from the first), ascending.
+    async fn first(&mut self, after: Option<i64>, limit: usize) -> Result<Vec<i64>, String>;
+}
+
+/// Chunks' worth of lake keys a resync reads ahead at once.
+const KEYS_AHEAD: usize = 8;
+
+/// The lake's keys ahead of a resync's copy: read before a chunk's transaction begins
+/// (never while a source snapshot is held open), [`KEYS_AHEAD`] chunks' worth at a time, so
+/// memory stays bounded whatever the lake holds. Keys the lake holds when they are read
+/// include every row the source no longer has (those are there before the resync begins),
+/// which is all a chunk needs: the range it covers never passes the keys read.
+#[derive(Default)]
+struct KeysAhead {
+    /// Every lake key in `(from, through]` when read, ascending (`through` `None`: to the
+    /// last).
+    keys: VecDeque<i64>,
+    from: Option<i64>,
+    through: Option<i64>,
+    read: bool,
+}
+
+impl KeysAhead {
+    /// Makes the keys after `after` ready for a chunk of `chunk_rows` rows.
+    async fn ready(
         &mut self,
+        stored: &mut dyn StoredKeys,
         after: Option<i64>,
-        through: Option<i64>,
-    ) -> Result<Vec<i64>, String>;
+        chunk_rows: usize,
+    ) -> Result<(), String> {
+        let inside = self.read
+            && self.from <= after
+            && self.through.is_none_or(|t| after.is_none_or(|a| a < t));
+        if inside {
+            while self.keys.front().is_some_and(|k| Some(*k) <= after) {
+                self.keys.pop_front();
+            }
+            self.from = after;
+        }
+        if !inside || (self.keys.len() < chunk_rows && self.through.is_some()) {
+            let limit = chunk_rows.saturating_mul(KEYS_AHEAD).max(1);
+            let keys = stored.first(after, limit).await?;
+            self.through = if keys.len() < limit {
+                None
+            } else {
+                keys.last().copied()
+            };
+            self.keys = keys.into();
+            self.from = after;
+            self.read = true;
+        }
+        Ok(())
+    }
+
+    /// The keys in `(after, through]` (`through` `None`: to the last).
+    fn within(&self, after: Option<i64>, through: Option<i64>) -> Vec<i64> {
+        self.keys
+            .iter()
+            .copied()
+            .filter(|k| Some(*k) > after && through.is_none_or(|t| *k <= t))
+            .collect()
+    }
 }
 
 /// A copy that resyncs a table already in the lake: its request, and the lake's keys.
@@ -353,11 +418,27 @@ pub async fn copy_table(
     // Where the next chunk to read starts, and whether the last one has been read.
     let mut next_after = resume.last_key;
     let mut read_all = false;
+    let mut ahead = KeysAhead::default();
     loop {
         while in_flight.len() < AHEAD && !read_all {
             n += 1;
             let token = format!("{nonce:016x}-{n}");
-            let sql = plan.sql(next_after, chunk_rows);
+            // A resync's chunk covers no key past the lake keys read ahead.
+            let bound = match resync.as_mut() {
+                None => None,
+                Some(r) => {
+                    let ready = tokio::select! {
+                        ready = ahead.ready(r.stored, next_after, chunk_rows) => ready,
+                        _ = cancel.cancelled() => return Err(ChunkError::Ended),
+                    };
+                    ready.map_err(|message| ChunkError::Lake {
+                        table: table.name.to_string(),
+                        message,
+                    })?;
+                    ahead.through
+                }
+            };
+            let sql = plan.sql(next_after, bound, chunk_rows);
             let chunk = tokio::select! {
                 c = copy_chunk(&client, &watermarks, &token, &table.name, &sql, plan.columns.len(), plan.key_index) => c,
                 _ = cancel.cancelled() => {
@@ -373,32 +454,18 @@ pub async fn copy_table(
                     return Err(e);
                 }
             };
-            let last = rows.len() < chunk_rows;
-            // A resync reads the lake's keys in the chunk's range while the chunk's
-            // transaction is open (the last chunk's range has no end).
-            let stored = match resync.as_mut() {
-                None => Ok(Vec::new()),
-                Some(r) => {
-                    let through = if last { None } else { keys.last().copied() };
-                    r.stored.between(next_after, through).await
-                }
+            // A full chunk covers the keys up to its last row's; a short one, up to the
+            // bound (none: it is the last).
+            let through = match rows.len() < chunk_rows {
+                true => bound,
+                false => keys.last().copied(),
             };
-            let stored = match stored {
-                Ok(mut k) => {
-                    k.sort_unstable();
-                    k.dedup();
-                    k
-                }
-                Err(message) => {
-                    watermarks.forget(&token);
-                    let _ = client.batch_execute("ROLLBACK").await;
-                    return Err(ChunkError::Lake {
-                        table: table.name.to_string(),
-                        message,
-                    });
-                }
+            let last = through.is_none();
+            let stored = match resync.is_some() {
+                true => ahead.within(next_after, through),
+                false => Vec::new(),
             };
-            let last_key = keys.last().copied().or(next_after);
+            let last_key = through.or(keys.last().copied()).or(next_after);
             let (tx, verdict) = oneshot::channel();
             watermarks.offer(
                 &token,
@@ -415,6 +482,7 @@ pub async fn copy_table(
                     part: table.published.fingerprint(),
                     key_index: plan.key_index,
                     resync: resync.as_ref().map(|r| r.id),
+                    through,
                     stored,
                     verdict: tx,
                 },
@@ -552,14 +620,15 @@ impl Plan {
         })
     }
 
-    /// The `COPY` of the next `rows` rows after key `after`.
-    fn sql(&self, after: Option<i64>, rows: usize) -> String {
+    /// The `COPY` of the next `rows` rows after key `after`, up to key `through`.
+    fn sql(&self, after: Option<i64>, through: Option<i64>, rows: usize) -> String {
         let key = quote_ident(&self.key);
         let conditions: Vec<String> = self
             .filter
             .iter()
             .cloned()
             .chain(after.map(|k| format!("{key} > {k}")))
+            .chain(through.map(|k| format!("{key} <= {k}")))
             .collect();
         format!(
             "COPY ({}{} ORDER BY {key} LIMIT {rows}) TO STDOUT",
@@ -674,6 +743,59 @@ pub const CAN_EMIT: &str = "SELECT coalesce(bool_or(has_function_privilege(oid, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A lake holding `keys`, counting its reads.
+    struct Held {
+        keys: Vec<i64>,
+        reads: usize,
+    }
+
+    #[async_trait::async_trait]
+    impl StoredKeys for Held {
+        async fn first(&mut self, after: Option<i64>, limit: usize) -> Result<Vec<i64>, String> {
+            self.reads += 1;
+            Ok(self
+                .keys
+                .iter()
+                .copied()
+                .filter(|k| Some(*k) > after)
+                .take(limit)
+                .collect())
+        }
+    }
+
+    #[tokio::test]
+    async fn lake_keys_are_read_ahead_a_bounded_window_at_a_time() {
+        let mut lake = Held {
+            keys: (1..=100).map(|k| k * 10).collect(),
+            reads: 0,
+        };
+        let mut ahead = KeysAhead::default();
+        // Chunks of 2 rows: 16 keys read at once, through key 160.
+        ahead.ready(&mut lake, None, 2).await.unwrap();
+        assert_eq!((ahead.keys.len(), ahead.through), (16, Some(160)));
+        assert_eq!(ahead.within(None, Some(35)), vec![10, 20, 30]);
+        // The next chunks use the same read until fewer than a chunk's keys are left.
+        ahead.ready(&mut lake, Some(35), 2).await.unwrap();
+        assert_eq!(ahead.within(Some(35), Some(60)), vec![40, 50, 60]);
+        ahead.ready(&mut lake, Some(145), 2).await.unwrap();
+        assert_eq!(lake.reads, 1);
+        ahead.ready(&mut lake, Some(155), 2).await.unwrap();
+        assert_eq!((lake.reads, ahead.through), (2, Some(310)));
+        // A copy sent back (a chunk read again) reads again from there.
+        ahead.ready(&mut lake, Some(5), 2).await.unwrap();
+        assert_eq!(
+            (lake.reads, ahead.within(Some(5), Some(20))),
+            (3, vec![10, 20])
+        );
+        // Near the end the window has no end, and the last chunk takes every key left.
+        ahead.ready(&mut lake, Some(900), 2).await.unwrap();
+        assert_eq!(ahead.through, None);
+        assert_eq!(
+            ahead.within(Some(900), None),
+            (91..=100).map(|k| k * 10).collect::<Vec<_>>()
+        );
+    }
 
     #[test]
     fn snapshots_parse_and_tell_what_they_see() {

@@ -369,7 +369,7 @@ async fn a_table_whose_chunked_copy_fails_holds_no_other_table_back() {
 }
 
 /// A resync of a table copied in chunks runs in chunks into the live tables while writes
-/// go on: SQL readers never see the table short (only the rows the source no longer has
+/// go on (on both tables): SQL readers never see the table short (only the rows the source no longer has
 /// go), SIGKILLs mid-resync resume it after its last durable chunk (no key copied twice
 /// by it), and the table ends equal to the source — rows lost from the lake back, stale
 /// rows gone, a changed row right.
@@ -444,11 +444,26 @@ async fn a_resync_in_chunks_repairs_a_table_online_and_resumes_after_sigkills() 
         tokio::spawn(async move {
             let mut i = 0i64;
             while !stop.is_cancelled() {
-                let id = rand::rng().random_range(1..=N);
+                let (id, other, op) = {
+                    let mut rng = rand::rng();
+                    (
+                        rng.random_range(1..=N),
+                        rng.random_range(1..=1200),
+                        rng.random_range(0..3),
+                    )
+                };
+                // The other table gets random inserts, updates and deletes.
+                let other = match op {
+                    0 => format!("DELETE FROM outra WHERE id = {other};"),
+                    1 => format!("UPDATE outra SET v = v + 1 WHERE id = {other};"),
+                    _ => format!(
+                        "INSERT INTO outra VALUES ({other}, 0) ON CONFLICT (id) DO UPDATE SET v = 0;"
+                    ),
+                };
                 client
                     .batch_execute(&format!(
                         "INSERT INTO contas VALUES ({}, 0, 'novo');
-                         UPDATE contas SET v = v + 1 WHERE id = {id};",
+                         UPDATE contas SET v = v + 1 WHERE id = {id}; {other}",
                         1_000_000 + i
                     ))
                     .await

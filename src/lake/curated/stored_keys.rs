@@ -1,10 +1,10 @@
-//! The keys a curated table holds in a key range, read from its latest version while the
+//! The keys a curated table holds, read in key order from its latest version while the
 //! apply stage goes on writing it: a chunked resync (`pipeline::chunked`) deletes those
 //! the source no longer has (rows a lost change left behind).
 //!
-//! One integer key column; each call reads the table's new log entries, then only the
-//! files whose statistics admit the range (delta-rs's scan, which applies deletion
-//! vectors).
+//! One integer key column; each call reads the table's new log entries, then the files
+//! whose statistics admit keys past the start (delta-rs's scan, which applies deletion
+//! vectors), keeping only the first keys asked for (a top-k sort: memory bounded by it).
 
 use deltalake::DeltaTable;
 use deltalake::arrow::array::{Array, AsArray};
@@ -35,12 +35,8 @@ impl StoredKeys {
         }
     }
 
-    /// The keys in `(after, through]` (`None`: unbounded), in no particular order.
-    pub async fn between(
-        &mut self,
-        after: Option<i64>,
-        through: Option<i64>,
-    ) -> Result<Vec<i64>, LakeError> {
+    /// The first `limit` keys after `after` (`None`: from the first), ascending.
+    pub async fn first(&mut self, after: Option<i64>, limit: usize) -> Result<Vec<i64>, LakeError> {
         let table = match self.table.as_mut() {
             Some(t) => {
                 t.update_incremental(None)
@@ -73,21 +69,16 @@ impl StoredKeys {
         let mut frame = ctx
             .read_table(provider)
             .map_err(|e| error(&self.label, e))?;
-        let mut filter = None;
         if let Some(after) = after {
-            filter = Some(key.clone().gt(lit(after)));
+            frame = frame
+                .filter(key.clone().gt(lit(after)))
+                .map_err(|e| error(&self.label, e))?;
         }
-        if let Some(through) = through {
-            let upper = key.clone().lt_eq(lit(through));
-            filter = Some(match filter {
-                Some(f) => f.and(upper),
-                None => upper,
-            });
-        }
-        if let Some(filter) = filter {
-            frame = frame.filter(filter).map_err(|e| error(&self.label, e))?;
-        }
-        frame = frame.select(vec![key]).map_err(|e| error(&self.label, e))?;
+        frame = frame
+            .select(vec![key.clone()])
+            .and_then(|f| f.sort(vec![key.sort(true, false)]))
+            .and_then(|f| f.limit(0, Some(limit)))
+            .map_err(|e| error(&self.label, e))?;
         let mut stream = frame
             .execute_stream()
             .await
