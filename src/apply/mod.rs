@@ -149,10 +149,17 @@ impl TableState {
     /// transactions it does not hold yet.
     async fn write_chunk(&mut self, batch: RecordBatch) -> Result<(), LakeError> {
         let raw = after(&batch, self.raw.applied(), self.raw.label())?;
-        self.raw.write(raw).await?;
         let curated = after(&batch, self.curated.applied(), self.curated.label())?;
         let values = self.normalize(&curated)?;
-        self.curated.merge(&curated, values).await
+        let big = raw.num_rows().min(curated.num_rows()) >= PARALLEL_ROWS;
+        let (wrote, merged) = side_by_side(
+            big,
+            self.raw.write(raw),
+            self.curated.merge(&curated, values),
+        )
+        .await;
+        wrote?;
+        merged
     }
 
     /// Brings the curated table up to the raw one by merging the raw change rows it does
@@ -191,6 +198,35 @@ impl TableState {
                 source,
             })
     }
+}
+
+/// Rows from which a chunk's raw write and curated merge run on two threads (below, a
+/// thread costs more than it saves).
+const PARALLEL_ROWS: usize = 4096;
+
+/// Runs `a` and `b` — a raw write and a curated merge or append, each mostly Parquet
+/// encoding — on two threads when `big` and the runtime has several (the apply task has
+/// nothing else to do while they run), else one after the other.
+async fn side_by_side<A: Send, B>(
+    big: bool,
+    a: impl Future<Output = A> + Send,
+    b: impl Future<Output = B>,
+) -> (A, B) {
+    let handle = tokio::runtime::Handle::current();
+    if !big || handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
+        let a = a.await;
+        return (a, b.await);
+    }
+    tokio::task::block_in_place(|| {
+        std::thread::scope(|scope| {
+            let a = scope.spawn(|| handle.block_on(a));
+            let b = handle.block_on(b);
+            let a = a
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            (a, b)
+        })
+    })
 }
 
 /// The next staged copy (`None` when no more can come).
@@ -612,9 +648,15 @@ impl Applier {
             crate::service::beat();
             rows += batch.num_rows() as u64;
             crate::telemetry::snapshot_progress(&label, rows, None);
-            state.raw.write(batch.clone()).await?;
             let values = state.normalize(&batch)?;
-            state.curated.append(&batch, values).await?;
+            let (wrote, appended) = side_by_side(
+                batch.num_rows() >= PARALLEL_ROWS,
+                state.raw.write(batch.clone()),
+                state.curated.append(&batch, values),
+            )
+            .await;
+            wrote?;
+            appended?;
         }
         Ok(rows)
     }
@@ -1134,7 +1176,7 @@ impl Applier {
         state.raw.set_chunked(ChunkedProgress {
             start,
             began_ms,
-            last_key: chunk.keys.last().copied(),
+            last_key: chunk.through.or(chunk.keys.last().copied()),
             done: chunk.last.then(|| (txn.commit_lsn, chunk.part.clone())),
             resync: chunk.resync,
         });
