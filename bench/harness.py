@@ -512,10 +512,27 @@ def scenario_verify(args, work, dsn, conn):
     assert res.returncode == 0, f"resync exited {res.returncode}: {res.stdout}{res.stderr}"
     rss = d.stop()
     conn.execute("SELECT pg_drop_replication_slot('bench_verify')")
+    # The same resync in chunks into the live tables (snapshot_method = "watermark"), once
+    # that daemon's own first copy is complete.
+    d = Daemon(args.binary, work, dsn, "bench_verify_wm", 'snapshot_method = "watermark"', name="verify_watermark",
+               tables=["public.transacoes"])
+    while "chunked copy complete" not in open(d.log.name).read():
+        d.alive()
+        d.sample_rss()
+        time.sleep(0.05)
+    start = time.perf_counter()
+    res = subprocess.run([args.binary, "resync", "--config", d.config, "--table", "public.transacoes", "--json"],
+                         capture_output=True, text=True)
+    chunks_s = time.perf_counter() - start
+    assert res.returncode == 0, f"resync in chunks exited {res.returncode}: {res.stdout}{res.stderr}"
+    chunks_rss = d.stop()
+    conn.execute("SELECT pg_drop_replication_slot('bench_verify_wm')")
     return {"rows": rows, "verify_s": round(verify_s, 2), "verify_source_read_s": table["source_read_ms"] / 1000,
             "verify_lake_read_s": table["lake_read_ms"] / 1000, "key_ranges": table["ranges"],
             "copy_one_connection_s": round(copy_s, 2), "verify_vs_copy": round(verify_s / copy_s, 2),
-            "resync_s": round(resync_s, 2), "resync_vs_copy": round(resync_s / copy_s, 2), "peak_rss_mb": rss}
+            "resync_s": round(resync_s, 2), "resync_vs_copy": round(resync_s / copy_s, 2), "peak_rss_mb": rss,
+            "resync_in_chunks_s": round(chunks_s, 2), "resync_in_chunks_vs_copy": round(chunks_s / copy_s, 2),
+            "resync_in_chunks_peak_rss_mb": chunks_rss}
 
 
 def pgbench_during(dsn, until):
