@@ -41,6 +41,12 @@ pub fn resyncs_in_chunks(settings: &Settings, table: &TableInfo) -> bool {
         && watermark::chunk_key(table).is_some()
 }
 
+/// The permits of the copies running at once, first copies and resyncs together
+/// (`source.snapshot_workers`).
+pub fn permits(settings: &Settings) -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(settings.source.snapshot_workers.max(1)))
+}
+
 /// Starts the copies of the `chunked` tables not complete yet; they stop with `cancel`.
 pub fn spawn_copies(
     settings: &Settings,
@@ -48,10 +54,10 @@ pub fn spawn_copies(
     tables: &[TableInfo],
     chunked: &[TableName],
     watermarks: &Arc<Watermarks>,
+    permits: &Arc<Semaphore>,
     cancel: &CancellationToken,
 ) -> JoinSet<()> {
     let mut tasks = JoinSet::new();
-    let permits = Arc::new(Semaphore::new(settings.source.snapshot_workers.max(1)));
     for info in tables.iter().filter(|t| chunked.contains(&t.name)) {
         if applier.snapshot_position(&info.name).is_some() {
             continue; // complete
@@ -105,16 +111,16 @@ pub fn spawn_copies(
 }
 
 /// Serves the resync requests of tables copied in chunks (see the module's header) until
-/// `cancel` fires, the copies at most `source.snapshot_workers` at once.
+/// `cancel` fires, each copy holding one of `permits`.
 pub async fn serve_resyncs(
     settings: Settings,
     lake: Lake,
     tables: Vec<TableInfo>,
     watermarks: Arc<Watermarks>,
+    permits: Arc<Semaphore>,
     cancel: CancellationToken,
 ) {
     let requests = Requests::open(&lake);
-    let permits = Arc::new(Semaphore::new(settings.source.snapshot_workers.max(1)));
     let mut running = JoinSet::new();
     // The request each running resync serves, and its stop.
     let mut serving: HashMap<TableName, (i64, CancellationToken)> = HashMap::new();

@@ -425,8 +425,16 @@ async fn session(
     // Tables copied in chunks beside the stream, from where the lake says they are.
     let watermarks = Arc::new(crate::source::watermark::Watermarks::default());
     let copying = cancel.child_token();
-    let mut copiers =
-        chunked::spawn_copies(settings, &applier, tables, chunked, &watermarks, &copying);
+    let permits = chunked::permits(settings);
+    let mut copiers = chunked::spawn_copies(
+        settings,
+        &applier,
+        tables,
+        chunked,
+        &watermarks,
+        &permits,
+        &copying,
+    );
     // Resyncs of tables copied in chunks run beside the stream too.
     if source.snapshot_method == crate::source::config::SnapshotMethod::Watermark {
         copiers.spawn(chunked::serve_resyncs(
@@ -434,6 +442,7 @@ async fn session(
             lake.clone(),
             tables.to_vec(),
             watermarks.clone(),
+            permits.clone(),
             copying.clone(),
         ));
     }
