@@ -206,7 +206,8 @@ const PARALLEL_ROWS: usize = 4096;
 
 /// Runs `a` and `b` — a raw write and a curated merge or append, each mostly Parquet
 /// encoding — on two threads when `big` and the runtime has several (the apply task has
-/// nothing else to do while they run), else one after the other.
+/// nothing else to do while they run), else one after the other. Both run to their end
+/// even when one fails: either error ends the applier, and nothing is committed.
 async fn side_by_side<A: Send, B>(
     big: bool,
     a: impl Future<Output = A> + Send,
@@ -1247,19 +1248,24 @@ impl Applier {
                 Some((name.clone(), at, resync))
             })
             .collect();
+        // The rows still buffered first, table by table (each write may take two threads
+        // and block its task), then the commits together: a commit's round trip to an
+        // object store never waits behind another table's Parquet encoding.
+        for (name, state) in self.tables.iter_mut() {
+            if touched.contains(name) && state.builder.rows() > 0 {
+                let batch = state.builder.finish().map_err(|source| LakeError::Arrow {
+                    table: name.to_string(),
+                    source,
+                })?;
+                state.write_chunk(batch).await?;
+            }
+        }
         let mut commits = Vec::new();
         for (name, state) in self.tables.iter_mut() {
             if !touched.contains(name) {
                 continue;
             }
             commits.push(async move {
-                if state.builder.rows() > 0 {
-                    let batch = state.builder.finish().map_err(|source| LakeError::Arrow {
-                        table: name.to_string(),
-                        source,
-                    })?;
-                    state.write_chunk(batch).await?;
-                }
                 // A table never moves its position back (after a crash between the two
                 // commits, one of them may already hold the batch). The two commits are
                 // independent (each carries its own position), so they go out together: on

@@ -148,12 +148,14 @@ const KEYS_AHEAD: usize = 8;
 /// (never while a source snapshot is held open), [`KEYS_AHEAD`] chunks' worth at a time, so
 /// memory stays bounded whatever the lake holds. Keys the lake holds when they are read
 /// include every row the source no longer has (those are there before the resync begins),
-/// which is all a chunk needs: the range it covers never passes the keys read.
+/// which is all a chunk needs: the range it covers never passes the keys read. (A row
+/// going stale after its window was read — a partition detached meanwhile — is the
+/// publication guard's: its new request stops this copy and starts another.)
 #[derive(Default)]
 struct KeysAhead {
     /// Every lake key in `(from, through]` when read, ascending (`through` `None`: to the
     /// last).
-    keys: VecDeque<i64>,
+    keys: Vec<i64>,
     from: Option<i64>,
     through: Option<i64>,
     read: bool,
@@ -167,24 +169,20 @@ impl KeysAhead {
         after: Option<i64>,
         chunk_rows: usize,
     ) -> Result<(), String> {
+        // A copy sent back (a chunk read again) stays inside the window as long as it
+        // does not go back past the window's start.
         let inside = self.read
             && self.from <= after
             && self.through.is_none_or(|t| after.is_none_or(|a| a < t));
-        if inside {
-            while self.keys.front().is_some_and(|k| Some(*k) <= after) {
-                self.keys.pop_front();
-            }
-            self.from = after;
-        }
-        if !inside || (self.keys.len() < chunk_rows && self.through.is_some()) {
+        let left = self.keys.len() - self.keys.partition_point(|k| Some(*k) <= after);
+        if !inside || (left < chunk_rows && self.through.is_some()) {
             let limit = chunk_rows.saturating_mul(KEYS_AHEAD).max(1);
             let keys = stored.first(after, limit).await?;
-            self.through = if keys.len() < limit {
-                None
-            } else {
-                keys.last().copied()
+            self.through = match keys.len() < limit {
+                true => None,
+                false => keys.last().copied(),
             };
-            self.keys = keys.into();
+            self.keys = keys;
             self.from = after;
             self.read = true;
         }
@@ -782,7 +780,10 @@ mod tests {
         assert_eq!(lake.reads, 1);
         ahead.ready(&mut lake, Some(155), 2).await.unwrap();
         assert_eq!((lake.reads, ahead.through), (2, Some(310)));
-        // A copy sent back (a chunk read again) reads again from there.
+        // A copy sent back within the window reads nothing again; further back, it does.
+        ahead.ready(&mut lake, Some(160), 2).await.unwrap();
+        assert_eq!(lake.reads, 2);
+        assert_eq!(ahead.within(Some(160), Some(180)), vec![170, 180]);
         ahead.ready(&mut lake, Some(5), 2).await.unwrap();
         assert_eq!(
             (lake.reads, ahead.within(Some(5), Some(20))),
