@@ -495,6 +495,15 @@ def copy_seconds(dsn, table):
     return time.perf_counter() - start
 
 
+def timed_resync(args, d):
+    """Seconds `wal2delta resync` of transacoes takes on daemon `d`, until it answers."""
+    start = time.perf_counter()
+    res = subprocess.run([args.binary, "resync", "--config", d.config, "--table", "public.transacoes", "--json"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, f"resync exited {res.returncode}: {res.stdout}{res.stderr}"
+    return time.perf_counter() - start
+
+
 def scenario_verify(args, work, dsn, conn):
     rows = conn.execute("SELECT count(*) FROM transacoes").fetchone()[0]
     d = Daemon(args.binary, work, dsn, "bench_verify", name="verify", tables=["public.transacoes"])
@@ -505,11 +514,7 @@ def scenario_verify(args, work, dsn, conn):
     verify_s = time.perf_counter() - start
     assert out.returncode == 0, f"verify exited {out.returncode}: {out.stdout}{out.stderr}"
     table = json.loads(out.stdout)["tables"][0]
-    start = time.perf_counter()
-    res = subprocess.run([args.binary, "resync", "--config", d.config, "--table", "public.transacoes", "--json"],
-                         capture_output=True, text=True)
-    resync_s = time.perf_counter() - start
-    assert res.returncode == 0, f"resync exited {res.returncode}: {res.stdout}{res.stderr}"
+    resync_s = timed_resync(args, d)
     rss = d.stop()
     conn.execute("SELECT pg_drop_replication_slot('bench_verify')")
     # The same resync in chunks into the live tables (snapshot_method = "watermark"), once
@@ -520,11 +525,7 @@ def scenario_verify(args, work, dsn, conn):
         d.alive()
         d.sample_rss()
         time.sleep(0.05)
-    start = time.perf_counter()
-    res = subprocess.run([args.binary, "resync", "--config", d.config, "--table", "public.transacoes", "--json"],
-                         capture_output=True, text=True)
-    chunks_s = time.perf_counter() - start
-    assert res.returncode == 0, f"resync in chunks exited {res.returncode}: {res.stdout}{res.stderr}"
+    chunks_s = timed_resync(args, d)
     chunks_rss = d.stop()
     conn.execute("SELECT pg_drop_replication_slot('bench_verify_wm')")
     return {"rows": rows, "verify_s": round(verify_s, 2), "verify_source_read_s": table["source_read_ms"] / 1000,

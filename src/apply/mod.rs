@@ -442,22 +442,33 @@ impl Applier {
         let versions = self.versions();
         // Shown at the checkpoint's own position: the copy may be ahead of the stream.
         self.checkpoint.record_versions(Lsn::ZERO, versions).await?;
-        self.checkpoint
-            .record_reset(
-                None,
-                &[],
-                serde_json::json!({
-                    "action": "resync",
-                    "tables": [table.to_string()],
-                    "point": point.to_string(),
-                    "rows": rows,
-                    "at": chrono::Utc::now().to_rfc3339(),
-                }),
-            )
+        self.record_resync(&table, point, serde_json::json!({ "rows": rows }))
             .await?;
         tracing::info!(table = %table, at = %point, rows, "resync swapped in");
         let _ = done.send(Ok(()));
         Ok(())
+    }
+
+    /// Records a resync of `table` at `point` in the checkpoint's reset history, with
+    /// `details` (an object) added.
+    async fn record_resync(
+        &mut self,
+        table: &TableName,
+        point: Lsn,
+        details: serde_json::Value,
+    ) -> Result<(), ApplyError> {
+        let mut record = serde_json::json!({
+            "action": "resync",
+            "tables": [table.to_string()],
+            "point": point.to_string(),
+            "at": chrono::Utc::now().to_rfc3339(),
+        });
+        if let (Some(record), serde_json::Value::Object(details)) =
+            (record.as_object_mut(), details)
+        {
+            record.extend(details);
+        }
+        Ok(self.checkpoint.record_reset(None, &[], record).await?)
     }
 
     /// Sets the Delta maintenance policy (`[maintenance]`); the first check comes one
@@ -1318,18 +1329,7 @@ impl Applier {
         for (table, at, resync) in completing {
             if resync.is_some() {
                 // In the checkpoint's reset history, as a resync from an exported snapshot.
-                self.checkpoint
-                    .record_reset(
-                        None,
-                        &[],
-                        serde_json::json!({
-                            "action": "resync",
-                            "method": "chunks",
-                            "tables": [table.to_string()],
-                            "point": at.to_string(),
-                            "at": chrono::Utc::now().to_rfc3339(),
-                        }),
-                    )
+                self.record_resync(&table, at, serde_json::json!({ "method": "chunks" }))
                     .await?;
             }
             if let Some(watermarks) = &self.watermarks {
