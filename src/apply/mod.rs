@@ -149,17 +149,10 @@ impl TableState {
     /// transactions it does not hold yet.
     async fn write_chunk(&mut self, batch: RecordBatch) -> Result<(), LakeError> {
         let raw = after(&batch, self.raw.applied(), self.raw.label())?;
+        self.raw.write(raw).await?;
         let curated = after(&batch, self.curated.applied(), self.curated.label())?;
         let values = self.normalize(&curated)?;
-        let big = raw.num_rows().min(curated.num_rows()) >= PARALLEL_ROWS;
-        let (wrote, merged) = side_by_side(
-            big,
-            self.raw.write(raw),
-            self.curated.merge(&curated, values),
-        )
-        .await;
-        wrote?;
-        merged
+        self.curated.merge(&curated, values).await
     }
 
     /// Brings the curated table up to the raw one by merging the raw change rows it does
@@ -198,36 +191,6 @@ impl TableState {
                 source,
             })
     }
-}
-
-/// Rows from which a chunk's raw write and curated merge run on two threads (below, a
-/// thread costs more than it saves).
-const PARALLEL_ROWS: usize = 4096;
-
-/// Runs `a` and `b` — a raw write and a curated merge or append, each mostly Parquet
-/// encoding — on two threads when `big` and the runtime has several (the apply task has
-/// nothing else to do while they run), else one after the other. Both run to their end
-/// even when one fails: either error ends the applier, and nothing is committed.
-async fn side_by_side<A: Send, B>(
-    big: bool,
-    a: impl Future<Output = A> + Send,
-    b: impl Future<Output = B>,
-) -> (A, B) {
-    let handle = tokio::runtime::Handle::current();
-    if !big || handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
-        let a = a.await;
-        return (a, b.await);
-    }
-    tokio::task::block_in_place(|| {
-        std::thread::scope(|scope| {
-            let a = scope.spawn(|| handle.block_on(a));
-            let b = handle.block_on(b);
-            let a = a
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            (a, b)
-        })
-    })
 }
 
 /// The next staged copy (`None` when no more can come).
@@ -660,15 +623,9 @@ impl Applier {
             crate::service::beat();
             rows += batch.num_rows() as u64;
             crate::telemetry::snapshot_progress(&label, rows, None);
+            state.raw.write(batch.clone()).await?;
             let values = state.normalize(&batch)?;
-            let (wrote, appended) = side_by_side(
-                batch.num_rows() >= PARALLEL_ROWS,
-                state.raw.write(batch.clone()),
-                state.curated.append(&batch, values),
-            )
-            .await;
-            wrote?;
-            appended?;
+            state.curated.append(&batch, values).await?;
         }
         Ok(rows)
     }
@@ -1259,24 +1216,19 @@ impl Applier {
                 Some((name.clone(), at, resync))
             })
             .collect();
-        // The rows still buffered first, table by table (each write may take two threads
-        // and block its task), then the commits together: a commit's round trip to an
-        // object store never waits behind another table's Parquet encoding.
-        for (name, state) in self.tables.iter_mut() {
-            if touched.contains(name) && state.builder.rows() > 0 {
-                let batch = state.builder.finish().map_err(|source| LakeError::Arrow {
-                    table: name.to_string(),
-                    source,
-                })?;
-                state.write_chunk(batch).await?;
-            }
-        }
         let mut commits = Vec::new();
         for (name, state) in self.tables.iter_mut() {
             if !touched.contains(name) {
                 continue;
             }
             commits.push(async move {
+                if state.builder.rows() > 0 {
+                    let batch = state.builder.finish().map_err(|source| LakeError::Arrow {
+                        table: name.to_string(),
+                        source,
+                    })?;
+                    state.write_chunk(batch).await?;
+                }
                 // A table never moves its position back (after a crash between the two
                 // commits, one of them may already hold the batch). The two commits are
                 // independent (each carries its own position), so they go out together: on

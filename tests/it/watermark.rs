@@ -537,6 +537,7 @@ async fn a_resync_in_chunks_repairs_a_table_online_and_resumes_after_sigkills() 
         last = through(&state);
         daemon = env.daemon();
     }
+    env.wait_streaming().await;
     let (code, text) = tokio::task::block_in_place(|| {
         wal2delta(
             &env,
