@@ -8,7 +8,7 @@
 use serde::Serialize;
 
 use crate::config::Settings;
-use crate::lake::commit::{AppId, applied, txn_version};
+use crate::lake::commit::{AppId, applied};
 use crate::lake::lock::LakeLock;
 use crate::lake::{Lake, LakeError};
 use crate::source::catalog;
@@ -239,32 +239,22 @@ async fn table_status(
             let at = applied(&table, &label, &AppId::snapshot(slot, name)).await?;
             // A chunked copy under way: the last key its durable chunks hold. A resync's
             // is under way while its request is pending.
-            let resync =
-                match txn_version(&table, &label, &AppId::chunked_resync(slot, name)).await? {
-                    Some(id) => resyncs.contains(&(name.clone(), id)),
-                    None => false,
-                };
-            let begun = (at.is_none() || resync)
-                && applied(&table, &label, &AppId::chunked_start(slot, name))
-                    .await?
-                    .is_some();
-            let key = match begun {
-                true => {
-                    let began_ms = txn_version(&table, &label, &AppId::chunked_began(slot, name))
-                        .await?
-                        .unwrap_or(0);
-                    Some(ChunkedStatus {
-                        last_key: txn_version(&table, &label, &AppId::chunked_key(slot, name))
-                            .await?,
-                        began: chrono::DateTime::from_timestamp_millis(began_ms)
-                            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
-                        began_ms,
-                        resync,
-                        ..Default::default()
-                    })
-                }
-                false => None,
-            };
+            let progress = crate::lake::raw::read_progress(&table, &label, slot, name).await?;
+            let key = progress
+                .filter(|p| match p.resync {
+                    Some(id) => at.is_none() || resyncs.contains(&(name.clone(), id)),
+                    None => at.is_none(),
+                })
+                .map(|p| ChunkedStatus {
+                    last_key: p.last_key,
+                    began: chrono::DateTime::from_timestamp_millis(p.began_ms)
+                        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+                    began_ms: p.began_ms,
+                    resync: p
+                        .resync
+                        .is_some_and(|id| resyncs.contains(&(name.clone(), id))),
+                    ..Default::default()
+                });
             (at.map(|l| l.to_string()), key)
         }
         None => (None, None),

@@ -138,20 +138,18 @@ impl Requests {
     /// Records how `table`'s resync for request `id` ended and drops the request, unless
     /// a newer one replaced it meanwhile.
     pub async fn finish_resync(&self, table: &TableName, outcome: &ResyncOutcome, id: i64) {
+        // The request pending now, by its time (unreadable: kept, so that a newer request
+        // is never dropped by mistake).
         let current = match self.store.get(&self.path(table, "request")).await {
             Err(object_store::Error::NotFound { .. }) => None,
-            got => {
-                let text = match got {
-                    Ok(got) => got.bytes().await.ok(),
-                    Err(_) => None,
-                };
-                // Unreadable: kept (a newer request is never dropped by mistake).
-                Some(
-                    text.and_then(|b| serde_json::from_slice::<ResyncRequest>(&b).ok())
-                        .map(|r| request_time(&r))
-                        .unwrap_or(i64::MIN),
-                )
-            }
+            Err(_) => Some(i64::MIN),
+            Ok(got) => Some(
+                got.bytes()
+                    .await
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<ResyncRequest>(&b).ok())
+                    .map_or(i64::MIN, |r| request_time(&r)),
+            ),
         };
         if current.is_some_and(|at| at != id) {
             tracing::info!(table = %table, "a newer resync request came while this one was copied; it is copied again");

@@ -64,6 +64,20 @@ pub fn keyed_properties(key: &[String]) -> WriterProperties {
     properties.build()
 }
 
+/// The table at `url` at its latest version; `None` when it does not exist yet.
+pub async fn open_existing(url: &Url, label: &str) -> Result<Option<DeltaTable>, LakeError> {
+    if surely_missing(url) {
+        return Ok(None);
+    }
+    let table = DeltaTable::try_from_url(url.clone())
+        .await
+        .map_err(|source| LakeError::Delta {
+            table: label.to_string(),
+            source,
+        })?;
+    Ok(table.version().is_some().then_some(table))
+}
+
 /// The Arrow schema of an existing table; `None` when the table does not exist yet.
 pub async fn existing_schema(url: &Url, label: &str) -> Result<Option<SchemaRef>, LakeError> {
     use deltalake::kernel::engine::arrow_conversion::TryIntoArrow;
@@ -71,15 +85,9 @@ pub async fn existing_schema(url: &Url, label: &str) -> Result<Option<SchemaRef>
         table: label.to_string(),
         source,
     };
-    if surely_missing(url) {
+    let Some(table) = open_existing(url, label).await? else {
         return Ok(None);
-    }
-    let table = DeltaTable::try_from_url(url.clone())
-        .await
-        .map_err(delta_err)?;
-    if table.version().is_none() {
-        return Ok(None);
-    }
+    };
     let kernel = table.snapshot().map_err(delta_err)?.schema();
     let arrow: deltalake::arrow::datatypes::Schema = kernel
         .as_ref()

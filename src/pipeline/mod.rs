@@ -435,7 +435,9 @@ async fn session(
         &permits,
         &copying,
     );
-    // Resyncs of tables copied in chunks run beside the stream too.
+    // Resyncs of tables copied in chunks run beside the stream too. Only with this method
+    // does apply note what it needs to reconcile chunks with the stream (nothing is added
+    // to the stream's hot path otherwise).
     if source.snapshot_method == crate::source::config::SnapshotMethod::Watermark {
         copiers.spawn(chunked::serve_resyncs(
             settings.clone(),
@@ -445,8 +447,8 @@ async fn session(
             permits.clone(),
             copying.clone(),
         ));
+        applier.take_chunks_from(watermarks.clone());
     }
-    applier.take_chunks_from(watermarks.clone());
     let applied = applier.run(events_rx).await;
     copying.cancel();
     // A copier stuck in a statement on a dead network does not hold the session up.

@@ -44,19 +44,11 @@ impl StoredKeys {
                     .map_err(|e| error(&self.label, e))?;
                 t
             }
-            None => {
-                if super::super::table::surely_missing(&self.url) {
-                    return Ok(Vec::new());
-                }
-                let t = DeltaTable::try_from_url(self.url.clone())
-                    .await
-                    .map_err(|e| error(&self.label, e))?;
-                self.table.insert(t)
-            }
+            None => match super::super::table::open_existing(&self.url, &self.label).await? {
+                Some(t) => self.table.insert(t),
+                None => return Ok(Vec::new()),
+            },
         };
-        if table.version().is_none() {
-            return Ok(Vec::new());
-        }
         let ctx = SessionContext::new();
         table
             .update_datafusion_session(&ctx.state())

@@ -65,7 +65,7 @@ pub struct ChunkedProgress {
 }
 
 /// The chunked copy's progress `table` (the raw table of `name`) records.
-async fn read_progress(
+pub async fn read_progress(
     table: &DeltaTable,
     label: &str,
     slot: &str,
@@ -155,21 +155,10 @@ impl RawTable {
         name: &TableName,
     ) -> Result<Option<ChunkedProgress>, LakeError> {
         let label = label(name);
-        let url = lake.raw_table_url(name);
-        if super::table::surely_missing(&url) {
-            return Ok(None);
+        match super::table::open_existing(&lake.raw_table_url(name), &label).await? {
+            Some(table) => read_progress(&table, &label, slot, name).await,
+            None => Ok(None),
         }
-        let table = match DeltaTable::try_from_url(url).await {
-            Ok(t) if t.version().is_some() => t,
-            Ok(_) => return Ok(None),
-            Err(source) => {
-                return Err(LakeError::Delta {
-                    table: label,
-                    source,
-                });
-            }
-        };
-        read_progress(&table, &label, slot, name).await
     }
 
     /// Opens (or creates) the raw table of `name` with these source columns and reads
