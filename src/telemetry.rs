@@ -36,6 +36,7 @@ pub const SQL_DURATION: &str = "wal2delta_sql_statement_duration_seconds";
 pub const SQL_CONNECTIONS: &str = "wal2delta_sql_connections";
 pub const SQL_REFUSED: &str = "wal2delta_sql_connections_refused_total";
 pub const SQL_STATEMENTS: &str = "wal2delta_sql_statements_total";
+pub const SQL_KEY_LOOKUPS: &str = "wal2delta_sql_key_lookups_total";
 pub const MERGE_SECONDS: &str = "wal2delta_merge_seconds";
 pub const MERGE_SCANNED: &str = "wal2delta_merge_scanned_files_total";
 pub const MERGE_REWRITTEN_FILES: &str = "wal2delta_merge_rewritten_files_total";
@@ -91,7 +92,8 @@ pub fn install(listen: SocketAddr) -> Result<(), String> {
             b.set_buckets_for_metric(
                 Matcher::Full(SQL_DURATION.into()),
                 &[
-                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
+                    0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                    5.0, 30.0,
                 ],
             )
         })
@@ -224,6 +226,11 @@ pub fn install(listen: SocketAddr) -> Result<(), String> {
         Unit::Count,
         "Statements the SQL endpoint ran, by outcome (ok, or the SQLSTATE class of the error)."
     );
+    describe_counter!(
+        SQL_KEY_LOOKUPS,
+        Unit::Count,
+        "Statements the SQL endpoint answered as key lookups, without planning a query (SELECT … FROM t WHERE key = v)."
+    );
     describe_histogram!(
         MERGE_SECONDS,
         Unit::Seconds,
@@ -276,6 +283,10 @@ pub fn vacuumed(table: &str, layer: &'static str, files: usize) {
 
 pub fn log_cleaned(table: &str, layer: &'static str, files: usize) {
     counter!(LOG_CLEANED, "table" => table.to_string(), "layer" => layer).increment(files as u64);
+}
+
+pub fn sql_lookup() {
+    counter!(SQL_KEY_LOOKUPS).increment(1);
 }
 
 pub fn sql_statement_duration(took: Duration) {

@@ -29,6 +29,7 @@ pub mod dv_scan;
 pub mod grants;
 pub mod growth;
 pub mod held_batches;
+pub mod lookup;
 pub mod namespace;
 pub mod plan_cache;
 pub mod primary_keys;

@@ -493,7 +493,7 @@ fn limited(
     stop: Stop,
     started: Instant,
     output: Output,
-    statement: (Arc<DfSessionService>, Weak<StatementPool>),
+    statement: (Option<Arc<DfSessionService>>, Weak<StatementPool>),
 ) -> Response {
     let (service, pool) = statement;
     let Response::Query(mut query) = response else {
@@ -660,11 +660,82 @@ impl Session {
             stop,
             started,
             self.shared.output,
-            (service, pool),
+            (Some(service), pool),
         ) {
             Response::Query(rows) => Ok(super::copy_out::response(copy.format, rows)),
             other => Ok(other),
         }
+    }
+
+    /// `statement` answered as a point lookup on `view` (`lookup`), when it is one and
+    /// the user may read the table; `None` to plan it as usual. `portal` holds the
+    /// parameters of an extended-protocol statement.
+    async fn lookup<C: ClientInfo + ?Sized>(
+        &self,
+        client: &C,
+        view: &View,
+        statement: &Statement,
+        portal: Option<&Portal<DfStatement>>,
+        format: &Format,
+        stop: &Stop,
+    ) -> PgWireResult<Option<Response>> {
+        use super::lookup::{KeyValue, parameter, rows, shape};
+        let Some(shape) = shape(statement) else {
+            return Ok(None);
+        };
+        let Some(target) = view.lookup_target(&shape.schema, &shape.table) else {
+            return Ok(None);
+        };
+        if target.keys.column() != shape.column {
+            return Ok(None);
+        }
+        let user = client.metadata().get(pgwire::api::METADATA_USER);
+        if let Some(grants) = user.and_then(|u| self.shared.grants.get(u))
+            && !grants.allows(&shape.schema, &shape.table)
+        {
+            return Ok(None); // refused by the planner, with its message
+        }
+        let key = match shape.value {
+            KeyValue::Literal(v) => v,
+            KeyValue::Parameter(i) => {
+                let Some(portal) = portal else {
+                    return Ok(None);
+                };
+                let bytes = portal.parameters.get(i).and_then(|p| p.as_deref());
+                match parameter(bytes, portal.parameter_format.is_binary(i)) {
+                    Some(v) => v,
+                    None => return Ok(None),
+                }
+            }
+        };
+        let caches = view.lookup_caches.clone();
+        let found = within(stop, async {
+            Ok(rows(&caches, target, shape.columns.as_deref(), key).await)
+        })
+        .await?;
+        let batch = match found {
+            Ok(batch) => batch,
+            Err(why) => {
+                tracing::debug!(reason = %why.0, "a point lookup is planned instead");
+                return Ok(None);
+            }
+        };
+        let options = pgwire::types::format::FormatOptions::from_client_metadata(client.metadata());
+        let fields = Arc::new(
+            datafusion_postgres::arrow_pg::datatypes::arrow_schema_to_pg_fields(
+                batch.schema().as_ref(),
+                format,
+                Some(Arc::new(options)),
+            )?,
+        );
+        let encoded: Vec<_> =
+            datafusion_postgres::arrow_pg::datatypes::encode_recordbatch(fields.clone(), batch)
+                .collect();
+        crate::telemetry::sql_lookup();
+        Ok(Some(Response::Query(QueryResponse::new(
+            fields,
+            futures::stream::iter(encoded),
+        ))))
     }
 
     /// The limits of a statement the session starts now.
@@ -754,6 +825,22 @@ impl SimpleQueryHandler for Session {
                         cancelled: cancelled.clone(),
                     };
                     let view = view_for(&self.shared, &self.as_of).await?;
+                    let names = || {
+                        if single {
+                            super::column_names::of_text(query, &statement)
+                        } else {
+                            super::column_names::of(&statement)
+                        }
+                    };
+                    let format = Format::UnifiedText;
+                    if let Some(rows) =
+                        self.lookup(client, &view, &statement, None, &format, &stop).await?
+                    {
+                        let output = self.shared.output;
+                        let none = (None, Weak::new());
+                        responses.push(limited(rows, names().as_deref(), stop, started, output, none));
+                        continue;
+                    }
                     let (service, pool, ctx) = service_for(&self.shared, &view, client)?;
                     if let Some(copy) = super::copy_out::parse(&statement) {
                         if !single {
@@ -777,13 +864,9 @@ impl SimpleQueryHandler for Session {
                     )
                     .await
                     .map_err(classify)?;
-                    let names = if single {
-                        super::column_names::of_text(query, &statement)
-                    } else {
-                        super::column_names::of(&statement)
-                    };
+                    let names = names();
                     responses.extend(results.into_iter().map(|r| {
-                        let statement = (service.clone(), pool.clone());
+                        let statement = (Some(service.clone()), pool.clone());
                         let stop = stop.clone();
                         limited(
                             r,
@@ -985,6 +1068,15 @@ impl ExtendedQueryHandler for Session {
                 let started = Instant::now();
                 let stop = self.stop(client).await;
                 let view = view_for(&self.shared, &self.as_of).await?;
+                let format = &portal.result_column_format;
+                if let Some(rows) = self
+                    .lookup(client, &view, statement, Some(portal), format, &stop)
+                    .await?
+                {
+                    let none = (None, Weak::new());
+                    // Named at Describe (get_result_schema).
+                    return Ok(limited(rows, None, stop, started, self.shared.output, none));
+                }
                 let (service, pool, ctx) = service_for(&self.shared, &view, client)?;
                 if let Some(copy) = super::copy_out::parse(statement) {
                     return self.copy(copy?, stop, started, (service, pool, ctx)).await;
@@ -1048,7 +1140,7 @@ impl ExtendedQueryHandler for Session {
                     stop,
                     started,
                     self.shared.output,
-                    (service, pool),
+                    (Some(service), pool),
                 ))
             }
             .await,

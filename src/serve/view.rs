@@ -96,9 +96,19 @@ pub struct View {
     restricted: std::sync::Mutex<
         HashMap<String, Arc<dyn deltalake::datafusion::catalog::CatalogProviderList>>,
     >,
+    /// Curated tables point lookups can answer without planning (`lookup`), by served
+    /// schema and name.
+    lookups: HashMap<(String, String), Arc<super::lookup::Target>>,
+    /// What lookups keep across views.
+    pub lookup_caches: Arc<super::lookup::Caches>,
 }
 
 impl View {
+    /// The lookup target served as `schema`.`table`, if lookups can answer it.
+    pub fn lookup_target(&self, schema: &str, table: &str) -> Option<&Arc<super::lookup::Target>> {
+        self.lookups.get(&(schema.to_string(), table.to_string()))
+    }
+
     /// The catalog list `user` sees with `grants` (`grants::restrict`), built once per view.
     pub fn restricted(
         &self,
@@ -140,6 +150,8 @@ pub struct Views {
     tables: Mutex<HashMap<Url, DeltaTable>>,
     /// Deletion vectors of curated tables as row selections (`dv_scan`).
     selections: super::dv_scan::Selections,
+    /// Footers and deletion vectors point lookups read (`lookup`).
+    lookup_caches: Arc<super::lookup::Caches>,
     latest: Mutex<Option<Arc<View>>>,
     past: Mutex<Vec<Arc<View>>>,
     /// Refined views that failed to plan, with the error: logged once per change.
@@ -222,6 +234,7 @@ impl Views {
             refined,
             tables: Mutex::new(HashMap::new()),
             selections: Default::default(),
+            lookup_caches: Arc::new(super::lookup::Caches::new()),
             latest: Mutex::new(None),
             past: Mutex::new(Vec::new()),
             refined_errors: Default::default(),
@@ -390,7 +403,7 @@ impl Views {
         url: &Url,
         version: u64,
         curated: bool,
-    ) -> Result<Arc<dyn TableProvider>, DataFusionError> {
+    ) -> Result<(Arc<dyn TableProvider>, DeltaTable), DataFusionError> {
         let table = self.table_at(url, version).await?;
         table
             .update_datafusion_session(&ctx.state())
@@ -400,12 +413,12 @@ impl Views {
             .await
             .map_err(|e| DataFusionError::External(Box::new(e)))?;
         if !curated {
-            return Ok(provider);
+            return Ok((provider, table));
         }
         let runtime = ctx.runtime_env();
         let dv =
             super::dv_scan::provider(&runtime, &table, provider.schema(), Some(&self.selections));
-        Ok(dv.await?.unwrap_or(provider))
+        Ok((dv.await?.unwrap_or(provider), table))
     }
 
     async fn build(&self, position: Position) -> Result<View, DataFusionError> {
@@ -428,6 +441,7 @@ impl Views {
         for schema in [ns.raw_schema_of("public").as_str(), ns.refined()] {
             catalog.register_schema(schema, Arc::new(MemorySchemaProvider::new()))?;
         }
+        let mut lookups = HashMap::new();
         for (kind, versions) in [("raw", &versions.raw), ("curated", &versions.curated)] {
             for (table, version) in versions {
                 let Ok(name) = TableName::parse(table) else {
@@ -438,9 +452,19 @@ impl Views {
                 } else {
                     (self.lake.curated_table_url(&name), ns.curated(&name))
                 };
-                let provider = self
+                let (provider, table) = self
                     .provider(&ctx, &url, *version, kind == "curated")
                     .await?;
+                if kind == "curated"
+                    && let Some(keys) =
+                        crate::lake::curated::published_keys(table.table_url().as_str())
+                {
+                    let target = super::lookup::Target::new(table, provider.schema(), keys);
+                    lookups.insert(
+                        (served.schema.clone(), served.name.clone()),
+                        Arc::new(target),
+                    );
+                }
                 let schema = match catalog.schema(&served.schema) {
                     Some(schema) => schema,
                     None => {
@@ -491,6 +515,8 @@ impl Views {
             position,
             state: ctx.state(),
             restricted: Default::default(),
+            lookups,
+            lookup_caches: self.lookup_caches.clone(),
         })
     }
 }

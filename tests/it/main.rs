@@ -11,6 +11,7 @@ mod faults;
 mod harness;
 mod init;
 mod jdbc;
+mod lookups;
 mod maintenance;
 mod memory;
 mod neighbour;

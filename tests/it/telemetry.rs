@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::harness::{Env, wait_for};
 
-fn scrape(addr: &str) -> String {
+pub fn scrape(addr: &str) -> String {
     let Ok(mut stream) = TcpStream::connect(addr) else {
         return String::new();
     };
@@ -23,7 +23,7 @@ fn scrape(addr: &str) -> String {
 
 /// The value of the first sample of `name` carrying every label in `labels`
 /// (`key="value"`), whatever their order.
-fn value(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+pub fn value(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .find(|l| {

@@ -117,6 +117,8 @@ impl FileKeys {
 pub struct Published {
     column: String,
     files: RwLock<HashMap<String, Arc<FileKeys>>>,
+    /// The shared budget in bytes (as the daemon's index has it).
+    limit: usize,
 }
 
 impl Published {
@@ -133,6 +135,46 @@ impl Published {
             Some(entry) => keys.iter().any(|&k| entry.keys.contains(ordered(k))),
             None => true,
         }
+    }
+
+    /// Where `key` is in the file at `path`: `None` when the file has no entry, else the
+    /// row that holds it, if any (a row a deletion vector removed still counts).
+    pub fn row_of(&self, path: &str, key: i64) -> Option<Option<u64>> {
+        let files = self.files.read().unwrap_or_else(|e| e.into_inner());
+        files.get(path).map(|entry| entry.row_of(key))
+    }
+
+    /// Indexes the file at `path` from its whole key column (`batches`, in order), read by
+    /// the endpoint for a lookup, when the keys allow it and the shared budget has room.
+    /// The daemon's index drops the entry with the others once the file leaves the table
+    /// (files never change, so an entry is right whoever builds it). Runs on the caller's
+    /// thread: call it from a blocking one.
+    pub fn learn(&self, path: &str, batches: &[RecordBatch]) -> bool {
+        if self.limit == 0
+            || self
+                .files
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(path)
+        {
+            return false;
+        }
+        let Some(keys) = FileKeys::build(batches, &self.column) else {
+            return false;
+        };
+        let reserved = USED.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+            (used + keys.bytes <= self.limit).then_some(used + keys.bytes)
+        });
+        if reserved.is_err() {
+            return false;
+        }
+        let mut files = self.files.write().unwrap_or_else(|e| e.into_inner());
+        if files.contains_key(path) {
+            USED.fetch_sub(keys.bytes, Ordering::AcqRel);
+            return false;
+        }
+        files.insert(path.to_string(), Arc::new(keys));
+        true
     }
 }
 
@@ -165,6 +207,7 @@ impl KeyIndex {
         let shared = Arc::new(Published {
             column: column.to_string(),
             files: RwLock::new(HashMap::new()),
+            limit: limit_bytes,
         });
         let mut all = PUBLISHED.lock().unwrap_or_else(|e| e.into_inner());
         all.retain(|_, table| table.strong_count() > 0);
@@ -251,7 +294,10 @@ impl KeyIndex {
                 (used + keys.bytes <= self.limit).then_some(used + keys.bytes)
             });
             if reserved.is_ok() {
-                self.files_mut().insert(path, Arc::new(keys));
+                // The endpoint may have indexed the file meanwhile (`Published::learn`).
+                if let Some(old) = self.files_mut().insert(path, Arc::new(keys)) {
+                    USED.fetch_sub(old.bytes, Ordering::AcqRel);
+                }
             } else {
                 self.refused.insert(path);
             }
