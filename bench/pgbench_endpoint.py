@@ -122,7 +122,9 @@ def main():
                 daemon.sample_rss()
                 time.sleep(0.2)
 
-        threads = [threading.Thread(target=writer), threading.Thread(target=sampler)]
+        threads = [threading.Thread(target=sampler)]
+        if args.write_rate > 0:
+            threads.append(threading.Thread(target=writer))
         for t in threads:
             t.start()
         results = {"rows": total, "write_rate_per_s": args.write_rate, "runs": []}

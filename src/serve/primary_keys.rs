@@ -34,6 +34,15 @@ impl PrimaryKeys {
         *self.0.write().unwrap_or_else(|e| e.into_inner()) = keys;
     }
 
+    /// The primary key of `table`, when known.
+    pub fn of(&self, table: &TableName) -> Option<Vec<String>> {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(table)
+            .cloned()
+    }
+
     fn snapshot(&self) -> BTreeMap<TableName, Vec<String>> {
         self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
     }

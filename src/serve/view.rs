@@ -152,6 +152,8 @@ pub struct Views {
     selections: super::dv_scan::Selections,
     /// Footers and deletion vectors point lookups read (`lookup`).
     lookup_caches: Arc<super::lookup::Caches>,
+    /// The source's primary keys, when the daemon runs in this process.
+    keys: super::primary_keys::PrimaryKeys,
     latest: Mutex<Option<Arc<View>>>,
     past: Mutex<Vec<Arc<View>>>,
     /// Refined views that failed to plan, with the error: logged once per change.
@@ -235,10 +237,41 @@ impl Views {
             tables: Mutex::new(HashMap::new()),
             selections: Default::default(),
             lookup_caches: Arc::new(super::lookup::Caches::new()),
+            keys: Default::default(),
             latest: Mutex::new(None),
             past: Mutex::new(Vec::new()),
             refined_errors: Default::default(),
         }
+    }
+
+    /// Views that know the source's primary keys (`run`): lookups on a table keyed by one
+    /// integer column are answered from key-index entries the endpoint builds itself
+    /// when the daemon has not started them.
+    pub fn with_keys(mut self, keys: super::primary_keys::PrimaryKeys) -> Views {
+        self.keys = keys;
+        self
+    }
+
+    /// The key-index entries lookups on curated table `name` use: the daemon's, or new
+    /// ones for its primary key; only for one integer key column.
+    fn lookup_keys(
+        &self,
+        name: &TableName,
+        table: &DeltaTable,
+        schema: &deltalake::arrow::datatypes::SchemaRef,
+    ) -> Option<Arc<crate::lake::curated::PublishedKeys>> {
+        let location = table.table_url();
+        let keys = crate::lake::curated::published_keys(location.as_str()).or_else(|| {
+            let key = self.keys.of(name)?;
+            let [column] = key.as_slice() else {
+                return None;
+            };
+            Some(crate::lake::curated::keys_of(location.as_str(), column))
+        })?;
+        let integer = schema
+            .field_with_name(keys.column())
+            .is_ok_and(|f| f.data_type().is_integer());
+        integer.then_some(keys)
     }
 
     /// The checkpoint table moved to its newest version (opened on first use).
@@ -456,8 +489,7 @@ impl Views {
                     .provider(&ctx, &url, *version, kind == "curated")
                     .await?;
                 if kind == "curated"
-                    && let Some(keys) =
-                        crate::lake::curated::published_keys(table.table_url().as_str())
+                    && let Some(keys) = self.lookup_keys(&name, &table, &provider.schema())
                 {
                     let target = super::lookup::Target::new(table, provider.schema(), keys);
                     lookups.insert(

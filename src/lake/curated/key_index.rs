@@ -31,6 +31,10 @@ use roaring::RoaringTreemap;
 /// Bytes held by every table's entries.
 static USED: AtomicUsize = AtomicUsize::new(0);
 
+/// The shared budget (`[curated] key_index_mb`) as the daemon last opened a table with
+/// it; the default until then (`wal2delta serve`, or before the first change).
+static LIMIT: AtomicUsize = AtomicUsize::new(64 << 20);
+
 /// Bytes of key columns held by builds still running (every table's); a build also needs
 /// 16 bytes a row while it runs. Kept under the same budget.
 static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
@@ -117,8 +121,6 @@ impl FileKeys {
 pub struct Published {
     column: String,
     files: RwLock<HashMap<String, Arc<FileKeys>>>,
-    /// The shared budget in bytes (as the daemon's index has it).
-    limit: usize,
 }
 
 impl Published {
@@ -150,7 +152,8 @@ impl Published {
     /// (files never change, so an entry is right whoever builds it). Runs on the caller's
     /// thread: call it from a blocking one.
     pub fn learn(&self, path: &str, batches: &[RecordBatch]) -> bool {
-        if self.limit == 0
+        let limit = LIMIT.load(Ordering::Acquire);
+        if limit == 0
             || self
                 .files
                 .read()
@@ -163,7 +166,7 @@ impl Published {
             return false;
         };
         let reserved = USED.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-            (used + keys.bytes <= self.limit).then_some(used + keys.bytes)
+            (used + keys.bytes <= limit).then_some(used + keys.bytes)
         });
         if reserved.is_err() {
             return false;
@@ -189,6 +192,24 @@ pub fn published(location: &str) -> Option<Arc<Published>> {
     all.get(location.trim_end_matches('/'))?.upgrade()
 }
 
+/// The entries of the curated table at `location`, created (keyed by `column`) when
+/// nobody keeps them yet: the endpoint's lookups index the files they read, and a daemon
+/// that opens the table later adopts the entries when its key is the same column.
+pub fn published_or_new(location: &str, column: &str) -> Arc<Published> {
+    let location = location.trim_end_matches('/');
+    let mut all = PUBLISHED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(kept) = all.get(location).and_then(Weak::upgrade) {
+        return kept;
+    }
+    all.retain(|_, table| table.strong_count() > 0);
+    let created = Arc::new(Published {
+        column: column.to_string(),
+        files: RwLock::new(HashMap::new()),
+    });
+    all.insert(location.to_string(), Arc::downgrade(&created));
+    created
+}
+
 /// One table's entries, by data file path.
 pub(super) struct KeyIndex {
     shared: Arc<Published>,
@@ -204,17 +225,22 @@ impl KeyIndex {
     /// An index of the table at `location` keyed by `column`, shared with this process's
     /// SQL endpoint.
     pub(super) fn new(limit_bytes: usize, location: &str, column: &str) -> KeyIndex {
-        let shared = Arc::new(Published {
-            column: column.to_string(),
-            files: RwLock::new(HashMap::new()),
-            limit: limit_bytes,
-        });
+        LIMIT.store(limit_bytes, Ordering::Release);
+        let location = location.trim_end_matches('/');
         let mut all = PUBLISHED.lock().unwrap_or_else(|e| e.into_inner());
         all.retain(|_, table| table.strong_count() > 0);
-        all.insert(
-            location.trim_end_matches('/').to_string(),
-            Arc::downgrade(&shared),
-        );
+        // The endpoint's lookups may have started the entries (`published_or_new`).
+        let shared = match all.get(location).and_then(Weak::upgrade) {
+            Some(kept) if kept.column == column => kept,
+            _ => {
+                let created = Arc::new(Published {
+                    column: column.to_string(),
+                    files: RwLock::new(HashMap::new()),
+                });
+                all.insert(location.to_string(), Arc::downgrade(&created));
+                created
+            }
+        };
         drop(all);
         KeyIndex {
             shared,
