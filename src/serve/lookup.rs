@@ -27,6 +27,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use deltalake::DeltaTable;
 use deltalake::arrow::array::{RecordBatch, new_null_array};
 use deltalake::arrow::compute::{cast, concat_batches};
@@ -41,10 +42,13 @@ use deltalake::parquet::arrow::arrow_reader::{
 };
 #[allow(deprecated)]
 use deltalake::parquet::arrow::async_reader::ParquetObjectReader;
-use deltalake::parquet::arrow::async_reader::ParquetRecordBatchStreamBuilder;
-use deltalake::parquet::file::metadata::PageIndexPolicy;
+use deltalake::parquet::arrow::async_reader::{AsyncFileReader, ParquetRecordBatchStreamBuilder};
+use deltalake::parquet::errors::{ParquetError, Result as ParquetResult};
+use deltalake::parquet::file::metadata::{PageIndexPolicy, ParquetMetaData, ParquetMetaDataReader};
 use futures::TryStreamExt;
+use futures::future::BoxFuture;
 use roaring::RoaringTreemap;
+use std::ops::Range;
 use tokio::sync::{OnceCell, Semaphore};
 
 use crate::lake::curated::PublishedKeys;
@@ -336,13 +340,73 @@ fn location(path: &str) -> deltalake::Path {
     deltalake::Path::parse(path).unwrap_or_else(|_| deltalake::Path::from(path))
 }
 
-#[allow(deprecated)]
-fn reader(target: &Target, file: &File) -> ParquetObjectReader {
-    ParquetObjectReader::new(
+/// A reader of `file`: straight from the file system for a local lake (reads of a few
+/// pages from the page cache, where the object store's reader hands every read to a
+/// blocking thread and back), through the table's object store otherwise.
+fn reader(target: &Target, file: &File) -> Box<dyn AsyncFileReader> {
+    let mut table = target.table.table_url().clone();
+    if !table.path().ends_with('/') {
+        let path = format!("{}/", table.path());
+        table.set_path(&path);
+    }
+    let local = (table.scheme() == "file")
+        .then(|| table.join(&file.path).ok()?.to_file_path().ok())
+        .flatten()
+        .and_then(|path| std::fs::File::open(path).ok());
+    if let Some(local) = local {
+        return Box::new(LocalFile {
+            file: local,
+            size: file.size,
+        });
+    }
+    #[allow(deprecated)]
+    let remote = ParquetObjectReader::new(
         target.table.log_store().object_store(None),
         location(&file.path),
     )
-    .with_file_size(file.size)
+    .with_file_size(file.size);
+    Box::new(remote)
+}
+
+/// A Parquet file of a local lake, read with `pread` on the calling thread.
+struct LocalFile {
+    file: std::fs::File,
+    size: u64,
+}
+
+impl AsyncFileReader for LocalFile {
+    fn get_bytes(&mut self, range: Range<u64>) -> BoxFuture<'_, ParquetResult<Bytes>> {
+        use std::os::unix::fs::FileExt;
+        let len = usize::try_from(range.end.saturating_sub(range.start)).unwrap_or(usize::MAX);
+        let mut buf = Vec::new();
+        let read = buf
+            .try_reserve_exact(len)
+            .map_err(|e| ParquetError::External(Box::new(e)))
+            .and_then(|()| {
+                buf.resize(len, 0);
+                self.file
+                    .read_exact_at(&mut buf, range.start)
+                    .map_err(|e| ParquetError::External(Box::new(e)))
+            })
+            .map(|()| Bytes::from(buf));
+        Box::pin(futures::future::ready(read))
+    }
+
+    fn get_metadata<'a>(
+        &'a mut self,
+        options: Option<&'a ArrowReaderOptions>,
+    ) -> BoxFuture<'a, ParquetResult<Arc<ParquetMetaData>>> {
+        Box::pin(async move {
+            let mut reader = ParquetMetaDataReader::new();
+            if let Some(o) = options {
+                reader = reader
+                    .with_column_index_policy(o.column_index_policy())
+                    .with_offset_index_policy(o.offset_index_policy());
+            }
+            let size = self.size;
+            Ok(Arc::new(reader.load_and_finish(self, size).await?))
+        })
+    }
 }
 
 /// A file's key: the table's location and the file's path.
