@@ -667,13 +667,12 @@ impl Session {
         }
     }
 
-    /// `statement` answered as a point lookup on `view` (`lookup`), when it is one and
-    /// the user may read the table; `None` to plan it as usual. `portal` holds the
-    /// parameters of an extended-protocol statement.
+    /// `statement` answered as a point lookup (`lookup`) at the position the session
+    /// reads, when it is one and the user may read the table; `None` to plan it as
+    /// usual. `portal` holds the parameters of an extended-protocol statement.
     async fn lookup<C: ClientInfo + ?Sized>(
         &self,
         client: &C,
-        view: &View,
         statement: &Statement,
         portal: Option<&Portal<DfStatement>>,
         format: &Format,
@@ -683,7 +682,25 @@ impl Session {
         let Some(shape) = shape(statement) else {
             return Ok(None);
         };
-        let Some(target) = view.lookup_target(&shape.schema, &shape.table) else {
+        // The live position needs no view (`Views::lookup_target_at`); a pinned one
+        // (`wal2delta.as_of`) reads its view's tables.
+        let pinned = self.as_of.lock().expect("as_of lock").is_some();
+        let latest = self.shared.latest.borrow().clone();
+        let target = match (pinned, latest) {
+            (false, Some(position)) => self
+                .shared
+                .views
+                .lookup_target_at(&position, &shape.schema, &shape.table)
+                .await
+                .ok()
+                .flatten(),
+            (true, _) => view_for(&self.shared, &self.as_of)
+                .await?
+                .lookup_target(&shape.schema, &shape.table)
+                .cloned(),
+            (false, None) => None,
+        };
+        let Some(target) = target else {
             return Ok(None);
         };
         if target.keys.column() != shape.column {
@@ -708,9 +725,9 @@ impl Session {
                 }
             }
         };
-        let caches = view.lookup_caches.clone();
+        let caches = self.shared.views.lookup_caches.clone();
         let found = within(stop, async {
-            Ok(rows(&caches, target, shape.columns.as_deref(), key).await)
+            Ok(rows(&caches, &target, shape.columns.as_deref(), key).await)
         })
         .await?;
         let batch = match found {
@@ -824,7 +841,6 @@ impl SimpleQueryHandler for Session {
                         deadline: self.shared.timeout.map(|t| Instant::now() + t),
                         cancelled: cancelled.clone(),
                     };
-                    let view = view_for(&self.shared, &self.as_of).await?;
                     let names = || {
                         if single {
                             super::column_names::of_text(query, &statement)
@@ -834,13 +850,14 @@ impl SimpleQueryHandler for Session {
                     };
                     let format = Format::UnifiedText;
                     if let Some(rows) =
-                        self.lookup(client, &view, &statement, None, &format, &stop).await?
+                        self.lookup(client, &statement, None, &format, &stop).await?
                     {
                         let output = self.shared.output;
                         let none = (None, Weak::new());
                         responses.push(limited(rows, names().as_deref(), stop, started, output, none));
                         continue;
                     }
+                    let view = view_for(&self.shared, &self.as_of).await?;
                     let (service, pool, ctx) = service_for(&self.shared, &view, client)?;
                     if let Some(copy) = super::copy_out::parse(&statement) {
                         if !single {
@@ -1067,16 +1084,16 @@ impl ExtendedQueryHandler for Session {
                 }
                 let started = Instant::now();
                 let stop = self.stop(client).await;
-                let view = view_for(&self.shared, &self.as_of).await?;
                 let format = &portal.result_column_format;
                 if let Some(rows) = self
-                    .lookup(client, &view, statement, Some(portal), format, &stop)
+                    .lookup(client, statement, Some(portal), format, &stop)
                     .await?
                 {
                     let none = (None, Weak::new());
                     // Named at Describe (get_result_schema).
                     return Ok(limited(rows, None, stop, started, self.shared.output, none));
                 }
+                let view = view_for(&self.shared, &self.as_of).await?;
                 let (service, pool, ctx) = service_for(&self.shared, &view, client)?;
                 if let Some(copy) = super::copy_out::parse(statement) {
                     return self.copy(copy?, stop, started, (service, pool, ctx)).await;

@@ -99,8 +99,6 @@ pub struct View {
     /// Curated tables point lookups can answer without planning (`lookup`), by served
     /// schema and name.
     lookups: HashMap<(String, String), Arc<super::lookup::Target>>,
-    /// What lookups keep across views.
-    pub lookup_caches: Arc<super::lookup::Caches>,
 }
 
 impl View {
@@ -151,13 +149,25 @@ pub struct Views {
     /// Deletion vectors of curated tables as row selections (`dv_scan`).
     selections: super::dv_scan::Selections,
     /// Footers and deletion vectors point lookups read (`lookup`).
-    lookup_caches: Arc<super::lookup::Caches>,
+    pub lookup_caches: Arc<super::lookup::Caches>,
+    /// Lookup targets at the newest position, built table by table as lookups ask for
+    /// them: a lookup on the live position waits for no view build (which covers every
+    /// table, `pg_catalog` and the refined views).
+    lookup_latest: std::sync::Mutex<LatestTargets>,
     /// The source's primary keys, when the daemon runs in this process.
     keys: super::primary_keys::PrimaryKeys,
     latest: Mutex<Option<Arc<View>>>,
     past: Mutex<Vec<Arc<View>>>,
     /// Refined views that failed to plan, with the error: logged once per change.
     refined_errors: std::sync::Mutex<HashMap<String, String>>,
+}
+
+/// Lookup targets by served schema and name (`None`: the table cannot be looked up) at
+/// one position.
+#[derive(Default)]
+struct LatestTargets {
+    position: Option<Position>,
+    targets: HashMap<(String, String), Option<Arc<super::lookup::Target>>>,
 }
 
 /// A `<refined_dir>/*.sql` file is not a usable view.
@@ -237,6 +247,7 @@ impl Views {
             tables: Mutex::new(HashMap::new()),
             selections: Default::default(),
             lookup_caches: Arc::new(super::lookup::Caches::new()),
+            lookup_latest: Default::default(),
             keys: Default::default(),
             latest: Mutex::new(None),
             past: Mutex::new(Vec::new()),
@@ -272,6 +283,55 @@ impl Views {
             .field_with_name(keys.column())
             .is_ok_and(|f| f.data_type().is_integer());
         integer.then_some(keys)
+    }
+
+    /// The lookup target served as `schema`.`table` at `position` (the live one), without
+    /// building a view; `None` when lookups cannot answer it.
+    pub async fn lookup_target_at(
+        &self,
+        position: &Position,
+        schema: &str,
+        table: &str,
+    ) -> Result<Option<Arc<super::lookup::Target>>, DataFusionError> {
+        let id = (schema.to_string(), table.to_string());
+        {
+            let latest = self.lookup_latest.lock().expect("lookup targets lock");
+            if latest.position.as_ref() == Some(position)
+                && let Some(target) = latest.targets.get(&id)
+            {
+                return Ok(target.clone());
+            }
+        }
+        let found = position
+            .versions
+            .curated
+            .iter()
+            .find_map(|(name, version)| {
+                let name = TableName::parse(name).ok()?;
+                let served = self.namespace.curated(&name);
+                (served.schema == schema && served.name == table).then_some((name, *version))
+            });
+        let target = match found {
+            None => None,
+            Some((name, version)) => {
+                let url = self.lake.curated_table_url(&name);
+                let delta = self.table_at(&url, version).await?;
+                let provider = delta
+                    .table_provider()
+                    .await
+                    .map_err(|e| DataFusionError::External(Box::new(e)))?;
+                let schema = provider.schema();
+                self.lookup_keys(&name, &delta, &schema)
+                    .map(|keys| Arc::new(super::lookup::Target::new(delta, schema, keys)))
+            }
+        };
+        let mut latest = self.lookup_latest.lock().expect("lookup targets lock");
+        if latest.position.as_ref() != Some(position) {
+            latest.position = Some(position.clone());
+            latest.targets.clear();
+        }
+        latest.targets.insert(id, target.clone());
+        Ok(target)
     }
 
     /// The checkpoint table moved to its newest version (opened on first use).
@@ -548,7 +608,6 @@ impl Views {
             state: ctx.state(),
             restricted: Default::default(),
             lookups,
-            lookup_caches: self.lookup_caches.clone(),
         })
     }
 }
