@@ -28,6 +28,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use datafusion_postgres::pgwire::api::Type;
 use deltalake::DeltaTable;
 use deltalake::arrow::array::{RecordBatch, new_null_array};
 use deltalake::arrow::compute::{cast, concat_batches};
@@ -153,10 +154,14 @@ pub fn shape(statement: &Statement) -> Option<Shape> {
     if rebuilt != statement.to_string() {
         return None;
     }
+    let names: Vec<String> = columns.into_iter().map(|(_, n)| n).collect();
+    if (1..names.len()).any(|i| names[..i].contains(&names[i])) {
+        return None; // the planner refuses a repeated column name
+    }
     Some(Shape {
         schema,
         table,
-        columns: (!star).then(|| columns.into_iter().map(|(_, n)| n).collect()),
+        columns: (!star).then_some(names),
         column: normalised(key),
         value,
     })
@@ -183,17 +188,26 @@ fn key_value(e: &Expr) -> Option<KeyValue> {
     }
 }
 
-/// The integer a parameter carries: text, or binary of 2, 4 or 8 bytes (an integer
-/// parameter's binary forms); `None` for anything else (then planned as usual).
-pub fn parameter(bytes: Option<&[u8]>, binary: bool) -> Option<i64> {
+/// The integer a parameter carries, when the client declared it an integer (`int2`,
+/// `int4`, `int8`) or left its type to the server (which describes it as the key
+/// column's, `int8`): its text, or its binary form of that type's width. `None` for
+/// anything else (then planned as usual).
+pub fn parameter(bytes: Option<&[u8]>, binary: bool, declared: Option<&Type>) -> Option<i64> {
+    let width = match declared {
+        None => 8,
+        Some(t) if *t == Type::INT8 => 8,
+        Some(t) if *t == Type::INT4 => 4,
+        Some(t) if *t == Type::INT2 => 2,
+        Some(_) => return None,
+    };
     let bytes = bytes?;
     if !binary {
         return std::str::from_utf8(bytes).ok()?.trim().parse().ok();
     }
-    match bytes.len() {
-        2 => Some(i16::from_be_bytes(bytes.try_into().ok()?) as i64),
-        4 => Some(i32::from_be_bytes(bytes.try_into().ok()?) as i64),
-        8 => Some(i64::from_be_bytes(bytes.try_into().ok()?)),
+    match (width, bytes.len()) {
+        (2, 2) => Some(i16::from_be_bytes(bytes.try_into().ok()?) as i64),
+        (4, 4) => Some(i32::from_be_bytes(bytes.try_into().ok()?) as i64),
+        (8, 8) => Some(i64::from_be_bytes(bytes.try_into().ok()?)),
         _ => None,
     }
 }
@@ -218,6 +232,16 @@ impl Target {
     }
 }
 
+impl Target {
+    /// Lists the live files (with their key bounds) ahead of the first lookup.
+    pub async fn prepare(&self) {
+        let _ = self
+            .files
+            .get_or_try_init(|| async { live_files(self) })
+            .await;
+    }
+}
+
 /// A live data file of a target.
 struct File {
     path: String,
@@ -232,6 +256,8 @@ struct File {
 pub struct Caches {
     footers: std::sync::Mutex<HashMap<String, ArrowReaderMetadata>>,
     deleted: std::sync::Mutex<HashMap<String, Arc<RoaringTreemap>>>,
+    /// Files whose keys could not be indexed (NULL or repeated keys, no room).
+    unindexable: std::sync::Mutex<std::collections::HashSet<String>>,
     /// One endpoint-side key-column read at a time (they can be a file's whole column).
     indexing: Semaphore,
 }
@@ -246,10 +272,24 @@ impl Default for Caches {
 }
 
 impl Caches {
+    fn unindexable(&self, id: &str) -> bool {
+        let refused = self.unindexable.lock().unwrap_or_else(|e| e.into_inner());
+        refused.contains(id)
+    }
+
+    fn refuse(&self, id: String) {
+        let mut refused = self.unindexable.lock().unwrap_or_else(|e| e.into_inner());
+        if refused.len() >= MOST {
+            refused.clear();
+        }
+        refused.insert(id);
+    }
+
     pub fn new() -> Caches {
         Caches {
             footers: Default::default(),
             deleted: Default::default(),
+            unindexable: Default::default(),
             indexing: Semaphore::new(1),
         }
     }
@@ -340,19 +380,17 @@ fn location(path: &str) -> deltalake::Path {
     deltalake::Path::parse(path).unwrap_or_else(|_| deltalake::Path::from(path))
 }
 
-/// A reader of `file`: straight from the file system for a local lake (reads of a few
-/// pages from the page cache, where the object store's reader hands every read to a
-/// blocking thread and back), through the table's object store otherwise.
-fn reader(target: &Target, file: &File) -> Box<dyn AsyncFileReader> {
-    let mut table = target.table.table_url().clone();
-    if !table.path().ends_with('/') {
-        let path = format!("{}/", table.path());
-        table.set_path(&path);
-    }
-    let local = (table.scheme() == "file")
-        .then(|| table.join(&file.path).ok()?.to_file_path().ok())
+/// A reader of `file`: with `local`, straight from the file system for a local lake
+/// (reads of a few pages from the page cache, where the object store's reader hands
+/// every read to a blocking thread and back), through the table's object store otherwise
+/// (and for whole columns, which should not hold up the runtime's thread).
+fn reader(target: &Target, file: &File, local: bool) -> Box<dyn AsyncFileReader> {
+    let table = target.table.table_url();
+    // The log's path, already decoded, under the table's directory.
+    let local = (local && table.scheme() == "file")
+        .then(|| table.to_file_path().ok())
         .flatten()
-        .and_then(|path| std::fs::File::open(path).ok());
+        .and_then(|dir| std::fs::File::open(dir.join(&file.path)).ok());
     if let Some(local) = local {
         return Box::new(LocalFile {
             file: local,
@@ -422,12 +460,18 @@ async fn index(
     file: &File,
     key: i64,
 ) -> Result<Option<u64>, Declined> {
+    let id = cache_key(target, file);
+    let refused = || Declined(format!("file {} could not be indexed", file.path));
+    if !target.keys.has_room() || caches.unindexable(&id) {
+        return Err(refused());
+    }
     let _permit = caches.indexing.acquire().await.map_err(declined)?;
     if let Some(row) = target.keys.row_of(&file.path, key) {
         return Ok(row); // indexed while this lookup waited
     }
     let meta = footer(caches, target, file).await?;
-    let builder = ParquetRecordBatchStreamBuilder::new_with_metadata(reader(target, file), meta);
+    let builder =
+        ParquetRecordBatchStreamBuilder::new_with_metadata(reader(target, file, false), meta);
     let column = target.keys.column().to_string();
     let root = builder
         .schema()
@@ -443,13 +487,18 @@ async fn index(
         .map_err(declined)?;
     let keys = target.keys.clone();
     let path = file.path.clone();
-    tokio::task::spawn_blocking(move || keys.learn(&path, &batches))
+    let learned = tokio::task::spawn_blocking(move || keys.learn(&path, &batches))
         .await
         .map_err(declined)?;
-    target
-        .keys
-        .row_of(&file.path, key)
-        .ok_or_else(|| Declined(format!("file {} could not be indexed", file.path)))
+    match target.keys.row_of(&file.path, key) {
+        Some(row) => Ok(row),
+        None => {
+            if !learned {
+                caches.refuse(id); // NULL or repeated keys, or no room: not read again
+            }
+            Err(refused())
+        }
+    }
 }
 
 async fn footer(
@@ -466,7 +515,7 @@ async fn footer(
     {
         return Ok(meta.clone());
     }
-    let mut reader = reader(target, file);
+    let mut reader = reader(target, file, true);
     let meta = ArrowReaderMetadata::load_async(
         &mut reader,
         ArrowReaderOptions::new().with_offset_index_policy(PageIndexPolicy::Optional),
@@ -525,7 +574,8 @@ async fn read_row(
     projected: &SchemaRef,
 ) -> Result<RecordBatch, Declined> {
     let meta = footer(caches, target, file).await?;
-    let builder = ParquetRecordBatchStreamBuilder::new_with_metadata(reader(target, file), meta);
+    let builder =
+        ParquetRecordBatchStreamBuilder::new_with_metadata(reader(target, file, true), meta);
     let file_schema: SchemaRef = builder.schema().clone();
     let roots: Vec<usize> = projected
         .fields()
@@ -626,6 +676,7 @@ mod tests {
             "select * from t where id = 1 for update",
             "with a as (select 1) select * from t where id = 1",
             "select * from other.wal2delta.public.t where id = 1",
+            "select id, id from t where id = 1",
         ] {
             assert_eq!(of(other), None, "{other}");
         }
@@ -633,15 +684,25 @@ mod tests {
 
     #[test]
     fn integer_parameters_are_read_in_text_and_binary() {
-        assert_eq!(parameter(Some(b" 42"), false), Some(42));
-        assert_eq!(parameter(Some(b"4.2"), false), None);
-        assert_eq!(parameter(Some(&(-3i16).to_be_bytes()), true), Some(-3));
-        assert_eq!(parameter(Some(&7i32.to_be_bytes()), true), Some(7));
+        let (int2, int4, int8) = (Some(&Type::INT2), Some(&Type::INT4), Some(&Type::INT8));
+        assert_eq!(parameter(Some(b" 42"), false, None), Some(42));
+        assert_eq!(parameter(Some(b"42"), false, int4), Some(42));
+        assert_eq!(parameter(Some(b"4.2"), false, None), None);
         assert_eq!(
-            parameter(Some(&(1i64 << 40).to_be_bytes()), true),
-            Some(1 << 40)
+            parameter(Some(&(-3i16).to_be_bytes()), true, int2),
+            Some(-3)
         );
-        assert_eq!(parameter(Some(&[1, 2, 3]), true), None);
-        assert_eq!(parameter(None, false), None);
+        assert_eq!(parameter(Some(&7i32.to_be_bytes()), true, int4), Some(7));
+        let big = (1i64 << 40).to_be_bytes();
+        assert_eq!(parameter(Some(&big), true, int8), Some(1 << 40));
+        assert_eq!(parameter(Some(&big), true, None), Some(1 << 40));
+        // Declared otherwise, or a width that is not the declared type's: planned.
+        let float = 1.0f64.to_be_bytes();
+        assert_eq!(parameter(Some(&float), true, Some(&Type::FLOAT8)), None);
+        assert_eq!(parameter(Some(b"42"), true, Some(&Type::TEXT)), None);
+        assert_eq!(parameter(Some(b"42"), false, Some(&Type::TEXT)), None);
+        assert_eq!(parameter(Some(&7i32.to_be_bytes()), true, None), None);
+        assert_eq!(parameter(Some(&7i32.to_be_bytes()), true, int8), None);
+        assert_eq!(parameter(None, false, None), None);
     }
 }

@@ -719,7 +719,12 @@ impl Session {
                     return Ok(None);
                 };
                 let bytes = portal.parameters.get(i).and_then(|p| p.as_deref());
-                match parameter(bytes, portal.parameter_format.is_binary(i)) {
+                let declared = portal
+                    .statement
+                    .parameter_types
+                    .get(i)
+                    .and_then(Option::as_ref);
+                match parameter(bytes, portal.parameter_format.is_binary(i), declared) {
                     Some(v) => v,
                     None => return Ok(None),
                 }

@@ -153,7 +153,7 @@ pub struct Views {
     /// Lookup targets at the newest position, built table by table as lookups ask for
     /// them: a lookup on the live position waits for no view build (which covers every
     /// table, `pg_catalog` and the refined views).
-    lookup_latest: std::sync::Mutex<LatestTargets>,
+    lookup_latest: Mutex<LatestTargets>,
     /// The source's primary keys, when the daemon runs in this process.
     keys: super::primary_keys::PrimaryKeys,
     latest: Mutex<Option<Arc<View>>>,
@@ -271,14 +271,18 @@ impl Views {
         table: &DeltaTable,
         schema: &deltalake::arrow::datatypes::SchemaRef,
     ) -> Option<Arc<crate::lake::curated::PublishedKeys>> {
+        // The source's key must be this one column: the daemon indexes the first key
+        // column of any key (`REPLICA IDENTITY USING INDEX` may name another).
+        let key = self.keys.of(name)?;
+        let [column] = key.as_slice() else {
+            return None;
+        };
         let location = table.table_url();
-        let keys = crate::lake::curated::published_keys(location.as_str()).or_else(|| {
-            let key = self.keys.of(name)?;
-            let [column] = key.as_slice() else {
-                return None;
-            };
-            Some(crate::lake::curated::keys_of(location.as_str(), column))
-        })?;
+        let keys = crate::lake::curated::published_keys(location.as_str())
+            .unwrap_or_else(|| crate::lake::curated::keys_of(location.as_str(), column));
+        if keys.column() != column {
+            return None;
+        }
         let integer = schema
             .field_with_name(keys.column())
             .is_ok_and(|f| f.data_type().is_integer());
@@ -294,13 +298,13 @@ impl Views {
         table: &str,
     ) -> Result<Option<Arc<super::lookup::Target>>, DataFusionError> {
         let id = (schema.to_string(), table.to_string());
+        // Held while a target is made, so that the sessions asking for it at a new
+        // position wait for one making instead of each making their own.
+        let mut latest = self.lookup_latest.lock().await;
+        if latest.position.as_ref() == Some(position)
+            && let Some(target) = latest.targets.get(&id)
         {
-            let latest = self.lookup_latest.lock().expect("lookup targets lock");
-            if latest.position.as_ref() == Some(position)
-                && let Some(target) = latest.targets.get(&id)
-            {
-                return Ok(target.clone());
-            }
+            return Ok(target.clone());
         }
         let found = position
             .versions
@@ -325,7 +329,10 @@ impl Views {
                     .map(|keys| Arc::new(super::lookup::Target::new(delta, schema, keys)))
             }
         };
-        let mut latest = self.lookup_latest.lock().expect("lookup targets lock");
+        if let Some(target) = &target {
+            // Parse the files' statistics now, once, rather than in the first lookup.
+            target.prepare().await;
+        }
         if latest.position.as_ref() != Some(position) {
             latest.position = Some(position.clone());
             latest.targets.clear();

@@ -146,6 +146,11 @@ impl Published {
         files.get(path).map(|entry| entry.row_of(key))
     }
 
+    /// Whether the shared budget has room for another entry.
+    pub fn has_room(&self) -> bool {
+        USED.load(Ordering::Acquire) < LIMIT.load(Ordering::Acquire)
+    }
+
     /// Indexes the file at `path` from its whole key column (`batches`, in order), read by
     /// the endpoint for a lookup, when the keys allow it and the shared budget has room.
     /// The daemon's index drops the entry with the others once the file leaves the table
@@ -178,6 +183,17 @@ impl Published {
         }
         files.insert(path.to_string(), Arc::new(keys));
         true
+    }
+}
+
+impl Drop for Published {
+    /// Entries still held (the endpoint's, of a table whose daemon index never adopted
+    /// them) give their bytes back to the shared budget.
+    fn drop(&mut self) {
+        let files = self.files.get_mut().unwrap_or_else(|e| e.into_inner());
+        for (_, keys) in files.drain() {
+            USED.fetch_sub(keys.bytes, Ordering::AcqRel);
+        }
     }
 }
 
