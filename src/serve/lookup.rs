@@ -335,10 +335,10 @@ pub async fn rows(
         let Some(row) = row else {
             continue;
         };
-        if let Some(dv) = &file.dv {
-            if deleted(caches, target, file, dv).await?.contains(row) {
-                continue;
-            }
+        if let Some(dv) = &file.dv
+            && deleted(caches, target, file, dv).await?.contains(row)
+        {
+            continue;
         }
         found.push(read_row(caches, target, file, row, &projected).await?);
     }
