@@ -197,12 +197,20 @@ fn storage_trouble(error: &DeltaTableError) -> bool {
         DeltaTableError::ObjectStore { .. }
         | DeltaTableError::Io { .. }
         | DeltaTableError::Parquet { .. } => true,
-        DeltaTableError::KernelError(kernel) => matches!(
-            kernel,
+        DeltaTableError::KernelError(kernel) => match kernel {
             delta_kernel::Error::ObjectStore(_)
-                | delta_kernel::Error::IOError(_)
-                | delta_kernel::Error::Parquet(_)
-        ),
+            | delta_kernel::Error::IOError(_)
+            | delta_kernel::Error::Parquet(_) => true,
+            // A version this daemon just committed that the log's listing does not show:
+            // the storage lost sight of the log (a directory moved away, an unmounted
+            // disk). The commit may or may not have landed; the retry's transaction
+            // check tells which.
+            delta_kernel::Error::Generic(message) => {
+                message.starts_with("Requested snapshot version")
+                    && message.contains("is not available")
+            }
+            _ => false,
+        },
         DeltaTableError::Transaction { source } => matches!(
             source,
             TransactionError::ObjectStore { .. } | TransactionError::LogStoreError { .. }
@@ -300,5 +308,22 @@ impl Lake {
     /// The global checkpoint table.
     pub fn checkpoint_url(&self) -> Url {
         self.join("_wal2delta/checkpoint/")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_that_vanished_from_the_listing_is_storage_trouble() {
+        let vanished = DeltaTableError::KernelError(delta_kernel::Error::Generic(
+            "Requested snapshot version 7 is not available: no new commits were found after existing snapshot version 6".into(),
+        ));
+        assert!(storage_trouble(&vanished));
+        let other = DeltaTableError::KernelError(delta_kernel::Error::Generic(
+            "Invalid table: a broken schema".into(),
+        ));
+        assert!(!storage_trouble(&other));
     }
 }
