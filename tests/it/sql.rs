@@ -854,17 +854,27 @@ async fn the_endpoint_is_secured_and_limited() {
         "plaintext accepted: {out}"
     );
 
-    // Statement timeout: 57014, and the session stays usable.
-    let (ok, out) = psql(
-        port,
-        "analyst",
-        &good,
-        &[
-            "-c",
-            "SELECT count(*) FROM generate_series(1, 3000000000) a(x) WHERE x % 7 = 3",
-        ],
-    );
-    assert!(!ok && out.contains("statement timeout"), "{out}");
+    // Statement timeout: 57014, and the session stays usable. On a loaded machine the
+    // series' producer can outrun the filtering partitions until DataFusion's repartition
+    // buffers reach the 32 MiB statement limit first (a correct refusal, seen once in CI);
+    // one of three tries must then reach the deadline.
+    let timed_out = (0..3).any(|_| {
+        let (ok, out) = psql(
+            port,
+            "analyst",
+            &good,
+            &[
+                "-c",
+                "SELECT count(*) FROM generate_series(1, 3000000000) a(x) WHERE x % 7 = 3",
+            ],
+        );
+        assert!(
+            !ok && (out.contains("statement timeout") || out.contains("Memory Exhausted")),
+            "{out}"
+        );
+        out.contains("statement timeout")
+    });
+    assert!(timed_out, "the statement timeout never stopped the query");
     // Memory limit: a sort far beyond 32 MiB (about 150 MB of text) is refused (53200), not spilled or crashed.
     let (ok, out) = psql(
         port,
