@@ -19,7 +19,10 @@
 //!   its key column read once and indexed); the row is dropped if the file's deletion
 //!   vector at that version marks it; the row's projected columns are read from its page
 //!   alone (Parquet offset index, footers cached), cast to the types the table presents,
-//!   and encoded by the same code as DataFusion's results. Output caps, the deadline,
+//!   and encoded by the same code as DataFusion's results. The rows are read in blocks of
+//!   [`BLOCK_ROWS`] around the one asked for and kept decoded ([`Blocks`], at most
+//!   [`BLOCKS_BYTES`]): data files never change, so a hot key's next lookup (and its
+//!   neighbours') reads no file and decompresses no page. Output caps, the deadline,
 //!   cancellation and the statement metrics apply as for any statement.
 //! - **Same answer as the planner.** The test suite runs each shape both ways and
 //!   compares the rows and their encoding.
@@ -52,7 +55,8 @@ use roaring::RoaringTreemap;
 use std::ops::Range;
 use tokio::sync::{OnceCell, Semaphore};
 
-use crate::lake::curated::PublishedKeys;
+use super::bounded_map::BoundedMap;
+use crate::lake::curated::{FileKeys, PublishedKeys};
 use crate::lake::deletion_vector;
 
 /// What a recognised lookup asks for.
@@ -249,20 +253,36 @@ struct File {
     /// Min and max of the key column (Delta statistics), when recorded.
     bounds: Option<(i64, i64)>,
     dv: Option<deltalake::kernel::DeletionVectorDescriptor>,
+    /// The file's key-index entry, once found (entries never change).
+    keys: std::sync::OnceLock<Arc<FileKeys>>,
 }
 
-/// What lookups keep across views: Parquet footers and deletion vectors of immutable
-/// files, bounded in count.
+impl File {
+    /// Where `key` is in the file: `None` when it has no key-index entry yet, else the
+    /// row that holds it, if any.
+    fn row_of(&self, published: &PublishedKeys, key: i64) -> Option<Option<u64>> {
+        if let Some(entry) = self.keys.get() {
+            return Some(entry.row_of(key));
+        }
+        let found = published.entry(&self.path)?;
+        Some(self.keys.get_or_init(|| found).row_of(key))
+    }
+}
+
+/// What lookups keep across views: Parquet footers, deletion vectors and decoded row
+/// blocks of immutable files, bounded in count (and the blocks in bytes).
 pub struct Caches {
-    footers: std::sync::Mutex<HashMap<String, ArrowReaderMetadata>>,
-    deleted: std::sync::Mutex<HashMap<String, Arc<RoaringTreemap>>>,
+    footers: std::sync::Mutex<BoundedMap<String, ArrowReaderMetadata>>,
+    blocks: std::sync::Mutex<Blocks>,
+    deleted: std::sync::Mutex<BoundedMap<String, Arc<RoaringTreemap>>>,
     /// Files whose keys could not be indexed (NULL or repeated keys, no room).
-    unindexable: std::sync::Mutex<std::collections::HashSet<String>>,
+    unindexable: std::sync::Mutex<BoundedMap<String, ()>>,
     /// One endpoint-side key-column read at a time (they can be a file's whole column).
     indexing: Semaphore,
 }
 
-/// Footers (and deletion vectors) kept at most; past that the cache starts over.
+/// Footers (and deletion vectors, unindexable files) kept at most; past that the
+/// cache starts over.
 const MOST: usize = 4096;
 
 impl Default for Caches {
@@ -274,24 +294,89 @@ impl Default for Caches {
 impl Caches {
     fn unindexable(&self, id: &str) -> bool {
         let refused = self.unindexable.lock().unwrap_or_else(|e| e.into_inner());
-        refused.contains(id)
+        refused.get(id).is_some()
     }
 
     fn refuse(&self, id: String) {
         let mut refused = self.unindexable.lock().unwrap_or_else(|e| e.into_inner());
-        if refused.len() >= MOST {
-            refused.clear();
-        }
-        refused.insert(id);
+        refused.insert(id, ());
     }
 
     pub fn new() -> Caches {
         Caches {
-            footers: Default::default(),
-            deleted: Default::default(),
-            unindexable: Default::default(),
+            footers: std::sync::Mutex::new(BoundedMap::new(MOST)),
+            blocks: Default::default(),
+            deleted: std::sync::Mutex::new(BoundedMap::new(MOST)),
+            unindexable: std::sync::Mutex::new(BoundedMap::new(MOST)),
             indexing: Semaphore::new(1),
         }
+    }
+}
+
+/// Rows a lookup reads and keeps together: decoding the page that holds one row costs
+/// about as much as decoding its neighbours too.
+pub const BLOCK_ROWS: u64 = 256;
+
+/// Decoded blocks kept at most, in bytes of their Arrow buffers.
+pub const BLOCKS_BYTES: usize = 32 << 20;
+
+/// Decoded row blocks of data files (all of a file's columns, as the file has them),
+/// keyed by file and block number. Past [`BLOCKS_BYTES`] the oldest block not used
+/// since it last came round is dropped (second chance, as in a buffer cache's clock).
+struct Blocks {
+    map: HashMap<(String, u64), (RecordBatch, bool)>,
+    order: std::collections::VecDeque<(String, u64)>,
+    bytes: usize,
+    limit: usize,
+}
+
+impl Default for Blocks {
+    fn default() -> Blocks {
+        Blocks::new(BLOCKS_BYTES)
+    }
+}
+
+impl Blocks {
+    fn new(limit: usize) -> Blocks {
+        Blocks {
+            map: HashMap::new(),
+            order: Default::default(),
+            bytes: 0,
+            limit,
+        }
+    }
+
+    fn get(&mut self, key: &(String, u64)) -> Option<RecordBatch> {
+        let (batch, used) = self.map.get_mut(key)?;
+        *used = true;
+        Some(batch.clone())
+    }
+
+    fn insert(&mut self, key: (String, u64), batch: RecordBatch) {
+        let size = batch.get_array_memory_size();
+        if size > self.limit || self.map.contains_key(&key) {
+            return;
+        }
+        while self.bytes + size > self.limit {
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
+            match self.map.get_mut(&oldest) {
+                Some((_, used)) if *used => {
+                    *used = false;
+                    self.order.push_back(oldest);
+                }
+                Some(_) => {
+                    if let Some((gone, _)) = self.map.remove(&oldest) {
+                        self.bytes -= gone.get_array_memory_size();
+                    }
+                }
+                None => {}
+            }
+        }
+        self.bytes += size;
+        self.order.push_back(key.clone());
+        self.map.insert(key, (batch, false));
     }
 }
 
@@ -328,7 +413,7 @@ pub async fn rows(
         if file.bounds.is_some_and(|(lo, hi)| key < lo || key > hi) {
             continue;
         }
-        let row = match target.keys.row_of(&file.path, key) {
+        let row = match file.row_of(&target.keys, key) {
             Some(row) => row,
             None => index(caches, target, file, key).await?,
         };
@@ -371,6 +456,7 @@ fn live_files(target: &Target) -> Result<Vec<File>, Declined> {
                 size: view.size() as u64,
                 bounds,
                 dv: view.deletion_vector_descriptor(),
+                keys: Default::default(),
             }
         })
         .collect())
@@ -466,7 +552,7 @@ async fn index(
         return Err(refused());
     }
     let _permit = caches.indexing.acquire().await.map_err(declined)?;
-    if let Some(row) = target.keys.row_of(&file.path, key) {
+    if let Some(row) = file.row_of(&target.keys, key) {
         return Ok(row); // indexed while this lookup waited
     }
     let meta = footer(caches, target, file).await?;
@@ -490,7 +576,7 @@ async fn index(
     let learned = tokio::task::spawn_blocking(move || keys.learn(&path, &batches))
         .await
         .map_err(declined)?;
-    match target.keys.row_of(&file.path, key) {
+    match file.row_of(&target.keys, key) {
         Some(row) => Ok(row),
         None => {
             if !learned {
@@ -507,13 +593,13 @@ async fn footer(
     file: &File,
 ) -> Result<ArrowReaderMetadata, Declined> {
     let id = cache_key(target, file);
-    if let Some(meta) = caches
+    let cached = caches
         .footers
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .get(&id)
-    {
-        return Ok(meta.clone());
+        .get(&id);
+    if let Some(meta) = cached {
+        return Ok(meta);
     }
     let mut reader = reader(target, file, true);
     let meta = ArrowReaderMetadata::load_async(
@@ -523,9 +609,6 @@ async fn footer(
     .await
     .map_err(declined)?;
     let mut footers = caches.footers.lock().unwrap_or_else(|e| e.into_inner());
-    if footers.len() >= MOST {
-        footers.clear();
-    }
     footers.insert(id, meta.clone());
     Ok(meta)
 }
@@ -543,13 +626,13 @@ async fn deleted(
         dv.path_or_inline_dv,
         dv.offset
     );
-    if let Some(d) = caches
+    let cached = caches
         .deleted
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .get(&id)
-    {
-        return Ok(d.clone());
+        .get(&id);
+    if let Some(d) = cached {
+        return Ok(d);
     }
     let d = Arc::new(
         deletion_vector::read(&target.table, dv)
@@ -557,15 +640,12 @@ async fn deleted(
             .map_err(declined)?,
     );
     let mut all = caches.deleted.lock().unwrap_or_else(|e| e.into_inner());
-    if all.len() >= MOST {
-        all.clear();
-    }
     all.insert(id, d.clone());
     Ok(d)
 }
 
-/// Row `row` of `file`, its `projected` columns read from the page that holds it and
-/// cast to the served types (a column the file lacks, added later, is NULL).
+/// Row `row` of `file`, its `projected` columns cast to the served types (a column the
+/// file lacks, added later, is NULL), from the row's decoded block.
 async fn read_row(
     caches: &Caches,
     target: &Target,
@@ -573,37 +653,72 @@ async fn read_row(
     row: u64,
     projected: &SchemaRef,
 ) -> Result<RecordBatch, Declined> {
+    let number = row / BLOCK_ROWS;
+    let key = (cache_key(target, file), number);
+    let cached = caches
+        .blocks
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key);
+    let block = match cached {
+        Some(block) => block,
+        None => {
+            let block = read_block(caches, target, file, number).await?;
+            let mut blocks = caches.blocks.lock().unwrap_or_else(|e| e.into_inner());
+            blocks.insert(key, block.clone());
+            block
+        }
+    };
+    let at = (row % BLOCK_ROWS) as usize;
+    if at >= block.num_rows() {
+        return Err(Declined(format!(
+            "row {row} of {} is past its block's {} rows",
+            file.path,
+            block.num_rows()
+        )));
+    }
+    served(&block.slice(at, 1), projected)
+}
+
+/// Block `number` of `file`: its rows from `number * BLOCK_ROWS`, every column, read
+/// from the pages that hold them (the offset index locates them).
+async fn read_block(
+    caches: &Caches,
+    target: &Target,
+    file: &File,
+    number: u64,
+) -> Result<RecordBatch, Declined> {
     let meta = footer(caches, target, file).await?;
+    let total = u64::try_from(meta.metadata().file_metadata().num_rows()).unwrap_or(0);
+    let first = number * BLOCK_ROWS;
+    let count = total.saturating_sub(first).min(BLOCK_ROWS) as usize;
     let builder =
         ParquetRecordBatchStreamBuilder::new_with_metadata(reader(target, file, true), meta);
-    let file_schema: SchemaRef = builder.schema().clone();
-    let roots: Vec<usize> = projected
-        .fields()
-        .iter()
-        .filter_map(|f| file_schema.index_of(f.name()).ok())
-        .collect();
-    let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
     let selection = RowSelection::from(vec![
-        RowSelector::skip(row as usize),
-        RowSelector::select(1),
+        RowSelector::skip(first as usize),
+        RowSelector::select(count),
     ]);
     let batches: Vec<RecordBatch> = builder
-        .with_projection(mask)
         .with_row_selection(selection)
-        .with_batch_size(1)
+        .with_batch_size(BLOCK_ROWS as usize)
         .build()
         .map_err(declined)?
         .try_collect()
         .await
         .map_err(declined)?;
-    let [batch] = batches.as_slice() else {
+    let schema = batches
+        .first()
+        .map(|b| b.schema())
+        .ok_or_else(|| Declined(format!("block {number} of {} is empty", file.path)))?;
+    let block = concat_batches(&schema, &batches).map_err(declined)?;
+    if block.num_rows() != count {
         return Err(Declined(format!(
-            "row {row} of {} read as {} batches",
+            "block {number} of {} read as {} rows, not {count}",
             file.path,
-            batches.len()
+            block.num_rows()
         )));
-    };
-    served(batch, projected)
+    }
+    Ok(block)
 }
 
 /// `batch` (a file's columns) as `schema` presents them.
@@ -680,6 +795,35 @@ mod tests {
         ] {
             assert_eq!(of(other), None, "{other}");
         }
+    }
+
+    #[test]
+    fn decoded_blocks_stay_within_their_bytes_and_keep_the_used_ones() {
+        use deltalake::arrow::array::Int64Array;
+        let batch = |n: i64| {
+            RecordBatch::try_from_iter([("id", Arc::new(Int64Array::from_iter_values(0..n)) as _)])
+                .unwrap()
+        };
+        let size = batch(100).get_array_memory_size();
+        let mut blocks = Blocks::new(size * 3);
+        let key = |n: u64| ("f".to_string(), n);
+        for n in 0..3 {
+            blocks.insert(key(n), batch(100));
+        }
+        assert!(blocks.get(&key(0)).is_some());
+        blocks.insert(key(3), batch(100));
+        // Block 0 was used since it came in: block 1, the oldest unused, made room.
+        assert!(blocks.get(&key(0)).is_some());
+        assert!(blocks.get(&key(1)).is_none());
+        assert!(blocks.get(&key(3)).is_some());
+        assert_eq!(blocks.bytes, size * 3);
+        for n in 4..40 {
+            blocks.insert(key(n), batch(100));
+            assert!(blocks.bytes <= size * 3);
+        }
+        blocks.insert(key(99), batch(1000)); // larger than everything: not kept
+        assert!(blocks.get(&key(99)).is_none());
+        assert_eq!(blocks.map.len(), blocks.order.len());
     }
 
     #[test]

@@ -54,7 +54,7 @@ fn ordered(v: i64) -> u64 {
 }
 
 /// The keys of one data file.
-pub(super) struct FileKeys {
+pub struct FileKeys {
     keys: RoaringTreemap,
     /// The row of the n-th smallest key, when the rows are not in key order.
     rows: Option<Vec<u32>>,
@@ -102,8 +102,8 @@ impl FileKeys {
         Some(FileKeys { keys, rows, bytes })
     }
 
-    /// The row that holds `key`, if any.
-    pub(super) fn row_of(&self, key: i64) -> Option<u64> {
+    /// The row that holds `key`, if any (a row a deletion vector removed still counts).
+    pub fn row_of(&self, key: i64) -> Option<u64> {
         let k = ordered(key);
         if !self.keys.contains(k) {
             return None;
@@ -142,8 +142,13 @@ impl Published {
     /// Where `key` is in the file at `path`: `None` when the file has no entry, else the
     /// row that holds it, if any (a row a deletion vector removed still counts).
     pub fn row_of(&self, path: &str, key: i64) -> Option<Option<u64>> {
+        self.entry(path).map(|entry| entry.row_of(key))
+    }
+
+    /// The entry of the file at `path`, if it has one (entries never change).
+    pub fn entry(&self, path: &str) -> Option<Arc<FileKeys>> {
         let files = self.files.read().unwrap_or_else(|e| e.into_inner());
-        files.get(path).map(|entry| entry.row_of(key))
+        files.get(path).cloned()
     }
 
     /// Whether the shared budget has room for another entry.

@@ -30,7 +30,7 @@ use deltalake::{DeltaTable, DeltaTableError};
 use self::files::{Committed, DataFile, FileState};
 use self::key_index::KeyIndex;
 pub use self::key_index::{
-    Published as PublishedKeys, published as published_keys, published_or_new as keys_of,
+    FileKeys, Published as PublishedKeys, published as published_keys, published_or_new as keys_of,
 };
 pub use self::stored_keys::StoredKeys;
 use super::commit::{AppId, Commit, InfoKey, applied};
