@@ -18,6 +18,7 @@
 //!   memory is bounded by `budget` and `growth`.
 
 pub mod auth;
+pub mod bounded_map;
 pub mod budget;
 pub mod cancel;
 pub mod catalog_columns;
@@ -25,6 +26,7 @@ pub mod catalog_functions;
 pub mod column_names;
 pub mod config;
 pub mod copy_out;
+pub mod cork;
 pub mod dv_scan;
 pub mod grants;
 pub mod growth;
@@ -363,8 +365,10 @@ pub async fn start(
                     ),
                 }
             });
+            // The descriptor stays open while the session runs (`cork::Cork::new`).
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
             let handlers = Connection {
-                session: Arc::new(Session::new(shared.clone())),
+                session: Arc::new(Session::new(shared.clone(), cork::Cork::new(Some(fd)))),
                 startup: Arc::new(Startup::new(policy.clone(), cancels.clone(), refusal)),
                 cancels: cancels.clone(),
             };

@@ -18,7 +18,9 @@
 //!   client that prepares once and executes for hours still sees new data;
 //! - writes are refused from the parsed statement (`read_only`);
 //! - DataFusion errors become Postgres SQLSTATEs (42601, 42P01, 42703, 53200, 54000,
-//!   57014…).
+//!   57014…);
+//! - a response leaves in one TCP segment, sent at `Sync`, `Flush` or the end of a simple
+//!   query, as Postgres sends it (`cork`).
 
 use std::fmt::Debug;
 use std::sync::{Arc, Weak};
@@ -48,6 +50,7 @@ use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use pgwire::messages::PgWireBackendMessage;
 use tokio::sync::watch;
 
+use super::bounded_map::BoundedMap;
 use super::budget::{Budget, Output, Sent, StatementPool, TooLarge};
 use super::read_only;
 use super::view::{Position, Target, View, Views};
@@ -112,19 +115,29 @@ pub struct Session {
     parser: Arc<SessionParser>,
     /// Plans of prepared statements on the current view.
     plans: std::sync::Mutex<super::plan_cache::PlanCache>,
+    /// Holds the socket's output until a response is complete.
+    cork: super::cork::Cork,
+    /// Whether a statement is a point lookup, by its text (`lookup::shape`).
+    shapes: std::sync::Mutex<BoundedMap<String, Option<super::lookup::Shape>>>,
 }
 
+/// Statements a session remembers facts of, by text (prepared statements are few).
+const REMEMBERED: usize = 256;
+
 impl Session {
-    pub fn new(shared: Arc<Shared>) -> Session {
+    pub fn new(shared: Arc<Shared>, cork: super::cork::Cork) -> Session {
         let as_of = Arc::new(std::sync::Mutex::new(None));
         Session {
             parser: Arc::new(SessionParser {
                 shared: shared.clone(),
                 as_of: as_of.clone(),
+                names: std::sync::Mutex::new(BoundedMap::new(REMEMBERED)),
             }),
             shared,
             as_of,
             plans: Default::default(),
+            cork,
+            shapes: std::sync::Mutex::new(BoundedMap::new(REMEMBERED)),
         }
     }
 }
@@ -669,17 +682,34 @@ impl Session {
 
     /// `statement` answered as a point lookup (`lookup`) at the position the session
     /// reads, when it is one and the user may read the table; `None` to plan it as
-    /// usual. `portal` holds the parameters of an extended-protocol statement.
+    /// usual. `portal` holds the parameters of an extended-protocol statement; `text`
+    /// is the SQL the statement was parsed from, when nothing rewrote it since (its
+    /// shape is then remembered by that text).
     async fn lookup<C: ClientInfo + ?Sized>(
         &self,
         client: &C,
-        statement: &Statement,
+        (statement, text): (&Statement, Option<&str>),
         portal: Option<&Portal<DfStatement>>,
         format: &Format,
         stop: &Stop,
     ) -> PgWireResult<Option<Response>> {
         use super::lookup::{KeyValue, parameter, rows, shape};
-        let Some(shape) = shape(statement) else {
+        let known = text.and_then(|t| {
+            let shapes = self.shapes.lock().unwrap_or_else(|e| e.into_inner());
+            shapes.get(t)
+        });
+        let found = match known {
+            Some(found) => found,
+            None => {
+                let found = shape(statement);
+                if let Some(t) = text {
+                    let mut shapes = self.shapes.lock().unwrap_or_else(|e| e.into_inner());
+                    shapes.insert(t.to_string(), found.clone());
+                }
+                found
+            }
+        };
+        let Some(shape) = found else {
             return Ok(None);
         };
         // The live position needs no view (`Views::lookup_target_at`); a pinned one
@@ -784,8 +814,49 @@ impl SimpleQueryHandler for Session {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        let lone_copy = match parse(&query.query).as_deref() {
-            Ok([s]) => super::copy_out::parse(s).and_then(Result::ok),
+        self.cork.hold();
+        let answered = self.answer_query(client, query).await;
+        // Also before an error goes out: pgwire sends it after this returns.
+        self.cork.release();
+        answered
+    }
+
+    async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        self.simple_query(client, query).await
+    }
+}
+
+impl Session {
+    /// A simple-protocol query message, answered as pgwire does, except for a lone
+    /// `COPY … TO STDOUT`, whose response the session sends itself.
+    async fn answer_query<C>(
+        &self,
+        client: &mut C,
+        query: pgwire::messages::simplequery::Query,
+    ) -> PgWireResult<()>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        // Only a statement that mentions COPY can be one (a parse costs more than a look).
+        let mentions_copy = query
+            .query
+            .as_bytes()
+            .windows(4)
+            .any(|w| w.eq_ignore_ascii_case(b"copy"));
+        let lone_copy = match mentions_copy.then(|| parse(&query.query)) {
+            Some(Ok(statements)) => match statements.as_slice() {
+                [s] => super::copy_out::parse(s).and_then(Result::ok),
+                _ => None,
+            },
             _ => None,
         };
         let Some(header) = lone_copy.map(|c| c.format.header_message()) else {
@@ -815,7 +886,8 @@ impl SimpleQueryHandler for Session {
         pgwire::api::query::send_ready_for_query(client, status).await
     }
 
-    async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    /// The responses to a simple-protocol query.
+    async fn simple_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
     where
         C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
         C::PortalStore: PortalStore,
@@ -854,12 +926,15 @@ impl SimpleQueryHandler for Session {
                         }
                     };
                     let format = Format::UnifiedText;
-                    if let Some(rows) =
-                        self.lookup(client, &statement, None, &format, &stop).await?
+                    let text = (single && !rewritten).then_some(query);
+                    if let Some(rows) = self
+                        .lookup(client, (&statement, text), None, &format, &stop)
+                        .await?
                     {
                         let output = self.shared.output;
                         let none = (None, Weak::new());
-                        responses.push(limited(rows, names().as_deref(), stop, started, output, none));
+                        // Named as the served columns, which the statement names.
+                        responses.push(limited(rows, None, stop, started, output, none));
                         continue;
                     }
                     let view = view_for(&self.shared, &self.as_of).await?;
@@ -911,6 +986,9 @@ impl SimpleQueryHandler for Session {
 pub struct SessionParser {
     shared: Arc<Shared>,
     as_of: Arc<std::sync::Mutex<Option<AsOf>>>,
+    /// Postgres's names of a statement's columns, by its text (`column_names::of_text`);
+    /// clients describe a prepared statement at each execution.
+    names: std::sync::Mutex<BoundedMap<String, Option<Vec<Option<String>>>>>,
 }
 
 #[async_trait]
@@ -1001,11 +1079,24 @@ impl QueryParser for SessionParser {
             .describer
             .query_parser()
             .get_result_schema(stmt, column_format)?;
-        let renamed = stmt
-            .1
-            .as_ref()
-            .and_then(|(statement, _)| super::column_names::of_text(&stmt.0, statement))
-            .and_then(|names| super::column_names::rename(&fields, &names));
+        let Some((statement, _)) = stmt.1.as_ref() else {
+            return Ok(fields);
+        };
+        let known = self
+            .names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&stmt.0);
+        let names = match known {
+            Some(names) => names,
+            None => {
+                let names = super::column_names::of_text(&stmt.0, statement);
+                let mut all = self.names.lock().unwrap_or_else(|e| e.into_inner());
+                all.insert(stmt.0.clone(), names.clone());
+                names
+            }
+        };
+        let renamed = names.and_then(|names| super::column_names::rename(&fields, &names));
         Ok(renamed.unwrap_or(fields))
     }
 }
@@ -1061,6 +1152,45 @@ impl ExtendedQueryHandler for Session {
         Ok(())
     }
 
+    /// pgwire's handling (the unnamed portal dropped, `ReadyForQuery` sent), then what
+    /// waits in the socket leaves; the next messages' answers wait for the next `Sync`.
+    async fn on_sync<C>(
+        &self,
+        client: &mut C,
+        _message: pgwire::messages::extendedquery::Sync,
+    ) -> PgWireResult<()>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = DfStatement>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        client.portal_store().rm_portal(pgwire::api::DEFAULT_NAME);
+        let status = client.transaction_status();
+        let sent = pgwire::api::query::send_ready_for_query(client, status).await;
+        self.cork.release();
+        self.cork.hold();
+        sent
+    }
+
+    /// Sends what waits, as `Sync` does, without `ReadyForQuery`.
+    async fn on_flush<C>(
+        &self,
+        client: &mut C,
+        _message: pgwire::messages::extendedquery::Flush,
+    ) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let flushed = futures::SinkExt::flush(client).await;
+        self.cork.release();
+        self.cork.hold();
+        flushed?;
+        Ok(())
+    }
+
     fn query_parser(&self) -> Arc<SessionParser> {
         self.parser.clone()
     }
@@ -1091,7 +1221,7 @@ impl ExtendedQueryHandler for Session {
                 let stop = self.stop(client).await;
                 let format = &portal.result_column_format;
                 if let Some(rows) = self
-                    .lookup(client, statement, Some(portal), format, &stop)
+                    .lookup(client, (statement, Some(sql)), Some(portal), format, &stop)
                     .await?
                 {
                     let none = (None, Weak::new());
