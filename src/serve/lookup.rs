@@ -20,9 +20,10 @@
 //!   vector at that version marks it; the row's projected columns are read from its page
 //!   alone (Parquet offset index, footers cached), cast to the types the table presents,
 //!   and encoded by the same code as DataFusion's results. The rows are read in blocks of
-//!   [`BLOCK_ROWS`] around the one asked for and kept decoded ([`Blocks`], at most
-//!   [`BLOCKS_BYTES`]): data files never change, so a hot key's next lookup (and its
-//!   neighbours') reads no file and decompresses no page. Output caps, the deadline,
+//!   up to [`BLOCK_ROWS`] (fewer for wide rows, [`block_rows`]) around the one asked for
+//!   and kept decoded ([`Blocks`], at most [`BLOCKS_BYTES`]): data files never change, so
+//!   a hot key's next lookup (and its neighbours') reads no file and decompresses no
+//!   page. Output caps, the deadline,
 //!   cancellation and the statement metrics apply as for any statement.
 //! - **Same answer as the planner.** The test suite runs each shape both ways and
 //!   compares the rows and their encoding.
@@ -313,9 +314,29 @@ impl Caches {
     }
 }
 
-/// Rows a lookup reads and keeps together: decoding the page that holds one row costs
-/// about as much as decoding its neighbours too.
+/// Rows a lookup reads and keeps together at most: decoding the page that holds one row
+/// costs about as much as decoding its neighbours too.
 pub const BLOCK_ROWS: u64 = 256;
+
+/// What a block should hold, in uncompressed bytes: wide rows make shorter blocks.
+const BLOCK_BYTES: u64 = 256 << 10;
+
+/// The rows of `file`'s blocks: [`BLOCK_ROWS`], or fewer so that a block holds about
+/// [`BLOCK_BYTES`] at the file's mean row size (from its footer, so the same for every
+/// lookup of the file).
+fn block_rows(meta: &ArrowReaderMetadata) -> u64 {
+    let data = meta.metadata();
+    let rows = u64::try_from(data.file_metadata().num_rows())
+        .unwrap_or(0)
+        .max(1);
+    let bytes: u64 = data
+        .row_groups()
+        .iter()
+        .map(|g| u64::try_from(g.total_byte_size()).unwrap_or(0))
+        .sum();
+    let mean = (bytes / rows).max(1);
+    (BLOCK_BYTES / mean).clamp(1, BLOCK_ROWS)
+}
 
 /// Decoded blocks kept at most, in bytes of their Arrow buffers.
 pub const BLOCKS_BYTES: usize = 32 << 20;
@@ -354,7 +375,9 @@ impl Blocks {
 
     fn insert(&mut self, key: (String, u64), batch: RecordBatch) {
         let size = batch.get_array_memory_size();
-        if size > self.limit || self.map.contains_key(&key) {
+        // A block larger than an eighth of the cache is not kept: it would push out the
+        // many blocks of hot narrow rows.
+        if size > self.limit / 8 || self.map.contains_key(&key) {
             return;
         }
         while self.bytes + size > self.limit {
@@ -653,7 +676,9 @@ async fn read_row(
     row: u64,
     projected: &SchemaRef,
 ) -> Result<RecordBatch, Declined> {
-    let number = row / BLOCK_ROWS;
+    let meta = footer(caches, target, file).await?;
+    let rows = block_rows(&meta);
+    let number = row / rows;
     let key = (cache_key(target, file), number);
     let cached = caches
         .blocks
@@ -663,13 +688,13 @@ async fn read_row(
     let block = match cached {
         Some(block) => block,
         None => {
-            let block = read_block(caches, target, file, number).await?;
+            let block = read_block(target, file, meta, number * rows, rows).await?;
             let mut blocks = caches.blocks.lock().unwrap_or_else(|e| e.into_inner());
             blocks.insert(key, block.clone());
             block
         }
     };
-    let at = (row % BLOCK_ROWS) as usize;
+    let at = (row % rows) as usize;
     if at >= block.num_rows() {
         return Err(Declined(format!(
             "row {row} of {} is past its block's {} rows",
@@ -680,18 +705,17 @@ async fn read_row(
     served(&block.slice(at, 1), projected)
 }
 
-/// Block `number` of `file`: its rows from `number * BLOCK_ROWS`, every column, read
-/// from the pages that hold them (the offset index locates them).
+/// The block of `file` (footer `meta`) of up to `rows` rows from row `first`, every
+/// column, read from the pages that hold them (the offset index locates them).
 async fn read_block(
-    caches: &Caches,
     target: &Target,
     file: &File,
-    number: u64,
+    meta: ArrowReaderMetadata,
+    first: u64,
+    rows: u64,
 ) -> Result<RecordBatch, Declined> {
-    let meta = footer(caches, target, file).await?;
     let total = u64::try_from(meta.metadata().file_metadata().num_rows()).unwrap_or(0);
-    let first = number * BLOCK_ROWS;
-    let count = total.saturating_sub(first).min(BLOCK_ROWS) as usize;
+    let count = total.saturating_sub(first).min(rows) as usize;
     let builder =
         ParquetRecordBatchStreamBuilder::new_with_metadata(reader(target, file, true), meta);
     let selection = RowSelection::from(vec![
@@ -700,7 +724,7 @@ async fn read_block(
     ]);
     let batches: Vec<RecordBatch> = builder
         .with_row_selection(selection)
-        .with_batch_size(BLOCK_ROWS as usize)
+        .with_batch_size(count.max(1))
         .build()
         .map_err(declined)?
         .try_collect()
@@ -709,11 +733,11 @@ async fn read_block(
     let schema = batches
         .first()
         .map(|b| b.schema())
-        .ok_or_else(|| Declined(format!("block {number} of {} is empty", file.path)))?;
+        .ok_or_else(|| Declined(format!("rows from {first} of {} are empty", file.path)))?;
     let block = concat_batches(&schema, &batches).map_err(declined)?;
     if block.num_rows() != count {
         return Err(Declined(format!(
-            "block {number} of {} read as {} rows, not {count}",
+            "rows from {first} of {} read as {} rows, not {count}",
             file.path,
             block.num_rows()
         )));
@@ -805,23 +829,23 @@ mod tests {
                 .unwrap()
         };
         let size = batch(100).get_array_memory_size();
-        let mut blocks = Blocks::new(size * 3);
+        let mut blocks = Blocks::new(size * 24);
         let key = |n: u64| ("f".to_string(), n);
-        for n in 0..3 {
+        for n in 0..24 {
             blocks.insert(key(n), batch(100));
         }
         assert!(blocks.get(&key(0)).is_some());
-        blocks.insert(key(3), batch(100));
+        blocks.insert(key(24), batch(100));
         // Block 0 was used since it came in: block 1, the oldest unused, made room.
         assert!(blocks.get(&key(0)).is_some());
         assert!(blocks.get(&key(1)).is_none());
-        assert!(blocks.get(&key(3)).is_some());
-        assert_eq!(blocks.bytes, size * 3);
-        for n in 4..40 {
+        assert!(blocks.get(&key(24)).is_some());
+        assert_eq!(blocks.bytes, size * 24);
+        for n in 25..90 {
             blocks.insert(key(n), batch(100));
-            assert!(blocks.bytes <= size * 3);
+            assert!(blocks.bytes <= size * 24);
         }
-        blocks.insert(key(99), batch(1000)); // larger than everything: not kept
+        blocks.insert(key(99), batch(400)); // over an eighth of the cache: not kept
         assert!(blocks.get(&key(99)).is_none());
         assert_eq!(blocks.map.len(), blocks.order.len());
     }

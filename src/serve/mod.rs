@@ -192,6 +192,10 @@ impl PgWireServerHandlers for Connection {
         self.session.clone()
     }
 
+    fn error_handler(&self) -> Arc<impl pgwire::api::ErrorHandler> {
+        self.session.clone()
+    }
+
     fn startup_handler(&self) -> Arc<impl pgwire::api::auth::StartupHandler> {
         self.startup.clone()
     }

@@ -121,8 +121,12 @@ pub struct Session {
     shapes: std::sync::Mutex<BoundedMap<String, Option<super::lookup::Shape>>>,
 }
 
-/// Statements a session remembers facts of, by text (prepared statements are few).
+/// Statements a session remembers facts of, by text (prepared statements are few)…
 const REMEMBERED: usize = 256;
+
+/// …when their text is at most this long (so that a session keeps at most 1 MiB of
+/// texts per cache; longer statements are rare and dearer to run than to look at).
+const REMEMBERED_TEXT: usize = 4096;
 
 impl Session {
     pub fn new(shared: Arc<Shared>, cork: super::cork::Cork) -> Session {
@@ -694,6 +698,7 @@ impl Session {
         stop: &Stop,
     ) -> PgWireResult<Option<Response>> {
         use super::lookup::{KeyValue, parameter, rows, shape};
+        let text = text.filter(|t| t.len() <= REMEMBERED_TEXT);
         let known = text.and_then(|t| {
             let shapes = self.shapes.lock().unwrap_or_else(|e| e.into_inner());
             shapes.get(t)
@@ -796,6 +801,15 @@ impl Session {
             deadline: self.shared.timeout.map(|t| Instant::now() + t),
             cancelled: super::cancel::statement_token(client).await,
         }
+    }
+}
+
+/// An error pgwire sends for a statement of this session goes out at once, as Postgres
+/// sends errors, even while the socket is held for the next `Sync` (the client may wait
+/// for it after a `Flush`, which pgwire drops while it waits for `Sync`).
+impl pgwire::api::ErrorHandler for Session {
+    fn on_error<C: ClientInfo>(&self, _client: &C, _error: &mut PgWireError) {
+        self.cork.release();
     }
 }
 
@@ -926,9 +940,9 @@ impl Session {
                         }
                     };
                     let format = Format::UnifiedText;
-                    let text = (single && !rewritten).then_some(query);
+                    // Not remembered by text: a simple query carries its key as a literal.
                     if let Some(rows) = self
-                        .lookup(client, (&statement, text), None, &format, &stop)
+                        .lookup(client, (&statement, None), None, &format, &stop)
                         .await?
                     {
                         let output = self.shared.output;
@@ -1091,8 +1105,10 @@ impl QueryParser for SessionParser {
             Some(names) => names,
             None => {
                 let names = super::column_names::of_text(&stmt.0, statement);
-                let mut all = self.names.lock().unwrap_or_else(|e| e.into_inner());
-                all.insert(stmt.0.clone(), names.clone());
+                if stmt.0.len() <= REMEMBERED_TEXT {
+                    let mut all = self.names.lock().unwrap_or_else(|e| e.into_inner());
+                    all.insert(stmt.0.clone(), names.clone());
+                }
                 names
             }
         };

@@ -131,7 +131,23 @@ async fn key_lookups_answer_what_the_planner_answers() {
     let before = counted().await;
 
     // The snapshot's files: nobody has indexed them yet.
-    let keys = [-999i64, -1, 0, 1, 500, 2000, 2001, -5000, i64::MAX];
+    // -744/-743 and 1816/1817 sit either side of the 256-row block bounds (rows 255/256,
+    // 2815/2816) of the snapshot file, 2000 in its last, partial block.
+    let keys = [
+        -999i64,
+        -744,
+        -743,
+        -1,
+        0,
+        1,
+        500,
+        1816,
+        1817,
+        2000,
+        2001,
+        -5000,
+        i64::MAX,
+    ];
     for key in keys {
         let got = same_both_ways(&lake, "*", conta, "\"Id\"", key).await;
         let want = (-999..=2000).contains(&key) as usize;
