@@ -829,79 +829,53 @@ impl SimpleQueryHandler for Session {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         self.cork.hold();
-        let answered = self.answer_query(client, query).await;
+        let answered = async {
+            // Only a statement that mentions COPY can be one (a parse costs more than a look).
+            let mentions_copy = query
+                .query
+                .as_bytes()
+                .windows(4)
+                .any(|w| w.eq_ignore_ascii_case(b"copy"));
+            let lone_copy = match mentions_copy.then(|| parse(&query.query)) {
+                Some(Ok(statements)) => match statements.as_slice() {
+                    [s] => super::copy_out::parse(s).and_then(Result::ok),
+                    _ => None,
+                },
+                _ => None,
+            };
+            let Some(header) = lone_copy.map(|c| c.format.header_message()) else {
+                return self._on_query(client, query).await;
+            };
+            if !matches!(
+                client.state(),
+                pgwire::api::PgWireConnectionState::ReadyForQuery
+            ) {
+                return self._on_query(client, query).await;
+            }
+            let status = client.transaction_status();
+            client.set_state(pgwire::api::PgWireConnectionState::QueryInProgress);
+            for response in SimpleQueryHandler::do_query(self, client, &query.query).await? {
+                match response {
+                    Response::CopyOut(copy) => super::copy_out::send(client, copy, header).await?,
+                    other => {
+                        return Err(user_error(
+                            "XX000",
+                            format!("COPY answered with an unexpected response: {other:?}"),
+                        ));
+                    }
+                }
+            }
+            client.set_state(pgwire::api::PgWireConnectionState::ReadyForQuery);
+            client.set_transaction_status(status);
+            pgwire::api::query::send_ready_for_query(client, status).await
+        }
+        .await;
         // Also before an error goes out: pgwire sends it after this returns.
         self.cork.release();
         answered
     }
 
     async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
-    where
-        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
-        C::PortalStore: PortalStore,
-        C::Error: Debug,
-        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
-    {
-        self.simple_query(client, query).await
-    }
-}
-
-impl Session {
-    /// A simple-protocol query message, answered as pgwire does, except for a lone
-    /// `COPY … TO STDOUT`, whose response the session sends itself.
-    async fn answer_query<C>(
-        &self,
-        client: &mut C,
-        query: pgwire::messages::simplequery::Query,
-    ) -> PgWireResult<()>
-    where
-        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
-        C::PortalStore: PortalStore,
-        C::Error: Debug,
-        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
-    {
-        // Only a statement that mentions COPY can be one (a parse costs more than a look).
-        let mentions_copy = query
-            .query
-            .as_bytes()
-            .windows(4)
-            .any(|w| w.eq_ignore_ascii_case(b"copy"));
-        let lone_copy = match mentions_copy.then(|| parse(&query.query)) {
-            Some(Ok(statements)) => match statements.as_slice() {
-                [s] => super::copy_out::parse(s).and_then(Result::ok),
-                _ => None,
-            },
-            _ => None,
-        };
-        let Some(header) = lone_copy.map(|c| c.format.header_message()) else {
-            return self._on_query(client, query).await;
-        };
-        if !matches!(
-            client.state(),
-            pgwire::api::PgWireConnectionState::ReadyForQuery
-        ) {
-            return self._on_query(client, query).await;
-        }
-        let status = client.transaction_status();
-        client.set_state(pgwire::api::PgWireConnectionState::QueryInProgress);
-        for response in SimpleQueryHandler::do_query(self, client, &query.query).await? {
-            match response {
-                Response::CopyOut(copy) => super::copy_out::send(client, copy, header).await?,
-                other => {
-                    return Err(user_error(
-                        "XX000",
-                        format!("COPY answered with an unexpected response: {other:?}"),
-                    ));
-                }
-            }
-        }
-        client.set_state(pgwire::api::PgWireConnectionState::ReadyForQuery);
-        client.set_transaction_status(status);
-        pgwire::api::query::send_ready_for_query(client, status).await
-    }
-
-    /// The responses to a simple-protocol query.
-    async fn simple_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
     where
         C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
         C::PortalStore: PortalStore,
