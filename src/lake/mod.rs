@@ -211,6 +211,11 @@ fn storage_trouble(error: &DeltaTableError) -> bool {
             }
             _ => false,
         },
+        // delta-rs passes some object-store errors on as text (a log listing that failed
+        // because the log directory is gone or is not a directory).
+        DeltaTableError::Generic(message) => {
+            message.starts_with("Error interacting with object store")
+        }
         DeltaTableError::Transaction { source } => matches!(
             source,
             TransactionError::ObjectStore { .. } | TransactionError::LogStoreError { .. }
@@ -325,5 +330,12 @@ mod tests {
             "Invalid table: a broken schema".into(),
         ));
         assert!(!storage_trouble(&other));
+        let unlisted = DeltaTableError::Generic(
+            "Error interacting with object store: Generic LocalFileSystem error: Unable to walk dir: IO error for operation on /lake/raw/public/acct/_delta_log: Not a directory (os error 20)".into(),
+        );
+        assert!(storage_trouble(&unlisted));
+        assert!(!storage_trouble(&DeltaTableError::Generic(
+            "a table's schema is broken".into()
+        )));
     }
 }
