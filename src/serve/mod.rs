@@ -207,7 +207,9 @@ impl PgWireServerHandlers for Connection {
 
 /// Keeps `latest` at the newest checkpoint record until `cancel`: each record published
 /// on `records` (the applier in this process) at once, and what the checkpoint table
-/// holds every `every`.
+/// holds every `every`. The lookup targets sessions used are made at a record before it
+/// is published (`Views::prepare_lookups`): a few milliseconds later, and no session
+/// waits for them.
 pub async fn follow(
     views: Arc<Views>,
     latest: watch::Sender<Option<Position>>,
@@ -225,12 +227,16 @@ pub async fn follow(
             _ = tokio::time::sleep(every) => None,
         };
         if let Some(record) = published {
+            views.prepare_lookups(&record).await;
             advance(&latest, Some(record));
             continue;
         }
         match views.latest_position().await {
             Ok(p) => {
                 failing = false;
+                if let Some(p) = &p {
+                    views.prepare_lookups(p).await;
+                }
                 advance(&latest, p);
             }
             Err(e) if !failing => {

@@ -150,10 +150,13 @@ pub struct Views {
     selections: super::dv_scan::Selections,
     /// Footers and deletion vectors point lookups read (`lookup`).
     pub lookup_caches: Arc<super::lookup::Caches>,
-    /// Lookup targets at the newest position, built table by table as lookups ask for
-    /// them: a lookup on the live position waits for no view build (which covers every
-    /// table, `pg_catalog` and the refined views).
-    lookup_latest: Mutex<LatestTargets>,
+    /// Lookup targets by table version, made table by table as lookups ask for them: a
+    /// lookup on the live position waits for no view build (which covers every table,
+    /// `pg_catalog` and the refined views).
+    lookup_targets: std::sync::Mutex<LookupTargets>,
+    /// Held while a lookup target is made, so that the sessions asking for the same one
+    /// wait for one making instead of each making their own.
+    lookup_making: Mutex<()>,
     /// The source's primary keys, when the daemon runs in this process.
     keys: super::primary_keys::PrimaryKeys,
     latest: Mutex<Option<Arc<View>>>,
@@ -162,12 +165,40 @@ pub struct Views {
     refined_errors: std::sync::Mutex<HashMap<String, String>>,
 }
 
-/// Lookup targets by served schema and name (`None`: the table cannot be looked up) at
-/// one position.
+/// Lookup targets by served schema and name (`None`: the table cannot be looked up), for
+/// the newest [`TARGET_VERSIONS`] versions asked for. A target depends on its table's
+/// version only, so one survives positions that moved other tables.
 #[derive(Default)]
-struct LatestTargets {
-    position: Option<Position>,
-    targets: HashMap<(String, String), Option<Arc<super::lookup::Target>>>,
+struct LookupTargets(HashMap<(String, String), Vec<(u64, Option<Arc<super::lookup::Target>>)>>);
+
+/// Versions of a table whose lookup targets are kept: the live one and the one before,
+/// which sessions still read while the next is made (`Views::prepare_lookups`).
+const TARGET_VERSIONS: usize = 2;
+
+impl LookupTargets {
+    fn get(
+        &self,
+        id: &(String, String),
+        version: u64,
+    ) -> Option<Option<Arc<super::lookup::Target>>> {
+        let kept = self.0.get(id)?;
+        kept.iter()
+            .find(|(v, _)| *v == version)
+            .map(|(_, target)| target.clone())
+    }
+
+    fn keep(
+        &mut self,
+        id: (String, String),
+        version: u64,
+        target: Option<Arc<super::lookup::Target>>,
+    ) {
+        let kept = self.0.entry(id).or_default();
+        kept.retain(|(v, _)| *v != version);
+        kept.push((version, target));
+        kept.sort_by(|a, b| b.0.cmp(&a.0));
+        kept.truncate(TARGET_VERSIONS);
+    }
 }
 
 /// A `<refined_dir>/*.sql` file is not a usable view.
@@ -247,7 +278,8 @@ impl Views {
             tables: Mutex::new(HashMap::new()),
             selections: Default::default(),
             lookup_caches: Arc::new(super::lookup::Caches::new()),
-            lookup_latest: Default::default(),
+            lookup_targets: Default::default(),
+            lookup_making: Mutex::new(()),
             keys: Default::default(),
             latest: Mutex::new(None),
             past: Mutex::new(Vec::new()),
@@ -297,15 +329,6 @@ impl Views {
         schema: &str,
         table: &str,
     ) -> Result<Option<Arc<super::lookup::Target>>, DataFusionError> {
-        let id = (schema.to_string(), table.to_string());
-        // Held while a target is made, so that the sessions asking for it at a new
-        // position wait for one making instead of each making their own.
-        let mut latest = self.lookup_latest.lock().await;
-        if latest.position.as_ref() == Some(position)
-            && let Some(target) = latest.targets.get(&id)
-        {
-            return Ok(target.clone());
-        }
         let found = position
             .versions
             .curated
@@ -315,30 +338,62 @@ impl Views {
                 let served = self.namespace.curated(&name);
                 (served.schema == schema && served.name == table).then_some((name, *version))
             });
-        let target = match found {
-            None => None,
-            Some((name, version)) => {
-                let url = self.lake.curated_table_url(&name);
-                let delta = self.table_at(&url, version).await?;
-                let provider = delta
-                    .table_provider()
-                    .await
-                    .map_err(|e| DataFusionError::External(Box::new(e)))?;
-                let schema = provider.schema();
-                self.lookup_keys(&name, &delta, &schema)
-                    .map(|keys| Arc::new(super::lookup::Target::new(delta, schema, keys)))
-            }
+        let Some((name, version)) = found else {
+            return Ok(None);
         };
+        let id = (schema.to_string(), table.to_string());
+        let kept = |id: &(String, String)| {
+            let targets = self
+                .lookup_targets
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            targets.get(id, version)
+        };
+        if let Some(target) = kept(&id) {
+            return Ok(target);
+        }
+        let _making = self.lookup_making.lock().await;
+        if let Some(target) = kept(&id) {
+            return Ok(target);
+        }
+        let url = self.lake.curated_table_url(&name);
+        let delta = self.table_at(&url, version).await?;
+        let provider = delta
+            .table_provider()
+            .await
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+        let served = provider.schema();
+        let target = self
+            .lookup_keys(&name, &delta, &served)
+            .map(|keys| Arc::new(super::lookup::Target::new(delta, served, keys)));
         if let Some(target) = &target {
             // Parse the files' statistics now, once, rather than in the first lookup.
             target.prepare().await;
         }
-        if latest.position.as_ref() != Some(position) {
-            latest.position = Some(position.clone());
-            latest.targets.clear();
-        }
-        latest.targets.insert(id, target.clone());
+        let mut targets = self
+            .lookup_targets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        targets.keep(id, version, target.clone());
         Ok(target)
+    }
+
+    /// Makes the lookup targets of `position` (about to be published) for the tables
+    /// lookups asked for before, so that sessions find them made instead of waiting for
+    /// their making at their next lookup. A failure is left to the lookup that meets it.
+    pub async fn prepare_lookups(&self, position: &Position) {
+        let asked: Vec<(String, String)> = {
+            let targets = self
+                .lookup_targets
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            targets.0.keys().cloned().collect()
+        };
+        for (schema, table) in asked {
+            if let Err(e) = self.lookup_target_at(position, &schema, &table).await {
+                tracing::debug!(error = %e, %schema, %table, "a lookup target is made at the next lookup");
+            }
+        }
     }
 
     /// The checkpoint table moved to its newest version (opened on first use).
@@ -756,5 +811,26 @@ mod tests {
             catalogs.upgrade().is_none(),
             "the view's catalog list outlived it (a reference cycle through pg_catalog)"
         );
+    }
+
+    #[test]
+    fn lookup_targets_keep_the_newest_versions_of_each_table() {
+        let mut targets = LookupTargets::default();
+        let id = |t: &str| ("public".to_string(), t.to_string());
+        for version in [3, 5, 4] {
+            targets.keep(id("a"), version, None);
+        }
+        targets.keep(id("b"), 1, None);
+        assert!(
+            targets.get(&id("a"), 3).is_none(),
+            "the oldest version is dropped"
+        );
+        assert!(targets.get(&id("a"), 4).is_some());
+        assert!(targets.get(&id("a"), 5).is_some());
+        assert!(
+            targets.get(&id("b"), 1).is_some(),
+            "other tables keep theirs"
+        );
+        assert!(targets.get(&id("b"), 2).is_none());
     }
 }
