@@ -256,6 +256,10 @@ struct File {
     dv: Option<deltalake::kernel::DeletionVectorDescriptor>,
     /// The file's key-index entry, once found (entries never change).
     keys: std::sync::OnceLock<Arc<FileKeys>>,
+    /// Its footer and deleted rows, once read: the caches' copies, found again without
+    /// their keys and locks by every lookup that meets this file in this target.
+    footer: std::sync::OnceLock<ArrowReaderMetadata>,
+    deleted: std::sync::OnceLock<Arc<RoaringTreemap>>,
 }
 
 impl File {
@@ -480,6 +484,8 @@ fn live_files(target: &Target) -> Result<Vec<File>, Declined> {
                 bounds,
                 dv: view.deletion_vector_descriptor(),
                 keys: Default::default(),
+                footer: Default::default(),
+                deleted: Default::default(),
             }
         })
         .collect())
@@ -615,6 +621,9 @@ async fn footer(
     target: &Target,
     file: &File,
 ) -> Result<ArrowReaderMetadata, Declined> {
+    if let Some(meta) = file.footer.get() {
+        return Ok(meta.clone());
+    }
     let id = cache_key(target, file);
     let cached = caches
         .footers
@@ -622,7 +631,7 @@ async fn footer(
         .unwrap_or_else(|e| e.into_inner())
         .get(&id);
     if let Some(meta) = cached {
-        return Ok(meta);
+        return Ok(file.footer.get_or_init(|| meta).clone());
     }
     let mut reader = reader(target, file, true);
     let meta = ArrowReaderMetadata::load_async(
@@ -633,7 +642,7 @@ async fn footer(
     .map_err(declined)?;
     let mut footers = caches.footers.lock().unwrap_or_else(|e| e.into_inner());
     footers.insert(id, meta.clone());
-    Ok(meta)
+    Ok(file.footer.get_or_init(|| meta).clone())
 }
 
 async fn deleted(
@@ -642,6 +651,9 @@ async fn deleted(
     file: &File,
     dv: &deltalake::kernel::DeletionVectorDescriptor,
 ) -> Result<Arc<RoaringTreemap>, Declined> {
+    if let Some(d) = file.deleted.get() {
+        return Ok(d.clone());
+    }
     let id = format!(
         "{}\u{0}{}{}@{:?}",
         cache_key(target, file),
@@ -655,7 +667,7 @@ async fn deleted(
         .unwrap_or_else(|e| e.into_inner())
         .get(&id);
     if let Some(d) = cached {
-        return Ok(d);
+        return Ok(file.deleted.get_or_init(|| d).clone());
     }
     let d = Arc::new(
         deletion_vector::read(&target.table, dv)
@@ -664,7 +676,7 @@ async fn deleted(
     );
     let mut all = caches.deleted.lock().unwrap_or_else(|e| e.into_inner());
     all.insert(id, d.clone());
-    Ok(d)
+    Ok(file.deleted.get_or_init(|| d).clone())
 }
 
 /// Row `row` of `file`, its `projected` columns cast to the served types (a column the
