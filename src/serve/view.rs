@@ -169,34 +169,28 @@ pub struct Views {
 /// the newest [`TARGET_VERSIONS`] versions asked for. A target depends on its table's
 /// version only, so one survives positions that moved other tables.
 #[derive(Default)]
-struct LookupTargets(HashMap<(String, String), Vec<(u64, Option<Arc<super::lookup::Target>>)>>);
+struct LookupTargets(HashMap<(String, String), Vec<(u64, MaybeTarget)>>);
+
+/// A table's lookup target at one version; `None` when lookups cannot answer it.
+type MaybeTarget = Option<Arc<super::lookup::Target>>;
 
 /// Versions of a table whose lookup targets are kept: the live one and the one before,
 /// which sessions still read while the next is made (`Views::prepare_lookups`).
 const TARGET_VERSIONS: usize = 2;
 
 impl LookupTargets {
-    fn get(
-        &self,
-        id: &(String, String),
-        version: u64,
-    ) -> Option<Option<Arc<super::lookup::Target>>> {
+    fn get(&self, id: &(String, String), version: u64) -> Option<MaybeTarget> {
         let kept = self.0.get(id)?;
         kept.iter()
             .find(|(v, _)| *v == version)
             .map(|(_, target)| target.clone())
     }
 
-    fn keep(
-        &mut self,
-        id: (String, String),
-        version: u64,
-        target: Option<Arc<super::lookup::Target>>,
-    ) {
+    fn keep(&mut self, id: (String, String), version: u64, target: MaybeTarget) {
         let kept = self.0.entry(id).or_default();
         kept.retain(|(v, _)| *v != version);
         kept.push((version, target));
-        kept.sort_by(|a, b| b.0.cmp(&a.0));
+        kept.sort_by_key(|(v, _)| std::cmp::Reverse(*v));
         kept.truncate(TARGET_VERSIONS);
     }
 }
@@ -328,7 +322,7 @@ impl Views {
         position: &Position,
         schema: &str,
         table: &str,
-    ) -> Result<Option<Arc<super::lookup::Target>>, DataFusionError> {
+    ) -> Result<MaybeTarget, DataFusionError> {
         let found = position
             .versions
             .curated
