@@ -256,9 +256,8 @@ struct File {
     dv: Option<deltalake::kernel::DeletionVectorDescriptor>,
     /// The file's key-index entry, once found (entries never change).
     keys: std::sync::OnceLock<Arc<FileKeys>>,
-    /// Its footer and deleted rows, once read: the caches' copies, found again without
-    /// their keys and locks by every lookup that meets this file in this target.
-    footer: std::sync::OnceLock<ArrowReaderMetadata>,
+    /// Its deleted rows, once read (the cache's copy): found again without the cache's
+    /// key and lock by every lookup that meets this file in this target.
     deleted: std::sync::OnceLock<Arc<RoaringTreemap>>,
 }
 
@@ -484,7 +483,6 @@ fn live_files(target: &Target) -> Result<Vec<File>, Declined> {
                 bounds,
                 dv: view.deletion_vector_descriptor(),
                 keys: Default::default(),
-                footer: Default::default(),
                 deleted: Default::default(),
             }
         })
@@ -621,9 +619,6 @@ async fn footer(
     target: &Target,
     file: &File,
 ) -> Result<ArrowReaderMetadata, Declined> {
-    if let Some(meta) = file.footer.get() {
-        return Ok(meta.clone());
-    }
     let id = cache_key(target, file);
     let cached = caches
         .footers
@@ -631,7 +626,7 @@ async fn footer(
         .unwrap_or_else(|e| e.into_inner())
         .get(&id);
     if let Some(meta) = cached {
-        return Ok(file.footer.get_or_init(|| meta).clone());
+        return Ok(meta);
     }
     let mut reader = reader(target, file, true);
     let meta = ArrowReaderMetadata::load_async(
@@ -642,7 +637,7 @@ async fn footer(
     .map_err(declined)?;
     let mut footers = caches.footers.lock().unwrap_or_else(|e| e.into_inner());
     footers.insert(id, meta.clone());
-    Ok(file.footer.get_or_init(|| meta).clone())
+    Ok(meta)
 }
 
 async fn deleted(

@@ -208,8 +208,8 @@ impl PgWireServerHandlers for Connection {
 /// Keeps `latest` at the newest checkpoint record until `cancel`: each record published
 /// on `records` (the applier in this process) at once, and what the checkpoint table
 /// holds every `every`. The lookup targets sessions used are made at a record before it
-/// is published (`Views::prepare_lookups`): a few milliseconds later, and no session
-/// waits for them.
+/// is published (`Views::prepare_lookups`): usually a few milliseconds later (200 ms at
+/// most), and no session waits for them.
 pub async fn follow(
     views: Arc<Views>,
     latest: watch::Sender<Option<Position>>,

@@ -150,12 +150,13 @@ pub struct Views {
     selections: super::dv_scan::Selections,
     /// Footers and deletion vectors point lookups read (`lookup`).
     pub lookup_caches: Arc<super::lookup::Caches>,
-    /// Lookup targets by table version, made table by table as lookups ask for them: a
-    /// lookup on the live position waits for no view build (which covers every table,
+    /// Lookup targets by table version, made table by table as lookups ask for them and
+    /// again for each new position before it is served (`prepare_lookups`): a lookup on
+    /// the live position waits for no view build (which covers every table,
     /// `pg_catalog` and the refined views).
     lookup_targets: std::sync::Mutex<LookupTargets>,
-    /// Held while a lookup target is made, so that the sessions asking for the same one
-    /// wait for one making instead of each making their own.
+    /// Held while any lookup target is made (one at a time), so that the sessions asking
+    /// for the same one wait for one making instead of each making their own.
     lookup_making: Mutex<()>,
     /// The source's primary keys, when the daemon runs in this process.
     keys: super::primary_keys::PrimaryKeys,
@@ -166,8 +167,9 @@ pub struct Views {
 }
 
 /// Lookup targets by served schema and name (`None`: the table cannot be looked up), for
-/// the newest [`TARGET_VERSIONS`] versions asked for. A target depends on its table's
-/// version only, so one survives positions that moved other tables.
+/// the newest [`TARGET_VERSIONS`] versions asked for. Only tables whose source keys are
+/// known are kept; a target then depends on its table's version only, so one survives
+/// positions that moved other tables.
 #[derive(Default)]
 struct LookupTargets(HashMap<(String, String), Vec<(u64, MaybeTarget)>>);
 
@@ -177,6 +179,9 @@ type MaybeTarget = Option<Arc<super::lookup::Target>>;
 /// Versions of a table whose lookup targets are kept: the live one and the one before,
 /// which sessions still read while the next is made (`Views::prepare_lookups`).
 const TARGET_VERSIONS: usize = 2;
+
+/// How long a new position waits for its lookup targets before it is served anyway.
+const PREPARE_AT_MOST: std::time::Duration = std::time::Duration::from_millis(200);
 
 impl LookupTargets {
     fn get(&self, id: &(String, String), version: u64) -> Option<MaybeTarget> {
@@ -335,6 +340,10 @@ impl Views {
         let Some((name, version)) = found else {
             return Ok(None);
         };
+        if self.keys.of(&name).is_none() {
+            // `wal2delta serve`, or `run` before the source's keys are read.
+            return Ok(None);
+        }
         let id = (schema.to_string(), table.to_string());
         let kept = |id: &(String, String)| {
             let targets = self
@@ -373,20 +382,45 @@ impl Views {
     }
 
     /// Makes the lookup targets of `position` (about to be published) for the tables
-    /// lookups asked for before, so that sessions find them made instead of waiting for
-    /// their making at their next lookup. A failure is left to the lookup that meets it.
+    /// lookups answered before, so that sessions find them made instead of waiting for
+    /// their making at their next lookup; tables gone from `position` are forgotten.
+    /// Gives up after [`PREPARE_AT_MOST`], leaving the rest (and any failure) to the
+    /// lookups that meet them: the position is served either way.
     pub async fn prepare_lookups(&self, position: &Position) {
+        let served: std::collections::HashSet<(String, String)> = position
+            .versions
+            .curated
+            .keys()
+            .filter_map(|name| {
+                let served = self.namespace.curated(&TableName::parse(name).ok()?);
+                Some((served.schema, served.name))
+            })
+            .collect();
         let asked: Vec<(String, String)> = {
-            let targets = self
+            let mut targets = self
                 .lookup_targets
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            targets.0.keys().cloned().collect()
+            targets.0.retain(|id, _| served.contains(id));
+            targets
+                .0
+                .iter()
+                .filter(|(_, kept)| kept.first().is_some_and(|(_, t)| t.is_some()))
+                .map(|(id, _)| id.clone())
+                .collect()
         };
-        for (schema, table) in asked {
-            if let Err(e) = self.lookup_target_at(position, &schema, &table).await {
-                tracing::debug!(error = %e, %schema, %table, "a lookup target is made at the next lookup");
+        let prepare = async {
+            for (schema, table) in asked {
+                if let Err(e) = self.lookup_target_at(position, &schema, &table).await {
+                    tracing::debug!(error = %e, %schema, %table, "a lookup target is made at the next lookup");
+                }
             }
+        };
+        if tokio::time::timeout(PREPARE_AT_MOST, prepare)
+            .await
+            .is_err()
+        {
+            tracing::debug!("lookup targets not all made ahead; the next lookups make them");
         }
     }
 
