@@ -36,7 +36,7 @@ use self::normalize::{Normalization, Normalizer};
 use crate::change::message::{OldTuple, PgOutputMessage, Relation, Tuple, TupleValue};
 use crate::change::{ChangeMeta, ColumnSpec, Op, RelId, ReplicaIdentity, SourceEvent, Xid};
 use crate::lake::checkpoint::{Checkpoint, CheckpointRecord, RecordSender, TableVersions};
-use crate::lake::curated::{CuratedConfig, CuratedTable};
+use crate::lake::curated::{CuratedConfig, CuratedTable, Indexing};
 use crate::lake::maintenance::Policy;
 use crate::lake::raw::layout::RawBatchBuilder;
 use crate::lake::raw::{ChunkedProgress, RawTable};
@@ -270,6 +270,9 @@ pub struct Applier {
     /// Chunked copies running beside the stream, and their reconciliation with it.
     watermarks: Option<Arc<crate::source::watermark::Watermarks>>,
     reconciler: watermark::Reconciler,
+    /// Curated files may lack a key-index entry (after the start, a snapshot or a
+    /// commit): the loop indexes them one file at a time while nothing else waits.
+    indexing: bool,
 }
 
 /// A table copied again while the daemon streams (`resync`): the copy's files, written
@@ -335,6 +338,7 @@ impl Applier {
             copies: None,
             watermarks: None,
             reconciler: Default::default(),
+            indexing: true,
         })
     }
 
@@ -409,6 +413,7 @@ impl Applier {
             .await?;
         tracing::info!(table = %table, at = %point, rows, "resync swapped in");
         let _ = done.send(Ok(()));
+        self.indexing = true;
         Ok(())
     }
 
@@ -678,6 +683,19 @@ impl Applier {
                 .filter(|_| self.txn.is_none())
                 .map(|s| s + std::time::Duration::from_millis(age));
             crate::service::beat();
+            // Idle (no transaction open, nothing waiting in the stream nor a resync to
+            // swap in, the stream not closed, the batch not yet due): index one more
+            // file's keys. A step reads one file's key column.
+            if self.indexing
+                && self.txn.is_none()
+                && events.is_empty()
+                && !events.is_closed()
+                && deadline.is_none_or(|d| Instant::now() < d)
+                && !self.copy_waiting()
+            {
+                self.indexing = self.index_one_file().await;
+                continue;
+            }
             let copies = self.copies.clone().filter(|_| self.txn.is_none());
             let event = tokio::select! {
                 biased;
@@ -722,6 +740,32 @@ impl Applier {
             self.flush().await?;
         }
         Ok(())
+    }
+
+    /// Indexes the keys of one curated file that lacks an entry (in the first table that
+    /// has one); returns whether to go on. An entry that does not fit now ends the round
+    /// (until the next commit); a file whose keys cannot be read is logged and left to
+    /// the merges, which read what the index lacks, as without it.
+    async fn index_one_file(&mut self) -> bool {
+        for (name, state) in self.tables.iter_mut() {
+            match state.curated.index_one_file().await {
+                Ok(Indexing::Started) => return true,
+                Ok(Indexing::Refused) => return false,
+                Ok(Indexing::Done) => {}
+                Err(e) => {
+                    tracing::warn!(table = %name, error = %e, "could not read a curated file's keys for the key index; merges read them when they need them");
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// Whether a resync's copy waits to be swapped in.
+    fn copy_waiting(&self) -> bool {
+        self.copies
+            .as_ref()
+            .is_some_and(|c| c.try_lock().map_or(true, |r| !r.is_empty()))
     }
 
     fn keepalive(&mut self, wal_end: Lsn) {
@@ -1303,6 +1347,7 @@ impl Applier {
         self.batch = Batch::default();
         self.advance(end);
         self.maintain().await;
+        self.indexing = true;
         tracing::debug!(rows, tables = touched.len(), through = %end, elapsed_ms = started.elapsed().as_millis() as u64, "batch committed");
         Ok(())
     }

@@ -10,7 +10,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::curated::assert_mirror;
-use crate::harness::{Daemon, Env, psql, require_python_deltalake};
+use crate::harness::{Daemon, Env, free_port, psql, require_python_deltalake};
+use crate::telemetry::{scrape, value};
 
 const SETUP: &str = "
 CREATE TABLE dv (id bigint PRIMARY KEY, grupo int NOT NULL, v text);
@@ -352,6 +353,56 @@ async fn referenced_dv_files(curated: &std::path::Path) -> BTreeSet<String> {
                 .unwrap_or_else(|| panic!("a DV stored next to the data: {d:?}"))
         })
         .collect()
+}
+
+/// The first merge after the snapshot, and the first after a restart, find their rows
+/// in the key index: an idle daemon indexes the curated files' keys, so the merge reads
+/// no file's key column (`wal2delta_merge_scanned_files_total` stays 0), where it used
+/// to read every file a change may touch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_daemon_indexes_the_keys_so_the_first_merge_reads_no_file() {
+    let env = Env::new(SETUP).await;
+    let addr = format!("127.0.0.1:{}", free_port());
+    env.write_config(
+        "postgres",
+        &["public.dv"],
+        &format!("[metrics]\nlisten = \"{addr}\""),
+    );
+    let client = env.pg.client().await;
+    for round in 0..2 {
+        let mut daemon = env.daemon();
+        env.wait_streaming().await;
+        // Idle: one file's keys take milliseconds to index.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        // About 200 keys spread over the whole table.
+        let updated = client
+            .execute(
+                "UPDATE dv SET v = v || 'x' WHERE id % 97 = $1",
+                &[&(round as i64)],
+            )
+            .await
+            .unwrap();
+        assert!(updated > 150, "{updated} rows updated");
+        env.wait_caught_up(Duration::from_secs(60)).await;
+        let table = "table=\"public.dv\"";
+        let text = scrape(&addr);
+        let get = |name: &str| {
+            value(&text, name, &[table]).unwrap_or_else(|| panic!("no {name} in\n{text}"))
+        };
+        assert_eq!(
+            get("wal2delta_merge_marked_rows_total"),
+            updated as f64,
+            "{text}"
+        );
+        assert_eq!(
+            get("wal2delta_merge_scanned_files_total"),
+            0.0,
+            "round {round}: the merge read key columns the idle daemon should have indexed\n{}",
+            env.daemon_log()
+        );
+        daemon.terminate(Duration::from_secs(30));
+    }
+    assert_mirror(&env, "dv").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

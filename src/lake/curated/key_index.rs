@@ -2,9 +2,12 @@
 //! holds and at which row, kept in memory so a merge finds the rows a change touches
 //! without reading the file's key column again.
 //!
-//! A file's key column is read the first time a merge has to look into the file (its
-//! min/max statistics admit a changed key); the entry is built from it on a blocking
-//! thread, off the merge's path, and from the next merge on the file's entry answers. Data
+//! A file's key column is read by the apply loop while it is idle (after a start, a
+//! snapshot or a commit, one file at a time while nothing waits in the stream:
+//! `CuratedTable::index_one_file`), or else the first time a merge has to look into the
+//! file (its min/max statistics admit a changed key); the entry is built from it on a
+//! blocking thread, off the merge's path, and from the next merge on the file's entry
+//! answers. Data
 //! files never change once written (a deletion vector marks rows, it does not move them),
 //! so an entry stays right for as long as the file is in the table; it is dropped when
 //! the file leaves. Keys are held as a compressed bitmap (a few KB for a file of
@@ -283,17 +286,22 @@ impl KeyIndex {
         self.files().get(path).cloned()
     }
 
+    /// Whether file `path` could get an entry it does not have: it is neither indexed nor
+    /// being indexed nor refused, and the budget has room.
+    pub(super) fn wants(&self, path: &str) -> bool {
+        self.limit > 0
+            && USED.load(Ordering::Acquire) < self.limit
+            && !self.building.contains_key(path)
+            && !self.refused.contains(path)
+            && !self.files().contains_key(path)
+    }
+
     /// Starts indexing file `path` from its key column `column` (all of its batches);
     /// the entry is there from a later [`KeyIndex::settle`] on, when the keys allow it and
-    /// the budget has room.
-    pub(super) fn learn(&mut self, path: &str, batches: Vec<RecordBatch>, column: &str) {
-        if self.limit == 0
-            || USED.load(Ordering::Acquire) >= self.limit
-            || self.files().contains_key(path)
-            || self.building.contains_key(path)
-            || self.refused.contains(path)
-        {
-            return;
+    /// the budget has room. Returns whether building started.
+    pub(super) fn learn(&mut self, path: &str, batches: Vec<RecordBatch>, column: &str) -> bool {
+        if !self.wants(path) {
+            return false;
         }
         let bytes: usize = batches.iter().map(|b| b.get_array_memory_size()).sum();
         let limit = self.limit;
@@ -301,8 +309,12 @@ impl KeyIndex {
             (held + bytes * 3 <= limit).then_some(held + bytes * 3)
         });
         if reserved.is_err() {
-            // A later merge that reads the file tries again.
-            return;
+            if bytes * 3 > limit {
+                // It can never fit.
+                self.refused.insert(path.to_string());
+            }
+            // Else a later merge that reads the file tries again.
+            return false;
         }
         let guard = InFlight(bytes * 3);
         let column = column.to_string();
@@ -311,6 +323,7 @@ impl KeyIndex {
             FileKeys::build(&batches, &column)
         });
         self.building.insert(path.to_string(), build);
+        true
     }
 
     /// Takes in the entries whose building has finished.
@@ -333,21 +346,44 @@ impl KeyIndex {
                     continue;
                 }
             };
-            let Ok(Some(keys)) = built else {
-                self.refused.insert(path);
-                continue;
-            };
-            let reserved = USED.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                (used + keys.bytes <= self.limit).then_some(used + keys.bytes)
-            });
-            if reserved.is_ok() {
-                // The endpoint may have indexed the file meanwhile (`Published::learn`).
-                if let Some(old) = self.files_mut().insert(path, Arc::new(keys)) {
-                    USED.fetch_sub(old.bytes, Ordering::AcqRel);
-                }
-            } else {
-                self.refused.insert(path);
+            self.take_in(path, built);
+        }
+    }
+
+    /// Leaves file `path` without an entry (its keys could not be read): merges read it.
+    pub(super) fn refuse(&mut self, path: &str) {
+        self.refused.insert(path.to_string());
+    }
+
+    /// How many entries are being built.
+    pub(super) fn building(&self) -> usize {
+        self.building.len()
+    }
+
+    /// Waits for every entry being built, then takes them in (their key columns leave
+    /// the in-flight budget).
+    pub(super) async fn settle_all(&mut self) {
+        for (path, build) in std::mem::take(&mut self.building) {
+            let built = build.await;
+            self.take_in(path, built);
+        }
+    }
+
+    fn take_in(&mut self, path: String, built: Result<Option<FileKeys>, tokio::task::JoinError>) {
+        let Ok(Some(keys)) = built else {
+            self.refused.insert(path);
+            return;
+        };
+        let reserved = USED.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+            (used + keys.bytes <= self.limit).then_some(used + keys.bytes)
+        });
+        if reserved.is_ok() {
+            // The endpoint may have indexed the file meanwhile (`Published::learn`).
+            if let Some(old) = self.files_mut().insert(path, Arc::new(keys)) {
+                USED.fetch_sub(old.bytes, Ordering::AcqRel);
             }
+        } else {
+            self.refused.insert(path);
         }
     }
 

@@ -50,9 +50,9 @@ use roaring::RoaringTreemap;
 /// Affected keys by value, for a single integer key column.
 type IntKeys = HashMap<i64, u32, ahash::RandomState>;
 
-use super::CuratedTable;
 use super::files::{DataFile, FileState, KeyScalar};
 use super::reduce::{Cell, Change, Final, Reduced, reduce};
+use super::{CuratedTable, Indexing};
 use crate::change::Op;
 use crate::lake::raw::layout::parse_column;
 use crate::lake::{LakeError, deletion_vector};
@@ -252,7 +252,7 @@ impl CuratedTable {
                     let found = self.positions_of(&keys, &reduced, int_keys.as_ref(), deleted)?;
                     if int_keys.is_some() {
                         let column = &self.columns[self.key[0]].name;
-                        self.key_index.learn(&file.path, keys, column);
+                        let _ = self.key_index.learn(&file.path, keys, column);
                     }
                     found
                 }
@@ -322,7 +322,7 @@ impl CuratedTable {
             writer.write(batch).await.map_err(self.delta_err())?;
             let adds = writer.flush().await.map_err(self.delta_err())?;
             if let (Some(keys), [add]) = (keys, adds.as_slice()) {
-                self.key_index.learn(&add.path, vec![keys], &column);
+                let _ = self.key_index.learn(&add.path, vec![keys], &column);
             }
             new_files.extend(adds);
         }
@@ -418,17 +418,57 @@ impl CuratedTable {
             .map_err(parquet_err)
     }
 
+    /// Whether the table is keyed by one integer column (what the key index serves).
+    fn has_int_key(&self) -> bool {
+        self.key.len() == 1
+            && matches!(
+                self.schema.field(self.key[0]).data_type(),
+                DataType::Int16 | DataType::Int32 | DataType::Int64
+            )
+    }
+
+    /// Reads the key column of one committed file the key index has no entry for and
+    /// starts indexing it, so that the first merges after a start or a snapshot find
+    /// their rows in the index instead of reading the key column of every file a change
+    /// may touch (with keys spread over the table: every file). A file whose keys cannot
+    /// be read is left to the merges (it is not tried again).
+    pub async fn index_one_file(&mut self) -> Result<Indexing, LakeError> {
+        if !self.has_int_key() {
+            return Ok(Indexing::Done);
+        }
+        // Entries built meanwhile first. The next file is read while the last one's entry
+        // builds, but with two building, wait for them: their key columns count against
+        // the in-flight budget until taken in.
+        self.key_index.settle();
+        if self.key_index.building() > 1 {
+            self.key_index.settle_all().await;
+        }
+        let Some(fi) = (0..self.files.len()).find(|&fi| {
+            matches!(self.files[fi].state, FileState::Committed(_))
+                && self.key_index.wants(&self.files[fi].path)
+        }) else {
+            return Ok(Indexing::Done);
+        };
+        let path = self.files[fi].path.clone();
+        let keys = match self.key_batches(fi).await {
+            Ok(keys) => keys,
+            Err(e) => {
+                self.key_index.refuse(&path);
+                return Err(e);
+            }
+        };
+        let column = self.columns[self.key[0]].name.clone();
+        Ok(if self.key_index.learn(&path, keys, &column) {
+            Indexing::Started
+        } else {
+            Indexing::Refused
+        })
+    }
+
     /// For a single integer key column, the affected keys by value (a fast path around
     /// the row format).
     fn int_keys(&self, reduced: &Reduced) -> Result<Option<IntKeys>, ArrowError> {
-        let field = self.schema.field(self.key[0]);
-        if self.key.len() != 1
-            || !matches!(
-                field.data_type(),
-                DataType::Int16 | DataType::Int32 | DataType::Int64
-            )
-            || reduced.keys.is_empty()
-        {
+        if !self.has_int_key() || reduced.keys.is_empty() {
             return Ok(None);
         }
         let parser = self.converter.parser();

@@ -33,6 +33,19 @@ pub use self::key_index::{
     FileKeys, Published as PublishedKeys, published as published_keys, published_or_new as keys_of,
 };
 pub use self::stored_keys::StoredKeys;
+
+/// What one step of indexing a curated table's keys while idle did
+/// ([`CuratedTable::index_one_file`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Indexing {
+    /// A file's keys are being indexed; more files may lack an entry.
+    Started,
+    /// A file was read but its entry did not fit the key index's budget now: try again
+    /// after the next commit.
+    Refused,
+    /// Every file has an entry or cannot get one (or the table has no integer key).
+    Done,
+}
 use super::commit::{AppId, Commit, InfoKey, applied};
 use super::deletion_vector;
 use super::maintenance::{self, Compacted, Policy};
