@@ -168,7 +168,7 @@ async fn a_chunked_snapshot_resumes_after_sigkills_and_mirrors_the_source() {
     env.write_config(
         "postgres",
         &["public.big", "public.\"Pequeña Tabela\""],
-        "snapshot_method = \"watermark\"\nsnapshot_chunk_rows = 500\n",
+        "snapshot_method = \"watermark\"\nsnapshot_chunk_rows = 250\n",
     );
     let (code, out) = wal2delta(&env, &["validate"]);
     assert_eq!(code, 0, "validate: {out}");
@@ -197,7 +197,9 @@ async fn a_chunked_snapshot_resumes_after_sigkills_and_mirrors_the_source() {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let pause = rand::rng().random_range(0..400);
+        // Within 150 ms, and chunks of 250 rows: with 400 ms and chunks of 500 the copy
+        // once finished before the sixth kill.
+        let pause = rand::rng().random_range(0..150);
         tokio::time::sleep(Duration::from_millis(pause)).await;
         daemon.kill9();
         kills += 1;
