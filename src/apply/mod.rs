@@ -270,8 +270,8 @@ pub struct Applier {
     /// Chunked copies running beside the stream, and their reconciliation with it.
     watermarks: Option<Arc<crate::source::watermark::Watermarks>>,
     reconciler: watermark::Reconciler,
-    /// Curated files may lack a key-index entry (after the start, a snapshot or a
-    /// commit): the loop indexes them one file at a time while nothing else waits.
+    /// Curated files may lack a key-index entry (after the start, a snapshot, a resync
+    /// or a commit): the loop indexes them one file at a time while nothing else waits.
     indexing: bool,
 }
 

@@ -3,7 +3,7 @@
 //! without reading the file's key column again.
 //!
 //! A file's key column is read by the apply loop while it is idle (after a start, a
-//! snapshot or a commit, one file at a time while nothing waits in the stream:
+//! snapshot, a resync or a commit, one file at a time while nothing waits in the stream:
 //! `CuratedTable::index_one_file`), or else the first time a merge has to look into the
 //! file (its min/max statistics admit a changed key); the entry is built from it on a
 //! blocking thread, off the merge's path, and from the next merge on the file's entry

@@ -33,6 +33,17 @@ pub use self::key_index::{
     FileKeys, Published as PublishedKeys, published as published_keys, published_or_new as keys_of,
 };
 pub use self::stored_keys::StoredKeys;
+use super::commit::{AppId, Commit, InfoKey, applied};
+use super::deletion_vector;
+use super::maintenance::{self, Compacted, Policy};
+use super::table::{
+    CURATED_FILE_SIZE, existing_schema, keyed_properties, keyed_writer_for, open_for_schema,
+    schema_action,
+};
+use super::{Lake, LakeError};
+use crate::change::ColumnSpec;
+use crate::lsn::Lsn;
+use crate::table_name::TableName;
 
 /// What one step of indexing a curated table's keys while idle did
 /// ([`CuratedTable::index_one_file`]).
@@ -46,17 +57,6 @@ pub enum Indexing {
     /// Every file has an entry or cannot get one (or the table has no integer key).
     Done,
 }
-use super::commit::{AppId, Commit, InfoKey, applied};
-use super::deletion_vector;
-use super::maintenance::{self, Compacted, Policy};
-use super::table::{
-    CURATED_FILE_SIZE, existing_schema, keyed_properties, keyed_writer_for, open_for_schema,
-    schema_action,
-};
-use super::{Lake, LakeError};
-use crate::change::ColumnSpec;
-use crate::lsn::Lsn;
-use crate::table_name::TableName;
 
 /// `[curated]`: how curated tables are written.
 #[derive(Debug, Clone, serde::Deserialize)]
