@@ -16,6 +16,17 @@
 //! skips every indexed file that does not hold the key (`lake::curated::published_keys`):
 //! the upsert files of changes spread over the key range each span all of it.
 //!
+//! Curated tables without any DV yet are read through it too: delta-rs's provider
+//! replays the table's log at every scan (parsing each file's JSON statistics for its
+//! data skipping), which took most of the endpoint's CPU when a client polled a table
+//! that five batches a second extend (docs/performance.md). Here the file list and each
+//! file's bounds are made once per lake position and kept per file. Integer ranges
+//! (`col >= v`, `BETWEEN`) skip files by those bounds as delta-rs's data skipping does;
+//! other predicates prune row groups inside the Parquet reader. The live row count of
+//! every file (`numRecords` less its deleted rows) is handed to DataFusion as exact
+//! statistics, so `count(*)` is answered from the log, as delta-rs's provider answers
+//! it — also at a past position whose files vacuum has removed.
+//!
 //! It is used only where it is exact: tables without partition columns or column mapping,
 //! whose reader features are `deletionVectors` (and `timestampNtz`), and whose DV'd files
 //! record `numRecords`; anything else is read by delta-rs's provider as before. Files are
@@ -28,7 +39,8 @@ use async_trait::async_trait;
 use deltalake::DeltaTable;
 use deltalake::arrow::datatypes::{DataType, Schema, SchemaRef};
 use deltalake::datafusion::catalog::Session;
-use deltalake::datafusion::common::{DFSchema, DataFusionError, Result, ScalarValue};
+use deltalake::datafusion::common::stats::Precision;
+use deltalake::datafusion::common::{DFSchema, DataFusionError, Result, ScalarValue, Statistics};
 use deltalake::datafusion::datasource::TableProvider;
 use deltalake::datafusion::datasource::listing::PartitionedFile;
 use deltalake::datafusion::datasource::physical_plan::parquet::{
@@ -72,6 +84,8 @@ struct ScanFile {
     path: String,
     file: PartitionedFile,
     bounds: Arc<Bounds>,
+    /// Rows not deleted, when the log records the file's `numRecords`.
+    rows: Option<u64>,
 }
 
 /// Min and max of a file's integer columns (Delta statistics), by column name.
@@ -119,16 +133,7 @@ pub async fn provider(
     if !readable {
         return Ok(None);
     }
-    // Tables without any DV stay with delta-rs's provider, which answers `count(*)` from
-    // the log's statistics: reading them here (tried, for its per-position file list)
-    // broke time travel to a version whose files vacuum had already removed.
     let views: Vec<_> = snapshot.log_data().iter().collect();
-    if views
-        .iter()
-        .all(|v| v.deletion_vector_descriptor().is_none())
-    {
-        return Ok(None);
-    }
     let key = table.table_url().to_string();
     let mut cached = match selections {
         Some(s) => s.by_table.lock().await.remove(&key).unwrap_or_default(),
@@ -155,18 +160,21 @@ pub async fn provider(
                     .unwrap_or_else(|_| deltalake::Path::from(path.as_str()));
                 let mut file = PartitionedFile::new(location.to_string(), view.size() as u64);
                 file.object_meta.location = location;
+                let mut rows = view.num_records().and_then(|n| u64::try_from(n).ok());
                 if let Some(dv) = &dv {
-                    let Some(rows) = view.num_records() else {
+                    let Some(all) = rows else {
                         return Ok(None);
                     };
                     let deleted = deletion_vector::read(table, dv).await.map_err(to_df)?;
-                    file = file
-                        .with_extension(ParquetRowSelection::new(selection(&deleted, rows as u64)));
+                    let kept = selection(&deleted, all);
+                    rows = Some(kept.row_count() as u64);
+                    file = file.with_extension(ParquetRowSelection::new(kept));
                 }
                 ScanFile {
                     path: path.clone(),
                     file,
                     bounds: Arc::new(bounds(&logical, view.stats().as_deref())),
+                    rows,
                 }
             }
         };
@@ -270,14 +278,80 @@ fn pinned(filters: &[Expr]) -> HashMap<String, Vec<i64>> {
     out
 }
 
-/// Whether a file with `bounds` may hold a row with the `pinned` values.
-fn may_match(bounds: &Bounds, pinned: &HashMap<String, Vec<i64>>) -> bool {
-    pinned
+/// The inclusive range `filters` hold integer columns to (`col > v`, `col <= v`,
+/// `col BETWEEN a AND b`, either side), by column name; several filters on one column
+/// keep what all of them allow. Only bare columns: a cast to text would compare
+/// otherwise.
+fn ranges(filters: &[Expr]) -> HashMap<String, (i64, i64)> {
+    fn int(e: &Expr) -> Option<i64> {
+        match e {
+            Expr::Literal(v, _) => match v {
+                ScalarValue::Int8(Some(v)) => Some(*v as i64),
+                ScalarValue::Int16(Some(v)) => Some(*v as i64),
+                ScalarValue::Int32(Some(v)) => Some(*v as i64),
+                ScalarValue::Int64(Some(v)) => Some(*v),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+    // `column op value` as an inclusive range (None: the filter is not such a range).
+    fn range(op: Operator, v: i64) -> Option<(i64, i64)> {
+        match op {
+            Operator::Gt => Some((v.checked_add(1)?, i64::MAX)),
+            Operator::GtEq => Some((v, i64::MAX)),
+            Operator::Lt => Some((i64::MIN, v.checked_sub(1)?)),
+            Operator::LtEq => Some((i64::MIN, v)),
+            _ => None,
+        }
+    }
+    let mut out: HashMap<String, (i64, i64)> = HashMap::new();
+    for filter in filters {
+        let found = match filter {
+            Expr::BinaryExpr(b) => match (&*b.left, &*b.right) {
+                (Expr::Column(c), value) => int(value).and_then(|v| Some((c, range(b.op, v)?))),
+                (value, Expr::Column(c)) => {
+                    int(value).and_then(|v| Some((c, range(b.op.swap()?, v)?)))
+                }
+                _ => None,
+            },
+            Expr::Between(between) if !between.negated => match &*between.expr {
+                Expr::Column(c) => match (int(&between.low), int(&between.high)) {
+                    (Some(low), Some(high)) => Some((c, (low, high))),
+                    _ => None,
+                },
+                _ => None,
+            },
+            _ => None,
+        };
+        if let Some((c, (low, high))) = found {
+            let held = out.entry(c.name.clone()).or_insert((i64::MIN, i64::MAX));
+            *held = (held.0.max(low), held.1.min(high));
+        }
+    }
+    out
+}
+
+/// Whether a file with `bounds` may hold a row with the `pinned` values, within the
+/// `ranges`.
+fn may_match(
+    bounds: &Bounds,
+    pinned: &HashMap<String, Vec<i64>>,
+    ranges: &HashMap<String, (i64, i64)>,
+) -> bool {
+    let values = pinned
         .iter()
         .all(|(column, values)| match bounds.get(column) {
             Some((min, max)) => values.iter().any(|v| min <= v && v <= max),
             None => true,
-        })
+        });
+    values
+        && ranges
+            .iter()
+            .all(|(column, (low, high))| match bounds.get(column) {
+                Some((min, max)) => low <= high && low <= max && min <= high,
+                None => true,
+            })
 }
 
 /// The rows of a file of `rows` rows that are not in `deleted`.
@@ -345,21 +419,38 @@ impl TableProvider for DvScan {
             source = source.with_predicate(state.create_physical_expr(predicate, &df_schema)?);
         }
         let pinned = pinned(filters);
+        let ranges = ranges(filters);
         let key_values = self
             .keys
             .as_ref()
             .and_then(|k| Some((k, pinned.get(k.column())?)));
-        let files: Vec<PartitionedFile> = self
+        let chosen: Vec<&ScanFile> = self
             .files
             .iter()
-            .filter(|f| may_match(&f.bounds, &pinned))
+            .filter(|f| may_match(&f.bounds, &pinned, &ranges))
             .filter(|f| key_values.is_none_or(|(keys, values)| keys.may_hold(&f.path, values)))
-            .map(|f| f.file.clone())
             .collect();
+        // Exact row counts let DataFusion answer `count(*)` without reading a file (with a
+        // filter it marks them inexact itself).
+        let mut statistics = Statistics::new_unknown(&self.schema);
+        statistics.num_rows = chosen
+            .iter()
+            .map(|f| f.rows)
+            .sum::<Option<u64>>()
+            .and_then(|n| usize::try_from(n).ok())
+            .map_or(Precision::Absent, Precision::Exact);
+        statistics.total_byte_size = Precision::Inexact(
+            chosen
+                .iter()
+                .map(|f| f.file.object_meta.size as usize)
+                .sum(),
+        );
+        let files: Vec<PartitionedFile> = chosen.into_iter().map(|f| f.file.clone()).collect();
         let partitions = state.config_options().execution.target_partitions.max(1);
         let groups = FileGroup::new(files).split_files(partitions);
         let config = FileScanConfigBuilder::new(self.store.clone(), Arc::new(source))
             .with_file_groups(groups)
+            .with_statistics(statistics)
             .with_projection_indices(projection.cloned())?
             .with_limit(limit)
             .build();
@@ -403,13 +494,14 @@ mod pruning_tests {
         let id = pinned(&filters);
         assert_eq!(id.len(), 1, "{id:?}");
         let file = |min, max| Bounds::from([("id".to_string(), (min, max))]);
-        assert!(may_match(&file(1, 10), &id));
-        assert!(!may_match(&file(8, 10), &id));
+        let none = HashMap::new();
+        assert!(may_match(&file(1, 10), &id, &none));
+        assert!(!may_match(&file(8, 10), &id, &none));
         // No bounds for the column: the file is read.
-        assert!(may_match(&Bounds::new(), &id));
+        assert!(may_match(&Bounds::new(), &id, &none));
         let listed = pinned_of(in_list(col("id"), vec![lit(3i32), lit(40i32)], false));
-        assert!(may_match(&file(30, 50), &listed));
-        assert!(!may_match(&file(5, 30), &listed));
+        assert!(may_match(&file(30, 50), &listed, &none));
+        assert!(!may_match(&file(5, 30), &listed, &none));
         // NOT IN, ranges and ORs pin nothing.
         assert!(pinned_of(in_list(col("id"), vec![lit(3i32)], true)).is_empty());
         assert!(pinned_of(col("id").gt(lit(3i64))).is_empty());
@@ -420,6 +512,37 @@ mod pruning_tests {
             col("id").eq(lit(2i64)),
         ]);
         assert_eq!(both["id"], vec![2]);
+    }
+
+    #[test]
+    fn integer_ranges_skip_the_files_outside_them() {
+        let file = |min, max| Bounds::from([("id".to_string(), (min, max))]);
+        let none = HashMap::new();
+        let at_least = ranges(&[col("id").gt_eq(lit(100i64))]);
+        assert_eq!(at_least["id"], (100, i64::MAX));
+        assert!(!may_match(&file(1, 99), &none, &at_least));
+        assert!(may_match(&file(1, 100), &none, &at_least));
+        // The literal on the left: 100 > id is id < 100.
+        let below = ranges(&[lit(100i32).gt(col("id"))]);
+        assert_eq!(below["id"], (i64::MIN, 99));
+        assert!(!may_match(&file(100, 200), &none, &below));
+        // Several filters and BETWEEN keep what all allow; an empty range matches nothing.
+        let both = ranges(&[
+            col("id").gt(lit(10i64)),
+            col("id").between(lit(5i64), lit(20i64)),
+        ]);
+        assert_eq!(both["id"], (11, 20));
+        assert!(!may_match(&file(21, 30), &none, &both));
+        assert!(may_match(&file(20, 30), &none, &both));
+        let empty = ranges(&[col("id").gt(lit(10i64)), col("id").lt(lit(5i64))]);
+        assert!(!may_match(&file(i64::MIN, i64::MAX), &none, &empty));
+        // Columns without bounds, casts, NOT BETWEEN, overflow and non-integers: no range.
+        assert!(may_match(&Bounds::new(), &none, &at_least));
+        assert!(ranges(&[col("id").not_between(lit(1i64), lit(2i64))]).is_empty());
+        assert!(ranges(&[col("id").gt(lit(i64::MAX))]).is_empty());
+        assert!(ranges(&[col("v").gt(lit("x"))]).is_empty());
+        let cast = deltalake::datafusion::logical_expr::cast(col("id"), DataType::Utf8);
+        assert!(ranges(&[cast.gt(lit(5i64))]).is_empty());
     }
 
     fn pinned_of(e: Expr) -> HashMap<String, Vec<i64>> {
