@@ -253,6 +253,7 @@ impl Commit {
             .map_err(delta_err)?;
         let version = finalized.version();
         table.state = Some(finalized.snapshot());
+        super::table::keep_committed(table);
         Ok(version)
     }
 }

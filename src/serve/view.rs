@@ -553,10 +553,20 @@ impl Views {
         );
     }
 
-    /// A Delta table at `version`, from the cache moved forward or loaded.
+    /// A Delta table at `version`: from the state the daemon in this process committed
+    /// (when it is that version or nearer than the cache's) or the cache, moved forward;
+    /// else loaded.
     async fn table_at(&self, url: &Url, version: u64) -> Result<DeltaTable, DataFusionError> {
         let to_df = |e: deltalake::DeltaTableError| DataFusionError::External(Box::new(e));
         let cached = self.tables.lock().await.get(url).cloned();
+        let committed = crate::lake::table::committed(url, version);
+        let cached = match (cached, committed) {
+            (Some(c), Some(d)) if c.version() <= Some(version) && c.version() >= d.version() => {
+                Some(c)
+            }
+            (_, Some(d)) => Some(d),
+            (c, None) => c,
+        };
         let mut table = match cached {
             Some(t) => t,
             None => DeltaTable::try_from_url(url.clone()).await.map_err(to_df)?,
@@ -658,6 +668,7 @@ impl Views {
                 schema.register_table(served.name, provider)?;
             }
         }
+        let tables_us = build_started.elapsed().as_micros() as u64;
         install_functions(&ctx, self.lake.clone(), ns.clone(), tables);
         for (name, sql) in &self.refined {
             let result = ctx
@@ -690,6 +701,7 @@ impl Views {
         super::catalog_functions::register(&ctx);
         tracing::debug!(
             total_us = build_started.elapsed().as_micros() as u64,
+            tables_us,
             pg_catalog_us = catalog_started.elapsed().as_micros() as u64,
             "view built"
         );
