@@ -816,6 +816,9 @@ impl TableFunctionImpl for TableAtVersion {
                     .table_provider()
                     .await
                     .map_err(|e| DataFusionError::External(Box::new(e)))?;
+                if raw {
+                    return Ok(provider);
+                }
                 let dv = super::dv_scan::provider(&self.runtime, &t, provider.schema(), None);
                 Ok(dv.await?.unwrap_or(provider))
             })

@@ -591,6 +591,36 @@ async fn every_query_reads_all_tables_at_one_source_position() {
         plan.contains("DataSourceExec") && !plan.contains("DeltaScan"),
         "a table without DVs is read by the endpoint's own scan: {plan}"
     );
+    // The newest row's id is only in the newest file(s): a range from it skips the rest.
+    let files_read = |sql: String| {
+        let lake = &lake;
+        async move {
+            rows(lake, &format!("EXPLAIN {sql}"))
+                .await
+                .join("\n")
+                .matches(".parquet")
+                .count()
+        }
+    };
+    let all =
+        files_read("SELECT sum(valor) FROM lancamentos WHERE valor <> 123456789".into()).await;
+    let last: i64 = source
+        .query_one("SELECT max(id) FROM lancamentos", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let newest = files_read(format!(
+        "SELECT sum(valor) FROM lancamentos WHERE id >= {last}"
+    ))
+    .await;
+    println!(
+        "figure: range pruning: {newest} of {all} live files of lancamentos read for its newest row"
+    );
+    assert!(newest >= 1, "the newest row's file is read");
+    assert!(
+        all == 1 || newest < all,
+        "a range skips files by their bounds: {newest} of {all} files read"
+    );
     // `count(*)` comes from the log's row counts, without reading a file.
     let plan = rows(&lake, "EXPLAIN SELECT count(*) FROM lancamentos")
         .await
