@@ -220,6 +220,21 @@ fn bounds(schema: &Schema, stats: Option<&str>) -> Bounds {
         .collect()
 }
 
+/// An integer literal's value, when it fits an `i64`.
+fn integer(v: &ScalarValue) -> Option<i64> {
+    match v {
+        ScalarValue::Int8(Some(v)) => Some(*v as i64),
+        ScalarValue::Int16(Some(v)) => Some(*v as i64),
+        ScalarValue::Int32(Some(v)) => Some(*v as i64),
+        ScalarValue::Int64(Some(v)) => Some(*v),
+        ScalarValue::UInt8(Some(v)) => Some(*v as i64),
+        ScalarValue::UInt16(Some(v)) => Some(*v as i64),
+        ScalarValue::UInt32(Some(v)) => Some(*v as i64),
+        ScalarValue::UInt64(Some(v)) => i64::try_from(*v).ok(),
+        _ => None,
+    }
+}
+
 /// The integer values `filters` pin columns to (`col = v`, `col IN (v, …)`), by column
 /// name; several filters on one column keep the values all of them allow.
 fn pinned(filters: &[Expr]) -> HashMap<String, Vec<i64>> {
@@ -234,17 +249,7 @@ fn pinned(filters: &[Expr]) -> HashMap<String, Vec<i64>> {
     }
     fn int(e: &Expr) -> Option<i64> {
         match e {
-            Expr::Literal(v, _) => match v {
-                ScalarValue::Int8(Some(v)) => Some(*v as i64),
-                ScalarValue::Int16(Some(v)) => Some(*v as i64),
-                ScalarValue::Int32(Some(v)) => Some(*v as i64),
-                ScalarValue::Int64(Some(v)) => Some(*v),
-                ScalarValue::UInt8(Some(v)) => Some(*v as i64),
-                ScalarValue::UInt16(Some(v)) => Some(*v as i64),
-                ScalarValue::UInt32(Some(v)) => Some(*v as i64),
-                ScalarValue::UInt64(Some(v)) => i64::try_from(*v).ok(),
-                _ => None,
-            },
+            Expr::Literal(v, _) => integer(v),
             Expr::Cast(c) => int(&c.expr),
             _ => None,
         }
@@ -285,13 +290,7 @@ fn pinned(filters: &[Expr]) -> HashMap<String, Vec<i64>> {
 fn ranges(filters: &[Expr]) -> HashMap<String, (i64, i64)> {
     fn int(e: &Expr) -> Option<i64> {
         match e {
-            Expr::Literal(v, _) => match v {
-                ScalarValue::Int8(Some(v)) => Some(*v as i64),
-                ScalarValue::Int16(Some(v)) => Some(*v as i64),
-                ScalarValue::Int32(Some(v)) => Some(*v as i64),
-                ScalarValue::Int64(Some(v)) => Some(*v),
-                _ => None,
-            },
+            Expr::Literal(v, _) => integer(v),
             _ => None,
         }
     }
