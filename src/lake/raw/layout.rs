@@ -322,7 +322,11 @@ impl RawBatchBuilder {
                 }
                 Some(TupleValue::Text(bytes)) => {
                     self.bytes += bytes.len();
-                    let text = String::from_utf8_lossy(bytes);
+                    // The common case (valid UTF-8) through std's faster check.
+                    let text = match std::str::from_utf8(bytes) {
+                        Ok(text) => std::borrow::Cow::Borrowed(text),
+                        Err(_) => String::from_utf8_lossy(bytes),
+                    };
                     match parse_value(&self.columns[i].kind, &text) {
                         Some(v) => builder.append_value(v),
                         None => {
