@@ -146,7 +146,8 @@ pub struct Views {
     refined: Vec<(String, String)>,
     namespace: Namespace,
     tables: Mutex<HashMap<Url, DeltaTable>>,
-    /// Deletion vectors of curated tables as row selections (`dv_scan`).
+    /// Curated tables' files as `dv_scan` reads them: bounds, live row counts, and each
+    /// deletion vector as a row selection.
     selections: super::dv_scan::Selections,
     /// Footers and deletion vectors point lookups read (`lookup`).
     pub lookup_caches: Arc<super::lookup::Caches>,
