@@ -217,36 +217,46 @@ pub fn parse_value(kind: &ColumnKind, text: &str) -> Option<Value> {
 
 /// Parses `-123.45` into an integer scaled by 10^scale, checking the precision.
 pub fn parse_decimal(text: &str, precision: u8, scale: i8) -> Option<i128> {
-    let (neg, body) = match text.as_bytes().first()? {
+    let text = text.as_bytes();
+    let (neg, body) = match text.first()? {
         b'-' => (true, &text[1..]),
         b'+' => (false, &text[1..]),
         _ => (false, text),
     };
-    let (int_part, frac_part) = body.split_once('.').unwrap_or((body, ""));
+    // A byte loop, not `split_once`: these values are a few bytes long, and a snapshot
+    // parses one per row and column.
+    let (int_part, frac_part) = match body.iter().position(|b| *b == b'.') {
+        Some(dot) => (&body[..dot], &body[dot + 1..]),
+        None => (body, &[][..]),
+    };
     if int_part.is_empty() && frac_part.is_empty() {
         return None;
     }
     let scale = usize::try_from(scale).ok()?;
-    if !int_part
-        .bytes()
-        .chain(frac_part.bytes())
-        .all(|b| b.is_ascii_digit())
-    {
+    if !int_part.iter().chain(frac_part).all(|b| b.is_ascii_digit()) {
         return None;
     }
     // Extra fractional digits are allowed only when they are zeros (no rounding, ever).
     let (kept, dropped) = frac_part.split_at(frac_part.len().min(scale));
-    if dropped.bytes().any(|b| b != b'0') {
+    if dropped.iter().any(|b| *b != b'0') {
         return None;
     }
-    let int_digits = int_part.trim_start_matches('0');
+    let leading_zeros = int_part.iter().take_while(|b| **b == b'0').count();
+    let int_digits = &int_part[leading_zeros..];
     if int_digits.len() + scale > precision as usize {
         return None;
     }
-    let mut v: i128 = 0;
-    for b in int_digits.bytes().chain(kept.bytes()) {
-        v = v.checked_mul(10)?.checked_add(i128::from(b - b'0'))?;
-    }
+    let digits = int_digits.iter().chain(kept);
+    let mut v: i128 = if int_digits.len() + kept.len() <= 18 {
+        // Fits in 64 bits: the common case, without 128-bit arithmetic per digit.
+        i128::from(digits.fold(0u64, |v, b| v * 10 + u64::from(b - b'0')))
+    } else {
+        let mut v: i128 = 0;
+        for b in digits {
+            v = v.checked_mul(10)?.checked_add(i128::from(b - b'0'))?;
+        }
+        v
+    };
     for _ in kept.len()..scale {
         v = v.checked_mul(10)?;
     }
@@ -255,6 +265,14 @@ pub fn parse_decimal(text: &str, precision: u8, scale: i8) -> Option<i128> {
 
 /// Days since 1970-01-01 for `YYYY-MM-DD[ BC]`; `None` for infinity or out of range.
 pub fn parse_date(text: &str) -> Option<i32> {
+    match iso_days(text.as_bytes()).filter(|_| text.len() == 10) {
+        Some(days) => i32::try_from(days).ok(),
+        None => general_date(text),
+    }
+}
+
+/// [`parse_date`] for every form it takes (BC years, years past 9999).
+fn general_date(text: &str) -> Option<i32> {
     let (body, bc) = match text.strip_suffix(" BC") {
         Some(b) => (b, true),
         None => (text, false),
@@ -277,6 +295,11 @@ fn ymd(text: &str, bc: bool) -> Option<chrono::NaiveDate> {
 /// Microseconds since the Unix epoch for Postgres's ISO output
 /// (`2024-01-05 13:00:00.123456+00`, with ` BC` possibly appended).
 pub fn parse_timestamp(text: &str, with_tz: bool) -> Option<i64> {
+    iso_timestamp(text.as_bytes(), with_tz).or_else(|| general_timestamp(text, with_tz))
+}
+
+/// [`parse_timestamp`] for every form it takes (BC years, years past 9999).
+fn general_timestamp(text: &str, with_tz: bool) -> Option<i64> {
     let (body, bc) = match text.strip_suffix(" BC") {
         Some(b) => (b, true),
         None => (text, false),
@@ -318,6 +341,101 @@ pub fn parse_timestamp(text: &str, with_tz: bool) -> Option<i64> {
         .checked_add(h * 3600 + mi * 60 + s)?
         .checked_sub(offset_secs)?;
     secs.checked_mul(1_000_000)?.checked_add(micros)
+}
+
+/// The value of `b`, all ASCII digits (`None` otherwise).
+fn digits(b: &[u8]) -> Option<i64> {
+    b.iter().try_fold(0i64, |v, c| {
+        c.is_ascii_digit().then(|| v * 10 + i64::from(c - b'0'))
+    })
+}
+
+/// Days since 1970-01-01 of the `YYYY-MM-DD` that starts `b` (a valid date of years
+/// 0000–9999, proleptic Gregorian as chrono counts them), without chrono: the fast path
+/// of [`parse_date`] and [`parse_timestamp`] for what Postgres prints in ISO style.
+/// `None` when `b` does not start so; the general parser then decides.
+fn iso_days(b: &[u8]) -> Option<i64> {
+    if b.len() < 10 || b[4] != b'-' || b[7] != b'-' {
+        return None;
+    }
+    let (y, m, d) = (digits(&b[..4])?, digits(&b[5..7])?, digits(&b[8..10])?);
+    let leap = y % 4 == 0 && (y % 100 != 0 || y % 400 == 0);
+    let month_days = match m {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => return None,
+    };
+    if d < 1 || d > month_days {
+        return None;
+    }
+    // Days from the civil date (H. Hinnant's algorithm): years start in March, so the
+    // leap day ends a year. `y` is at least -1 here, so plain division is floor division.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = (y + 400) / 400 - 1;
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    Some(era * 146_097 + doe - 719_468)
+}
+
+/// Microseconds since the Unix epoch for exactly `YYYY-MM-DD HH:MM:SS[.f{1,6}]`, followed
+/// (with `with_tz`) by `±HH[:MM[:SS]]`: the fast path of [`parse_timestamp`], giving what
+/// the general parser gives for these shapes, or `None` to leave the text to it.
+fn iso_timestamp(b: &[u8], with_tz: bool) -> Option<i64> {
+    if b.len() < 19 || b[10] != b' ' || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let days = iso_days(b)?;
+    let (h, mi, s) = (
+        digits(&b[11..13])?,
+        digits(&b[14..16])?,
+        digits(&b[17..19])?,
+    );
+    if h > 24 || mi > 59 || s > 60 {
+        return None;
+    }
+    let mut rest = &b[19..];
+    let mut micros = 0;
+    if let Some(frac) = rest.strip_prefix(b".") {
+        let n = frac.iter().take_while(|c| c.is_ascii_digit()).count();
+        if n == 0 || n > 6 {
+            return None;
+        }
+        micros = digits(&frac[..n])? * 10i64.pow(6 - n as u32);
+        rest = &frac[n..];
+    }
+    let mut offset = 0;
+    if with_tz {
+        let sign = match rest.first()? {
+            b'+' => 1,
+            b'-' => -1,
+            _ => return None,
+        };
+        let fields = &rest[1..];
+        // ±HH, ±HH:MM or ±HH:MM:SS, each field under 60.
+        if !matches!(fields.len(), 2 | 5 | 8) {
+            return None;
+        }
+        for (i, unit) in [3600, 60, 1]
+            .into_iter()
+            .enumerate()
+            .take(fields.len().div_ceil(3))
+        {
+            if i > 0 && fields[3 * i - 1] != b':' {
+                return None;
+            }
+            let v = digits(&fields[3 * i..3 * i + 2])?;
+            if v >= 60 {
+                return None;
+            }
+            offset += sign * v * unit;
+        }
+    } else if !rest.is_empty() {
+        return None;
+    }
+    Some((days * 86_400 + h * 3600 + mi * 60 + s - offset) * 1_000_000 + micros)
 }
 
 fn parse_offset(text: &str) -> Option<i64> {
@@ -564,6 +682,78 @@ mod tests {
             parse_timestamp("9999-12-31 23:59:59.999999+00", true),
             Some(253_402_300_799_999_999)
         );
+    }
+
+    #[test]
+    fn the_iso_fast_paths_agree_with_the_general_parsers() {
+        // Every date of years 0000–0002, 1969–1971, 2000, 2100, 9999 and some invalid
+        // ones, in every time and offset shape; the fast path must give what the general
+        // parser gives whenever it answers.
+        let mut checked = 0;
+        for y in [0, 1, 2, 1969, 1970, 1971, 2000, 2024, 2100, 9999] {
+            for m in 0..=13 {
+                for d in 0..=32 {
+                    let date = format!("{y:04}-{m:02}-{d:02}");
+                    let bytes = date.as_bytes();
+                    let fast = iso_days(bytes).and_then(|v| i32::try_from(v).ok());
+                    assert_eq!(
+                        fast.or_else(|| general_date(&date)),
+                        general_date(&date),
+                        "{date}"
+                    );
+                    if fast.is_some() {
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(checked > 3000, "{checked}");
+        let times = [
+            "00:00:00", "23:59:59", "24:00:00", "12:60:00", "12:00:61", "25:00:00",
+        ];
+        let fracs = ["", ".", ".5", ".123456", ".1234567", ".12a"];
+        let offsets = [
+            "",
+            "+00",
+            "-03",
+            "+05:30",
+            "-09:30:15",
+            "+60",
+            "+5",
+            "+05:3",
+            "+05:30:1",
+        ];
+        for date in [
+            "1970-01-01",
+            "2024-02-29",
+            "2023-02-29",
+            "9999-12-31",
+            "0000-03-01",
+        ] {
+            for time in times {
+                for frac in fracs {
+                    for offset in offsets {
+                        for with_tz in [false, true] {
+                            let text = format!("{date} {time}{frac}{offset}");
+                            if let Some(v) = iso_timestamp(text.as_bytes(), with_tz) {
+                                assert_eq!(Some(v), general_timestamp(&text, with_tz), "{text}");
+                            }
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            parse_timestamp("2024-01-05 10:00:00.25-03:30", true),
+            Some(1_704_461_400_250_000)
+        );
+        assert_eq!(parse_date("2024-02-30"), None);
+        assert_eq!(parse_timestamp("1970-01-01 00:00:00.", false), Some(0));
+        assert_eq!(parse_decimal("0012.50", 5, 2), Some(1250));
+        assert_eq!(parse_decimal("-.5", 3, 1), Some(-5));
+        assert_eq!(parse_decimal("1.2.3", 9, 2), None);
+        assert_eq!(parse_decimal(".", 9, 2), None);
     }
 
     #[test]

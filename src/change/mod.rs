@@ -194,6 +194,15 @@ pub trait ChangeEncoder: Send + 'static {
         positions: &[Option<usize>],
         before: Option<&OldTuple>,
     ) -> usize;
+    /// Appends one row of text values borrowed from where they were read (`None`: NULL),
+    /// `positions` as for [`ChangeEncoder::append`]. Returns the same count.
+    fn append_text(
+        &mut self,
+        op: Op,
+        meta: ChangeMeta,
+        values: &[Option<std::borrow::Cow<'_, [u8]>>],
+        positions: &[Option<usize>],
+    ) -> usize;
     /// Rows buffered.
     fn rows(&self) -> usize;
     /// Approximate bytes buffered.

@@ -17,6 +17,7 @@
 //! (Arrow building and Parquet writing). Rows are handed over in bounded Arrow batches (no
 //! table goes through memory whole).
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
@@ -408,12 +409,18 @@ impl CopyJob {
         let field_count = self.positions.iter().flatten().count();
         let mut lines = LineSplitter::default();
         let mut rows = 0u64;
+        let mut spare = Vec::with_capacity(field_count);
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(CatalogError::from)?;
             let lines_before = rows;
-            for line in lines.push(&chunk) {
-                let tuple = parse_copy_line(&line, field_count)
-                    .ok_or_else(|| copy_err("COPY sent a row with the wrong number of fields"))?;
+            // Postgres sends a row per message: the values are read where they arrived,
+            // without a copy or a reference-counted slice per value.
+            lines.split(&chunk, |line| {
+                let mut fields = reuse(std::mem::take(&mut spare));
+                fields.extend(copy_fields(line));
+                if fields.len() != field_count {
+                    return Err(copy_err("COPY sent a row with the wrong number of fields"));
+                }
                 let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let meta = ChangeMeta {
                     commit_lsn: self.point,
@@ -422,11 +429,13 @@ impl CopyJob {
                     xid: Xid(0),
                     seq,
                 };
-                builder.append(Op::Read, meta, Some(&tuple), &self.positions, None);
+                builder.append_text(Op::Read, meta, &fields, &self.positions);
+                spare = reuse(fields);
                 rows += 1;
-                if builder.rows() >= BATCH_ROWS || builder.bytes() >= BATCH_BYTES {
-                    send(&mut builder, out, &self.table).await?;
-                }
+                Ok(())
+            })?;
+            if builder.rows() >= BATCH_ROWS || builder.bytes() >= BATCH_BYTES {
+                send(&mut builder, out, &self.table).await?;
             }
             let wait = self
                 .overall
@@ -466,14 +475,47 @@ pub(super) struct LineSplitter {
 }
 
 impl LineSplitter {
-    pub(super) fn push(&mut self, chunk: &Bytes) -> Vec<Bytes> {
-        self.partial.extend_from_slice(chunk);
-        let mut lines = Vec::new();
-        while let Some(i) = self.partial.iter().position(|b| *b == b'\n') {
-            let mut line = self.partial.split_to(i + 1);
-            line.truncate(i);
-            lines.push(line.freeze());
+    /// Calls `line` with each complete line (without its `\n`) that `chunk` ends, after
+    /// what earlier chunks left; a line wholly inside `chunk` is not copied.
+    pub(super) fn split<E>(
+        &mut self,
+        chunk: &[u8],
+        mut line: impl FnMut(&[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mut rest = chunk;
+        if !self.partial.is_empty() {
+            let Some(end) = memchr::memchr(b'\n', rest) else {
+                self.partial.extend_from_slice(rest);
+                return Ok(());
+            };
+            self.partial.extend_from_slice(&rest[..end]);
+            let whole = std::mem::take(&mut self.partial);
+            line(&whole)?;
+            rest = &rest[end + 1..];
         }
+        while let Some(end) = memchr::memchr(b'\n', rest) {
+            line(&rest[..end])?;
+            rest = &rest[end + 1..];
+        }
+        self.partial.extend_from_slice(rest);
+        Ok(())
+    }
+
+    /// The complete lines `chunk` ends: slices of it, or copies where a line began in an
+    /// earlier chunk.
+    pub(super) fn push(&mut self, chunk: &Bytes) -> Vec<Bytes> {
+        let mut lines = Vec::new();
+        let within = chunk.as_ptr_range();
+        let _ = self.split(chunk, |line| {
+            let inside = within.start <= line.as_ptr()
+                && line.as_ptr() as usize + line.len() <= within.end as usize;
+            lines.push(if inside {
+                chunk.slice_ref(line)
+            } else {
+                Bytes::copy_from_slice(line)
+            });
+            Ok::<(), ()>(())
+        });
         lines
     }
 
@@ -482,24 +524,36 @@ impl LineSplitter {
     }
 }
 
+/// The fields of one line of COPY text format: `None` for `\N` (NULL), borrowed from the
+/// line unless escapes had to be undone.
+pub(super) fn copy_fields(line: &[u8]) -> impl Iterator<Item = Option<Cow<'_, [u8]>>> {
+    line.split(|b| *b == b'\t').map(|field| {
+        if field == b"\\N" {
+            None
+        } else if memchr::memchr(b'\\', field).is_some() {
+            Some(Cow::Owned(unescape(field)))
+        } else {
+            Some(Cow::Borrowed(field))
+        }
+    })
+}
+
+/// An emptied vector of fields whose allocation serves the next line (of another
+/// lifetime): collecting in place keeps the buffer.
+fn reuse<'b>(mut fields: Vec<Option<Cow<'_, [u8]>>>) -> Vec<Option<Cow<'b, [u8]>>> {
+    fields.clear();
+    fields.into_iter().map(|_| None).collect()
+}
+
 /// One line of COPY text format → a tuple of text values (`\N` is NULL).
 pub(super) fn parse_copy_line(line: &Bytes, columns: usize) -> Option<Tuple> {
-    let mut values = Vec::with_capacity(columns);
-    let mut start = 0;
-    for i in 0..=line.len() {
-        if i < line.len() && line[i] != b'\t' {
-            continue;
-        }
-        let field = line.slice(start..i);
-        start = i + 1;
-        values.push(if field.as_ref() == b"\\N" {
-            TupleValue::Null
-        } else if field.contains(&b'\\') {
-            TupleValue::Text(Bytes::from(unescape(&field)))
-        } else {
-            TupleValue::Text(field)
-        });
-    }
+    let values: Vec<TupleValue> = copy_fields(line)
+        .map(|field| match field {
+            None => TupleValue::Null,
+            Some(Cow::Borrowed(b)) => TupleValue::Text(line.slice_ref(b)),
+            Some(Cow::Owned(v)) => TupleValue::Text(Bytes::from(v)),
+        })
+        .collect();
     (values.len() == columns).then_some(Tuple(values))
 }
 
@@ -595,5 +649,35 @@ mod tests {
         assert_eq!(t.0[1], TupleValue::Text(Bytes::from_static(b"xAA")));
         assert_eq!(t.0[2], TupleValue::Text(Bytes::new()));
         assert!(parse_copy_line(&Bytes::from_static(b"1\t2"), 3).is_none());
+        // A line over three chunks, then two whole lines and a part in one chunk: whole
+        // lines are borrowed, fields without escapes too.
+        let mut s = LineSplitter::default();
+        let mut got: Vec<Vec<Option<Vec<u8>>>> = Vec::new();
+        for chunk in [&b"1\ta"[..], b"b", b"c\n2\t\\N\n3\tx\\ty\n4"] {
+            s.split(chunk, |line| {
+                let fields: Vec<_> = copy_fields(line).collect();
+                if let Some(Some(Cow::Borrowed(f))) = fields.first() {
+                    assert!(chunk.as_ptr_range().contains(&f.as_ptr()) || line.len() > 3);
+                }
+                got.push(fields.into_iter().map(|f| f.map(Cow::into_owned)).collect());
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+        }
+        let text = |t: &str| Some(t.as_bytes().to_vec());
+        assert_eq!(
+            got,
+            vec![
+                vec![text("1"), text("abc")],
+                vec![text("2"), None],
+                vec![text("3"), text("x\ty")],
+            ]
+        );
+        assert!(!s.is_empty());
+        assert_eq!(
+            copy_fields(b"").count(),
+            1,
+            "an empty line is one empty field"
+        );
     }
 }

@@ -309,24 +309,68 @@ impl RawBatchBuilder {
         positions: &[Option<usize>],
         before: Option<&OldTuple>,
     ) -> usize {
+        let image = before.map(|old| old_image(&self.columns, positions, old.tuple()));
+        self.append_with(op, meta, image, |i| {
+            match row.and_then(|t| positions.get(i).copied().flatten().and_then(|p| t.0.get(p))) {
+                None | Some(TupleValue::Null) => Cell::Null,
+                Some(TupleValue::UnchangedToast) => Cell::Unchanged,
+                Some(TupleValue::Text(bytes)) => Cell::Text(bytes),
+            }
+        })
+    }
+
+    /// Appends one row of text values borrowed from their source (`values[positions[i]]`
+    /// for lake column `i`, `None` being NULL): a snapshot's COPY rows, without a
+    /// [`Tuple`] of reference-counted slices per row. Returns what [`Self::append`] does.
+    pub fn append_text(
+        &mut self,
+        op: Op,
+        meta: ChangeMeta,
+        values: &[Option<std::borrow::Cow<'_, [u8]>>],
+        positions: &[Option<usize>],
+    ) -> usize {
+        self.append_with(op, meta, None, |i| {
+            match positions
+                .get(i)
+                .copied()
+                .flatten()
+                .and_then(|p| values.get(p))
+            {
+                Some(Some(bytes)) => Cell::Text(bytes.as_ref()),
+                _ => Cell::Null,
+            }
+        })
+    }
+
+    /// Appends one row whose lake column `i` holds `value(i)`, with the old row's `image`.
+    fn append_with<'v>(
+        &mut self,
+        op: Op,
+        meta: ChangeMeta,
+        image: Option<String>,
+        value: impl Fn(usize) -> Cell<'v>,
+    ) -> usize {
         let mut unchanged: Vec<&str> = Vec::new();
         let mut fallback: BTreeMap<&str, String> = BTreeMap::new();
         for (i, builder) in self.builders.iter_mut().enumerate() {
-            let value =
-                row.and_then(|t| positions.get(i).copied().flatten().and_then(|p| t.0.get(p)));
-            match value {
-                None | Some(TupleValue::Null) => builder.append_null(),
-                Some(TupleValue::UnchangedToast) => {
+            match value(i) {
+                Cell::Null => builder.append_null(),
+                Cell::Unchanged => {
                     builder.append_null();
                     unchanged.push(&self.columns[i].name);
                 }
-                Some(TupleValue::Text(bytes)) => {
+                Cell::Text(bytes) => {
                     self.bytes += bytes.len();
                     // The common case (valid UTF-8) through std's faster check.
                     let text = match std::str::from_utf8(bytes) {
                         Ok(text) => std::borrow::Cow::Borrowed(text),
                         Err(_) => String::from_utf8_lossy(bytes),
                     };
+                    // Text is stored as it comes: no owned copy on the way.
+                    if let ColumnBuilder::Text(b) = builder {
+                        b.append_value(&text);
+                        continue;
+                    }
                     match parse_value(&self.columns[i].kind, &text) {
                         Some(v) => builder.append_value(v),
                         None => {
@@ -343,9 +387,8 @@ impl RawBatchBuilder {
         self.commit_ts.append_value(meta.commit_ts);
         self.xid.append_value(i64::from(meta.xid.0));
         self.seq.append_value(meta.seq);
-        match before {
-            Some(old) => {
-                let image = old_image(&self.columns, positions, old.tuple());
+        match image {
+            Some(image) => {
                 self.bytes += image.len();
                 self.before.append_value(image);
             }
@@ -405,6 +448,16 @@ impl ChangeEncoder for RawBatchBuilder {
         RawBatchBuilder::append(self, op, meta, row, positions, before)
     }
 
+    fn append_text(
+        &mut self,
+        op: Op,
+        meta: ChangeMeta,
+        values: &[Option<std::borrow::Cow<'_, [u8]>>],
+        positions: &[Option<usize>],
+    ) -> usize {
+        RawBatchBuilder::append_text(self, op, meta, values, positions)
+    }
+
     fn rows(&self) -> usize {
         self.rows
     }
@@ -416,6 +469,14 @@ impl ChangeEncoder for RawBatchBuilder {
     fn finish(&mut self) -> Result<RecordBatch, ArrowError> {
         RawBatchBuilder::finish(self)
     }
+}
+
+/// One lake column's value in a row being appended.
+enum Cell<'a> {
+    Null,
+    /// An unchanged TOASTed value the stream did not send.
+    Unchanged,
+    Text(&'a [u8]),
 }
 
 /// The old row image as a JSON object of column name → text value (or null).
