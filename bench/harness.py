@@ -284,7 +284,7 @@ def scenario_snapshot(args, work, dsn, conn):
                     pass
     copy_s = time.perf_counter() - start
     start = time.perf_counter()
-    d = Daemon(args.binary, work, dsn, "bench_snap", name="snapshot")
+    d = Daemon(args.binary, work, dsn, "bench_snap", os.environ.get("SNAP_EXTRA", ""), name="snapshot")
     lake_dsn = d.lake_dsn()
     want = conn.execute("SELECT count(*) FROM transacoes").fetchone()[0]
     d.wait_streaming()
