@@ -501,21 +501,17 @@ impl LineSplitter {
         Ok(())
     }
 
-    /// The complete lines `chunk` ends: slices of it, or copies where a line began in an
-    /// earlier chunk.
-    pub(super) fn push(&mut self, chunk: &Bytes) -> Vec<Bytes> {
+    /// The complete lines `chunk` ends, copied out packed together (a chunked copy keeps
+    /// its rows until their verdict: slices of the connection's read buffers would keep
+    /// those whole, about 40 MB more at the peak of the benchmark's copy).
+    pub(super) fn push(&mut self, chunk: &[u8]) -> Vec<Bytes> {
+        self.partial.extend_from_slice(chunk);
         let mut lines = Vec::new();
-        let within = chunk.as_ptr_range();
-        let _ = self.split(chunk, |line| {
-            let inside = within.start <= line.as_ptr()
-                && line.as_ptr() as usize + line.len() <= within.end as usize;
-            lines.push(if inside {
-                chunk.slice_ref(line)
-            } else {
-                Bytes::copy_from_slice(line)
-            });
-            Ok::<(), ()>(())
-        });
+        while let Some(i) = memchr::memchr(b'\n', &self.partial) {
+            let mut line = self.partial.split_to(i + 1);
+            line.truncate(i);
+            lines.push(line.freeze());
+        }
         lines
     }
 
