@@ -319,29 +319,6 @@ impl RawBatchBuilder {
         })
     }
 
-    /// Appends one row of text values borrowed from their source (`values[positions[i]]`
-    /// for lake column `i`, `None` being NULL): a snapshot's COPY rows, without a
-    /// [`Tuple`] of reference-counted slices per row. Returns what [`Self::append`] does.
-    pub fn append_text(
-        &mut self,
-        op: Op,
-        meta: ChangeMeta,
-        values: &[Option<std::borrow::Cow<'_, [u8]>>],
-        positions: &[Option<usize>],
-    ) -> usize {
-        self.append_with(op, meta, None, |i| {
-            match positions
-                .get(i)
-                .copied()
-                .flatten()
-                .and_then(|p| values.get(p))
-            {
-                Some(Some(bytes)) => Cell::Text(bytes.as_ref()),
-                _ => Cell::Null,
-            }
-        })
-    }
-
     /// Appends one row whose lake column `i` holds `value(i)`, with the old row's `image`.
     fn append_with<'v>(
         &mut self,
@@ -448,6 +425,7 @@ impl ChangeEncoder for RawBatchBuilder {
         RawBatchBuilder::append(self, op, meta, row, positions, before)
     }
 
+    /// A snapshot's COPY rows, without a [`Tuple`] of reference-counted slices per row.
     fn append_text(
         &mut self,
         op: Op,
@@ -455,7 +433,17 @@ impl ChangeEncoder for RawBatchBuilder {
         values: &[Option<std::borrow::Cow<'_, [u8]>>],
         positions: &[Option<usize>],
     ) -> usize {
-        RawBatchBuilder::append_text(self, op, meta, values, positions)
+        self.append_with(op, meta, None, |i| {
+            match positions
+                .get(i)
+                .copied()
+                .flatten()
+                .and_then(|p| values.get(p))
+            {
+                Some(Some(bytes)) => Cell::Text(bytes.as_ref()),
+                _ => Cell::Null,
+            }
+        })
     }
 
     fn rows(&self) -> usize {
