@@ -315,12 +315,19 @@ impl Applier {
         durable: watch::Sender<Lsn>,
         records: Option<RecordSender>,
     ) -> Result<Applier, ApplyError> {
+        // The tables open concurrently (each a few log reads: the daemon reopens them all
+        // after its snapshot and at every reconnect); catching up, which may read a
+        // table's pending changes into memory, goes one table at a time.
+        let opened = futures::future::try_join_all(
+            tables
+                .iter()
+                .map(|info| TableState::open(lake, slot, info, normalization, curated_config)),
+        )
+        .await?;
         let mut states = FastMap::default();
-        for info in tables {
-            let mut state =
-                TableState::open(lake, slot, info, normalization, curated_config).await?;
+        for mut state in opened {
             state.catch_up().await?;
-            states.insert(info.name.clone(), state);
+            states.insert(state.name.clone(), state);
         }
         let mut checkpoint = Checkpoint::open(lake, slot).await?;
         if let Some(records) = records {

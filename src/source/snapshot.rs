@@ -178,12 +178,13 @@ impl SnapshotReader {
         chunk_bytes: i64,
         limits: &SnapshotLimits,
     ) -> Result<SnapshotReader, SnapshotError> {
-        let mut clients = Vec::with_capacity(workers);
-        for _ in 0..workers.max(1) {
+        // Opened concurrently: each is a connection, its authentication and the import.
+        let clients = futures::future::try_join_all((0..workers.max(1)).map(|_| async {
             let client = catalog::connect(params).await?;
             import_snapshot(&client, name).await?;
-            clients.push(Arc::new(client));
-        }
+            Ok::<_, CatalogError>(Arc::new(client))
+        }))
+        .await?;
         Ok(SnapshotReader {
             clients,
             chunk_bytes,
