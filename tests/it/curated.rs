@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -398,19 +398,33 @@ async fn curated_kill_rounds(env: Env) {
     let mut rng = StdRng::seed_from_u64(99);
     let mut killed_in_snapshot = 0;
     for round in 0..12 {
+        let runs_before = env.daemon_log().matches("source ready").count();
         let mut daemon = env.daemon();
         wait_for_lease(&env, round + 1).await;
-        // The first rounds die early, while the snapshot is copying.
-        let wait_ms = if round < 3 {
-            rng.random_range(300..1500)
-        } else {
-            rng.random_range(200..2500)
+        let this_run = || {
+            let log = env.daemon_log();
+            let runs = log.matches("source ready").count();
+            let run = log.rsplit("source ready").next().unwrap_or_default();
+            (runs > runs_before).then(|| run.to_string())
         };
-        tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+        let copying = |run: &str| run.contains("initial snapshot started") && !run.contains("streaming");
+        if round < 3 {
+            // The first rounds die while the snapshot is copying: from the moment this run
+            // says it started (a copy takes under a second: a fixed delay from the start
+            // would miss it on a fast day).
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline {
+                match this_run() {
+                    Some(run) if run.contains("initial snapshot started") || run.contains("streaming") => break,
+                    _ => tokio::time::sleep(Duration::from_millis(5)).await,
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..400))).await;
+        } else {
+            tokio::time::sleep(Duration::from_millis(rng.random_range(200..2500))).await;
+        }
         daemon.kill9();
-        let log = env.daemon_log();
-        let this_run = log.rsplit("source ready").next().unwrap_or_default();
-        if this_run.contains("initial snapshot started") && !this_run.contains("streaming") {
+        if this_run().is_some_and(|run| copying(&run)) {
             killed_in_snapshot += 1;
         }
     }
