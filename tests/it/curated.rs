@@ -407,7 +407,8 @@ async fn curated_kill_rounds(env: Env) {
             let run = log.rsplit("source ready").next().unwrap_or_default();
             (runs > runs_before).then(|| run.to_string())
         };
-        let copying = |run: &str| run.contains("initial snapshot started") && !run.contains("streaming");
+        let copying =
+            |run: &str| run.contains("initial snapshot started") && !run.contains("streaming");
         if round < 3 {
             // The first rounds die while the snapshot is copying: from the moment this run
             // says it started (a copy takes under a second: a fixed delay from the start
@@ -415,7 +416,12 @@ async fn curated_kill_rounds(env: Env) {
             let deadline = Instant::now() + Duration::from_secs(60);
             while Instant::now() < deadline {
                 match this_run() {
-                    Some(run) if run.contains("initial snapshot started") || run.contains("streaming") => break,
+                    Some(run)
+                        if run.contains("initial snapshot started")
+                            || run.contains("streaming") =>
+                    {
+                        break;
+                    }
                     _ => tokio::time::sleep(Duration::from_millis(5)).await,
                 }
             }
