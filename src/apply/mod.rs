@@ -26,7 +26,7 @@ use std::time::Instant;
 use deltalake::kernel::Add;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use deltalake::arrow::array::{Array, Int64Array};
+use deltalake::arrow::array::{Array, ArrayRef, Int64Array};
 use deltalake::arrow::compute::filter_record_batch;
 use deltalake::arrow::compute::kernels::cmp::gt;
 use deltalake::arrow::record_batch::RecordBatch;
@@ -36,10 +36,12 @@ use self::normalize::{Normalization, Normalizer};
 use crate::change::message::{OldTuple, PgOutputMessage, Relation, Tuple, TupleValue};
 use crate::change::{ChangeMeta, ColumnSpec, Op, RelId, ReplicaIdentity, SourceEvent, Xid};
 use crate::lake::checkpoint::{Checkpoint, CheckpointRecord, RecordSender, TableVersions};
+use crate::lake::curated::splice::Splice;
 use crate::lake::curated::{CuratedConfig, CuratedTable, Indexing};
 use crate::lake::maintenance::Policy;
 use crate::lake::raw::layout::RawBatchBuilder;
 use crate::lake::raw::{ChunkedProgress, RawTable};
+use crate::lake::table::CURATED_FILE_SIZE;
 use crate::lake::{Lake, LakeError};
 use crate::lsn::Lsn;
 use crate::source::catalog::TableInfo;
@@ -180,6 +182,54 @@ impl TableState {
     }
 
     /// The source columns of raw change rows as the curated table stores them.
+    /// Finishes the raw files written so far and adds their curated twins, spliced;
+    /// `pending` holds the converted columns of their rows, taken here.
+    async fn splice_files(
+        &mut self,
+        splice: &Splice,
+        pending: &mut [Vec<ArrayRef>],
+    ) -> Result<(), ApplyError> {
+        let label = self.curated.label().to_string();
+        if pending.first().is_some_and(Vec::is_empty) {
+            // No row since the last splice (the last batch filled the file).
+            if self.raw.flush_files().await?.is_empty() {
+                return Ok(());
+            }
+            return Err(ApplyError::Stream(format!(
+                "{label}: raw files written without their converted columns"
+            )));
+        }
+        let arrow_err = |source| LakeError::Arrow {
+            table: label.clone(),
+            source,
+        };
+        let arrays = pending
+            .iter_mut()
+            .map(|parts| {
+                let refs: Vec<&dyn Array> = parts.iter().map(|a| a.as_ref()).collect();
+                let whole = deltalake::arrow::compute::concat(&refs);
+                parts.clear();
+                whole
+            })
+            .collect::<Result<Vec<ArrayRef>, _>>()
+            .map_err(arrow_err)?;
+        let mut offset = 0;
+        for add in self.raw.flush_files().await? {
+            let bytes = self.raw.read_file(&add).await?;
+            offset += self
+                .curated
+                .append_spliced(splice, &add, &bytes, &arrays, offset)
+                .await?;
+        }
+        if arrays.iter().any(|a| a.len() != offset) {
+            return Err(ApplyError::Stream(format!(
+                "{label}: the raw files spliced hold {offset} rows, not the {} converted",
+                arrays.first().map_or(0, |a| a.len())
+            )));
+        }
+        Ok(())
+    }
+
     fn normalize(
         &self,
         rows: &RecordBatch,
@@ -277,6 +327,8 @@ pub struct Applier {
     /// Curated files may lack a key-index entry (after the start, a snapshot, a resync
     /// or a commit): the loop indexes them one file at a time while nothing else waits.
     indexing: bool,
+    /// The lake is on an object store (not local files).
+    on_object_store: bool,
 }
 
 /// A table copied again while the daemon streams (`resync`): the copy's files, written
@@ -350,6 +402,7 @@ impl Applier {
             watermarks: None,
             reconciler: Default::default(),
             indexing: true,
+            on_object_store: lake.is_object_store(),
         })
     }
 
@@ -633,6 +686,20 @@ impl Applier {
             .get_mut(table)
             .ok_or_else(|| ApplyError::Stream(format!("snapshot of unknown table {table}")))?;
         state.curated.begin_replace();
+        // Curated files spliced from the raw ones (`lake::curated::splice`): each row is
+        // encoded once, but for the columns a normalization rule converts. Not on object
+        // stores, where reading each raw file back would cost a download.
+        let converted = state.normalizer.converted();
+        let splice = if self.on_object_store {
+            None
+        } else {
+            state.curated.splice_from(&state.raw.schema(), &converted)
+        };
+        if splice.is_some() {
+            state.raw.set_bloom_key(&state.curated.bloom_key()).await?;
+        }
+        // The converted columns of the rows written to raw files not yet spliced.
+        let mut pending: Vec<Vec<ArrayRef>> = vec![Vec::new(); converted.len()];
         let mut rows = 0u64;
         let label = table.to_string();
         while let Some(batch) = batches.recv().await {
@@ -640,8 +707,24 @@ impl Applier {
             rows += batch.num_rows() as u64;
             crate::telemetry::snapshot_progress(&label, rows, None);
             state.raw.write(batch.clone()).await?;
-            let values = state.normalize(&batch)?;
-            state.curated.append(&batch, values).await?;
+            let Some(splice) = &splice else {
+                let values = state.normalize(&batch)?;
+                state.curated.append(&batch, values).await?;
+                continue;
+            };
+            if !converted.is_empty() {
+                let values = state.normalize(&batch)?;
+                for (k, &i) in converted.iter().enumerate() {
+                    pending[k].push(values[i].clone());
+                }
+            }
+            if state.raw.buffered() >= CURATED_FILE_SIZE as usize {
+                state.splice_files(splice, &mut pending).await?;
+            }
+        }
+        if let Some(splice) = &splice {
+            state.splice_files(splice, &mut pending).await?;
+            state.raw.set_bloom_key(&[]).await?;
         }
         Ok(rows)
     }

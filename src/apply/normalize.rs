@@ -440,6 +440,13 @@ impl Normalizer {
             .collect()
     }
 
+    /// The source columns a rule converts (by index).
+    pub fn converted(&self) -> Vec<usize> {
+        (0..self.rules.len())
+            .filter(|&i| self.rules[i].is_some())
+            .collect()
+    }
+
     /// The rule for source column `i`.
     pub fn rule(&self, i: usize) -> Option<&Rule> {
         self.rules.get(i).and_then(|r| r.as_ref())

@@ -14,6 +14,7 @@ mod files;
 mod key_index;
 mod merge;
 pub mod reduce;
+pub mod splice;
 mod stored_keys;
 
 use std::collections::HashSet;
@@ -26,6 +27,7 @@ use deltalake::arrow::row::{RowConverter, SortField};
 use deltalake::kernel::{Action, Add, Remove};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::{DeltaTable, DeltaTableError};
+use object_store::ObjectStoreExt;
 
 use self::files::{Committed, DataFile, FileState};
 use self::key_index::KeyIndex;
@@ -383,7 +385,7 @@ impl CuratedTable {
     }
 
     /// The key columns that get Parquet bloom filters (none for a whole-row key).
-    fn bloom_key(&self) -> Vec<String> {
+    pub fn bloom_key(&self) -> Vec<String> {
         if self.key.len() <= 4 {
             self.key
                 .iter()
@@ -491,6 +493,51 @@ impl CuratedTable {
                 })?;
         }
         Ok(())
+    }
+
+    /// How a snapshot's curated files can be spliced from raw files of `raw` schema
+    /// (with bloom filters on [`CuratedTable::bloom_key`]), the source columns at the
+    /// indices `converted` (by a normalization rule) encoded alongside ([`splice`]).
+    pub fn splice_from(&self, raw: &SchemaRef, converted: &[usize]) -> Option<splice::Splice> {
+        splice::Splice::plan(
+            raw,
+            &self.schema,
+            converted,
+            keyed_properties(&self.bloom_key()),
+        )
+    }
+
+    /// Adds snapshot rows without merging, as the curated file spliced from the raw file
+    /// `raw` (whose contents are `bytes`; the converted columns are the next rows of
+    /// `arrays` from `offset` on): written now, committed with the snapshot. Returns the
+    /// rows it holds.
+    pub async fn append_spliced(
+        &mut self,
+        splice: &splice::Splice,
+        raw: &Add,
+        bytes: &bytes::Bytes,
+        arrays: &[ArrayRef],
+        offset: usize,
+    ) -> Result<usize, LakeError> {
+        let (contents, add, rows) = splice
+            .file(raw, bytes, arrays, offset)
+            .map_err(|source| self.delta_err()(DeltaTableError::Parquet { source }))?;
+        let location = deltalake::Path::parse(&add.path)
+            .unwrap_or_else(|_| deltalake::Path::from(add.path.as_str()));
+        self.table
+            .object_store()
+            .put(&location, contents.into())
+            .await
+            .map_err(|source| LakeError::Storage {
+                what: format!("writing {} of {}", add.path, self.label),
+                source,
+            })?;
+        self.files.push(DataFile {
+            path: add.path.clone(),
+            range: add.stats.as_deref().and_then(|s| self.key_range(s)),
+            state: FileState::New(add),
+        });
+        Ok(rows)
     }
 
     /// Commits the open batch of a stream: removed and added files plus the source

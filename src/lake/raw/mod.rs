@@ -14,10 +14,13 @@ use deltalake::DeltaTable;
 use deltalake::arrow::datatypes::SchemaRef;
 use deltalake::arrow::record_batch::RecordBatch;
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
+use object_store::ObjectStoreExt;
 
 use super::commit::{AppId, Commit, InfoKey, applied, txn_version};
 use super::maintenance::{self, Compacted, Policy};
-use super::table::{RAW_FILE_SIZE, keyed_properties, open_for_schema, schema_action, writer_for};
+use super::table::{
+    RAW_FILE_SIZE, keyed_properties, keyed_writer_for, open_for_schema, schema_action, writer_for,
+};
 use super::{Lake, LakeError};
 use crate::change::ColumnSpec;
 use crate::lsn::Lsn;
@@ -307,6 +310,55 @@ impl RawTable {
                 table: self.label.clone(),
                 source,
             })
+    }
+
+    /// Bytes written into the files not yet flushed ([`RawTable::flush_files`]).
+    pub fn buffered(&self) -> usize {
+        self.writer.buffer_len()
+    }
+
+    /// Finishes the files written so far (they are committed with the next commit) and
+    /// returns their Add actions.
+    pub async fn flush_files(&mut self) -> Result<Vec<deltalake::kernel::Add>, LakeError> {
+        let written = self.writer.flush().await.map_err(self.delta_err())?;
+        self.pending.extend(written.iter().cloned());
+        Ok(written)
+    }
+
+    /// The contents of a data file written by [`RawTable::flush_files`].
+    pub async fn read_file(&self, add: &deltalake::kernel::Add) -> Result<bytes::Bytes, LakeError> {
+        let location = deltalake::Path::parse(&add.path)
+            .unwrap_or_else(|_| deltalake::Path::from(add.path.as_str()));
+        let storage_err = |source| LakeError::Storage {
+            what: format!("reading back {} of {}", add.path, self.label),
+            source,
+        };
+        self.table
+            .object_store()
+            .get(&location)
+            .await
+            .map_err(storage_err)?
+            .bytes()
+            .await
+            .map_err(storage_err)
+    }
+
+    /// Gives the files written from now on Parquet bloom filters on the `key` columns
+    /// (none when empty), as the curated table's files have them: a snapshot's curated
+    /// files are spliced from its raw files (`curated::splice`). Flushes what was
+    /// written before.
+    pub async fn set_bloom_key(&mut self, key: &[String]) -> Result<(), LakeError> {
+        let written = self.writer.flush().await.map_err(self.delta_err())?;
+        self.pending.extend(written);
+        let schema = self.writer.arrow_schema();
+        self.writer =
+            keyed_writer_for(&self.table, &schema, key, RAW_FILE_SIZE).map_err(self.delta_err())?;
+        Ok(())
+    }
+
+    /// The Arrow schema of the files written now.
+    pub fn schema(&self) -> deltalake::arrow::datatypes::SchemaRef {
+        self.writer.arrow_schema()
     }
 
     /// Commits everything written since the last commit, together with the source
