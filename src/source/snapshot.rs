@@ -524,16 +524,38 @@ impl LineSplitter {
 
 /// The fields of one line of COPY text format: `None` for `\N` (NULL), borrowed from the
 /// line unless escapes had to be undone.
-pub(super) fn copy_fields(line: &[u8]) -> impl Iterator<Item = Option<Cow<'_, [u8]>>> {
-    line.split(|b| *b == b'\t').map(|field| {
-        if field == b"\\N" {
-            None
-        } else if memchr::memchr(b'\\', field).is_some() {
-            Some(Cow::Owned(unescape(field)))
-        } else {
+pub(super) fn copy_fields(line: &[u8]) -> CopyFields<'_> {
+    CopyFields { rest: Some(line) }
+}
+
+/// Iterator of [`copy_fields`]: one `memchr2` per field finds its end or its first
+/// backslash (COPY escapes tabs in values, so a tab always ends a field).
+pub(super) struct CopyFields<'a> {
+    rest: Option<&'a [u8]>,
+}
+
+impl<'a> Iterator for CopyFields<'a> {
+    type Item = Option<Cow<'a, [u8]>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let rest = self.rest?;
+        let (field, escaped, next) = match memchr::memchr2(b'\t', b'\\', rest) {
+            None => (rest, false, None),
+            Some(i) if rest[i] == b'\t' => (&rest[..i], false, Some(&rest[i + 1..])),
+            Some(i) => match memchr::memchr(b'\t', &rest[i..]) {
+                None => (rest, true, None),
+                Some(j) => (&rest[..i + j], true, Some(&rest[i + j + 1..])),
+            },
+        };
+        self.rest = next;
+        Some(if !escaped {
             Some(Cow::Borrowed(field))
-        }
-    })
+        } else if field == b"\\N" {
+            None
+        } else {
+            Some(Cow::Owned(unescape(field)))
+        })
+    }
 }
 
 /// An emptied vector of fields whose allocation serves the next line (of another
@@ -628,6 +650,26 @@ mod tests {
         );
         // Absurd amounts do not overflow.
         assert!(Pace::new(1e-300).wait_for(1e300) <= Pace::LONGEST + Pace::MIN_SLEEP);
+    }
+
+    #[test]
+    fn copy_fields_split_at_tabs_only_and_read_null_and_escapes() {
+        let fields = |line: &[u8]| -> Vec<Option<Vec<u8>>> {
+            copy_fields(line)
+                .map(|f| f.map(|c| c.into_owned()))
+                .collect()
+        };
+        let text = |t: &str| Some(t.as_bytes().to_vec());
+        assert_eq!(fields(b""), vec![text("")]);
+        assert_eq!(fields(b"\t"), vec![text(""), text("")]);
+        assert_eq!(fields(b"a\t"), vec![text("a"), text("")]);
+        assert_eq!(fields(b"\\N\tx"), vec![None, text("x")]);
+        // An escaped backslash before N is the text `\N`, not NULL.
+        assert_eq!(fields(b"\\\\N"), vec![text("\\N")]);
+        assert_eq!(
+            fields(b"a\\tb\tc\\\\\t\\N\t"),
+            vec![text("a\tb"), text("c\\"), None, text("")]
+        );
     }
 
     #[test]
