@@ -229,7 +229,7 @@ async fn replicate(
     tracing::info!(source = %settings.source.conn, lake = %lake.root(), tables = tables.len(), "source ready");
     let mut created_slot = created_slot;
     let mut backoff = Backoff::new("snapshot");
-    let chunked = loop {
+    let (chunked, opened) = loop {
         let result = tokio::select! {
             result = snapshot_missing(settings, lake, &tables, created_slot.take(), records) => result,
             _ = cancel.cancelled() => {
@@ -238,7 +238,7 @@ async fn replicate(
             }
         };
         match result {
-            Ok(chunked) => break chunked,
+            Ok((chunked, applier)) => break (chunked, applier),
             Err(e) if e.is_transient() => {
                 let what = "initial snapshot interrupted; unfinished tables are copied again";
                 if !backoff.pause(&e, what, &cancel).await {
@@ -257,6 +257,7 @@ async fn replicate(
         }
     }
     let mut backoff = Backoff::new("replication");
+    let mut opened = Some(opened);
     loop {
         let started = std::time::Instant::now();
         match session(
@@ -266,6 +267,7 @@ async fn replicate(
             &chunked,
             records,
             copies,
+            opened.take(),
             cancel.clone(),
         )
         .await
@@ -327,6 +329,9 @@ impl Backoff {
 
 /// Opens the apply stage (every table's positions read back) and the watch it publishes
 /// the durable position on; new checkpoint records go to `records` when given.
+/// An applier and the receiver of the positions it makes durable.
+type OpenApplier = (Applier, watch::Receiver<Lsn>);
+
 async fn open_applier(
     settings: &Settings,
     lake: &Lake,
@@ -373,6 +378,9 @@ async fn explain(e: PipelineError, settings: &Settings) -> PipelineError {
 }
 
 /// One replication session: open positions, connect, stream and apply until stopped.
+/// `opened`: the applier the start's snapshot wrote with (the first session); later
+/// sessions open every table again.
+#[allow(clippy::too_many_arguments)]
 async fn session(
     settings: &Settings,
     lake: &Lake,
@@ -380,6 +388,7 @@ async fn session(
     chunked: &[crate::table_name::TableName],
     records: &RecordSender,
     copies: &StagedCopies,
+    opened: Option<OpenApplier>,
     cancel: CancellationToken,
 ) -> Result<(), PipelineError> {
     let source = &settings.source;
@@ -387,21 +396,39 @@ async fn session(
     // positions), and Postgres 15 lets a lower confirmation move it backwards: start from
     // the later of the two. Looking the slot up here also catches a dropped or
     // invalidated slot with a clear message.
-    let client = catalog::connect(&source.conn).await?;
-    let slot = catalog::slot_info(&client, &source.slot).await?;
-    // Running transactions are streamed from PostgreSQL 14 (pgoutput protocol 2).
-    let streaming = source.stream_in_progress && catalog::server_version(&client).await? >= 140000;
-    drop(client);
-    let confirmed = diagnosis::usable_slot(source, slot, settings.config_path.as_deref())?;
-    let (mut applier, durable_rx) =
-        open_applier(settings, lake, tables, Some(records.clone())).await?;
+    let lookup = async {
+        let client = catalog::connect(&source.conn).await?;
+        let slot = catalog::slot_info(&client, &source.slot).await?;
+        // Running transactions are streamed from PostgreSQL 14 (pgoutput protocol 2).
+        let version = catalog::server_version(&client).await?;
+        Ok::<_, PipelineError>((slot, version))
+    };
+    // With the applier at hand the replication connection is opened meanwhile (each
+    // connection takes a few ms); else after opening the tables, which may take long
+    // (catching up), so that it does not sit idle meanwhile.
+    let usable = |slot| diagnosis::usable_slot(source, slot, settings.config_path.as_deref());
+    let (confirmed, version, (mut applier, durable_rx), mut conn) = match opened {
+        Some(opened) => {
+            let (looked_up, conn) =
+                tokio::join!(lookup, ReplicationConnection::connect(&source.conn));
+            let (slot, version) = looked_up?;
+            (usable(slot)?, version, opened, conn?)
+        }
+        None => {
+            let (slot, version) = lookup.await?;
+            let confirmed = usable(slot)?;
+            let opened = open_applier(settings, lake, tables, Some(records.clone())).await?;
+            let conn = ReplicationConnection::connect(&source.conn).await?;
+            (confirmed, version, opened, conn)
+        }
+    };
+    let streaming = source.stream_in_progress && version >= 140000;
     applier.take_copies_from(copies.clone());
     let start = applier.restart_position().max(confirmed);
     applier.advance(start);
     for (table, pos) in applier.table_positions() {
         tracing::debug!(%table, position = ?pos.map(|p| p.to_string()), "table position");
     }
-    let mut conn = ReplicationConnection::connect(&source.conn).await?;
     let identity = conn.identify_system().await?;
     let spills = match streaming {
         true => Some(
