@@ -417,7 +417,9 @@ mod tests {
             ..Default::default()
         };
         let splice = Splice::plan(&raw, &curated, &[1], WriterProperties::default()).unwrap();
-        let (bytes, spliced, rows) = splice.file(&add, &raw_bytes, &[days.clone()], 5).unwrap();
+        let (bytes, spliced, rows) = splice
+            .file(&add, &raw_bytes, std::slice::from_ref(&days), 5)
+            .unwrap();
         assert_eq!(rows, 1000);
         let stats: serde_json::Value =
             serde_json::from_str(spliced.stats.as_deref().unwrap()).unwrap();
