@@ -183,17 +183,18 @@ impl TableState {
 
     /// The source columns of raw change rows as the curated table stores them.
     /// Finishes the raw files written so far and adds their curated twins, spliced;
-    /// `pending` holds the converted columns of their rows, taken here.
+    /// `pending` holds the converted columns of their rows, taken here. Returns how many
+    /// files were spliced.
     async fn splice_files(
         &mut self,
         splice: &Splice,
         pending: &mut [Vec<ArrayRef>],
-    ) -> Result<(), ApplyError> {
+    ) -> Result<usize, ApplyError> {
         let label = self.curated.label().to_string();
         if pending.first().is_some_and(Vec::is_empty) {
             // No row since the last splice (the last batch filled the file).
             if self.raw.flush_files().await?.is_empty() {
-                return Ok(());
+                return Ok(0);
             }
             return Err(ApplyError::Stream(format!(
                 "{label}: raw files written without their converted columns"
@@ -214,7 +215,9 @@ impl TableState {
             .collect::<Result<Vec<ArrayRef>, _>>()
             .map_err(arrow_err)?;
         let mut offset = 0;
-        for add in self.raw.flush_files().await? {
+        let files = self.raw.flush_files().await?;
+        let count = files.len();
+        for add in files {
             let bytes = self.raw.read_file(&add).await?;
             offset += self
                 .curated
@@ -227,7 +230,7 @@ impl TableState {
                 arrays.first().map_or(0, |a| a.len())
             )));
         }
-        Ok(())
+        Ok(count)
     }
 
     fn normalize(
@@ -242,6 +245,11 @@ impl TableState {
             })
     }
 }
+
+/// Curated files a table's snapshot splices from raw files at most (`write_snapshot`):
+/// about 200 MiB of raw copy in curated-sized files, fewer than compaction's default
+/// trigger (64 small files) on their own.
+const SPLICED_FILES: usize = 48;
 
 /// The next staged copy (`None` when no more can come).
 async fn next_copy(copies: Option<&StagedCopies>) -> Option<StagedCopy> {
@@ -688,9 +696,12 @@ impl Applier {
         state.curated.begin_replace();
         // Curated files spliced from the raw ones (`lake::curated::splice`): each row is
         // encoded once, but for the columns a normalization rule converts. Not on object
-        // stores, where reading each raw file back would cost a download.
+        // stores, where reading each raw file back would cost a download. The raw files
+        // are then curated-sized; after SPLICED_FILES of them the copy goes on as before
+        // (raw files of 128 MiB), so that a large table leaves compaction a bounded
+        // rewrite, not all of its raw copy.
         let converted = state.normalizer.converted();
-        let splice = if self.on_object_store {
+        let mut splice = if self.on_object_store {
             None
         } else {
             state.curated.splice_from(&state.raw.schema(), &converted)
@@ -700,6 +711,7 @@ impl Applier {
         }
         // The converted columns of the rows written to raw files not yet spliced.
         let mut pending: Vec<Vec<ArrayRef>> = vec![Vec::new(); converted.len()];
+        let mut spliced = 0;
         let mut rows = 0u64;
         let label = table.to_string();
         while let Some(batch) = batches.recv().await {
@@ -707,7 +719,7 @@ impl Applier {
             rows += batch.num_rows() as u64;
             crate::telemetry::snapshot_progress(&label, rows, None);
             state.raw.write(batch.clone()).await?;
-            let Some(splice) = &splice else {
+            let Some(how) = &splice else {
                 let values = state.normalize(&batch)?;
                 state.curated.append(&batch, values).await?;
                 continue;
@@ -719,11 +731,15 @@ impl Applier {
                 }
             }
             if state.raw.buffered() >= CURATED_FILE_SIZE as usize {
-                state.splice_files(splice, &mut pending).await?;
+                spliced += state.splice_files(how, &mut pending).await?;
+                if spliced >= SPLICED_FILES {
+                    state.raw.set_bloom_key(&[]).await?;
+                    splice = None;
+                }
             }
         }
-        if let Some(splice) = &splice {
-            state.splice_files(splice, &mut pending).await?;
+        if let Some(how) = &splice {
+            state.splice_files(how, &mut pending).await?;
             state.raw.set_bloom_key(&[]).await?;
         }
         Ok(rows)

@@ -412,7 +412,7 @@ async fn curated_kill_rounds(env: Env) {
         if round < 3 {
             // The first rounds die while the snapshot is copying: from the moment this run
             // says it started (a copy takes under a second: a fixed delay from the start
-            // would miss it on a fast day).
+            // would miss it on a fast day; since each row is encoded once it takes less).
             let deadline = Instant::now() + Duration::from_secs(60);
             while Instant::now() < deadline {
                 match this_run() {
@@ -425,7 +425,7 @@ async fn curated_kill_rounds(env: Env) {
                     _ => tokio::time::sleep(Duration::from_millis(5)).await,
                 }
             }
-            tokio::time::sleep(Duration::from_millis(rng.random_range(0..400))).await;
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..200))).await;
         } else {
             tokio::time::sleep(Duration::from_millis(rng.random_range(200..2500))).await;
         }
