@@ -181,7 +181,6 @@ impl TableState {
         Ok(())
     }
 
-    /// The source columns of raw change rows as the curated table stores them.
     /// Finishes the raw files written so far and adds their curated twins, spliced;
     /// `pending` holds the converted columns of their rows, taken here. Returns how many
     /// files were spliced.
@@ -233,6 +232,7 @@ impl TableState {
         Ok(count)
     }
 
+    /// The source columns of raw change rows as the curated table stores them.
     fn normalize(
         &self,
         rows: &RecordBatch,

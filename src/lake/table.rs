@@ -102,6 +102,12 @@ pub fn keyed_properties(key: &[String]) -> WriterProperties {
     properties.build()
 }
 
+/// Where a data file of an Add action (`path` relative to the table) is in the table's
+/// object store.
+pub fn file_location(path: &str) -> deltalake::Path {
+    deltalake::Path::parse(path).unwrap_or_else(|_| deltalake::Path::from(path))
+}
+
 /// The table at `url` at its latest version; `None` when it does not exist yet.
 pub async fn open_existing(url: &Url, label: &str) -> Result<Option<DeltaTable>, LakeError> {
     if surely_missing(url) {

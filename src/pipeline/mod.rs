@@ -327,11 +327,11 @@ impl Backoff {
     }
 }
 
-/// Opens the apply stage (every table's positions read back) and the watch it publishes
-/// the durable position on; new checkpoint records go to `records` when given.
 /// An applier and the receiver of the positions it makes durable.
 type OpenApplier = (Applier, watch::Receiver<Lsn>);
 
+/// Opens the apply stage (every table's positions read back) and the watch it publishes
+/// the durable position on; new checkpoint records go to `records` when given.
 async fn open_applier(
     settings: &Settings,
     lake: &Lake,

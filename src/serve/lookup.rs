@@ -489,10 +489,6 @@ fn live_files(target: &Target) -> Result<Vec<File>, Declined> {
         .collect())
 }
 
-fn location(path: &str) -> deltalake::Path {
-    deltalake::Path::parse(path).unwrap_or_else(|_| deltalake::Path::from(path))
-}
-
 /// A reader of `file`: with `local`, straight from the file system for a local lake
 /// (reads of a few pages from the page cache, where the object store's reader hands
 /// every read to a blocking thread and back), through the table's object store otherwise
@@ -513,7 +509,7 @@ fn reader(target: &Target, file: &File, local: bool) -> Box<dyn AsyncFileReader>
     #[allow(deprecated)]
     let remote = ParquetObjectReader::new(
         target.table.log_store().object_store(None),
-        location(&file.path),
+        crate::lake::table::file_location(&file.path),
     )
     .with_file_size(file.size);
     Box::new(remote)

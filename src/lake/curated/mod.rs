@@ -39,8 +39,8 @@ use super::commit::{AppId, Commit, InfoKey, applied};
 use super::deletion_vector;
 use super::maintenance::{self, Compacted, Policy};
 use super::table::{
-    CURATED_FILE_SIZE, existing_schema, keyed_properties, keyed_writer_for, open_for_schema,
-    schema_action,
+    CURATED_FILE_SIZE, existing_schema, file_location, keyed_properties, keyed_writer_for,
+    open_for_schema, schema_action,
 };
 use super::{Lake, LakeError};
 use crate::change::ColumnSpec;
@@ -522,8 +522,7 @@ impl CuratedTable {
         let (contents, add, rows) = splice
             .file(raw, bytes, arrays, offset)
             .map_err(|source| self.delta_err()(DeltaTableError::Parquet { source }))?;
-        let location = deltalake::Path::parse(&add.path)
-            .unwrap_or_else(|_| deltalake::Path::from(add.path.as_str()));
+        let location = file_location(&add.path);
         self.table
             .object_store()
             .put(&location, contents.into())

@@ -72,7 +72,7 @@ impl Splice {
         let mut leaves = Vec::new();
         let mut copied = HashSet::new();
         let mut encoded = Vec::new();
-        let mut next_leaf = curated_leaves.columns().iter();
+        let mut next_leaf = curated_leaves.columns().iter().peekable();
         for (i, field) in curated.fields().iter().enumerate() {
             if converted.contains(&i) {
                 if !matches!(
@@ -95,11 +95,9 @@ impl Splice {
             // Every leaf of the field, in order (a list has one, a struct several).
             let path = field.name().as_str();
             let mut any = false;
-            while let Some(leaf) = next_leaf.clone().next() {
-                if leaf.path().parts().first().map(String::as_str) != Some(path) {
-                    break;
-                }
-                next_leaf.next();
+            while let Some(leaf) = next_leaf
+                .next_if(|leaf| leaf.path().parts().first().map(String::as_str) == Some(path))
+            {
                 let at = raw_leaves.columns().iter().position(|r| r == leaf)?;
                 leaves.push(Source::Raw(at));
                 any = true;
@@ -156,12 +154,15 @@ impl Splice {
         let mut at = offset;
         for (i, group) in metadata.row_groups().iter().enumerate() {
             let group_rows = group.num_rows() as usize;
-            let mut writers = if self.encoded.is_empty() {
+            let mut writers: Vec<_> = if self.encoded.is_empty() {
                 Vec::new()
             } else {
-                columns.create_column_writers(i)?
+                columns
+                    .create_column_writers(i)?
+                    .into_iter()
+                    .map(Some)
+                    .collect()
             };
-            let mut writers: Vec<_> = writers.drain(..).map(Some).collect();
             let mut out = file.next_row_group()?;
             for (leaf_index, source) in self.leaves.iter().enumerate() {
                 match *source {

@@ -19,7 +19,8 @@ use object_store::ObjectStoreExt;
 use super::commit::{AppId, Commit, InfoKey, applied, txn_version};
 use super::maintenance::{self, Compacted, Policy};
 use super::table::{
-    RAW_FILE_SIZE, keyed_properties, keyed_writer_for, open_for_schema, schema_action, writer_for,
+    RAW_FILE_SIZE, file_location, keyed_properties, keyed_writer_for, open_for_schema,
+    schema_action, writer_for,
 };
 use super::{Lake, LakeError};
 use crate::change::ColumnSpec;
@@ -327,8 +328,7 @@ impl RawTable {
 
     /// The contents of a data file written by [`RawTable::flush_files`].
     pub async fn read_file(&self, add: &deltalake::kernel::Add) -> Result<bytes::Bytes, LakeError> {
-        let location = deltalake::Path::parse(&add.path)
-            .unwrap_or_else(|_| deltalake::Path::from(add.path.as_str()));
+        let location = file_location(&add.path);
         let storage_err = |source| LakeError::Storage {
             what: format!("reading back {} of {}", add.path, self.label),
             source,
