@@ -284,6 +284,13 @@ def scenario_snapshot(args, work, dsn, conn):
                 for _ in copy:
                     pass
     copy_s = time.perf_counter() - start
+    # The bytes of that COPY text, counted in a second pass (outside the timed one).
+    copy_bytes = 0
+    with psycopg.connect(dsn) as c, c.cursor() as cur:
+        for t in TABLES:
+            with cur.copy(f"COPY {t} TO STDOUT") as copy:
+                for data in copy:
+                    copy_bytes += len(data)
     start = time.perf_counter()
     d = Daemon(args.binary, work, dsn, "bench_snap", os.environ.get("SNAP_EXTRA", ""), name="snapshot")
     lake_dsn = d.lake_dsn()
@@ -322,6 +329,9 @@ def scenario_snapshot(args, work, dsn, conn):
     conn.execute("SELECT pg_drop_replication_slot('bench_snap_wm')")
     return {"rows": rows, "wal2delta_s": round(snap_s, 2), "copy_one_connection_s": round(copy_s, 2),
             "ratio_vs_copy": round(copy_s / snap_s, 2), "peak_rss_mb": rss,
+            # Rates over the whole run (start-up included), MB as COPY's text output.
+            "rows_per_s": round(rows / snap_s), "mb_per_s": round(copy_bytes / 1e6 / snap_s, 1),
+            "copy_rows_per_s": round(rows / copy_s), "copy_mb_per_s": round(copy_bytes / 1e6 / copy_s, 1),
             "watermark_s": round(wm_s, 2), "watermark_ratio_vs_copy": round(copy_s / wm_s, 2),
             "watermark_peak_rss_mb": wm_rss}
 
@@ -1046,6 +1056,8 @@ def main():
     if "snapshot" in results:
         s = results["snapshot"]
         print(f"{'snapshot':<12} {s['wal2delta_s']:>20} s {s['copy_one_connection_s']:>19} s COPY {s['ratio_vs_copy']:>7}x {s['peak_rss_mb']:>7} MB")
+        print(f"{'':<12} {s['rows_per_s']:>14} rows/s {s['copy_rows_per_s']:>12} rows/s COPY; "
+              f"{s['mb_per_s']} MB/s, {s['copy_mb_per_s']} MB/s COPY (text bytes)")
         print(f"{'snapshot wm':<12} {s['watermark_s']:>20} s {s['copy_one_connection_s']:>19} s COPY {s['watermark_ratio_vs_copy']:>7}x {s['watermark_peak_rss_mb']:>7} MB")
     if "queries" in results:
         q = results["queries"]

@@ -5,7 +5,8 @@
 //! schema changes, normalization), [`lake`] (every Delta table format, the one commit
 //! path, positions, checkpoint) and [`serve`] (the SQL endpoint), wired together by
 //! [`pipeline`]; [`ops`], [`status`], [`verify`] and [`resync`] are the operator commands. They share the leaves:
-//! [`change`] (the change model), [`lsn`], [`table_name`], [`pg_types`], [`secret`],
+//! [`change`] (the change model), [`lsn`], [`table_name`], [`pg_types`],
+//! [`pg_binary`], [`secret`],
 //! [`telemetry`] and [`service`]. Imports run one way, from the top down to the leaves
 //! (`docs/architecture.md`). `main.rs` only parses the command line.
 
@@ -17,6 +18,7 @@ pub mod init;
 pub mod lake;
 pub mod lsn;
 pub mod ops;
+pub mod pg_binary;
 pub mod pg_types;
 pub mod pipeline;
 pub mod resync;

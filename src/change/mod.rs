@@ -203,6 +203,17 @@ pub trait ChangeEncoder: Send + 'static {
         values: &[Option<std::borrow::Cow<'_, [u8]>>],
         positions: &[Option<usize>],
     ) -> usize;
+    /// Appends one row of binary COPY values (`None`: NULL), `types[j]` reading copied
+    /// value `j`, `positions` as for [`ChangeEncoder::append`]. Returns the same count,
+    /// or the index of a value that is not one of its type.
+    fn append_binary(
+        &mut self,
+        op: Op,
+        meta: ChangeMeta,
+        values: &[Option<&[u8]>],
+        types: &[crate::pg_binary::BinaryType],
+        positions: &[Option<usize>],
+    ) -> Result<usize, usize>;
     /// Rows buffered.
     fn rows(&self) -> usize;
     /// Approximate bytes buffered.

@@ -18,6 +18,7 @@
 
 pub mod catalog;
 pub mod config;
+mod copy_binary;
 pub mod cursor;
 pub mod diagnosis;
 pub mod dsn;

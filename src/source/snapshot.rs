@@ -9,14 +9,13 @@
 //!
 //! A table is cut into ranges of heap pages (`ctid` ranges, which Postgres 14+ scans
 //! directly) that several connections copy in parallel with `COPY (SELECT …) TO STDOUT`.
-//! COPY's text format carries the same output-function text as pgoutput, so the values go
-//! through the same parser as streamed changes (one code path, identical types and
-//! fallbacks). The binary format would need a second decoder per type (and text for the
-//! values kept in `_fallback`), for little on the server side: 1.2M `transacoes` rows
-//! took 0.91–0.94 s as text and 0.81–0.84 s as binary to a client that discards them
-//! (2026-12-02). Rows are parsed where they arrived (no copy, no reference-counted slice
-//! per value) and handed over in bounded Arrow batches (no table goes through memory
-//! whole).
+//! A table whose every column has a type [`crate::pg_binary`] decodes (numbers, dates and
+//! timestamps, text, json, uuid, bytea) is copied in binary format: the server skips its
+//! output functions and we skip parsing text, and the values decode to exactly what their
+//! text gives (the stream's path), fallbacks included. Any other table is copied as text,
+//! through the stream's parser. Rows are read where they arrived (no copy, no
+//! reference-counted slice per value) and handed over in bounded Arrow batches (no table
+//! goes through memory whole).
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -29,10 +28,12 @@ use tokio::sync::mpsc;
 use tokio_postgres::Client;
 
 use super::catalog::{self, CatalogError, TableInfo};
+use super::copy_binary::BinaryRows;
 use super::dsn::ConnParams;
 use crate::change::message::{Tuple, TupleValue};
 use crate::change::{ChangeEncoder, ChangeMeta, ColumnSpec, Op, Xid};
 use crate::lsn::Lsn;
+use crate::pg_binary::BinaryType;
 
 /// Rows and bytes per Arrow batch handed over.
 const BATCH_ROWS: usize = 16_384;
@@ -210,6 +211,7 @@ impl SnapshotReader {
         let job = Arc::new(CopyJob {
             table: table.name.to_string(),
             select: select_sql(table, lake_columns),
+            binary: binary_types(table, lake_columns),
             row_filter: table.published.row_filter.clone(),
             columns: lake_columns.to_vec(),
             positions: copied_positions(table, lake_columns),
@@ -227,6 +229,13 @@ impl SnapshotReader {
                     .unwrap_or_default(),
             ),
         });
+        match &job.binary {
+            Some(_) => tracing::debug!(table = %table.name, "copying in binary format"),
+            None => tracing::debug!(
+                table = %table.name,
+                "copying as text: a column's type has no binary reading here"
+            ),
+        }
         let mut tasks = Vec::new();
         for client in self.clients.iter().take(range_count) {
             let (client, job, out) = (client.clone(), job.clone(), out.clone());
@@ -327,6 +336,16 @@ fn select_sql(table: &TableInfo, lake_columns: &[ColumnSpec]) -> String {
     )
 }
 
+/// How each copied column's binary COPY values are read, when every one has a binary
+/// reading that gives what its text gives (`None`: the table is copied as text).
+fn binary_types(table: &TableInfo, lake_columns: &[ColumnSpec]) -> Option<Vec<BinaryType>> {
+    lake_columns
+        .iter()
+        .filter_map(|c| Some((c, table.columns.iter().find(|s| s.name == c.name)?)))
+        .map(|(lake, source)| BinaryType::for_column(source.type_oid, &lake.kind))
+        .collect()
+}
+
 /// For each lake column, its index in the copied rows (`None`: the source dropped it).
 fn copied_positions(table: &TableInfo, lake_columns: &[ColumnSpec]) -> Vec<Option<usize>> {
     let copied: Vec<&ColumnSpec> = lake_columns
@@ -343,6 +362,8 @@ fn copied_positions(table: &TableInfo, lake_columns: &[ColumnSpec]) -> Vec<Optio
 struct CopyJob {
     table: String,
     select: String,
+    /// Copied in binary format, each value read as its type says (`None`: as text).
+    binary: Option<Vec<BinaryType>>,
     /// The publication's row filter: the copy holds the rows the stream publishes.
     row_filter: Option<String>,
     columns: Vec<ColumnSpec>,
@@ -397,11 +418,16 @@ impl CopyJob {
             .map(|f| format!("({f})"))
             .chain(range.condition())
             .collect();
+        let format = if self.binary.is_some() {
+            " (FORMAT binary)"
+        } else {
+            ""
+        };
         let sql = if conditions.is_empty() {
-            format!("COPY ({}) TO STDOUT", self.select)
+            format!("COPY ({}) TO STDOUT{format}", self.select)
         } else {
             format!(
-                "COPY ({} WHERE {}) TO STDOUT",
+                "COPY ({} WHERE {}) TO STDOUT{format}",
                 self.select,
                 conditions.join(" AND ")
             )
@@ -410,32 +436,57 @@ impl CopyJob {
         let mut stream = std::pin::pin!(stream);
         let field_count = self.positions.iter().flatten().count();
         let mut lines = LineSplitter::default();
+        let mut binary_rows = BinaryRows::default();
         let mut rows = 0u64;
         let mut spare = Vec::with_capacity(field_count);
+        let meta = |seq| ChangeMeta {
+            commit_lsn: self.point,
+            lsn: self.point,
+            commit_ts: self.snapshot_ts,
+            xid: Xid(0),
+            seq,
+        };
+        let next_seq = || self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(CatalogError::from)?;
             let lines_before = rows;
             // Postgres sends a row per message: the values are read where they arrived,
             // without a copy or a reference-counted slice per value.
-            lines.split(&chunk, |line| {
-                let mut fields = reuse(std::mem::take(&mut spare));
-                fields.extend(copy_fields(line));
-                if fields.len() != field_count {
-                    return Err(copy_err("COPY sent a row with the wrong number of fields"));
-                }
-                let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let meta = ChangeMeta {
-                    commit_lsn: self.point,
-                    lsn: self.point,
-                    commit_ts: self.snapshot_ts,
-                    xid: Xid(0),
-                    seq,
-                };
-                builder.append_text(Op::Read, meta, &fields, &self.positions);
-                spare = reuse(fields);
-                rows += 1;
-                Ok(())
-            })?;
+            if let Some(types) = &self.binary {
+                binary_rows.split(
+                    &chunk,
+                    field_count,
+                    |values| {
+                        builder
+                            .append_binary(Op::Read, meta(next_seq()), values, types, &self.positions)
+                            .map_err(|i| {
+                                let column = self.positions.iter().position(|p| *p == Some(i));
+                                copy_err(&format!(
+                                    "COPY sent a binary value of column {:?} that is not a \
+                                     {} value (a Postgres bug or an extension's type under a \
+                                     built-in name); report it with the column's type",
+                                    column.map_or("?", |c| self.columns[c].name.as_str()),
+                                    types.get(i).map_or(String::new(), |t| format!("{t:?}")),
+                                ))
+                            })?;
+                        rows += 1;
+                        Ok(())
+                    },
+                    copy_err,
+                )?;
+            } else {
+                lines.split(&chunk, |line| {
+                    let mut fields = reuse(std::mem::take(&mut spare));
+                    fields.extend(copy_fields(line));
+                    if fields.len() != field_count {
+                        return Err(copy_err("COPY sent a row with the wrong number of fields"));
+                    }
+                    builder.append_text(Op::Read, meta(next_seq()), &fields, &self.positions);
+                    spare = reuse(fields);
+                    rows += 1;
+                    Ok(())
+                })?;
+            }
             if builder.rows() >= BATCH_ROWS || builder.bytes() >= BATCH_BYTES {
                 send(&mut builder, out, &self.table).await?;
             }
@@ -447,7 +498,7 @@ impl CopyJob {
                 tokio::time::sleep(wait).await;
             }
         }
-        if !lines.is_empty() {
+        if !lines.is_empty() || (self.binary.is_some() && !binary_rows.is_complete()) {
             return Err(copy_err("COPY ended in the middle of a row"));
         }
         send(&mut builder, out, &self.table).await?;

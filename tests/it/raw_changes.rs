@@ -247,3 +247,103 @@ async fn edge_values_keep_their_exact_text() {
     assert_eq!(rows[2][0..3], [Some("u"), Some("2"), Some("c")]);
     assert_eq!(rows[2][12], Some(r#"{"Chave Um":"2","k2":"b"}"#));
 }
+
+/// A table whose every type has a binary reading is snapshotted with binary COPY: each
+/// value lands exactly as the same value streamed (as text) afterwards, NULLs, fallbacks
+/// (NaN, infinity, years past chrono's range, digits a decimal cannot hold) and edge
+/// values included. A table with an array column is copied as text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_snapshot_values_equal_the_streamed_ones() {
+    let setup = r#"
+        CREATE TABLE "Tipos" (
+            id int PRIMARY KEY, b bool, i2 smallint, i4 int, i8 bigint, o oid, f4 real,
+            f8 float8, n numeric(12,2), n38 numeric(38,0), nu numeric, d date, ts timestamp,
+            tstz timestamptz, t text, vc varchar(10), c char(4), nm name, j json, jb jsonb,
+            u uuid, by bytea);
+        INSERT INTO "Tipos" VALUES
+          (1, true, 1, 2, 3, 4, 1.5, 2.25, 12.34, 12345678901234567890123456789012345678,
+           123.4500, '2024-02-29', '2024-01-05 13:00:00.123456', '2024-01-05 13:00:00.5-03',
+           E'olá\ttab\nline\\', 'ação', 'ab', 'nome', '{"a": [1, 2]}', '{"b": 1, "a": "x"}',
+           'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '\x00ff10'),
+          (2, false, -32768, -2147483648, -9223372036854775808, 4294967295, 'NaN',
+           '-Infinity', 'NaN', -99999999999999999999999999999999999999, 'Infinity',
+           'infinity', '-infinity', 'infinity', '', '', '', '', 'null', '[]', NULL, '\x'),
+          (3, NULL, 32767, NULL, 9223372036854775807, 0, 3.4028235e38, '-0', -0.5, 0,
+           '-0.000000000000000000001', '5874897-12-31', '294276-12-31 23:59:59.999999',
+           '4713-01-01 00:00:00+00 BC', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),
+          (4, NULL, NULL, NULL, NULL, NULL, 1e-45, 1e-300, 0, NULL, '-Infinity',
+           '0044-03-15 BC', '0001-01-01 00:00:00 BC', '262143-12-31 23:59:59+00', NULL, NULL,
+           NULL, NULL, NULL, NULL, NULL, NULL),
+          (5, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 100000000.000, '1970-01-01',
+           '262144-01-01 00:00:00', '262144-01-01 00:00:00.000001+00', NULL, NULL, NULL, NULL,
+           NULL, NULL, NULL, NULL),
+          (6, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 'NaN', NULL, NULL, NULL,
+           NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL);
+        CREATE TABLE listas (id int PRIMARY KEY, a int[], s text);
+        INSERT INTO listas VALUES (1, '{1,NULL,3}', 'x'), (2, NULL, NULL);
+        CREATE PUBLICATION w2d_pub FOR TABLE "Tipos", listas;
+    "#;
+    let (env, _daemon) = Env::streaming(setup, &["public.\"Tipos\"", "public.listas"]).await;
+    let log = env.daemon_log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("copying in binary format") && l.contains("Tipos")),
+        "the typed table is copied in binary format:\n{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("copying as text") && l.contains("listas")),
+        "a table with an array column is copied as text:\n{log}"
+    );
+    env.pg
+        .client()
+        .await
+        .batch_execute(
+            r#"INSERT INTO "Tipos" SELECT id + 100, b, i2, i4, i8, o, f4, f8, n, n38, nu, d, ts,
+                      tstz, t, vc, c, nm, j, jb, u, by FROM "Tipos";
+               INSERT INTO listas SELECT id + 100, a, s FROM listas;"#,
+        )
+        .await
+        .unwrap();
+    for (table, dir, columns, rows) in [
+        (
+            "Tipos",
+            "Tipos",
+            "b, i2, i4, i8, o, f4, f8, n, n38, nu, d, ts, tstz, t, vc, c, nm, j, jb, u, by",
+            6,
+        ),
+        ("listas", "listas", "a, s", 2),
+    ] {
+        env.wait_raw_rows("public", dir, rows * 2, Duration::from_secs(60))
+            .await;
+        let raw = env.raw_path("public", dir);
+        let read = |op: &'static str| {
+            let sql = format!(
+                "SELECT id % 100, {columns}, _fallback FROM t WHERE _op = '{op}' ORDER BY id"
+            );
+            let raw = raw.clone();
+            async move { query_delta(&raw, &sql).await }
+        };
+        let (copied, streamed) = (read("r").await, read("c").await);
+        assert_eq!(copied.len() as i64, rows, "{table}: snapshot rows");
+        assert_eq!(copied, streamed, "{table}: copied and streamed values differ");
+    }
+    let fallbacks = query_delta(
+        &env.raw_path("public", "Tipos"),
+        "SELECT _fallback FROM t WHERE _op = 'r' ORDER BY id",
+    )
+    .await;
+    let fallbacks: Vec<Option<&str>> = fallbacks.iter().map(|r| r[0].as_deref()).collect();
+    assert_eq!(
+        fallbacks,
+        [
+            None,
+            Some(r#"{"d":"infinity","n":"NaN","ts":"-infinity","tstz":"infinity"}"#),
+            Some(r#"{"d":"5874897-12-31","ts":"294276-12-31 23:59:59.999999"}"#),
+            // chrono's last year is 262142.
+            Some(r#"{"tstz":"262143-12-31 23:59:59+00"}"#),
+            Some(r#"{"ts":"262144-01-01 00:00:00","tstz":"262144-01-01 00:00:00.000001+00"}"#),
+            None,
+        ]
+    );
+}

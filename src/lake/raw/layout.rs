@@ -21,6 +21,7 @@ use deltalake::arrow::record_batch::RecordBatch;
 
 use crate::change::message::{OldTuple, Tuple, TupleValue};
 use crate::change::{ChangeEncoder, ChangeMeta, ColumnSpec, METADATA_COLUMNS, Op};
+use crate::pg_binary::{self, BinaryType, Decoded};
 use crate::pg_types::{ColumnKind, Value, parse_value};
 
 /// The Arrow schema of a raw table with these source columns.
@@ -317,16 +318,20 @@ impl RawBatchBuilder {
                 Some(TupleValue::Text(bytes)) => Cell::Text(bytes),
             }
         })
+        .0
     }
 
     /// Appends one row whose lake column `i` holds `value(i)`, with the old row's `image`.
+    /// Returns the number of values kept in `_fallback`, and the first column whose binary
+    /// value was not one of its type (appended as NULL).
     fn append_with<'v>(
         &mut self,
         op: Op,
         meta: ChangeMeta,
         image: Option<String>,
         value: impl Fn(usize) -> Cell<'v>,
-    ) -> usize {
+    ) -> (usize, Option<usize>) {
+        let mut malformed = None;
         let mut unchanged: Vec<&str> = Vec::new();
         let mut fallback: BTreeMap<&str, String> = BTreeMap::new();
         for (i, builder) in self.builders.iter_mut().enumerate() {
@@ -353,6 +358,24 @@ impl RawBatchBuilder {
                         None => {
                             builder.append_null();
                             fallback.insert(&self.columns[i].name, text.into_owned());
+                        }
+                    }
+                }
+                Cell::Binary(bytes, ty) => {
+                    self.bytes += bytes.len();
+                    match pg_binary::decode(ty, &self.columns[i].kind, bytes) {
+                        Some(Decoded::Value(v)) => builder.append_value(v),
+                        Some(Decoded::Text(text)) => match builder {
+                            ColumnBuilder::Text(b) => b.append_value(&text),
+                            b => b.append_null(),
+                        },
+                        Some(Decoded::Untyped(text)) => {
+                            builder.append_null();
+                            fallback.insert(&self.columns[i].name, text);
+                        }
+                        None => {
+                            builder.append_null();
+                            malformed = malformed.or(Some(i));
                         }
                     }
                 }
@@ -389,7 +412,7 @@ impl RawBatchBuilder {
         }
         self.rows += 1;
         self.bytes += 64;
-        fallback_count
+        (fallback_count, malformed)
     }
 
     /// Takes the buffered rows as a record batch and starts empty again.
@@ -444,6 +467,29 @@ impl ChangeEncoder for RawBatchBuilder {
                 _ => Cell::Null,
             }
         })
+        .0
+    }
+
+    /// A snapshot's binary COPY rows, decoded straight into the builders.
+    fn append_binary(
+        &mut self,
+        op: Op,
+        meta: ChangeMeta,
+        values: &[Option<&[u8]>],
+        types: &[BinaryType],
+        positions: &[Option<usize>],
+    ) -> Result<usize, usize> {
+        let (fallback, malformed) = self.append_with(op, meta, None, |i| {
+            let copied = positions.get(i).copied().flatten();
+            match copied.and_then(|p| Some((values.get(p)?.as_ref()?, types.get(p)?))) {
+                Some((bytes, ty)) => Cell::Binary(bytes, *ty),
+                None => Cell::Null,
+            }
+        });
+        match malformed {
+            Some(i) => Err(positions.get(i).copied().flatten().unwrap_or(i)),
+            None => Ok(fallback),
+        }
     }
 
     fn rows(&self) -> usize {
@@ -465,6 +511,8 @@ enum Cell<'a> {
     /// An unchanged TOASTed value the stream did not send.
     Unchanged,
     Text(&'a [u8]),
+    /// A binary COPY value of this type.
+    Binary(&'a [u8], BinaryType),
 }
 
 /// The old row image as a JSON object of column name → text value (or null).
