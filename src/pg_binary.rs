@@ -205,10 +205,14 @@ const MICROS_PER_DAY: i64 = 86_400_000_000;
 /// Whether `days` since 1970-01-01 is a date chrono has (the text parser's range: dates
 /// outside it are kept as text).
 fn in_chrono_range(days: i64) -> bool {
-    let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1).unwrap_or_default();
-    let first = chrono::NaiveDate::MIN.signed_duration_since(epoch).num_days();
-    let last = chrono::NaiveDate::MAX.signed_duration_since(epoch).num_days();
-    (first..=last).contains(&days)
+    // Computed once: this runs for every date and timestamp a snapshot copies.
+    static RANGE: std::sync::LazyLock<std::ops::RangeInclusive<i64>> =
+        std::sync::LazyLock::new(|| {
+            let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1).unwrap_or_default();
+            let days = |d: chrono::NaiveDate| d.signed_duration_since(epoch).num_days();
+            days(chrono::NaiveDate::MIN)..=days(chrono::NaiveDate::MAX)
+        });
+    RANGE.contains(&days)
 }
 
 /// The proleptic Gregorian (year, month, day) of `days` since 1970-01-01 (H. Hinnant's
@@ -309,7 +313,7 @@ impl<'a> Numeric<'a> {
         let scale = i64::from(scale);
         let mut v: i128 = 0;
         for i in 0..(self.digits.len() / 2) as i64 {
-            let d = i128::from(self.digit(i));
+            let d = self.digit(i);
             if d == 0 {
                 continue;
             }
@@ -317,14 +321,15 @@ impl<'a> Numeric<'a> {
             let exp = 4 * (self.weight - i) + scale;
             if exp >= 0 {
                 let pow = 10i128.checked_pow(u32::try_from(exp).ok()?)?;
-                v = v.checked_add(d.checked_mul(pow)?)?;
+                v = v.checked_add(i128::from(d).checked_mul(pow)?)?;
             } else if exp > -4 {
-                let pow = 10i128.pow((-exp) as u32);
+                // 64-bit: a 128-bit division is a library call.
+                let pow = 10i64.pow((-exp) as u32);
                 if d % pow != 0 {
                     return None;
                 }
-                v += d / pow;
-            } else if d != 0 {
+                v += i128::from(d / pow);
+            } else {
                 return None;
             }
         }
@@ -426,7 +431,10 @@ mod tests {
                 "{text}"
             );
         }
-        assert_eq!(Numeric::read(&numeric(0, 0, 0, &[10_000])).map(|_| ()), None);
+        assert_eq!(
+            Numeric::read(&numeric(0, 0, 0, &[10_000])).map(|_| ()),
+            None
+        );
         assert_eq!(Numeric::read(&[0, 1, 0, 0]).map(|_| ()), None);
     }
 
@@ -447,7 +455,10 @@ mod tests {
             "0001-01-01 00:00:00+00 BC",
         ] {
             let unix = parse_timestamp(text, true).unwrap();
-            let (days, of_day) = (unix.div_euclid(MICROS_PER_DAY), unix.rem_euclid(MICROS_PER_DAY));
+            let (days, of_day) = (
+                unix.div_euclid(MICROS_PER_DAY),
+                unix.rem_euclid(MICROS_PER_DAY),
+            );
             assert_eq!(format_timestamp(days, of_day, true), text);
             let bytes = (unix - DAYS_2000 * MICROS_PER_DAY).to_be_bytes();
             assert_eq!(
@@ -458,7 +469,11 @@ mod tests {
         // Postgres's last timestamp: past chrono's range, and past i64 as Unix micros.
         let last: i64 = 9_223_371_331_199_999_999;
         assert_eq!(
-            decode(BinaryType::Timestamp, &ColumnKind::Timestamp, &last.to_be_bytes()),
+            decode(
+                BinaryType::Timestamp,
+                &ColumnKind::Timestamp,
+                &last.to_be_bytes()
+            ),
             Some(Decoded::Untyped("294276-12-31 23:59:59.999999".into()))
         );
         let far = i32::MAX - 1;
@@ -482,7 +497,10 @@ mod tests {
         assert_eq!(BinaryType::for_column(oid::INT4, &ColumnKind::Text), None);
         assert_eq!(BinaryType::for_column(1000, &ColumnKind::Text), None);
         assert_eq!(decode(BinaryType::Int4, &ColumnKind::Int64, &[0, 1]), None);
-        assert_eq!(decode(BinaryType::Jsonb, &ColumnKind::Text, &[2, b'{']), None);
+        assert_eq!(
+            decode(BinaryType::Jsonb, &ColumnKind::Text, &[2, b'{']),
+            None
+        );
         assert_eq!(
             decode(BinaryType::Uuid, &ColumnKind::Text, &[0xab; 16]),
             Some(Decoded::Text(Cow::Owned(

@@ -56,11 +56,15 @@ impl BinaryRows {
                 return Ok(0);
             };
             if !data.starts_with(SIGNATURE) {
-                return Err(bad("the binary COPY data does not start with its signature"));
+                return Err(bad(
+                    "the binary COPY data does not start with its signature",
+                ));
             }
             let extension = i32::from_be_bytes(extension.try_into().unwrap_or_default());
             let Ok(extension) = usize::try_from(extension) else {
-                return Err(bad("the binary COPY header has a negative extension length"));
+                return Err(bad(
+                    "the binary COPY header has a negative extension length",
+                ));
             };
             if data.len() < 19 + extension {
                 return Ok(0);
@@ -197,13 +201,17 @@ mod tests {
         assert!(err.contains("wrong number of fields"), "{err}");
         let mut split = BinaryRows::default();
         let err = split
-            .split(b"PGCOPY\n\xfe\r\n\0\0\0\0\0\0\0\0\0", 1, ok, |m| m.to_string())
+            .split(b"PGCOPY\n\xfe\r\n\0\0\0\0\0\0\0\0\0", 1, ok, |m| {
+                m.to_string()
+            })
             .unwrap_err();
         assert!(err.contains("signature"), "{err}");
         let mut trailing = copy_data(&[&[Some(b"a")]]);
         trailing.extend_from_slice(&[0, 1]);
         let mut split = BinaryRows::default();
-        let err = split.split(&trailing, 1, ok, |m| m.to_string()).unwrap_err();
+        let err = split
+            .split(&trailing, 1, ok, |m| m.to_string())
+            .unwrap_err();
         assert!(err.contains("after its trailer"), "{err}");
         let mut split = BinaryRows::default();
         split

@@ -458,7 +458,13 @@ impl CopyJob {
                     field_count,
                     |values| {
                         builder
-                            .append_binary(Op::Read, meta(next_seq()), values, types, &self.positions)
+                            .append_binary(
+                                Op::Read,
+                                meta(next_seq()),
+                                values,
+                                types,
+                                &self.positions,
+                            )
                             .map_err(|i| {
                                 let column = self.positions.iter().position(|p| *p == Some(i));
                                 copy_err(&format!(

@@ -326,7 +326,10 @@ async fn binary_snapshot_values_equal_the_streamed_ones() {
         };
         let (copied, streamed) = (read("r").await, read("c").await);
         assert_eq!(copied.len() as i64, rows, "{table}: snapshot rows");
-        assert_eq!(copied, streamed, "{table}: copied and streamed values differ");
+        assert_eq!(
+            copied, streamed,
+            "{table}: copied and streamed values differ"
+        );
     }
     let fallbacks = query_delta(
         &env.raw_path("public", "Tipos"),

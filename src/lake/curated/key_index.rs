@@ -81,7 +81,9 @@ impl FileKeys {
         }
         let in_order = pairs.windows(2).all(|w| w[0].0 < w[1].0);
         if !in_order {
-            pairs.sort_unstable();
+            // Stable sort: it merges the sorted runs a file is made of (each copying
+            // task's batches are in key order) instead of partitioning them again.
+            pairs.sort();
             if pairs.windows(2).any(|w| w[0].0 == w[1].0) {
                 return None;
             }
