@@ -33,14 +33,6 @@ pub enum BinaryType {
     Bytea,
 }
 
-const JSON: u32 = 114;
-const JSONB: u32 = 3802;
-const UUID: u32 = 2950;
-const TEXT: u32 = 25;
-const VARCHAR: u32 = 1043;
-const BPCHAR: u32 = 1042;
-const NAME: u32 = 19;
-
 impl BinaryType {
     /// The binary reading of a source column of `type_oid` stored in a lake column of
     /// `kind`, when it gives exactly what the text form gives (`None`: copy as text).
@@ -56,9 +48,9 @@ impl BinaryType {
             oid::NUMERIC => BinaryType::Numeric,
             oid::DATE => BinaryType::Date,
             oid::TIMESTAMP | oid::TIMESTAMPTZ => BinaryType::Timestamp,
-            TEXT | VARCHAR | BPCHAR | NAME | JSON => BinaryType::Text,
-            JSONB => BinaryType::Jsonb,
-            UUID => BinaryType::Uuid,
+            oid::TEXT | oid::VARCHAR | oid::BPCHAR | oid::NAME | oid::JSON => BinaryType::Text,
+            oid::JSONB => BinaryType::Jsonb,
+            oid::UUID => BinaryType::Uuid,
             oid::BYTEA => BinaryType::Bytea,
             _ => return None,
         };

@@ -46,6 +46,13 @@ pub mod oid {
     pub const TIMESTAMP: u32 = 1114;
     pub const TIMESTAMPTZ: u32 = 1184;
     pub const NUMERIC: u32 = 1700;
+    pub const NAME: u32 = 19;
+    pub const TEXT: u32 = 25;
+    pub const JSON: u32 = 114;
+    pub const BPCHAR: u32 = 1042;
+    pub const VARCHAR: u32 = 1043;
+    pub const UUID: u32 = 2950;
+    pub const JSONB: u32 = 3802;
 }
 
 /// Element type of a built-in array type, if it is one we map to a typed list.
