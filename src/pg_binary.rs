@@ -116,8 +116,16 @@ pub fn decode<'a>(ty: BinaryType, kind: &ColumnKind, bytes: &'a [u8]) -> Option<
         BinaryType::Oid => value(Value::Int64(i64::from(u32::from_be_bytes(
             bytes.try_into().ok()?,
         )))),
-        BinaryType::Float4 => value(Value::Float32(f32::from_be_bytes(bytes.try_into().ok()?))),
-        BinaryType::Float8 => value(Value::Float64(f64::from_be_bytes(bytes.try_into().ok()?))),
+        // Every NaN as the one its text (`NaN`) parses to: stored NaNs may carry a sign bit
+        // (`'inf' - 'inf'`), which sorting and statistics would tell apart.
+        BinaryType::Float4 => {
+            let v = f32::from_be_bytes(bytes.try_into().ok()?);
+            value(Value::Float32(if v.is_nan() { f32::NAN } else { v }))
+        }
+        BinaryType::Float8 => {
+            let v = f64::from_be_bytes(bytes.try_into().ok()?);
+            value(Value::Float64(if v.is_nan() { f64::NAN } else { v }))
+        }
         BinaryType::Numeric => {
             let n = Numeric::read(bytes)?;
             match kind {
@@ -151,7 +159,10 @@ pub fn decode<'a>(ty: BinaryType, kind: &ColumnKind, bytes: &'a [u8]) -> Option<
                     // Split first: the last timestamps Postgres has overflow as Unix micros.
                     let days = micros.div_euclid(MICROS_PER_DAY) + DAYS_2000;
                     let of_day = micros.rem_euclid(MICROS_PER_DAY);
-                    match days.checked_mul(MICROS_PER_DAY).map(|d| d + of_day) {
+                    match days
+                        .checked_mul(MICROS_PER_DAY)
+                        .and_then(|d| d.checked_add(of_day))
+                    {
                         Some(unix) if in_chrono_range(days) => Decoded::Value(Value::Micros(unix)),
                         _ => {
                             let tz = matches!(kind, ColumnKind::TimestampTz);
@@ -320,7 +331,7 @@ impl<'a> Numeric<'a> {
                 if d % pow != 0 {
                     return None;
                 }
-                v += i128::from(d / pow);
+                v = v.checked_add(i128::from(d / pow))?;
             } else {
                 return None;
             }
@@ -458,6 +469,17 @@ mod tests {
                 Some(Decoded::Value(Value::Micros(unix)))
             );
         }
+        // Past i64 as Unix micros within the day (294247-01-10 04:00:54.775808 on).
+        let day = 106_751_991 - DAYS_2000;
+        let late = day * MICROS_PER_DAY + 20 * 3_600_000_000;
+        assert_eq!(
+            decode(
+                BinaryType::Timestamp,
+                &ColumnKind::Timestamp,
+                &late.to_be_bytes()
+            ),
+            Some(Decoded::Untyped("294247-01-10 20:00:00".into()))
+        );
         // Postgres's last timestamp: past chrono's range, and past i64 as Unix micros.
         let last: i64 = 9_223_371_331_199_999_999;
         assert_eq!(
@@ -489,6 +511,13 @@ mod tests {
         assert_eq!(BinaryType::for_column(oid::INT4, &ColumnKind::Text), None);
         assert_eq!(BinaryType::for_column(1000, &ColumnKind::Text), None);
         assert_eq!(decode(BinaryType::Int4, &ColumnKind::Int64, &[0, 1]), None);
+        let negative_nan = (-f64::NAN).to_be_bytes();
+        let Some(Decoded::Value(Value::Float64(v))) =
+            decode(BinaryType::Float8, &ColumnKind::Float64, &negative_nan)
+        else {
+            panic!("a NaN is a float");
+        };
+        assert_eq!(v.to_bits(), "NaN".parse::<f64>().unwrap().to_bits());
         assert_eq!(
             decode(BinaryType::Jsonb, &ColumnKind::Text, &[2, b'{']),
             None

@@ -336,13 +336,16 @@ fn select_sql(table: &TableInfo, lake_columns: &[ColumnSpec]) -> String {
     )
 }
 
-/// How each copied column's binary COPY values are read, when every one has a binary
-/// reading that gives what its text gives (`None`: the table is copied as text).
-fn binary_types(table: &TableInfo, lake_columns: &[ColumnSpec]) -> Option<Vec<BinaryType>> {
+/// How each copied column's binary COPY values are read, with the source type they read,
+/// when every one has a binary reading that gives what its text gives (`None`: the table
+/// is copied as text).
+fn binary_types(table: &TableInfo, lake_columns: &[ColumnSpec]) -> Option<Vec<(u32, BinaryType)>> {
     lake_columns
         .iter()
         .filter_map(|c| Some((c, table.columns.iter().find(|s| s.name == c.name)?)))
-        .map(|(lake, source)| BinaryType::for_column(source.type_oid, &lake.kind))
+        .map(|(lake, source)| {
+            BinaryType::for_column(source.type_oid, &lake.kind).map(|t| (source.type_oid, t))
+        })
         .collect()
 }
 
@@ -362,8 +365,9 @@ fn copied_positions(table: &TableInfo, lake_columns: &[ColumnSpec]) -> Vec<Optio
 struct CopyJob {
     table: String,
     select: String,
-    /// Copied in binary format, each value read as its type says (`None`: as text).
-    binary: Option<Vec<BinaryType>>,
+    /// Copied in binary format, each value read as its source type (the OID) says
+    /// (`None`: as text).
+    binary: Option<Vec<(u32, BinaryType)>>,
     /// The publication's row filter: the copy holds the rows the stream publishes.
     row_filter: Option<String>,
     columns: Vec<ColumnSpec>,
@@ -400,6 +404,37 @@ impl CopyJob {
         }
     }
 
+    /// The binary readings of the copied columns, if the table is copied in binary and its
+    /// columns still have the types it was looked up with. Preparing the query in the
+    /// snapshot's transaction locks the table until the copy ends, so a type cannot change
+    /// between this check and the COPY (some `ALTER … TYPE`s rewrite nothing, `integer` to
+    /// `oid` for one, and would be read with the wrong type); a changed one is copied as text.
+    async fn binary_types(
+        &self,
+        client: &Client,
+    ) -> Result<Option<Vec<BinaryType>>, SnapshotError> {
+        let Some(expected) = &self.binary else {
+            return Ok(None);
+        };
+        let statement = client
+            .prepare(&self.select)
+            .await
+            .map_err(CatalogError::from)?;
+        let now: Vec<u32> = statement
+            .columns()
+            .iter()
+            .map(|c| c.type_().oid())
+            .collect();
+        if now.len() != expected.len() || now.iter().zip(expected).any(|(n, (e, _))| n != e) {
+            tracing::warn!(
+                table = %self.table,
+                "a column's type changed since the table was looked up: copying this range as text"
+            );
+            return Ok(None);
+        }
+        Ok(Some(expected.iter().map(|(_, t)| *t).collect()))
+    }
+
     /// Copies one range with `COPY … TO STDOUT`, handing batches to `out`.
     async fn copy_range(
         &self,
@@ -418,7 +453,8 @@ impl CopyJob {
             .map(|f| format!("({f})"))
             .chain(range.condition())
             .collect();
-        let format = if self.binary.is_some() {
+        let binary = self.binary_types(client).await?;
+        let format = if binary.is_some() {
             " (FORMAT binary)"
         } else {
             ""
@@ -452,7 +488,7 @@ impl CopyJob {
             let lines_before = rows;
             // Postgres sends a row per message: the values are read where they arrived,
             // without a copy or a reference-counted slice per value.
-            if let Some(types) = &self.binary {
+            if let Some(types) = &binary {
                 binary_rows.split(
                     &chunk,
                     field_count,
@@ -504,7 +540,7 @@ impl CopyJob {
                 tokio::time::sleep(wait).await;
             }
         }
-        if !lines.is_empty() || (self.binary.is_some() && !binary_rows.is_complete()) {
+        if !lines.is_empty() || (binary.is_some() && !binary_rows.is_complete()) {
             return Err(copy_err("COPY ended in the middle of a row"));
         }
         send(&mut builder, out, &self.table).await?;
