@@ -205,7 +205,7 @@ pub trait ChangeEncoder: Send + 'static {
     ) -> usize;
     /// Appends one row of binary COPY values (`None`: NULL), `types[j]` reading copied
     /// value `j`, `positions` as for [`ChangeEncoder::append`]. Returns the same count,
-    /// or the index of a value that is not one of its type.
+    /// or the stored column whose value is not one of its type.
     fn append_binary(
         &mut self,
         op: Op,

@@ -392,6 +392,8 @@ impl CopyJob {
         encoder: fn(Vec<ColumnSpec>) -> E,
         out: &mpsc::Sender<RecordBatch>,
     ) -> Result<u64, SnapshotError> {
+        // Checked once per connection: the check's lock holds until its transaction ends.
+        let binary = self.binary_types(client).await?;
         let mut rows = 0;
         loop {
             let next = self.ranges.lock().ok().and_then(|mut q| q.pop_front());
@@ -399,16 +401,23 @@ impl CopyJob {
                 return Ok(rows);
             };
             rows += self
-                .copy_range(client, &range, encoder(self.columns.clone()), out)
+                .copy_range(
+                    client,
+                    &range,
+                    binary.as_deref(),
+                    encoder(self.columns.clone()),
+                    out,
+                )
                 .await?;
         }
     }
 
     /// The binary readings of the copied columns, if the table is copied in binary and its
     /// columns still have the types it was looked up with. Preparing the query in the
-    /// snapshot's transaction locks the table until the copy ends, so a type cannot change
-    /// between this check and the COPY (some `ALTER … TYPE`s rewrite nothing, `integer` to
-    /// `oid` for one, and would be read with the wrong type); a changed one is copied as text.
+    /// snapshot's transaction locks the table until the transaction ends, so a type cannot
+    /// change between this check and the connection's COPYs (some `ALTER … TYPE`s rewrite
+    /// nothing, `integer` to `oid` for one, and would be read with the wrong type); the
+    /// connection copies a changed table as text.
     async fn binary_types(
         &self,
         client: &Client,
@@ -428,18 +437,20 @@ impl CopyJob {
         if now.len() != expected.len() || now.iter().zip(expected).any(|(n, (e, _))| n != e) {
             tracing::warn!(
                 table = %self.table,
-                "a column's type changed since the table was looked up: copying this range as text"
+                "a column's type changed since the table was looked up: this connection copies it as text"
             );
             return Ok(None);
         }
         Ok(Some(expected.iter().map(|(_, t)| *t).collect()))
     }
 
-    /// Copies one range with `COPY … TO STDOUT`, handing batches to `out`.
+    /// Copies one range with `COPY … TO STDOUT`, in binary format read by `binary` when
+    /// given, handing batches to `out`.
     async fn copy_range(
         &self,
         client: &Client,
         range: &PageRange,
+        binary: Option<&[BinaryType]>,
         mut builder: impl ChangeEncoder,
         out: &mpsc::Sender<RecordBatch>,
     ) -> Result<u64, SnapshotError> {
@@ -453,7 +464,6 @@ impl CopyJob {
             .map(|f| format!("({f})"))
             .chain(range.condition())
             .collect();
-        let binary = self.binary_types(client).await?;
         let format = if binary.is_some() {
             " (FORMAT binary)"
         } else {
@@ -488,7 +498,7 @@ impl CopyJob {
             let lines_before = rows;
             // Postgres sends a row per message: the values are read where they arrived,
             // without a copy or a reference-counted slice per value.
-            if let Some(types) = &binary {
+            if let Some(types) = binary {
                 binary_rows.split(
                     &chunk,
                     field_count,
@@ -502,13 +512,18 @@ impl CopyJob {
                                 &self.positions,
                             )
                             .map_err(|i| {
-                                let column = self.positions.iter().position(|p| *p == Some(i));
+                                let ty = self
+                                    .positions
+                                    .get(i)
+                                    .copied()
+                                    .flatten()
+                                    .and_then(|p| types.get(p));
                                 copy_err(&format!(
                                     "COPY sent a binary value of column {:?} that is not a \
                                      {} value (a Postgres bug or an extension's type under a \
                                      built-in name); report it with the column's type",
-                                    column.map_or("?", |c| self.columns[c].name.as_str()),
-                                    types.get(i).map_or(String::new(), |t| format!("{t:?}")),
+                                    self.columns.get(i).map_or("?", |c| c.name.as_str()),
+                                    ty.map_or(String::new(), |t| format!("{t:?}")),
                                 ))
                             })?;
                         rows += 1;

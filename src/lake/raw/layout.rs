@@ -486,10 +486,7 @@ impl ChangeEncoder for RawBatchBuilder {
                 None => Cell::Null,
             }
         });
-        match malformed {
-            Some(i) => Err(positions.get(i).copied().flatten().unwrap_or(i)),
-            None => Ok(fallback),
-        }
+        malformed.map_or(Ok(fallback), Err)
     }
 
     fn rows(&self) -> usize {
