@@ -9,6 +9,7 @@
 //! `TimeZone=UTC`, as every wal2delta connection sets), formatted here.
 
 use std::borrow::Cow;
+use std::fmt::Write;
 
 use crate::pg_types::{ColumnKind, Value, oid};
 
@@ -179,15 +180,15 @@ pub fn decode<'a>(ty: BinaryType, kind: &ColumnKind, bytes: &'a [u8]) -> Option<
         },
         BinaryType::Uuid => {
             let b: [u8; 16] = bytes.try_into().ok()?;
-            let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-            Some(Decoded::Text(Cow::Owned(format!(
-                "{}-{}-{}-{}-{}",
-                &hex[..8],
-                &hex[8..12],
-                &hex[12..16],
-                &hex[16..20],
-                &hex[20..]
-            ))))
+            // Lowercase hex in groups of 4-2-2-2-6 bytes, as `uuid_out` prints it.
+            let mut text = String::with_capacity(36);
+            for (i, x) in b.iter().enumerate() {
+                if matches!(i, 4 | 6 | 8 | 10) {
+                    text.push('-');
+                }
+                let _ = write!(text, "{x:02x}");
+            }
+            Some(Decoded::Text(Cow::Owned(text)))
         }
         BinaryType::Bytea => value(Value::Bytes(bytes.to_vec())),
     }
@@ -359,22 +360,21 @@ impl<'a> Numeric<'a> {
             text.push('0');
             i = self.weight + 1;
         } else {
-            text.push_str(&self.digit(0).to_string());
+            let _ = write!(text, "{}", self.digit(0));
             i = 1;
             while i <= self.weight {
-                text.push_str(&format!("{:04}", self.digit(i)));
+                let _ = write!(text, "{:04}", self.digit(i));
                 i += 1;
             }
         }
         if self.dscale > 0 {
-            let mut frac = String::new();
-            while (frac.len() as i64) < self.dscale {
-                frac.push_str(&format!("{:04}", self.digit(i)));
+            text.push('.');
+            let end = text.len() + self.dscale as usize;
+            while text.len() < end {
+                let _ = write!(text, "{:04}", self.digit(i));
                 i += 1;
             }
-            frac.truncate(self.dscale as usize);
-            text.push('.');
-            text.push_str(&frac);
+            text.truncate(end);
         }
         text
     }
