@@ -61,12 +61,20 @@ pub enum ApplyError {
     /// The stream can no longer be followed exactly (a changed replica identity).
     #[error(transparent)]
     Diverged(#[from] SourceUnusable),
+    /// A chunk's write on another thread ended without handing the tables back.
+    #[error(
+        "writing a chunk of {table} did not finish ({reason}); nothing of its batch was \
+         committed, and the session starts again from the lake's positions"
+    )]
+    WriteLost { table: String, reason: String },
 }
 
 impl ApplyError {
     pub fn is_transient(&self) -> bool {
         match self {
             ApplyError::Lake(e) => e.is_transient(),
+            // The tables are opened again from what is durable.
+            ApplyError::WriteLost { .. } => true,
             _ => false,
         }
     }
@@ -74,12 +82,63 @@ impl ApplyError {
 
 struct TableState {
     name: TableName,
+    builder: RawBatchBuilder,
+    key_columns: Vec<String>,
+    /// The raw and curated tables; away while a chunk of a large batch is written on
+    /// another thread ([`TableState::write_behind`]).
+    sides: Option<Box<Sides>>,
+    writing: Option<Writing>,
+}
+
+/// A table's raw and curated tables, and how its values are stored in the curated one.
+struct Sides {
     raw: RawTable,
     curated: CuratedTable,
-    builder: RawBatchBuilder,
     /// The normalization rules of the curated table's columns.
     normalizer: Normalizer,
-    key_columns: Vec<String>,
+}
+
+/// A chunk's write running on the [`ChunkWriter`]'s thread, which has the table's sides
+/// until it ends.
+struct Writing {
+    /// The position both tables held when it began (a chunk's write commits nothing).
+    held: Option<Lsn>,
+    done: oneshot::Receiver<(Box<Sides>, Result<(), LakeError>)>,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The thread that writes the chunks of large batches, for every table, one after the
+/// other. A thread of its own rather than tokio's blocking pool, which may start a new
+/// thread per chunk: the memory a chunk's write frees stays with that thread's allocator
+/// heap, and a new thread per chunk left each one's behind (the peak grew with the
+/// transaction, past 500 MB for 2 M rows).
+#[derive(Default)]
+struct ChunkWriter {
+    jobs: Option<std::sync::mpsc::Sender<Job>>,
+}
+
+impl ChunkWriter {
+    /// Runs `job` on the thread, starting it first if needed.
+    fn run(&mut self, job: Job) -> Result<(), String> {
+        if self.jobs.is_none() {
+            let (tx, rx) = std::sync::mpsc::channel::<Job>();
+            std::thread::Builder::new()
+                .name("wal2delta-chunks".into())
+                .spawn(move || {
+                    while let Ok(job) = rx.recv() {
+                        job();
+                    }
+                })
+                .map_err(|e| format!("cannot start a thread: {e}"))?;
+            self.jobs = Some(tx);
+        }
+        let jobs = self.jobs.as_ref().ok_or("no thread")?;
+        jobs.send(job).map_err(|_| {
+            self.jobs = None;
+            "its thread has ended".to_string()
+        })
+    }
 }
 
 impl TableState {
@@ -109,20 +168,94 @@ impl TableState {
         .await?;
         Ok(TableState {
             name: name.clone(),
-            raw,
-            curated,
             builder: RawBatchBuilder::new(columns),
-            normalizer,
             key_columns: info.key_columns.clone(),
+            sides: Some(Box::new(Sides {
+                raw,
+                curated,
+                normalizer,
+            })),
+            writing: None,
         })
     }
 
     /// The position both the raw and the curated table hold.
     fn held(&self) -> Option<Lsn> {
-        match (self.raw.applied(), self.curated.applied()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            _ => None,
+        match (&self.writing, &self.sides) {
+            (Some(writing), _) => writing.held,
+            (None, Some(sides)) => sides.held(),
+            (None, None) => None,
         }
+    }
+
+    /// The raw and curated tables, once a chunk's write running on another thread (if
+    /// any) has ended; its error, if it failed.
+    async fn settle(&mut self) -> Result<&mut Sides, ApplyError> {
+        if let Some(writing) = self.writing.take() {
+            match writing.done.await {
+                Ok((sides, result)) => {
+                    self.sides = Some(sides);
+                    result?;
+                }
+                Err(e) => {
+                    return Err(ApplyError::WriteLost {
+                        table: self.name.to_string(),
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+        self.sides
+            .as_deref_mut()
+            .ok_or_else(|| ApplyError::WriteLost {
+                table: self.name.to_string(),
+                reason: "an earlier write failed".into(),
+            })
+    }
+
+    /// The builder and the raw and curated tables, when no chunk is being written.
+    fn parts(&mut self) -> Result<(&mut RawBatchBuilder, &mut Sides), ApplyError> {
+        match (&mut self.sides, &self.writing) {
+            (Some(sides), None) => Ok((&mut self.builder, sides)),
+            _ => Err(ApplyError::WriteLost {
+                table: self.name.to_string(),
+                reason: "its tables were used while a chunk was being written".into(),
+            }),
+        }
+    }
+
+    /// The raw and curated tables, when no chunk is being written.
+    fn here(&self) -> Option<&Sides> {
+        self.sides.as_deref().filter(|_| self.writing.is_none())
+    }
+
+    /// Writes a chunk of a batch on a blocking thread while the stream's next rows are
+    /// built into the next chunk: both are mostly CPU (Parquet encoding and the merge;
+    /// decoding and Arrow building), and a large transaction's replay took them one after
+    /// the other. One chunk per table is in flight: the previous one's write ends first.
+    async fn write_behind(
+        &mut self,
+        batch: RecordBatch,
+        writer: &mut ChunkWriter,
+    ) -> Result<(), ApplyError> {
+        self.settle().await?;
+        let Some(mut sides) = self.sides.take() else {
+            return Ok(());
+        };
+        let held = sides.held();
+        let runtime = tokio::runtime::Handle::current();
+        let (tx, done) = oneshot::channel();
+        writer
+            .run(Box::new(move || {
+                let result = runtime.block_on(sides.write_chunk(batch));
+                let _ = tx.send((sides, result));
+            }))
+            .map_err(|reason| ApplyError::WriteLost {
+                table: self.name.to_string(),
+                reason,
+            })?;
+        self.writing = Some(Writing { held, done });
+        Ok(())
     }
 
     /// Applies a schema change: what is buffered goes out under the old schema, later rows
@@ -131,20 +264,34 @@ impl TableState {
         &mut self,
         columns: Vec<ColumnSpec>,
         normalization: &Normalization,
-    ) -> Result<(), LakeError> {
-        if self.builder.rows() > 0 {
-            let batch = self.builder.finish().map_err(|source| LakeError::Arrow {
-                table: self.raw.label().to_string(),
+    ) -> Result<(), ApplyError> {
+        self.settle().await?;
+        let normalizer =
+            Normalizer::for_table(&self.name, &columns, &self.key_columns, normalization);
+        let (builder, sides) = self.parts()?;
+        if builder.rows() > 0 {
+            let batch = builder.finish().map_err(|source| LakeError::Arrow {
+                table: sides.raw.label().to_string(),
                 source,
             })?;
-            self.write_chunk(batch).await?;
+            sides.write_chunk(batch).await?;
         }
-        self.builder = RawBatchBuilder::new(columns.clone());
-        self.raw.evolve(&columns).await?;
-        self.normalizer =
-            Normalizer::for_table(&self.name, &columns, &self.key_columns, normalization);
-        self.curated
-            .evolve(&columns, &self.normalizer.stored_types())
+        *builder = RawBatchBuilder::new(columns.clone());
+        sides.raw.evolve(&columns).await?;
+        sides.normalizer = normalizer;
+        Ok(sides
+            .curated
+            .evolve(&columns, &sides.normalizer.stored_types())?)
+    }
+}
+
+impl Sides {
+    /// The position both the raw and the curated table hold.
+    fn held(&self) -> Option<Lsn> {
+        match (self.raw.applied(), self.curated.applied()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            _ => None,
+        }
     }
 
     /// Hands a chunk of change rows to the raw and curated tables, each taking only the
@@ -160,24 +307,25 @@ impl TableState {
     /// Brings the curated table up to the raw one by merging the raw change rows it does
     /// not hold yet: after a resync swapped in a copy taken before the stream's position,
     /// or after a crash between the two (the slot does not send those changes again).
-    async fn catch_up(&mut self) -> Result<(), LakeError> {
+    async fn catch_up(
+        &mut self,
+        name: &TableName,
+        schema: &deltalake::arrow::datatypes::SchemaRef,
+    ) -> Result<(), LakeError> {
         let (Some(raw_at), Some(curated_at)) = (self.raw.applied(), self.curated.applied()) else {
             return Ok(());
         };
         if curated_at >= raw_at {
             return Ok(());
         }
-        let changes = self
-            .raw
-            .changes(Some(curated_at), raw_at, self.builder.schema())
-            .await?;
+        let changes = self.raw.changes(Some(curated_at), raw_at, schema).await?;
         let rows: usize = changes.iter().map(|b| b.num_rows()).sum();
         for batch in changes {
             let values = self.normalize(&batch)?;
             self.curated.merge(&batch, values).await?;
         }
         self.curated.commit(raw_at).await?;
-        tracing::info!(table = %self.name, from = %curated_at, to = %raw_at, rows, "curated table brought up to the raw change log");
+        tracing::info!(table = %name, from = %curated_at, to = %raw_at, rows, "curated table brought up to the raw change log");
         Ok(())
     }
 
@@ -337,6 +485,7 @@ pub struct Applier {
     indexing: bool,
     /// The lake is on an object store (not local files).
     on_object_store: bool,
+    writer: ChunkWriter,
 }
 
 /// A table copied again while the daemon streams (`resync`): the copy's files, written
@@ -386,7 +535,10 @@ impl Applier {
         .await?;
         let mut states = FastMap::default();
         for mut state in opened {
-            state.catch_up().await?;
+            let name = state.name.clone();
+            state.settle().await?;
+            let (builder, sides) = state.parts()?;
+            sides.catch_up(&name, &builder.schema()).await?;
             states.insert(state.name.clone(), state);
         }
         let mut checkpoint = Checkpoint::open(lake, slot).await?;
@@ -411,6 +563,7 @@ impl Applier {
             reconciler: Default::default(),
             indexing: true,
             on_object_store: lake.is_object_store(),
+            writer: ChunkWriter::default(),
         })
     }
 
@@ -424,12 +577,13 @@ impl Applier {
     pub fn has_position(&self, table: &TableName) -> bool {
         self.tables
             .get(table)
+            .and_then(TableState::here)
             .is_some_and(|t| t.raw.applied().is_some() || t.curated.applied().is_some())
     }
 
     /// How far `table`'s chunked copy is, as durable in the lake.
     pub fn chunked_progress(&self, table: &TableName) -> Option<ChunkedProgress> {
-        self.tables.get(table)?.raw.chunked().cloned()
+        self.tables.get(table)?.here()?.raw.chunked().cloned()
     }
 
     /// Swaps in the copies arriving on `copies` between batches.
@@ -472,13 +626,15 @@ impl Applier {
             state.evolve(columns, &self.normalization).await?;
         }
         let held = Lsn::from_i64(point.as_i64().saturating_sub(1));
-        state.curated.replace_with(curated, held, point).await?;
-        state
+        state.settle().await?;
+        let (builder, sides) = state.parts()?;
+        sides.curated.replace_with(curated, held, point).await?;
+        sides
             .raw
             .add_copy(raw, held, point, part.as_deref())
             .await?;
-        state.catch_up().await?;
-        let versions = self.versions();
+        sides.catch_up(&table, &builder.schema()).await?;
+        let versions = self.versions()?;
         // Shown at the checkpoint's own position: the copy may be ahead of the stream.
         self.checkpoint.record_versions(Lsn::ZERO, versions).await?;
         self.record_resync(&table, point, serde_json::json!({ "rows": rows }))
@@ -539,6 +695,14 @@ impl Applier {
         };
         let policy = self.maintenance.clone();
         for (name, state) in self.tables.iter_mut() {
+            // Between batches, every chunk's write has ended.
+            let Some(state) = state
+                .sides
+                .as_deref_mut()
+                .filter(|_| state.writing.is_none())
+            else {
+                continue;
+            };
             let label = name.to_string();
             let started = Instant::now();
             let raw = state.raw.maintain(&policy, vacuum).await;
@@ -588,7 +752,14 @@ impl Applier {
                 return;
             }
         };
-        for (name, state) in self.tables.iter() {
+        for (name, state) in self.tables.iter_mut() {
+            let Some(state) = state
+                .sides
+                .as_deref_mut()
+                .filter(|_| state.writing.is_none())
+            else {
+                continue;
+            };
             let label = name.to_string();
             // A table the oldest record does not list joined the lake after it: records
             // since then may point to any of its versions, so all are kept for now.
@@ -628,6 +799,7 @@ impl Applier {
     pub fn table_positions(&self) -> Vec<(String, Option<Lsn>)> {
         self.tables
             .values()
+            .filter_map(TableState::here)
             .flat_map(|t| {
                 [
                     (t.raw.label().to_string(), t.raw.applied()),
@@ -644,7 +816,10 @@ impl Applier {
 
     /// Where `table`'s snapshot was taken, if it has a complete one.
     pub fn snapshot_position(&self, table: &TableName) -> Option<Lsn> {
-        self.tables.get(table).and_then(|t| t.raw.snapshot_at())
+        self.tables
+            .get(table)
+            .and_then(TableState::here)
+            .and_then(|t| t.raw.snapshot_at())
     }
 
     /// Whether `table`'s snapshot copied the `part` the publication publishes now (see
@@ -655,7 +830,14 @@ impl Applier {
         part: Option<&str>,
     ) -> Result<bool, ApplyError> {
         match self.tables.get(table) {
-            Some(t) => Ok(t.raw.copied_part(part).await?),
+            Some(t) => {
+                let t = t.here().ok_or_else(|| {
+                    ApplyError::Stream(format!(
+                        "{table} is being written while its copy is checked"
+                    ))
+                })?;
+                Ok(t.raw.copied_part(part).await?)
+            }
             None => Ok(true),
         }
     }
@@ -692,7 +874,9 @@ impl Applier {
         let state = self
             .tables
             .get_mut(table)
-            .ok_or_else(|| ApplyError::Stream(format!("snapshot of unknown table {table}")))?;
+            .ok_or_else(|| ApplyError::Stream(format!("snapshot of unknown table {table}")))?
+            .settle()
+            .await?;
         state.curated.begin_replace();
         // Curated files spliced from the raw ones (`lake::curated::splice`): each row is
         // encoded once, but for the columns a normalization rule converts. Not on object
@@ -762,11 +946,12 @@ impl Applier {
         // consistent point; one starting exactly at it is streamed, so the tables hold
         // everything up to the point minus one.
         let held = Lsn::from_i64(point.as_i64().saturating_sub(1));
+        let state = state.settle().await?;
         state.curated.commit_snapshot(held, point).await?;
         state.raw.commit_snapshot(held, point, part).await?;
         // A checkpoint record with the new versions makes the copy visible to the SQL
         // endpoint now, not at the next change. The replication position does not move.
-        let versions = self.versions();
+        let versions = self.versions()?;
         self.checkpoint.record_versions(held, versions).await?;
         Ok(())
     }
@@ -858,6 +1043,13 @@ impl Applier {
     /// the merges, which read what the index lacks, as without it.
     async fn index_one_file(&mut self) -> bool {
         for (name, state) in self.tables.iter_mut() {
+            let Some(state) = state
+                .sides
+                .as_deref_mut()
+                .filter(|_| state.writing.is_none())
+            else {
+                continue;
+            };
             match state.curated.index_one_file().await {
                 Ok(Indexing::Started) => return true,
                 Ok(Indexing::Refused) => return false,
@@ -1158,7 +1350,7 @@ impl Applier {
                 table: name.to_string(),
                 source,
             })?;
-            state.write_chunk(batch).await?;
+            state.write_behind(batch, &mut self.writer).await?;
         }
         Ok(())
     }
@@ -1219,8 +1411,8 @@ impl Applier {
         // Chunks are taken in key order without gaps: the progress recorded is a prefix.
         // A resync's first chunk begins a new copy of a table whose earlier copy (the first
         // one, or another resync) left its progress.
-        let same = state.raw.chunked_resync() == chunk.resync;
-        if !same && state.raw.chunked_completing().is_some() {
+        let same = state.settle().await?.raw.chunked_resync() == chunk.resync;
+        if !same && state.settle().await?.raw.chunked_completing().is_some() {
             // The batch completes the table's previous copy: a new one begins after that
             // commit (one commit records one copy's progress).
             let _ = chunk.verdict.send(crate::source::watermark::Verdict::Again(
@@ -1229,7 +1421,10 @@ impl Applier {
             return Ok(());
         }
         let (after, begun) = match same {
-            true => (state.raw.chunked_last_key(), state.raw.chunked_start()),
+            true => (
+                state.settle().await?.raw.chunked_last_key(),
+                state.settle().await?.raw.chunked_start(),
+            ),
             false => (None, None),
         };
         if chunk.after != after {
@@ -1283,7 +1478,7 @@ impl Applier {
                     table: chunk.table.to_string(),
                     source,
                 })?;
-                state.write_chunk(batch).await?;
+                state.write_behind(batch, &mut self.writer).await?;
             }
         }
         if removed > 0 {
@@ -1296,7 +1491,7 @@ impl Applier {
                 .entry(Op::Delete)
                 .or_insert(0) += removed as u64;
         }
-        state.raw.set_chunked(ChunkedProgress {
+        state.settle().await?.raw.set_chunked(ChunkedProgress {
             start,
             began_ms,
             last_key: chunk.through.or(chunk.keys.last().copied()),
@@ -1329,9 +1524,15 @@ impl Applier {
     }
 
     /// Every table's Delta version now.
-    fn versions(&self) -> TableVersions {
+    /// Every table's versions, for a checkpoint record: after every chunk's write ended.
+    fn versions(&self) -> Result<TableVersions, ApplyError> {
         let mut versions = TableVersions::default();
         for (name, state) in &self.tables {
+            let state = state.here().ok_or_else(|| {
+                ApplyError::Stream(format!(
+                    "a chunk of {name} was still being written when its version was recorded"
+                ))
+            })?;
             if let Some(v) = state.raw.version() {
                 versions.raw.insert(name.to_string(), v);
             }
@@ -1339,7 +1540,7 @@ impl Applier {
                 versions.curated.insert(name.to_string(), v);
             }
         }
-        versions
+        Ok(versions)
     }
 
     fn batch_full(&self) -> bool {
@@ -1362,11 +1563,15 @@ impl Applier {
         let started = Instant::now();
         let rows = self.batch.rows;
         let touched = std::mem::take(&mut self.batch.touched);
+        // The chunks still being written end first (their errors stop the commit).
+        for state in self.tables.values_mut() {
+            state.settle().await?;
+        }
         // Chunked copies this batch completes: their copiers learn it once it is durable.
         let completing: Vec<(TableName, Lsn, Option<i64>)> = touched
             .iter()
             .filter_map(|name| {
-                let (at, resync) = self.tables.get(name)?.raw.chunked_completing()?;
+                let (at, resync) = self.tables.get(name)?.here()?.raw.chunked_completing()?;
                 Some((name.clone(), at, resync))
             })
             .collect();
@@ -1376,8 +1581,13 @@ impl Applier {
                 continue;
             }
             commits.push(async move {
-                if state.builder.rows() > 0 {
-                    let batch = state.builder.finish().map_err(|source| LakeError::Arrow {
+                let TableState { builder, sides, .. } = state;
+                let state = sides.as_deref_mut().ok_or_else(|| ApplyError::WriteLost {
+                    table: name.to_string(),
+                    reason: "an earlier write failed".into(),
+                })?;
+                if builder.rows() > 0 {
+                    let batch = builder.finish().map_err(|source| LakeError::Arrow {
                         table: name.to_string(),
                         source,
                     })?;
@@ -1422,14 +1632,14 @@ impl Applier {
                 } else {
                     tokio::try_join!(raw, curated)?;
                 }
-                Ok::<_, LakeError>(())
+                Ok::<_, ApplyError>(())
             });
         }
         futures::future::try_join_all(commits).await?;
         let record = CheckpointRecord {
             lsn: end,
             commit_ts: Some(self.batch.last_commit_ts),
-            versions: self.versions(),
+            versions: self.versions()?,
         };
         self.checkpoint.record(record).await?;
         for (table, at, resync) in completing {
