@@ -430,6 +430,16 @@ async fn session(
         tracing::debug!(%table, position = ?pos.map(|p| p.to_string()), "table position");
     }
     let identity = conn.identify_system().await?;
+    if streaming && let Some(mb) = source.decoding_work_mem_mb {
+        // A user setting, which any role may change for its own connection: lowered to
+        // `mb`, never raised (a lower server setting stays).
+        conn.simple_query(&format!(
+            "SELECT set_config('logical_decoding_work_mem', least(setting::bigint, {kb})::text || 'kB', false) \
+             FROM pg_settings WHERE name = 'logical_decoding_work_mem'",
+            kb = mb * 1024
+        ))
+        .await?;
+    }
     let spills = match streaming {
         true => Some(
             Spills::open(&source.spill_dir).map_err(|e| ReplicationError::Streamed(e.into()))?,

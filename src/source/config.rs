@@ -76,6 +76,13 @@ pub struct SourceConfig {
     /// `streaming 'on'`) instead of decoding them after their commit.
     #[serde(default = "yes")]
     pub stream_in_progress: bool,
+    /// While streaming running transactions: the replication connection's
+    /// `logical_decoding_work_mem` is lowered to this many MiB if the server's is higher
+    /// (0: the server's as it is). Postgres sends a running transaction once its decoded
+    /// changes pass this much memory, and decodes what is left of it at its commit: the
+    /// lower, the less waits for the commit.
+    #[serde(default = "default_decoding_work_mem_mb")]
+    pub decoding_work_mem_mb: u64,
     /// Where running transactions are kept until they commit; default: a directory named
     /// after the slot and the lake in the system's temporary directory.
     pub spill_dir: Option<PathBuf>,
@@ -141,6 +148,9 @@ fn default_snapshot_chunk_mb() -> u64 {
 fn yes() -> bool {
     true
 }
+fn default_decoding_work_mem_mb() -> u64 {
+    8
+}
 fn default_status_interval() -> u64 {
     10
 }
@@ -169,6 +179,9 @@ pub struct SourceSettings {
     pub heartbeat: Option<Duration>,
     /// Stream running transactions when the server can (PostgreSQL 14+).
     pub stream_in_progress: bool,
+    /// `logical_decoding_work_mem` for the replication connection when it streams
+    /// running transactions, in MiB; `None`: the server's.
+    pub decoding_work_mem_mb: Option<u64>,
     /// Where streamed transactions wait for their commit.
     pub spill_dir: PathBuf,
 }
@@ -297,6 +310,13 @@ impl SourceConfig {
                 Err(e) => problems.push(format!("{setting}: {e}")),
             }
         }
+        // Postgres's own bounds: 64 kB to 2 TB (MAX_KILOBYTES).
+        if self.decoding_work_mem_mb > 2 * 1024 * 1024 - 1 {
+            problems.push(
+                "source.decoding_work_mem_mb: must be at most 2097151 (or 0: the server's setting)"
+                    .into(),
+            );
+        }
         if self.heartbeat_secs == Some(0) {
             problems
                 .push("source.heartbeat_secs: must be at least 1 (or unset: no heartbeat)".into());
@@ -318,6 +338,8 @@ impl SourceConfig {
             snapshot_limits,
             heartbeat: self.heartbeat_secs.map(|s| Duration::from_secs(s.max(1))),
             stream_in_progress: self.stream_in_progress,
+            decoding_work_mem_mb: (self.decoding_work_mem_mb > 0)
+                .then_some(self.decoding_work_mem_mb),
             spill_dir: self
                 .spill_dir
                 .clone()

@@ -356,7 +356,14 @@ async fn postgres_restart_mid_stream_loses_nothing() {
 async fn connection_cut_inside_a_transaction_reconnects_and_loses_nothing() {
     let setup = "CREATE TABLE wide (id bigint PRIMARY KEY, payload text NOT NULL);
                  CREATE PUBLICATION w2d_pub FOR TABLE wide;";
-    let (env, mut daemon) = Env::streaming(setup, &["public.wide"]).await;
+    // Each transaction (about 50 MB decoded) stays under the server's 64 MB
+    // logical_decoding_work_mem, so Postgres sends it over the connection after its
+    // commit, where a cut can land inside it. (With the daemon's 8 MiB it would be
+    // streamed while it runs and read back from a spill file, which a cut does not stop.)
+    let env = Env::new(setup).await;
+    env.write_config("postgres", &["public.wide"], "decoding_work_mem_mb = 0");
+    let mut daemon = env.daemon();
+    env.wait_streaming().await;
     let pg = env.pg.client().await;
     let per_txn: i64 = 200_000;
     let mut cuts = 0;
