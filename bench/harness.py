@@ -661,7 +661,8 @@ def scenario_large_transaction(args, work, dsn, conn):
     spilled to pg_replslot or streamed for it (pg_stat_replication_slots). Next to it,
     from slots made at the same position and drained after the commit: the daemon with
     stream_in_progress = false (protocol 1: Postgres decodes the transaction only after
-    its commit) and pg_recvlogical (protocol 1)."""
+    its commit) and pg_recvlogical (protocol 1). BENCH_SOURCE_EXTRA: lines added to the
+    streaming daemon's [source] section (e.g. `decoding_work_mem_mb = 0`)."""
     import threading
     rows = args.large_txn
     slots = ("bench_big", "bench_big_v1", "bench_big_recv")
@@ -669,7 +670,8 @@ def scenario_large_transaction(args, work, dsn, conn):
         conn.execute(f"SELECT pg_create_logical_replication_slot('{s}', 'pgoutput')")
     conn.execute("SELECT pg_stat_reset_replication_slot(NULL)")
     base = conn.execute("SELECT max(id) FROM transacoes").fetchone()[0] + 10_000_000
-    d = Daemon(args.binary, work, dsn, "bench_big", 'snapshot = "never"\ncreate_slot = false', name="big")
+    d = Daemon(args.binary, work, dsn, "bench_big", 'snapshot = "never"\ncreate_slot = false\n'
+               + os.environ.get("BENCH_SOURCE_EXTRA", ""), name="big")
     while "streaming" not in open(d.log.name).read():
         d.alive()
         time.sleep(0.05)
@@ -686,9 +688,11 @@ def scenario_large_transaction(args, work, dsn, conn):
         FROM generate_series({base + 1}, {base + rows}) g""")
     committed = time.perf_counter()
     insert_s = committed - start
-    # BENCH_PERF=FILE: a `perf record` profile of the daemon from the commit to durable.
+    # BENCH_PERF=FILE: a `perf record` profile of the daemon from the commit to durable
+    # (BENCH_PERF_ARGS: perf's options, `-g` unless set).
     perf = os.environ.get("BENCH_PERF") and subprocess.Popen(
-        ["perf", "record", "-g", "-p", str(d.proc.pid), "-o", os.environ["BENCH_PERF"]],
+        ["perf", "record", *os.environ.get("BENCH_PERF_ARGS", "-g").split(), "-p", str(d.proc.pid),
+         "-o", os.environ["BENCH_PERF"]],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     lsn = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
     d.wait_confirmed(conn, "bench_big", lsn)
