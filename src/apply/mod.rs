@@ -2,7 +2,8 @@
 //!
 //! Changes are appended to per-table Arrow builders as they arrive; large tables spill
 //! finished chunks into uncommitted Parquet files, so memory stays bounded whatever the
-//! transaction size. A batch is committed only at a transaction boundary, when a row, byte
+//! transaction size. A chunk is written on a thread of its own ([`ChunkWriter`]) while the
+//! next one is built. A batch is committed only at a transaction boundary, when a row, byte
 //! or age limit is reached: first every touched raw table (each commit carrying its source
 //! position), then the global checkpoint. Only then does the durable LSN, the one reported
 //! to Postgres, move forward.
@@ -213,13 +214,15 @@ impl TableState {
             })
     }
 
-    /// The builder and the raw and curated tables, when no chunk is being written.
-    fn parts(&mut self) -> Result<(&mut RawBatchBuilder, &mut Sides), ApplyError> {
-        match (&mut self.sides, &self.writing) {
-            (Some(sides), None) => Ok((&mut self.builder, sides)),
-            _ => Err(ApplyError::WriteLost {
+    /// The builder and the raw and curated tables, once a chunk's write (if any) has
+    /// ended.
+    async fn parts(&mut self) -> Result<(&mut RawBatchBuilder, &mut Sides), ApplyError> {
+        self.settle().await?;
+        match &mut self.sides {
+            Some(sides) => Ok((&mut self.builder, sides)),
+            None => Err(ApplyError::WriteLost {
                 table: self.name.to_string(),
-                reason: "its tables were used while a chunk was being written".into(),
+                reason: "an earlier write failed".into(),
             }),
         }
     }
@@ -265,10 +268,9 @@ impl TableState {
         columns: Vec<ColumnSpec>,
         normalization: &Normalization,
     ) -> Result<(), ApplyError> {
-        self.settle().await?;
         let normalizer =
             Normalizer::for_table(&self.name, &columns, &self.key_columns, normalization);
-        let (builder, sides) = self.parts()?;
+        let (builder, sides) = self.parts().await?;
         if builder.rows() > 0 {
             let batch = builder.finish().map_err(|source| LakeError::Arrow {
                 table: sides.raw.label().to_string(),
@@ -536,9 +538,8 @@ impl Applier {
         let mut states = FastMap::default();
         for mut state in opened {
             let name = state.name.clone();
-            state.settle().await?;
-            let (builder, sides) = state.parts()?;
-            sides.catch_up(&name, &builder.schema()).await?;
+            let (builder, sides) = state.parts().await?;
+            sides.catch_up(&name, builder.schema()).await?;
             states.insert(state.name.clone(), state);
         }
         let mut checkpoint = Checkpoint::open(lake, slot).await?;
@@ -626,15 +627,14 @@ impl Applier {
             state.evolve(columns, &self.normalization).await?;
         }
         let held = Lsn::from_i64(point.as_i64().saturating_sub(1));
-        state.settle().await?;
-        let (builder, sides) = state.parts()?;
+        let (builder, sides) = state.parts().await?;
         sides.curated.replace_with(curated, held, point).await?;
         sides
             .raw
             .add_copy(raw, held, point, part.as_deref())
             .await?;
-        sides.catch_up(&table, &builder.schema()).await?;
-        let versions = self.versions()?;
+        sides.catch_up(&table, builder.schema()).await?;
+        let versions = self.versions().await?;
         // Shown at the checkpoint's own position: the copy may be ahead of the stream.
         self.checkpoint.record_versions(Lsn::ZERO, versions).await?;
         self.record_resync(&table, point, serde_json::json!({ "rows": rows }))
@@ -951,7 +951,7 @@ impl Applier {
         state.raw.commit_snapshot(held, point, part).await?;
         // A checkpoint record with the new versions makes the copy visible to the SQL
         // endpoint now, not at the next change. The replication position does not move.
-        let versions = self.versions()?;
+        let versions = self.versions().await?;
         self.checkpoint.record_versions(held, versions).await?;
         Ok(())
     }
@@ -1524,15 +1524,11 @@ impl Applier {
     }
 
     /// Every table's Delta version now.
-    /// Every table's versions, for a checkpoint record: after every chunk's write ended.
-    fn versions(&self) -> Result<TableVersions, ApplyError> {
+    /// Every table's versions, for a checkpoint record, after every chunk's write ended.
+    async fn versions(&mut self) -> Result<TableVersions, ApplyError> {
         let mut versions = TableVersions::default();
-        for (name, state) in &self.tables {
-            let state = state.here().ok_or_else(|| {
-                ApplyError::Stream(format!(
-                    "a chunk of {name} was still being written when its version was recorded"
-                ))
-            })?;
+        for (name, state) in self.tables.iter_mut() {
+            let state = state.settle().await?;
             if let Some(v) = state.raw.version() {
                 versions.raw.insert(name.to_string(), v);
             }
@@ -1639,7 +1635,7 @@ impl Applier {
         let record = CheckpointRecord {
             lsn: end,
             commit_ts: Some(self.batch.last_commit_ts),
-            versions: self.versions()?,
+            versions: self.versions().await?,
         };
         self.checkpoint.record(record).await?;
         for (table, at, resync) in completing {
