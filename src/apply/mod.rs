@@ -232,6 +232,11 @@ impl TableState {
         self.sides.as_deref().filter(|_| self.writing.is_none())
     }
 
+    /// The same, to change them.
+    fn here_mut(&mut self) -> Option<&mut Sides> {
+        self.sides.as_deref_mut().filter(|_| self.writing.is_none())
+    }
+
     /// Writes a chunk of a batch on a blocking thread while the stream's next rows are
     /// built into the next chunk: both are mostly CPU (Parquet encoding and the merge;
     /// decoding and Arrow building), and a large transaction's replay took them one after
@@ -696,11 +701,7 @@ impl Applier {
         let policy = self.maintenance.clone();
         for (name, state) in self.tables.iter_mut() {
             // Between batches, every chunk's write has ended.
-            let Some(state) = state
-                .sides
-                .as_deref_mut()
-                .filter(|_| state.writing.is_none())
-            else {
+            let Some(state) = state.here_mut() else {
                 continue;
             };
             let label = name.to_string();
@@ -753,11 +754,7 @@ impl Applier {
             }
         };
         for (name, state) in self.tables.iter_mut() {
-            let Some(state) = state
-                .sides
-                .as_deref_mut()
-                .filter(|_| state.writing.is_none())
-            else {
+            let Some(state) = state.here_mut() else {
                 continue;
             };
             let label = name.to_string();
@@ -1043,11 +1040,7 @@ impl Applier {
     /// the merges, which read what the index lacks, as without it.
     async fn index_one_file(&mut self) -> bool {
         for (name, state) in self.tables.iter_mut() {
-            let Some(state) = state
-                .sides
-                .as_deref_mut()
-                .filter(|_| state.writing.is_none())
-            else {
+            let Some(state) = state.here_mut() else {
                 continue;
             };
             match state.curated.index_one_file().await {

@@ -517,7 +517,15 @@ async fn a_resync_in_chunks_repairs_a_table_online_and_resumes_after_sigkills() 
         let state = loop {
             let state = state_of(&env, "contas");
             if through(&state).is_some() && through(&state) > last {
-                break state;
+                break Some(state);
+            }
+            // A fast machine may copy the rest between two looks at the status (0.3 s for
+            // 24,500 rows once): two kills have shown that the resync resumes.
+            if kill > 2
+                && !state.contains("resyncing")
+                && env.daemon_log().contains("resync complete")
+            {
+                break None;
             }
             assert!(
                 Instant::now() < deadline,
@@ -525,6 +533,10 @@ async fn a_resync_in_chunks_repairs_a_table_online_and_resumes_after_sigkills() 
                 env.daemon_log()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let Some(state) = state else {
+            println!("figure: chunked resync: complete before kill {kill}");
+            break;
         };
         daemon.kill9();
         let (n, most) = copied_in(&env, "contas", true).await;
