@@ -122,23 +122,26 @@ struct ChunkWriter {
 impl ChunkWriter {
     /// Runs `job` on the thread, starting it first if needed.
     fn run(&mut self, job: Job) -> Result<(), String> {
-        if self.jobs.is_none() {
-            let (tx, rx) = std::sync::mpsc::channel::<Job>();
-            std::thread::Builder::new()
-                .name("wal2delta-chunks".into())
-                .spawn(move || {
-                    while let Ok(job) = rx.recv() {
-                        job();
-                    }
-                })
-                .map_err(|e| format!("cannot start a thread: {e}"))?;
-            self.jobs = Some(tx);
-        }
-        let jobs = self.jobs.as_ref().ok_or("no thread")?;
-        jobs.send(job).map_err(|_| {
-            self.jobs = None;
-            "its thread has ended".to_string()
-        })
+        let jobs = match self.jobs.take() {
+            Some(jobs) => jobs,
+            None => {
+                let (tx, rx) = std::sync::mpsc::channel::<Job>();
+                std::thread::Builder::new()
+                    .name("wal2delta-chunks".into())
+                    .spawn(move || {
+                        while let Ok(job) = rx.recv() {
+                            job();
+                        }
+                    })
+                    .map_err(|e| format!("cannot start a thread: {e}"))?;
+                tx
+            }
+        };
+        // A thread that ended (a write panicked) is replaced at the next chunk.
+        jobs.send(job)
+            .map_err(|_| "its thread has ended".to_string())?;
+        self.jobs = Some(jobs);
+        Ok(())
     }
 }
 
@@ -208,23 +211,15 @@ impl TableState {
         }
         self.sides
             .as_deref_mut()
-            .ok_or_else(|| ApplyError::WriteLost {
-                table: self.name.to_string(),
-                reason: "an earlier write failed".into(),
-            })
+            .ok_or_else(|| lost_write(&self.name))
     }
 
     /// The builder and the raw and curated tables, once a chunk's write (if any) has
     /// ended.
     async fn parts(&mut self) -> Result<(&mut RawBatchBuilder, &mut Sides), ApplyError> {
         self.settle().await?;
-        match &mut self.sides {
-            Some(sides) => Ok((&mut self.builder, sides)),
-            None => Err(ApplyError::WriteLost {
-                table: self.name.to_string(),
-                reason: "an earlier write failed".into(),
-            }),
-        }
+        let lost = lost_write(&self.name);
+        Ok((&mut self.builder, self.sides.as_deref_mut().ok_or(lost)?))
     }
 
     /// The raw and curated tables, when no chunk is being written.
@@ -237,19 +232,18 @@ impl TableState {
         self.sides.as_deref_mut().filter(|_| self.writing.is_none())
     }
 
-    /// Writes a chunk of a batch on a blocking thread while the stream's next rows are
-    /// built into the next chunk: both are mostly CPU (Parquet encoding and the merge;
-    /// decoding and Arrow building), and a large transaction's replay took them one after
-    /// the other. One chunk per table is in flight: the previous one's write ends first.
+    /// Writes a chunk of a batch on the [`ChunkWriter`]'s thread while the stream's next
+    /// rows are built into the next chunk: both are mostly CPU (Parquet encoding and the
+    /// merge; decoding and Arrow building), and a large transaction's replay took them one
+    /// after the other. One chunk per table is in flight: the previous one's write ends
+    /// first.
     async fn write_behind(
         &mut self,
         batch: RecordBatch,
         writer: &mut ChunkWriter,
     ) -> Result<(), ApplyError> {
         self.settle().await?;
-        let Some(mut sides) = self.sides.take() else {
-            return Ok(());
-        };
+        let mut sides = self.sides.take().ok_or_else(|| lost_write(&self.name))?;
         let held = sides.held();
         let runtime = tokio::runtime::Handle::current();
         let (tx, done) = oneshot::channel();
@@ -289,6 +283,14 @@ impl TableState {
         Ok(sides
             .curated
             .evolve(&columns, &sides.normalizer.stored_types())?)
+    }
+}
+
+/// A table whose sides did not come back from a failed chunk's write.
+fn lost_write(table: &TableName) -> ApplyError {
+    ApplyError::WriteLost {
+        table: table.to_string(),
+        reason: "an earlier write failed".into(),
     }
 }
 
@@ -1570,11 +1572,7 @@ impl Applier {
                 continue;
             }
             commits.push(async move {
-                let TableState { builder, sides, .. } = state;
-                let state = sides.as_deref_mut().ok_or_else(|| ApplyError::WriteLost {
-                    table: name.to_string(),
-                    reason: "an earlier write failed".into(),
-                })?;
+                let (builder, state) = state.parts().await?;
                 if builder.rows() > 0 {
                     let batch = builder.finish().map_err(|source| LakeError::Arrow {
                         table: name.to_string(),
